@@ -1,0 +1,73 @@
+"""gaspar: take CPU-heavy work out of an event loop.
+
+An application sends bytes over TCP; gaspar's eventlet front end (the :class:`Producer`)
+hands each request over 0MQ to a forked worker process running the user's handler (the
+:class:`Consumer`), on every core, and sends the reply back to the connection that asked::
+
+    import gaspar
+
+    def echo(message):
+        return message
+
+    consumer = gaspar.Consumer(handler=echo)
+    producer = gaspar.Producer(consumer, 10123)
+    producer.start()
+
+The public surface is what this module exports (``__all__``) plus ``gaspar.client``
+(``request``, ``pack``, ``Client``) and ``gaspar.aio`` (asyncio). Importing ``gaspar``
+does not import eventlet; only the producer needs it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .config import Settings
+from .errors import (
+    BadRequest,
+    ConnectFailed,
+    ConnectionLost,
+    GasparError,
+    HandlerError,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    ServerUnavailable,
+    WorkerDied,
+    WorkerTimeout,
+)
+from .worker import Consumer, Worker
+
+__version__ = "2.0.0"
+
+__all__ = [
+    "__version__",
+    "Consumer",
+    "Producer",
+    "Settings",
+    "Worker",
+    "GasparError",
+    "RemoteError",
+    "HandlerError",
+    "WorkerDied",
+    "WorkerTimeout",
+    "BadRequest",
+    "ServerUnavailable",
+    "ConnectFailed",
+    "ConnectionLost",
+    "RequestTimeout",
+    "ProtocolError",
+]
+
+if TYPE_CHECKING:
+    from .producer import Producer
+
+
+def __getattr__(name: str) -> Any:
+    # The producer (and eventlet with it) is imported on first use, so clients and workers
+    # that only need gaspar.client or the errors never import eventlet.
+    if name == "Producer":
+        from .producer import Producer
+
+        return Producer
+    raise AttributeError(f"module 'gaspar' has no attribute {name!r}")

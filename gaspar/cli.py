@@ -1,0 +1,139 @@
+"""The ``gaspar`` command: ``gaspar serve MODULE:CALLABLE``, ``gaspar request``, ``gaspar stats``.
+
+Options of ``serve`` are built from :class:`gaspar.config.Settings`, so the CLI, the Python
+API and the docs name the same settings. The handler is imported before anything is forked:
+a module that fails to import ends the command at once with a one-line reason (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import Settings
+from .errors import GasparError
+from .worker import Consumer
+
+LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S %z"
+
+
+class UsageError(Exception):
+    """A one-line reason to exit with status 2."""
+
+
+def load_consumer(spec: str) -> Consumer:
+    """``module:callable`` -> a Consumer. The callable may be a plain function, a Consumer
+    instance or a Consumer subclass (instantiated with no arguments)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"expected MODULE:CALLABLE, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as gunicorn: the current directory is importable
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise UsageError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if isinstance(obj, Consumer):
+        return obj
+    if isinstance(obj, type) and issubclass(obj, Consumer):
+        return obj()
+    if callable(obj):
+        return Consumer(handler=obj)
+    raise UsageError(f"{spec!r} is a {type(obj).__name__}, not a callable or a Consumer")
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--bind takes HOST:PORT, not {bind!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gaspar", description="Take CPU-heavy work out of an event loop.")
+    parser.add_argument("--version", action="version", version=f"gaspar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a daemon serving MODULE:CALLABLE")
+    serve.add_argument("app", metavar="MODULE:CALLABLE", help="the handler: a function bytes -> bytes, or a Consumer")
+    serve.add_argument("--bind", "-b", default="127.0.0.1:10123", help="HOST:PORT to listen at (default %(default)s)")
+    serve.add_argument("--workers", "-w", type=int, default=None, help="worker processes (default: the CPU count)")
+    serve.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"], help="default info"
+    )
+    for f in Settings.cli_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = {int: int, float: float}.get(type(f.default), str)
+        if f.default is None:
+            kind = float
+        serve.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
+
+    req = sub.add_parser("request", help="send one request and print the reply")
+    req.add_argument("address", metavar="HOST:PORT")
+    req.add_argument("message", help="the request's bytes (UTF-8); '-' reads standard input")
+    req.add_argument("--timeout", type=float, default=30.0)
+
+    stats = sub.add_parser("stats", help="print a running daemon's counters and workers as JSON")
+    stats.add_argument("address", metavar="HOST:PORT")
+    stats.add_argument("--timeout", type=float, default=10.0)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr)
+    host, port = parse_bind(args.bind)
+    consumer = load_consumer(args.app)  # before any fork: an import error ends us here
+    options = {f.name: getattr(args, f.name) for f in Settings.cli_fields()}
+    from .producer import Producer
+
+    try:
+        producer = Producer(consumer, port, processes=args.workers, host=host, **options)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        producer.start()
+    except OSError as exc:
+        print(f"gaspar: cannot listen at {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except GasparError as exc:
+        print(f"gaspar: {exc}", file=sys.stderr)
+        return producer.exit_code or 1
+    return producer.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        from . import client
+
+        if args.command == "request":
+            message = sys.stdin.buffer.read() if args.message == "-" else args.message.encode()
+            sys.stdout.buffer.write(client.request(args.address, message, timeout=args.timeout) + b"\n")
+            return 0
+        reply = client.request(args.address, b"", timeout=args.timeout, stats=True)
+        print(json.dumps(json.loads(reply), indent=2))
+        return 0
+    except UsageError as exc:
+        print(f"gaspar: error: {exc}", file=sys.stderr)
+        return 2
+    except GasparError as exc:
+        print(f"gaspar: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,64 @@
+"""Every setting of the daemon, defined once.
+
+The Python API (``Producer(..., **options)``), the CLI (``gaspar serve --option``) and the
+README's table are all built from :class:`Settings`: a field's ``metadata`` holds its help
+text and, when it has one, its command-line flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .framing import DEFAULT_MAX_MESSAGE_SIZE
+
+
+def _opt(default: Any, help: str, cli: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
+@dataclass
+class Settings:
+    """The daemon's settings; ``Settings(**options)`` rejects unknown names."""
+
+    timeout: float | None = _opt(
+        30.0, "seconds a handler may run; past it the request fails and the worker is killed (0: never)"
+    )
+    graceful_timeout: float = _opt(30.0, "seconds a graceful stop waits for accepted requests to finish")
+    idle_timeout: float | None = _opt(
+        60.0, "seconds a connection may stay silent while the server waits for (the rest of) a request"
+    )
+    max_message_size: int = _opt(DEFAULT_MAX_MESSAGE_SIZE, "largest request body, in bytes; larger ones are refused")
+    max_requests: int = _opt(0, "recycle a worker after it has handled this many requests (0: never)")
+    max_requests_jitter: int = _opt(
+        0, "add a random 0..N to max_requests per worker, so workers do not all recycle at once"
+    )
+    max_pipeline: int = _opt(64, "requests in flight at once on one persistent connection")
+    backlog: int = _opt(2048, "the listening socket's accept queue")
+    transport: str = _opt("ipc", "how workers reach the front end: ipc (a private 0700 directory) or tcp (loopback)")
+    flap_attempts: int = _opt(5, "worker boot failures within flap_window that count as flapping")
+    flap_window: float = _opt(10.0, "seconds over which boot failures are counted")
+    flap_retry_in: float = _opt(1.0, "seconds to wait before spawning again after flapping")
+    flap_max_retry: int = _opt(3, "flapping episodes after which the daemon gives up and exits non-zero")
+    proc_name: str = _opt("gaspar", "the name in process titles (when setproctitle is installed)")
+    on_starting: Callable[[Any], None] | None = _opt(None, "hook(producer), before the workers are forked", cli=False)
+    post_fork: Callable[[Any], None] | None = _opt(None, "hook(worker), in each worker after the fork", cli=False)
+    worker_exit: Callable[[Any], None] | None = _opt(None, "hook(worker), in a worker that exits cleanly", cli=False)
+    on_reload: Callable[[Any], None] | None = _opt(None, "hook(producer), when a reload starts", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("ipc", "tcp"):
+            raise ValueError(f"transport must be 'ipc' or 'tcp', not {self.transport!r}")
+        if not self.timeout:
+            self.timeout = None
+        if not self.idle_timeout:
+            self.idle_timeout = None
+        for name in ("max_message_size", "max_pipeline", "flap_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    @classmethod
+    def cli_fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]

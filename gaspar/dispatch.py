@@ -1,0 +1,222 @@
+"""Fair dispatch and request correlation, with no I/O: who runs what, and who waits for it.
+
+The front end owns one :class:`Dispatcher`. It keeps
+
+* the workers, each idle, busy with exactly one request, or retiring;
+* a FIFO queue of requests that no idle worker could take yet;
+* the map of request id -> :class:`Pending` for every request queued or running.
+
+**Fairness.** A worker gets a request only when it is idle (its ready credit is one
+request), so a request never waits behind a busy worker while another is idle: a 50 ms
+request holds up nothing but its own worker. This is the "ROUTER with ready credits"
+pattern; a plain PUSH socket would round-robin blindly into busy workers' queues.
+
+**No leaks.** Every outcome removes the entry: a reply (``complete``), a worker's death
+(``remove_worker``), a timeout (``expire``), a vanished client (``cancel``), a stop
+(``fail_all``). A reply for an unknown id is counted and dropped, never matched to another
+request. After any number of requests the map holds only the ones in flight.
+
+The caller sends what these methods return; the clock is injected, so tests drive time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """The front end's view of one live worker process."""
+
+    pid: int
+    number: int
+    generation: int
+    routing_id: bytes
+    max_requests: int = 0  # recycle after this many; 0: never
+    handled: int = 0
+    current: Pending | None = None
+    retiring: bool = False  # takes no new work; exits once idle
+    started: float = 0.0
+
+
+@dataclass(eq=False)
+class Pending:
+    """A request queued or running. ``waiter`` is the caller's; it is never called here."""
+
+    id: int
+    body: Any
+    waiter: Any
+    timeout: float | None
+    worker: WorkerSlot | None = None
+    deadline: float | None = None
+    cancelled: bool = False
+
+
+Assignment = tuple[WorkerSlot, Pending]
+
+
+@dataclass
+class Counters:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    timeouts: int = 0
+    worker_deaths: int = 0
+    unknown_replies: int = 0
+    cancelled: int = 0
+
+
+class Dispatcher:
+    """Assigns requests to idle workers and tracks every request until its outcome."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.workers: dict[bytes, WorkerSlot] = {}
+        self._idle: dict[bytes, WorkerSlot] = {}  # insertion-ordered set
+        self._queue: deque[Pending] = deque()
+        self.pending: dict[int, Pending] = {}
+        self.counters = Counters()
+        self._next_id = 1
+
+    # -- requests -------------------------------------------------------------------------
+
+    def submit(self, body: Any, waiter: Any, timeout: float | None = None) -> tuple[Pending, list[Assignment]]:
+        """Register a request; return it and the assignments to send now (zero or one)."""
+        req = Pending(self._next_id, body, waiter, timeout)
+        self._next_id += 1
+        self.pending[req.id] = req
+        self.counters.submitted += 1
+        self._queue.append(req)
+        return req, self._assign()
+
+    def complete(self, routing_id: bytes, request_id: int) -> tuple[Pending | None, list[Assignment]]:
+        """A worker replied. Return the request (None if unknown or cancelled) and new work.
+
+        A worker that reached its ``max_requests`` is marked retiring instead of idle; the
+        caller then tells it to exit (see :meth:`retiring_idle`).
+        """
+        worker = self.workers.get(routing_id)
+        req = self.pending.get(request_id)
+        if req is None or req.worker is not worker or worker is None:
+            self.counters.unknown_replies += 1
+            return None, []
+        del self.pending[request_id]
+        self.counters.completed += 1
+        worker.current = None
+        worker.handled += 1
+        if worker.max_requests and worker.handled >= worker.max_requests:
+            worker.retiring = True
+        elif not worker.retiring:
+            self._idle[routing_id] = worker
+        return (None if req.cancelled else req), self._assign()
+
+    def cancel(self, req: Pending) -> None:
+        """The client is gone: drop a queued request; let a running one finish unheard."""
+        if req.cancelled or req.id not in self.pending:
+            return
+        req.cancelled = True
+        self.counters.cancelled += 1
+        if req.worker is None:
+            self._queue.remove(req)
+            del self.pending[req.id]
+
+    def expire(self) -> list[Pending]:
+        """Requests running past their deadline: removed, their workers marked retiring.
+
+        The caller fails each request with a timeout and kills ``req.worker``.
+        """
+        now = self.clock()
+        expired = []
+        for worker in self.workers.values():
+            req = worker.current
+            if req is not None and req.deadline is not None and now >= req.deadline:
+                worker.current = None
+                worker.retiring = True
+                self._idle.pop(worker.routing_id, None)
+                del self.pending[req.id]
+                self.counters.timeouts += 1
+                expired.append(req)
+        return expired
+
+    def fail_all(self) -> list[Pending]:
+        """Remove every request, queued or running (a fast stop); the caller fails them."""
+        reqs = [r for r in self.pending.values() if not r.cancelled]
+        self.counters.failed += len(reqs)
+        self.pending.clear()
+        self._queue.clear()
+        for worker in self.workers.values():
+            worker.current = None
+        return reqs
+
+    def requeue(self, req: Pending) -> list[Assignment]:
+        """Put back, at the head of the queue, a request that never reached its worker."""
+        if req.worker is not None and req.worker.current is req:
+            req.worker.current = None
+        req.worker, req.deadline = None, None
+        self._queue.appendleft(req)
+        return self._assign()
+
+    # -- workers --------------------------------------------------------------------------
+
+    def add_worker(self, worker: WorkerSlot) -> list[Assignment]:
+        """A worker said it is ready: it joins the idle set and may take queued work."""
+        worker.started = self.clock()
+        self.workers[worker.routing_id] = worker
+        self._idle[worker.routing_id] = worker
+        return self._assign()
+
+    def remove_worker(self, routing_id: bytes) -> Pending | None:
+        """A worker is gone. Return the request it held (removed; to fail), if any."""
+        worker = self.workers.pop(routing_id, None)
+        self._idle.pop(routing_id, None)
+        if worker is None:
+            return None
+        self.counters.worker_deaths += 1
+        req, worker.current = worker.current, None
+        if req is None:
+            return None
+        self.pending.pop(req.id, None)
+        self.counters.failed += 1
+        return None if req.cancelled else req
+
+    def retire(self, routing_id: bytes) -> bool:
+        """Take a worker out of rotation. True if it is idle now (tell it to exit now)."""
+        worker = self.workers.get(routing_id)
+        if worker is None:
+            return False
+        worker.retiring = True
+        return self._idle.pop(routing_id, None) is not None or worker.current is None
+
+    def retiring_idle(self) -> list[WorkerSlot]:
+        """Retiring workers with nothing in hand: the ones to tell to exit."""
+        return [w for w in self.workers.values() if w.retiring and w.current is None]
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return sum(1 for w in self.workers.values() if w.current is not None)
+
+    def _assign(self) -> list[Assignment]:
+        out = []
+        while self._queue and self._idle:
+            _, worker = self._idle.popitem()
+            req = self._queue.popleft()
+            req.worker = worker
+            req.deadline = None if req.timeout is None else self.clock() + req.timeout
+            worker.current = req
+            out.append((worker, req))
+        return out
+
+
+__all__ = ["Dispatcher", "Pending", "WorkerSlot", "Counters"]

@@ -1,0 +1,135 @@
+"""The errors gaspar raises, as one tree.
+
+Every error a caller can see derives from :class:`GasparError`, and each one says whose
+fault it was::
+
+    GasparError
+    ├── RemoteError                  the server answered, with an error status
+    │   ├── HandlerError             the handler raised (.remote_type, .remote_message)
+    │   ├── WorkerDied               the worker exited mid-request (.pid, .exitcode, .signal)
+    │   ├── WorkerTimeout            the handler ran past its timeout; the worker was killed
+    │   │                            (also a TimeoutError)
+    │   ├── BadRequest               the server refused the request (too large, malformed)
+    │   └── ServerUnavailable        the server is stopping and did not run the request
+    ├── ConnectFailed                no connection (refused, unreachable); a ConnectionError
+    ├── ConnectionLost               the connection broke before a whole reply: reset by the
+    │                                server (how a plain reply reports an error) or cut short;
+    │                                a ConnectionError
+    ├── RequestTimeout               the client's own timeout ran out; a TimeoutError
+    └── ProtocolError                bytes that do not follow the wire protocol; a ValueError
+
+A remote error's facts travel as a JSON object (``type``, ``message`` and, by kind, ``pid``,
+``exitcode``, ``signal``, ``timeout``); :func:`error_from_reply` turns a status and that
+object into the matching exception in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = [
+    "GasparError",
+    "RemoteError",
+    "HandlerError",
+    "WorkerDied",
+    "WorkerTimeout",
+    "BadRequest",
+    "ServerUnavailable",
+    "ConnectFailed",
+    "ConnectionLost",
+    "RequestTimeout",
+    "ProtocolError",
+    "error_from_reply",
+]
+
+
+class GasparError(Exception):
+    """Base of every error gaspar raises."""
+
+
+class RemoteError(GasparError):
+    """The server replied with an error status; ``facts`` holds what it said."""
+
+    status = -1
+
+    def __init__(self, message: str, facts: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.facts: dict[str, Any] = dict(facts or {})
+        self.remote_type: str = self.facts.get("type", type(self).__name__)
+        self.remote_message: str = self.facts.get("message", message)
+
+
+class HandlerError(RemoteError):
+    """The handler raised; ``remote_type`` and ``remote_message`` name its exception."""
+
+    status = 1
+
+    def __init__(self, message: str, facts: dict[str, Any] | None = None) -> None:
+        super().__init__(message, facts)
+        self.remote_traceback: str | None = self.facts.get("traceback")
+
+
+class WorkerTimeout(RemoteError, TimeoutError):
+    """The handler ran past the request's timeout; the worker was killed and replaced."""
+
+    status = 2
+
+
+class WorkerDied(RemoteError):
+    """The worker process exited while it handled this request; a new one took its place."""
+
+    status = 3
+
+    def __init__(self, message: str, facts: dict[str, Any] | None = None) -> None:
+        super().__init__(message, facts)
+        self.pid: int | None = self.facts.get("pid")
+        self.exitcode: int | None = self.facts.get("exitcode")
+        self.signal: int | None = self.facts.get("signal")
+
+
+class BadRequest(RemoteError):
+    """The server refused the request without running it (too large, malformed)."""
+
+    status = 4
+
+
+class ServerUnavailable(RemoteError):
+    """The server is stopping; the request was not run, or its result was dropped."""
+
+    status = 5
+
+
+class ConnectFailed(GasparError, ConnectionError):
+    """No connection to the server could be made."""
+
+
+class ConnectionLost(GasparError, ConnectionError):
+    """The connection broke before a whole reply arrived."""
+
+
+class RequestTimeout(GasparError, TimeoutError):
+    """The client's own timeout ran out before the reply arrived."""
+
+
+class ProtocolError(GasparError, ValueError):
+    """Bytes that do not follow gaspar's wire protocol."""
+
+
+_BY_STATUS: dict[int, type[RemoteError]] = {
+    cls.status: cls for cls in (HandlerError, WorkerTimeout, WorkerDied, BadRequest, ServerUnavailable)
+}
+
+
+def error_from_reply(status: int, body: bytes) -> RemoteError:
+    """Build the exception for an error reply's status and JSON body."""
+    try:
+        facts = json.loads(bytes(body).decode("utf-8"))
+        if not isinstance(facts, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        facts = {"type": "Unknown", "message": bytes(body).decode("utf-8", "replace")}
+    cls = _BY_STATUS.get(status, RemoteError)
+    kind = facts.get("type", cls.__name__)
+    text = facts.get("message", "")
+    return cls(f"{kind}: {text}" if text else kind, facts)

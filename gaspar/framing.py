@@ -1,0 +1,221 @@
+"""gaspar's wire format, with no I/O: bytes go in, requests and replies come out.
+
+The caller owns the sockets. Every size limit is enforced here, from the header, before a
+byte of the body is buffered. The whole protocol, with examples of the bytes, is in
+``docs/protocol.rst``; in short:
+
+* A **plain request** (gaspar 1.0) is ``!I`` length then the body; its reply is the bytes,
+  then the server closes. An error is an abortive close (a TCP reset).
+* An **extended request** sets bit 31 of the length word and adds three words:
+  ``!IIII`` = ``(0x80000000 | length, flags, timeout_ms, tag)``. Its reply is framed:
+  ``!IIB`` = ``(length, tag, status)`` then the body; an error's body is a UTF-8 JSON object.
+  Flag ``KEEPALIVE`` keeps the connection open for more (pipelined) extended requests;
+  flag ``STATS`` asks for the server's counters instead of running a handler.
+
+Between the front end and its workers, messages are 0MQ multipart frames (see ``Kind``);
+a request id travels as its own 8-byte frame, never glued onto the payload.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ProtocolError
+
+PLAIN_HEADER = struct.Struct("!I")
+EXTENDED_HEADER = struct.Struct("!IIII")
+REPLY_HEADER = struct.Struct("!IIB")
+REQUEST_ID = struct.Struct("!Q")
+
+EXTENDED = 0x80000000
+LENGTH_MASK = 0x7FFFFFFF
+FLAG_KEEPALIVE = 0x1
+FLAG_STATS = 0x2
+KNOWN_FLAGS = FLAG_KEEPALIVE | FLAG_STATS
+
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+
+class Status(enum.IntEnum):
+    """The status byte of an extended reply; the same codes travel from the workers."""
+
+    OK = 0
+    HANDLER_ERROR = 1
+    TIMEOUT = 2
+    WORKER_DIED = 3
+    BAD_REQUEST = 4
+    UNAVAILABLE = 5
+
+
+class Kind(bytes, enum.Enum):
+    """The first frame of a message between the front end and a worker."""
+
+    REQUEST = b"Q"  # front end -> worker: [Q, id, payload]
+    BROADCAST = b"B"  # front end -> worker: [B, id, payload]
+    EXIT = b"X"  # front end -> worker: [X] finish what is in hand, then exit
+    HELLO = b"H"  # worker -> front end: [H, json {pid, number, generation}]
+    REPLY = b"R"  # worker -> front end: [R, id, status, body]
+    ACK = b"A"  # worker -> front end: [A, id, status, body] for a broadcast
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One parsed request. ``body`` may be a view into the reader's buffer."""
+
+    body: bytes | memoryview
+    extended: bool = False
+    keepalive: bool = False
+    stats: bool = False
+    timeout: float | None = None  # seconds asked for by the client; None: server default
+    tag: int = 0
+
+
+class RequestTooLarge(ProtocolError):
+    """The declared length is over the limit; the body was not read."""
+
+    def __init__(self, length: int, limit: int, request: Request) -> None:
+        super().__init__(f"request of {length} bytes is over max_message_size ({limit})")
+        self.length = length
+        self.limit = limit
+        self.request = request  # the header's facts, so the reply can be framed and tagged
+
+
+class RequestReader:
+    """Incremental request parser: ``feed`` bytes, then take requests with ``next_request``.
+
+    Raises :class:`RequestTooLarge` or :class:`ProtocolError` from the header alone.
+    After an error the reader is unusable; the connection is to be closed.
+    """
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.max_message_size = max_message_size
+        self._buf = bytearray()
+        self._head: Request | None = None  # header parsed, body pending
+        self._head_size = 0
+        self._length = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a request."""
+        return len(self._buf)
+
+    @property
+    def wanted(self) -> int:
+        """How many more bytes complete the request in progress (at least 1)."""
+        if self._head is None:
+            need = EXTENDED_HEADER.size if self._is_extended() else PLAIN_HEADER.size
+            return max(1, need - len(self._buf))
+        return max(1, self._head_size + self._length - len(self._buf))
+
+    @property
+    def in_progress(self) -> bool:
+        """True when some bytes of a request are buffered but not the whole of it."""
+        return bool(self._buf) or self._head is not None
+
+    def _is_extended(self) -> bool:
+        return bool(self._buf) and bool(self._buf[0] & 0x80)
+
+    def next_request(self) -> Request | None:
+        """Return the next whole request, or None until more bytes arrive."""
+        if self._head is None and not self._parse_header():
+            return None
+        end = self._head_size + self._length
+        if len(self._buf) < end:
+            return None
+        head = self._head
+        if end == len(self._buf):
+            body: bytes | memoryview = memoryview(self._buf)[self._head_size :]
+            self._buf = bytearray()
+        else:
+            body = bytes(self._buf[self._head_size : end])
+            del self._buf[:end]
+        self._head = None
+        return Request(body, head.extended, head.keepalive, head.stats, head.timeout, head.tag)
+
+    def _parse_header(self) -> bool:
+        if len(self._buf) < PLAIN_HEADER.size:
+            return False
+        (word,) = PLAIN_HEADER.unpack_from(self._buf)
+        if word & EXTENDED:
+            if len(self._buf) < EXTENDED_HEADER.size:
+                return False
+            _, flags, timeout_ms, tag = EXTENDED_HEADER.unpack_from(self._buf)
+            head = Request(
+                b"",
+                extended=True,
+                keepalive=bool(flags & FLAG_KEEPALIVE),
+                stats=bool(flags & FLAG_STATS),
+                timeout=timeout_ms / 1000.0 if timeout_ms else None,
+                tag=tag,
+            )
+            if flags & ~KNOWN_FLAGS:
+                raise ProtocolError(f"unknown request flags {flags & ~KNOWN_FLAGS:#x}")
+            size = EXTENDED_HEADER.size
+        else:
+            head, size = Request(b""), PLAIN_HEADER.size
+        length = word & LENGTH_MASK
+        if length > self.max_message_size:
+            raise RequestTooLarge(length, self.max_message_size, head)
+        self._head, self._head_size, self._length = head, size, length
+        return True
+
+
+def pack(message: bytes) -> bytes:
+    """A plain (gaspar 1.0) request: the 4-byte big-endian length, then the message."""
+    if len(message) > LENGTH_MASK:
+        raise ValueError("message too long for the wire format")
+    return PLAIN_HEADER.pack(len(message)) + message
+
+
+def pack_extended(
+    message: bytes, *, tag: int = 0, keepalive: bool = False, timeout: float | None = None, stats: bool = False
+) -> bytes:
+    """The header of an extended request followed by the message."""
+    return extended_header(len(message), tag=tag, keepalive=keepalive, timeout=timeout, stats=stats) + message
+
+
+def extended_header(
+    length: int, *, tag: int = 0, keepalive: bool = False, timeout: float | None = None, stats: bool = False
+) -> bytes:
+    """The 16-byte header of an extended request whose body is ``length`` bytes."""
+    if length > LENGTH_MASK:
+        raise ValueError("message too long for the wire format")
+    flags = (FLAG_KEEPALIVE if keepalive else 0) | (FLAG_STATS if stats else 0)
+    timeout_ms = 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
+    return EXTENDED_HEADER.pack(EXTENDED | length, flags, timeout_ms, tag & 0xFFFFFFFF)
+
+
+def reply_header(length: int, tag: int, status: int) -> bytes:
+    """The 9-byte header of an extended reply."""
+    return REPLY_HEADER.pack(length, tag, status)
+
+
+def parse_reply_header(data: bytes | bytearray | memoryview) -> tuple[int, int, Status]:
+    """``(length, tag, status)`` from the first 9 bytes of an extended reply."""
+    length, tag, status = REPLY_HEADER.unpack_from(data)
+    try:
+        return length, tag, Status(status)
+    except ValueError:
+        raise ProtocolError(f"unknown reply status {status}") from None
+
+
+def error_body(kind: str, message: str, **facts: Any) -> bytes:
+    """The JSON body of an error reply: the error's type, its message, and its facts."""
+    return json.dumps({"type": kind, "message": message, **facts}).encode("utf-8")
+
+
+def pack_id(request_id: int) -> bytes:
+    return REQUEST_ID.pack(request_id)
+
+
+def unpack_id(frame: bytes | memoryview) -> int:
+    if len(frame) != REQUEST_ID.size:
+        raise ProtocolError(f"request id frame of {len(frame)} bytes")
+    return REQUEST_ID.unpack(frame)[0]

@@ -1,0 +1,384 @@
+"""The Producer: gaspar's eventlet front end, and the supervisor of its workers.
+
+::
+
+    clients ──TCP──▶ accept loop ──▶ Connection green threads ──submit──▶ Dispatcher
+                                                                         │ (idle worker?)
+    workers ◀──[id, Q, req, payload]── ROUTER socket ◀──────────────────┘
+    workers ──[id, R, req, status, body]──▶ ROUTER ──▶ pump green thread ──▶ Connection
+
+**Concurrency.** Everything runs in one OS thread, in green threads of one eventlet hub:
+the accept loop, one green thread per connection, the 0MQ pump (the only reader of the
+ROUTER socket), the fork server's event reader and a 0.1 s ticker. ``start(blocking=False)``
+runs that hub in a background thread; the public methods may be called from any thread and
+are handed to the hub. Workers are forked by the fork server (``gaspar.arbiter``), never
+by this process.
+
+**Dispatch.** One ROUTER socket; each worker is a DEALER that says HELLO when ready and is
+given a request only when idle (ready credits; see ``gaspar.dispatch``). Fair: a request
+never waits behind a busy worker while another is idle.
+
+**Faults.** A worker that dies fails only the request it held (``WorkerDied``), queued
+requests wait for the next idle worker, and a new worker is forked at once. A request past
+its timeout fails with ``WorkerTimeout`` and its worker is SIGKILLed and replaced: a
+timeout cannot stop a handler, only its process. Workers that die before they are ready
+count towards flapping (``FlapPolicy``): back off, then give up (exit code 3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import warnings
+from typing import Any
+
+import zmq
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # eventlet's deprecation notice; see README
+    import eventlet
+    import eventlet.hubs
+    from eventlet.event import Event as GreenEvent
+
+from . import __version__
+from .arbiter import FlapPolicy, ForkServer
+from .config import Settings
+from .connection import Connection
+from .control import Control
+from .dispatch import Dispatcher, Pending, WorkerSlot
+from .errors import GasparError
+from .framing import Kind, Request, Status, error_body, pack_id
+from .supervisor import Supervisor
+from .worker import Consumer
+
+log = logging.getLogger("gaspar")
+
+_LARGE = 64 * 1024
+
+
+class Producer(Supervisor):
+    """Listens on ``host:port`` and runs each request on one of ``processes`` workers.
+
+    ``options`` are the names of :class:`gaspar.config.Settings` (``timeout``,
+    ``max_requests``, hooks...). Nothing happens until :meth:`start`.
+    """
+
+    def __init__(
+        self, consumer: Consumer, port: int, processes: int | None = None, host: str = "127.0.0.1", **options: Any
+    ) -> None:
+        self.consumer = consumer
+        self.host = host
+        self.port = port
+        self.processes = processes or os.cpu_count() or 1
+        self.settings = Settings(**options)
+        self.running = threading.Event()
+        self.stopped = threading.Event()
+        self.server_addr: tuple[str, int] | None = None
+        self.exit_code = 0
+        self.dispatcher = Dispatcher()
+        self._control = Control()
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    # -- public API (any thread) --------------------------------------------------------
+
+    def start(self, blocking: bool = True, timeout: float = 60.0) -> None:
+        """Serve. Blocks until stopped, or with ``blocking=False`` returns once the port
+        listens and every worker is ready (raises if that fails within ``timeout``)."""
+        if blocking:
+            self._run(install_signals=threading.current_thread() is threading.main_thread())
+            if self._failure is not None:
+                raise self._failure
+            return
+        self._thread = threading.Thread(target=self._run, name="gaspar-producer", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.running.wait(0.05):
+            if self.stopped.is_set() or time.monotonic() > deadline:
+                if not self.stopped.is_set():
+                    self.stop()
+                raise self._failure or GasparError("the producer did not start (see the log)")
+
+    def stop(self, graceful: bool = False, timeout: float = 60.0) -> None:
+        """Stop serving and stop every worker. ``graceful``: first let every accepted request
+        finish (up to ``graceful_timeout``). Returns when stopped (or after ``timeout``)."""
+        if self.stopped.is_set():
+            return
+        self._control.call(lambda: eventlet.spawn_n(self.begin_stop, graceful), wait=False)
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self.stopped.wait(timeout)
+            self._thread.join(timeout)
+
+    def reload(self) -> None:
+        """Re-import the handler's module and replace the workers one by one."""
+        self._control.call(self.do_reload, wait=False)
+
+    def scale(self, n: int) -> None:
+        """Run ``n`` workers (at least 1)."""
+        self._control.call(lambda: self.do_scale(n))
+
+    def broadcast(self, message: bytes) -> int:
+        """Deliver ``message`` to every live worker once (``Consumer.on_broadcast``).
+        Returns how many workers it was sent to."""
+        return self._control.call(lambda: self.do_broadcast(bytes(message)))
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the live worker processes."""
+        return self._control.call(self._worker_pids)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and the workers' state, as a dict (also served over the wire)."""
+        return self._control.call(self._stats)
+
+    # -- the hub thread -----------------------------------------------------------------
+
+    def _run(self, install_signals: bool = False) -> None:
+        self._hub_thread = threading.current_thread()
+        self._setup()
+        try:
+            if self._failure is None:
+                self._control.attach(install_signals, self.on_signal)
+                self._done.wait()
+        finally:
+            self._teardown()
+
+    def _setup(self) -> None:
+        s = self.settings
+        self.target = max(1, self.processes)
+        self.generation = 1
+        self.flap = FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry)
+        self.backoff_until = 0.0
+        self.booting: dict[int, Any] = {}  # spawn token -> Booting
+        self.pid_token: dict[int, int] = {}
+        self.spawn_seq = 0
+        self.exit_sent: set[bytes] = set()
+        self.connections: set[Connection] = set()
+        self.draining = False  # no longer accepting
+        self.stopping = False  # failing what is left, stopping workers
+        self.hurry = False
+        self.started_at = time.time()
+        self.restarts = 0
+        self._done = GreenEvent()
+        self._workers_gone = GreenEvent()
+        self._ipc_dir = None
+        self.fork_server = None
+        self.router = None
+        self.ctx = None
+        self.listener = None
+        try:
+            if s.on_starting is not None:
+                s.on_starting(self)
+            log.info("Starting gaspar %s", __version__)
+            if s.transport == "ipc":
+                self._ipc_dir = tempfile.mkdtemp(prefix="gaspar-")  # mode 0700
+                endpoint = f"ipc://{self._ipc_dir}/workers"
+            else:
+                endpoint = "tcp://127.0.0.1:*"
+            self.fork_server = ForkServer(self.consumer, s)
+            self.fork_server.start()  # before any 0MQ context or hub exists here
+            self.ctx = zmq.Context(1)
+            self.router = self.ctx.socket(zmq.ROUTER)
+            self.router.linger = 0
+            self.router.router_mandatory = 1
+            self.router.bind(endpoint)
+            self.fork_server.endpoint = self.router.last_endpoint.decode()
+            self.listener = eventlet.listen((self.host, self.port), backlog=s.backlog)
+            self.server_addr = self.listener.getsockname()[:2]
+        except BaseException as exc:
+            self._failure = exc
+            return
+        log.info("Listening at: tcp://%s:%s (%s)", *self.server_addr, os.getpid())
+        log.info("Using %s workers over %s", self.target, s.transport)
+        hub = eventlet.hubs.get_hub()
+        self._pump_listener = hub.add(hub.READ, self.router.fd, self._wake_pump, _ignore, _noop)
+        self._fs_listener = hub.add(hub.READ, self.fork_server.events_fd, self.on_fork_server_events, _ignore, _noop)
+        self._pump_waiting = None
+        self._pump_scheduled = None
+        self._greenlets = [eventlet.spawn(self._pump), eventlet.spawn(self._accept_loop), eventlet.spawn(self.tick)]
+        self.manage_workers()
+
+    def _teardown(self) -> None:
+        hub = eventlet.hubs.get_hub()
+        for listener in ("_pump_listener", "_fs_listener"):
+            if getattr(self, listener, None) is not None:
+                hub.remove(getattr(self, listener))
+        for g in getattr(self, "_greenlets", []):
+            g.kill()
+        if self.listener is not None:
+            self.listener.close()
+        if self.fork_server is not None and self.fork_server.pid is not None:
+            self.fork_server.close()
+        if self.router is not None:
+            self.router.close(linger=0)
+        if self.ctx is not None:
+            self.ctx.term()
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+        self._control.detach()
+        self.running.clear()
+        log.info("Shutting down: gaspar (exit code %s)", self.exit_code)
+        self.stopped.set()
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                if self.draining:
+                    return
+                eventlet.sleep(0.01)  # e.g. EMFILE: back off instead of spinning
+                continue
+            conn = Connection(sock, self)
+            self.connections.add(conn)
+            eventlet.spawn_n(conn.serve)
+
+    def forget_connection(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+
+    def submit(self, conn: Connection, request: Request) -> None:
+        """Queue a request for a worker; its outcome is delivered to ``conn``."""
+        if request.stats:
+            conn.deliver(request, Status.OK, self.stats_json())
+            return
+        if self.stopping:
+            self._deliver_error(conn, request, Status.UNAVAILABLE, "ServerUnavailable", "the server is stopping")
+            return
+        timeout = request.timeout or self.settings.timeout
+        pending, assignments = self.dispatcher.submit(request.body, (conn, request), timeout)
+        conn.requests.add(pending)
+        self._send(assignments)
+
+    def _send(self, assignments: list[tuple[WorkerSlot, Pending]]) -> None:
+        for worker, req in assignments:
+            body = req.body
+            try:
+                self.router.send_multipart(
+                    [worker.routing_id, Kind.REQUEST.value, pack_id(req.id), body],
+                    zmq.NOBLOCK,
+                    copy=len(body) < _LARGE,
+                )
+            except zmq.ZMQError as exc:  # the worker's pipe is gone: it is dying
+                log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
+                self.dispatcher.retire(worker.routing_id)
+                self.fork_server.kill(worker.pid, signal.SIGKILL)
+                self._send(self.dispatcher.requeue(req))
+        self._kick_pump()
+
+    def _resolve(self, pending: Pending, status: int, body: Any) -> None:
+        conn, request = pending.waiter
+        conn.requests.discard(pending)
+        conn.deliver(request, status, body)
+
+    def _deliver_error(self, conn: Connection, request: Request, status: Status, kind: str, msg: str, **facts) -> None:
+        conn.deliver(request, status, error_body(kind, msg, **facts))
+
+    def _fail(self, pending: Pending, status: Status, kind: str, msg: str, **facts: Any) -> None:
+        conn, request = pending.waiter
+        conn.requests.discard(pending)
+        self._deliver_error(conn, request, status, kind, msg, **facts)
+
+    # -- the 0MQ pump ---------------------------------------------------------------------
+
+    def _wake_pump(self, _fd: int = 0) -> None:
+        if self._pump_waiting is not None and self._pump_scheduled is None:
+            hub = eventlet.hubs.get_hub()
+            self._pump_scheduled = hub.schedule_call_global(0, self._pump_waiting.switch)
+
+    def _kick_pump(self) -> None:
+        # Sending processes 0MQ's events and may swallow the edge on router.fd: look again.
+        if self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._wake_pump()
+
+    def _pump(self) -> None:
+        """The only reader of the ROUTER socket: replies, HELLOs and broadcast acks."""
+        hub = eventlet.hubs.get_hub()
+        router = self.router
+        while True:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self._pump_waiting = eventlet.getcurrent()
+                safety = hub.schedule_call_global(0.25, self._wake_pump)
+                try:
+                    hub.switch()
+                finally:
+                    safety.cancel()
+                    self._pump_waiting = self._pump_scheduled = None
+                continue
+            try:
+                self._on_message(frames)
+            except Exception:
+                log.exception("Dropped a malformed message from a worker")
+
+    def _on_message(self, frames: list[Any]) -> None:
+        rid, kind = frames[0].bytes, frames[1].bytes
+        if kind == Kind.REPLY.value:
+            req_id = int.from_bytes(frames[2].bytes, "big")
+            pending, assignments = self.dispatcher.complete(rid, req_id)
+            if pending is not None:
+                frame = frames[4]
+                body = frame.bytes if len(frame) < _LARGE else frame.buffer
+                self._resolve(pending, frames[3].bytes[0], body)
+            self._send(assignments)
+            worker = self.dispatcher.workers.get(rid)
+            if worker is not None and worker.retiring:
+                self.manage_workers()
+        elif kind == Kind.HELLO.value:
+            self.on_hello(rid, frames[2].bytes)
+        elif kind == Kind.ACK.value:
+            if frames[3].bytes != bytes([Status.OK]):
+                log.error("A worker's on_broadcast failed: %s", frames[4].bytes.decode("utf-8", "replace"))
+
+    # -- what it is doing -------------------------------------------------------------------
+
+    def _worker_pids(self) -> list[int]:
+        pids = [w.pid for w in self.dispatcher.workers.values()]
+        pids += [b.pid for b in getattr(self, "booting", {}).values() if b.pid is not None]
+        return sorted(pids)
+
+    def _stats(self) -> dict[str, Any]:
+        d = self.dispatcher
+        workers = [
+            {
+                "pid": w.pid,
+                "number": w.number,
+                "generation": w.generation,
+                "handled": w.handled,
+                "busy": w.current is not None,
+                "retiring": w.retiring,
+            }
+            for w in sorted(d.workers.values(), key=lambda w: w.number)
+        ]
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": round(time.time() - self.started_at, 3) if hasattr(self, "started_at") else 0.0,
+            "target_workers": getattr(self, "target", self.processes),
+            "workers": workers,
+            "booting": len(getattr(self, "booting", {})),
+            "queued": d.queued,
+            "running": d.running,
+            "pending": len(d.pending),
+            "connections": len(getattr(self, "connections", ())),
+            "restarts": getattr(self, "restarts", 0),
+            "counters": vars(d.counters).copy(),
+        }
+
+    def stats_json(self) -> bytes:
+        return json.dumps(self._stats()).encode()
+
+
+def _ignore(_exc: Any) -> None:
+    pass
+
+
+def _noop() -> None:
+    pass

@@ -1,0 +1,297 @@
+"""Supervision of the worker pool, in the front end's hub: gunicorn's arbiter, green.
+
+The loop reads as its verbs: a worker says HELLO (``on_hello``) or exits (``on_exit``,
+reported by the fork server with its wait status); ``manage_workers`` brings the pool back
+to its target; ``tick`` kills what ran past its timeout; signals map to one small method
+each (``handle_term``, ``handle_int``, ``handle_hup``...).
+
+What each fault costs:
+
+* a worker that dies mid-request fails that request (``WorkerDied``, with the pid and the
+  exit code or signal); queued requests wait for the next idle worker; a new worker is
+  forked at once;
+* a request past its timeout fails (``WorkerTimeout``) and its worker is SIGKILLed;
+* a worker that dies before it is ready counts towards flapping: back off, then give up;
+* ``max_requests``, a reload or a scale-down retire a worker only once it is idle, and a
+  replacement is forked first, so no request fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import socket
+import time
+from typing import Any
+
+with __import__("warnings").catch_warnings():
+    __import__("warnings").simplefilter("ignore")
+    import eventlet
+    import eventlet.hubs
+
+import zmq
+
+from .arbiter import FlapPolicy, describe_exit
+from .dispatch import WorkerSlot
+from .errors import GasparError
+from .framing import Kind, Status, pack_id
+from .worker import WORKER_BOOT_ERROR
+
+log = logging.getLogger("gaspar")
+
+HALT_FLAPPING = 3  # the daemon's exit code when workers cannot boot
+
+
+class Booting:
+    """A fork asked of the fork server, until its worker says HELLO or dies."""
+
+    __slots__ = ("number", "generation", "pid")
+
+    def __init__(self, number: int, generation: int) -> None:
+        self.number, self.generation, self.pid = number, generation, None
+
+
+class Supervisor:
+    """Mixed into Producer; relies on its dispatcher, router, fork_server and settings."""
+
+    # -- worker lifecycle ----------------------------------------------------------------
+
+    def on_hello(self, rid: bytes, payload: bytes) -> None:
+        hello = json.loads(payload)
+        pid, token = hello["pid"], hello["token"]
+        boot = self.booting.pop(token, None)
+        self.pid_token.pop(pid, None)
+        if boot is None or self.stopping:  # already counted as dead, or we are stopping
+            return
+        s = self.settings
+        limit = s.max_requests + random.randint(0, s.max_requests_jitter) if s.max_requests else 0
+        slot = WorkerSlot(pid, hello["number"], hello["generation"], rid, max_requests=limit)
+        self.flap.booted()
+        log.info("Worker %s (pid:%s) ready", slot.number, pid)
+        self._send(self.dispatcher.add_worker(slot))
+        if slot.generation == self.generation:
+            old = [w for w in self.dispatcher.workers.values() if w.generation < self.generation and not w.retiring]
+            if old:  # a rolling reload: one new worker in, one old worker out
+                old.sort(key=lambda w: w.current is not None)
+                self.dispatcher.retire(old[0].routing_id)
+        self.manage_workers()
+        if not self.running.is_set() and self.ready_count() >= self.target:
+            self.running.set()
+
+    def ready_count(self) -> int:
+        return sum(1 for w in self.dispatcher.workers.values() if not w.retiring)
+
+    def on_fork_server_events(self, _fd: int) -> None:
+        events = self.fork_server.read_events()
+        if events is None:
+            eventlet.hubs.get_hub().remove(self._fs_listener)
+            self._fs_listener = None
+            if not self.stopping:
+                log.critical("The fork server died; stopping")
+                self.exit_code = 1
+                eventlet.spawn_n(self.begin_stop, False)
+            return
+        eventlet.spawn_n(self._handle_events, events)
+
+    def _handle_events(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            kind = event["ev"]
+            if kind == "spawned":
+                boot = self.booting.get(event["token"])
+                if boot is not None:
+                    boot.pid = event["pid"]
+                    self.pid_token[event["pid"]] = event["token"]
+                log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
+            elif kind == "exited":
+                self.on_exit(event["pid"], event["number"], event["status"])
+            elif kind == "reloaded":
+                self.on_reloaded(event["ok"], event["error"])
+
+    def on_exit(self, pid: int, number: int | None, status: int) -> None:
+        exitcode, sig, text = describe_exit(status)
+        slot = next((w for w in self.dispatcher.workers.values() if w.pid == pid), None)
+        if slot is not None:
+            expected = slot.retiring and exitcode == 0
+            req = self.dispatcher.remove_worker(slot.routing_id)
+            if req is not None:
+                facts = {"pid": pid, "exitcode": exitcode, "signal": sig}
+                self._fail(req, Status.WORKER_DIED, "WorkerDied", f"worker {number} (pid {pid}) {text}", **facts)
+            if expected or self.stopping:
+                log.info("Worker %s (pid:%s) exited", number, pid)
+            else:
+                self.restarts += 1
+                log.error("Worker %s (pid:%s) %s", number, pid, text)
+        else:
+            token = self.pid_token.pop(pid, None)
+            if self.booting.pop(token, None) is not None and not self.stopping:
+                why = "its post_fork hook failed" if exitcode == WORKER_BOOT_ERROR else text
+                log.error("Worker %s (pid:%s) died before it was ready: %s", number, pid, why)
+                self.on_boot_failure()
+        self.manage_workers()
+        if self.stopping and not self.dispatcher.workers and not self.booting and not self._workers_gone.ready():
+            self._workers_gone.send()
+
+    def on_boot_failure(self) -> None:
+        action, delay = self.flap.boot_failed(time.monotonic())
+        if action == FlapPolicy.GIVE_UP:
+            f = self.flap
+            log.critical(
+                "Workers failed to boot %s times within %ss, %s times over; giving up",
+                f.attempts,
+                f.window,
+                f.max_retry + 1,
+            )
+            self.exit_code = HALT_FLAPPING
+            self._failure = GasparError("workers keep failing to boot; gave up (see the log)")
+            eventlet.spawn_n(self.begin_stop, False)
+        elif action == FlapPolicy.BACKOFF:
+            log.warning("Workers are flapping; waiting %ss before the next fork", delay)
+            self.backoff_until = time.monotonic() + delay
+            eventlet.hubs.get_hub().schedule_call_global(delay, eventlet.spawn_n, self.manage_workers)
+
+    def manage_workers(self) -> None:
+        """Bring the pool to its target: fork what is missing, retire what is extra."""
+        if self.stopping:
+            return
+        d = self.dispatcher
+        for w in d.retiring_idle():
+            self.tell_exit(w)
+        if time.monotonic() < self.backoff_until:
+            return
+        live = [w for w in d.workers.values() if not w.retiring]
+        if any(w.generation < self.generation for w in live):  # rolling: one extra at a time
+            if not self.booting:
+                self.spawn_worker()
+            return
+        missing = self.target - len(live) - len(self.booting)
+        for _ in range(missing):
+            self.spawn_worker()
+        if missing < 0:
+            live.sort(key=lambda w: w.current is not None)  # idle ones first
+            for w in live[:-missing]:
+                if d.retire(w.routing_id):
+                    self.tell_exit(w)
+
+    def spawn_worker(self) -> None:
+        used = {w.number for w in self.dispatcher.workers.values() if not w.retiring}
+        used |= {b.number for b in self.booting.values()}
+        number = next(n for n in range(1, len(used) + 2) if n not in used)
+        self.spawn_seq += 1
+        self.booting[self.spawn_seq] = Booting(number, self.generation)
+        self.fork_server.spawn(number, self.generation, self.spawn_seq)
+
+    def tell_exit(self, worker: WorkerSlot) -> None:
+        """Ask an idle worker to exit cleanly (it has nothing in hand)."""
+        if worker.routing_id in self.exit_sent:
+            return
+        self.exit_sent.add(worker.routing_id)
+        try:
+            self.router.send_multipart([worker.routing_id, Kind.EXIT.value], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.fork_server.kill(worker.pid, signal.SIGTERM)
+
+    def tick(self) -> None:
+        """Every 0.1 s: fail what ran past its timeout and kill its worker."""
+        while True:
+            eventlet.sleep(0.1)
+            expired = self.dispatcher.expire()
+            for req in expired:
+                worker = req.worker
+                log.error("WORKER TIMEOUT (worker %s, pid:%s) after %ss", worker.number, worker.pid, req.timeout)
+                msg = f"handler ran past {req.timeout}s; worker {worker.number} (pid {worker.pid}) killed"
+                self._fail(req, Status.TIMEOUT, "WorkerTimeout", msg, timeout=req.timeout, pid=worker.pid)
+                self.fork_server.kill(worker.pid, signal.SIGKILL)
+            if expired:
+                self.manage_workers()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        log.info("Handling signal: %s", name[3:].lower())
+        handler = {
+            signal.SIGTERM: lambda: self.begin_stop(True),
+            signal.SIGINT: lambda: self.begin_stop(False),
+            signal.SIGQUIT: lambda: self.begin_stop(False),
+            signal.SIGHUP: self.do_reload,
+            signal.SIGTTIN: lambda: self.do_scale(self.target + 1),
+            signal.SIGTTOU: lambda: self.do_scale(self.target - 1),
+        }.get(signum)
+        if handler is not None:
+            handler()
+
+    def do_reload(self) -> None:
+        if self.stopping:
+            return
+        log.info("Reloading %s", self.fork_server.consumer_name())
+        if self.settings.on_reload is not None:
+            self.settings.on_reload(self)
+        self.fork_server.reload()
+
+    def on_reloaded(self, ok: bool, error: str | None) -> None:
+        if not ok:
+            log.error("Reload failed; keeping the current workers: %s", error)
+            return
+        self.generation += 1
+        log.info("Reloaded; replacing the workers one by one (generation %s)", self.generation)
+        self.manage_workers()
+
+    def do_scale(self, n: int) -> None:
+        self.target = max(1, int(n))
+        log.info("Scaling to %s workers", self.target)
+        self.manage_workers()
+
+    def do_broadcast(self, message: bytes) -> int:
+        sent = 0
+        for w in list(self.dispatcher.workers.values()):
+            if w.retiring:
+                continue
+            try:
+                self.router.send_multipart([w.routing_id, Kind.BROADCAST.value, pack_id(0), message], zmq.NOBLOCK)
+                sent += 1
+            except zmq.ZMQError as exc:
+                log.warning("Broadcast to worker %s (pid:%s) failed: %s", w.number, w.pid, exc)
+        self._kick_pump()
+        return sent
+
+    def begin_stop(self, graceful: bool) -> None:
+        """Stop accepting; a graceful stop lets accepted requests finish; then stop workers."""
+        if self.stopping or self.draining:
+            if not graceful and self.draining:
+                self.hurry = True  # a fast stop during a graceful one: finish now
+            return
+        self.draining = True
+        log.info("Stopping (%s)", "graceful" if graceful else "fast")
+        self.listener.close()
+        if graceful:
+            deadline = time.monotonic() + self.settings.graceful_timeout
+            while not self.hurry and time.monotonic() < deadline and self._busy():
+                eventlet.sleep(0.02)
+        self.stopping = True
+        for req in self.dispatcher.fail_all():
+            self._fail(req, Status.UNAVAILABLE, "ServerUnavailable", "the server stopped before the request finished")
+        for conn in list(self.connections):  # idle persistent or half-read connections
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for w in list(self.dispatcher.workers.values()):
+            if graceful and not self.hurry:
+                self.tell_exit(w)
+            else:
+                self.fork_server.kill(w.pid, signal.SIGKILL)
+        for boot in self.booting.values():
+            if boot.pid is not None:
+                self.fork_server.kill(boot.pid, signal.SIGKILL)
+        if self.dispatcher.workers or any(b.pid for b in self.booting.values()):
+            self._workers_gone.wait(5.0 if graceful else 2.0)
+        deadline = time.monotonic() + 1.0
+        while self.connections and time.monotonic() < deadline:
+            eventlet.sleep(0.01)  # let connections write their last replies
+        self._done.send()
+
+    def _busy(self) -> bool:
+        """Accepted work remains: a request queued or running, or one being read."""
+        return bool(self.dispatcher.pending) or any(c.busy for c in self.connections)

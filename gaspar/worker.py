@@ -1,0 +1,213 @@
+"""The Consumer (the user's handler) and the main loop of a worker process.
+
+A worker is a forked process with plain blocking pyzmq: no eventlet, no threads but a small
+watchdog. It connects a DEALER socket to the front end's ROUTER, says HELLO (its ready
+signal), then handles one message at a time:
+
+    front end ──[Q, id, payload]──▶ worker ──handle()──▶ [R, id, status, body] ──▶ front end
+
+Because the front end hands a worker a request only when it is idle, the worker never has
+more than one request queued for it. A handler's exception becomes an error reply and the
+worker carries on; a handler that kills the process (``os._exit``, a segfault) costs only
+its own request: the front end fails it and has the worker replaced.
+
+A worker exits (code 0) when told to (``EXIT``: finish the request in hand first), and on
+its own when its parent dies: ``PR_SET_PDEATHSIG`` on Linux, and a watchdog thread that
+checks the parent pid every second elsewhere and as a second line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .framing import Kind, Status, error_body
+
+log = logging.getLogger("gaspar")
+
+#: A worker that cannot boot (its ``post_fork`` hook raised) exits with this code, as
+#: gunicorn's WORKER_BOOT_ERROR; the supervisor counts it towards flapping.
+WORKER_BOOT_ERROR = 3
+
+_LARGE = 64 * 1024  # frames this big are sent without a copy
+
+
+class Consumer:
+    """Runs the user's handler in every worker.
+
+    Pass ``handler`` (a callable taking the request's ``bytes``) or subclass and override
+    :meth:`handle`. A handler returns ``bytes`` (or ``str``, sent UTF-8 encoded). The
+    module that defines it is imported before the fork, so its module-level state is
+    shared copy-on-write by every worker.
+    """
+
+    def __init__(self, handler: Callable[[bytes], bytes | str] | None = None) -> None:
+        self.handler = handler
+
+    def handle(self, message: bytes) -> bytes | str:
+        """Handle one request. Override this, or pass ``handler``."""
+        if self.handler is None:
+            raise NotImplementedError("Consumer needs a handler= or a handle() override")
+        return self.handler(message)
+
+    def on_broadcast(self, message: bytes) -> None:
+        """Called in each live worker by ``Producer.broadcast(message)``; override it."""
+
+    def reloaded(self) -> Consumer:
+        """A consumer built from a fresh import of the module that defines this one.
+
+        Used by a rolling reload. Raises whatever the import raises.
+        """
+        target = self.handler if self.handler is not None else type(self)
+        module = importlib.reload(sys.modules[target.__module__])
+        fresh = _resolve(module, target.__qualname__)
+        if self.handler is not None:
+            clone = object.__new__(type(self))
+            clone.__dict__.update(self.__dict__)
+            clone.handler = fresh
+            return clone
+        clone = object.__new__(fresh)
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+
+def _resolve(module: Any, qualname: str) -> Any:
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Worker:
+    """What hooks see of a worker process (``post_fork(worker)``, ``worker_exit(worker)``).
+
+    ``state`` is a dict for per-worker things a hook sets up (a connection, a table).
+    """
+
+    def __init__(self, number: int, generation: int, token: int, consumer: Consumer, proc_name: str) -> None:
+        self.number = number
+        self.generation = generation
+        self.token = token  # matches this worker's HELLO to the fork that made it
+        self.consumer = consumer
+        self.proc_name = proc_name
+        self.pid = os.getpid()
+        self.ppid = os.getppid()
+        self.handled = 0
+        self.state: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.number} pid={self.pid}>"
+
+
+def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit: Any = None) -> int:
+    """The worker process's whole life; returns its exit code. Runs after the fork."""
+    import zmq  # the worker's own context, made after the fork
+
+    set_proctitle(f"{worker.proc_name}: worker {worker.number}")
+    start_watchdog(worker.ppid)
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)  # the front end decides; SIGTERM still ends us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if post_fork is not None:
+        try:
+            post_fork(worker)
+        except Exception:
+            log.exception("Worker %s (pid:%s) post_fork hook failed", worker.number, worker.pid)
+            return WORKER_BOOT_ERROR
+    ctx = zmq.Context(1)
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 2000
+    sock.routing_id = b"%d:%d" % (worker.pid, worker.generation)
+    sock.connect(endpoint)
+    hello = {"pid": worker.pid, "number": worker.number, "generation": worker.generation, "token": worker.token}
+    sock.send_multipart([Kind.HELLO.value, json.dumps(hello).encode()])
+    consumer = worker.consumer
+    try:
+        while True:
+            frames = sock.recv_multipart(copy=False)
+            kind = frames[0].bytes
+            if kind == Kind.REQUEST.value:
+                status, body = call_handler(consumer.handle, frames[2])
+                worker.handled += 1
+                sock.send_multipart([Kind.REPLY.value, frames[1], status, body], copy=len(body) < _LARGE)
+            elif kind == Kind.BROADCAST.value:
+                status, body = call_handler(consumer.on_broadcast, frames[2], broadcast=True)
+                sock.send_multipart([Kind.ACK.value, frames[1], status, body])
+            elif kind == Kind.EXIT.value:
+                break
+    finally:
+        if worker_exit is not None:
+            try:
+                worker_exit(worker)
+            except Exception:
+                log.exception("Worker %s (pid:%s) worker_exit hook failed", worker.number, worker.pid)
+        sock.close()
+        ctx.term()
+    return 0
+
+
+_OK = bytes([Status.OK])
+_ERROR = bytes([Status.HANDLER_ERROR])
+
+
+def call_handler(fn: Callable[[Any], Any], frame: Any, broadcast: bool = False) -> tuple[bytes, Any]:
+    """Run ``fn`` on a request frame; return (status byte, body) and never raise."""
+    message = frame.bytes if len(frame) < _LARGE else frame.buffer
+    try:
+        result = fn(message)
+        if broadcast:
+            return _OK, b""
+        if isinstance(result, str):
+            return _OK, result.encode("utf-8")
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            return _OK, result
+        raise TypeError(f"handler returned {type(result).__name__}, expected bytes or str")
+    except Exception as exc:
+        tb = traceback.format_exc()
+        return _ERROR, error_body(type(exc).__name__, str(exc), traceback=tb)
+
+
+def start_watchdog(parent: int, interval: float = 1.0) -> None:
+    """Exit this process when its parent is gone (a backstop to PR_SET_PDEATHSIG)."""
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            threading.Event().wait(interval)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="gaspar-watchdog", daemon=True).start()
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies. False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return False
+
+
+def set_proctitle(title: str) -> None:
+    """Name this process in ``ps`` when the optional setproctitle is installed."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)
