@@ -56,6 +56,19 @@ def load_consumer(spec: str) -> Consumer:
     raise UsageError(f"{spec!r} is a {type(obj).__name__}, not a callable or a Consumer")
 
 
+def load_config(path: str) -> dict[str, Any]:
+    """Settings from a Python file, as gunicorn's ``-c``: its top-level names that are
+    settings (``timeout = 5``, ``def post_fork(worker): ...``)."""
+    import dataclasses
+    import runpy
+
+    try:
+        namespace = runpy.run_path(path)
+    except Exception as exc:
+        raise UsageError(f"cannot load config {path!r}: {type(exc).__name__}: {exc}") from exc
+    return {f.name: namespace[f.name] for f in dataclasses.fields(Settings) if f.name in namespace}
+
+
 def parse_bind(bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit():
@@ -73,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bind", "-b", default="127.0.0.1:10123", help="HOST:PORT to listen at (default %(default)s)")
     serve.add_argument("--workers", "-w", type=int, default=None, help="worker processes (default: the CPU count)")
     serve.add_argument(
+        "--config", "-c", metavar="FILE.py", help="a Python file whose top-level names set options, hooks included"
+    )
+    serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"], help="default info"
     )
     for f in Settings.cli_fields():
@@ -80,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {int: int, float: float}.get(type(f.default), str)
         if f.default is None:
             kind = float
-        serve.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
+        serve.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})")
 
     req = sub.add_parser("request", help="send one request and print the reply")
     req.add_argument("address", metavar="HOST:PORT")
@@ -97,7 +113,9 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr)
     host, port = parse_bind(args.bind)
     consumer = load_consumer(args.app)  # before any fork: an import error ends us here
-    options = {f.name: getattr(args, f.name) for f in Settings.cli_fields()}
+    options = load_config(args.config) if args.config else {}
+    # a flag given on the command line wins over the file
+    options.update({f.name: getattr(args, f.name) for f in Settings.cli_fields() if getattr(args, f.name) is not None})
     from .producer import Producer
 
     try:

@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("gaspar")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class _CutShort(ProtocolError):
+    """The client closed its side before a whole request: it gets a reset, not a reply."""
+
+
 _CHUNK = 256 * 1024
 
 
@@ -89,7 +95,9 @@ class Connection:
                     self._fail_now(exc.request, Status.BAD_REQUEST, "RequestTooLarge", str(exc))
                     return
                 except ProtocolError as exc:
-                    self._fail_now(Request(b"", extended=True), Status.BAD_REQUEST, "ProtocolError", str(exc))
+                    log.info("Refused a malformed request: %s", exc)
+                    head = Request(b"", extended=reader.extended and not isinstance(exc, _CutShort))
+                    self._fail_now(head, Status.BAD_REQUEST, "ProtocolError", str(exc))
                     return
                 except TimeoutError:
                     if reader.in_progress:
@@ -129,7 +137,7 @@ class Connection:
                 raise TimeoutError from None
             if not data:
                 if reader.in_progress:
-                    raise ProtocolError("connection closed mid-request")
+                    raise _CutShort("connection closed mid-request")
                 return None
             reader.feed(data)
             request = reader.next_request()

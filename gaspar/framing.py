@@ -122,6 +122,11 @@ class RequestReader:
     def _is_extended(self) -> bool:
         return bool(self._buf) and bool(self._buf[0] & 0x80)
 
+    @property
+    def extended(self) -> bool:
+        """True when the request in progress is an extended one (it wants framed replies)."""
+        return self._head.extended if self._head is not None else self._is_extended()
+
     def next_request(self) -> Request | None:
         """Return the next whole request, or None until more bytes arrive."""
         if self._head is None and not self._parse_header():

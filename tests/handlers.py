@@ -1,0 +1,79 @@
+"""Handlers used by the tests, importable by ``gaspar serve handlers:NAME`` (tests/ is on
+PYTHONPATH for CLI servers) and by the in-process tests."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import gaspar
+
+
+def echo(message: bytes) -> bytes:
+    return message
+
+
+def upper_str(message: bytes) -> str:
+    return message.decode("utf-8").upper()
+
+
+def returns_int(message: bytes) -> int:
+    return 42
+
+
+def boom(message: bytes) -> bytes:
+    if message.startswith(b"boom"):
+        raise ValueError(f"bad input {message!r}")
+    return message
+
+
+def sleepy(message: bytes) -> bytes:
+    """The payload is seconds to sleep (ASCII); replies with the payload."""
+    time.sleep(float(message or b"0"))
+    return message
+
+
+def die(message: bytes) -> bytes:
+    """b'die' ends the worker process with os._exit(7); anything else echoes."""
+    if message == b"die":
+        os._exit(7)
+    return message
+
+
+def pid(message: bytes) -> bytes:
+    return str(os.getpid()).encode()
+
+
+class Stateful(gaspar.Consumer):
+    """A subclassed consumer with state set by a broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = b"initial"
+
+    def handle(self, message: bytes) -> bytes:
+        return self.table + b":" + message
+
+    def on_broadcast(self, message: bytes) -> None:
+        self.table = message
+
+
+def faulty(message: bytes) -> bytes:
+    """A fault on demand, for the supervision tests; otherwise sleep and reply with the pid.
+
+    b'segfault' dereferences NULL, b'exit' calls os._exit(7), b'sigkill' kills its own
+    process (what the OOM killer does), b'abort' calls abort(); anything else is seconds to
+    sleep (ASCII), and the reply is ``b'<pid>:<message>'``.
+    """
+    if message == b"segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    elif message == b"exit":
+        os._exit(7)
+    elif message == b"sigkill":
+        os.kill(os.getpid(), 9)
+    elif message == b"abort":
+        os.abort()
+    time.sleep(float(message or b"0"))
+    return b"%d:%s" % (os.getpid(), message)

@@ -1,0 +1,318 @@
+"""The core product against real workers, real 0MQ and real TCP: issue 'gaspar core'."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import handlers
+import pytest
+from conftest import ROOT, alive, wait_for
+
+import gaspar
+from gaspar import client
+from gaspar.framing import extended_header, parse_reply_header
+
+
+def raw_request(addr: str, message: bytes, timeout: float = 10.0) -> bytes:
+    """Exactly what a gaspar 1.0 client does: send the packed request, read to EOF."""
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(client.pack(message))
+        return sock.makefile("rb").read()
+
+
+def test_echo_every_byte_value_and_empty(serve):
+    s = serve(handlers.echo)
+    every = bytes(range(256)) * 4
+    assert s.request(every) == every
+    assert s.request(b"") == b""
+    assert raw_request(s.addr, every) == every
+    assert raw_request(s.addr, b"") == b""
+
+
+def test_echo_16_mib(serve):
+    s = serve(handlers.echo)
+    big = os.urandom(16 * 1024 * 1024)
+    assert s.request(big, timeout=60) == big
+    assert raw_request(s.addr, big, timeout=60) == big
+
+
+def test_str_reply_is_utf8_and_other_types_are_handler_errors(serve):
+    s = serve(handlers.upper_str)
+    assert s.request("héllo".encode()) == "HÉLLO".encode()
+    bad = serve(handlers.returns_int)
+    with pytest.raises(gaspar.HandlerError) as info:
+        bad.request(b"x")
+    assert info.value.remote_type == "TypeError" and "int" in info.value.remote_message
+    assert bad.request.__self__.pids()  # the workers are still there
+
+
+def test_handler_exception_reaches_the_client_and_the_worker_survives(serve):
+    s = serve(handlers.boom, processes=1)
+    [pid] = s.pids()
+    with pytest.raises(gaspar.HandlerError) as info:
+        s.request(b"boom now")
+    err = info.value
+    assert isinstance(err, gaspar.GasparError)
+    assert err.remote_type == "ValueError" and "bad input" in err.remote_message
+    assert "Traceback" in err.remote_traceback
+    assert s.request(b"fine") == b"fine"
+    assert s.pids() == [pid]
+
+
+def test_a_1_0_client_sees_an_error_as_an_error(serve):
+    s = serve(handlers.boom)
+    start = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        raw_request(s.addr, b"boom", timeout=10)
+    assert time.monotonic() - start < 5
+    assert raw_request(s.addr, b"ok") == b"ok"
+
+
+def test_1000_concurrent_connections_all_answered(serve):
+    s = serve(handlers.echo)
+    host, port = s.addr.rsplit(":", 1)
+    sel = selectors.DefaultSelector()
+    socks = {}
+    try:
+        for i in range(1000):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            socks[sock] = (b"conn-%d-" % i) * (i % 7 + 1)
+        for sock, msg in socks.items():  # every connection is open before any is sent
+            sock.sendall(client.pack(msg))
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ, bytearray())
+        done = {}
+        deadline = time.monotonic() + 60
+        while len(done) < len(socks) and time.monotonic() < deadline:
+            for key, _ in sel.select(1.0):
+                data = key.fileobj.recv(65536)
+                if data:
+                    key.data.extend(data)
+                else:
+                    done[key.fileobj] = bytes(key.data)
+                    sel.unregister(key.fileobj)
+        assert len(done) == 1000
+        assert all(done[sock] == msg for sock, msg in socks.items())
+    finally:
+        for sock in socks:
+            sock.close()
+        sel.close()
+
+
+def test_replies_go_back_to_the_connection_that_asked(serve):
+    s = serve(handlers.echo, processes=3)
+    errors: list[str] = []
+
+    def worker(t: int) -> None:
+        with client.Client(s.addr, timeout=30) as c:
+            for i in range(250):
+                msg = b"%d:%d:" % (t, i) + os.urandom(i % 300)
+                reply = c.request(msg) if i % 2 else client.request(s.addr, msg, timeout=30)
+                if reply != msg:
+                    errors.append(f"thread {t} request {i}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_request_map_is_empty_after_10000_requests(serve):
+    s = serve(handlers.echo)
+
+    def run(n: int, keepalive: bool) -> None:
+        with client.Client(s.addr, timeout=30) as c:
+            for i in range(n):
+                msg = b"%d" % i
+                assert (c.request(msg) if keepalive else client.request(s.addr, msg, timeout=30)) == msg
+
+    threads = [threading.Thread(target=run, args=(1250, k)) for k in (True, False) * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    stats = s.producer.stats()
+    assert stats["counters"]["completed"] >= 10000
+    assert stats["pending"] == 0 and stats["queued"] == 0 and s.producer.dispatcher.pending == {}
+
+
+def test_header_cut_short_gets_a_reset_and_others_are_served(serve):
+    s = serve(handlers.echo)
+    host, port = s.addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"\x00\x00")
+        sock.shutdown(socket.SHUT_WR)
+        with pytest.raises(ConnectionResetError):
+            sock.recv(10)
+    assert s.request(b"next") == b"next"
+
+
+def test_a_stalled_connection_is_closed_after_idle_timeout(serve):
+    s = serve(handlers.echo, idle_timeout=0.5)
+    host, port = s.addr.rsplit(":", 1)
+    silent = socket.create_connection((host, int(port)), timeout=10)
+    stalled = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        stalled.sendall(struct.pack("!I", 100) + b"only part")
+        assert s.request(b"meanwhile") == b"meanwhile"  # the others are served
+        start = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            stalled.recv(10)  # mid-request: an error, not an empty reply
+        assert silent.recv(10) == b""  # never sent anything: a plain close
+        assert time.monotonic() - start < 5
+    finally:
+        silent.close()
+        stalled.close()
+
+
+def test_too_large_is_refused_without_reading_it(serve):
+    s = serve(handlers.echo, max_message_size=1000)
+    host, port = s.addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(struct.pack("!I", 2_000_000_000))  # 2 GB declared, never sent
+        with pytest.raises(ConnectionResetError):
+            sock.recv(10)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(extended_header(1001, tag=5))
+        head = sock.recv(9, socket.MSG_WAITALL)
+        length, tag, status = parse_reply_header(head)
+        body = json.loads(sock.recv(length, socket.MSG_WAITALL))
+        assert tag == 5 and status == 4 and body["type"] == "RequestTooLarge"
+    with pytest.raises(gaspar.BadRequest, match="max_message_size"):
+        s.request(b"x" * 1001)
+    assert s.request(b"x" * 1000) == b"x" * 1000
+
+
+def test_unknown_flags_get_a_framed_bad_request(serve):
+    s = serve(handlers.echo)
+    host, port = s.addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(struct.pack("!IIII", 0x80000000, 0x40, 0, 9))
+        length, tag, status = parse_reply_header(sock.recv(9, socket.MSG_WAITALL))
+        assert status == 4 and "flags" in json.loads(sock.recv(length, socket.MSG_WAITALL))["message"]
+
+
+def test_a_client_that_leaves_before_its_reply_leaks_nothing(serve):
+    s = serve(handlers.sleepy, processes=1)
+    host, port = s.addr.rsplit(":", 1)
+    for _ in range(3):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(client.pack(b"0.3"))
+        sock.close()
+    assert s.request(b"0", timeout=10) == b"0"  # queued behind the abandoned ones
+    assert wait_for(lambda: s.producer.stats()["pending"] == 0, 5)
+    assert len(s.pids()) == 1
+
+
+def test_stop_leaves_no_worker_process():
+    producer = gaspar.Producer(gaspar.Consumer(handler=handlers.echo), 0, processes=3)
+    producer.start(blocking=False, timeout=20)
+    pids = producer.worker_pids()
+    fork_server = producer.fork_server.pid
+    assert len(pids) == 3 and all(alive(p) for p in pids)
+    assert client.request("%s:%d" % producer.server_addr, b"x", timeout=5) == b"x"
+    producer.stop(timeout=15)
+    assert producer.stopped.is_set() and not producer.running.is_set()
+    assert wait_for(lambda: not any(alive(p) for p in pids + [fork_server]), 5)
+
+
+def test_start_waits_for_every_worker(serve):
+    s = serve(handlers.pid, processes=4)
+    assert len(s.pids()) == 4
+    assert s.producer.running.is_set()
+    seen = {s.request(b"") for _ in range(20)}
+    assert seen <= {str(p).encode() for p in s.pids()}
+
+
+def test_client_errors_for_refused_and_timeout(serve):
+    port = __import__("conftest").free_port()
+    with pytest.raises(gaspar.ConnectFailed) as info:
+        client.request(f"127.0.0.1:{port}", b"x", timeout=5)
+    assert isinstance(info.value, ConnectionError)
+    s = serve(handlers.sleepy, processes=1)
+    start = time.monotonic()
+    with pytest.raises(gaspar.RequestTimeout) as info:
+        s.request(b"2", timeout=0.3)
+    assert isinstance(info.value, TimeoutError) and time.monotonic() - start < 2
+
+
+GREEN_SCRIPT = """
+import eventlet
+eventlet.monkey_patch()
+import sys, time
+from gaspar import client
+addr, n = sys.argv[1], int(sys.argv[2])
+pool = eventlet.GreenPool()
+start = time.monotonic()
+replies = list(pool.imap(lambda i: client.request(addr, b"0.5", timeout=20), range(n)))
+print(time.monotonic() - start, len(replies), all(r == b"0.5" for r in replies))
+"""
+
+
+def test_the_client_is_green_under_eventlet(serve):
+    n = 6
+    s = serve(handlers.sleepy, processes=n)
+    out = subprocess.run(
+        [sys.executable, "-c", GREEN_SCRIPT, s.addr, str(n)],
+        capture_output=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        check=True,
+    ).stdout.split()
+    elapsed, count, ok = float(out[0]), int(out[1]), out[2] == b"True"
+    assert count == n and ok
+    assert elapsed < 0.5 * n / 2  # concurrent: about one request's 0.5 s, not n of them
+
+
+def test_tcp_transport(serve):
+    s = serve(handlers.echo, transport="tcp")
+    assert s.request(b"over tcp") == b"over tcp"
+
+
+def test_ipc_directory_is_private(serve):
+    s = serve(handlers.echo)
+    path = s.producer._ipc_dir
+    assert os.stat(path).st_mode & 0o777 == 0o700
+
+
+def test_public_api_is_pinned():
+    assert sorted(gaspar.__all__) == sorted(
+        [
+            "__version__",
+            "Consumer",
+            "Producer",
+            "Settings",
+            "Worker",
+            "GasparError",
+            "RemoteError",
+            "HandlerError",
+            "WorkerDied",
+            "WorkerTimeout",
+            "BadRequest",
+            "ServerUnavailable",
+            "ConnectFailed",
+            "ConnectionLost",
+            "RequestTimeout",
+            "ProtocolError",
+        ]
+    )
+    assert client.pack(b"ab") == b"\x00\x00\x00\x02ab"
+
+
+def test_importing_the_client_does_not_import_eventlet():
+    code = "import gaspar, gaspar.client, gaspar.aio, sys; print('eventlet' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=30, env=dict(os.environ, PYTHONPATH=ROOT)
+    )
+    assert out.stdout.strip() == b"False", out.stderr

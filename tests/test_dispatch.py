@@ -1,0 +1,162 @@
+"""Dispatch and correlation without I/O: fairness, every outcome removes its entry."""
+
+from __future__ import annotations
+
+import random
+
+from gaspar.dispatch import Dispatcher, WorkerSlot
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def worker(n: int, max_requests: int = 0) -> WorkerSlot:
+    return WorkerSlot(pid=1000 + n, number=n, generation=1, routing_id=b"w%d" % n, max_requests=max_requests)
+
+
+def test_a_request_goes_only_to_an_idle_worker():
+    d = Dispatcher(Clock())
+    w1, w2 = worker(1), worker(2)
+    assert d.add_worker(w1) == [] and d.add_worker(w2) == []
+    r1, a1 = d.submit(b"long", "c1")
+    r2, a2 = d.submit(b"short", "c2")
+    assert {a1[0][0], a2[0][0]} == {w1, w2}  # both busy now, one each
+    r3, a3 = d.submit(b"queued", "c3")
+    assert a3 == [] and d.queued == 1  # never stacked behind a busy worker
+    busy_short = r2.worker
+    done, more = d.complete(busy_short.routing_id, r2.id)
+    assert done is r2
+    assert more == [(busy_short, r3)]  # the first worker to free up takes it
+
+
+def test_unknown_and_wrong_worker_replies_are_dropped():
+    d = Dispatcher(Clock())
+    w1, w2 = worker(1), worker(2)
+    d.add_worker(w1)
+    d.add_worker(w2)
+    r, [(w, _)] = d.submit(b"x", "c")
+    other = w2 if w is w1 else w1
+    assert d.complete(other.routing_id, r.id) == (None, [])
+    assert d.complete(w.routing_id, 999) == (None, [])
+    assert d.counters.unknown_replies == 2
+    assert d.complete(w.routing_id, r.id)[0] is r
+    assert d.complete(w.routing_id, r.id) == (None, [])  # a duplicate reply
+
+
+def test_map_is_empty_after_many_requests_with_every_outcome():
+    clock = Clock()
+    d = Dispatcher(clock)
+    rng = random.Random(7)
+    workers = [worker(i) for i in range(4)]
+    for w in workers:
+        d.add_worker(w)
+    next_n = 10
+    for i in range(5000):
+        req, _ = d.submit(b"%d" % i, i, timeout=1.0)
+        outcome = rng.random()
+        if req.worker is None:
+            d.cancel(req)
+            continue
+        if outcome < 0.8:
+            d.complete(req.worker.routing_id, req.id)
+        elif outcome < 0.9:
+            clock.now += 2
+            assert d.expire() == [req]
+            d.remove_worker(req.worker.routing_id)
+            d.add_worker(worker(next_n))
+            next_n += 1
+        else:
+            assert d.remove_worker(req.worker.routing_id) is req
+            d.add_worker(worker(next_n))
+            next_n += 1
+    assert d.pending == {} and d.queued == 0 and d.running == 0
+
+
+def test_worker_death_fails_only_its_request_and_keeps_the_queue():
+    d = Dispatcher(Clock())
+    w1 = worker(1)
+    d.add_worker(w1)
+    r1, _ = d.submit(b"a", "c1")
+    r2, _ = d.submit(b"b", "c2")
+    assert d.remove_worker(w1.routing_id) is r1
+    assert r1.id not in d.pending and r2.id in d.pending and d.queued == 1
+    w2 = worker(2)
+    assert d.add_worker(w2) == [(w2, r2)]
+
+
+def test_expire_marks_the_worker_retiring():
+    clock = Clock()
+    d = Dispatcher(clock)
+    w = worker(1)
+    d.add_worker(w)
+    r, _ = d.submit(b"a", "c", timeout=5)
+    clock.now += 4.9
+    assert d.expire() == []
+    clock.now += 0.2
+    assert d.expire() == [r]
+    assert w.retiring and d.idle_count == 0 and d.pending == {}
+    r2, a = d.submit(b"b", "c")
+    assert a == []  # a retiring worker takes nothing
+
+
+def test_max_requests_retires_after_the_reply():
+    d = Dispatcher(Clock())
+    w = worker(1, max_requests=2)
+    d.add_worker(w)
+    for _ in range(2):
+        r, _ = d.submit(b"a", "c")
+        d.complete(w.routing_id, r.id)
+    assert w.retiring and d.retiring_idle() == [w]
+    r, a = d.submit(b"b", "c")
+    assert a == [] and d.queued == 1
+
+
+def test_cancel_a_queued_request_removes_it_and_a_running_one_drops_its_reply():
+    d = Dispatcher(Clock())
+    w = worker(1)
+    d.add_worker(w)
+    running, _ = d.submit(b"a", "c1")
+    queued, _ = d.submit(b"b", "c2")
+    d.cancel(queued)
+    assert queued.id not in d.pending and d.queued == 0
+    d.cancel(running)
+    assert d.complete(w.routing_id, running.id)[0] is None
+    assert d.pending == {}
+
+
+def test_retire_idle_and_busy():
+    d = Dispatcher(Clock())
+    w1, w2 = worker(1), worker(2)
+    d.add_worker(w1)
+    d.add_worker(w2)
+    r, [(busy, _)] = d.submit(b"a", "c")
+    idle = w1 if busy is w2 else w2
+    assert d.retire(idle.routing_id) is True
+    assert d.retire(busy.routing_id) is False  # exits after its reply
+    d.complete(busy.routing_id, r.id)
+    assert set(d.retiring_idle()) == {w1, w2}
+
+
+def test_requeue_puts_a_request_back_first():
+    d = Dispatcher(Clock())
+    w = worker(1)
+    d.add_worker(w)
+    r1, _ = d.submit(b"a", "c1")
+    r2, _ = d.submit(b"b", "c2")
+    d.retire(w.routing_id)
+    d.requeue(r1)
+    w2 = worker(2)
+    assert d.add_worker(w2) == [(w2, r1)]
+
+
+def test_fail_all_empties_everything():
+    d = Dispatcher(Clock())
+    d.add_worker(worker(1))
+    reqs = [d.submit(b"%d" % i, i)[0] for i in range(5)]
+    assert set(d.fail_all()) == set(reqs)
+    assert d.pending == {} and d.queued == 0 and d.running == 0

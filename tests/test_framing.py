@@ -1,0 +1,178 @@
+"""The wire format, exhaustively and without I/O: whole, byte by byte, with trailing bytes."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from gaspar import errors
+from gaspar.framing import (
+    EXTENDED_HEADER,
+    ProtocolError,
+    Request,
+    RequestReader,
+    RequestTooLarge,
+    Status,
+    error_body,
+    extended_header,
+    pack,
+    pack_extended,
+    pack_id,
+    parse_reply_header,
+    reply_header,
+    unpack_id,
+)
+
+BODIES = [b"", b"x", bytes(range(256)), b"\x00" * 70000]
+
+
+def feed_all(data: bytes, chunk: int | None = None, limit: int = 1 << 20) -> list[Request]:
+    reader = RequestReader(limit)
+    out = []
+    step = chunk or max(1, len(data))
+    for i in range(0, len(data), step):
+        reader.feed(data[i : i + step])
+        while (req := reader.next_request()) is not None:
+            out.append(req)
+    assert not reader.in_progress
+    return out
+
+
+@pytest.mark.parametrize("body", BODIES, ids=len)
+@pytest.mark.parametrize("chunk", [None, 1, 3, 4097])
+def test_plain_request_whole_and_in_pieces(body, chunk):
+    if chunk == 1 and len(body) > 300:
+        chunk = 997
+    (req,) = feed_all(pack(body), chunk)
+    assert bytes(req.body) == body
+    assert not req.extended and not req.keepalive and req.tag == 0 and req.timeout is None
+
+
+def test_pack_is_gaspar_1_format():
+    assert pack(b"abc") == struct.pack("!I", 3) + b"abc"
+    assert pack(b"") == b"\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 5])
+def test_extended_request_fields(chunk):
+    data = pack_extended(b"hello", tag=7, keepalive=True, timeout=1.5)
+    assert data[:16] == struct.pack("!IIII", 0x80000005, 1, 1500, 7)
+    (req,) = feed_all(data, chunk)
+    assert bytes(req.body) == b"hello"
+    assert req.extended and req.keepalive and not req.stats
+    assert req.tag == 7 and req.timeout == 1.5
+
+
+def test_stats_flag_and_no_timeout():
+    (req,) = feed_all(pack_extended(b"", stats=True))
+    assert req.stats and req.timeout is None and bytes(req.body) == b""
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_many_requests_back_to_back(chunk):
+    messages = [b"m%d" % i * i for i in range(20)]
+    data = b"".join(pack_extended(m, tag=i, keepalive=True) for i, m in enumerate(messages))
+    reqs = feed_all(data, chunk)
+    assert [bytes(r.body) for r in reqs] == messages
+    assert [r.tag for r in reqs] == list(range(20))
+
+
+def test_trailing_bytes_stay_buffered():
+    reader = RequestReader()
+    reader.feed(pack(b"one") + b"\x00\x00")
+    assert bytes(reader.next_request().body) == b"one"
+    assert reader.next_request() is None
+    assert reader.in_progress and reader.buffered == 2
+    assert reader.wanted == 2
+
+
+def test_wanted_counts_down_to_the_end_of_the_body():
+    reader = RequestReader()
+    assert reader.wanted == 4
+    reader.feed(struct.pack("!I", 10))
+    assert reader.next_request() is None
+    assert reader.wanted == 10
+    reader.feed(b"12345")
+    assert reader.next_request() is None and reader.wanted == 5
+
+
+def test_too_large_is_refused_from_the_header_alone():
+    reader = RequestReader(max_message_size=100)
+    reader.feed(struct.pack("!I", 101))  # no body at all
+    with pytest.raises(RequestTooLarge) as info:
+        reader.next_request()
+    assert info.value.length == 101 and info.value.limit == 100
+    assert not info.value.request.extended
+
+
+def test_too_large_extended_keeps_the_tag_for_the_error_reply():
+    reader = RequestReader(max_message_size=10)
+    reader.feed(extended_header(11, tag=99))
+    with pytest.raises(RequestTooLarge) as info:
+        reader.next_request()
+    assert info.value.request.extended and info.value.request.tag == 99
+
+
+def test_exactly_the_limit_is_accepted():
+    (req,) = feed_all(pack(b"a" * 100), limit=100)
+    assert len(req.body) == 100
+
+
+def test_unknown_flags_are_a_protocol_error():
+    reader = RequestReader()
+    reader.feed(EXTENDED_HEADER.pack(0x80000000, 0x80, 0, 0))
+    with pytest.raises(ProtocolError, match="unknown request flags"):
+        reader.next_request()
+
+
+def test_zero_length_plain_request_is_valid():
+    (req,) = feed_all(b"\x00\x00\x00\x00")
+    assert bytes(req.body) == b""
+
+
+def test_reply_header_round_trip():
+    head = reply_header(5, 42, Status.HANDLER_ERROR)
+    assert head == struct.pack("!IIB", 5, 42, 1)
+    assert parse_reply_header(head) == (5, 42, Status.HANDLER_ERROR)
+    with pytest.raises(ProtocolError):
+        parse_reply_header(struct.pack("!IIB", 0, 0, 200))
+
+
+def test_request_id_frames():
+    assert unpack_id(pack_id(2**40 + 3)) == 2**40 + 3
+    with pytest.raises(ProtocolError):
+        unpack_id(b"\x01\x02")
+
+
+@pytest.mark.parametrize(
+    "status, cls",
+    [
+        (Status.HANDLER_ERROR, errors.HandlerError),
+        (Status.TIMEOUT, errors.WorkerTimeout),
+        (Status.WORKER_DIED, errors.WorkerDied),
+        (Status.BAD_REQUEST, errors.BadRequest),
+        (Status.UNAVAILABLE, errors.ServerUnavailable),
+    ],
+)
+def test_error_bodies_become_typed_errors(status, cls):
+    body = error_body("ValueError", "bad thing", pid=12, exitcode=None, signal=9)
+    exc = errors.error_from_reply(status, body)
+    assert type(exc) is cls and isinstance(exc, errors.GasparError)
+    assert exc.remote_type == "ValueError" and exc.remote_message == "bad thing"
+    assert "bad thing" in str(exc)
+    assert json.loads(body)["pid"] == 12
+
+
+def test_error_tree_matches_builtins():
+    assert issubclass(errors.WorkerTimeout, TimeoutError)
+    assert issubclass(errors.RequestTimeout, TimeoutError)
+    assert issubclass(errors.ConnectFailed, ConnectionError)
+    assert issubclass(errors.ConnectionLost, ConnectionError)
+    assert issubclass(errors.ProtocolError, ValueError)
+
+
+def test_garbage_error_body_still_gives_an_error():
+    exc = errors.error_from_reply(1, b"\xff not json")
+    assert isinstance(exc, errors.HandlerError) and exc.remote_type == "Unknown"

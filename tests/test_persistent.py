@@ -1,0 +1,99 @@
+"""Persistent, pipelined connections: gaspar.client.Client and gaspar.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import handlers
+import pytest
+
+import gaspar
+from gaspar import aio, client
+from gaspar.framing import extended_header, parse_reply_header
+
+
+def test_client_reuses_one_connection(serve):
+    s = serve(handlers.echo)
+    with client.Client(s.addr, timeout=10) as c:
+        for i in range(50):
+            assert c.request(b"%d" % i) == b"%d" % i
+        assert len(c._idle) == 1
+        assert s.producer.stats()["connections"] == 1
+
+
+def test_pipelined_replies_match_their_requests(serve):
+    s = serve(handlers.sleepy, processes=3)
+    with client.Client(s.addr, timeout=10) as c:
+        # the first takes longest: replies come back out of order, tags put them right
+        messages = [b"0.3", b"0.1", b"0", b"0.2", b"0.05"]
+        start = time.monotonic()
+        assert c.pipeline(messages) == messages
+        assert time.monotonic() - start < 1.5  # run side by side on 3 workers, not one by one
+
+
+def test_raw_pipelining_on_one_socket(serve):
+    s = serve(handlers.echo)
+    host, port = s.addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"".join(extended_header(3, tag=t, keepalive=True) + b"m%02d" % t for t in range(20)))
+        got = {}
+        for _ in range(20):
+            length, tag, status = parse_reply_header(sock.recv(9, socket.MSG_WAITALL))
+            got[tag] = sock.recv(length, socket.MSG_WAITALL)
+            assert status == 0
+        assert got == {t: b"m%02d" % t for t in range(20)}
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(10) == b""  # the server closes once it has answered everything
+
+
+def test_error_reply_on_a_persistent_connection_keeps_it_usable(serve):
+    s = serve(handlers.boom)
+    with client.Client(s.addr, timeout=10) as c:
+        with pytest.raises(gaspar.HandlerError):
+            c.request(b"boom")
+        assert c.request(b"after") == b"after"
+
+
+def test_client_reconnects_when_the_server_closed_an_idle_connection(serve):
+    s = serve(handlers.echo, idle_timeout=0.3)
+    with client.Client(s.addr, timeout=10) as c:
+        assert c.request(b"a") == b"a"
+        time.sleep(0.8)  # the server closes the idle pooled connection
+        assert c.request(b"b") == b"b"
+
+
+def test_aio_request_and_client(serve):
+    s = serve(handlers.sleepy, processes=4)
+
+    async def main():
+        assert await aio.request(s.addr, b"0", timeout=10) == b"0"
+        async with aio.Client(s.addr, timeout=10) as c:
+            start = time.monotonic()
+            replies = await asyncio.gather(*(c.request(b"0.3") for _ in range(4)))
+            elapsed = time.monotonic() - start
+            assert replies == [b"0.3"] * 4
+            assert elapsed < 1.0  # pipelined on one connection, run on 4 workers at once
+            with pytest.raises(gaspar.RequestTimeout):
+                await c.request(b"1", timeout=0.2)
+
+    asyncio.run(main())
+    assert s.producer.stats()["counters"]["completed"] >= 5
+
+
+def test_aio_errors(serve):
+    s = serve(handlers.boom)
+
+    async def main():
+        with pytest.raises(gaspar.HandlerError, match="bad input"):
+            await aio.request(s.addr, b"boom", timeout=10)
+        async with aio.Client(s.addr, timeout=10) as c:
+            with pytest.raises(gaspar.HandlerError):
+                await c.request(b"boom")
+            assert await c.request(b"ok") == b"ok"
+        port = __import__("conftest").free_port()
+        with pytest.raises(gaspar.ConnectFailed):
+            await aio.request(f"127.0.0.1:{port}", b"x", timeout=5)
+
+    asyncio.run(main())
