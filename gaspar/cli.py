@@ -155,3 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `gaspar stats ... | head`
+        sys.stderr.close()
+        return 0

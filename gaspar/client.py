@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from .errors import ConnectFailed, ConnectionLost, ProtocolError, RequestTimeout, error_from_reply
+from .errors import ConnectFailed, ConnectionLost, GasparError, ProtocolError, RequestTimeout, error_from_reply
 from .framing import REPLY_HEADER, Status, extended_header, pack, parse_reply_header
 
 __all__ = ["pack", "request", "Client", "parse_address"]
@@ -57,9 +57,9 @@ def _translate(address: tuple[str, int], deadline: _Deadline) -> Iterator[None]:
     """Socket errors become gaspar's, with the address and the cause chained."""
     try:
         yield
+    except GasparError:
+        raise  # already ours (a WorkerTimeout is a TimeoutError too: keep it)
     except TimeoutError as exc:
-        if isinstance(exc, RequestTimeout):
-            raise
         raise RequestTimeout(f"no reply from {address[0]}:{address[1]} within {deadline.timeout}s") from exc
     except (ConnectionRefusedError, socket.gaierror) as exc:
         raise ConnectFailed(f"cannot connect to {address[0]}:{address[1]}: {exc}") from exc

@@ -12,8 +12,9 @@ byte of the body is buffered. The whole protocol, with examples of the bytes, is
   Flag ``KEEPALIVE`` keeps the connection open for more (pipelined) extended requests;
   flag ``STATS`` asks for the server's counters instead of running a handler.
 
-Between the front end and its workers, messages are 0MQ multipart frames (see ``Kind``);
-a request id travels as its own 8-byte frame, never glued onto the payload.
+Between the front end and its workers, messages are 0MQ multipart frames (see ``Kind``):
+a small head frame with the kind and the 8-byte request id, and the payload as a frame of
+its own, never glued onto the id.
 """
 
 from __future__ import annotations
@@ -52,14 +53,18 @@ class Status(enum.IntEnum):
 
 
 class Kind(bytes, enum.Enum):
-    """The first frame of a message between the front end and a worker."""
+    """The first byte of a message's head frame, between the front end and a worker.
 
-    REQUEST = b"Q"  # front end -> worker: [Q, id, payload]
-    BROADCAST = b"B"  # front end -> worker: [B, id, payload]
+    A message is a head frame (kind, then an 8-byte request id, then for replies a status
+    byte) and a body frame: two frames, so the id is never glued onto the payload.
+    """
+
+    REQUEST = b"Q"  # front end -> worker: [Q id, payload]
+    BROADCAST = b"B"  # front end -> worker: [B id, payload]
     EXIT = b"X"  # front end -> worker: [X] finish what is in hand, then exit
-    HELLO = b"H"  # worker -> front end: [H, json {pid, number, generation}]
-    REPLY = b"R"  # worker -> front end: [R, id, status, body]
-    ACK = b"A"  # worker -> front end: [A, id, status, body] for a broadcast
+    HELLO = b"H"  # worker -> front end: [H, json {pid, number, generation, token}]
+    REPLY = b"R"  # worker -> front end: [R id status, body]
+    ACK = b"A"  # worker -> front end: [A id status, body] for a broadcast
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,8 +30,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -49,7 +51,7 @@ with warnings.catch_warnings():
 from . import __version__
 from .arbiter import FlapPolicy, ForkServer
 from .config import Settings
-from .connection import Connection
+from .connection import Acceptor, Connection, IOLoop
 from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
@@ -60,6 +62,22 @@ from .worker import Consumer
 log = logging.getLogger("gaspar")
 
 _LARGE = 64 * 1024
+_REQUEST = Kind.REQUEST.value
+_REPLY = Kind.REPLY.value
+
+
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket. No SO_REUSEPORT: a second daemon on a taken port must fail."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Producer(Supervisor):
@@ -166,6 +184,9 @@ class Producer(Supervisor):
         self.restarts = 0
         self._done = GreenEvent()
         self._workers_gone = GreenEvent()
+        self._in_round = False
+        self._read_scheduled = None
+        self._outbox: list[tuple[WorkerSlot, Pending]] = []
         self._ipc_dir = None
         self.fork_server = None
         self.router = None
@@ -188,7 +209,7 @@ class Producer(Supervisor):
             self.router.router_mandatory = 1
             self.router.bind(endpoint)
             self.fork_server.endpoint = self.router.last_endpoint.decode()
-            self.listener = eventlet.listen((self.host, self.port), backlog=s.backlog)
+            self.listener = _listen(self.host, self.port, s.backlog)
             self.server_addr = self.listener.getsockname()[:2]
         except BaseException as exc:
             self._failure = exc
@@ -196,21 +217,26 @@ class Producer(Supervisor):
         log.info("Listening at: tcp://%s:%s (%s)", *self.server_addr, os.getpid())
         log.info("Using %s workers over %s", self.target, s.transport)
         hub = eventlet.hubs.get_hub()
-        self._pump_listener = hub.add(hub.READ, self.router.fd, self._wake_pump, _ignore, _noop)
+        self._read_scheduled = None
+        self.ioloop = IOLoop(hub, self.read_router)
+        self.ioloop.register(self.router.fd, select.EPOLLIN, self._router_readable)
+        self.acceptor = Acceptor(self.listener, self.ioloop, self)
         self._fs_listener = hub.add(hub.READ, self.fork_server.events_fd, self.on_fork_server_events, _ignore, _noop)
-        self._pump_waiting = None
-        self._pump_scheduled = None
-        self._greenlets = [eventlet.spawn(self._pump), eventlet.spawn(self._accept_loop), eventlet.spawn(self.tick)]
+        self._greenlets = [eventlet.spawn(self.tick)]
         self.manage_workers()
 
     def _teardown(self) -> None:
         hub = eventlet.hubs.get_hub()
-        for listener in ("_pump_listener", "_fs_listener"):
-            if getattr(self, listener, None) is not None:
-                hub.remove(getattr(self, listener))
+        if getattr(self, "_fs_listener", None) is not None:
+            hub.remove(self._fs_listener)
         for g in getattr(self, "_greenlets", []):
             g.kill()
-        if self.listener is not None:
+        for conn in list(getattr(self, "connections", ())):
+            conn.abort()
+        if getattr(self, "ioloop", None) is not None:
+            self.acceptor.close()
+            self.ioloop.close()
+        elif self.listener is not None:
             self.listener.close()
         if self.fork_server is not None and self.fork_server.pid is not None:
             self.fork_server.close()
@@ -227,22 +253,6 @@ class Producer(Supervisor):
 
     # -- requests -----------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                if self.draining:
-                    return
-                eventlet.sleep(0.01)  # e.g. EMFILE: back off instead of spinning
-                continue
-            conn = Connection(sock, self)
-            self.connections.add(conn)
-            eventlet.spawn_n(conn.serve)
-
-    def forget_connection(self, conn: Connection) -> None:
-        self.connections.discard(conn)
-
     def submit(self, conn: Connection, request: Request) -> None:
         """Queue a request for a worker; its outcome is delivered to ``conn``."""
         if request.stats:
@@ -257,20 +267,23 @@ class Producer(Supervisor):
         self._send(assignments)
 
     def _send(self, assignments: list[tuple[WorkerSlot, Pending]]) -> None:
-        for worker, req in assignments:
+        """Queue requests for their workers; they go out in a batch at the end of the round
+        (one wake-up of 0MQ's I/O thread can then carry several)."""
+        self._outbox.extend(assignments)
+        self.read_router_soon()
+
+    def _flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        send = self.router.send_multipart
+        for worker, req in outbox:
             body = req.body
             try:
-                self.router.send_multipart(
-                    [worker.routing_id, Kind.REQUEST.value, pack_id(req.id), body],
-                    zmq.NOBLOCK,
-                    copy=len(body) < _LARGE,
-                )
+                send([worker.routing_id, _REQUEST + pack_id(req.id), body], zmq.NOBLOCK, copy=len(body) < _LARGE)
             except zmq.ZMQError as exc:  # the worker's pipe is gone: it is dying
                 log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
                 self.dispatcher.retire(worker.routing_id)
                 self.fork_server.kill(worker.pid, signal.SIGKILL)
-                self._send(self.dispatcher.requeue(req))
-        self._kick_pump()
+                self._outbox.extend(self.dispatcher.requeue(req))
 
     def _resolve(self, pending: Pending, status: int, body: Any) -> None:
         conn, request = pending.waiter
@@ -285,57 +298,66 @@ class Producer(Supervisor):
         conn.requests.discard(pending)
         self._deliver_error(conn, request, status, kind, msg, **facts)
 
-    # -- the 0MQ pump ---------------------------------------------------------------------
+    # -- replies from the workers -----------------------------------------------------------
 
-    def _wake_pump(self, _fd: int = 0) -> None:
-        if self._pump_waiting is not None and self._pump_scheduled is None:
-            hub = eventlet.hubs.get_hub()
-            self._pump_scheduled = hub.schedule_call_global(0, self._pump_waiting.switch)
+    def _router_readable(self, _events: int) -> None:
+        pass  # read_router runs after every round of the I/O loop
 
-    def _kick_pump(self) -> None:
-        # Sending processes 0MQ's events and may swallow the edge on router.fd: look again.
-        if self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._wake_pump()
+    def read_router_soon(self) -> None:
+        """Make sure a round of 0MQ work runs soon, after a send made outside a round.
 
-    def _pump(self) -> None:
-        """The only reader of the ROUTER socket: replies, HELLOs and broadcast acks."""
-        hub = eventlet.hubs.get_hub()
-        router = self.router
-        while True:
-            try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                self._pump_waiting = eventlet.getcurrent()
-                safety = hub.schedule_call_global(0.25, self._wake_pump)
+        0MQ's fd signals only changes: a send processes 0MQ's pending events and may consume
+        the signal of a reply that is waiting, so whoever sends must make sure someone reads.
+        Inside a round the round's end does; elsewhere this schedules a round.
+        """
+        if self._read_scheduled is None and not self._in_round and not self.ioloop.busy:
+            self._read_scheduled = eventlet.hubs.get_hub().schedule_call_global(0, self.read_router)
+
+    def read_router(self) -> None:
+        """One round of 0MQ work: send what is queued for the workers, then take every
+        message waiting on the ROUTER (replies, HELLOs, broadcast acks), until neither is left.
+        Runs after every round of the I/O loop, when scheduled, and every 0.1 s."""
+        if self._in_round:
+            return
+        self._read_scheduled = None
+        self._in_round = True
+        recv = self.router.recv_multipart
+        try:
+            while True:
+                if self._outbox:
+                    self._flush_outbox()
                 try:
-                    hub.switch()
-                finally:
-                    safety.cancel()
-                    self._pump_waiting = self._pump_scheduled = None
-                continue
-            try:
-                self._on_message(frames)
-            except Exception:
-                log.exception("Dropped a malformed message from a worker")
+                    frames = recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    if not self._outbox:
+                        return
+                    continue
+                try:
+                    self._on_message(frames)
+                except Exception:
+                    log.exception("Dropped a malformed message from a worker")
+        finally:
+            self._in_round = False
 
     def _on_message(self, frames: list[Any]) -> None:
-        rid, kind = frames[0].bytes, frames[1].bytes
-        if kind == Kind.REPLY.value:
-            req_id = int.from_bytes(frames[2].bytes, "big")
-            pending, assignments = self.dispatcher.complete(rid, req_id)
+        rid, head = frames[0].bytes, frames[1].bytes
+        kind = head[:1]
+        if kind == _REPLY:
+            pending, assignments = self.dispatcher.complete(rid, int.from_bytes(head[1:9], "big"))
             if pending is not None:
-                frame = frames[4]
+                frame = frames[2]
                 body = frame.bytes if len(frame) < _LARGE else frame.buffer
-                self._resolve(pending, frames[3].bytes[0], body)
-            self._send(assignments)
+                self._resolve(pending, head[9], body)
+            if assignments:
+                self._outbox.extend(assignments)
             worker = self.dispatcher.workers.get(rid)
             if worker is not None and worker.retiring:
                 self.manage_workers()
         elif kind == Kind.HELLO.value:
             self.on_hello(rid, frames[2].bytes)
         elif kind == Kind.ACK.value:
-            if frames[3].bytes != bytes([Status.OK]):
-                log.error("A worker's on_broadcast failed: %s", frames[4].bytes.decode("utf-8", "replace"))
+            if head[9] != Status.OK:
+                log.error("A worker's on_broadcast failed: %s", frames[2].bytes.decode("utf-8", "replace"))
 
     # -- what it is doing -------------------------------------------------------------------
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import signal
-import socket
 import time
 from typing import Any
 
@@ -104,6 +104,8 @@ class Supervisor:
                     boot.pid = event["pid"]
                     self.pid_token[event["pid"]] = event["token"]
                 log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
+                if self.stopping:  # forked just as we stopped: begin_stop did not know its pid
+                    self.fork_server.kill(event["pid"], signal.SIGKILL)
             elif kind == "exited":
                 self.on_exit(event["pid"], event["number"], event["status"])
             elif kind == "reloaded":
@@ -134,6 +136,8 @@ class Supervisor:
             self._workers_gone.send()
 
     def on_boot_failure(self) -> None:
+        if self.backoff_until == math.inf:  # already given up
+            return
         action, delay = self.flap.boot_failed(time.monotonic())
         if action == FlapPolicy.GIVE_UP:
             f = self.flap
@@ -144,6 +148,7 @@ class Supervisor:
                 f.max_retry + 1,
             )
             self.exit_code = HALT_FLAPPING
+            self.backoff_until = math.inf  # fork nothing more, even before begin_stop runs
             self._failure = GasparError("workers keep failing to boot; gave up (see the log)")
             eventlet.spawn_n(self.begin_stop, False)
         elif action == FlapPolicy.BACKOFF:
@@ -193,9 +198,18 @@ class Supervisor:
             self.fork_server.kill(worker.pid, signal.SIGTERM)
 
     def tick(self) -> None:
-        """Every 0.1 s: fail what ran past its timeout and kill its worker."""
+        """Every 0.1 s: fail what ran past its timeout and kill its worker; every 0.5 s,
+        end connections idle past ``idle_timeout``; and read the ROUTER, as a backstop."""
+        rounds = 0
         while True:
             eventlet.sleep(0.1)
+            rounds += 1
+            self.read_router()
+            idle = self.settings.idle_timeout
+            if idle and rounds % 5 == 0:
+                now = time.monotonic()
+                for conn in list(self.connections):
+                    conn.check_idle(now, idle)
             expired = self.dispatcher.expire()
             for req in expired:
                 worker = req.worker
@@ -249,11 +263,11 @@ class Supervisor:
             if w.retiring:
                 continue
             try:
-                self.router.send_multipart([w.routing_id, Kind.BROADCAST.value, pack_id(0), message], zmq.NOBLOCK)
+                self.router.send_multipart([w.routing_id, Kind.BROADCAST.value + pack_id(0), message], zmq.NOBLOCK)
                 sent += 1
             except zmq.ZMQError as exc:
                 log.warning("Broadcast to worker %s (pid:%s) failed: %s", w.number, w.pid, exc)
-        self._kick_pump()
+        self.read_router_soon()
         return sent
 
     def begin_stop(self, graceful: bool) -> None:
@@ -264,23 +278,26 @@ class Supervisor:
             return
         self.draining = True
         log.info("Stopping (%s)", "graceful" if graceful else "fast")
-        self.listener.close()
+        self.close_listener(accept_backlog=graceful)
         if graceful:
             deadline = time.monotonic() + self.settings.graceful_timeout
             while not self.hurry and time.monotonic() < deadline and self._busy():
                 eventlet.sleep(0.02)
         self.stopping = True
+        overdue = {w.routing_id for w in self.dispatcher.workers.values() if w.current is not None}
         for req in self.dispatcher.fail_all():
             self._fail(req, Status.UNAVAILABLE, "ServerUnavailable", "the server stopped before the request finished")
-        for conn in list(self.connections):  # idle persistent or half-read connections
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        for conn in list(self.connections):
+            # A connection that owes its client nothing is closed; one that owes a reply, an
+            # error or (a plain request's error) a reset keeps its write side until it is paid.
+            if not conn.busy:
+                conn.close()
+            elif conn.partial:
+                conn.abort()
         for w in list(self.dispatcher.workers.values()):
-            if graceful and not self.hurry:
+            if graceful and not self.hurry and w.routing_id not in overdue:
                 self.tell_exit(w)
-            else:
+            else:  # a fast stop, or a handler still running past graceful_timeout
                 self.fork_server.kill(w.pid, signal.SIGKILL)
         for boot in self.booting.values():
             if boot.pid is not None:
@@ -292,6 +309,15 @@ class Supervisor:
             eventlet.sleep(0.01)  # let connections write their last replies
         self._done.send()
 
+    def close_listener(self, accept_backlog: bool) -> None:
+        """Stop accepting. With ``accept_backlog``, first take the connections the kernel
+        has already accepted for us: their clients think they are in, so serve them."""
+        if accept_backlog:
+            self.acceptor.accept_all()
+        self.acceptor.close()
+
     def _busy(self) -> bool:
-        """Accepted work remains: a request queued or running, or one being read."""
-        return bool(self.dispatcher.pending) or any(c.busy for c in self.connections)
+        """Accepted work remains: a request queued or running, one being read, or a new
+        connection's first request, not read yet (its client is in: it must be served).
+        A persistent connection waiting for more is not busy."""
+        return bool(self.dispatcher.pending) or any(c.busy or c.awaiting_first for c in self.connections)

@@ -108,7 +108,11 @@ class Worker:
 
 
 def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit: Any = None) -> int:
-    """The worker process's whole life; returns its exit code. Runs after the fork."""
+    """The worker process's whole life; returns its exit code. Runs after the fork.
+
+    Messages are two frames (the ROUTER adds or strips the routing id): a head, the kind's
+    byte then the 8-byte request id (and, going back, the status byte), and the body.
+    """
     import zmq  # the worker's own context, made after the fork
 
     set_proctitle(f"{worker.proc_name}: worker {worker.number}")
@@ -131,18 +135,21 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
     hello = {"pid": worker.pid, "number": worker.number, "generation": worker.generation, "token": worker.token}
     sock.send_multipart([Kind.HELLO.value, json.dumps(hello).encode()])
     consumer = worker.consumer
+    request, broadcast, exit_ = Kind.REQUEST.value[0], Kind.BROADCAST.value[0], Kind.EXIT.value[0]
+    reply, ack = Kind.REPLY.value, Kind.ACK.value
     try:
         while True:
-            frames = sock.recv_multipart(copy=False)
-            kind = frames[0].bytes
-            if kind == Kind.REQUEST.value:
-                status, body = call_handler(consumer.handle, frames[2])
+            head, *rest = sock.recv_multipart(copy=False)
+            head = head.bytes
+            kind = head[0]
+            if kind == request:
+                status, body = call_handler(consumer.handle, rest[0])
                 worker.handled += 1
-                sock.send_multipart([Kind.REPLY.value, frames[1], status, body], copy=len(body) < _LARGE)
-            elif kind == Kind.BROADCAST.value:
-                status, body = call_handler(consumer.on_broadcast, frames[2], broadcast=True)
-                sock.send_multipart([Kind.ACK.value, frames[1], status, body])
-            elif kind == Kind.EXIT.value:
+                sock.send_multipart([reply + head[1:9] + status, body], copy=len(body) < _LARGE)
+            elif kind == broadcast:
+                status, body = call_handler(consumer.on_broadcast, rest[0], broadcast=True)
+                sock.send_multipart([ack + head[1:9] + status, body])
+            elif kind == exit_:
                 break
     finally:
         if worker_exit is not None:
