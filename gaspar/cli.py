@@ -109,8 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_fd_limit(want: int = 65536) -> None:
+    """A daemon holding thousands of connections needs more than the usual 1,024 fds:
+    raise the soft limit towards the hard one (as nginx's worker_rlimit_nofile)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr)
+    raise_fd_limit()
     host, port = parse_bind(args.bind)
     consumer = load_consumer(args.app)  # before any fork: an import error ends us here
     options = load_config(args.config) if args.config else {}

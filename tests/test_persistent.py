@@ -97,3 +97,19 @@ def test_aio_errors(serve):
             await aio.request(f"127.0.0.1:{port}", b"x", timeout=5)
 
     asyncio.run(main())
+
+
+def test_pipeline_back_pressure_still_answers_everything(serve):
+    s = serve(handlers.echo, max_pipeline=2)
+    with client.Client(s.addr, timeout=20) as c:
+        messages = [b"p%d" % i + b"x" * (i * 997 % 5000) for i in range(300)]
+        assert c.pipeline(messages) == messages
+    assert s.producer.stats()["pending"] == 0
+
+
+def test_stats_over_the_wire(serve):
+    s = serve(handlers.echo)
+    s.request(b"one")
+    stats = __import__("json").loads(client.request(s.addr, b"", timeout=10, stats=True))
+    assert stats["counters"]["completed"] >= 1
+    assert sorted(w["pid"] for w in stats["workers"]) == s.pids()
