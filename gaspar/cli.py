@@ -76,6 +76,15 @@ def parse_bind(bind: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, not {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gaspar", description="Take CPU-heavy work out of an event loop.")
     parser.add_argument("--version", action="version", version=f"gaspar {__version__}")
@@ -93,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in Settings.cli_fields():
         flag = "--" + f.name.replace("_", "-")
-        kind = {int: int, float: float}.get(type(f.default), str)
+        kind = {bool: _yes_no, int: int, float: float}.get(type(f.default), str)
         if f.default is None:
             kind = float
         serve.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})")

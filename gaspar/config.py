@@ -36,6 +36,9 @@ class Settings:
         0, "add a random 0..N to max_requests per worker, so workers do not all recycle at once"
     )
     max_pipeline: int = _opt(64, "requests in flight at once on one persistent connection")
+    prefetch: bool = _opt(
+        True, "when more requests are queued than there are workers, give each busy worker its next one ahead"
+    )
     backlog: int = _opt(2048, "the listening socket's accept queue")
     transport: str = _opt("ipc", "how workers reach the front end: ipc (a private 0700 directory) or tcp (loopback)")
     flap_attempts: int = _opt(5, "worker boot failures within flap_window that count as flapping")

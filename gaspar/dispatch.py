@@ -6,10 +6,17 @@ The front end owns one :class:`Dispatcher`. It keeps
 * a FIFO queue of requests that no idle worker could take yet;
 * the map of request id -> :class:`Pending` for every request queued or running.
 
-**Fairness.** A worker gets a request only when it is idle (its ready credit is one
-request), so a request never waits behind a busy worker while another is idle: a 50 ms
-request holds up nothing but its own worker. This is the "ROUTER with ready credits"
-pattern; a plain PUSH socket would round-robin blindly into busy workers' queues.
+**Fairness.** A worker gets a request when it is idle (its ready credit is one request),
+so a request never waits behind a busy worker while another is idle: a 50 ms request
+holds up nothing but its own worker. This is the "ROUTER with ready credits" pattern; a
+plain PUSH socket would round-robin blindly into busy workers' queues.
+
+**Prefetch (under overload only).** Between two requests a worker would sit idle for a
+round trip through the front end. When more requests are queued than there are workers,
+no worker will be idle soon anyway, so each busy worker is also handed its *next* request
+(at most one) to start the moment it replies. A prefetched request's timeout starts when
+its worker starts it; if the worker dies first, it goes back to the head of the queue.
+With a short queue there is no prefetch, so the fairness above holds where it matters.
 
 **No leaks.** Every outcome removes the entry: a reply (``complete``), a worker's death
 (``remove_worker``), a timeout (``expire``), a vanished client (``cancel``), a stop
@@ -39,6 +46,7 @@ class WorkerSlot:
     max_requests: int = 0  # recycle after this many; 0: never
     handled: int = 0
     current: Pending | None = None
+    next: Pending | None = None  # prefetched: sent, starts when current replies
     retiring: bool = False  # takes no new work; exits once idle
     started: float = 0.0
 
@@ -73,8 +81,9 @@ class Counters:
 class Dispatcher:
     """Assigns requests to idle workers and tracks every request until its outcome."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, prefetch: bool = True) -> None:
         self.clock = clock
+        self.prefetch = prefetch
         self.workers: dict[bytes, WorkerSlot] = {}
         self._idle: dict[bytes, WorkerSlot] = {}  # insertion-ordered set
         self._queue: deque[Pending] = deque()
@@ -108,7 +117,10 @@ class Dispatcher:
         self.counters.completed += 1
         worker.current = None
         worker.handled += 1
-        if worker.max_requests and worker.handled >= worker.max_requests:
+        if worker.next is not None:  # the worker has started its prefetched request
+            worker.current, worker.next = worker.next, None
+            self._start(worker.current)
+        elif worker.max_requests and worker.handled >= worker.max_requests:
             worker.retiring = True
         elif not worker.retiring:
             self._idle[routing_id] = worker
@@ -140,6 +152,8 @@ class Dispatcher:
                 del self.pending[req.id]
                 self.counters.timeouts += 1
                 expired.append(req)
+                if worker.next is not None:  # it will never start there: queue it again
+                    self._unprefetch(worker)
         return expired
 
     def fail_all(self) -> list[Pending]:
@@ -149,13 +163,15 @@ class Dispatcher:
         self.pending.clear()
         self._queue.clear()
         for worker in self.workers.values():
-            worker.current = None
+            worker.current = worker.next = None
         return reqs
 
     def requeue(self, req: Pending) -> list[Assignment]:
         """Put back, at the head of the queue, a request that never reached its worker."""
         if req.worker is not None and req.worker.current is req:
             req.worker.current = None
+        if req.worker is not None and req.worker.next is req:
+            req.worker.next = None
         req.worker, req.deadline = None, None
         self._queue.appendleft(req)
         return self._assign()
@@ -176,6 +192,8 @@ class Dispatcher:
         if worker is None:
             return None
         self.counters.worker_deaths += 1
+        if worker.next is not None:  # never started: not lost, first in line again
+            self._unprefetch(worker)
         req, worker.current = worker.current, None
         if req is None:
             return None
@@ -193,7 +211,7 @@ class Dispatcher:
 
     def retiring_idle(self) -> list[WorkerSlot]:
         """Retiring workers with nothing in hand: the ones to tell to exit."""
-        return [w for w in self.workers.values() if w.retiring and w.current is None]
+        return [w for w in self.workers.values() if w.retiring and w.current is None and w.next is None]
 
     @property
     def idle_count(self) -> int:
@@ -207,16 +225,47 @@ class Dispatcher:
     def running(self) -> int:
         return sum(1 for w in self.workers.values() if w.current is not None)
 
+    @property
+    def prefetched(self) -> int:
+        return sum(1 for w in self.workers.values() if w.next is not None)
+
+    def dispatch(self) -> list[Assignment]:
+        """Assignments possible now (after a worker left and its queued work came back)."""
+        return self._assign()
+
     def _assign(self) -> list[Assignment]:
         out = []
         while self._queue and self._idle:
             _, worker = self._idle.popitem()
             req = self._queue.popleft()
             req.worker = worker
-            req.deadline = None if req.timeout is None else self.clock() + req.timeout
             worker.current = req
+            self._start(req)
             out.append((worker, req))
+        if self.prefetch and len(self._queue) > len(self.workers):
+            for worker in self.workers.values():
+                if len(self._queue) <= len(self.workers):
+                    break
+                if worker.current is None or worker.next is not None or worker.retiring:
+                    continue
+                if worker.max_requests and worker.handled + 1 >= worker.max_requests:
+                    continue  # it retires after the request in hand
+                req = self._queue.popleft()
+                req.worker, req.deadline = worker, None
+                worker.next = req
+                out.append((worker, req))
         return out
+
+    def _start(self, req: Pending) -> None:
+        req.deadline = None if req.timeout is None else self.clock() + req.timeout
+
+    def _unprefetch(self, worker: WorkerSlot) -> None:
+        req, worker.next = worker.next, None
+        if req.cancelled:
+            self.pending.pop(req.id, None)
+            return
+        req.worker, req.deadline = None, None
+        self._queue.appendleft(req)
 
 
 __all__ = ["Dispatcher", "Pending", "WorkerSlot", "Counters"]

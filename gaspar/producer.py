@@ -99,7 +99,7 @@ class Producer(Supervisor):
         self.stopped = threading.Event()
         self.server_addr: tuple[str, int] | None = None
         self.exit_code = 0
-        self.dispatcher = Dispatcher()
+        self.dispatcher = Dispatcher(prefetch=self.settings.prefetch)
         self._control = Control()
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -388,6 +388,7 @@ class Producer(Supervisor):
             "booting": len(getattr(self, "booting", {})),
             "queued": d.queued,
             "running": d.running,
+            "prefetched": d.prefetched,
             "pending": len(d.pending),
             "connections": len(getattr(self, "connections", ())),
             "restarts": getattr(self, "restarts", 0),

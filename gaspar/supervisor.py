@@ -120,6 +120,7 @@ class Supervisor:
             if req is not None:
                 facts = {"pid": pid, "exitcode": exitcode, "signal": sig}
                 self._fail(req, Status.WORKER_DIED, "WorkerDied", f"worker {number} (pid {pid}) {text}", **facts)
+            self._send(self.dispatcher.dispatch())  # its prefetched request, if any, to an idle worker
             if expected or self.stopping:
                 log.info("Worker %s (pid:%s) exited", number, pid)
             else:
@@ -218,6 +219,7 @@ class Supervisor:
                 self._fail(req, Status.TIMEOUT, "WorkerTimeout", msg, timeout=req.timeout, pid=worker.pid)
                 self.fork_server.kill(worker.pid, signal.SIGKILL)
             if expired:
+                self._send(self.dispatcher.dispatch())
                 self.manage_workers()
 
     # -- control ---------------------------------------------------------------------------

@@ -160,3 +160,65 @@ def test_fail_all_empties_everything():
     reqs = [d.submit(b"%d" % i, i)[0] for i in range(5)]
     assert set(d.fail_all()) == set(reqs)
     assert d.pending == {} and d.queued == 0 and d.running == 0
+
+
+def test_prefetch_only_when_more_are_queued_than_there_are_workers():
+    clock = Clock()
+    d = Dispatcher(clock)
+    w1, w2 = worker(1), worker(2)
+    d.add_worker(w1)
+    d.add_worker(w2)
+    for i in range(4):
+        d.submit(b"%d" % i, i, timeout=5)
+    # two running, two queued: not more queued than workers, no prefetch
+    assert d.prefetched == 0 and d.queued == 2
+    r5, sent = d.submit(b"5", 5, timeout=5)
+    assert len(sent) == 1 and d.prefetched == 1 and d.queued == 2
+    (busy, pre) = sent[0]
+    assert busy.next is pre and pre.deadline is None  # its timeout has not started
+    clock.now += 1
+    running = busy.current
+    done, more = d.complete(busy.routing_id, running.id)
+    assert done is running and busy.current is pre and busy.next is None
+    assert pre.deadline == clock.now + 5  # started now
+    assert d.idle_count == 0  # it went straight on to the prefetched one
+
+
+def test_no_prefetch_keeps_the_short_queue_fair():
+    d = Dispatcher(Clock())
+    w1, w2 = worker(1), worker(2)
+    d.add_worker(w1)
+    d.add_worker(w2)
+    long_req, _ = d.submit(b"long", "a")
+    short1, _ = d.submit(b"short", "b")
+    short2, sent = d.submit(b"short", "c")
+    assert sent == [] and d.prefetched == 0  # waits for whichever worker frees up first
+    _, more = d.complete(short1.worker.routing_id, short1.id)
+    assert more == [(short1.worker, short2)]
+
+
+def test_a_dead_workers_prefetched_request_is_not_lost():
+    d = Dispatcher(Clock())
+    w1 = worker(1)
+    d.add_worker(w1)
+    running, _ = d.submit(b"a", "c")
+    queued = [d.submit(b"%d" % i, i)[0] for i in range(3)]
+    pre = w1.next
+    assert pre is queued[0]
+    assert d.remove_worker(w1.routing_id) is running
+    assert pre.id in d.pending and pre.worker is None
+    w2 = worker(2)
+    assert d.add_worker(w2)[0] == (w2, pre)  # first in line again
+
+
+def test_expired_request_returns_the_prefetched_one_to_the_queue():
+    clock = Clock()
+    d = Dispatcher(clock)
+    w = worker(1)
+    d.add_worker(w)
+    running, _ = d.submit(b"a", "c", timeout=1)
+    queued = [d.submit(b"%d" % i, i, timeout=1)[0] for i in range(3)]
+    assert w.next is queued[0]
+    clock.now += 2
+    assert d.expire() == [running]
+    assert w.next is None and d.queued == 3 and queued[0].worker is None
