@@ -1,0 +1,837 @@
+"""Supervision and lifecycle, against real processes and real faults.
+
+Each fault is provoked for real: ``kill -9`` from the test, a handler that segfaults or
+calls ``os._exit``, one that sleeps past its timeout, a ``post_fork`` hook that fails, a
+module that kills every worker it forks. Each test checks what the client saw (and how
+soon: bounds are generous, these run on shared 2-core machines), that the other requests
+got their right replies, the pool's size and pids afterwards, that no request entry leaked
+(``stats()['pending'] == 0``) and, through the fixtures, that no process is left behind.
+
+Signals go to a real ``gaspar serve`` subprocess while threads keep requests running.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import socket
+import struct
+import textwrap
+import threading
+import time
+
+import handlers
+import pytest
+from conftest import ROOT, alive, children_of, descendants, wait_for
+
+import gaspar
+from gaspar import client
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def raw_request(addr: str, message: bytes, timeout: float = 15.0) -> bytes:
+    """A gaspar 1.0 client: length-prefixed request, then read to EOF."""
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(struct.pack("!I", len(message)) + message)
+        with sock.makefile("rb") as f:
+            return f.read()
+
+
+class Call:
+    """One request in a thread: ``.result`` or ``.error`` once done, and how long it took."""
+
+    def __init__(self, addr: str, message: bytes, raw: bool = False, **kw) -> None:
+        self.result: bytes | None = None
+        self.error: BaseException | None = None
+        self.elapsed: float | None = None
+        self.started = time.monotonic()
+        self.thread = threading.Thread(target=self._run, args=(addr, message, raw, kw), daemon=True)
+        self.thread.start()
+
+    def _run(self, addr, message, raw, kw) -> None:
+        try:
+            if raw:
+                self.result = raw_request(addr, message, kw.get("timeout", 15.0))
+            else:
+                self.result = client.request(addr, message, **{"timeout": 15.0, **kw})
+        except BaseException as exc:
+            self.error = exc
+        self.elapsed = time.monotonic() - self.started
+
+    def join(self, timeout: float = 20.0) -> Call:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the request hung"
+        return self
+
+
+class Load:
+    """Threads issuing requests back to back until stopped; every outcome is recorded.
+
+    A thread stops by itself once its connection is refused (the server stopped listening).
+    """
+
+    def __init__(self, addr: str, message: bytes = b"0.02", threads: int = 4) -> None:
+        self.addr, self.message = addr, message
+        self.replies: list[bytes] = []
+        self.errors: list[BaseException] = []
+        self.refused = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reply = client.request(self.addr, self.message, timeout=15)
+            except gaspar.ConnectFailed:
+                with self._lock:
+                    self.refused += 1
+                return
+            except Exception as exc:
+                with self._lock:
+                    self.errors.append(exc)
+                continue
+            with self._lock:
+                self.replies.append(reply)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.replies)
+
+    def wait_more(self, n: int, timeout: float = 10.0) -> None:
+        """Wait until ``n`` more replies have arrived."""
+        target = self.count() + n
+        assert wait_for(lambda: self.count() >= target or self.errors, timeout), "the load stalled"
+
+    def stop(self) -> Load:
+        self._stop.set()
+        for t in self._threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in self._threads), "a load thread hung"
+        return self
+
+
+def pool(tracked) -> list[dict]:
+    """The ready, non-retiring workers, once nothing boots; [] while the pool is changing."""
+    stats = tracked.producer.stats()
+    return [w for w in stats["workers"] if not w["retiring"]] if stats["booting"] == 0 else []
+
+
+def wait_full(tracked, size: int, timeout: float = 5.0) -> list[int]:
+    """Wait for exactly ``size`` ready workers and nothing else; return their pids."""
+    workers = wait_for(lambda: len(pool(tracked)) == size and len(tracked.producer.worker_pids()) == size, timeout)
+    assert workers, f"the pool did not get back to {size} workers: {tracked.producer.stats()}"
+    return sorted(tracked.pids())
+
+
+def busy_pids(tracked, n: int, timeout: float = 5.0) -> set[int]:
+    """Wait until ``n`` workers are busy; return their pids."""
+
+    def busy():
+        pids = {w["pid"] for w in tracked.producer.stats()["workers"] if w["busy"]}
+        return pids if len(pids) >= n else None
+
+    pids = wait_for(busy, timeout)
+    assert pids, f"{n} workers never got busy: {tracked.producer.stats()}"
+    return pids
+
+
+def assert_no_leaks(tracked) -> None:
+    stats = tracked.producer.stats()
+    assert stats["pending"] == 0 and stats["queued"] == 0 and stats["running"] == 0, stats
+    assert not tracked.producer.dispatcher.pending
+
+
+def proctitle(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
+def cli_env(*extra: str) -> dict:
+    return {"PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), *map(str, extra)])}
+
+
+# -- a worker dies mid-request -----------------------------------------------------------------
+
+# (how the worker dies, the request that makes it die or None for kill -9 from the test,
+#  the exit code and the signal the client's WorkerDied must carry, words in its message)
+DEATHS = [
+    ("kill -9", None, None, signal.SIGKILL, "killed by SIGKILL. Perhaps out of memory?"),
+    ("segfault", b"segfault", None, signal.SIGSEGV, "killed by SIGSEGV"),
+    ("os._exit", b"exit", 7, None, "exited with code 7"),
+    ("oom kill", b"sigkill", None, signal.SIGKILL, "Perhaps out of memory?"),
+    ("abort", b"abort", None, signal.SIGABRT, "killed by SIGABRT"),
+]
+
+
+@pytest.mark.parametrize("how,message,exitcode,sig,words", DEATHS, ids=[d[0] for d in DEATHS])
+def test_worker_death_fails_only_its_request(serve, how, message, exitcode, sig, words):
+    server = serve(handlers.faulty, processes=2)
+    before = wait_full(server, 2)
+    other = Call(server.addr, b"1.5")
+    (other_pid,) = busy_pids(server, 1)
+    (victim,) = set(before) - {other_pid}
+
+    if message is None:
+        doomed = Call(server.addr, b"30")
+        busy_pids(server, 2)
+        os.kill(victim, signal.SIGKILL)
+    else:
+        doomed = Call(server.addr, message)
+    doomed.join()
+
+    err = doomed.error
+    assert isinstance(err, gaspar.WorkerDied), repr(err)
+    assert doomed.elapsed < 5.0, f"the error took {doomed.elapsed:.1f}s"
+    assert (err.pid, err.exitcode, err.signal) == (victim, exitcode, sig)
+    assert words in str(err) and str(victim) in str(err)
+
+    assert other.join().error is None, repr(other.error)
+    assert other.result == b"%d:1.5" % other_pid  # the request in flight elsewhere: unaffected
+
+    after = wait_full(server, 2)
+    assert other_pid in after and victim not in after
+    assert not alive(victim)
+    assert server.request(b"0").split(b":")[1] == b"0"  # the next request works
+    assert_no_leaks(server)
+    assert server.producer.stats()["restarts"] == 1
+
+
+def test_pool_is_full_again_within_a_second(serve):
+    server = serve(handlers.faulty, processes=2)
+    (victim, survivor) = wait_full(server, 2)
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert wait_for(lambda: victim not in server.producer.worker_pids(), 5)
+    after = wait_full(server, 2, timeout=5)
+    took = time.monotonic() - t0
+    assert took < 3.0, f"the pool took {took:.2f}s to get back to size"  # "within a second", with slack
+    assert survivor in after and victim not in after
+
+
+@pytest.mark.parametrize("how", ["kill -9", "os._exit"])
+def test_worker_death_resets_a_plain_client(serve, how):
+    """A gaspar 1.0 client sees a reset, never a clean empty reply."""
+    server = serve(handlers.faulty, processes=1)
+    (victim,) = wait_full(server, 1)
+    if how == "kill -9":
+        doomed = Call(server.addr, b"30", raw=True)
+        busy_pids(server, 1)
+        os.kill(victim, signal.SIGKILL)
+    else:
+        doomed = Call(server.addr, b"exit", raw=True)
+    doomed.join()
+    assert isinstance(doomed.error, ConnectionResetError), f"got {doomed.result!r} / {doomed.error!r}"
+    assert doomed.elapsed < 5.0
+    assert raw_request(server.addr, b"0").endswith(b":0")  # a plain request still works
+    wait_full(server, 1)
+    assert_no_leaks(server)
+
+
+def test_queued_requests_survive_a_death(serve):
+    server = serve(handlers.faulty, processes=1)
+    (victim,) = wait_full(server, 1)
+    doomed = Call(server.addr, b"30")
+    busy_pids(server, 1)
+    queued = [Call(server.addr, b"0.%d" % i) for i in range(4)]
+    # waiting: in the queue, or prefetched by the busy worker (sent, not started)
+    assert wait_for(lambda: (lambda st: st["queued"] + st["prefetched"] == 4)(server.producer.stats()), 5)
+    os.kill(victim, signal.SIGKILL)
+
+    assert isinstance(doomed.join().error, gaspar.WorkerDied)
+    (replacement,) = wait_full(server, 1)
+    assert replacement != victim
+    for i, call in enumerate(queued):
+        assert call.join().error is None, repr(call.error)
+        assert call.result == b"%d:0.%d" % (replacement, i)
+    assert_no_leaks(server)
+
+
+def test_deaths_after_boot_are_not_flapping(serve):
+    """Workers that die once ready are replaced every time; only boot failures count."""
+    server = serve(handlers.faulty, processes=2, flap_attempts=2, flap_max_retry=0)
+    for _ in range(6):
+        victim = wait_full(server, 2)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda v=victim: v not in server.producer.worker_pids(), 5)
+    wait_full(server, 2)
+    assert not server.producer.stopped.is_set() and server.producer.exit_code == 0
+    assert server.producer.stats()["restarts"] == 6
+    assert server.request(b"0").endswith(b":0")
+
+
+# -- a handler hangs ------------------------------------------------------------------------------
+
+
+def test_timeout_fails_the_request_and_replaces_the_worker(serve):
+    server = serve(handlers.faulty, processes=2, timeout=1)
+    before = wait_full(server, 2)
+    hung = Call(server.addr, b"60").join()
+    err = hung.error
+    assert isinstance(err, gaspar.WorkerTimeout) and isinstance(err, TimeoutError), repr(err)
+    assert 0.9 < hung.elapsed < 5.0, f"the timeout came after {hung.elapsed:.1f}s"
+    victim = err.facts["pid"]
+    assert victim in before and err.facts["timeout"] == 1
+    assert wait_for(lambda: not alive(victim), 5), "the hung worker was not killed"
+    after = wait_full(server, 2)
+    assert victim not in after and len(set(after) & set(before)) == 1
+    assert server.request(b"0.1").endswith(b":0.1")
+    assert_no_leaks(server)
+    assert server.producer.stats()["counters"]["timeouts"] == 1
+
+
+def test_client_handler_timeout_overrides_the_server_timeout(serve):
+    server = serve(handlers.faulty, processes=2, timeout=30)
+    other = Call(server.addr, b"1.5")
+    busy_pids(server, 1)
+    hung = Call(server.addr, b"60", handler_timeout=0.5).join()
+    assert isinstance(hung.error, gaspar.WorkerTimeout), repr(hung.error)
+    assert hung.elapsed < 4.0
+    assert hung.error.facts["timeout"] == 0.5
+    assert other.join().error is None and other.result.endswith(b":1.5")
+    wait_full(server, 2)
+    assert_no_leaks(server)
+
+
+def test_client_handler_timeout_may_be_longer_than_the_server_one(serve):
+    server = serve(handlers.faulty, processes=1, timeout=0.5)
+    assert server.request(b"1.0", handler_timeout=5).endswith(b":1.0")
+    with pytest.raises(gaspar.WorkerTimeout):
+        server.request(b"1.0")
+    wait_full(server, 1)
+    assert_no_leaks(server)
+
+
+def test_timeout_resets_a_plain_client(serve):
+    server = serve(handlers.faulty, processes=1, timeout=0.5)
+    hung = Call(server.addr, b"60", raw=True).join()
+    assert isinstance(hung.error, ConnectionResetError), f"got {hung.result!r} / {hung.error!r}"
+    assert hung.elapsed < 4.0
+    wait_full(server, 1)
+    assert_no_leaks(server)
+
+
+# -- a worker leaks: max_requests ---------------------------------------------------------------
+
+
+def test_max_requests_recycles_workers_without_failing_a_request(serve):
+    server = serve(handlers.faulty, processes=2, max_requests=5, max_requests_jitter=3)
+    first = wait_full(server, 2)
+    load = Load(server.addr, b"0.005", threads=4)
+    assert wait_for(lambda: load.count() >= 80 or load.errors, 30)
+    load.stop()
+    assert load.errors == [] and load.refused == 0
+
+    served = collections.Counter(int(r.split(b":")[0]) for r in load.replies)
+    current = wait_full(server, 2)
+    retired = set(served) - set(current)
+    assert set(first) <= retired, "the first workers were never recycled"
+    for pid in retired:
+        assert 5 <= served[pid] <= 8, f"worker {pid} handled {served[pid]} requests"
+        assert not alive(pid)
+    assert server.producer.stats()["restarts"] == 0  # recycling is not a crash
+    assert_no_leaks(server)
+
+
+# -- workers cannot start ------------------------------------------------------------------------
+
+
+def record_fork(path) -> None:
+    """In a worker: one line ``pid monotonic-time parent-pid`` (the parent: the fork server)."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {time.monotonic()} {os.getppid()}\n")
+
+
+def _forks(path) -> list[tuple[int, float]]:
+    """The workers recorded by ``record_fork``: (pid, time)."""
+    if not path.exists():
+        return []
+    return [(int(pid), float(t)) for pid, t, _ in (line.split() for line in path.read_text().splitlines())]
+
+
+def assert_all_gone(path) -> None:
+    """Every recorded worker, and every fork server that forked one, has exited."""
+    pids = set()
+    for line in path.read_text().splitlines():
+        pid, _, ppid = line.split()
+        pids |= {int(pid), int(ppid)}
+    assert not [p for p in pids if wait_for(lambda p=p: not alive(p), 5) is False]
+
+
+def _start_hopeless(post_fork, **options) -> tuple[gaspar.Producer, BaseException | None, float]:
+    producer = gaspar.Producer(gaspar.Consumer(handler=handlers.echo), 0, processes=2, post_fork=post_fork, **options)
+    t0 = time.monotonic()
+    error = None
+    try:
+        producer.start(blocking=False, timeout=40)
+    except gaspar.GasparError as exc:
+        error = exc
+    finally:
+        producer.stop(timeout=15)
+    return producer, error, time.monotonic() - t0
+
+
+def test_failing_post_fork_gives_up_with_exit_code_3(tmp_path, caplog):
+    log = tmp_path / "forks"
+
+    def post_fork(worker):
+        record_fork(log)
+        raise RuntimeError("no database")
+
+    with caplog.at_level("INFO", logger="gaspar"):
+        producer, error, took = _start_hopeless(
+            post_fork, flap_attempts=3, flap_window=10, flap_retry_in=0.3, flap_max_retry=2
+        )
+    assert isinstance(error, gaspar.GasparError) and "gave up" in str(error)
+    assert producer.exit_code == 3
+    forks = _forks(log)
+    assert 9 <= len(forks) <= 10, f"{len(forks)} forks"  # 3 attempts x 3 episodes, one more in flight
+    assert took < 15
+    # the retries came after a delay: two back-offs of 0.3 s
+    times = sorted(t for _, t in forks)
+    assert times[-1] - times[0] >= 0.55
+    assert_all_gone(log)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("post_fork hook failed" in m for m in messages)
+    assert any("giving up" in m for m in messages), messages
+    assert sum("flapping" in m for m in messages) == 2
+
+
+def test_default_policy_keeps_a_hopeless_start_to_a_few_dozen_forks(tmp_path):
+    log = tmp_path / "forks"
+
+    def post_fork(worker):  # the worker dies during boot, without a word
+        record_fork(log)
+        os._exit(1)
+
+    producer, error, _ = _start_hopeless(post_fork)
+    assert isinstance(error, gaspar.GasparError)
+    assert producer.exit_code == 3
+    forks = _forks(log)
+    assert 20 <= len(forks) <= 36, f"{len(forks)} forks"
+    assert_all_gone(log)
+
+
+def test_flapping_backs_off_then_recovers(serve, tmp_path):
+    log = tmp_path / "forks"
+
+    def post_fork(worker):  # the first four forks fail, then the trouble is over
+        record_fork(log)
+        if len(log.read_text().splitlines()) <= 4:
+            os._exit(1)
+
+    server = serve(handlers.faulty, processes=1, post_fork=post_fork, flap_attempts=3, flap_retry_in=0.5)
+    (pid,) = wait_full(server, 1)
+    forks = _forks(log)
+    assert len(forks) == 5 and forks[-1][0] == pid
+    times = [t for _, t in forks]
+    assert times[3] - times[2] >= 0.45, "no back-off after 3 failures"
+    assert server.request(b"0").startswith(b"%d:" % pid)
+
+
+def test_cli_gives_up_when_every_worker_dies_at_boot(cli, tmp_path):
+    """A module that kills every worker it forks: bounded forks, a clear line, exit 3."""
+    (tmp_path / "doomed.py").write_text(
+        textwrap.dedent(
+            f"""
+            import os
+            MAIN = os.getpid()
+
+            def _in_child():
+                if os.getppid() != MAIN:  # a worker (the fork server's parent is MAIN)
+                    with open({str(tmp_path / "forks")!r}, "a") as f:
+                        f.write("%d 0 %d\\n" % (os.getpid(), os.getppid()))
+                    os._exit(9)
+
+            os.register_at_fork(after_in_child=_in_child)
+
+            def handle(message):
+                return message
+            """
+        )
+    )
+    server = cli(
+        "doomed:handle",
+        "--bind",
+        "127.0.0.1:0",
+        "-w",
+        "2",
+        "--flap-attempts",
+        "3",
+        "--flap-retry-in",
+        "0.2",
+        "--flap-max-retry",
+        "1",
+        env=cli_env(tmp_path),
+    )
+    assert server.wait(20) == 3, server.log
+    forks = _forks(tmp_path / "forks")
+    assert 6 <= len(forks) <= 7, server.log
+    assert "giving up" in server.log and "exited with code 9" in server.log
+    assert_all_gone(tmp_path / "forks")
+
+
+# -- the front end is killed ----------------------------------------------------------------------
+
+
+def test_orphaned_workers_exit_by_themselves(cli):
+    server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "2")
+    workers = server.wait_ready(2)
+    (fork_server,) = children_of(server.proc.pid)
+    stuck = Call(server.addr, b"60")
+    assert wait_for(lambda: server.stats()["running"] == 1, 5)
+    family = descendants(server.proc.pid)
+    assert set(workers) | {fork_server} <= set(family)
+
+    os.kill(server.proc.pid, signal.SIGKILL)  # the producer only, not its group
+    server.wait(10)
+    gone = wait_for(lambda: not [p for p in family if alive(p)], 5)
+    assert gone, f"left behind: {[p for p in family if alive(p)]}"
+    assert isinstance(stuck.join().error, gaspar.ConnectionLost), repr(stuck.error)
+
+
+def test_fork_server_killed_stops_the_daemon(cli):
+    server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "2")
+    workers = server.wait_ready(2)
+    (fork_server,) = children_of(server.proc.pid)
+    stuck = Call(server.addr, b"60")
+    assert wait_for(lambda: server.stats()["running"] == 1, 5)
+    os.kill(fork_server, signal.SIGKILL)
+    assert server.wait(15) == 1, server.log
+    assert "The fork server died; stopping" in server.log
+    assert isinstance(stuck.join().error, gaspar.ServerUnavailable), repr(stuck.error)
+    assert stuck.elapsed < 10
+    assert not [p for p in workers if wait_for(lambda p=p: not alive(p), 5) is False]
+
+
+# -- signals to a real daemon, under load ----------------------------------------------------------
+
+
+def test_sigterm_finishes_every_accepted_request(cli):
+    server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "2")
+    workers = server.wait_ready(2)
+    family = descendants(server.proc.pid)
+    load = Load(server.addr, b"0.05", threads=3)
+    load.wait_more(10)
+    accepted = [Call(server.addr, b"0.4") for _ in range(5)]  # 2 running, the rest queued behind
+    accepted += [Call(server.addr, b"0.4", raw=True) for _ in range(2)]  # gaspar 1.0 clients
+    # all 7 are in (and the load's 3, which now queue behind them): 2 running, 8 queued
+    assert wait_for(lambda: server.stats()["pending"] == 10, 5), server.stats()
+
+    server.signal(signal.SIGTERM)
+    assert server.wait(20) == 0, server.log
+    load.stop()
+    for call in accepted:
+        assert call.join().error is None, repr(call.error)
+        assert call.result.endswith(b":0.4")
+    assert load.errors == [], load.errors
+    assert load.refused == 3  # after the stop, connections are refused
+    with pytest.raises(gaspar.ConnectFailed):
+        client.request(server.addr, b"0", timeout=5)
+    assert "Handling signal: term" in server.log and "Stopping (graceful)" in server.log
+    for pid in workers:
+        assert f"(pid:{pid}) exited" in server.log
+    assert not [p for p in family if wait_for(lambda p=p: not alive(p), 5) is False]
+
+
+def test_sigterm_gives_up_on_requests_past_graceful_timeout(cli):
+    server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "1", "--graceful-timeout", "1")
+    server.wait_ready(1)
+    slow = Call(server.addr, b"30")
+    assert wait_for(lambda: server.stats()["running"] == 1, 5)
+    t0 = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait(20) == 0, server.log
+    assert time.monotonic() - t0 < 8
+    assert isinstance(slow.join().error, gaspar.ServerUnavailable), repr(slow.error)
+
+
+def test_sigint_hurries_a_graceful_stop(cli):
+    server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "1")
+    server.wait_ready(1)
+    slow = Call(server.addr, b"30")
+    assert wait_for(lambda: server.stats()["running"] == 1, 5)
+    server.signal(signal.SIGTERM)
+    assert wait_for(lambda: "Stopping (graceful)" in server.log, 5)
+    time.sleep(0.3)
+    assert server.proc.poll() is None and slow.thread.is_alive()  # still waiting for the request
+    server.signal(signal.SIGINT)
+    assert server.wait(10) == 0, server.log
+    assert isinstance(slow.join().error, gaspar.ServerUnavailable), repr(slow.error)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])
+def test_fast_stop_fails_in_flight_requests_promptly(cli, sig):
+    server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "2")
+    server.wait_ready(2)
+    family = descendants(server.proc.pid)
+    framed = [Call(server.addr, b"30") for _ in range(2)]  # one running, one queued
+    plain = [Call(server.addr, b"30", raw=True) for _ in range(2)]
+    assert wait_for(lambda: server.stats()["pending"] == 4, 5), server.stats()
+
+    t0 = time.monotonic()
+    server.signal(sig)
+    assert server.wait(15) == 0, server.log
+    for call in framed:
+        assert isinstance(call.join().error, (gaspar.ServerUnavailable, gaspar.ConnectionLost)), repr(call.error)
+    for call in plain:
+        assert isinstance(call.join().error, ConnectionResetError), f"got {call.result!r} / {call.error!r}"
+    assert max(c.elapsed - (t0 - c.started) for c in framed + plain) < 5.0
+    assert "Stopping (fast)" in server.log
+    assert not [p for p in family if wait_for(lambda p=p: not alive(p), 5) is False]
+
+
+def test_sighup_reloads_the_code_under_load_with_no_error(cli, tmp_path):
+    app = tmp_path / "reloadable.py"
+    app.write_text("import time\n\ndef handle(m):\n    time.sleep(0.01)\n    return b'v1:' + m\n")
+    server = cli("reloadable:handle", "--bind", "127.0.0.1:0", "-w", "2", env=cli_env(tmp_path))
+    old = server.wait_ready(2)
+    load = Load(server.addr, b"x", threads=4)
+    load.wait_more(20)
+
+    app.write_text("import time\n\ndef handle(m):\n    time.sleep(0.01)\n    return b'version2:' + m\n")
+    server.signal(signal.SIGHUP)
+
+    def replaced():
+        workers = server.stats()["workers"]
+        return (
+            len(workers) == 2
+            and all(w["generation"] == 2 for w in workers)
+            and not set(old) & {w["pid"] for w in workers}
+        )
+
+    assert wait_for(replaced, 15), server.log
+    load.wait_more(20)
+    load.stop()
+    assert load.errors == [], load.errors
+    assert set(load.replies) == {b"v1:x", b"version2:x"}
+    assert client.request(server.addr, b"y", timeout=5) == b"version2:y"
+    assert "Reloading reloadable:handle" in server.log
+    # rolling: one new worker boots at a time, and an old one leaves only once a
+    # replacement is ready, so the pool is never short
+    after = server.log.split("replacing the workers one by one", 1)[1].splitlines()
+    booted = ready = exited = 0
+    for line in after:
+        booted += "Booting worker" in line
+        ready += line.endswith(") ready")
+        exited += any(f"(pid:{pid}) exited" in line for pid in old)
+        assert exited <= ready and booted <= ready + 1, "\n".join(after)
+    assert booted == ready == exited == 2
+    assert server.stats()["restarts"] == 0
+    assert not [p for p in old if wait_for(lambda p=p: not alive(p), 5) is False]
+    server.signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+
+
+def test_sighup_with_a_broken_module_keeps_the_workers(cli, tmp_path):
+    app = tmp_path / "breakable.py"
+    app.write_text("def handle(m):\n    return b'v1:' + m\n")
+    server = cli("breakable:handle", "--bind", "127.0.0.1:0", "-w", "2", env=cli_env(tmp_path))
+    old = server.wait_ready(2)
+    load = Load(server.addr, b"x", threads=2)
+    app.write_text("def handle(m):\n    return b'v2:' + m\nraise RuntimeError('half-written')\n")
+    server.signal(signal.SIGHUP)
+    assert wait_for(lambda: "Reload failed" in server.log, 10), server.log
+    load.wait_more(10)
+    load.stop()
+    assert load.errors == [] and set(load.replies) == {b"v1:x"}
+    assert "RuntimeError: half-written" in server.log
+    assert sorted(w["pid"] for w in server.stats()["workers"]) == sorted(old)
+
+
+def test_sigttin_and_sigttou_scale_under_load(cli):
+    server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "2")
+    server.wait_ready(2)
+    load = Load(server.addr, b"0.02", threads=3)
+
+    def live():
+        stats = server.stats()
+        return len([w for w in stats["workers"] if not w["retiring"]]) if not stats["booting"] else -1
+
+    server.signal(signal.SIGTTIN)
+    assert wait_for(lambda: live() == 3 and len(server.stats()["workers"]) == 3, 5), server.stats()
+    load.wait_more(10)
+    for expected in (2, 1, 1):  # not below one
+        server.signal(signal.SIGTTOU)
+        assert wait_for(lambda e=expected: live() == e and len(server.stats()["workers"]) == e, 5), server.stats()
+        load.wait_more(5)
+    load.stop()
+    assert load.errors == [], load.errors
+    assert server.stats()["target_workers"] == 1
+    assert server.log.count("Scaling to") == 4
+
+
+# -- the same from Python ---------------------------------------------------------------------------
+
+
+def test_scale_from_python_under_load(serve):
+    server = serve(handlers.faulty, processes=2)
+    load = Load(server.addr, b"0.01", threads=3)
+    server.producer.scale(4)
+    assert len(wait_full(server, 4)) == 4
+    load.wait_more(10)
+    server.producer.scale(1)
+    wait_full(server, 1)
+    load.wait_more(10)
+    load.stop()
+    assert load.errors == []
+    assert server.producer.stats()["restarts"] == 0
+    assert_no_leaks(server)
+
+
+def test_reload_from_python_under_load(serve, tmp_path, monkeypatch):
+    app = tmp_path / "pyreloadable.py"
+    app.write_text("def handle(m):\n    return b'one:' + m\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import pyreloadable
+
+    try:
+        server = serve(pyreloadable.handle, processes=2)
+        old = wait_full(server, 2)
+        load = Load(server.addr, b"x", threads=3)
+        load.wait_more(10)
+        app.write_text("def handle(m):\n    return b'number two:' + m\n")
+        server.producer.reload()
+        assert wait_for(lambda: not set(old) & set(server.producer.worker_pids()), 10)
+        wait_full(server, 2)
+        load.wait_more(10)
+        load.stop()
+        assert load.errors == []
+        assert set(load.replies) == {b"one:x", b"number two:x"}
+        assert server.request(b"y") == b"number two:y"
+        assert_no_leaks(server)
+    finally:
+        monkeypatch.delitem(__import__("sys").modules, "pyreloadable")
+
+
+def test_graceful_stop_from_python_finishes_queued_requests(serve):
+    server = serve(handlers.faulty, processes=2)
+    pids = wait_full(server, 2)
+    calls = [Call(server.addr, b"0.3") for _ in range(5)]
+    assert wait_for(lambda: server.producer.stats()["pending"] == 5, 5)
+    server.producer.stop(graceful=True, timeout=15)
+    assert server.producer.stopped.is_set()
+    for call in calls:
+        assert call.join().error is None and call.result.endswith(b":0.3"), repr(call.error)
+    assert not [p for p in pids if wait_for(lambda p=p: not alive(p), 5) is False]
+
+
+def test_graceful_stop_serves_connections_waiting_in_the_backlog(serve):
+    """Connections the kernel accepted before the stop are served, not reset.
+
+    The hub is held busy (a call run in its thread) while clients connect and send, so
+    their connections wait in the listening socket's backlog when the stop begins.
+    """
+    server = serve(handlers.faulty, processes=2)
+    producer = server.producer
+    wait_full(server, 2)
+
+    def stop_late():
+        time.sleep(0.5)  # blocks the hub: new connections wait in the kernel's backlog
+        producer.begin_stop(True)
+
+    producer._control.call(stop_late, wait=False)
+    time.sleep(0.1)
+    calls = [Call(server.addr, b"0.1") for _ in range(4)] + [Call(server.addr, b"0.1", raw=True) for _ in range(2)]
+    assert producer.stopped.wait(15)
+    for call in calls:
+        assert call.join().error is None, repr(call.error)
+        assert call.result.endswith(b":0.1")
+
+
+# -- hooks, broadcast, titles, logs -----------------------------------------------------------------
+
+
+class Recorder(gaspar.Consumer):
+    """Writes one line per broadcast received to a file: ``pid message``."""
+
+    def __init__(self, path) -> None:
+        super().__init__()
+        self.path = path
+
+    def handle(self, message: bytes) -> bytes:
+        return b"%d" % os.getpid()
+
+    def on_broadcast(self, message: bytes) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()} {message.decode()}\n")
+
+
+def test_broadcast_reaches_each_live_worker_once(serve, tmp_path):
+    path = tmp_path / "broadcasts"
+    server = serve(Recorder(path), processes=3)
+    pids = wait_full(server, 3)
+    assert server.producer.broadcast(b"hello") == 3
+
+    def lines():
+        return path.read_text().splitlines() if path.exists() else []
+
+    assert wait_for(lambda: len(lines()) >= 3, 5)
+    time.sleep(0.3)  # a duplicate would show up by now
+    assert sorted(lines()) == sorted(f"{pid} hello" for pid in pids)
+
+
+def test_hooks(serve, tmp_path):
+    events = tmp_path / "events"
+    started, reloads = [], []
+
+    def record(what, worker):
+        with open(events, "a") as f:
+            f.write(f"{what} {worker.number} {worker.pid}\n")
+
+    server = serve(
+        handlers.faulty,
+        processes=2,
+        on_starting=started.append,
+        post_fork=lambda w: record("post_fork", w),
+        worker_exit=lambda w: record("worker_exit", w),
+        on_reload=reloads.append,
+    )
+    producer = server.producer
+    pids = wait_full(server, 2)
+    assert started == [producer]
+    assert sorted(events.read_text().splitlines()) == [
+        f"post_fork {n} {pid}" for n, pid in sorted((w["number"], w["pid"]) for w in producer.stats()["workers"])
+    ]
+    producer.reload()
+    assert wait_for(lambda: reloads == [producer] and not set(pids) & set(producer.worker_pids()), 10)
+    new = wait_full(server, 2)
+    producer.stop(graceful=True, timeout=15)
+    lines = events.read_text().splitlines()
+    exited = {int(line.split()[2]) for line in lines if line.startswith("worker_exit")}
+    forked = {int(line.split()[2]) for line in lines if line.startswith("post_fork")}
+    assert forked == set(pids) | set(new)
+    assert exited == forked  # every worker left cleanly: recycled by the reload, then stopped
+
+
+def test_process_titles(serve):
+    server = serve(handlers.faulty, processes=2)
+    workers = {w["pid"]: w["number"] for w in server.producer.stats()["workers"]}
+    for pid, number in workers.items():
+        assert proctitle(pid) == f"gaspar: worker {number}"
+    assert proctitle(server.fork_server) == "gaspar: fork server"
+
+
+def test_lifecycle_log_lines(cli):
+    server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "2")
+    pids = server.wait_ready(2)
+    numbers = {w["pid"]: w["number"] for w in server.stats()["workers"]}
+    for pid, n in numbers.items():
+        assert f"Booting worker {n} (pid:{pid})" in server.log
+        assert f"Worker {n} (pid:{pid}) ready" in server.log
+    victim = pids[0]
+    os.kill(victim, signal.SIGKILL)
+    line = f"Worker {numbers[victim]} (pid:{victim}) killed by SIGKILL. Perhaps out of memory?"
+    assert wait_for(lambda: line in server.log, 5), server.log
+    new = wait_for(lambda: [w for w in server.stats()["workers"] if w["pid"] not in pids], 5)
+    assert new and f"Worker {numbers[victim]} (pid:{new[0]['pid']}) ready" in server.log
+    assert sum(line in ln for ln in server.lines) == 1  # one line per event
+    stats = json.loads(client.request(server.addr, b"", timeout=5, stats=True))
+    assert stats["restarts"] == 1
