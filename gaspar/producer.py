@@ -176,6 +176,7 @@ class Producer(Supervisor):
         self.pid_token: dict[int, int] = {}
         self.spawn_seq = 0
         self.exit_sent: set[bytes] = set()
+        self.kill_reasons: dict[int, str] = {}  # pid -> why we signalled it
         self.connections: set[Connection] = set()
         self.draining = False  # no longer accepting
         self.stopping = False  # failing what is left, stopping workers
@@ -282,7 +283,7 @@ class Producer(Supervisor):
             except zmq.ZMQError as exc:  # the worker's pipe is gone: it is dying
                 log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
                 self.dispatcher.retire(worker.routing_id)
-                self.fork_server.kill(worker.pid, signal.SIGKILL)
+                self.kill_worker(worker.pid, signal.SIGKILL, "its 0MQ pipe was gone")
                 self._outbox.extend(self.dispatcher.requeue(req))
 
     def _resolve(self, pending: Pending, status: int, body: Any) -> None:

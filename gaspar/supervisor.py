@@ -105,7 +105,7 @@ class Supervisor:
                     self.pid_token[event["pid"]] = event["token"]
                 log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
                 if self.stopping:  # forked just as we stopped: begin_stop did not know its pid
-                    self.fork_server.kill(event["pid"], signal.SIGKILL)
+                    self.kill_worker(event["pid"], signal.SIGKILL, "the daemon is stopping")
             elif kind == "exited":
                 self.on_exit(event["pid"], event["number"], event["status"])
             elif kind == "reloaded":
@@ -113,6 +113,9 @@ class Supervisor:
 
     def on_exit(self, pid: int, number: int | None, status: int) -> None:
         exitcode, sig, text = describe_exit(status)
+        why = self.kill_reasons.pop(pid, None)
+        if why is not None and sig is not None:
+            text = f"killed by {signal.Signals(sig).name} because {why}"
         slot = next((w for w in self.dispatcher.workers.values() if w.pid == pid), None)
         if slot is not None:
             expected = slot.retiring and exitcode == 0
@@ -188,6 +191,12 @@ class Supervisor:
         self.booting[self.spawn_seq] = Booting(number, self.generation)
         self.fork_server.spawn(number, self.generation, self.spawn_seq)
 
+    def kill_worker(self, pid: int, sig: int, why: str) -> None:
+        """Signal a worker through the fork server, remembering why for its exit's log line
+        (a worker we SIGKILLed for a timeout was not out of memory)."""
+        self.kill_reasons[pid] = why
+        self.fork_server.kill(pid, sig)
+
     def tell_exit(self, worker: WorkerSlot) -> None:
         """Ask an idle worker to exit cleanly (it has nothing in hand)."""
         if worker.routing_id in self.exit_sent:
@@ -196,7 +205,7 @@ class Supervisor:
         try:
             self.router.send_multipart([worker.routing_id, Kind.EXIT.value], zmq.NOBLOCK)
         except zmq.ZMQError:
-            self.fork_server.kill(worker.pid, signal.SIGTERM)
+            self.kill_worker(worker.pid, signal.SIGTERM, "it could not be told to exit")
 
     def tick(self) -> None:
         """Every 0.1 s: fail what ran past its timeout and kill its worker; every 0.5 s,
@@ -217,7 +226,7 @@ class Supervisor:
                 log.error("WORKER TIMEOUT (worker %s, pid:%s) after %ss", worker.number, worker.pid, req.timeout)
                 msg = f"handler ran past {req.timeout}s; worker {worker.number} (pid {worker.pid}) killed"
                 self._fail(req, Status.TIMEOUT, "WorkerTimeout", msg, timeout=req.timeout, pid=worker.pid)
-                self.fork_server.kill(worker.pid, signal.SIGKILL)
+                self.kill_worker(worker.pid, signal.SIGKILL, f"its handler ran past {req.timeout}s")
             if expired:
                 self._send(self.dispatcher.dispatch())
                 self.manage_workers()
@@ -300,10 +309,10 @@ class Supervisor:
             if graceful and not self.hurry and w.routing_id not in overdue:
                 self.tell_exit(w)
             else:  # a fast stop, or a handler still running past graceful_timeout
-                self.fork_server.kill(w.pid, signal.SIGKILL)
+                self.kill_worker(w.pid, signal.SIGKILL, "the daemon is stopping")
         for boot in self.booting.values():
             if boot.pid is not None:
-                self.fork_server.kill(boot.pid, signal.SIGKILL)
+                self.kill_worker(boot.pid, signal.SIGKILL, "the daemon is stopping")
         if self.dispatcher.workers or any(b.pid for b in self.booting.values()):
             self._workers_gone.wait(5.0 if graceful else 2.0)
         deadline = time.monotonic() + 1.0

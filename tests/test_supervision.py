@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import signal
 import socket
@@ -835,3 +836,12 @@ def test_lifecycle_log_lines(cli):
     assert sum(line in ln for ln in server.lines) == 1  # one line per event
     stats = json.loads(client.request(server.addr, b"", timeout=5, stats=True))
     assert stats["restarts"] == 1
+
+
+def test_a_timeout_kill_is_logged_as_ours_not_as_out_of_memory(serve, caplog):
+    caplog.set_level(logging.INFO, logger="gaspar")
+    server = serve(handlers.sleepy, processes=1, timeout=0.5)
+    with pytest.raises(gaspar.WorkerTimeout):
+        server.request(b"5")
+    assert wait_for(lambda: "because its handler ran past 0.5s" in caplog.text, 5), caplog.text
+    assert "Perhaps out of memory" not in caplog.text
