@@ -1,0 +1,24 @@
+"""The documents say what the code does: every setting is in the README's table."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from conftest import ROOT
+
+from gaspar.config import Settings
+
+
+def test_every_setting_is_in_the_readme_table():
+    readme = open(os.path.join(ROOT, "README.rst"), encoding="utf-8").read()
+    for f in dataclasses.fields(Settings):
+        assert f"\n{f.name} " in readme, f"setting {f.name} is missing from README.rst"
+        if f.metadata.get("cli"):
+            assert "--" + f.name.replace("_", "-") in readme
+
+
+def test_protocol_document_exists_with_status_codes():
+    doc = open(os.path.join(ROOT, "docs", "protocol.rst"), encoding="utf-8").read()
+    for word in ("KEEPALIVE", "STATS", "tag", "reset", "max_message_size"):
+        assert word in doc
