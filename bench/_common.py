@@ -8,7 +8,7 @@ import os
 import socket
 import struct
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 BACKLOG = 2048  # the same accept queue as gaspar's default
 HEADER = struct.Struct("!I")

@@ -16,9 +16,9 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 try:
-    from bench._common import BACKLOG, HEADER, EXTENDED, load_handler, parse_args
+    from bench._common import BACKLOG, EXTENDED, HEADER, load_handler, parse_args
 except ImportError:  # run as a script: bench/ is sys.path[0]
-    from _common import BACKLOG, HEADER, EXTENDED, load_handler, parse_args
+    from _common import BACKLOG, EXTENDED, HEADER, load_handler, parse_args
 
 
 def _noop() -> None:

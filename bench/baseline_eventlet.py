@@ -8,6 +8,8 @@ accepted and ignored.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import eventlet
@@ -31,15 +33,15 @@ def main() -> None:
         else:
             conn.close()
 
+    # eventlet's hub does not reliably turn SIGINT into KeyboardInterrupt: exit at once
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: os._exit(0))
     listener = eventlet.listen((args.host, args.port), backlog=BACKLOG)
     pool = eventlet.GreenPool(size=1_000_000)
     print(f"eventlet: listening on {args.host}:{args.port}", file=sys.stderr, flush=True)
-    try:
-        while True:
-            conn, _ = listener.accept()
-            pool.spawn_n(serve, conn)
-    except KeyboardInterrupt:
-        pass
+    while True:
+        conn, _ = listener.accept()
+        pool.spawn_n(serve, conn)
 
 
 if __name__ == "__main__":

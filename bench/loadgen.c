@@ -12,6 +12,10 @@
  * connection slot out of C (or wait, their clock running, for one to free up);
  * persistent requests are spread round-robin over C keep-alive connections.
  *
+ * --duration S counts the replies that arrive in S seconds after --warmup; requests
+ * still in flight then are waited for (--drain) but not counted. --requests N sends N
+ * requests and times them all. --ramp S spreads the first connects over S seconds.
+ *
  * Every reply is checked (--verify equal|nonempty, or --expect TEXT). The result
  * is one JSON object on stdout. Build: cc -O2 -o loadgen loadgen.c
  */
@@ -81,6 +85,7 @@ static int nconn = 1;
 static int persistent = 0;
 static int pipeline = 1;
 static double rate = 0;
+static double ramp = 0;
 static double duration = 5, warmup = 0, drain = 15, req_timeout = 60, max_seconds = 600;
 static long long count = 0;
 static int verify = V_EQUAL;
@@ -420,8 +425,7 @@ static void pers_issue_closed(conn_t *c, int idx) {
 static void pers_broken(conn_t *c, int idx, int kind, const char *what);
 
 static void pers_connect(conn_t *c, int idx) {
-    c->sq_head = 0;
-    c->cur_off = 0;
+    c->cur_off = 0; /* requests queued while disconnected stay queued */
     c->rhdr_got = 0;
     c->body_len = c->body_got = 0;
     if (open_socket(c, idx) < 0)
@@ -709,13 +713,15 @@ static unsigned char *literal(const char *s, size_t *len) {
     return p;
 }
 
-static void usage(void) {
-    fprintf(stderr,
+static void usage(int status) {
+    fprintf(status ? stderr : stdout,
             "usage: loadgen --port P [--host H] [--connections C] [--persistent [--pipeline K]]\n"
             "               [--rate R] [--size N | --payload TEXT] [--duration S [--warmup S] | --requests N]\n"
             "               [--verify equal|nonempty | --expect TEXT] [--timeout S] [--drain S]\n"
-            "               [--server-timeout-ms MS] [--max-seconds S] [--quiet]\n");
-    exit(2);
+            "               [--server-timeout-ms MS] [--max-seconds S] [--ramp S] [--quiet]\n"
+            "Closed loop by default (one request in flight per connection, or --pipeline K);\n"
+            "--rate R: open loop, latency from each request's scheduled time. Prints JSON.\n");
+    exit(status);
 }
 
 static int cmp64(const void *a, const void *b) {
@@ -741,7 +747,7 @@ int main(int argc, char **argv) {
         {"size", 1, 0, 's'},       {"payload", 1, 0, 'm'},  {"duration", 1, 0, 'd'},
         {"warmup", 1, 0, 'w'},     {"requests", 1, 0, 'n'}, {"verify", 1, 0, 'v'},
         {"expect", 1, 0, 'e'},     {"timeout", 1, 0, 't'},  {"drain", 1, 0, 'D'},
-        {"server-timeout-ms", 1, 0, 'T'}, {"quiet", 0, 0, 'q'}, {"max-seconds", 1, 0, 'M'},
+        {"server-timeout-ms", 1, 0, 'T'}, {"quiet", 0, 0, 'q'}, {"max-seconds", 1, 0, 'M'}, {"ramp", 1, 0, 'R'}, {"help", 0, 0, 'H'},
         {0, 0, 0, 0}};
     long size = 64;
     const char *literal_payload = NULL;
@@ -762,7 +768,7 @@ int main(int argc, char **argv) {
         case 'v':
             if (!strcmp(optarg, "equal")) verify = V_EQUAL;
             else if (!strcmp(optarg, "nonempty")) verify = V_NONEMPTY;
-            else usage();
+            else usage(2);
             break;
         case 'e': verify = V_EXPECT; expect = literal(optarg, &elen); break;
         case 't': req_timeout = atof(optarg); break;
@@ -770,11 +776,13 @@ int main(int argc, char **argv) {
         case 'T': timeout_ms = (uint32_t)atol(optarg); break;
         case 'q': quiet = 1; break;
         case 'M': max_seconds = atof(optarg); break;
-        default: usage();
+        case 'R': ramp = atof(optarg); break;
+        case 'H': usage(0); break;
+        default: usage(2);
         }
     }
     if (port <= 0 || nconn < 1 || pipeline < 1 || size < 0)
-        usage();
+        usage(2);
     signal(SIGPIPE, SIG_IGN);
 
     if (literal_payload) {
@@ -863,7 +871,11 @@ int main(int argc, char **argv) {
                 idle_stack[nidle++] = i;
     } else {
         for (int i = 0; i < nconn; i++) {
-            if (persistent)
+            if (ramp > 0 && i > 0) { /* --ramp: spread the first connects out */
+                conns[i].state = ST_WAIT;
+                conns[i].retry_at = t_start + (int64_t)(ramp * NS * i / nconn);
+                waiting++;
+            } else if (persistent)
                 pers_connect(&conns[i], i);
             else
                 plain_next(&conns[i], i);

@@ -1,0 +1,775 @@
+"""Run gaspar and the baselines side by side and print one table.
+
+    python bench/run.py            # full: a few minutes
+    python bench/run.py --quick    # under a minute
+
+Every server runs the same handlers (bench/handlers.py) and is driven by the same C load
+generator (bench/loadgen.c, built here into bench/.build/). Servers that share a
+configuration (handler, workers) run at the same time on different ports and their
+measurements are interleaved, rep by rep, so slow drift of the machine hits them all
+alike. The results go to stdout, bench/results.txt and bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BUILD = BENCH / ".build"
+LOADGEN = BUILD / "loadgen"
+CORES = os.cpu_count() or 1
+SERVERS = ("gaspar", "asyncio_ppe", "prefork", "eventlet")
+BASELINES = SERVERS[1:]
+FRONT_END = {
+    "gaspar": "the `gaspar serve` process (not its workers)",
+    "asyncio_ppe": "the asyncio process (not the pool's processes)",
+    "prefork": "all the accepting processes (there is no front end; they run the handler too)",
+    "eventlet": "the one process (it runs the handler too)",
+}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+try:
+    from bench.handlers import sha
+except ImportError:  # run as a script: bench/ is sys.path[0]
+    from handlers import sha
+
+# the request that shows a server is up, per handler, and its reply (None: the request)
+PROBES = {"echo": (b"ready", None), "spin": (b"0", None), "sha": (b"1", sha(b"1"))}
+
+
+@dataclass
+class Params:
+    duration: float  # seconds measured per short run
+    warmup: float  # seconds before that, not measured
+    reps: int  # short runs per measurement; the median is reported
+    fair_duration: float
+    scale: tuple[int, ...]
+    scale_warmup: dict[int, float]
+    scale_duration: dict[int, float]
+    cpu_requests: int
+    open_rate: float
+
+
+QUICK = Params(
+    duration=0.4,
+    warmup=0.15,
+    reps=1,
+    fair_duration=1.2,
+    scale=(100, 1000),
+    scale_warmup={100: 0.3, 1000: 0.8},
+    scale_duration={100: 0.6, 1000: 0.6},
+    cpu_requests=4000,
+    open_rate=500,
+)
+FULL = Params(
+    duration=1.2,
+    warmup=0.5,
+    reps=3,
+    fair_duration=6.0,
+    scale=(100, 1000, 10000),
+    scale_warmup={100: 0.5, 1000: 1.5, 10000: 5.0},
+    scale_duration={100: 3.0, 1000: 3.0, 10000: 5.0},
+    cpu_requests=20000,
+    open_rate=500,
+)
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:5.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def stop_all(servers) -> None:
+    """Stop servers together: SIGINT to each, then one shared 5 s grace, then SIGKILL."""
+    servers = [s for s in servers if s.proc is not None]
+    for s in servers:
+        s.interrupt()
+    t0 = time.monotonic()
+    deadline = t0 + 5
+    for s in servers:
+        killed = s.stop(deadline)
+        log(f"stopped {s.kind} ({s.handler}, {s.workers} workers) after {time.monotonic() - t0:.1f} s" + killed)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def build_loadgen() -> Path:
+    src = BENCH / "loadgen.c"
+    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= src.stat().st_mtime:
+        return LOADGEN
+    BUILD.mkdir(exist_ok=True)
+    tmp = LOADGEN.with_suffix(".tmp")
+    cc = os.environ.get("CC", "cc")
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(src), "-lm"], check=True, timeout=120)
+    os.replace(tmp, LOADGEN)
+    return LOADGEN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (index 0 is the state)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes only (not their children)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = proc_stat(pid)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def rss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if int(proc_stat(int(entry))[1]) == pid:
+                        kids.append(int(entry))
+                except (OSError, IndexError, ValueError):
+                    pass
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
+    return out
+
+
+class Server:
+    """One server process (with its workers) on its own port."""
+
+    def __init__(self, kind: str, handler: str, workers: int) -> None:
+        self.kind, self.handler, self.workers = kind, handler, workers
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = BUILD / f"{kind}-{handler}-w{workers}.log"
+
+    def argv(self) -> list[str]:
+        spec = f"bench.handlers:{self.handler}"
+        if self.kind == "gaspar":
+            return [sys.executable, "-m", "gaspar", "serve", spec, "--bind", f"127.0.0.1:{self.port}"] + [
+                "--workers",
+                str(self.workers),
+                "--log-level",
+                "warning",
+            ]
+        script = str(BENCH / f"baseline_{self.kind}.py")
+        return [sys.executable, script, "--port", str(self.port), "--workers", str(self.workers), "--handler", spec]
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONWARNINGS"] = "ignore"  # eventlet's deprecation notice
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv(),
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so it can be killed whole
+            )
+
+    def log_tail(self, n: int = 8) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(lines[-n:])
+
+    def probe(self, timeout: float = 2.0) -> bool:
+        """One real request, checked: does the server answer it correctly?"""
+        msg, want = PROBES.get(self.handler, (b"ready", None))
+        want = msg if want is None else want
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+                s.sendall(struct.pack("!I", len(msg)) + msg)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+        except OSError:
+            return False
+        return data == want
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerFailed(f"{self.kind} exited with status {self.proc.returncode}: {self.log_tail()}")
+            if self.probe():
+                return
+            time.sleep(0.1)
+        raise ServerFailed(f"{self.kind} did not answer within {timeout:.0f} s: {self.log_tail()}")
+
+    def interrupt(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, deadline: float | None = None) -> str:
+        """SIGINT to the server; SIGKILL to its process group after 5 s (and for stragglers)."""
+        if self.proc is None:
+            return ""
+        self.interrupt()
+        deadline = deadline or time.monotonic() + 5
+        how = ""
+        try:
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            how = ", killed: SIGINT did not stop it"
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+        return how
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def front_end_pids(self) -> list[int]:
+        if self.kind == "prefork":
+            return [self.pid, *children(self.pid)]
+        return [self.pid]
+
+    def all_pids(self) -> list[int]:
+        return descendants(self.pid)
+
+
+# ---------------------------------------------------------------- the load generator
+
+
+def loadgen_argv(port: int, connections: int, **opts) -> list[str]:
+    argv = [str(LOADGEN), "--port", str(port), "--connections", str(connections), "--quiet"]
+    for name, value in opts.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def loadgen_budget(opts: dict) -> float:
+    """How long a run may take before it is killed: its own time plus its drain, plus slack."""
+    own = float(opts.get("warmup") or 0) + float(opts.get("duration") or 0)
+    if opts.get("requests"):
+        own = float(opts.get("max_seconds") or 120)
+    return own + float(opts.get("drain") or 15) + 15
+
+
+def start_loadgen(port: int, connections: int, **opts) -> subprocess.Popen:
+    return subprocess.Popen(
+        loadgen_argv(port, connections, **opts),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def finish_loadgen(proc: subprocess.Popen, budget: float) -> dict:
+    try:
+        out, err = proc.communicate(timeout=budget)
+    except BaseException as e:  # a timeout, or ^C: the load generator goes too
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=5)
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise RuntimeError(f"loadgen ran past {budget:.0f} s and was killed") from None
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
+    return json.loads(out)
+
+
+def loadgen(server: Server, connections: int, *, sample: bool = False, **opts) -> dict:
+    """One load generator run against one server; with ``sample``, the server's peak RSS."""
+    opts.setdefault("drain", 15)
+    opts.setdefault("timeout", 30)
+    if opts.get("requests"):
+        opts.setdefault("max_seconds", 120)
+    proc = start_loadgen(server.port, connections, **opts)
+    if sample:
+        peak_fe = peak_all = 0
+        deadline = time.monotonic() + loadgen_budget(opts)
+        while proc.poll() is None and time.monotonic() < deadline:
+            peak_fe = max(peak_fe, rss_kb(server.front_end_pids()))
+            peak_all = max(peak_all, rss_kb(server.all_pids()))
+            time.sleep(0.1)
+    result = finish_loadgen(proc, loadgen_budget(opts))
+    if sample:
+        result["rss_front_end_kb"] = peak_fe
+        result["rss_all_kb"] = peak_all
+    return result
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    scenario: str
+    metric: str
+    better: str  # "higher" or "lower"
+    fmt: str  # "int", "f1", "f2", "x"
+    values: dict[str, float | None] = field(default_factory=dict)
+    lg_share: dict[str, float | None] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    runs: dict[str, list] = field(default_factory=dict)
+    gaspar_only: bool = False
+
+
+def fmt_value(v: float | None, fmt: str) -> str:
+    if v is None:
+        return "n/a"
+    if fmt == "int":
+        return f"{v:,.0f}"
+    if fmt == "f1":
+        return f"{v:,.1f}"
+    if fmt == "f2":
+        return f"{v:.2f}"
+    if fmt == "x":
+        return f"{v:.2f}x"
+    return str(v)
+
+
+class Results:
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+
+    def add(self, row: Row) -> Row:
+        shown = ", ".join(f"{k} {fmt_value(v, row.fmt)}" for k, v in row.values.items())
+        log(f"{row.scenario}: {row.metric}: {shown}")
+        self.rows.append(row)
+        return row
+
+    def table(self, servers: tuple[str, ...]) -> str:
+        head = ["scenario", "metric", "better", *servers, *[f"g/{b}" for b in BASELINES]]
+        body = []
+        for r in sorted(self.rows, key=lambda r: r.scenario.split()[0]):  # stable: by scenario number
+            cells = [r.scenario, r.metric, r.better]
+            for s in servers:
+                v = r.values.get(s)
+                cell = fmt_value(v, r.fmt)
+                lg = r.lg_share.get(s)
+                if v is not None and lg is not None:
+                    cell += f" [{lg * 100:.0f}%]"
+                if r.errors.get(s):
+                    cell += f" !{r.errors[s]}err"
+                if r.gaspar_only and s != "gaspar":
+                    cell = "-"
+                cells.append(cell)
+            for b in BASELINES:
+                g, v = r.values.get("gaspar"), r.values.get(b)
+                cells.append(f"{g / v:.2f}" if g is not None and v and not r.gaspar_only else "-")
+            body.append(cells)
+        widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
+
+        def line(cells: list[str]) -> str:
+            out = []
+            for i, c in enumerate(cells):
+                out.append(c.ljust(widths[i]) if i < 3 else c.rjust(widths[i]))
+            return "  ".join(out).rstrip()
+
+        sep = "  ".join("-" * w for w in widths)
+        return "\n".join([line(head), sep, *(line(c) for c in body)])
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(row: Row, runs: dict[str, list[dict]], key: str | Callable[[dict], float]) -> Row:
+    """Fill a row from raw runs: the median of ``key``, the median loadgen CPU share, errors."""
+    get = key if callable(key) else (lambda d: d[key])
+    for name, rs in runs.items():
+        row.runs[name] = rs
+        row.values[name] = median([get(d) for d in rs])
+        row.lg_share[name] = median([d["cpu_share"] for d in rs])
+        row.errors[name] = sum(d.get("errors", 0) for d in rs)
+    return row
+
+
+def busy_share(seconds: float = 0.5) -> float:
+    """How busy the whole machine is right now (0..1), from /proc/stat."""
+
+    def sample() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+
+    try:
+        a = sample()
+        time.sleep(seconds)
+        b = sample()
+    except OSError:
+        return 0.0
+    d = [y - x for x, y in zip(a, b, strict=True)]
+    idle = d[3] + (d[4] if len(d) > 4 else 0)
+    return 1 - idle / max(1, sum(d))
+
+
+def machine() -> dict:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": CORES,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+    }
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+class Bench:
+    def __init__(self, p: Params, kinds: list[str], results: Results) -> None:
+        self.p, self.kinds, self.res = p, kinds, results
+        self.live: list[Server] = []
+
+    def interleaved(self, servers: dict[str, Server], fn: Callable[[Server], dict], reps: int) -> dict[str, list]:
+        runs: dict[str, list] = {name: [] for name in servers}
+        names = list(servers)
+        for rep in range(reps):
+            k = rep % len(names) if names else 0
+            for name in names[k:] + names[:k]:  # a different server goes first each rep
+                try:
+                    runs[name].append(fn(servers[name]))
+                except Exception as e:  # noqa: BLE001 - a failed run is reported, not fatal
+                    self.res.notes.append(f"{name}: a run failed: {e}")
+        return {k: v for k, v in runs.items() if v}
+
+    def start_all(self, handler: str, workers: int, kinds: list[str]) -> dict[str, Server]:
+        servers = {k: Server(k, handler, workers) for k in kinds}
+        for s in servers.values():
+            self.live.append(s)  # stopped at the end whatever happens
+            s.start()
+        ready = {}
+        for name, s in servers.items():
+            try:
+                s.wait_ready()
+                ready[name] = s
+            except ServerFailed as e:
+                self.res.notes.append(f"{name} ({handler}, {workers} workers) did not start: {e}")
+                s.stop()
+        log(f"started {', '.join(ready)}: handler {handler}, {workers} workers")
+        return ready
+
+    def short(self, **extra) -> dict:
+        return {"duration": self.p.duration, "warmup": self.p.warmup, **extra}
+
+    # scenario 1, 3, 5 (connections), 6, 7: echo with workers = cores
+    def echo_phase(self, servers: dict[str, Server]) -> dict[str, list]:
+        """Scenarios 1, 3, 5 (connections), 6 and 7; returns the 64-client echo runs."""
+        p, res = self.p, self.res
+
+        def run(c, **o):
+            return lambda s: loadgen(s, c, **self.short(**o))
+
+        r1 = self.interleaved(servers, run(1, size=64), p.reps)
+        res.add(summarize(Row("1 echo 64 B, 1 client", "p50 latency us", "lower", "int"), r1, "p50_us"))
+        res.add(summarize(Row("1 echo 64 B, 1 client", "p99 latency us", "lower", "int"), r1, "p99_us"))
+        r64 = self.interleaved(servers, run(64, size=64), p.reps)
+        res.add(summarize(Row("1 echo 64 B, 64 clients", "req/s", "higher", "int"), r64, "throughput"))
+        res.add(summarize(Row("1 echo 64 B, 64 clients", "p99 latency us", "lower", "int"), r64, "p99_us"))
+        ro = self.interleaved(servers, run(64, size=64, rate=p.open_rate), p.reps)
+        label = f"1 echo 64 B, open loop {p.open_rate:.0f}/s"
+        res.add(summarize(Row(label, "p99 latency us", "lower", "int"), ro, "p99_us"))
+
+        rm = self.interleaved(servers, run(4, size=1 << 20), p.reps)
+        res.add(summarize(Row("3 echo 1 MiB, 4 clients", "MB/s", "higher", "int"), rm, "mb_per_s"))
+
+        for n in p.scale:
+            # a closed loop of n clients turns over once every n / throughput seconds: the
+            # warm-up must cover that, or the count catches the start-up transient
+            warm, dur = p.scale_warmup.get(n, 1.0), p.scale_duration.get(n, 1.0)
+
+            def scale(s, n=n, warm=warm, dur=dur):
+                return loadgen(s, n, sample=True, size=64, duration=dur, warmup=warm, ramp=warm / 2, drain=30)
+
+            rs = self.interleaved(servers, scale, 1)
+            label = f"5 echo 64 B, {n:,} connections"
+            res.add(summarize(Row(label, "req/s", "higher", "int"), rs, "throughput"))
+            rss = Row(label, "front-end RSS MiB", "lower", "f1")
+            res.add(summarize(rss, rs, lambda d: d["rss_front_end_kb"] / 1024))
+        self.cpu_per_request(servers, "6 echo 64 B, 64 clients", {})
+
+        g = servers.get("gaspar")
+        if g is None:
+            return r64
+        plain = next(r for r in res.rows if r.scenario == "1 echo 64 B, 64 clients" and r.metric == "req/s")
+        one = self.interleaved({"gaspar": g}, run(1, size=64, persistent=True), p.reps)
+        row = Row("7 persistent, 1 client", "p50 latency us", "lower", "int", gaspar_only=True)
+        res.add(summarize(row, one, "p50_us"))
+        for k in (1, 8):
+            rk = self.interleaved({"gaspar": g}, run(64, size=64, persistent=True, pipeline=k), p.reps)
+            label = "7 persistent, 64 clients" + (f", pipeline {k}" if k > 1 else "")
+            row = res.add(summarize(Row(label, "req/s", "higher", "int", gaspar_only=True), rk, "throughput"))
+            if plain.values.get("gaspar") and row.values.get("gaspar"):
+                ratio = Row(label, "vs 1 req/connection", "higher", "x", gaspar_only=True)
+                ratio.values["gaspar"] = row.values["gaspar"] / plain.values["gaspar"]
+                res.add(ratio)
+        self.cpu_per_request({"gaspar": g}, "7 persistent, 64 clients, pipeline 8", {"persistent": True, "pipeline": 8})
+        return r64
+
+    def cpu_per_request(self, servers: dict[str, Server], label: str, extra: dict) -> None:
+        """Scenario 6: the front end's own CPU time per request, over a fixed number of requests."""
+        n = self.p.cpu_requests
+
+        def run(s: Server) -> dict:
+            loadgen(s, 64, size=64, requests=max(200, n // 10), **extra)  # warm up
+            pids = s.front_end_pids()
+            before = cpu_seconds(pids)
+            d = loadgen(s, 64, size=64, requests=n, max_seconds=120, **extra)
+            time.sleep(0.1)
+            d["front_end_cpu_s"] = cpu_seconds(pids) - before
+            d["front_end_us_per_req"] = d["front_end_cpu_s"] / max(1, d["requests"]) * 1e6
+            return d
+
+        runs = self.interleaved(servers, run, 1)
+        row = Row(label, "front-end CPU us/req", "lower", "f1", gaspar_only=len(servers) == 1)
+        self.res.add(summarize(row, runs, "front_end_us_per_req"))
+
+    # scenario 2 (workers = cores) and 4 (2 workers)
+    def spin_phase(self, servers: dict[str, Server], workers: int) -> None:
+        p, res = self.p, self.res
+        if workers == CORES:
+            r = self.interleaved(servers, lambda s: loadgen(s, 8, **self.short(payload="1000")), p.reps)
+            label = f"2 spin 1 ms, 8 clients, {workers} workers"
+            res.add(summarize(Row(label, "req/s", "higher", "int"), r, "throughput"))
+            eff = Row(label, "efficiency", "higher", "f2")
+            res.add(summarize(eff, r, lambda d: d["throughput"] / (workers * 1000)))
+        if workers == 2:
+            runs = self.interleaved(servers, self.fairness, 1)
+            label = "4 fairness: 200 us beside 50 ms, 2 workers"
+            res.add(summarize(Row(label, "short p50 us", "lower", "int"), runs, "p50_us"))
+            res.add(summarize(Row(label, "short p99 us", "lower", "int"), runs, "p99_us"))
+
+    def fairness(self, s: Server) -> dict:
+        """One client sends 50 ms requests back to back while another sends 200 us ones."""
+        opts = {"duration": self.p.fair_duration, "warmup": 0.3, "drain": 15, "timeout": 30}
+        long = start_loadgen(s.port, 1, payload="50000", **opts)
+        short = start_loadgen(s.port, 1, payload="200", **opts)
+        budget = loadgen_budget(opts)
+        d_short = finish_loadgen(short, budget)
+        d_long = finish_loadgen(long, budget)
+        d = dict(d_short)
+        d["long"] = d_long
+        d["cpu_share"] = d_short["cpu_share"] + d_long["cpu_share"]
+        d["errors"] = d_short["errors"] + d_long["errors"]
+        return d
+
+    # scenario 5: throughput against workers
+    def workers_phase(self, servers: dict[str, Server], workers: int) -> dict[str, list]:
+        return self.interleaved(servers, lambda s: loadgen(s, 64, **self.short(size=64)), self.p.reps)
+
+
+def gaspar_runnable() -> str | None:
+    """None if ``python -m gaspar serve --help`` works, else why not."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "gaspar", "serve", "--help"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        return "`python -m gaspar serve --help` did not finish in 30 s"
+    if r.returncode != 0:
+        tail = " | ".join(r.stderr.decode(errors="replace").strip().splitlines()[-3:])
+        return f"`python -m gaspar serve --help` failed: {tail}"
+    return None
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, min(hard, 65536)) if hard != resource.RLIM_INFINITY else 65536
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short runs, no repeats, no 10,000 connections")
+    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of " + ",".join(SERVERS))
+    args = ap.parse_args()
+    p = QUICK if args.quick else FULL
+    kinds = [k for k in SERVERS if k in args.servers.split(",")]
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    started = time.monotonic()
+
+    raise_nofile()
+    build_loadgen()
+    res = Results()
+    busy_before = busy_share()
+    load_before = os.getloadavg()[0]
+    if busy_before > 0.10:
+        res.notes.append(
+            f"the machine was {busy_before:.0%} busy before the run (load average {load_before:.2f}):"
+            " other work competes with the servers, expect noise"
+        )
+    gaspar_why = gaspar_runnable() if "gaspar" in kinds else "not selected"
+    if gaspar_why and "gaspar" in kinds:
+        res.notes.append(f"gaspar unavailable: {gaspar_why}")
+        kinds.remove("gaspar")
+    bench = Bench(p, kinds, res)
+
+    def phase(handler: str, workers: int, kinds_here: list[str]) -> dict[str, Server]:
+        return bench.start_all(handler, workers, kinds_here)
+
+    def end(servers: dict[str, Server]) -> None:
+        stop_all(servers.values())
+
+    worker_counts = (1, 2, 4)
+    per_workers: dict[int, dict[str, list]] = {}
+    try:
+        servers = phase("echo", CORES, kinds)
+        try:
+            # row 1's 64-client runs double as the workers = cores point of row 5
+            per_workers[CORES] = bench.echo_phase(servers)
+        finally:
+            end(servers)
+        for w in sorted({CORES, 2}):
+            servers = phase("spin", w, kinds)
+            try:
+                bench.spin_phase(servers, w)
+            finally:
+                end(servers)
+        for w in worker_counts:
+            if w in per_workers:
+                continue
+            servers = phase("echo", w, [k for k in kinds if k != "eventlet"])  # eventlet has no workers
+            try:
+                per_workers[w] = bench.workers_phase(servers, w)
+            finally:
+                end(servers)
+    except KeyboardInterrupt:
+        res.notes.append("interrupted")
+    finally:
+        stop_all(bench.live)
+    for w in worker_counts:
+        label = f"req/s, {w} worker{'s' * (w > 1)}"
+        res.add(summarize(Row("5 echo 64 B, 64 clients", label, "higher", "int"), per_workers.get(w, {}), "throughput"))
+
+    elapsed = time.monotonic() - started
+    m = machine()
+    m["busy_before_run"] = round(busy_before, 3)
+    m["load_average_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    shown = tuple(k for k in SERVERS if k in args.servers.split(","))
+    mode = "quick" if args.quick else "full"
+    header = [
+        f"gaspar benchmark ({mode}), {datetime.datetime.now():%Y-%m-%d %H:%M}, {elapsed:.0f} s",
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['kernel']}, Python {m['python']};"
+        f" {busy_before:.0%} busy before the run, load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}",
+        f"command: {command}",
+        (
+            f"cells: rows 1, 2, 3, 5 (workers) and 7 are the median of {p.reps} runs, the others one run;"
+            if p.reps > 1
+            else "cells: one run each;"
+        )
+        + " [n%] = the load generator's CPU time, % of one core",
+        "g/X: gaspar's value divided by X's (read with the `better` column); !N err: failed requests",
+        "workers = cores unless the row says otherwise; eventlet is one process whatever --workers says",
+    ]
+    text = "\n".join(header) + "\n\n" + res.table(shown) + "\n"
+    if res.notes:
+        text += "\nnotes:\n" + "\n".join(f"  - {n}" for n in res.notes) + "\n"
+    print(text, end="")
+    (BENCH / "results.txt").write_text(text)
+    doc = {
+        "mode": mode,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "elapsed_seconds": round(elapsed, 1),
+        "machine": m,
+        "command": command,
+        "params": p.__dict__,
+        "servers": list(shown),
+        "gaspar_available": gaspar_why is None,
+        "front_end": FRONT_END,
+        "notes": res.notes,
+        "rows": [r.__dict__ for r in res.rows],
+    }
+    (BENCH / "results.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
