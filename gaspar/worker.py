@@ -168,7 +168,7 @@ _ERROR = bytes([Status.HANDLER_ERROR])
 
 def call_handler(fn: Callable[[Any], Any], frame: Any, broadcast: bool = False) -> tuple[bytes, Any]:
     """Run ``fn`` on a request frame; return (status byte, body) and never raise."""
-    message = frame.bytes if len(frame) < _LARGE else frame.buffer
+    message = frame.bytes  # handlers get bytes, whatever the size (one copy of a large one)
     try:
         result = fn(message)
         if broadcast:

@@ -81,3 +81,9 @@ def faulty(message: bytes) -> bytes:
         os.abort()
     time.sleep(float(message or b"0"))
     return b"%d:%s" % (os.getpid(), message)
+
+
+def describe(message: bytes) -> bytes:
+    """Fails unless the handler is given real bytes, whatever the size."""
+    assert type(message) is bytes, type(message)
+    return b"%s:%d:%s" % (type(message).__name__.encode(), len(message), message[:4])

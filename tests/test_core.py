@@ -45,6 +45,13 @@ def test_echo_16_mib(serve):
     assert raw_request(s.addr, big, timeout=60) == big
 
 
+@pytest.mark.parametrize("size", [0, 10, 65536, 3 * 1024 * 1024])
+def test_handlers_are_given_bytes_at_every_size(serve, size):
+    s = serve(handlers.describe, processes=1)
+    message = (b"abcd" * (size // 4 + 1))[:size]
+    assert s.request(message, timeout=30) == b"bytes:%d:%s" % (size, message[:4])
+
+
 def test_str_reply_is_utf8_and_other_types_are_handler_errors(serve):
     s = serve(handlers.upper_str)
     assert s.request("héllo".encode()) == "HÉLLO".encode()
