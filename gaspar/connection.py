@@ -217,16 +217,25 @@ class Connection:
             if self.keepalive and self.inflight >= self.producer.settings.max_pipeline:
                 self.paused = True  # back-pressure: read again when replies go out
                 return
+            view = self.reader.body_view()
             try:
-                data = self.sock.recv(max(self.reader.wanted, 65536) if self.reader.in_progress else 65536)
+                if view is not None:  # a large body: straight into its buffer
+                    n = self.sock.recv_into(view)
+                    data = None
+                else:
+                    data = self.sock.recv(65536)
+                    n = len(data)
             except BlockingIOError:
                 return
             except OSError:
                 return self.abort()
-            if not data:
+            if not n:
                 return self.on_eof()
             self.last_active = time.monotonic()
-            self.reader.feed(data)
+            if data is None:
+                self.reader.advance(n)
+            else:
+                self.reader.feed(data)
             if not self._take_requests() or self.closed:
                 return
 

@@ -39,6 +39,7 @@ FLAG_STATS = 0x2
 KNOWN_FLAGS = FLAG_KEEPALIVE | FLAG_STATS
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+DIRECT_BODY = 256 * 1024  # bodies this large are received into a buffer of their own
 
 
 class Status(enum.IntEnum):
@@ -102,18 +103,41 @@ class RequestReader:
         self._head: Request | None = None  # header parsed, body pending
         self._head_size = 0
         self._length = 0
+        # A large body is received straight into its own buffer (see body_view): no
+        # growing buffer, no copy out of it.
+        self._body: bytearray | None = None
+        self._filled = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
+        if self._body is not None:
+            take = min(len(data), self._length - self._filled)
+            self._body[self._filled : self._filled + take] = data[:take]
+            self._filled += take
+            data = data[take:]
+        if data:
+            self._buf += data
+
+    def body_view(self) -> memoryview | None:
+        """A writable view of the rest of a large body, to receive into directly
+        (``sock.recv_into``, then :meth:`advance`); None when bytes should go to ``feed``."""
+        if self._body is None or self._filled >= self._length:
+            return None
+        return memoryview(self._body)[self._filled :]
+
+    def advance(self, n: int) -> None:
+        """``n`` bytes were written into the view :meth:`body_view` gave."""
+        self._filled += n
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as a request."""
-        return len(self._buf)
+        return len(self._buf) + self._filled
 
     @property
     def wanted(self) -> int:
         """How many more bytes complete the request in progress (at least 1)."""
+        if self._body is not None:
+            return max(1, self._length - self._filled)
         if self._head is None:
             need = EXTENDED_HEADER.size if self._is_extended() else PLAIN_HEADER.size
             return max(1, need - len(self._buf))
@@ -136,6 +160,12 @@ class RequestReader:
         """Return the next whole request, or None until more bytes arrive."""
         if self._head is None and not self._parse_header():
             return None
+        head = self._head
+        if self._body is not None:
+            if self._filled < self._length:
+                return None
+            body_buf, self._body, self._filled, self._head = self._body, None, 0, None
+            return Request(memoryview(body_buf), head.extended, head.keepalive, head.stats, head.timeout, head.tag)
         end = self._head_size + self._length
         if len(self._buf) < end:
             return None
@@ -174,6 +204,12 @@ class RequestReader:
         if length > self.max_message_size:
             raise RequestTooLarge(length, self.max_message_size, head)
         self._head, self._head_size, self._length = head, size, length
+        if length >= DIRECT_BODY and len(self._buf) < size + length:
+            self._body = bytearray(length)
+            got = len(self._buf) - size
+            self._body[:got] = self._buf[size:]
+            self._filled = got
+            self._buf = bytearray()
         return True
 
 

@@ -176,3 +176,26 @@ def test_error_tree_matches_builtins():
 def test_garbage_error_body_still_gives_an_error():
     exc = errors.error_from_reply(1, b"\xff not json")
     assert isinstance(exc, errors.HandlerError) and exc.remote_type == "Unknown"
+
+
+@pytest.mark.parametrize("chunk", [None, 1000, 65536, 300000])
+def test_large_bodies_whole_in_pieces_and_received_directly(chunk):
+    big = bytes(range(256)) * 4096  # 1 MiB
+    data = pack(big) + pack_extended(b"after", tag=3)
+    assert [bytes(r.body) for r in feed_all(data, chunk, limit=2 << 20)] == [big, b"after"]
+    # the same bytes received into body_view() where the reader offers one
+    reader = RequestReader(2 << 20)
+    pos, out = 0, []
+    while pos < len(data):
+        view = reader.body_view()
+        if view is not None:
+            n = min(len(view), chunk or len(view), len(data) - pos)
+            view[:n] = data[pos : pos + n]
+            reader.advance(n)
+        else:
+            n = min(chunk or len(data), len(data) - pos)
+            reader.feed(data[pos : pos + n])
+        pos += n
+        while (req := reader.next_request()) is not None:
+            out.append(bytes(req.body))
+    assert out == [big, b"after"] and not reader.in_progress
