@@ -221,7 +221,8 @@ class _Server:
                     os.close(fd)
                 signal.set_wakeup_fd(-1)
                 worker = Worker(number, generation, token, self.consumer, self.settings.proc_name)
-                code = run_worker(worker, endpoint, self.settings.post_fork, self.settings.worker_exit)
+                s = self.settings
+                code = run_worker(worker, endpoint, s.post_fork, s.worker_exit, s.worker_nice)
             except BaseException:
                 log.exception("Worker %s (pid:%s) crashed", number, os.getpid())
             finally:

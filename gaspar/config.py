@@ -40,6 +40,9 @@ class Settings:
         True, "when more requests are queued than there are workers, give each busy worker its next one ahead"
     )
     backlog: int = _opt(2048, "the listening socket's accept queue")
+    worker_nice: int = _opt(
+        5, "niceness added to the workers, so the front end's dispatch never waits behind handlers for a CPU"
+    )
     transport: str = _opt("ipc", "how workers reach the front end: ipc (a private 0700 directory) or tcp (loopback)")
     flap_attempts: int = _opt(5, "worker boot failures within flap_window that count as flapping")
     flap_window: float = _opt(10.0, "seconds over which boot failures are counted")

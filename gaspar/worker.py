@@ -107,7 +107,7 @@ class Worker:
         return f"<Worker {self.number} pid={self.pid}>"
 
 
-def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit: Any = None) -> int:
+def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit: Any = None, nice: int = 0) -> int:
     """The worker process's whole life; returns its exit code. Runs after the fork.
 
     Messages are two frames (the ROUTER adds or strips the routing id): a head, the kind's
@@ -116,6 +116,11 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
     import zmq  # the worker's own context, made after the fork
 
     set_proctitle(f"{worker.proc_name}: worker {worker.number}")
+    if nice:
+        # Below the front end: on a busy machine its dispatch and socket work run as soon as
+        # they are woken instead of queueing behind handlers (bench: fairness p99 and
+        # CPU-bound throughput both improved with 5 on 2 cores).
+        os.nice(nice)
     start_watchdog(worker.ppid)
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)  # the front end decides; SIGTERM still ends us

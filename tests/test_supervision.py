@@ -845,3 +845,11 @@ def test_a_timeout_kill_is_logged_as_ours_not_as_out_of_memory(serve, caplog):
         server.request(b"5")
     assert wait_for(lambda: "because its handler ran past 0.5s" in caplog.text, 5), caplog.text
     assert "Perhaps out of memory" not in caplog.text
+
+
+def test_workers_run_below_the_front_end(serve):
+    server = serve(handlers.pid, processes=1, worker_nice=7)
+    (pid,) = server.pids()
+    with open(f"/proc/{pid}/stat") as f:
+        worker_nice = int(f.read().rsplit(")", 1)[1].split()[16])
+    assert worker_nice == os.nice(0) + 7
