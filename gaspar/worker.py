@@ -114,6 +114,7 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
     byte then the 8-byte request id (and, going back, the status byte), and the body.
     """
     import zmq  # the worker's own context, made after the fork
+    import zmq.backend
 
     set_proctitle(f"{worker.proc_name}: worker {worker.number}")
     if nice:
@@ -142,18 +143,24 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
     consumer = worker.consumer
     request, broadcast, exit_ = Kind.REQUEST.value[0], Kind.BROADCAST.value[0], Kind.EXIT.value[0]
     reply, ack = Kind.REPLY.value, Kind.ACK.value
+    # pyzmq's Cython methods with int flags: its Python layer is a real share of a small
+    # request's cost (see producer.py)
+    send, recv, get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
+    more, rcvmore = int(zmq.SNDMORE), int(zmq.RCVMORE)
     try:
         while True:
-            head, *rest = sock.recv_multipart(copy=False)
-            head = head.bytes
+            head = recv(sock, 0)
+            frame = recv(sock, 0, False) if get(sock, rcvmore) else None
             kind = head[0]
             if kind == request:
-                status, body = call_handler(consumer.handle, rest[0])
+                status, body = call_handler(consumer.handle, frame)
                 worker.handled += 1
-                sock.send_multipart([reply + head[1:9] + status, body], copy=len(body) < _LARGE)
+                send(sock, reply + head[1:9] + status, more)
+                send(sock, body, 0, len(body) < _LARGE)
             elif kind == broadcast:
-                status, body = call_handler(consumer.on_broadcast, rest[0], broadcast=True)
-                sock.send_multipart([ack + head[1:9] + status, body])
+                status, body = call_handler(consumer.on_broadcast, frame, broadcast=True)
+                send(sock, ack + head[1:9] + status, more)
+                send(sock, body, 0)
             elif kind == exit_:
                 break
     finally:
