@@ -2,21 +2,24 @@
 
 ::
 
-    clients ──TCP──▶ accept loop ──▶ Connection green threads ──submit──▶ Dispatcher
-                                                                         │ (idle worker?)
-    workers ◀──[id, Q, req, payload]── ROUTER socket ◀──────────────────┘
-    workers ──[id, R, req, status, body]──▶ ROUTER ──▶ pump green thread ──▶ Connection
+    clients ──TCP──▶ IOLoop (one epoll in the hub): accept, read ──submit──▶ Dispatcher
+                                                                            │ idle worker?
+    workers ◀──[id, Q+req, payload]── ROUTER socket ◀── outbox, sent per round ┘
+    workers ──[id, R+req+status, body]──▶ ROUTER ──▶ read_router ──▶ Connection.deliver
 
-**Concurrency.** Everything runs in one OS thread, in green threads of one eventlet hub:
-the accept loop, one green thread per connection, the 0MQ pump (the only reader of the
-ROUTER socket), the fork server's event reader and a 0.1 s ticker. ``start(blocking=False)``
-runs that hub in a background thread; the public methods may be called from any thread and
-are handed to the hub. Workers are forked by the fork server (``gaspar.arbiter``), never
-by this process.
+**Concurrency.** Everything runs in one OS thread, on one eventlet hub. The hot path is not
+green threads: client sockets, the listening socket and the ROUTER's fd sit in one epoll
+(``gaspar.connection.IOLoop``) whose callbacks run in batches, and each batch ends with a
+round of 0MQ work (send what is queued, read every reply). Green threads do the rest: the
+fork server's events, signals and calls from other threads, stops, and a 0.1 s ticker
+(timeouts, idle connections). ``start(blocking=False)`` runs that hub in a background
+thread; the public methods may be called from any thread and are handed to the hub.
+Workers are forked by the fork server (``gaspar.arbiter``), never by this process.
 
 **Dispatch.** One ROUTER socket; each worker is a DEALER that says HELLO when ready and is
-given a request only when idle (ready credits; see ``gaspar.dispatch``). Fair: a request
-never waits behind a busy worker while another is idle.
+given a request when idle (ready credits; see ``gaspar.dispatch``). Fair: a request never
+waits behind a busy worker while another is idle. Under overload only (more queued than
+there are workers), a busy worker is also given its next request ahead (prefetch).
 
 **Faults.** A worker that dies fails only the request it held (``WorkerDied``), queued
 requests wait for the next idle worker, and a new worker is forked at once. A request past
@@ -230,7 +233,8 @@ class Producer(Supervisor):
         hub = eventlet.hubs.get_hub()
         self._read_scheduled = None
         self.ioloop = IOLoop(hub, self.read_router)
-        self.ioloop.register(self.router.fd, select.EPOLLIN, self._router_readable)
+        # the ROUTER's fd only wakes the loop: read_router runs after every round
+        self.ioloop.register(self.router.fd, select.EPOLLIN, _ignore)
         self.acceptor = Acceptor(self.listener, self.ioloop, self)
         self._fs_listener = hub.add(hub.READ, self.fork_server.events_fd, self.on_fork_server_events, _ignore, _noop)
         self._greenlets = [eventlet.spawn(self.tick)]
@@ -312,9 +316,6 @@ class Producer(Supervisor):
         self._deliver_error(conn, request, status, kind, msg, **facts)
 
     # -- replies from the workers -----------------------------------------------------------
-
-    def _router_readable(self, _events: int) -> None:
-        pass  # read_router runs after every round of the I/O loop
 
     def read_router_soon(self) -> None:
         """Make sure a round of 0MQ work runs soon, after a send made outside a round.
