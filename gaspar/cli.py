@@ -71,18 +71,9 @@ def load_config(path: str) -> dict[str, Any]:
 
 def parse_bind(bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"--bind takes HOST:PORT, not {bind!r}")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--bind takes HOST:PORT with a port from 0 to 65535, not {bind!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _yes_no(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "yes", "true", "on"):
-        return True
-    if value in ("0", "no", "false", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, not {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in Settings.cli_fields():
         flag = "--" + f.name.replace("_", "-")
-        kind = {bool: _yes_no, int: int, float: float}.get(type(f.default), str)
+        kind = {int: int, float: float}.get(type(f.default), str)
         if f.default is None:
             kind = float
         serve.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})")

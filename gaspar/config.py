@@ -36,8 +36,9 @@ class Settings:
         0, "add a random 0..N to max_requests per worker, so workers do not all recycle at once"
     )
     max_pipeline: int = _opt(64, "requests in flight at once on one persistent connection")
-    prefetch: bool = _opt(
-        True, "when more requests are queued than there are workers, give each busy worker its next one ahead"
+    prefetch: int = _opt(
+        4,
+        "requests handed ahead to a busy worker, only while more than workers x depth are queued (0: never)",
     )
     backlog: int = _opt(2048, "the listening socket's accept queue")
     worker_nice: int = _opt(

@@ -191,11 +191,11 @@ def test_serve_exits_when_another_gaspar_has_the_address(cli):
     assert client.request(first.addr, b"still mine", timeout=10) == b"still mine"
 
 
-@pytest.mark.parametrize("bind", ["127.0.0.1", "127.0.0.1:http", "localhost:"])
+@pytest.mark.parametrize("bind", ["127.0.0.1", "127.0.0.1:http", "localhost:", "127.0.0.1:102716"])
 def test_serve_rejects_a_bad_bind(bind):
     result = gaspar_cmd("serve", "handlers:echo", "--bind", bind)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"gaspar: error: --bind takes HOST:PORT, not {bind!r}"
+    assert result.stderr.strip() == f"gaspar: error: --bind takes HOST:PORT with a port from 0 to 65535, not {bind!r}"
 
 
 # -- request and stats ------------------------------------------------------------------------------

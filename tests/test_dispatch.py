@@ -175,11 +175,11 @@ def test_prefetch_only_when_more_are_queued_than_there_are_workers():
     r5, sent = d.submit(b"5", 5, timeout=5)
     assert len(sent) == 1 and d.prefetched == 1 and d.queued == 2
     (busy, pre) = sent[0]
-    assert busy.next is pre and pre.deadline is None  # its timeout has not started
+    assert list(busy.ahead) == [pre] and pre.deadline is None  # its timeout has not started
     clock.now += 1
     running = busy.current
     done, more = d.complete(busy.routing_id, running.id)
-    assert done is running and busy.current is pre and busy.next is None
+    assert done is running and busy.current is pre and not busy.ahead
     assert pre.deadline == clock.now + 5  # started now
     assert d.idle_count == 0  # it went straight on to the prefetched one
 
@@ -203,7 +203,7 @@ def test_a_dead_workers_prefetched_request_is_not_lost():
     d.add_worker(w1)
     running, _ = d.submit(b"a", "c")
     queued = [d.submit(b"%d" % i, i)[0] for i in range(3)]
-    pre = w1.next
+    (pre,) = w1.ahead
     assert pre is queued[0]
     assert d.remove_worker(w1.routing_id) is running
     assert pre.id in d.pending and pre.worker is None
@@ -218,7 +218,25 @@ def test_expired_request_returns_the_prefetched_one_to_the_queue():
     d.add_worker(w)
     running, _ = d.submit(b"a", "c", timeout=1)
     queued = [d.submit(b"%d" % i, i, timeout=1)[0] for i in range(3)]
-    assert w.next is queued[0]
+    assert list(w.ahead) == [queued[0]]
     clock.now += 2
     assert d.expire() == [running]
-    assert w.next is None and d.queued == 3 and queued[0].worker is None
+    assert not w.ahead and d.queued == 3 and queued[0].worker is None
+
+
+def test_prefetch_depth_grows_with_the_queue_and_zero_turns_it_off():
+    d = Dispatcher(Clock(), prefetch=4)
+    w = worker(1)
+    d.add_worker(w)
+    reqs = [d.submit(b"%d" % i, i)[0] for i in range(10)]
+    # 1 running; ahead while more than 1 x depth are queued: 4 ahead, 5 queued
+    assert w.current is reqs[0] and list(w.ahead) == reqs[1:5] and d.queued == 5
+    for expected in reqs[1:5]:  # they start in order, as the worker replies
+        d.complete(w.routing_id, w.current.id)
+        assert w.current is expected
+    off = Dispatcher(Clock(), prefetch=0)
+    w0 = worker(2)
+    off.add_worker(w0)
+    for i in range(10):
+        off.submit(b"%d" % i, i)
+    assert not w0.ahead and off.queued == 9
