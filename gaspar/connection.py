@@ -91,6 +91,9 @@ class IOLoop:
                     callback(events)
                 except Exception:
                     log.exception("Error on fd %s; carrying on", fd)
+                    owner = getattr(callback, "__self__", None)
+                    if isinstance(owner, Connection):
+                        owner.abort()  # a connection in an unknown state: reset, never hang
         self.busy = False
         self.after_round()
 

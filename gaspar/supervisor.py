@@ -97,19 +97,25 @@ class Supervisor:
 
     def _handle_events(self, events: list[dict[str, Any]]) -> None:
         for event in events:
-            kind = event["ev"]
-            if kind == "spawned":
-                boot = self.booting.get(event["token"])
-                if boot is not None:
-                    boot.pid = event["pid"]
-                    self.pid_token[event["pid"]] = event["token"]
-                log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
-                if self.stopping:  # forked just as we stopped: begin_stop did not know its pid
-                    self.kill_worker(event["pid"], signal.SIGKILL, "the daemon is stopping")
-            elif kind == "exited":
-                self.on_exit(event["pid"], event["number"], event["status"])
-            elif kind == "reloaded":
-                self.on_reloaded(event["ok"], event["error"])
+            try:
+                self._handle_event(event)
+            except Exception:  # one bad event must not lose the others (a worker's exit...)
+                log.exception("Error handling fork server event %r; carrying on", event)
+
+    def _handle_event(self, event: dict[str, Any]) -> None:
+        kind = event["ev"]
+        if kind == "spawned":
+            boot = self.booting.get(event["token"])
+            if boot is not None:
+                boot.pid = event["pid"]
+                self.pid_token[event["pid"]] = event["token"]
+            log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
+            if self.stopping:  # forked just as we stopped: begin_stop did not know its pid
+                self.kill_worker(event["pid"], signal.SIGKILL, "the daemon is stopping")
+        elif kind == "exited":
+            self.on_exit(event["pid"], event["number"], event["status"])
+        elif kind == "reloaded":
+            self.on_reloaded(event["ok"], event["error"])
 
     def on_exit(self, pid: int, number: int | None, status: int) -> None:
         exitcode, sig, text = describe_exit(status)
@@ -214,22 +220,28 @@ class Supervisor:
         while True:
             eventlet.sleep(0.1)
             rounds += 1
-            self.read_router()
-            idle = self.settings.idle_timeout
-            if idle and rounds % 5 == 0:
-                now = time.monotonic()
-                for conn in list(self.connections):
-                    conn.check_idle(now, idle)
-            expired = self.dispatcher.expire()
-            for req in expired:
-                worker = req.worker
-                log.error("WORKER TIMEOUT (worker %s, pid:%s) after %ss", worker.number, worker.pid, req.timeout)
-                msg = f"handler ran past {req.timeout}s; worker {worker.number} (pid {worker.pid}) killed"
-                self._fail(req, Status.TIMEOUT, "WorkerTimeout", msg, timeout=req.timeout, pid=worker.pid)
-                self.kill_worker(worker.pid, signal.SIGKILL, f"its handler ran past {req.timeout}s")
-            if expired:
-                self._send(self.dispatcher.dispatch())
-                self.manage_workers()
+            try:
+                self._tick(rounds)
+            except Exception:  # the ticker must outlive any one bad round
+                log.exception("Error in the supervisor's tick; carrying on")
+
+    def _tick(self, rounds: int) -> None:
+        self.read_router()
+        idle = self.settings.idle_timeout
+        if idle and rounds % 5 == 0:
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_idle(now, idle)
+        expired = self.dispatcher.expire()
+        for req in expired:
+            worker = req.worker
+            log.error("WORKER TIMEOUT (worker %s, pid:%s) after %ss", worker.number, worker.pid, req.timeout)
+            msg = f"handler ran past {req.timeout}s; worker {worker.number} (pid {worker.pid}) killed"
+            self._fail(req, Status.TIMEOUT, "WorkerTimeout", msg, timeout=req.timeout, pid=worker.pid)
+            self.kill_worker(worker.pid, signal.SIGKILL, f"its handler ran past {req.timeout}s")
+        if expired:
+            self._send(self.dispatcher.dispatch())
+            self.manage_workers()
 
     # -- control ---------------------------------------------------------------------------
 
