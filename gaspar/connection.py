@@ -109,6 +109,7 @@ class Acceptor:
 
     def __init__(self, sock: socket.socket, loop: IOLoop, producer: Producer) -> None:
         self.sock, self.loop, self.producer = sock, loop, producer
+        self.family = int(sock.family)
         sock.setblocking(False)
         loop.register(sock.fileno(), select.EPOLLIN, self.on_events)
         self.paused = False
@@ -117,7 +118,8 @@ class Acceptor:
         """Accept up to a batch; return how many were accepted."""
         for n in range(_ACCEPT_BATCH):
             try:
-                sock, _ = self.sock.accept()
+                fd, _ = self.sock._accept()  # socket.accept() minus its enum conversions
+                sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
             except BlockingIOError:
                 return n
             except OSError as exc:  # EMFILE and friends: pause instead of spinning

@@ -247,22 +247,21 @@ class Dispatcher:
             worker.current = req
             self._start(req)
             out.append((worker, req))
-        n = len(self.workers)
-        if self.prefetch and len(self._queue) > n:
-            # one ahead per busy worker while more are queued than there are workers; up
-            # to `prefetch` ahead while the queue is deeper still (0MQ then carries several
-            # requests per wake-up of its I/O threads)
-            for depth in range(1, self.prefetch + 1):
-                for worker in self.workers.values():
-                    if len(self._queue) <= n * depth:
-                        return out
-                    if worker.current is None or len(worker.ahead) >= depth or worker.retiring:
-                        continue
-                    if worker.max_requests and worker.handled + len(worker.ahead) + 1 >= worker.max_requests:
-                        continue  # it retires after the requests in hand
-                    req = self._queue.popleft()
+        queue, n, depth = self._queue, len(self.workers), self.prefetch
+        if depth and len(queue) > n:
+            # a busy worker takes its k-th request ahead only while more than n x k are
+            # queued, up to `prefetch`; 0MQ then carries several requests per wake-up of its
+            # I/O threads
+            for worker in self.workers.values():
+                ahead = worker.ahead
+                if worker.current is None or worker.retiring:
+                    continue
+                while len(ahead) < depth and len(queue) > n * (len(ahead) + 1):
+                    if worker.max_requests and worker.handled + len(ahead) + 1 >= worker.max_requests:
+                        break  # it retires after the requests in hand
+                    req = queue.popleft()
                     req.worker, req.deadline = worker, None
-                    worker.ahead.append(req)
+                    ahead.append(req)
                     out.append((worker, req))
         return out
 
