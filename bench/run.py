@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -35,11 +36,14 @@ ROOT = BENCH.parent
 BUILD = BENCH / ".build"
 LOADGEN = BUILD / "loadgen"
 CORES = os.cpu_count() or 1
-SERVERS = ("gaspar", "asyncio_ppe", "prefork", "eventlet")
+# asyncio + ProcessPoolExecutor runs on uvloop too when uvloop is installed
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
+SERVERS = ("gaspar", "asyncio_ppe", *(("asyncio_uvloop",) if HAVE_UVLOOP else ()), "prefork", "eventlet")
 BASELINES = SERVERS[1:]
 FRONT_END = {
     "gaspar": "the `gaspar serve` process (not its workers)",
     "asyncio_ppe": "the asyncio process (not the pool's processes)",
+    "asyncio_uvloop": "the asyncio process on uvloop (not the pool's processes)",
     "prefork": "all the accepting processes (there is no front end; they run the handler too)",
     "eventlet": "the one process (it runs the handler too)",
 }
@@ -211,8 +215,12 @@ class Server:
                 "--log-level",
                 "warning",
             ]
-        script = str(BENCH / f"baseline_{self.kind}.py")
-        return [sys.executable, script, "--port", str(self.port), "--workers", str(self.workers), "--handler", spec]
+        if self.kind == "asyncio_uvloop":
+            script, extra = str(BENCH / "baseline_asyncio_ppe.py"), ["--uvloop"]
+        else:
+            script, extra = str(BENCH / f"baseline_{self.kind}.py"), []
+        argv = [sys.executable, script, "--port", str(self.port), "--workers", str(self.workers), "--handler", spec]
+        return argv + extra
 
     def start(self) -> None:
         env = dict(os.environ)
