@@ -70,10 +70,12 @@ def load_config(path: str) -> dict[str, Any]:
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"--bind takes HOST:PORT with a port from 0 to 65535, not {bind!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    from .client import parse_address
+
+    try:
+        return parse_address(bind)
+    except ValueError as exc:
+        raise UsageError(f"--bind takes {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         from . import client
 
+        try:
+            client.parse_address(args.address)
+        except ValueError as exc:
+            raise UsageError(f"{args.command} takes {exc}") from None
         if args.command == "request":
             message = sys.stdin.buffer.read() if args.message == "-" else args.message.encode()
             sys.stdout.buffer.write(client.request(args.address, message, timeout=args.timeout) + b"\n")

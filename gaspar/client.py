@@ -33,8 +33,8 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if isinstance(address, tuple):
         return address[0], int(address[1])
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address must be 'host:port', not {address!r}")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"HOST:PORT with a port from 0 to 65535, not {address!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 

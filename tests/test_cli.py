@@ -258,3 +258,11 @@ def test_version():
     result = gaspar_cmd("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"gaspar {gaspar.__version__}"
+
+
+@pytest.mark.parametrize("command", ["request", "stats"])
+def test_a_bad_address_is_a_one_line_usage_error(command):
+    args = ("nope", "hello") if command == "request" else ("nope",)
+    result = gaspar_cmd(command, *args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"gaspar: error: {command} takes HOST:PORT with a port from 0 to 65535, not 'nope'"
