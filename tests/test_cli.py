@@ -266,3 +266,26 @@ def test_a_bad_address_is_a_one_line_usage_error(command):
     result = gaspar_cmd(command, *args)
     assert result.returncode == 2
     assert result.stderr.strip() == f"gaspar: error: {command} takes HOST:PORT with a port from 0 to 65535, not 'nope'"
+
+
+CONFIG = """
+import os
+timeout = 0.5
+
+def post_fork(worker):
+    with open(os.path.join({where!r}, "forked-%d" % worker.pid), "w") as f:
+        f.write(str(worker.number))
+"""
+
+
+def test_config_file_sets_options_and_hooks_and_flags_win(cli, tmp_path):
+    config = tmp_path / "gaspar_conf.py"
+    config.write_text(CONFIG.format(where=str(tmp_path)))
+    server = cli("handlers:sleepy", "--bind", "127.0.0.1:0", "-w", "2", "--config", str(config))
+    pids = server.wait_ready(2)
+    assert sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("forked-*")) == sorted(pids)
+    with pytest.raises(gaspar.WorkerTimeout):  # timeout = 0.5 from the file
+        client.request(server.addr, b"2", timeout=10)
+    flagged = cli("handlers:sleepy", "--bind", "127.0.0.1:0", "-w", "1", "--config", str(config), "--timeout", "5")
+    flagged.wait_ready(1)
+    assert client.request(flagged.addr, b"1", timeout=10) == b"1"  # --timeout 5 wins over the file
