@@ -323,3 +323,26 @@ def test_importing_the_client_does_not_import_eventlet():
         [sys.executable, "-c", code], capture_output=True, timeout=30, env=dict(os.environ, PYTHONPATH=ROOT)
     )
     assert out.stdout.strip() == b"False", out.stderr
+
+
+def test_garbage_from_a_rogue_worker_socket_is_dropped(serve):
+    """Unknown request ids, unknown kinds and broken HELLOs on the workers' ROUTER are
+    counted or logged and dropped; the daemon keeps serving."""
+    import zmq
+
+    s = serve(handlers.echo)
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.linger = 0
+    try:
+        rogue.connect(s.producer.fork_server.endpoint)
+        rogue.send_multipart([b"R" + (12345).to_bytes(8, "big") + b"\x00", b"stray reply"])
+        rogue.send_multipart([b"?", b"unknown kind"])
+        rogue.send_multipart([b"H", b"not json"])
+        rogue.send(b"R")  # too short a head
+        assert wait_for(lambda: s.producer.stats()["counters"]["unknown_replies"] >= 1, 5)
+        assert s.request(b"still fine") == b"still fine"
+        assert s.producer.stats()["pending"] == 0
+    finally:
+        rogue.close()
+        ctx.term()
