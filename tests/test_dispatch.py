@@ -19,6 +19,15 @@ def worker(n: int, max_requests: int = 0) -> WorkerSlot:
     return WorkerSlot(pid=1000 + n, number=n, generation=1, routing_id=b"w%d" % n, max_requests=max_requests)
 
 
+def two_workers(clock: Clock | None = None) -> tuple[Dispatcher, WorkerSlot, WorkerSlot]:
+    """A dispatcher with workers 1 and 2 ready."""
+    d = Dispatcher(clock or Clock())
+    w1, w2 = worker(1), worker(2)
+    d.add_worker(w1)
+    d.add_worker(w2)
+    return d, w1, w2
+
+
 def test_a_request_goes_only_to_an_idle_worker():
     d = Dispatcher(Clock())
     w1, w2 = worker(1), worker(2)
@@ -35,10 +44,7 @@ def test_a_request_goes_only_to_an_idle_worker():
 
 
 def test_unknown_and_wrong_worker_replies_are_dropped():
-    d = Dispatcher(Clock())
-    w1, w2 = worker(1), worker(2)
-    d.add_worker(w1)
-    d.add_worker(w2)
+    d, w1, w2 = two_workers()
     r, [(w, _)] = d.submit(b"x", "c")
     other = w2 if w is w1 else w1
     assert d.complete(other.routing_id, r.id) == (None, [])
@@ -130,10 +136,7 @@ def test_cancel_a_queued_request_removes_it_and_a_running_one_drops_its_reply():
 
 
 def test_retire_idle_and_busy():
-    d = Dispatcher(Clock())
-    w1, w2 = worker(1), worker(2)
-    d.add_worker(w1)
-    d.add_worker(w2)
+    d, w1, w2 = two_workers()
     r, [(busy, _)] = d.submit(b"a", "c")
     idle = w1 if busy is w2 else w2
     assert d.retire(idle.routing_id) is True
@@ -164,10 +167,7 @@ def test_fail_all_empties_everything():
 
 def test_prefetch_only_when_more_are_queued_than_there_are_workers():
     clock = Clock()
-    d = Dispatcher(clock)
-    w1, w2 = worker(1), worker(2)
-    d.add_worker(w1)
-    d.add_worker(w2)
+    d, w1, w2 = two_workers(clock)
     for i in range(4):
         d.submit(b"%d" % i, i, timeout=5)
     # two running, two queued: not more queued than workers, no prefetch
@@ -185,10 +185,7 @@ def test_prefetch_only_when_more_are_queued_than_there_are_workers():
 
 
 def test_no_prefetch_keeps_the_short_queue_fair():
-    d = Dispatcher(Clock())
-    w1, w2 = worker(1), worker(2)
-    d.add_worker(w1)
-    d.add_worker(w2)
+    d, w1, w2 = two_workers()
     long_req, _ = d.submit(b"long", "a")
     short1, _ = d.submit(b"short", "b")
     short2, sent = d.submit(b"short", "c")
