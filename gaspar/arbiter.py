@@ -245,15 +245,19 @@ class _Server:
         else:
             self.emit(ev="reloaded", ok=True, error=None)
 
-    def reap(self) -> None:
+    def reap(self, report: bool = True) -> None:
+        """Collect every child that has exited; with ``report``, tell the front end."""
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+            except ChildProcessError:  # none left, whatever our map says
+                self.children.clear()
                 return
             if not pid:
                 return
             number = self.children.pop(pid, None)
+            if not report:
+                continue
             try:
                 self.emit(ev="exited", pid=pid, number=number, status=status)
             except OSError as exc:
@@ -265,7 +269,7 @@ class _Server:
         deadline = time.monotonic() + grace
         while self.children and time.monotonic() < deadline:
             time.sleep(0.01)
-            self._reap_quietly()
+            self.reap(report=False)
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -278,17 +282,6 @@ class _Server:
                 break
             self.children.pop(pid, None)
         return 0
-
-    def _reap_quietly(self) -> None:
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.children.clear()
-                return
-            if not pid:
-                return
-            self.children.pop(pid, None)
 
 
 def _drain(fd: int) -> None:

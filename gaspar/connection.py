@@ -25,7 +25,6 @@ Every callback here runs in the hub's own greenlet, so nothing here may block or
 
 from __future__ import annotations
 
-import errno
 import logging
 import select
 import socket
@@ -49,7 +48,6 @@ _WRITE = select.EPOLLOUT
 # Edge-triggered, registered once for reading and writing: no epoll_ctl call to change
 # interest per request, and none at close (closing the fd drops it from the epoll).
 _CONN_EVENTS = _READ | _WRITE | select.EPOLLET
-_RECV = 256 * 1024
 _ACCEPT_BATCH = 128
 
 
@@ -62,7 +60,7 @@ class IOLoop:
         self.after_round = after_round
         self.busy = False  # in a round: after_round will run
         self.hub = hub
-        self._listener = hub.add(hub.READ, self.epoll.fileno(), self._ready, _ignore, _noop)
+        self._listener = watch_fd(hub, self.epoll.fileno(), self._ready)
 
     def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
         self.callbacks[fd] = callback
@@ -366,14 +364,19 @@ class Connection:
             return
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                pass
+        except OSError:
+            pass  # the socket is already broken: closing it is all there is to do
         self.out.clear()
         self.close()
 
 
-def _ignore(_exc: Any) -> None:
+def watch_fd(hub: Any, fd: int, callback: Callable[[int], None]) -> Any:
+    """Have eventlet's hub call ``callback(fd)`` whenever ``fd`` is readable; returns the
+    listener, for ``hub.remove``. The callback runs in the hub's greenlet: it must not block."""
+    return hub.add(hub.READ, fd, callback, _ignore, _noop)
+
+
+def _ignore(*_args: Any) -> None:
     pass
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import eventlet
 import eventlet.hubs
 
+from .connection import watch_fd
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
@@ -45,7 +47,7 @@ class Control:
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         hub = eventlet.hubs.get_hub()
-        self._listener = hub.add(hub.READ, self._r, self._readable, lambda e: None, lambda: None)
+        self._listener = watch_fd(hub, self._r, self._readable)
         self._on_signal = on_signal
         if install_signals:
             for sig in SIGNALS:

@@ -55,7 +55,7 @@ with warnings.catch_warnings():
 from . import __version__
 from .arbiter import FlapPolicy, ForkServer
 from .config import Settings
-from .connection import Acceptor, Connection, IOLoop
+from .connection import Acceptor, Connection, IOLoop, watch_fd
 from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
@@ -234,9 +234,9 @@ class Producer(Supervisor):
         self._read_scheduled = None
         self.ioloop = IOLoop(hub, self.read_router)
         # the ROUTER's fd only wakes the loop: read_router runs after every round
-        self.ioloop.register(self.router.fd, select.EPOLLIN, _ignore)
+        self.ioloop.register(self.router.fd, select.EPOLLIN, lambda _events: None)
         self.acceptor = Acceptor(self.listener, self.ioloop, self)
-        self._fs_listener = hub.add(hub.READ, self.fork_server.events_fd, self.on_fork_server_events, _ignore, _noop)
+        self._fs_listener = watch_fd(hub, self.fork_server.events_fd, self.on_fork_server_events)
         self._greenlets = [eventlet.spawn(self.tick)]
         self.manage_workers()
 
@@ -415,11 +415,3 @@ class Producer(Supervisor):
 
     def stats_json(self) -> bytes:
         return json.dumps(self._stats()).encode()
-
-
-def _ignore(_exc: Any) -> None:
-    pass
-
-
-def _noop() -> None:
-    pass
