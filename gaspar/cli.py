@@ -78,6 +78,15 @@ def parse_bind(bind: str) -> tuple[str, int]:
         raise UsageError(f"--bind takes {exc}") from None
 
 
+def _on_off(text: str) -> bool:
+    """A yes/no setting's value on the command line: on/off, true/false, yes/no, 1/0."""
+    value = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
+    try:
+        return value[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gaspar", description="Take CPU-heavy work out of an event loop.")
     parser.add_argument("--version", action="version", version=f"gaspar {__version__}")
@@ -95,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in Settings.cli_fields():
         flag = "--" + f.name.replace("_", "-")
-        kind = {int: int, float: float}.get(type(f.default), str)
+        kind = {bool: _on_off, int: int, float: float}.get(type(f.default), str)
         if f.default is None:
             kind = float
         serve.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})")

@@ -36,6 +36,29 @@ class Settings:
         0, "add a random 0..N to max_requests per worker, so workers do not all recycle at once"
     )
     max_pipeline: int = _opt(64, "requests in flight at once on one persistent connection")
+    abort_on_close: bool = _opt(
+        True,
+        "drop a request whose client closed or reset its connection before the request started "
+        "(off: answer clients that half-close and still read)",
+    )
+    queue_timeout: float | None = _opt(
+        2.0, "seconds a request may wait in the queue at most, overloaded or not; past it, it is shed (0: no limit)"
+    )
+    queue_target: float = _opt(
+        0.005,
+        "while overloaded, requests that waited longer than this are shed (at least two handler runs per worker)",
+    )
+    queue_interval: float = _opt(
+        0.1,
+        "seconds a queue must stand and keep growing to count as overload: then newest first, shed past "
+        "queue_target (at least ten handler runs per worker)",
+    )
+    max_queued: int = _opt(10000, "requests waiting at most; past it the oldest is shed (0: no limit)")
+    max_buffered_bytes: int = _opt(
+        512 * 1024 * 1024,
+        "request and reply bytes the front end holds at once; past it, it stops reading bodies (TCP pushes back)",
+    )
+    max_connections: int = _opt(10000, "open client connections at most; past it, new ones are reset at once")
     prefetch: int = _opt(
         4,
         "requests handed ahead to a busy worker, only while more than workers x depth are queued (0: never)",
@@ -62,9 +85,16 @@ class Settings:
             self.timeout = None
         if not self.idle_timeout:
             self.idle_timeout = None
-        for name in ("max_message_size", "max_pipeline", "flap_attempts"):
+        if not self.queue_timeout:
+            self.queue_timeout = None
+        for name in ("max_message_size", "max_pipeline", "flap_attempts", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name in ("queue_target", "queue_interval", "max_queued"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.max_buffered_bytes < self.max_message_size:
+            raise ValueError("max_buffered_bytes must be at least max_message_size (one request must fit)")
 
     @classmethod
     def cli_fields(cls) -> list[dataclasses.Field]:

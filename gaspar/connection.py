@@ -19,6 +19,15 @@ Per connection (:class:`Connection`):
 * ``idle_timeout`` bounds how long a connection may be silent while a request is awaited
   or half-read, or while a reply waits to be read by the client; it does not apply while
   the client waits for its own replies. A sweep checks it every 0.1 s.
+* **A client that leaves** (a reset, or with ``abort_on_close`` a FIN, seen as EPOLLRDHUP
+  while its requests wait) is dropped at once: the connection is reset and its requests
+  cancelled, so a queued or handed-ahead one never reaches a handler (a running one
+  finishes; its reply is dropped).
+* **Memory**: request bodies and replies are counted against ``max_buffered_bytes``
+  (``gaspar.overload.ByteBudget``). A body is reserved from its header before it is read;
+  if it does not fit, the connection is not read (TCP pushes back on its client) until
+  bytes are freed, in arrival order. What one ``recv`` brings (64 KiB) is the only slack.
+* ``max_connections``: past it, a new connection is reset as soon as it is accepted.
 
 Every callback here runs in the hub's own greenlet, so nothing here may block or switch.
 """
@@ -35,7 +44,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import ProtocolError
-from .framing import Request, RequestReader, RequestTooLarge, Status, error_body, reply_header
+from .framing import REPLY_HEADER, Request, RequestReader, RequestTooLarge, Status, error_body, reply_header
 
 if TYPE_CHECKING:
     from .producer import Producer
@@ -124,6 +133,9 @@ class Acceptor:
                 log.error("accept() failed: %s; pausing for 0.1 s", exc)
                 self.pause(0.1)
                 return n
+            if len(self.producer.connections) >= self.producer.settings.max_connections:
+                self.producer.refuse_connection(sock)
+                continue
             Connection(sock, self.producer).start()
         return _ACCEPT_BATCH
 
@@ -166,6 +178,11 @@ class Connection:
         "last_active",
         "requests",
         "close_after",
+        "budget",
+        "held",
+        "reserved",
+        "starved",
+        "abort_on_close",
     )
 
     def __init__(self, sock: socket.socket, producer: Producer) -> None:
@@ -183,6 +200,11 @@ class Connection:
         self.last_active = time.monotonic()
         self.requests: set[Any] = set()  # Pending entries of this connection
         self.close_after = False  # close once the output is flushed
+        self.budget = producer.budget
+        self.held = 0  # bytes counted in the budget: bodies in flight, replies unsent
+        self.reserved = 0  # bytes reserved for the body being read
+        self.starved = False  # not reading: waiting for the budget
+        self.abort_on_close = producer.settings.abort_on_close
 
     @property
     def partial(self) -> bool:
@@ -210,17 +232,33 @@ class Connection:
             self.flush()
         if events & _READ and not self.closed:
             self.on_readable()
+            if events & select.EPOLLRDHUP and not self.closed:
+                self.on_peer_closed()
+
+    def on_peer_closed(self) -> None:
+        """The client sent its FIN (seen even while this connection is not being read)."""
+        if self.inflight and self.abort_on_close:
+            self.producer.counters_abandoned += 1
+            self.abort()  # its requests are cancelled: queued ones never run
 
     # -- reading ------------------------------------------------------------------------
 
     def on_readable(self) -> None:
-        if self.closed or self.eof or self.paused:
+        if self.closed or self.eof or self.paused or self.starved:
             return
+        reader = self.reader
         while True:
             if self.keepalive and self.inflight >= self.producer.settings.max_pipeline:
                 self.paused = True  # back-pressure: read again when replies go out
                 return
-            view = self.reader.body_view()
+            need = reader.declared
+            if need and not self.reserved:  # a body on its way: room for it first
+                if not self.budget.take(self, need):
+                    self.starved = True  # woken by the budget, in turn (see resume)
+                    return
+                self.reserved = need
+                self.held += need
+            view = reader.body_view()
             try:
                 if view is not None:  # a large body: straight into its buffer
                     n = self.sock.recv_into(view)
@@ -242,6 +280,12 @@ class Connection:
             if not self._take_requests() or self.closed:
                 return
 
+    def resume(self) -> None:
+        """The budget has room for the body this connection waits to read."""
+        if self.starved and not self.closed:
+            self.starved = False
+            self.on_readable()
+
     def _take_requests(self) -> bool:
         """Submit every whole request buffered; False once no more are to be read."""
         while True:
@@ -257,6 +301,12 @@ class Connection:
                 return False
             if request is None:
                 return True
+            if self.reserved:  # its body was reserved before it was read
+                self.reserved = 0
+            else:  # read whole in one go: count it now
+                n = len(request.body)
+                self.budget.add(n)
+                self.held += n
             if request.keepalive and not self.keepalive:
                 self.keepalive = True
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -274,6 +324,8 @@ class Connection:
             self.abort()
         elif self.inflight == 0 and not self.out:
             self.close()
+        elif self.inflight and self.abort_on_close:
+            self.on_peer_closed()
         # else: answer what is due, then close (see deliver)
 
     # -- writing ------------------------------------------------------------------------
@@ -283,6 +335,7 @@ class Connection:
         self.inflight -= 1
         if self.closed:
             return
+        self.free(len(request.body))  # the request is done with
         if request.extended:
             head = reply_header(len(body), request.tag, status)
             if len(body) < 65536:
@@ -294,6 +347,9 @@ class Connection:
             self.out.append(memoryview(body))
         else:
             return self.abort()  # a plain client learns of an error by a reset
+        n = len(body) + (REPLY_HEADER.size if request.extended else 0)
+        self.budget.add(n)
+        self.held += n
         if self.eof and self.inflight == 0:
             self.close_after = True
         self.flush()
@@ -303,10 +359,12 @@ class Connection:
 
     def flush(self) -> None:
         out = self.out
+        written = 0
         try:
             while out:
                 chunk = out[0]
                 sent = self.sock.send(chunk)
+                written += sent
                 self.last_active = time.monotonic()
                 if sent == len(chunk):
                     out.popleft()
@@ -317,8 +375,17 @@ class Connection:
             return
         except OSError:  # the client left; its replies are dropped
             return self.abort()
+        finally:
+            if written:
+                self.free(written)
         if self.close_after:
             self.close()
+
+    def free(self, n: int) -> None:
+        """``n`` bytes counted in the budget are no longer held."""
+        if n:
+            self.held -= n
+            self.producer.wake_starved(self.budget.release(n))
 
     def fail_now(self, request: Request, kind: str, message: str) -> None:
         """Refuse a request before it runs, and end the connection."""
@@ -335,7 +402,7 @@ class Connection:
 
     def check_idle(self, now: float, idle_timeout: float) -> None:
         """Called by the sweep: end a connection silent past ``idle_timeout``."""
-        waiting_on_us = self.inflight > 0 and not self.out
+        waiting_on_us = (self.inflight > 0 and not self.out) or self.starved
         if waiting_on_us or now - self.last_active < idle_timeout:
             return
         if self.reader.in_progress or self.out:
@@ -357,6 +424,12 @@ class Connection:
         for pending in self.requests:
             self.producer.dispatcher.cancel(pending)
         self.requests.clear()
+        self.producer.settle()  # revoke what was handed ahead to a worker
+        held, self.held, self.reserved = self.held, 0, 0
+        wake = self.budget.forget(self) if self.starved else []
+        if held:
+            wake = self.budget.release(held)
+        self.producer.wake_starved(wake)
 
     def abort(self) -> None:
         """Abortive close: the client sees a reset, never a clean (empty) reply."""

@@ -22,9 +22,17 @@ prefetched request's timeout starts when its worker starts it; if the worker die
 it goes back to the head of the queue.
 With a short queue there is no prefetch, so the fairness above holds where it matters.
 
+**Overload** (rules in ``gaspar.overload``). The queue is first in, first out while bursts
+come and go; once it has stood for an interval it is served newest first, and requests that
+waited past the limit, whose client's deadline passed, or that overflow ``max_queued`` are
+shed: removed and listed in :meth:`take_shed` with the reason, for the caller to answer.
+A vanished client's request is dropped from the queue; one already handed ahead to a worker
+is *revoked*: the caller sends the worker a cancel (:meth:`take_cancels`), and the worker
+answers ``SKIPPED`` instead of running it (or, if it had started, its reply is dropped).
+
 **No leaks.** Every outcome removes the entry: a reply (``complete``), a worker's death
-(``remove_worker``), a timeout (``expire``), a vanished client (``cancel``), a stop
-(``fail_all``). A reply for an unknown id is counted and dropped, never matched to another
+(``remove_worker``), a timeout (``expire``), a vanished client (``cancel``), a shed
+(``take_shed``), a stop (``fail_all``). A reply for an unknown id is counted and dropped, never matched to another
 request. After any number of requests the map holds only the ones in flight.
 
 The caller sends what these methods return; the clock is injected, so tests drive time.
@@ -37,6 +45,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .overload import DEADLINE, QUEUE_FULL, QueueControl
 
 
 @dataclass(eq=False)
@@ -64,8 +74,12 @@ class Pending:
     waiter: Any
     timeout: float | None
     worker: WorkerSlot | None = None
-    deadline: float | None = None
-    cancelled: bool = False
+    deadline: float | None = None  # when it must be done: handler timeout or client deadline
+    cancelled: bool = False  # the client is gone: never answer
+    client_deadline: float | None = None  # absolute; the client gives up then
+    queued_at: float = 0.0
+    started: float = 0.0  # when its worker started it
+    revoked: str | None = None  # handed ahead, then shed for this reason: answer once skipped
 
 
 Assignment = tuple[WorkerSlot, Pending]
@@ -79,35 +93,97 @@ class Counters:
     timeouts: int = 0
     worker_deaths: int = 0
     unknown_replies: int = 0
-    cancelled: int = 0
+    cancelled: int = 0  # the client left before its reply
+    shed: int = 0  # refused as Overloaded, by reason below
+    shed_queue_timeout: int = 0
+    shed_queue_delay: int = 0
+    shed_queue_full: int = 0
+    shed_deadline: int = 0
+    skipped: int = 0  # handed ahead, then revoked before it started
 
 
 class Dispatcher:
     """Assigns requests to idle workers and tracks every request until its outcome."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, prefetch: int = 1) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        prefetch: int = 1,
+        control: QueueControl | None = None,
+        max_queued: int = 0,
+    ) -> None:
         self.clock = clock
         self.prefetch = prefetch
+        self.control = control or QueueControl(queue_timeout=None, target=0.0, interval=float("inf"), clock=clock)
+        self.max_queued = max_queued  # 0: no cap
         self.workers: dict[bytes, WorkerSlot] = {}
         self._idle: dict[bytes, WorkerSlot] = {}  # insertion-ordered set
         self._queue: deque[Pending] = deque()
         self.pending: dict[int, Pending] = {}
         self.counters = Counters()
         self._next_id = 1
+        self._shed: list[tuple[Pending, str]] = []
+        self._cancels: list[tuple[WorkerSlot, Pending]] = []
 
     # -- requests -------------------------------------------------------------------------
 
-    def submit(self, body: Any, waiter: Any, timeout: float | None = None) -> tuple[Pending, list[Assignment]]:
-        """Register a request; return it and the assignments to send now (zero or one)."""
-        req = Pending(self._next_id, body, waiter, timeout)
+    def submit(
+        self, body: Any, waiter: Any, timeout: float | None = None, deadline: float | None = None
+    ) -> tuple[Pending, list[Assignment]]:
+        """Register a request; return it and the assignments to send now. ``deadline``: the
+        seconds its client will wait, from now. A request may be shed at once (see
+        :meth:`take_shed`): a deadline that cannot be met, or a full queue's oldest."""
+        now = self.clock()
+        req = Pending(self._next_id, body, waiter, timeout, queued_at=now)
+        if deadline is not None:
+            req.client_deadline = now + deadline
         self._next_id += 1
         self.pending[req.id] = req
         self.counters.submitted += 1
-        self._queue.append(req)
+        queue = self._queue
+        self.control.arrived(now)
+        if not queue:
+            self.control.saw_empty(now)
+        elif self.max_queued and len(queue) >= self.max_queued:
+            self._drop(queue.popleft(), QUEUE_FULL)  # the oldest: the least likely still wanted
+        queue.append(req)
         return req, self._assign()
 
-    def complete(self, routing_id: bytes, request_id: int) -> tuple[Pending | None, list[Assignment]]:
-        """A worker replied. Return the request (None if unknown or cancelled) and new work.
+    def take_shed(self) -> list[tuple[Pending, str]]:
+        """Requests shed since the last call, with the reason; removed, to be answered."""
+        shed, self._shed = self._shed, []
+        return shed
+
+    def take_cancels(self) -> list[tuple[WorkerSlot, Pending]]:
+        """Requests handed ahead and then revoked: tell each worker not to start them."""
+        cancels, self._cancels = self._cancels, []
+        return cancels
+
+    def sweep(self, deadlines: bool = False) -> None:
+        """Shed what waited too long (oldest first, from the queue's head); with
+        ``deadlines``, also every queued request whose client's deadline cannot be met, and
+        revoke handed-ahead ones whose deadline passed. Cheap when nothing is due."""
+        now = self.clock()
+        queue, control = self._queue, self.control
+        limit, reason = control.limit(now, len(queue))
+        if limit is not None:
+            while queue and now - queue[0].queued_at > limit:
+                self._drop(queue.popleft(), reason)
+        if deadlines:
+            hopeless = [r for r in queue if control.hopeless(now, r.client_deadline)]
+            for req in hopeless:
+                queue.remove(req)
+                self._drop(req, DEADLINE)
+            for worker in self.workers.values():
+                for req in worker.ahead:
+                    if not req.cancelled and not req.revoked and control.hopeless(now, req.client_deadline):
+                        self._revoke(req, DEADLINE)
+        if not queue:
+            control.saw_empty(now)
+
+    def complete(self, routing_id: bytes, request_id: int, ran: bool = True) -> tuple[Pending | None, list[Assignment]]:
+        """A worker replied (``ran``) or skipped a revoked request. Return the request (None
+        if unknown, or its client is gone) and new work.
 
         A worker that reached its ``max_requests`` is marked retiring instead of idle; the
         caller then tells it to exit (see :meth:`retiring_idle`).
@@ -118,9 +194,18 @@ class Dispatcher:
             self.counters.unknown_replies += 1
             return None, []
         del self.pending[request_id]
-        self.counters.completed += 1
+        now = self.clock()
         worker.current = None
-        worker.handled += 1
+        if ran:
+            self.counters.completed += 1
+            worker.handled += 1
+            self.control.observe(now - req.started)
+        else:
+            self.counters.skipped += 1
+            if req.revoked and not req.cancelled:  # shed while handed ahead: counted now
+                self.counters.shed += 1
+                name = "shed_" + req.revoked
+                setattr(self.counters, name, getattr(self.counters, name) + 1)
         if worker.ahead:  # the worker has started its next prefetched request
             worker.current = worker.ahead.popleft()
             self._start(worker.current)
@@ -131,7 +216,8 @@ class Dispatcher:
         return (None if req.cancelled else req), self._assign()
 
     def cancel(self, req: Pending) -> None:
-        """The client is gone: drop a queued request; let a running one finish unheard."""
+        """The client is gone: drop a queued request, revoke one handed ahead to a worker
+        (see :meth:`take_cancels`), let a running one finish unheard."""
         if req.cancelled or req.id not in self.pending:
             return
         req.cancelled = True
@@ -139,6 +225,9 @@ class Dispatcher:
         if req.worker is None:
             self._queue.remove(req)
             del self.pending[req.id]
+        elif req.worker.current is not req and not req.revoked:
+            req.revoked = "cancelled"
+            self._cancels.append((req.worker, req))
 
     def expire(self) -> list[Pending]:
         """Requests running past their deadline: removed, their workers marked retiring.
@@ -149,7 +238,7 @@ class Dispatcher:
         expired = []
         for worker in self.workers.values():
             req = worker.current
-            if req is not None and req.deadline is not None and now >= req.deadline:
+            if req is not None and req.deadline is not None and now >= req.deadline and not req.revoked:
                 worker.current = None
                 worker.retiring = True
                 self._idle.pop(worker.routing_id, None)
@@ -177,7 +266,7 @@ class Dispatcher:
             req.worker.current = None
         if req.worker is not None and req in req.worker.ahead:
             req.worker.ahead.remove(req)
-        req.worker, req.deadline = None, None
+        req.worker, req.deadline, req.queued_at = None, None, self.clock()
         self._queue.appendleft(req)
         return self._assign()
 
@@ -187,6 +276,7 @@ class Dispatcher:
         """A worker said it is ready: it joins the idle set and may take queued work."""
         worker.started = self.clock()
         self.workers[worker.routing_id] = worker
+        self.control.workers = len(self.workers)
         self._idle[worker.routing_id] = worker
         return self._assign()
 
@@ -196,6 +286,7 @@ class Dispatcher:
         self._idle.pop(routing_id, None)
         if worker is None:
             return None
+        self.control.workers = max(1, len(self.workers))
         self.counters.worker_deaths += 1
         if worker.ahead:  # never started: not lost, first in line again
             self._unprefetch(worker)
@@ -239,15 +330,25 @@ class Dispatcher:
         return self._assign()
 
     def _assign(self) -> list[Assignment]:
-        out = []
-        while self._queue and self._idle:
+        out: list[Assignment] = []
+        queue = self._queue
+        if not queue:
+            return out
+        now = self.clock()
+        control = self.control
+        lifo = control.standing(now, len(queue))  # a standing queue: newest first
+        limit, reason = control.limit(now, len(queue))
+        while queue and self._idle:
+            req = self._take(queue, lifo, now, limit, reason)
+            if req is None:
+                break
             _, worker = self._idle.popitem()
-            req = self._queue.popleft()
             req.worker = worker
             worker.current = req
-            self._start(req)
+            self._start(req, now)
+            control.started(now)
             out.append((worker, req))
-        queue, n, depth = self._queue, len(self.workers), self.prefetch
+        n, depth = len(self.workers), self.prefetch
         if depth and len(queue) > n:
             # a busy worker takes its k-th request ahead only while more than n x k are
             # queued, up to `prefetch`; 0MQ then carries several requests per wake-up of its
@@ -259,14 +360,49 @@ class Dispatcher:
                 while len(ahead) < depth and len(queue) > n * (len(ahead) + 1):
                     if worker.max_requests and worker.handled + len(ahead) + 1 >= worker.max_requests:
                         break  # it retires after the requests in hand
-                    req = queue.popleft()
+                    req = self._take(queue, lifo, now, limit, reason)
+                    if req is None:
+                        break
                     req.worker, req.deadline = worker, None
                     ahead.append(req)
+                    control.started(now)
                     out.append((worker, req))
+        if not queue:
+            control.saw_empty(now)
         return out
 
-    def _start(self, req: Pending) -> None:
-        req.deadline = None if req.timeout is None else self.clock() + req.timeout
+    def _take(self, queue: deque[Pending], lifo: bool, now: float, limit: float | None, reason: str) -> Pending | None:
+        """The next request to hand out, shedding on the way those that are past use."""
+        control = self.control
+        while queue:
+            req = queue.pop() if lifo else queue.popleft()
+            if limit is not None and now - req.queued_at > limit:
+                self._drop(req, reason)
+            elif req.client_deadline is not None and control.hopeless(now, req.client_deadline):
+                self._drop(req, DEADLINE)
+            else:
+                return req
+        return None
+
+    def _drop(self, req: Pending, reason: str) -> None:
+        """Shed a request that is out of the queue (never started): to be answered."""
+        self.pending.pop(req.id, None)
+        self.counters.shed += 1
+        setattr(self.counters, "shed_" + reason, getattr(self.counters, "shed_" + reason) + 1)
+        self._shed.append((req, reason))
+
+    def _revoke(self, req: Pending, reason: str) -> None:
+        """Shed a request handed ahead to a worker: it is answered once the worker skips it."""
+        req.revoked = reason
+        self._cancels.append((req.worker, req))
+
+    def _start(self, req: Pending, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        req.started = now
+        deadline = None if req.timeout is None else now + req.timeout
+        if req.client_deadline is not None and (deadline is None or req.client_deadline < deadline):
+            deadline = req.client_deadline  # past it, nobody reads the reply: a timeout
+        req.deadline = deadline
 
     def _unprefetch(self, worker: WorkerSlot) -> None:
         while worker.ahead:
@@ -274,7 +410,7 @@ class Dispatcher:
             if req.cancelled:
                 self.pending.pop(req.id, None)
                 continue
-            req.worker, req.deadline = None, None
+            req.worker, req.deadline, req.queued_at, req.revoked = None, None, self.clock(), None
             self._queue.appendleft(req)
 
 

@@ -10,7 +10,9 @@ fault it was::
     │   ├── WorkerTimeout            the handler ran past its timeout; the worker was killed
     │   │                            (also a TimeoutError)
     │   ├── BadRequest               the server refused the request (too large, malformed)
-    │   └── ServerUnavailable        the server is stopping and did not run the request
+    │   └── ServerUnavailable        the server did not run the request: it is stopping...
+    │       └── Overloaded           ...or it shed the request under overload (.reason,
+    │                                .queued_ms, .retry_after_ms, .started: always False)
     ├── ConnectFailed                no connection (refused, unreachable); a ConnectionError
     ├── ConnectionLost               the connection broke before a whole reply: reset by the
     │                                server (how a plain reply reports an error) or cut short;
@@ -36,6 +38,7 @@ __all__ = [
     "WorkerTimeout",
     "BadRequest",
     "ServerUnavailable",
+    "Overloaded",
     "ConnectFailed",
     "ConnectionLost",
     "RequestTimeout",
@@ -100,6 +103,23 @@ class ServerUnavailable(RemoteError):
     status = 5
 
 
+class Overloaded(ServerUnavailable):
+    """The server shed the request under overload, before the handler ran: a retry is safe.
+
+    ``reason``: ``queue_delay`` (a standing queue: it waited past the target),
+    ``queue_timeout``, ``queue_full`` (``max_queued``) or ``deadline`` (the client's own
+    deadline could not be met). ``retry_after_ms`` is the server's estimate of when a retry
+    would be served; ``started`` is always False.
+    """
+
+    def __init__(self, message: str, facts: dict[str, Any] | None = None) -> None:
+        super().__init__(message, facts)
+        self.reason: str | None = self.facts.get("reason")
+        self.queued_ms: float | None = self.facts.get("queued_ms")
+        self.retry_after_ms: float | None = self.facts.get("retry_after_ms")
+        self.started: bool = bool(self.facts.get("started", False))
+
+
 class ConnectFailed(GasparError, ConnectionError):
     """No connection to the server could be made."""
 
@@ -131,5 +151,7 @@ def error_from_reply(status: int, body: bytes) -> RemoteError:
         facts = {"type": "Unknown", "message": bytes(body).decode("utf-8", "replace")}
     cls = _BY_STATUS.get(status, RemoteError)
     kind = facts.get("type", cls.__name__)
+    if cls is ServerUnavailable and kind == "Overloaded":
+        cls = Overloaded
     text = facts.get("message", "")
     return cls(f"{kind}: {text}" if text else kind, facts)

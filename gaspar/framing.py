@@ -10,7 +10,9 @@ byte of the body is buffered. The whole protocol, with examples of the bytes, is
   ``!IIII`` = ``(0x80000000 | length, flags, timeout_ms, tag)``. Its reply is framed:
   ``!IIB`` = ``(length, tag, status)`` then the body; an error's body is a UTF-8 JSON object.
   Flag ``KEEPALIVE`` keeps the connection open for more (pipelined) extended requests;
-  flag ``STATS`` asks for the server's counters instead of running a handler.
+  flag ``STATS`` asks for the server's counters instead of running a handler; flag
+  ``DEADLINE`` adds a fifth word, ``deadline_ms``: the client's own time left, so the
+  server drops the request rather than run it for nobody (``!IIIII``, 20 bytes).
 
 Between the front end and its workers, messages are 0MQ multipart frames (see ``Kind``):
 a small head frame with the kind and the 8-byte request id, and the payload as a frame of
@@ -29,6 +31,7 @@ from .errors import ProtocolError
 
 PLAIN_HEADER = struct.Struct("!I")
 EXTENDED_HEADER = struct.Struct("!IIII")
+DEADLINE_WORD = struct.Struct("!I")
 REPLY_HEADER = struct.Struct("!IIB")
 REQUEST_ID = struct.Struct("!Q")
 
@@ -36,7 +39,8 @@ EXTENDED = 0x80000000
 LENGTH_MASK = 0x7FFFFFFF
 FLAG_KEEPALIVE = 0x1
 FLAG_STATS = 0x2
-KNOWN_FLAGS = FLAG_KEEPALIVE | FLAG_STATS
+FLAG_DEADLINE = 0x4  # a u32 deadline_ms follows the 16-byte header
+KNOWN_FLAGS = FLAG_KEEPALIVE | FLAG_STATS | FLAG_DEADLINE
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 DIRECT_BODY = 256 * 1024  # bodies this large are received into a buffer of their own
@@ -50,7 +54,7 @@ class Status(enum.IntEnum):
     TIMEOUT = 2
     WORKER_DIED = 3
     BAD_REQUEST = 4
-    UNAVAILABLE = 5
+    UNAVAILABLE = 5  # not run: the server is stopping, or shed it (Overloaded)
 
 
 class Kind(bytes, enum.Enum):
@@ -63,9 +67,11 @@ class Kind(bytes, enum.Enum):
     REQUEST = b"Q"  # front end -> worker: [Q id, payload]
     BROADCAST = b"B"  # front end -> worker: [B id, payload]
     EXIT = b"X"  # front end -> worker: [X] finish what is in hand, then exit
+    CANCEL = b"C"  # front end -> worker: [C id] do not start this handed-ahead request
     HELLO = b"H"  # worker -> front end: [H, json {pid, number, generation, token}]
     REPLY = b"R"  # worker -> front end: [R id status, body]
     ACK = b"A"  # worker -> front end: [A id status, body] for a broadcast
+    SKIPPED = b"S"  # worker -> front end: [S id] a cancelled request, not run
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,7 @@ class Request:
     stats: bool = False
     timeout: float | None = None  # seconds asked for by the client; None: server default
     tag: int = 0
+    deadline: float | None = None  # seconds the client will wait, from when it was read
 
 
 class RequestTooLarge(ProtocolError):
@@ -104,11 +111,15 @@ class RequestReader:
         self._head_size = 0
         self._length = 0
         # A large body is received straight into its own buffer (see body_view): no
-        # growing buffer, no copy out of it.
+        # growing buffer, no copy out of it. The buffer is made on first use, so a caller
+        # can reserve memory for it (``declared``) before it exists.
         self._body: bytearray | None = None
+        self._direct = False  # the body in progress goes to a buffer of its own
         self._filled = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._direct and self._body is None:
+            self._make_body()
         if self._body is not None:
             take = min(len(data), self._length - self._filled)
             self._body[self._filled : self._filled + take] = data[:take]
@@ -120,9 +131,19 @@ class RequestReader:
     def body_view(self) -> memoryview | None:
         """A writable view of the rest of a large body, to receive into directly
         (``sock.recv_into``, then :meth:`advance`); None when bytes should go to ``feed``."""
+        if self._direct and self._body is None:
+            self._make_body()
         if self._body is None or self._filled >= self._length:
             return None
         return memoryview(self._body)[self._filled :]
+
+    def _make_body(self) -> None:
+        size = self._head_size
+        self._body = bytearray(self._length)
+        got = len(self._buf) - size
+        self._body[:got] = self._buf[size:]
+        self._filled = got
+        self._buf = bytearray()
 
     def advance(self, n: int) -> None:
         """``n`` bytes were written into the view :meth:`body_view` gave."""
@@ -134,12 +155,21 @@ class RequestReader:
         return len(self._buf) + self._filled
 
     @property
+    def allocated(self) -> int:
+        """Bytes this reader holds in buffers, whole-body buffers included."""
+        return len(self._buf) + (len(self._body) if self._body is not None else 0)
+
+    @property
     def wanted(self) -> int:
         """How many more bytes complete the request in progress (at least 1)."""
         if self._body is not None:
             return max(1, self._length - self._filled)
         if self._head is None:
-            need = EXTENDED_HEADER.size if self._is_extended() else PLAIN_HEADER.size
+            need = PLAIN_HEADER.size
+            if self._is_extended():
+                need = EXTENDED_HEADER.size
+                if len(self._buf) >= need and EXTENDED_HEADER.unpack_from(self._buf)[1] & FLAG_DEADLINE:
+                    need += DEADLINE_WORD.size
             return max(1, need - len(self._buf))
         return max(1, self._head_size + self._length - len(self._buf))
 
@@ -165,7 +195,8 @@ class RequestReader:
             if self._filled < self._length:
                 return None
             body_buf, self._body, self._filled, self._head = self._body, None, 0, None
-            return Request(memoryview(body_buf), head.extended, head.keepalive, head.stats, head.timeout, head.tag)
+            self._direct = False
+            return _with_body(head, memoryview(body_buf))
         end = self._head_size + self._length
         if len(self._buf) < end:
             return None
@@ -177,16 +208,31 @@ class RequestReader:
             body = bytes(self._buf[self._head_size : end])
             del self._buf[:end]
         self._head = None
-        return Request(body, head.extended, head.keepalive, head.stats, head.timeout, head.tag)
+        return _with_body(head, body)
 
     def _parse_header(self) -> bool:
-        if len(self._buf) < PLAIN_HEADER.size:
+        buf = self._buf
+        if len(buf) < PLAIN_HEADER.size:
             return False
-        (word,) = PLAIN_HEADER.unpack_from(self._buf)
-        if word & EXTENDED:
-            if len(self._buf) < EXTENDED_HEADER.size:
+        (word,) = PLAIN_HEADER.unpack_from(buf)
+        length = word & LENGTH_MASK
+        extended = bool(word & EXTENDED)
+        if length > self.max_message_size and (not extended or len(buf) < EXTENDED_HEADER.size):
+            # refused from the length word alone, before the rest of the header arrives
+            raise RequestTooLarge(length, self.max_message_size, Request(b"", extended=extended))
+        if extended:
+            if len(buf) < EXTENDED_HEADER.size:
                 return False
-            _, flags, timeout_ms, tag = EXTENDED_HEADER.unpack_from(self._buf)
+            _, flags, timeout_ms, tag = EXTENDED_HEADER.unpack_from(buf)
+            size = EXTENDED_HEADER.size + (DEADLINE_WORD.size if flags & FLAG_DEADLINE else 0)
+            deadline = None
+            if flags & FLAG_DEADLINE:
+                if len(buf) < size:
+                    if length > self.max_message_size:
+                        raise RequestTooLarge(length, self.max_message_size, Request(b"", extended=True, tag=tag))
+                    return False
+                (deadline_ms,) = DEADLINE_WORD.unpack_from(buf, EXTENDED_HEADER.size)
+                deadline = deadline_ms / 1000.0
             head = Request(
                 b"",
                 extended=True,
@@ -194,23 +240,27 @@ class RequestReader:
                 stats=bool(flags & FLAG_STATS),
                 timeout=timeout_ms / 1000.0 if timeout_ms else None,
                 tag=tag,
+                deadline=deadline,
             )
             if flags & ~KNOWN_FLAGS:
                 raise ProtocolError(f"unknown request flags {flags & ~KNOWN_FLAGS:#x}")
-            size = EXTENDED_HEADER.size
         else:
             head, size = Request(b""), PLAIN_HEADER.size
-        length = word & LENGTH_MASK
         if length > self.max_message_size:
             raise RequestTooLarge(length, self.max_message_size, head)
         self._head, self._head_size, self._length = head, size, length
-        if length >= DIRECT_BODY and len(self._buf) < size + length:
-            self._body = bytearray(length)
-            got = len(self._buf) - size
-            self._body[:got] = self._buf[size:]
-            self._filled = got
-            self._buf = bytearray()
+        if length >= DIRECT_BODY and len(buf) < size + length:
+            self._direct = True  # its buffer is made when the first byte of it is to be kept
         return True
+
+    @property
+    def declared(self) -> int:
+        """The body length of the request in progress once its header is parsed, else 0."""
+        return self._length if self._head is not None else 0
+
+
+def _with_body(head: Request, body: bytes | memoryview) -> Request:
+    return Request(body, head.extended, head.keepalive, head.stats, head.timeout, head.tag, head.deadline)
 
 
 def pack(message: bytes) -> bytes:
@@ -221,21 +271,39 @@ def pack(message: bytes) -> bytes:
 
 
 def pack_extended(
-    message: bytes, *, tag: int = 0, keepalive: bool = False, timeout: float | None = None, stats: bool = False
+    message: bytes,
+    *,
+    tag: int = 0,
+    keepalive: bool = False,
+    timeout: float | None = None,
+    stats: bool = False,
+    deadline: float | None = None,
 ) -> bytes:
     """The header of an extended request followed by the message."""
-    return extended_header(len(message), tag=tag, keepalive=keepalive, timeout=timeout, stats=stats) + message
+    head = extended_header(len(message), tag=tag, keepalive=keepalive, timeout=timeout, stats=stats, deadline=deadline)
+    return head + message
 
 
 def extended_header(
-    length: int, *, tag: int = 0, keepalive: bool = False, timeout: float | None = None, stats: bool = False
+    length: int,
+    *,
+    tag: int = 0,
+    keepalive: bool = False,
+    timeout: float | None = None,
+    stats: bool = False,
+    deadline: float | None = None,
 ) -> bytes:
-    """The 16-byte header of an extended request whose body is ``length`` bytes."""
+    """The header of an extended request whose body is ``length`` bytes: 16 bytes, or 20
+    with a ``deadline`` (seconds the client will wait for the reply, from now)."""
     if length > LENGTH_MASK:
         raise ValueError("message too long for the wire format")
     flags = (FLAG_KEEPALIVE if keepalive else 0) | (FLAG_STATS if stats else 0)
     timeout_ms = 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
-    return EXTENDED_HEADER.pack(EXTENDED | length, flags, timeout_ms, tag & 0xFFFFFFFF)
+    if deadline is None:
+        return EXTENDED_HEADER.pack(EXTENDED | length, flags, timeout_ms, tag & 0xFFFFFFFF)
+    deadline_ms = max(0, min(int(deadline * 1000), 0xFFFFFFFF))
+    head = EXTENDED_HEADER.pack(EXTENDED | length, flags | FLAG_DEADLINE, timeout_ms, tag & 0xFFFFFFFF)
+    return head + DEADLINE_WORD.pack(deadline_ms)
 
 
 def reply_header(length: int, tag: int, status: int) -> bytes:

@@ -37,6 +37,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -60,6 +61,7 @@ from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
 from .framing import Kind, Request, Status, error_body, pack_id
+from .overload import ByteBudget, QueueControl
 from .supervisor import Supervisor
 from .worker import Consumer
 
@@ -68,6 +70,8 @@ log = logging.getLogger("gaspar")
 _LARGE = 64 * 1024
 _REQUEST = Kind.REQUEST.value
 _REPLY = Kind.REPLY.value
+_CANCEL = Kind.CANCEL.value
+_SKIPPED = Kind.SKIPPED.value
 # pyzmq's Python layer (send_multipart, recv_multipart, enum flags) cost about a quarter of
 # the front end's Python time per request in cProfile; the hot path calls the Cython
 # methods with plain int flags instead.
@@ -112,7 +116,12 @@ class Producer(Supervisor):
         self.stopped = threading.Event()
         self.server_addr: tuple[str, int] | None = None
         self.exit_code = 0
-        self.dispatcher = Dispatcher(prefetch=self.settings.prefetch)
+        s = self.settings
+        control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=self.processes)
+        self.dispatcher = Dispatcher(prefetch=s.prefetch, control=control, max_queued=s.max_queued)
+        self.budget = ByteBudget(s.max_buffered_bytes)
+        self.counters_abandoned = 0  # clients that left while their request waited
+        self.refused_connections = 0
         self._control = Control()
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -201,6 +210,11 @@ class Producer(Supervisor):
         self._in_round = False
         self._read_scheduled = None
         self._outbox: list[tuple[WorkerSlot, Pending]] = []
+        self._cancel_box: list[tuple[WorkerSlot, Pending]] = []
+        self._waking: set[Connection] = set()
+        self._wake_scheduled = False
+        self._shed_logged = (0.0, 0)  # (when, shed count then): the overload log line
+        self._refused_logged = 0.0
         self._ipc_dir = None
         self.fork_server = None
         self.router = None
@@ -277,15 +291,97 @@ class Producer(Supervisor):
             self._deliver_error(conn, request, Status.UNAVAILABLE, "ServerUnavailable", "the server is stopping")
             return
         timeout = request.timeout or self.settings.timeout
-        pending, assignments = self.dispatcher.submit(request.body, (conn, request), timeout)
+        pending, assignments = self.dispatcher.submit(request.body, (conn, request), timeout, request.deadline)
         conn.requests.add(pending)
         self._send(assignments)
+
+    def settle(self) -> None:
+        """Act on what the dispatcher decided: answer shed requests (``Overloaded``), and
+        queue cancels for requests handed ahead whose client left or whose deadline passed."""
+        d = self.dispatcher
+        cancels = d.take_cancels()
+        if cancels:
+            self._cancel_box.extend(cancels)
+            self.read_router_soon()
+        shed = d.take_shed()
+        if not shed:
+            return
+        now = time.monotonic()
+        for req, reason in shed:
+            self._answer_shed(req, reason, now)
+        self._log_shedding(now)
+
+    def _answer_shed(self, req: Pending, reason: str, now: float) -> None:
+        conn, request = req.waiter
+        conn.requests.discard(req)
+        d = self.dispatcher
+        queued_ms = round((now - req.queued_at) * 1000, 1)
+        retry_ms = round(d.control.retry_after(d.queued) * 1000, 1)
+        text = {
+            "queue_delay": f"shed after {queued_ms} ms in a standing queue (overloaded)",
+            "queue_timeout": f"waited {queued_ms} ms, past queue_timeout",
+            "queue_full": f"{d.max_queued} requests were waiting (max_queued); the oldest was shed",
+            "deadline": "the client's deadline could not be met",
+            "cancelled": "the client left",
+        }.get(reason, reason)
+        facts = {"reason": reason, "queued_ms": queued_ms, "retry_after_ms": retry_ms, "started": False}
+        self._deliver_error(conn, request, Status.UNAVAILABLE, "Overloaded", text, **facts)
+
+    def _log_shedding(self, now: float) -> None:
+        """One line at most every 10 s while requests are shed, not one per request."""
+        when, count = self._shed_logged
+        shed = self.dispatcher.counters.shed
+        if now - when >= 10.0:
+            c = self.dispatcher.counters
+            log.warning(
+                "Overloaded: shed %s requests in the last %s (queue_delay %s, queue_timeout %s, queue_full %s, "
+                "deadline %s in all); %s queued",
+                shed - count,
+                "10 s" if when else "moment",
+                c.shed_queue_delay,
+                c.shed_queue_timeout,
+                c.shed_queue_full,
+                c.shed_deadline,
+                self.dispatcher.queued,
+            )
+            self._shed_logged = (now, shed)
+
+    def refuse_connection(self, sock: Any) -> None:
+        """Past max_connections: reset a connection as soon as it is accepted."""
+        self.refused_connections += 1
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        sock.close()
+        now = time.monotonic()
+        if now - self._refused_logged >= 10.0:
+            self._refused_logged = now
+            log.warning("max_connections (%s) reached; resetting new connections", self.settings.max_connections)
+
+    def wake_starved(self, conns: list[Connection]) -> None:
+        """Connections waiting for the byte budget that may read now: resumed soon, in
+        order, outside the caller (which is freeing bytes, maybe mid-delivery)."""
+        if not conns:
+            return
+        self._waking.update(conns)
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            eventlet.hubs.get_hub().schedule_call_global(0, self._wake)
+
+    def _wake(self) -> None:
+        self._wake_scheduled = False
+        for conn in self.budget.ready():
+            if conn in self._waking:
+                conn.resume()
+        self._waking.clear()
 
     def _send(self, assignments: list[tuple[WorkerSlot, Pending]]) -> None:
         """Queue requests for their workers; they go out in a batch at the end of the round
         (one wake-up of 0MQ's I/O thread can then carry several)."""
         self._outbox.extend(assignments)
         self.read_router_soon()
+        self.settle()
 
     def _flush_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -301,6 +397,15 @@ class Producer(Supervisor):
                 self.dispatcher.retire(worker.routing_id)
                 self.kill_worker(worker.pid, signal.SIGKILL, "its 0MQ pipe was gone")
                 self._outbox.extend(self.dispatcher.requeue(req))
+        cancels, self._cancel_box = self._cancel_box, []
+        for worker, req in cancels:  # after the request itself: the worker sees both in order
+            if worker.routing_id not in self.dispatcher.workers:
+                continue  # it died: its handed-ahead requests came back already
+            try:
+                send(router, worker.routing_id, _MORE_NOW)
+                send(router, _CANCEL + pack_id(req.id), _NOW)
+            except zmq.ZMQError:
+                pass  # its pipe is gone: it is dying, and its requests come back then
 
     def _resolve(self, pending: Pending, status: int, body: Any) -> None:
         conn, request = pending.waiter
@@ -353,6 +458,8 @@ class Producer(Supervisor):
                     self._on_message(frames)
                 except Exception:
                     log.exception("Dropped a malformed message from a worker")
+                if self.dispatcher._shed or self.dispatcher._cancels:
+                    self.settle()
         finally:
             self._in_round = False
 
@@ -366,6 +473,15 @@ class Producer(Supervisor):
                 frame = frames[2]
                 body = frame.bytes if len(frame) < _LARGE else frame.buffer
                 self._resolve(pending, head[9], body)
+            if assignments:
+                self._outbox.extend(assignments)
+            worker = self.dispatcher.workers.get(rid)
+            if worker is not None and worker.retiring:
+                self.manage_workers()
+        elif kind == _SKIPPED:  # a revoked request, never started
+            pending, assignments = self.dispatcher.complete(rid, int.from_bytes(head[1:9], "big"), ran=False)
+            if pending is not None:  # shed while handed ahead (its deadline): answer it now
+                self._answer_shed(pending, pending.revoked or "deadline", time.monotonic())
             if assignments:
                 self._outbox.extend(assignments)
             worker = self.dispatcher.workers.get(rid)
@@ -410,7 +526,18 @@ class Producer(Supervisor):
             "pending": len(d.pending),
             "connections": len(getattr(self, "connections", ())),
             "restarts": getattr(self, "restarts", 0),
-            "counters": vars(d.counters).copy(),
+            "counters": {
+                **vars(d.counters),
+                "abandoned": self.counters_abandoned,
+                "refused_connections": self.refused_connections,
+            },
+            "overload": {
+                "standing": d.control.standing(time.monotonic(), d.queued),
+                "handler_ms": round(d.control.service * 1000, 3),
+                "buffered_bytes": self.budget.used,
+                "buffered_peak": self.budget.peak,
+                "waiting_for_memory": self.budget.waiting,
+            },
         }
 
     def stats_json(self) -> bytes:

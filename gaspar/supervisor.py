@@ -214,14 +214,20 @@ class Supervisor:
             self.kill_worker(worker.pid, signal.SIGTERM, "it could not be told to exit")
 
     def tick(self) -> None:
-        """Every 0.1 s: fail what ran past its timeout and kill its worker; every 0.5 s,
-        end connections idle past ``idle_timeout``; and read the ROUTER, as a backstop."""
+        """Every 10 ms: shed what waited too long in the queue. Every 0.1 s: shed requests
+        whose client's deadline cannot be met, fail what ran past its timeout and kill its
+        worker; every 0.5 s, end connections idle past ``idle_timeout``; and read the
+        ROUTER, as a backstop."""
         rounds = 0
         while True:
-            eventlet.sleep(0.1)
+            eventlet.sleep(0.01)
             rounds += 1
             try:
-                self._tick(rounds)
+                slow = rounds % 10 == 0
+                self.dispatcher.sweep(deadlines=slow)
+                self.settle()
+                if slow:
+                    self._tick(rounds // 10)
             except Exception:  # the ticker must outlive any one bad round
                 log.exception("Error in the supervisor's tick; carrying on")
 

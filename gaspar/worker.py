@@ -6,10 +6,13 @@ signal), then handles one message at a time:
 
     front end ──[Q, id, payload]──▶ worker ──handle()──▶ [R, id, status, body] ──▶ front end
 
-Because the front end hands a worker a request only when it is idle, the worker never has
-more than one request queued for it. A handler's exception becomes an error reply and the
-worker carries on; a handler that kills the process (``os._exit``, a segfault) costs only
-its own request: the front end fails it and has the worker replaced.
+The front end hands a worker a request when it is idle and, under overload only, a few
+more ahead (prefetch). Before it starts each request the worker takes every message that
+has arrived, so a ``CANCEL`` for a request handed ahead is seen in time: that request is
+answered ``SKIPPED`` and never reaches the handler (its client left, or its deadline
+passed). A handler's exception becomes an error reply and the worker carries on; a
+handler that kills the process (``os._exit``, a segfault) costs only its own request: the
+front end fails it and has the worker replaced.
 
 A worker exits (code 0) when told to (``EXIT``: finish the request in hand first), and on
 its own when its parent dies: ``PR_SET_PDEATHSIG`` on Linux, and a watchdog thread that
@@ -26,6 +29,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -142,15 +146,35 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
     sock.send_multipart([Kind.HELLO.value, json.dumps(hello).encode()])
     consumer = worker.consumer
     request, broadcast, exit_ = Kind.REQUEST.value[0], Kind.BROADCAST.value[0], Kind.EXIT.value[0]
-    reply, ack = Kind.REPLY.value, Kind.ACK.value
+    cancel = Kind.CANCEL.value[0]
+    reply, ack, skipped = Kind.REPLY.value, Kind.ACK.value, Kind.SKIPPED.value
     # pyzmq's Cython methods with int flags: its Python layer is a real share of a small
     # request's cost (see producer.py)
     send, recv, get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
-    more, rcvmore = int(zmq.SNDMORE), int(zmq.RCVMORE)
+    more, rcvmore, events, pollin = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+    inbox: deque[tuple[bytes, Any]] = deque()  # received, not handled yet (handed ahead)
+
+    def receive(flags: int) -> None:
+        head = recv(sock, flags)
+        frame = recv(sock, 0, False) if get(sock, rcvmore) else None
+        if head[0] != cancel:
+            inbox.append((head, frame))
+            return
+        for i, (queued, _) in enumerate(inbox):  # not there: it ran already; nothing to do
+            if queued[0] == request and queued[1:9] == head[1:9]:
+                del inbox[i]
+                send(sock, skipped + head[1:9], 0)
+                break
+
     try:
         while True:
-            head = recv(sock, 0)
-            frame = recv(sock, 0, False) if get(sock, rcvmore) else None
+            if not inbox:
+                receive(0)
+            while get(sock, events) & pollin:  # a cancel for what is in hand, if any
+                receive(0)
+            if not inbox:
+                continue
+            head, frame = inbox.popleft()
             kind = head[0]
             if kind == request:
                 status, body = call_handler(consumer.handle, frame)
