@@ -7,6 +7,10 @@
   A lost connection fails the requests on it (``ConnectionLost``) and the next request
   opens a new one.
 
+Both send what is left of their timeout (``DEFAULT_TIMEOUT``, 60 s, unless given) as the
+request's deadline, and retry once a request shed under overload, within a retry budget,
+as :mod:`gaspar.client` does.
+
 Framing is :mod:`gaspar.framing`'s; errors are :mod:`gaspar.errors`'s.
 """
 
@@ -15,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .client import parse_address
-from .errors import ConnectFailed, ConnectionLost, GasparError, RequestTimeout, error_from_reply
+from .client import DEFAULT_TIMEOUT, parse_address
+from .errors import ConnectFailed, ConnectionLost, GasparError, Overloaded, RequestTimeout, error_from_reply
 from .framing import REPLY_HEADER, Status, extended_header, parse_reply_header
+from .overload import RetryBudget, backoff
 
 __all__ = ["request", "Client"]
 
@@ -51,34 +58,82 @@ def _result(status: int, body: bytes) -> bytes:
     return body
 
 
+_budget = RetryBudget()  # for request(): one per process (asyncio is one thread)
+
+
+async def _with_retry(
+    send: Callable[[float | None], Awaitable[bytes]], timeout: float | None, budget: RetryBudget, retry: bool
+) -> bytes:
+    """``send(seconds_left)`` once, and once more if the server shed it and the budget and
+    the time left allow; raises ``RequestTimeout`` when ``timeout`` runs out."""
+    end = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> float | None:
+        return None if end is None else end - time.monotonic()
+
+    async def attempt() -> bytes:
+        remaining = left()
+        if remaining is not None and remaining <= 0:
+            raise RequestTimeout(f"no reply within {timeout}s")
+        try:
+            return await asyncio.wait_for(send(remaining), remaining)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no reply within {timeout}s") from None
+
+    budget.on_request()
+    try:
+        return await attempt()
+    except Overloaded as exc:
+        retry_after = exc.retry_after_ms / 1000.0 if exc.retry_after_ms else None
+        delay = backoff(retry_after, left()) if retry and not exc.started else None
+        if delay is None or not budget.try_retry():
+            raise
+    await asyncio.sleep(delay)
+    return await attempt()
+
+
 async def request(
-    address: str | tuple[str, int], message: bytes, timeout: float | None = None, handler_timeout: float | None = None
+    address: str | tuple[str, int],
+    message: bytes,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    handler_timeout: float | None = None,
+    *,
+    deadline: bool = True,
+    retry: bool = True,
 ) -> bytes:
     """Send one request on a new connection and return the reply's bytes."""
     addr = parse_address(address)
 
-    async def go() -> bytes:
+    async def go(left: float | None) -> bytes:
         reader, writer = await _open(addr)
         try:
-            writer.write(extended_header(len(message), timeout=handler_timeout) + bytes(message))
+            head = extended_header(len(message), timeout=handler_timeout, deadline=left if deadline else None)
+            writer.write(head + bytes(message))
             await writer.drain()
             _, status, body = await _read_reply(reader)
             return _result(status, body)
         finally:
             writer.close()
 
-    try:
-        return await asyncio.wait_for(go(), timeout)
-    except asyncio.TimeoutError:
-        raise RequestTimeout(f"no reply from {addr[0]}:{addr[1]} within {timeout}s") from None
+    return await _with_retry(go, timeout, _budget, retry)
 
 
 class Client:
     """One persistent, pipelined connection shared by every task of the application."""
 
-    def __init__(self, address: str | tuple[str, int], timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str | tuple[str, int],
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        deadline: bool = True,
+        retry: bool = True,
+    ) -> None:
         self.address = parse_address(address)
         self.timeout = timeout
+        self.deadline = deadline
+        self.retry = retry
+        self._budget = RetryBudget()
         self._tags = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._writer: asyncio.StreamWriter | None = None
@@ -116,23 +171,26 @@ class Client:
     ) -> bytes:
         """Send one request on the shared connection and await its reply's bytes."""
         timeout = self.timeout if timeout is None else timeout
-        tag = next(self._tags) & 0xFFFFFFFF
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        message = bytes(message)
 
-        async def go() -> bytes:
-            writer = await self._connection()
-            self._waiting[tag] = future
-            writer.write(extended_header(len(message), tag=tag, keepalive=True, timeout=handler_timeout) + message)
-            await writer.drain()
-            status, body = await future
-            return _result(status, body)
+        async def go(left: float | None) -> bytes:
+            tag = next(self._tags) & 0xFFFFFFFF
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            try:
+                writer = await self._connection()
+                self._waiting[tag] = future
+                sent_deadline = left if self.deadline else None
+                head = extended_header(
+                    len(message), tag=tag, keepalive=True, timeout=handler_timeout, deadline=sent_deadline
+                )
+                writer.write(head + message)
+                await writer.drain()
+                status, body = await future
+                return _result(status, body)
+            finally:
+                self._waiting.pop(tag, None)
 
-        try:
-            return await asyncio.wait_for(go(), timeout)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"no reply within {timeout}s") from None
-        finally:
-            self._waiting.pop(tag, None)
+        return await _with_retry(go, timeout, self._budget, self.retry)
 
     async def close(self) -> None:
         if self._reader_task is not None:

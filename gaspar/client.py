@@ -10,6 +10,17 @@ patching makes every call here green: N requests from N green threads wait concu
   :meth:`Client.pipeline` sends many requests on one connection at once.
 * :func:`pack` is gaspar 1.0's: the 4-byte length, then the message.
 
+**Timeouts and deadlines.** Every call has a timeout (``DEFAULT_TIMEOUT``, 60 s, unless
+given; ``None`` waits for ever), and sends what is left of it to the server as the
+request's deadline: a request the server could not start in time is dropped there, never
+run for nobody.
+
+**Retries.** A request the server shed under overload (:class:`~gaspar.errors.Overloaded`,
+``started`` false: the handler never ran) is retried once, after the server's
+``retry_after_ms`` with jitter, if the timeout leaves room and while retries stay under
+10% of this client's requests (:class:`gaspar.overload.RetryBudget`); otherwise it raises.
+``retry=False`` turns this off.
+
 Low-level socket errors are translated in one place, :func:`_translate`.
 """
 
@@ -22,10 +33,22 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from .errors import ConnectFailed, ConnectionLost, GasparError, ProtocolError, RequestTimeout, error_from_reply
+from .errors import (
+    ConnectFailed,
+    ConnectionLost,
+    GasparError,
+    Overloaded,
+    ProtocolError,
+    RequestTimeout,
+    error_from_reply,
+)
 from .framing import REPLY_HEADER, Status, extended_header, pack, parse_reply_header
+from .overload import RetryBudget, backoff
 
-__all__ = ["pack", "request", "Client", "parse_address"]
+__all__ = ["pack", "request", "Client", "parse_address", "DEFAULT_TIMEOUT"]
+
+#: Seconds a call waits for its reply when no timeout is given.
+DEFAULT_TIMEOUT = 60.0
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -50,6 +73,34 @@ class _Deadline:
         if left <= 0:
             raise RequestTimeout(f"no reply within {self.timeout}s")
         return left
+
+    def remaining(self) -> float | None:
+        """Seconds left (0 when past), None without a timeout; never raises."""
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+
+class _SharedBudget:
+    """A RetryBudget shared by threads (and green threads)."""
+
+    def __init__(self) -> None:
+        self._budget = RetryBudget()
+        self._lock = threading.Lock()
+
+    def on_request(self) -> None:
+        with self._lock:
+            self._budget.on_request()
+
+    def retry_delay(self, exc: Overloaded, deadline: _Deadline) -> float | None:
+        """Seconds to wait before retrying a shed request, or None: do not retry."""
+        retry_after = exc.retry_after_ms / 1000.0 if exc.retry_after_ms else None
+        delay = backoff(retry_after, deadline.remaining())
+        if delay is None or exc.started:
+            return None
+        with self._lock:
+            return delay if self._budget.try_retry() else None
+
+
+_budget = _SharedBudget()  # for request(): one per process
 
 
 @contextmanager
@@ -102,26 +153,46 @@ def _read_reply(sock: socket.socket, deadline: _Deadline) -> tuple[int, bytes]:
 def request(
     address: str | tuple[str, int],
     message: bytes,
-    timeout: float | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
     handler_timeout: float | None = None,
     stats: bool = False,
+    *,
+    deadline: bool = True,
+    retry: bool = True,
 ) -> bytes:
     """Send one request and return the reply's bytes.
 
     ``timeout`` bounds the whole call (connect, send, reply) on this side; past it,
-    :class:`~gaspar.errors.RequestTimeout`. ``handler_timeout`` asks the server to run the
-    handler for at most that long instead of its own ``timeout`` setting. ``stats`` asks for
-    the server's counters (JSON) instead of running the handler.
+    :class:`~gaspar.errors.RequestTimeout`. With ``deadline`` (the default) what is left of
+    it travels with the request, so the server drops it rather than run it too late.
+    ``handler_timeout`` asks the server to run the handler for at most that long instead of
+    its own ``timeout`` setting. ``stats`` asks for the server's counters (JSON) instead of
+    running the handler. ``retry``: retry once a request shed under overload (see above).
     """
     addr = parse_address(address)
-    deadline = _Deadline(timeout)
-    with _translate(addr, deadline):
-        sock = _connect(addr, deadline)
+    limit = _Deadline(timeout)
+    _budget.on_request()
+    try:
+        return _request_once(addr, message, limit, handler_timeout, stats, deadline)
+    except Overloaded as exc:
+        delay = _budget.retry_delay(exc, limit) if retry else None
+        if delay is None:
+            raise
+    time.sleep(delay)  # green under eventlet's or gevent's monkey patching
+    return _request_once(addr, message, limit, handler_timeout, stats, deadline)
+
+
+def _request_once(
+    addr: tuple[str, int], message: bytes, limit: _Deadline, handler_timeout: float | None, stats: bool, deadline: bool
+) -> bytes:
+    with _translate(addr, limit):
+        sock = _connect(addr, limit)
         try:
-            sock.settimeout(deadline.left())
-            head = extended_header(len(message), timeout=handler_timeout, stats=stats)
+            sock.settimeout(limit.left())
+            left = limit.remaining() if deadline else None
+            head = extended_header(len(message), timeout=handler_timeout, stats=stats, deadline=left)
             sock.sendall(head + bytes(message))
-            return _read_reply(sock, deadline)[1]
+            return _read_reply(sock, limit)[1]
         finally:
             sock.close()
 
@@ -131,33 +202,57 @@ class Client:
     between green threads (and OS threads): each request borrows a connection of its own.
     """
 
-    def __init__(self, address: str | tuple[str, int], timeout: float | None = None, max_idle: int = 16) -> None:
+    def __init__(
+        self,
+        address: str | tuple[str, int],
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_idle: int = 16,
+        *,
+        deadline: bool = True,
+        retry: bool = True,
+    ) -> None:
         self.address = parse_address(address)
         self.timeout = timeout
         self.max_idle = max_idle
+        self.deadline = deadline  # send what is left of the timeout as the deadline
+        self.retry = retry
+        self._budget = _SharedBudget()
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
         self._tags = itertools.count(1)
         self._closed = False
 
     def request(self, message: bytes, timeout: float | None = None, handler_timeout: float | None = None) -> bytes:
-        """Send one request on a pooled connection and return the reply's bytes."""
-        return self.pipeline([message], timeout=timeout, handler_timeout=handler_timeout)[0]
+        """Send one request on a pooled connection and return the reply's bytes; a request
+        shed under overload is retried once (see the module docstring)."""
+        limit = _Deadline(self.timeout if timeout is None else timeout)
+        self._budget.on_request()
+        try:
+            return self._pipeline([bytes(message)], limit, handler_timeout)[0]
+        except Overloaded as exc:
+            delay = self._budget.retry_delay(exc, limit) if self.retry else None
+            if delay is None:
+                raise
+        time.sleep(delay)
+        return self._pipeline([bytes(message)], limit, handler_timeout)[0]
 
     def pipeline(
         self, messages: Iterable[bytes], timeout: float | None = None, handler_timeout: float | None = None
     ) -> list[bytes]:
         """Send every message on one connection before reading, and return the replies in
         the messages' order. The server runs them concurrently, on as many workers as are
-        idle. An error reply raises (the other replies are lost with it)."""
+        idle. An error reply raises (the other replies are lost with it); nothing is retried."""
         messages = [bytes(m) for m in messages]
         if not messages:
             return []
-        deadline = _Deadline(self.timeout if timeout is None else timeout)
+        return self._pipeline(messages, _Deadline(self.timeout if timeout is None else timeout), handler_timeout)
+
+    def _pipeline(self, messages: list[bytes], deadline: _Deadline, handler_timeout: float | None) -> list[bytes]:
         sock, reused = self._borrow(deadline)
         tags = [next(self._tags) & 0xFFFFFFFF for _ in messages]
+        left = deadline.remaining() if self.deadline else None
         payload = b"".join(
-            extended_header(len(m), tag=t, keepalive=True, timeout=handler_timeout) + m
+            extended_header(len(m), tag=t, keepalive=True, timeout=handler_timeout, deadline=left) + m
             for t, m in zip(tags, messages, strict=True)
         )
         replies: dict[int, bytes] = {}

@@ -443,12 +443,12 @@ class Producer(Supervisor):
         router, recv, get = self.router, _raw_recv, _raw_get
         try:
             while True:
-                if self._outbox:
+                if self._outbox or self._cancel_box:
                     self._flush_outbox()
                 try:
                     frames = [recv(router, _NOW)]
                 except zmq.Again:
-                    if not self._outbox:
+                    if not self._outbox and not self._cancel_box:
                         return
                     continue
                 # a multipart message arrives whole: its other frames are there already

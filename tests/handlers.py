@@ -87,3 +87,28 @@ def describe(message: bytes) -> bytes:
     """Fails unless the handler is given real bytes, whatever the size."""
     assert type(message) is bytes, type(message)
     return b"%s:%d:%s" % (type(message).__name__.encode(), len(message), message[:4])
+
+
+def record(message: bytes) -> bytes:
+    """b'PATH SECONDS TAG': append TAG to the file PATH as the handler starts (proof that
+    the request reached a handler), sleep SECONDS, reply TAG."""
+    path, seconds, tag = message.split(b" ", 2)
+    with open(path, "ab") as f:
+        f.write(tag + b"\n")
+    time.sleep(float(seconds))
+    return tag
+
+
+def spin_ms(message: bytes) -> bytes:
+    """Busy-loop for int(message) milliseconds of CPU; reply with the request."""
+    end = time.perf_counter() + int(message or b"0") / 1000.0
+    while time.perf_counter() < end:
+        pass
+    return message
+
+
+def measure(message: bytes) -> bytes:
+    """Sleep 50 ms, reply with the body's length and its first 8 bytes: big bodies in,
+    small replies out."""
+    time.sleep(0.05)
+    return b"%d:%s" % (len(message), message[:8])
