@@ -15,14 +15,13 @@ import struct
 import threading
 import time
 
+import handlers
 import pytest
+from conftest import wait_for
 
 import gaspar
 from gaspar import aio, client
 from gaspar.framing import extended_header, parse_reply_header
-
-import handlers
-from conftest import wait_for
 
 LINGER_RESET = struct.pack("ii", 1, 0)
 
