@@ -10,10 +10,11 @@ Scale", ACM Queue 2015) and CoDel:
 * Normally requests are served first in, first out and may wait up to ``queue_timeout``.
 * The server is **overloaded** when the queue has *stood* (not been empty) for ``interval``
   and, in each of the last two intervals, requests arrived clearly faster than workers
-  started them (more than 1.25x, plus one per worker). Then requests are served **newest
-  first** (adaptive LIFO: the newest are the ones whose clients are most likely still
-  there), and a request that has waited longer than ``target`` is shed at once, with a fast
-  answer, instead of rotting until its client gives up.
+  started them (more than 1.25x, plus one per worker); it stays so until an interval in
+  which they did not. Then requests are served **newest first** (adaptive LIFO: the newest
+  are the ones whose clients are most likely still there), and a request that has waited
+  longer than ``target`` is shed at once, with a fast answer, instead of rotting until its
+  client gives up.
 
 The growth test is gaspar's addition to Facebook's rule, measured necessary: a queue that
 stands but drains (a burst of a thousand requests at once) or holds steady (a closed loop of
@@ -81,6 +82,7 @@ class QueueControl:
         self.arrivals = 0  # in the current window
         self.starts = 0
         self.growing = 0  # consecutive past windows in which the queue grew
+        self.overloaded = False  # entered as below; left once an interval does not grow
 
     def saw_empty(self, now: float) -> None:
         """The queue was empty at ``now``."""
@@ -102,6 +104,8 @@ class QueueControl:
         interval = self.effective_interval()
         grew = self.arrivals > 1.25 * self.starts + self.workers
         self.growing = self.growing + 1 if grew and now - self.window_start < 2 * interval else 0
+        if not self.growing:
+            self.overloaded = False
         self.window_start, self.arrivals, self.starts = now, 0, 0
 
     def observe(self, seconds: float) -> None:
@@ -122,14 +126,16 @@ class QueueControl:
         return min(target, self.queue_timeout) if self.queue_timeout else target
 
     def standing(self, now: float, queued: int) -> bool:
-        """True while overloaded: a queue that stood for an interval and kept growing
-        (serve newest first, shed past the target)."""
-        if queued == 0:
-            return False
+        """True while overloaded (serve newest first, shed past the target): entered when
+        a queue has stood for an interval and grew in the last two; left at the end of the
+        first interval in which it did not grow. A queue kept short by shedding may empty
+        for a moment; that alone does not end the overload."""
         interval = self.effective_interval()
         if now - self.window_start >= interval:
             self._roll(now)
-        return self.growing >= 2 and now - self.last_empty >= interval
+        if not self.overloaded and self.growing >= 2 and queued and now - self.last_empty >= interval:
+            self.overloaded = True
+        return self.overloaded and queued > 0
 
     def limit(self, now: float, queued: int) -> tuple[float | None, str]:
         """The longest a queued request may have waited at ``now``, and the shed reason."""

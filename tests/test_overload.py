@@ -118,6 +118,13 @@ def test_sustained_growth_is_overload_within_two_intervals_and_ends_when_it_stop
         if first is None and q.standing(clock.now, 10):
             first = ms
     assert first is not None and 190 <= first <= 310
+    for _ in range(300):  # shedding keeps the queue short; a moment empty does not end it
+        clock.now += 0.001
+        q.saw_empty(clock.now)
+        q.arrived(clock.now)
+        q.arrived(clock.now)
+        q.started(clock.now)
+        assert q.standing(clock.now, 1)
     for _ in range(200):  # 0.3x
         clock.now += 0.001
         q.started(clock.now)
@@ -351,6 +358,7 @@ def test_simulated_2x_and_10x_overload_keep_the_workers_on_fresh_requests():
         waits = sorted(result["waits"])
         late = waits[int(len(waits) * 0.99)]
         assert late < 0.25, f"p99 wait {late * 1000:.0f} ms at {rate}/s"
+        assert waits[len(waits) // 2] < 0.02  # newest first: most start at once
         assert d.queued < 50  # the queue is kept short, not a backlog of stale work
 
 
