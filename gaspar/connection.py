@@ -258,6 +258,9 @@ class Connection:
                     return
                 self.reserved = need
                 self.held += need
+            elif not self.reserved and not self.budget.room(self):  # over the limit: read nothing
+                self.starved = True
+                return
             view = reader.body_view()
             try:
                 if view is not None:  # a large body: straight into its buffer

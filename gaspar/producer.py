@@ -533,6 +533,7 @@ class Producer(Supervisor):
             },
             "overload": {
                 "standing": d.control.standing(time.monotonic(), d.queued),
+                "overloaded": d.control.overloaded(time.monotonic(), d.queued),
                 "handler_ms": round(d.control.service * 1000, 3),
                 "buffered_bytes": self.budget.used,
                 "buffered_peak": self.budget.peak,

@@ -82,6 +82,18 @@ def run_for(d: Dispatcher, clock: Clock, seconds: float, arrivals_per_s: float, 
 # -- QueueControl ----------------------------------------------------------------------------
 
 
+def test_a_burst_that_trickles_in_over_three_intervals_is_served_newest_first_not_shed():
+    clock = Clock()
+    q = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=2, clock=clock)
+    for ms in range(600):
+        clock.now += 0.001
+        if ms < 300:  # 1,000 requests over 300 ms, on a busy machine starting 1 per ms
+            for _ in range(3):
+                q.arrived(clock.now)
+        q.started(clock.now)
+        assert not q.overloaded(clock.now, 100)
+
+
 def test_a_draining_burst_is_not_overload():
     clock = Clock()
     q = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=2, clock=clock)
@@ -109,7 +121,7 @@ def test_a_steady_closed_loop_is_not_overload():
 def test_sustained_growth_is_overload_within_two_intervals_and_ends_when_it_stops():
     clock = Clock()
     q = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=2, clock=clock)
-    first = None
+    first = shedding = None
     for ms in range(600):  # 2x: two arrivals for every start
         clock.now += 0.001
         q.arrived(clock.now)
@@ -117,7 +129,10 @@ def test_sustained_growth_is_overload_within_two_intervals_and_ends_when_it_stop
         q.started(clock.now)
         if first is None and q.standing(clock.now, 10):
             first = ms
-    assert first is not None and 190 <= first <= 310
+        if shedding is None and q.overloaded(clock.now, 10):
+            shedding = ms
+    assert first is not None and 190 <= first <= 310  # newest first after two intervals
+    assert shedding is not None and 390 <= shedding <= 510  # shedding after four
     for _ in range(300):  # shedding keeps the queue short; a moment empty does not end it
         clock.now += 0.001
         q.saw_empty(clock.now)
@@ -157,6 +172,8 @@ def test_limit_is_queue_timeout_unless_overloaded():
     assert q.limit(clock.now, 5) == (2.0, QUEUE_TIMEOUT)
     clock.now += 0.2
     q.growing, q.window_start = 2, clock.now  # as if the last two intervals grew
+    assert q.standing(clock.now, 5) and q.limit(clock.now, 5) == (2.0, QUEUE_TIMEOUT)  # LIFO only
+    q.growing = 4
     assert q.limit(clock.now, 5) == (0.005, QUEUE_DELAY)
     assert QueueControl(queue_timeout=0, clock=clock).limit(clock.now, 5) == (None, QUEUE_TIMEOUT)
 
@@ -200,7 +217,7 @@ def test_overloaded_queue_sheds_what_waited_past_the_target_oldest_first():
     old = [d.submit(b"%d" % i, None)[0] for i in range(5)]
     clock.now += 0.003
     young = d.submit(b"young", None)[0]
-    d.control.growing = 2
+    d.control.growing = 4
     clock.now += 0.11 - 0.003
     d.control.window_start = clock.now
     clock.now += 0.001
@@ -423,3 +440,13 @@ def test_byte_budget_forgets_a_waiter_that_left():
     b.take("c", 2)
     assert b.forget("b") == []
     assert b.release(10) == ["c"]
+
+
+def test_byte_budget_room_stops_every_reader_past_the_limit_in_turn():
+    b = ByteBudget(10)
+    assert b.room("a")
+    b.add(12)  # small requests read whole may go past the limit
+    assert not b.room("a") and not b.room("b")
+    assert b.release(3) == ["a"]  # one byte of room: the first in line reads again
+    assert not b.room("b")  # behind a, and no room left for it
+    assert b.room("a") and b.room("b") and b.waiting == 0
