@@ -299,6 +299,8 @@ class Producer(Supervisor):
         """Act on what the dispatcher decided: answer shed requests (``Overloaded``), and
         queue cancels for requests handed ahead whose client left or whose deadline passed."""
         d = self.dispatcher
+        if not (d._cancels or d._shed):  # the usual case, on the hot path: nothing to do
+            return
         cancels = d.take_cancels()
         if cancels:
             self._cancel_box.extend(cancels)

@@ -214,20 +214,21 @@ class Supervisor:
             self.kill_worker(worker.pid, signal.SIGTERM, "it could not be told to exit")
 
     def tick(self) -> None:
-        """Every 10 ms: shed what waited too long in the queue. Every 0.1 s: shed requests
-        whose client's deadline cannot be met, fail what ran past its timeout and kill its
-        worker; every 0.5 s, end connections idle past ``idle_timeout``; and read the
-        ROUTER, as a backstop."""
-        rounds = 0
+        """Every 10 ms while requests are queued: shed what waited too long. Every 0.1 s:
+        shed requests whose client's deadline cannot be met, fail what ran past its timeout
+        and kill its worker; every 0.5 s, end connections idle past ``idle_timeout``; and
+        read the ROUTER, as a backstop. An idle daemon wakes ten times a second."""
+        rounds, next_slow = 0, time.monotonic() + 0.1
         while True:
-            eventlet.sleep(0.01)
-            rounds += 1
+            eventlet.sleep(0.01 if self.dispatcher.queued else max(0.0, next_slow - time.monotonic()))
             try:
-                slow = rounds % 10 == 0
+                slow = time.monotonic() >= next_slow
                 self.dispatcher.sweep(deadlines=slow)
                 self.settle()
                 if slow:
-                    self._tick(rounds // 10)
+                    rounds += 1
+                    next_slow = time.monotonic() + 0.1
+                    self._tick(rounds)
             except Exception:  # the ticker must outlive any one bad round
                 log.exception("Error in the supervisor's tick; carrying on")
 
