@@ -298,12 +298,19 @@ def extended_header(
     if length > LENGTH_MASK:
         raise ValueError("message too long for the wire format")
     flags = (FLAG_KEEPALIVE if keepalive else 0) | (FLAG_STATS if stats else 0)
-    timeout_ms = 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
+    timeout_ms = 0 if timeout is None else max(1, _millis(timeout))
     if deadline is None:
         return EXTENDED_HEADER.pack(EXTENDED | length, flags, timeout_ms, tag & 0xFFFFFFFF)
-    deadline_ms = max(0, min(int(deadline * 1000), 0xFFFFFFFF))
+    deadline_ms = _millis(deadline)
     head = EXTENDED_HEADER.pack(EXTENDED | length, flags | FLAG_DEADLINE, timeout_ms, tag & 0xFFFFFFFF)
     return head + DEADLINE_WORD.pack(deadline_ms)
+
+
+def _millis(seconds: float) -> int:
+    """Seconds as a u32 of milliseconds, rounded; past the range (or infinite), the most."""
+    if not seconds > 0:
+        return 0
+    return min(round(seconds * 1000), 0xFFFFFFFF) if seconds < 0xFFFFFFFF / 1000 else 0xFFFFFFFF
 
 
 def reply_header(length: int, tag: int, status: int) -> bytes:

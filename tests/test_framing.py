@@ -199,3 +199,40 @@ def test_large_bodies_whole_in_pieces_and_received_directly(chunk):
         while (req := reader.next_request()) is not None:
             out.append(bytes(req.body))
     assert out == [big, b"after"] and not reader.in_progress
+
+
+def test_a_length_over_the_limit_is_refused_from_the_length_word_alone():
+    from gaspar.framing import pack_extended
+
+    whole = pack_extended(b"x" * 17, tag=5)
+    r = RequestReader(16)
+    r.feed(whole[:4])  # the first word only: refused at once, tag unknown yet
+    with pytest.raises(RequestTooLarge) as info:
+        r.next_request()
+    assert info.value.request.extended and info.value.request.tag == 0
+    r = RequestReader(16)
+    r.feed(whole[:16])  # the whole header came with it: the refusal carries its tag
+    with pytest.raises(RequestTooLarge) as info:
+        r.next_request()
+    assert info.value.request.tag == 5
+    r = RequestReader(16)
+    r.feed(b"\x00\x00\x00\x11")  # plain
+    with pytest.raises(RequestTooLarge):
+        r.next_request()
+
+
+@pytest.mark.parametrize(
+    "seconds, timeout_ms, deadline_ms",
+    [
+        (1.001, 1001, 1001),
+        (0.0004, 1, 0),  # a handler timeout is at least 1 ms (0 means the server's); a deadline may be 0
+        (0.0006, 1, 1),
+        (-1.0, 1, 0),
+        (2.5, 2500, 2500),
+        (float("inf"), 0xFFFFFFFF, 0xFFFFFFFF),
+        (1e12, 0xFFFFFFFF, 0xFFFFFFFF),
+    ],
+)
+def test_timeouts_go_on_the_wire_rounded_to_the_millisecond(seconds, timeout_ms, deadline_ms):
+    head = extended_header(0, timeout=seconds, deadline=seconds)
+    assert struct.unpack("!IIIII", head)[2::2] == (timeout_ms, deadline_ms)
