@@ -33,15 +33,13 @@ import random
 import struct
 from collections.abc import Callable, Iterable
 
-import pytest
+import hypothesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gaspar import framing
 from gaspar.errors import ProtocolError
 from gaspar.framing import Request, RequestReader, RequestTooLarge, extended_header, pack, pack_extended
-
-hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install hypothesis)")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 DIRECT = framing.DIRECT_BODY
 KNOWN_FLAGS = getattr(framing, "KNOWN_FLAGS", framing.FLAG_KEEPALIVE | framing.FLAG_STATS)
