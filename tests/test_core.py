@@ -308,7 +308,7 @@ def test_public_api_is_pinned():
             "WorkerTimeout",
             "BadRequest",
             "Overloaded",
-                "ServerUnavailable",
+            "ServerUnavailable",
             "ConnectFailed",
             "ConnectionLost",
             "RequestTimeout",
