@@ -392,6 +392,7 @@ class Connection:
 
     def fail_now(self, request: Request, kind: str, message: str) -> None:
         """Refuse a request before it runs, and end the connection."""
+        self.producer.telemetry.outcome("bad_request")
         self.eof = True
         if request.extended:
             self.inflight += 1
@@ -424,9 +425,11 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
-        for pending in self.requests:
-            self.producer.dispatcher.cancel(pending)
-        self.requests.clear()
+        if self.requests:
+            self.producer.telemetry.outcome("client_gone", len(self.requests))
+            for pending in self.requests:
+                self.producer.dispatcher.cancel(pending)
+            self.requests.clear()
         self.producer.settle()  # revoke what was handed ahead to a worker
         held, self.held, self.reserved = self.held, 0, 0
         wake = self.budget.forget(self) if self.starved else []

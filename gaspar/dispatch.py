@@ -62,6 +62,7 @@ class WorkerSlot:
     current: Pending | None = None
     ahead: deque[Pending] = field(default_factory=deque)  # prefetched: sent, not started
     retiring: bool = False  # takes no new work; exits once idle
+    retire_reason: str = ""  # why: max_requests, reload, scale, timeout, died
     started: float = 0.0
 
 
@@ -210,7 +211,7 @@ class Dispatcher:
             worker.current = worker.ahead.popleft()
             self._start(worker.current)
         elif worker.max_requests and worker.handled >= worker.max_requests:
-            worker.retiring = True
+            worker.retiring, worker.retire_reason = True, "max_requests"
         elif not worker.retiring:
             self._idle[routing_id] = worker
         return (None if req.cancelled else req), self._assign()
@@ -240,7 +241,7 @@ class Dispatcher:
             req = worker.current
             if req is not None and req.deadline is not None and now >= req.deadline and not req.revoked:
                 worker.current = None
-                worker.retiring = True
+                worker.retiring, worker.retire_reason = True, "timeout"
                 self._idle.pop(worker.routing_id, None)
                 del self.pending[req.id]
                 self.counters.timeouts += 1
@@ -297,12 +298,13 @@ class Dispatcher:
         self.counters.failed += 1
         return None if req.cancelled else req
 
-    def retire(self, routing_id: bytes) -> bool:
+    def retire(self, routing_id: bytes, reason: str = "scale") -> bool:
         """Take a worker out of rotation. True if it is idle now (tell it to exit now)."""
         worker = self.workers.get(routing_id)
         if worker is None:
             return False
         worker.retiring = True
+        worker.retire_reason = worker.retire_reason or reason
         return self._idle.pop(routing_id, None) is not None or worker.current is None
 
     def retiring_idle(self) -> list[WorkerSlot]:

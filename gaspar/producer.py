@@ -63,7 +63,8 @@ from .errors import GasparError
 from .framing import Kind, Request, Status, error_body, pack_id
 from .overload import ByteBudget, QueueControl
 from .supervisor import Supervisor
-from .worker import Consumer
+from .telemetry import WORKER_STATES, Telemetry, proc_usage
+from .worker import TIMING, Consumer
 
 log = logging.getLogger("gaspar")
 
@@ -72,6 +73,7 @@ _REQUEST = Kind.REQUEST.value
 _REPLY = Kind.REPLY.value
 _CANCEL = Kind.CANCEL.value
 _SKIPPED = Kind.SKIPPED.value
+_FAILED = {Status.TIMEOUT: "timeout", Status.WORKER_DIED: "worker_died", Status.UNAVAILABLE: "unavailable"}
 # pyzmq's Python layer (send_multipart, recv_multipart, enum flags) cost about a quarter of
 # the front end's Python time per request in cProfile; the hot path calls the Cython
 # methods with plain int flags instead.
@@ -121,6 +123,7 @@ class Producer(Supervisor):
         self.dispatcher = Dispatcher(prefetch=s.prefetch, control=control, max_queued=s.max_queued)
         self.budget = ByteBudget(s.max_buffered_bytes)
         self.counters_abandoned = 0  # clients that left while their request waited
+        self.telemetry = Telemetry()
         self.refused_connections = 0
         self._control = Control()
         self._thread: threading.Thread | None = None
@@ -288,6 +291,7 @@ class Producer(Supervisor):
             conn.deliver(request, Status.OK, self.stats_json())
             return
         if self.stopping:
+            self.telemetry.ended("unavailable", None, 0.0)
             self._deliver_error(conn, request, Status.UNAVAILABLE, "ServerUnavailable", "the server is stopping")
             return
         timeout = request.timeout or self.settings.timeout
@@ -316,6 +320,7 @@ class Producer(Supervisor):
     def _answer_shed(self, req: Pending, reason: str, now: float) -> None:
         conn, request = req.waiter
         conn.requests.discard(req)
+        self.telemetry.ended("shed", now - req.queued_at, now - req.queued_at)
         d = self.dispatcher
         queued_ms = round((now - req.queued_at) * 1000, 1)
         retry_ms = round(d.control.retry_after(d.queued) * 1000, 1)
@@ -396,7 +401,7 @@ class Producer(Supervisor):
                 send(router, body, _NOW, len(body) < _LARGE)
             except zmq.ZMQError as exc:  # the worker's pipe is gone: it is dying
                 log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
-                self.dispatcher.retire(worker.routing_id)
+                self.dispatcher.retire(worker.routing_id, "died")
                 self.kill_worker(worker.pid, signal.SIGKILL, "its 0MQ pipe was gone")
                 self._outbox.extend(self.dispatcher.requeue(req))
         cancels, self._cancel_box = self._cancel_box, []
@@ -414,12 +419,25 @@ class Producer(Supervisor):
         conn.requests.discard(pending)
         conn.deliver(request, status, body)
 
+    def _record_reply(self, req: Pending, head: bytes) -> None:
+        """A worker's reply to ``req`` (answered or not: its client may be gone)."""
+        wall = cpu = 0.0
+        if len(head) >= 10 + TIMING.size:
+            wall, cpu = TIMING.unpack_from(head, 10)
+        now = time.monotonic()
+        number = req.worker.number if req.worker is not None else 0
+        ok = head[9] == Status.OK
+        self.telemetry.replied(number, ok, wall, cpu, req.started - req.queued_at, now - req.queued_at)
+
     def _deliver_error(self, conn: Connection, request: Request, status: Status, kind: str, msg: str, **facts) -> None:
         conn.deliver(request, status, error_body(kind, msg, **facts))
 
     def _fail(self, pending: Pending, status: Status, kind: str, msg: str, **facts: Any) -> None:
         conn, request = pending.waiter
         conn.requests.discard(pending)
+        now = time.monotonic()
+        queued = pending.started - pending.queued_at if pending.started else None
+        self.telemetry.ended(_FAILED.get(status, "unavailable"), queued, now - pending.queued_at)
         self._deliver_error(conn, request, status, kind, msg, **facts)
 
     # -- replies from the workers -----------------------------------------------------------
@@ -470,7 +488,11 @@ class Producer(Supervisor):
         rid, head = frames[0], frames[1].bytes
         kind = head[:1]
         if kind == _REPLY:
-            pending, assignments = self.dispatcher.complete(rid, int.from_bytes(head[1:9], "big"))
+            req_id = int.from_bytes(head[1:9], "big")
+            req = self.dispatcher.pending.get(req_id)
+            pending, assignments = self.dispatcher.complete(rid, req_id)
+            if req is not None and req_id not in self.dispatcher.pending:  # it was this worker's
+                self._record_reply(req, head)
             if pending is not None:
                 frame = frames[2]
                 body = frame.bytes if len(frame) < _LARGE else frame.buffer
@@ -503,39 +525,61 @@ class Producer(Supervisor):
         return sorted(pids)
 
     def _stats(self) -> dict[str, Any]:
+        """Everything ``gaspar stats``, ``/metrics`` and ``gaspar top`` show (README,
+        "Monitoring", documents each field). Per-process CPU and memory are read now."""
         d = self.dispatcher
-        workers = [
-            {
-                "pid": w.pid,
-                "number": w.number,
-                "generation": w.generation,
-                "handled": w.handled,
-                "busy": w.current is not None,
-                "retiring": w.retiring,
-            }
-            for w in sorted(d.workers.values(), key=lambda w: w.number)
-        ]
+        now, wall = time.monotonic(), time.time()
+        workers = []
+        for w in sorted(d.workers.values(), key=lambda w: w.number):
+            state = "retiring" if w.retiring else "busy" if w.current is not None else "idle"
+            usage = proc_usage(w.pid)
+            figures = self.telemetry.worker(w.number).snapshot()
+            workers.append(
+                {
+                    "pid": w.pid,
+                    "number": w.number,
+                    "generation": w.generation,
+                    "state": state,
+                    "handled": w.handled,
+                    "busy": w.current is not None,
+                    "retiring": w.retiring,
+                    "prefetched": len(w.ahead),
+                    "age_seconds": round(now - w.started, 3),
+                    "cpu_seconds": round(usage[0], 3) if usage else None,
+                    "rss_bytes": usage[1] if usage else None,
+                    **figures,
+                }
+            )
+        states = dict.fromkeys(WORKER_STATES, 0)
+        for w in workers:
+            states[w["state"]] += 1
+        states["booting"] = len(getattr(self, "booting", {}))
+        front = proc_usage(os.getpid())
         return {
             "pid": os.getpid(),
             "version": __version__,
-            "uptime": round(time.time() - self.started_at, 3) if hasattr(self, "started_at") else 0.0,
+            "uptime": round(wall - self.started_at, 3) if hasattr(self, "started_at") else 0.0,
+            "time": round(wall, 3),
             "target_workers": getattr(self, "target", self.processes),
             "workers": workers,
-            "booting": len(getattr(self, "booting", {})),
+            "worker_states": states,
+            "booting": states["booting"],
             "queued": d.queued,
             "running": d.running,
             "prefetched": d.prefetched,
             "pending": len(d.pending),
             "connections": len(getattr(self, "connections", ())),
             "restarts": getattr(self, "restarts", 0),
+            "front_end": {"cpu_seconds": round(front[0], 3), "rss_bytes": front[1]} if front else None,
+            **self.telemetry.snapshot(),
             "counters": {
                 **vars(d.counters),
                 "abandoned": self.counters_abandoned,
                 "refused_connections": self.refused_connections,
             },
             "overload": {
-                "standing": d.control.standing(time.monotonic(), d.queued),
-                "overloaded": d.control.overloaded(time.monotonic(), d.queued),
+                "standing": d.control.standing(now, d.queued),
+                "overloaded": d.control.overloaded(now, d.queued),
                 "handler_ms": round(d.control.service * 1000, 3),
                 "buffered_bytes": self.budget.used,
                 "buffered_peak": self.budget.peak,

@@ -75,7 +75,7 @@ class Supervisor:
             old = [w for w in self.dispatcher.workers.values() if w.generation < self.generation and not w.retiring]
             if old:  # a rolling reload: one new worker in, one old worker out
                 old.sort(key=lambda w: w.current is not None)
-                self.dispatcher.retire(old[0].routing_id)
+                self.dispatcher.retire(old[0].routing_id, "reload")
         self.manage_workers()
         if not self.running.is_set() and self.ready_count() >= self.target:
             self.running.set()
@@ -130,6 +130,9 @@ class Supervisor:
                 facts = {"pid": pid, "exitcode": exitcode, "signal": sig}
                 self._fail(req, Status.WORKER_DIED, "WorkerDied", f"worker {number} (pid {pid}) {text}", **facts)
             self._send(self.dispatcher.dispatch())  # its prefetched request, if any, to an idle worker
+            if not self.stopping:
+                reason = slot.retire_reason if slot.retire_reason == "timeout" or expected else "died"
+                self.telemetry.restarted(slot.number, reason or "scale")
             if expected or self.stopping:
                 log.info("Worker %s (pid:%s) exited", number, pid)
             else:
@@ -140,6 +143,7 @@ class Supervisor:
             if self.booting.pop(token, None) is not None and not self.stopping:
                 why = "its post_fork hook failed" if exitcode == WORKER_BOOT_ERROR else text
                 log.error("Worker %s (pid:%s) died before it was ready: %s", number, pid, why)
+                self.telemetry.restarted(number, "died")
                 self.on_boot_failure()
         self.manage_workers()
         if self.stopping and not self.dispatcher.workers and not self.booting and not self._workers_gone.ready():
@@ -186,7 +190,7 @@ class Supervisor:
         if missing < 0:
             live.sort(key=lambda w: w.current is not None)  # idle ones first
             for w in live[:-missing]:
-                if d.retire(w.routing_id):
+                if d.retire(w.routing_id, "scale"):
                     self.tell_exit(w)
 
     def spawn_worker(self) -> None:
@@ -217,10 +221,15 @@ class Supervisor:
         """Every 10 ms while requests are queued: shed what waited too long. Every 0.1 s:
         shed requests whose client's deadline cannot be met, fail what ran past its timeout
         and kill its worker; every 0.5 s, end connections idle past ``idle_timeout``; and
-        read the ROUTER, as a backstop. An idle daemon wakes ten times a second."""
+        read the ROUTER, as a backstop. An idle daemon wakes ten times a second. How late
+        each wake-up comes is the hub's lag (``gaspar_hub_lag_seconds``)."""
         rounds, next_slow = 0, time.monotonic() + 0.1
+        lag = self.telemetry.hub_lag
         while True:
-            eventlet.sleep(0.01 if self.dispatcher.queued else max(0.0, next_slow - time.monotonic()))
+            nap = 0.01 if self.dispatcher.queued else max(0.0, next_slow - time.monotonic())
+            due = time.monotonic() + nap
+            eventlet.sleep(nap)
+            lag.observe(max(0.0, time.monotonic() - due))  # how late the hub woke us
             try:
                 slow = time.monotonic() >= next_slow
                 self.dispatcher.sweep(deadlines=slow)

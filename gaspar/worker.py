@@ -26,11 +26,13 @@ import json
 import logging
 import os
 import signal
+import struct
 import sys
 import threading
 import traceback
 from collections import deque
 from collections.abc import Callable
+from time import perf_counter, thread_time
 from typing import Any
 
 from .framing import Kind, Status, error_body
@@ -42,6 +44,8 @@ log = logging.getLogger("gaspar")
 WORKER_BOOT_ERROR = 3
 
 _LARGE = 64 * 1024  # frames this big are sent without a copy
+#: After a reply's status byte: the handler's wall time and CPU time (this thread's), seconds.
+TIMING = struct.Struct("!dd")
 
 
 class Consumer:
@@ -177,9 +181,11 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
             head, frame = inbox.popleft()
             kind = head[0]
             if kind == request:
+                wall, cpu = perf_counter(), thread_time()
                 status, body = call_handler(consumer.handle, frame)
+                timing = TIMING.pack(perf_counter() - wall, thread_time() - cpu)
                 worker.handled += 1
-                send(sock, reply + head[1:9] + status, more)
+                send(sock, reply + head[1:9] + status + timing, more)
                 send(sock, body, 0, len(body) < _LARGE)
             elif kind == broadcast:
                 status, body = call_handler(consumer.on_broadcast, frame, broadcast=True)

@@ -1,0 +1,221 @@
+"""What the front end counts and times, with no I/O: the figures behind ``gaspar stats``,
+``/metrics``, statsd and ``gaspar top``.
+
+The front end aggregates everything itself (no multiprocess files, no per-pid state on
+disk): each worker sends its handler's wall and CPU time back with every reply, and the
+front end records, per request, its outcome, how long it queued, how long its handler ran
+and how long the whole request took; per worker, what it handled. Per-process CPU and
+memory are read when asked (:func:`proc_usage`), not sampled in the background.
+
+Every figure here is a plain number or a :class:`Histogram` with fixed buckets (1 ms to
+5 min), cheap enough to update on the hot path (a bisect and two additions).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+#: Histogram buckets (upper bounds, seconds), 1 ms to 5 min.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: How a request ended, each a label value of ``gaspar_requests_total``.
+OUTCOMES = ("ok", "error", "timeout", "worker_died", "bad_request", "shed", "client_gone", "unavailable")
+#: Why a worker process ended, each a label value of ``gaspar_worker_restarts_total``.
+RESTART_REASONS = ("died", "timeout", "max_requests", "reload", "scale")
+WORKER_STATES = ("booting", "idle", "busy", "retiring")
+RECENT = 512  # handler times kept per worker, for its p99 in `gaspar top`
+
+
+class Histogram:
+    """Counts per bucket (not cumulative), their sum, and the total."""
+
+    __slots__ = ("buckets", "counts", "sum", "count")
+
+    def __init__(self, buckets: Iterable[float] = BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last: over the largest bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations <= it)`` per bucket, ending with ``(inf, count)``."""
+        out, total = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+    def quantile(self, q: float) -> float | None:
+        """An estimate of the ``q`` quantile: linear within its bucket (None when empty)."""
+        if not self.count:
+            return None
+        rank, seen, lower = q * self.count, 0, 0.0
+        for bound, n in zip(self.buckets, self.counts, strict=False):
+            if n and seen + n >= rank:
+                return lower + (bound - lower) * (rank - seen) / n
+            seen += n
+            lower = bound
+        return self.buckets[-1]  # past the largest bound: say the bound
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "sum": round(self.sum, 6),
+            "p50": _round(self.quantile(0.5)),
+            "p99": _round(self.quantile(0.99)),
+            "buckets": [[_le(b), n] for b, n in self.cumulative()],
+        }
+
+
+class WorkerFigures:
+    """What one worker number has done since the daemon started (across its restarts)."""
+
+    __slots__ = ("requests", "errors", "handler_seconds", "cpu_seconds", "recent", "restarts")
+
+    def __init__(self) -> None:
+        self.requests = 0  # replies, errors included
+        self.errors = 0
+        self.handler_seconds = 0.0
+        self.cpu_seconds = 0.0  # handler CPU reported with replies
+        self.recent: deque[float] = deque(maxlen=RECENT)
+        self.restarts = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        recent = sorted(self.recent)
+        p99 = recent[min(len(recent) - 1, int(len(recent) * 0.99))] if recent else None
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "handler_seconds": round(self.handler_seconds, 6),
+            "handler_cpu_seconds": round(self.cpu_seconds, 6),
+            "handler_avg_ms": _round(self.handler_seconds / self.requests * 1000 if self.requests else None),
+            "handler_p99_ms": _round(p99 * 1000 if p99 is not None else None),
+            "restarts": self.restarts,
+        }
+
+
+class Telemetry:
+    """The front end's figures. Called from the hub thread only."""
+
+    def __init__(self) -> None:
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.restarts = dict.fromkeys(RESTART_REASONS, 0)
+        self.queue_wait = Histogram()
+        self.handler = Histogram()
+        self.request = Histogram()
+        self.hub_lag = Histogram()
+        self.workers: dict[int, WorkerFigures] = {}
+
+    def outcome(self, name: str, n: int = 1) -> None:
+        self.outcomes[name] += n
+
+    def replied(self, number: int, ok: bool, wall: float, cpu: float, queued: float, total: float) -> None:
+        """A worker's reply: ``wall`` and ``cpu`` of the handler, ``queued`` seconds in the
+        queue, ``total`` seconds from the request's arrival to its reply."""
+        self.outcomes["ok" if ok else "error"] += 1
+        self.handler.observe(wall)
+        self.queue_wait.observe(queued)
+        self.request.observe(total)
+        w = self.worker(number)
+        w.requests += 1
+        w.errors += not ok
+        w.handler_seconds += wall
+        w.cpu_seconds += cpu
+        w.recent.append(wall)
+
+    def ended(self, outcome: str, queued: float | None, total: float) -> None:
+        """A request that ended without a reply from its handler (timeout, death, shed...)."""
+        self.outcomes[outcome] += 1
+        if queued is not None:
+            self.queue_wait.observe(queued)
+        self.request.observe(total)
+
+    def restarted(self, number: int | None, reason: str) -> None:
+        self.restarts[reason] += 1
+        if number is not None:
+            self.worker(number).restarts += 1
+
+    def worker(self, number: int) -> WorkerFigures:
+        w = self.workers.get(number)
+        if w is None:
+            w = self.workers[number] = WorkerFigures()
+        return w
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "outcomes": dict(self.outcomes),
+            "restarts_by_reason": dict(self.restarts),
+            "histograms": {
+                "queue_wait_seconds": self.queue_wait.snapshot(),
+                "handler_duration_seconds": self.handler.snapshot(),
+                "request_duration_seconds": self.request.snapshot(),
+                "hub_lag_seconds": self.hub_lag.snapshot(),
+            },
+        }
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def proc_usage(pid: int) -> tuple[float, int, float] | None:
+    """``(cpu seconds, resident bytes, start time as a Unix timestamp)`` of a process, from
+    /proc (psutil where there is no /proc); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            resident = int(f.read().split()[1]) * _PAGE
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _psutil_usage(pid)
+    cpu = (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
+    started = _boot_time() + int(fields[19]) / _CLK_TCK
+    return cpu, resident, started
+
+
+def _psutil_usage(pid: int) -> tuple[float, int, float] | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        p = psutil.Process(pid)
+        t = p.cpu_times()
+        return t.user + t.system, p.memory_info().rss, p.create_time()
+    except psutil.Error:
+        return None
+
+
+_BOOT: list[float] = []
+
+
+def _boot_time() -> float:
+    if not _BOOT:
+        try:
+            with open("/proc/stat") as f:
+                _BOOT.append(float(next(line for line in f if line.startswith("btime")).split()[1]))
+        except (OSError, StopIteration):
+            _BOOT.append(time.time() - time.monotonic())
+    return _BOOT[0]
+
+
+def _le(bound: float) -> float | str:
+    return "+Inf" if bound == float("inf") else bound
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+__all__ = ["Telemetry", "Histogram", "WorkerFigures", "proc_usage", "BUCKETS", "OUTCOMES", "RESTART_REASONS"]
