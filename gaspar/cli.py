@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in Settings.cli_fields():
         flag = "--" + f.name.replace("_", "-")
         kind = {bool: _on_off, int: int, float: float}.get(type(f.default), str)
-        if f.default is None:
-            kind = float
+        if f.default is None:  # the annotation says: "float | None" or "str | None"
+            kind = str if str(f.type).startswith("str") else float
         serve.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})")
 
     req = sub.add_parser("request", help="send one request and print the reply")

@@ -73,6 +73,14 @@ class Settings:
     flap_retry_in: float = _opt(1.0, "seconds to wait before spawning again after flapping")
     flap_max_retry: int = _opt(3, "flapping episodes after which the daemon gives up and exits non-zero")
     proc_name: str = _opt("gaspar", "the name in process titles (when setproctitle is installed)")
+    metrics_bind: str | None = _opt(
+        None, "HOST:PORT for /metrics (Prometheus), /healthz and /readyz; needs gaspar[metrics] (default: off)"
+    )
+    statsd_host: str | None = _opt(None, "HOST:PORT of a statsd daemon to push the figures to, over UDP (default: off)")
+    statsd_prefix: str = _opt("gaspar", "the prefix of every statsd metric name")
+    statsd_interval: float = _opt(10.0, "seconds between two statsd pushes")
+    access_log: str | None = _opt(None, "a file to log one line per request to, or - for standard error (default: off)")
+    capture_output: bool = _opt(False, "write what workers print (stdout, stderr) to the daemon's log, per worker")
     on_starting: Callable[[Any], None] | None = _opt(None, "hook(producer), before the workers are forked", cli=False)
     post_fork: Callable[[Any], None] | None = _opt(None, "hook(worker), in each worker after the fork", cli=False)
     worker_exit: Callable[[Any], None] | None = _opt(None, "hook(worker), in a worker that exits cleanly", cli=False)
@@ -87,6 +95,8 @@ class Settings:
             self.idle_timeout = None
         if not self.queue_timeout:
             self.queue_timeout = None
+        if self.statsd_interval <= 0:
+            raise ValueError("statsd_interval must be positive")
         for name in ("max_message_size", "max_pipeline", "flap_attempts", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
