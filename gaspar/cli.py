@@ -139,6 +139,13 @@ def serve(args: argparse.Namespace) -> int:
     options = load_config(args.config) if args.config else {}
     # a flag given on the command line wins over the file
     options.update({f.name: getattr(args, f.name) for f in Settings.cli_fields() if getattr(args, f.name) is not None})
+    if options.get("metrics_bind"):
+        from .metrics import require_prometheus
+
+        try:
+            require_prometheus()
+        except ImportError as exc:
+            raise UsageError(f"--metrics-bind: {exc}") from None
     from .producer import Producer
 
     try:

@@ -223,6 +223,7 @@ class Producer(Supervisor):
         self.router = None
         self.ctx = None
         self.listener = None
+        self.metrics_listener = None
         try:
             if s.on_starting is not None:
                 s.on_starting(self)
@@ -242,10 +243,19 @@ class Producer(Supervisor):
             self.fork_server.endpoint = self.router.last_endpoint.decode()
             self.listener = _listen(self.host, self.port, s.backlog)
             self.server_addr = self.listener.getsockname()[:2]
+            if s.metrics_bind:
+                from . import metrics
+                from .client import parse_address
+
+                metrics.require_prometheus()
+                self.metrics_listener = metrics.listen(*parse_address(s.metrics_bind))
+                self.metrics_addr = self.metrics_listener.getsockname()[:2]
         except BaseException as exc:
             self._failure = exc
             return
         log.info("Listening at: tcp://%s:%s (%s)", *self.server_addr, os.getpid())
+        if self.metrics_listener is not None:
+            log.info("Metrics at: http://%s:%s/metrics", *self.metrics_addr)
         log.info("Using %s workers over %s", self.target, s.transport)
         hub = eventlet.hubs.get_hub()
         self._read_scheduled = None
@@ -255,6 +265,11 @@ class Producer(Supervisor):
         self.acceptor = Acceptor(self.listener, self.ioloop, self)
         self._fs_listener = watch_fd(hub, self.fork_server.events_fd, self.on_fork_server_events)
         self._greenlets = [eventlet.spawn(self.tick)]
+        if self.metrics_listener is not None:
+            from . import metrics
+
+            app = metrics.make_app(self._stats, self.healthy, self.ready)
+            self._greenlets.append(eventlet.spawn(metrics.serve, self.metrics_listener, app))
         self.manage_workers()
 
     def _teardown(self) -> None:
@@ -270,6 +285,8 @@ class Producer(Supervisor):
             self.ioloop.close()
         elif self.listener is not None:
             self.listener.close()
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
         if self.fork_server is not None and self.fork_server.pid is not None:
             self.fork_server.close()
         if self.router is not None:
@@ -586,6 +603,14 @@ class Producer(Supervisor):
                 "waiting_for_memory": self.budget.waiting,
             },
         }
+
+    def healthy(self) -> bool:
+        """The daemon serves: it has not begun to stop its workers."""
+        return not self.stopping
+
+    def ready(self) -> bool:
+        """Worth sending requests to: a worker is ready and no stop has begun."""
+        return not self.draining and not self.stopping and self.ready_count() > 0
 
     def stats_json(self) -> bytes:
         return json.dumps(self._stats()).encode()

@@ -112,3 +112,12 @@ def measure(message: bytes) -> bytes:
     small replies out."""
     time.sleep(0.05)
     return b"%d:%s" % (len(message), message[:8])
+
+
+def mixed(message: bytes) -> bytes:
+    """b'boom...' raises ValueError; b'sleep S' sleeps S seconds; anything else echoes."""
+    if message.startswith(b"boom"):
+        raise ValueError("boom")
+    if message.startswith(b"sleep "):
+        time.sleep(float(message[6:]))
+    return message

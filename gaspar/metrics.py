@@ -1,0 +1,186 @@
+"""``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``, served from the front end's hub.
+
+Turned on by ``metrics_bind`` (``gaspar serve --metrics-bind HOST:PORT``); needs the
+optional ``prometheus_client`` (``pip install 'gaspar[metrics]'``).
+
+The HTTP server is eventlet's WSGI server, in green threads of the front end's own hub, so
+a scrape reads the dispatcher and supervisor state in the thread that owns it: no lock, no
+second OS thread racing the supervisor. The registry is gaspar's own (not the global one),
+with one collector that turns :meth:`Producer._stats` into metric families at scrape time,
+plus prometheus_client's ``process_*`` metrics of the front end. Nothing is written to
+disk and there is no multiprocess mode: the front end aggregates everything (workers send
+their handler times with each reply; their CPU and memory are read from /proc when scraped).
+
+* ``/healthz``: 200 while the daemon serves (until its workers are being stopped), else 503.
+* ``/readyz``: 200 while at least one worker is ready and the daemon is not stopping, else
+  503: a load balancer stops sending as soon as a stop begins.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from . import __version__
+
+log = logging.getLogger("gaspar")
+
+INSTALL_HINT = "metrics need prometheus_client: pip install 'gaspar[metrics]'"
+
+
+def require_prometheus() -> None:
+    """Raise ImportError with how to get prometheus_client, if it is missing."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+
+
+class GasparCollector:
+    """Metric families from one snapshot of the front end's stats, taken per scrape."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.stats = stats
+
+    def describe(self) -> list:
+        return []  # families are only known at collect time; the registry does not need them
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+        st = self.stats()
+        requests = CounterMetricFamily("gaspar_requests", "Requests by how they ended.", labels=["outcome"])
+        for outcome, n in st["outcomes"].items():
+            requests.add_metric([outcome], n)
+        yield requests
+        shed = CounterMetricFamily("gaspar_shed", "Requests shed under overload, by reason.", labels=["reason"])
+        for reason in ("queue_delay", "queue_timeout", "queue_full", "deadline"):
+            shed.add_metric([reason], st["counters"]["shed_" + reason])
+        yield shed
+        hists = st["histograms"]
+        yield _histogram("gaspar_queue_wait_seconds", "Seconds requests waited in the queue.", hists)
+        yield _histogram("gaspar_handler_duration_seconds", "Seconds handlers ran (wall time).", hists)
+        yield _histogram("gaspar_request_duration_seconds", "Seconds from a request's arrival to its end.", hists)
+        yield _histogram("gaspar_hub_lag_seconds", "How late the front end's event loop woke its ticker.", hists)
+        yield _gauge("gaspar_queue_length", "Requests waiting for a worker.", st["queued"])
+        yield _gauge("gaspar_requests_in_flight", "Requests queued or running.", st["pending"])
+        yield _gauge("gaspar_connections", "Open client connections.", st["connections"])
+        yield _gauge(
+            "gaspar_buffered_bytes", "Request and reply bytes the front end holds.", st["overload"]["buffered_bytes"]
+        )
+        yield _gauge(
+            "gaspar_overloaded", "1 while the queue is shed past its target.", int(st["overload"]["overloaded"])
+        )
+        workers = GaugeMetricFamily("gaspar_workers", "Worker processes by state.", labels=["state"])
+        for state, n in st["worker_states"].items():
+            workers.add_metric([state], n)
+        yield workers
+        yield _gauge("gaspar_workers_desired", "The pool's target size.", st["target_workers"])
+        restarts = CounterMetricFamily(
+            "gaspar_worker_restarts", "Worker processes that ended and were replaced, by reason.", labels=["reason"]
+        )
+        for reason, n in st["restarts_by_reason"].items():
+            restarts.add_metric([reason], n)
+        yield restarts
+        cpu = CounterMetricFamily("gaspar_worker_cpu_seconds", "CPU seconds of each live worker.", labels=["worker"])
+        rss = GaugeMetricFamily(
+            "gaspar_worker_resident_memory_bytes", "Resident memory of each worker.", labels=["worker"]
+        )
+        handled = CounterMetricFamily(
+            "gaspar_worker_requests", "Replies from each worker number since the start.", labels=["worker"]
+        )
+        for w in st["workers"]:
+            label = [str(w["number"])]
+            if w["cpu_seconds"] is not None:
+                cpu.add_metric(label, w["cpu_seconds"])
+                rss.add_metric(label, w["rss_bytes"])
+            handled.add_metric(label, w["requests"])
+        yield cpu
+        yield rss
+        yield handled
+        info = InfoMetricFamily("gaspar_build", "gaspar's version.")
+        info.add_metric([], {"version": __version__})
+        yield info
+
+
+def _gauge(name: str, doc: str, value: float) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _histogram(name: str, doc: str, hists: dict[str, Any]) -> Any:
+    from prometheus_client.core import HistogramMetricFamily
+
+    h = hists[name.removeprefix("gaspar_")]
+    buckets = [(_le(le), n) for le, n in h["buckets"]]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=h["sum"])
+
+
+def _le(le: float | str) -> str:
+    return "+Inf" if le == "+Inf" else repr(float(le))
+
+
+def make_registry(stats: Callable[[], dict[str, Any]]) -> Any:
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GasparCollector(stats))
+    ProcessCollector(registry=registry)  # the front end's own process_* metrics
+    return registry
+
+
+def make_app(
+    stats: Callable[[], dict[str, Any]], healthy: Callable[[], bool], ready: Callable[[], bool]
+) -> Callable[[dict, Callable], Iterable[bytes]]:
+    """The WSGI app: /metrics, /healthz, /readyz."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    registry = make_registry(stats)
+
+    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            try:
+                body = generate_latest(registry)
+            except Exception:  # a scrape must never take the daemon down
+                log.exception("Error building /metrics")
+                start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+                return [b"error building metrics\n"]
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            return [body]
+        if path in ("/healthz", "/readyz"):
+            ok = healthy() if path == "/healthz" else ready()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"unavailable\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /metrics, /healthz or /readyz\n"]
+
+    return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The metrics port's listening socket (no SO_REUSEPORT: a taken port is an error)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(sock: socket.socket, app: Callable) -> None:
+    """Serve ``app`` on ``sock`` in green threads of the current hub; returns when killed."""
+    import eventlet.wsgi
+    from eventlet.greenio import GreenSocket
+
+    eventlet.wsgi.server(GreenSocket(sock), app, log_output=False, max_size=64, socket_timeout=10)
+
+
+__all__ = ["make_app", "make_registry", "listen", "serve", "require_prometheus", "INSTALL_HINT"]

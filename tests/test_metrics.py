@@ -1,0 +1,170 @@
+"""/metrics, /healthz and /readyz of a real daemon, read with prometheus_client's own parser.
+
+Every figure is checked against what the test did to the daemon: requests that succeeded,
+handler exceptions, a worker killed mid-request, the histograms' counts, each worker's RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import urllib.error
+import urllib.request
+
+import handlers
+import pytest
+from conftest import wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+import gaspar
+from gaspar.telemetry import OUTCOMES, RESTART_REASONS
+
+
+def get(addr, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def scrape(addr) -> dict[str, dict[tuple, float]]:
+    """name -> {sorted label items -> value}, for every sample of /metrics."""
+    status, text = get(addr, "/metrics")
+    assert status == 200
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def value(metrics, name: str, **labels) -> float:
+    return metrics[name][tuple(sorted(labels.items()))]
+
+
+def test_metrics_match_what_the_daemon_did(serve):
+    s = serve(handlers.mixed, processes=2, metrics_bind="127.0.0.1:0")
+    addr = s.producer.metrics_addr
+    before = scrape(addr)
+    for outcome in OUTCOMES:  # every label value exists from the start, at 0
+        assert value(before, "gaspar_requests_total", outcome=outcome) == 0
+    for reason in RESTART_REASONS:
+        assert value(before, "gaspar_worker_restarts_total", reason=reason) == 0
+    assert value(before, "gaspar_build_info", version=gaspar.__version__) == 1
+    assert value(before, "gaspar_workers_desired") == 2 and value(before, "gaspar_workers", state="idle") == 2
+
+    ok, errors = [0], [0]
+    lock = threading.Lock()
+
+    def load(n):
+        for i in range(n):
+            msg = b"boom" if i % 5 == 0 else b"m%d" % i
+            try:
+                s.request(msg)
+                with lock:
+                    ok[0] += 1
+            except gaspar.HandlerError:
+                with lock:
+                    errors[0] += 1
+
+    threads = [threading.Thread(target=load, args=(60,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    victim = threading.Thread(target=lambda: pytest.raises(gaspar.WorkerDied, s.request, b"sleep 5"))
+    victim.start()
+    busy = wait_for(lambda: _sleeper(s), 10)
+    assert busy
+    os.kill(busy, signal.SIGKILL)
+    victim.join(10)
+    for t in threads:
+        t.join(60)
+    assert wait_for(lambda: value(scrape(addr), "gaspar_workers", state="idle") == 2, 10)
+
+    m = scrape(addr)
+    assert value(m, "gaspar_requests_total", outcome="ok") == ok[0] == 192
+    assert value(m, "gaspar_requests_total", outcome="error") == errors[0] == 48
+    assert value(m, "gaspar_requests_total", outcome="worker_died") == 1
+    assert value(m, "gaspar_worker_restarts_total", reason="died") == 1
+    replies = ok[0] + errors[0]
+    assert value(m, "gaspar_handler_duration_seconds_count") == replies
+    assert value(m, "gaspar_request_duration_seconds_count") == replies + 1
+    assert value(m, "gaspar_queue_wait_seconds_count") == replies + 1
+    assert value(m, "gaspar_handler_duration_seconds_bucket", le="+Inf") == replies
+    assert value(m, "gaspar_handler_duration_seconds_sum") > 0
+    assert sum(m["gaspar_worker_requests_total"].values()) == replies
+    rss = m["gaspar_worker_resident_memory_bytes"]
+    assert len(rss) == 2 and all(v > 1 << 20 for v in rss.values())
+    assert {dict(k)["worker"] for k in rss} == {"1", "2"}  # worker numbers, never pids
+    assert len(m["gaspar_worker_cpu_seconds_total"]) == 2
+    assert value(m, "gaspar_hub_lag_seconds_count") > 0
+    assert value(m, "process_resident_memory_bytes") > 1 << 20
+    assert value(m, "gaspar_queue_length") == 0 and value(m, "gaspar_requests_in_flight") == 0
+
+
+def _sleeper(s) -> int | None:
+    """The pid of the worker running the long request, once it runs."""
+    for w in s.producer.stats()["workers"]:
+        if w["busy"]:
+            d = s.producer.dispatcher
+            slot = next(x for x in d.workers.values() if x.pid == w["pid"])
+            if slot.current is not None and bytes(slot.current.body).startswith(b"sleep"):
+                return w["pid"]
+    return None
+
+
+def test_healthz_and_readyz_and_readyz_flips_to_503_during_a_stop(serve):
+    s = serve(handlers.mixed, processes=1, metrics_bind="127.0.0.1:0", graceful_timeout=10)
+    addr = s.producer.metrics_addr
+    assert get(addr, "/healthz")[0] == 200 and get(addr, "/readyz")[0] == 200
+    assert get(addr, "/nope")[0] == 404
+    slow = threading.Thread(target=s.request, args=(b"sleep 1.5",))
+    slow.start()
+    assert wait_for(lambda: s.producer.stats()["running"] == 1, 5)
+    stopper = threading.Thread(target=s.producer.stop, kwargs={"graceful": True})
+    stopper.start()
+    assert wait_for(lambda: get(addr, "/readyz")[0] == 503, 5)  # a stop has begun: take me out
+    assert get(addr, "/healthz")[0] == 200  # still serving what it accepted
+    slow.join(10)
+    stopper.join(15)
+    with pytest.raises(OSError):  # the port is closed once stopped
+        get(addr, "/healthz")
+
+
+def test_cli_metrics_bind_logs_its_address_and_a_missing_library_is_a_usage_error(cli, tmp_path):
+    server = cli("handlers:echo", "--bind", "127.0.0.1:0", "--workers", "1", "--metrics-bind", "127.0.0.1:0")
+    server.wait_ready(1)
+    line = wait_for(lambda: next((x for x in server.lines if "Metrics at: http://" in x), None), 10)
+    assert line, server.log
+    host, port = line.rsplit("http://", 1)[1].split("/")[0].rsplit(":", 1)
+    assert get((host, int(port)), "/readyz")[0] == 200
+    blocker = tmp_path / "prometheus_client.py"
+    blocker.write_text("raise ImportError('hidden by the test')\n")
+    missing = cli(
+        "handlers:echo", "--bind", "127.0.0.1:0", "--metrics-bind", "127.0.0.1:0", env={"PYTHONPATH": _path(tmp_path)}
+    )
+    assert missing.wait(20) == 2
+    assert "pip install 'gaspar[metrics]'" in missing.log
+
+
+def _path(first) -> str:
+    from conftest import ROOT
+
+    return os.pathsep.join([str(first), ROOT, os.path.join(ROOT, "tests")])
+
+
+def test_stats_json_has_the_same_figures(serve):
+    s = serve(handlers.mixed, processes=2)
+    for i in range(10):
+        s.request(b"x%d" % i)
+    with pytest.raises(gaspar.HandlerError):
+        s.request(b"boom")
+    st = s.producer.stats()
+    assert st["outcomes"]["ok"] == 10 and st["outcomes"]["error"] == 1
+    assert st["histograms"]["handler_duration_seconds"]["count"] == 11
+    assert st["worker_states"] == {"booting": 0, "idle": 2, "busy": 0, "retiring": 0}
+    for w in st["workers"]:
+        assert w["state"] == "idle" and w["rss_bytes"] > 0 and w["age_seconds"] >= 0
+    assert sum(w["requests"] for w in st["workers"]) == 11
+    assert st["front_end"]["rss_bytes"] > 0
