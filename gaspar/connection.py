@@ -183,6 +183,7 @@ class Connection:
         "reserved",
         "starved",
         "abort_on_close",
+        "peer",
     )
 
     def __init__(self, sock: socket.socket, producer: Producer) -> None:
@@ -205,6 +206,12 @@ class Connection:
         self.reserved = 0  # bytes reserved for the body being read
         self.starved = False  # not reading: waiting for the budget
         self.abort_on_close = producer.settings.abort_on_close
+        self.peer = None
+        if producer.access_log is not None:
+            try:
+                self.peer = sock.getpeername()[:2]
+            except OSError:
+                pass
 
     @property
     def partial(self) -> bool:
@@ -393,6 +400,8 @@ class Connection:
     def fail_now(self, request: Request, kind: str, message: str) -> None:
         """Refuse a request before it runs, and end the connection."""
         self.producer.telemetry.outcome("bad_request")
+        if self.producer.access_log is not None:
+            self.producer.log_access((self, request), "bad_request", 0, None, None, 0.0, None)
         self.eof = True
         if request.extended:
             self.inflight += 1
@@ -426,9 +435,15 @@ class Connection:
         except OSError:
             pass
         if self.requests:
-            self.producer.telemetry.outcome("client_gone", len(self.requests))
+            producer = self.producer
+            producer.telemetry.outcome("client_gone", len(self.requests))
+            now = time.monotonic()
             for pending in self.requests:
-                self.producer.dispatcher.cancel(pending)
+                running = pending.worker is not None and pending.worker.current is pending
+                if producer.access_log is not None and not running:  # running ones: at their reply
+                    waited = now - pending.queued_at
+                    producer.log_access(pending.waiter, "client_gone", 0, waited, None, waited, None)
+                producer.dispatcher.cancel(pending)
             self.requests.clear()
         self.producer.settle()  # revoke what was handed ahead to a worker
         held, self.held, self.reserved = self.held, 0, 0

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import select
 import shutil
 import signal
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -63,7 +65,7 @@ from .errors import GasparError
 from .framing import Kind, Request, Status, error_body, pack_id
 from .overload import ByteBudget, QueueControl
 from .supervisor import Supervisor
-from .telemetry import WORKER_STATES, Telemetry, proc_usage
+from .telemetry import WORKER_STATES, LogLimiter, Telemetry, proc_usage
 from .worker import TIMING, Consumer
 
 log = logging.getLogger("gaspar")
@@ -99,6 +101,26 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+def open_access_log(path: str) -> logging.Logger:
+    """The ``gaspar.access`` logger, writing to ``path`` (``-``: standard error), in the
+    daemon log's own format (text or JSON). A file is reopened when logrotate moves it.
+    Lines are written from the hub: fine for a local file, as gunicorn's access log."""
+    logger = logging.getLogger("gaspar.access")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr) if path == "-" else logging.handlers.WatchedFileHandler(path)
+    root = next((h.formatter for h in logging.getLogger().handlers if h.formatter is not None), None)
+    handler.setFormatter(root or logging.Formatter("[%(asctime)s] [%(process)d] %(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+def close_access_log(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
 class Producer(Supervisor):
     """Listens on ``host:port`` and runs each request on one of ``processes`` workers.
 
@@ -124,6 +146,8 @@ class Producer(Supervisor):
         self.budget = ByteBudget(s.max_buffered_bytes)
         self.counters_abandoned = 0  # clients that left while their request waited
         self.telemetry = Telemetry()
+        self._error_log = LogLimiter(burst=10, period=60.0)
+        self.access_log: logging.Logger | None = None  # opened by start() when access_log is set
         self.refused_connections = 0
         self._control = Control()
         self._thread: threading.Thread | None = None
@@ -250,6 +274,8 @@ class Producer(Supervisor):
                 metrics.require_prometheus()
                 self.metrics_listener = metrics.listen(*parse_address(s.metrics_bind))
                 self.metrics_addr = self.metrics_listener.getsockname()[:2]
+            if s.access_log:
+                self.access_log = open_access_log(s.access_log)
         except BaseException as exc:
             self._failure = exc
             return
@@ -287,6 +313,9 @@ class Producer(Supervisor):
             self.listener.close()
         if self.metrics_listener is not None:
             self.metrics_listener.close()
+        if self.access_log is not None:
+            close_access_log(self.access_log)
+            self.access_log = None
         if self.fork_server is not None and self.fork_server.pid is not None:
             self.fork_server.close()
         if self.router is not None:
@@ -309,6 +338,8 @@ class Producer(Supervisor):
             return
         if self.stopping:
             self.telemetry.ended("unavailable", None, 0.0)
+            if self.access_log is not None:
+                self.log_access((conn, request), "unavailable", 0, None, None, 0.0, None)
             self._deliver_error(conn, request, Status.UNAVAILABLE, "ServerUnavailable", "the server is stopping")
             return
         timeout = request.timeout or self.settings.timeout
@@ -338,6 +369,8 @@ class Producer(Supervisor):
         conn, request = req.waiter
         conn.requests.discard(req)
         self.telemetry.ended("shed", now - req.queued_at, now - req.queued_at)
+        if self.access_log is not None:
+            self.log_access(req.waiter, "shed", 0, now - req.queued_at, None, now - req.queued_at, None)
         d = self.dispatcher
         queued_ms = round((now - req.queued_at) * 1000, 1)
         retry_ms = round(d.control.retry_after(d.queued) * 1000, 1)
@@ -436,15 +469,78 @@ class Producer(Supervisor):
         conn.requests.discard(pending)
         conn.deliver(request, status, body)
 
-    def _record_reply(self, req: Pending, head: bytes) -> None:
+    def _record_reply(self, req: Pending, head: bytes, frame: Any) -> None:
         """A worker's reply to ``req`` (answered or not: its client may be gone)."""
         wall = cpu = 0.0
         if len(head) >= 10 + TIMING.size:
             wall, cpu = TIMING.unpack_from(head, 10)
         now = time.monotonic()
-        number = req.worker.number if req.worker is not None else 0
+        worker = req.worker
+        number = worker.number if worker is not None else 0
         ok = head[9] == Status.OK
-        self.telemetry.replied(number, ok, wall, cpu, req.started - req.queued_at, now - req.queued_at)
+        queued = req.started - req.queued_at
+        self.telemetry.replied(number, ok, wall, cpu, queued, now - req.queued_at, counted=not req.cancelled)
+        if not ok:
+            self._log_handler_error(worker, frame.bytes)
+        if self.access_log is not None:
+            outcome = "ok" if ok else "error"
+            if req.cancelled:
+                outcome = "client_gone"
+            self.log_access(req.waiter, outcome, len(frame), queued, wall, now - req.queued_at, number)
+
+    def _log_handler_error(self, worker: WorkerSlot | None, body: bytes) -> None:
+        """The operator sees what the client saw: the handler's exception and traceback,
+        at most 10 a minute (then how many were not logged)."""
+        allowed, suppressed = self._error_log.allow()
+        if not allowed:
+            return
+        try:
+            facts = json.loads(body)
+        except ValueError:
+            facts = {"type": "Unknown", "message": body[:200].decode("utf-8", "replace")}
+        number, pid = (worker.number, worker.pid) if worker is not None else (None, None)
+        more = f" ({suppressed} more not logged in the last minute)" if suppressed else ""
+        log.error(
+            "Handler error in worker %s (pid:%s): %s: %s%s\n%s",
+            number,
+            pid,
+            facts.get("type"),
+            facts.get("message"),
+            more,
+            (facts.get("traceback") or "").rstrip(),
+            extra={"worker": number, "worker_pid": pid, "error_type": facts.get("type")},
+        )
+
+    def log_access(
+        self,
+        waiter: tuple[Connection, Request],
+        outcome: str,
+        bytes_out: int,
+        queued: float | None,
+        handler: float | None,
+        total: float,
+        worker: int | None,
+    ) -> None:
+        """One access-log line for a request (``access_log``): who, how big, how long, how
+        it ended, which worker."""
+        conn, request = waiter
+        peer = conn.peer
+        fields = {
+            "peer": f"{peer[0]}:{peer[1]}" if peer else "-",
+            "outcome": outcome,
+            "bytes_in": len(request.body),
+            "bytes_out": bytes_out,
+            "queue_ms": None if queued is None else round(queued * 1000, 3),
+            "handler_ms": None if handler is None else round(handler * 1000, 3),
+            "total_ms": round(total * 1000, 3),
+            "worker": worker,
+        }
+        self.access_log.info(
+            "%(peer)s %(outcome)s in=%(bytes_in)sB out=%(bytes_out)sB queue=%(queue_ms)sms "
+            "handler=%(handler_ms)sms total=%(total_ms)sms worker=%(worker)s",
+            fields,
+            extra=fields,
+        )
 
     def _deliver_error(self, conn: Connection, request: Request, status: Status, kind: str, msg: str, **facts) -> None:
         conn.deliver(request, status, error_body(kind, msg, **facts))
@@ -454,7 +550,11 @@ class Producer(Supervisor):
         conn.requests.discard(pending)
         now = time.monotonic()
         queued = pending.started - pending.queued_at if pending.started else None
-        self.telemetry.ended(_FAILED.get(status, "unavailable"), queued, now - pending.queued_at)
+        outcome = _FAILED.get(status, "unavailable")
+        self.telemetry.ended(outcome, queued, now - pending.queued_at)
+        if self.access_log is not None:
+            number = pending.worker.number if pending.worker is not None else None
+            self.log_access(pending.waiter, outcome, 0, queued, None, now - pending.queued_at, number)
         self._deliver_error(conn, request, status, kind, msg, **facts)
 
     # -- replies from the workers -----------------------------------------------------------
@@ -508,10 +608,10 @@ class Producer(Supervisor):
             req_id = int.from_bytes(head[1:9], "big")
             req = self.dispatcher.pending.get(req_id)
             pending, assignments = self.dispatcher.complete(rid, req_id)
+            frame = frames[2]
             if req is not None and req_id not in self.dispatcher.pending:  # it was this worker's
-                self._record_reply(req, head)
+                self._record_reply(req, head, frame)
             if pending is not None:
-                frame = frames[2]
                 body = frame.bytes if len(frame) < _LARGE else frame.buffer
                 self._resolve(pending, head[9], body)
             if assignments:

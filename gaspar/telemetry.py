@@ -118,10 +118,14 @@ class Telemetry:
     def outcome(self, name: str, n: int = 1) -> None:
         self.outcomes[name] += n
 
-    def replied(self, number: int, ok: bool, wall: float, cpu: float, queued: float, total: float) -> None:
+    def replied(
+        self, number: int, ok: bool, wall: float, cpu: float, queued: float, total: float, counted: bool = True
+    ) -> None:
         """A worker's reply: ``wall`` and ``cpu`` of the handler, ``queued`` seconds in the
-        queue, ``total`` seconds from the request's arrival to its reply."""
-        self.outcomes["ok" if ok else "error"] += 1
+        queue, ``total`` seconds from the request's arrival to its reply. ``counted``: False
+        when its outcome was counted already (its client left while it ran: client_gone)."""
+        if counted:
+            self.outcomes["ok" if ok else "error"] += 1
         self.handler.observe(wall)
         self.queue_wait.observe(queued)
         self.request.observe(total)
@@ -161,6 +165,30 @@ class Telemetry:
                 "hub_lag_seconds": self.hub_lag.snapshot(),
             },
         }
+
+
+class LogLimiter:
+    """At most ``burst`` log lines per ``period`` seconds; the rest are counted, and the
+    count is reported once with the next line allowed (so a failing handler cannot flood
+    the log, and nothing is silently lost)."""
+
+    def __init__(self, burst: int = 10, period: float = 60.0, clock: Any = time.monotonic) -> None:
+        self.burst, self.period, self.clock = burst, period, clock
+        self.window = clock()
+        self.used = 0
+        self.suppressed = 0
+
+    def allow(self) -> tuple[bool, int]:
+        """(may this line be logged, how many were suppressed since the last one logged)."""
+        now = self.clock()
+        if now - self.window >= self.period:
+            self.window, self.used = now, 0
+        if self.used < self.burst:
+            self.used += 1
+            suppressed, self.suppressed = self.suppressed, 0
+            return True, suppressed
+        self.suppressed += 1
+        return False, 0
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -218,4 +246,13 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-__all__ = ["Telemetry", "Histogram", "WorkerFigures", "proc_usage", "BUCKETS", "OUTCOMES", "RESTART_REASONS"]
+__all__ = [
+    "LogLimiter",
+    "Telemetry",
+    "Histogram",
+    "WorkerFigures",
+    "proc_usage",
+    "BUCKETS",
+    "OUTCOMES",
+    "RESTART_REASONS",
+]
