@@ -18,6 +18,22 @@
  *
  * Every reply is checked (--verify equal|nonempty, or --expect TEXT). The result
  * is one JSON object on stdout. Build: cc -O2 -o loadgen loadgen.c
+ *
+ * For overload runs (bench/overload.py), one request per connection:
+ *   --schedule R:S[,R:S...]  open loop whose rate changes: R/s for S seconds, then the
+ *                            next, with no pause between (replaces --rate/--duration)
+ *   --poisson [--seed N]     exponential gaps between arrivals instead of a fixed 1/R
+ *   --give-up S              the client's own timeout: S s after a request is sent (its
+ *                            connect), the client closes the socket and counts "give_up"
+ *   --extended [--deadline-ms MS]  send gaspar's extended header (no KEEPALIVE) and read
+ *                            a framed reply; with --deadline-ms, flag 0x4 and a fifth
+ *                            word MS (the client's remaining time)
+ *   --records FILE           one line per request: scheduled, sent and finished times
+ *                            (us from the start; sent -1: never sent), outcome, status
+ *   --source-ips N           connect from 127.0.0.1 .. 127.0.0.N in turn (the server is
+ *                            still the --host): a server that holds the connections of
+ *                            clients that left keeps their ports in FIN_WAIT_2 for a
+ *                            minute, and one source address has only ~28,000 of them
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -46,8 +62,17 @@
 
 enum { ST_IDLE, ST_WAIT, ST_CONNECTING, ST_SENDING, ST_READING, ST_OPEN };
 enum { V_EQUAL, V_NONEMPTY, V_EXPECT };
-enum { E_CONNECT, E_RESET, E_EOF, E_MISMATCH, E_TIMEOUT, E_STATUS, E_KINDS };
-static const char *ERR_NAMES[E_KINDS] = {"connect", "reset", "early_eof", "mismatch", "timeout", "status"};
+enum { E_CONNECT, E_RESET, E_EOF, E_MISMATCH, E_TIMEOUT, E_STATUS, E_GIVEUP, E_KINDS };
+static const char *ERR_NAMES[E_KINDS] = {"connect", "reset", "early_eof", "mismatch", "timeout", "status", "give_up"};
+/* outcomes in --records: "ok", an ERR_NAMES entry, or one of these */
+#define O_OK (-1)
+#define O_UNSENT (-2)      /* still waiting for a connection slot when the run ended */
+#define O_UNFINISHED (-3)  /* in flight when the run ended (--drain ran out) */
+#define FLAG_DEADLINE 0x4u
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+#define MAX_SEGMENTS 16
 
 typedef struct {
     int64_t t0;   /* when the request was scheduled / started */
@@ -63,6 +88,9 @@ typedef struct {
     int64_t progress;      /* last time bytes moved (timeouts) */
     size_t sent, got;      /* plain: request bytes written, reply bytes read */
     int bad;               /* plain: reply mismatched so far */
+    int64_t sched;         /* plain: when the request was scheduled (records) */
+    int64_t start;         /* plain: when it was sent (its connect) */
+    uint64_t seq;          /* plain: which request this is (give-up entries) */
     /* persistent */
     slot_t *slots;
     uint32_t nslots, *free_slots, nfree;
@@ -95,6 +123,16 @@ static unsigned char *expect;
 static size_t elen;
 static uint32_t timeout_ms = 0;
 static int quiet = 0;
+static int extended = 0;           /* --extended: one-shot extended requests, framed replies */
+static long deadline_ms = -1;      /* --deadline-ms: FLAG_DEADLINE and its word */
+static double give_up = 0;         /* --give-up: the client's own per-request timeout */
+static int poisson = 0;
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+static const char *records_path = NULL;
+static int source_ips = 0;         /* --source-ips */
+static uint32_t source_rr = 0;
+static int nseg = 0;               /* --schedule */
+static double seg_rate[MAX_SEGMENTS], seg_secs[MAX_SEGMENTS];
 
 /* state */
 static int ep, tfd;
@@ -118,6 +156,28 @@ static int nidle;
 static int rr = 0;
 static int waiting = 0;            /* connections in ST_WAIT */
 static int errors_printed = 0;
+/* --give-up: (connection, request) pairs in the order they were sent; as every request
+   gets the same time, their deadlines are in order too */
+typedef struct {
+    int64_t at;
+    uint64_t seq;
+    int idx;
+} giveup_t;
+static giveup_t *gq;
+static size_t gq_head, gq_len, gq_cap;
+static uint64_t next_seq = 1;
+/* --records */
+typedef struct {
+    int64_t sched, start, end;
+    int outcome, status;
+} rec_t;
+static rec_t *recs;
+static size_t nrecs, caprecs;
+/* --schedule */
+static int64_t seg_end[MAX_SEGMENTS];
+static int seg_cur = 0;
+static long long seg_issued[MAX_SEGMENTS];
+static double seg_cpu[MAX_SEGMENTS + 1];
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -191,6 +251,53 @@ static int want_more(void) {
     return 1;
 }
 
+static void add_record(int64_t sched, int64_t start, int64_t end, int outcome, int status) {
+    if (!records_path)
+        return;
+    if (nrecs == caprecs) {
+        caprecs = caprecs ? caprecs * 2 : 65536;
+        recs = xrealloc(recs, caprecs * sizeof *recs);
+    }
+    recs[nrecs++] = (rec_t){sched, start, end, outcome, status};
+}
+
+static void giveup_push(int64_t at, uint64_t seq, int idx) {
+    if (gq_len == gq_cap) {
+        size_t n = gq_cap ? gq_cap * 2 : 4096;
+        giveup_t *q = xrealloc(NULL, n * sizeof *q);
+        for (size_t i = 0; i < gq_len; i++)
+            q[i] = gq[(gq_head + i) % gq_cap];
+        free(gq);
+        gq = q;
+        gq_head = 0;
+        gq_cap = n;
+    }
+    gq[(gq_head + gq_len) % gq_cap] = (giveup_t){at, seq, idx};
+    gq_len++;
+}
+
+static int segment_of(int64_t at) {
+    int k = 0;
+    while (k < nseg - 1 && at >= seg_end[k])
+        k++;
+    return k;
+}
+
+/* The gap to the next arrival after one at `at`: 1/R, or exponential with mean 1/R. */
+static int64_t gap_after(int64_t at) {
+    double r = nseg ? seg_rate[segment_of(at)] : rate;
+    double g = 1.0 / r;
+    if (poisson) {
+        rng ^= rng >> 12; /* xorshift64* */
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        double u = (double)((rng * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0; /* [0, 1) */
+        g = -log(1.0 - u) / r;
+    }
+    int64_t ns = (int64_t)(g * NS);
+    return ns < 1 ? 1 : ns;
+}
+
 /* ---------------------------------------------------------------- connections */
 
 static void close_conn(conn_t *c) {
@@ -211,6 +318,17 @@ static int open_socket(conn_t *c, int idx) {
     int one = 1;
     if (persistent)
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (source_ips > 0) { /* the port is still chosen by connect(), for the whole 4-tuple */
+        setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        struct sockaddr_in src = {.sin_family = AF_INET};
+        src.sin_addr.s_addr = htonl(0x7f000001u + source_rr++ % (uint32_t)source_ips);
+        if (bind(fd, (struct sockaddr *)&src, sizeof src) < 0) {
+            int err = errno;
+            close(fd);
+            errno = err;
+            return -1;
+        }
+    }
     c->fd = fd;
     c->progress = now_ns();
     int r = connect(fd, (struct sockaddr *)&addr, sizeof addr);
@@ -256,12 +374,23 @@ static void plain_write(conn_t *c, int idx);
 
 static void plain_start(conn_t *c, int idx, int64_t t0) {
     c->t0 = t0;
+    c->sched = t0;
     c->sent = c->got = 0;
     c->bad = 0;
+    c->rhdr_got = 0; /* --extended: the framed reply */
+    c->body_len = c->body_got = 0;
+    c->rstatus = -1;
+    c->rbad = 0;
+    c->seq = next_seq++;
+    c->start = now_ns();
     if (open_socket(c, idx) < 0) {
+        add_record(t0, c->start, now_ns(), E_CONNECT, -1);
         fail(E_CONNECT, strerror(errno), 1);
         backoff(c);
+        return;
     }
+    if (give_up > 0)
+        giveup_push(c->start + (int64_t)(give_up * NS), c->seq, idx);
 }
 
 static void plain_next(conn_t *c, int idx);
@@ -269,6 +398,7 @@ static void plain_next(conn_t *c, int idx);
 static void plain_done(conn_t *c, int idx, int ok, int kind, const char *what) {
     close_conn(c);
     c->state = ST_IDLE;
+    add_record(c->sched, c->start, now_ns(), ok ? O_OK : kind, extended ? c->rstatus : -1);
     if (ok)
         record(c->t0, now_ns(), c->got);
     else {
@@ -341,9 +471,67 @@ static int reply_ok(size_t got, int bad) {
     return got > 0;
 }
 
+/* --extended: take reply bytes; 1 once the framed reply (!IIB header, body) is complete. */
+static int ext_consume(conn_t *c, const unsigned char *buf, size_t n) {
+    size_t off = 0;
+    while (off < n) {
+        if (c->rhdr_got < 9) {
+            size_t k = 9 - (size_t)c->rhdr_got;
+            if (k > n - off)
+                k = n - off;
+            memcpy(c->rhdr + c->rhdr_got, buf + off, k);
+            c->rhdr_got += (int)k;
+            off += k;
+            if (c->rhdr_got < 9)
+                return 0;
+            uint32_t w;
+            memcpy(&w, c->rhdr, 4);
+            c->body_len = ntohl(w);
+            c->rstatus = c->rhdr[8];
+            if (c->body_len == 0)
+                return 1;
+            continue;
+        }
+        size_t k = c->body_len - c->body_got;
+        if (k > n - off)
+            k = n - off;
+        if (c->rstatus == 0)
+            check_chunk(buf + off, c->body_got, k, &c->rbad);
+        else if (!quiet && errors_printed < 5 && c->body_got == 0) {
+            errors_printed++;
+            fprintf(stderr, "loadgen: status %d: %.*s\n", c->rstatus, (int)(k > 300 ? 300 : k), (const char *)buf + off);
+        }
+        c->body_got += (uint32_t)k;
+        off += k;
+        if (c->body_got == c->body_len)
+            return 1;
+    }
+    return 0;
+}
+
 static void plain_read(conn_t *c, int idx) {
     for (;;) {
         ssize_t n = recv(c->fd, rbuf, READ_BUF, 0);
+        if (n > 0 && extended) {
+            c->got += (size_t)n;
+            c->progress = now_ns();
+            if (ext_consume(c, rbuf, (size_t)n)) {
+                if (c->rstatus != 0)
+                    plain_done(c, idx, 0, E_STATUS, "error status in a reply");
+                else if (!reply_ok(c->body_len, c->rbad))
+                    plain_done(c, idx, 0, E_MISMATCH, "reply differs from the expected bytes");
+                else {
+                    c->got = c->body_len; /* the reply's bytes, as for a plain reply */
+                    plain_done(c, idx, 1, 0, NULL);
+                }
+                return;
+            }
+            continue;
+        }
+        if (n == 0 && extended) {
+            plain_done(c, idx, 0, E_EOF, "connection closed before the whole framed reply");
+            return;
+        }
         if (n > 0) {
             check_chunk(rbuf, c->got, (size_t)n, &c->bad);
             c->got += (size_t)n;
@@ -640,7 +828,12 @@ static void on_event(int idx, uint32_t ev) {
 static void issue_due(int64_t t) {
     while (want_more() && next_arrival <= t) {
         int64_t sched = next_arrival;
-        next_arrival += interval_ns;
+        if (nseg || poisson) {
+            next_arrival += gap_after(sched);
+            if (nseg)
+                seg_issued[segment_of(sched)]++;
+        } else
+            next_arrival += interval_ns;
         issued++;
         inflight_total++;
         if (persistent) {
@@ -706,6 +899,53 @@ static void housekeeping(int64_t t) {
     }
 }
 
+/* --give-up: close every request whose client timeout has passed. */
+static void expire_give_ups(int64_t t) {
+    while (gq_len && gq[gq_head].at <= t) {
+        giveup_t g = gq[gq_head];
+        gq_head = (gq_head + 1) % gq_cap;
+        gq_len--;
+        conn_t *c = &conns[g.idx];
+        if (c->seq == g.seq && c->fd >= 0 &&
+            (c->state == ST_CONNECTING || c->state == ST_SENDING || c->state == ST_READING))
+            plain_done(c, g.idx, 0, E_GIVEUP, "client gave up (--give-up)");
+    }
+}
+
+static const char *outcome_name(int o) {
+    if (o == O_OK)
+        return "ok";
+    if (o == O_UNSENT)
+        return "unsent";
+    if (o == O_UNFINISHED)
+        return "unfinished";
+    return ERR_NAMES[o];
+}
+
+static int parse_schedule(const char *spec) {
+    const char *p = spec;
+    while (*p) {
+        if (nseg == MAX_SEGMENTS)
+            return -1;
+        char *end;
+        double r = strtod(p, &end);
+        if (end == p || *end != ':')
+            return -1;
+        p = end + 1;
+        double sec = strtod(p, &end);
+        if (end == p || r <= 0 || sec <= 0)
+            return -1;
+        seg_rate[nseg] = r;
+        seg_secs[nseg++] = sec;
+        p = end;
+        if (*p == ',')
+            p++;
+        else if (*p)
+            return -1;
+    }
+    return nseg ? 0 : -1;
+}
+
 static unsigned char *literal(const char *s, size_t *len) {
     *len = strlen(s);
     unsigned char *p = xrealloc(NULL, *len + 1);
@@ -719,8 +959,15 @@ static void usage(int status) {
             "               [--rate R] [--size N | --payload TEXT] [--duration S [--warmup S] | --requests N]\n"
             "               [--verify equal|nonempty | --expect TEXT] [--timeout S] [--drain S]\n"
             "               [--server-timeout-ms MS] [--max-seconds S] [--ramp S] [--quiet]\n"
+            "               [--schedule R:S[,R:S...]] [--poisson [--seed N]] [--give-up S]\n"
+            "               [--extended [--deadline-ms MS]] [--records FILE] [--source-ips N]\n"
             "Closed loop by default (one request in flight per connection, or --pipeline K);\n"
-            "--rate R: open loop, latency from each request's scheduled time. Prints JSON.\n");
+            "--rate R: open loop, latency from each request's scheduled time. Prints JSON.\n"
+            "--schedule: open loop at R/s for S s, then the next rate, without a pause.\n"
+            "--give-up S: close a request's connection S s after sending it (one-shot only).\n"
+            "--extended: one-shot extended requests (framed replies; --deadline-ms: flag 0x4).\n"
+            "--records FILE: per request: scheduled/sent/done us, outcome, status.\n"
+            "--source-ips N: connect from 127.0.0.1..N in turn (more client ports).\n");
     exit(status);
 }
 
@@ -748,6 +995,9 @@ int main(int argc, char **argv) {
         {"warmup", 1, 0, 'w'},     {"requests", 1, 0, 'n'}, {"verify", 1, 0, 'v'},
         {"expect", 1, 0, 'e'},     {"timeout", 1, 0, 't'},  {"drain", 1, 0, 'D'},
         {"server-timeout-ms", 1, 0, 'T'}, {"quiet", 0, 0, 'q'}, {"max-seconds", 1, 0, 'M'}, {"ramp", 1, 0, 'R'}, {"help", 0, 0, 'H'},
+        {"schedule", 1, 0, 'S'},   {"poisson", 0, 0, 'o'},  {"seed", 1, 0, 'x'},
+        {"give-up", 1, 0, 'g'},    {"extended", 0, 0, 'E'}, {"deadline-ms", 1, 0, 'l'},
+        {"records", 1, 0, 'F'},    {"source-ips", 1, 0, 'I'},
         {0, 0, 0, 0}};
     long size = 64;
     const char *literal_payload = NULL;
@@ -778,11 +1028,43 @@ int main(int argc, char **argv) {
         case 'M': max_seconds = atof(optarg); break;
         case 'R': ramp = atof(optarg); break;
         case 'H': usage(0); break;
+        case 'S':
+            if (parse_schedule(optarg) < 0) {
+                fprintf(stderr, "loadgen: bad --schedule %s (R:S[,R:S...], at most %d)\n", optarg, MAX_SEGMENTS);
+                return 2;
+            }
+            break;
+        case 'o': poisson = 1; break;
+        case 'x': rng = (uint64_t)strtoull(optarg, NULL, 10) * 0x9E3779B97F4A7C15ull + 1; break;
+        case 'g': give_up = atof(optarg); break;
+        case 'E': extended = 1; break;
+        case 'l': deadline_ms = atol(optarg); break;
+        case 'F': records_path = optarg; break;
+        case 'I': source_ips = atoi(optarg); break;
         default: usage(2);
         }
     }
-    if (port <= 0 || nconn < 1 || pipeline < 1 || size < 0)
+    if (port <= 0 || nconn < 1 || pipeline < 1 || size < 0 || source_ips < 0 || source_ips > 254)
         usage(2);
+    if (persistent && (extended || give_up > 0)) {
+        fprintf(stderr, "loadgen: --extended and --give-up are for one request per connection, not --persistent\n");
+        return 2;
+    }
+    if (deadline_ms >= 0 && !extended) {
+        fprintf(stderr, "loadgen: --deadline-ms needs --extended\n");
+        return 2;
+    }
+    if (nseg) { /* the schedule replaces --rate, --duration and --warmup */
+        if (count) {
+            fprintf(stderr, "loadgen: --schedule and --requests do not mix\n");
+            return 2;
+        }
+        rate = seg_rate[0];
+        duration = 0;
+        for (int k = 0; k < nseg; k++)
+            duration += seg_secs[k];
+        warmup = 0;
+    }
     signal(SIGPIPE, SIG_IGN);
 
     if (literal_payload) {
@@ -793,11 +1075,21 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i < plen; i++)
             payload[i] = (unsigned char)('a' + (i * 7 + i / 26) % 26);
     }
-    plain_len = 4 + plen;
-    plain_req = xrealloc(NULL, plain_len);
-    uint32_t be = htonl((uint32_t)plen);
-    memcpy(plain_req, &be, 4);
-    memcpy(plain_req + 4, payload, plen);
+    if (extended) { /* one-shot extended: no KEEPALIVE; tag 1 (one request per connection) */
+        size_t hl = deadline_ms >= 0 ? 20 : 16;
+        uint32_t w[5] = {htonl(0x80000000u | (uint32_t)plen), htonl(deadline_ms >= 0 ? FLAG_DEADLINE : 0u),
+                         htonl(timeout_ms), htonl(1u), htonl((uint32_t)(deadline_ms >= 0 ? deadline_ms : 0))};
+        plain_len = hl + plen;
+        plain_req = xrealloc(NULL, plain_len);
+        memcpy(plain_req, w, hl);
+        memcpy(plain_req + hl, payload, plen);
+    } else {
+        plain_len = 4 + plen;
+        plain_req = xrealloc(NULL, plain_len);
+        uint32_t be = htonl((uint32_t)plen);
+        memcpy(plain_req, &be, 4);
+        memcpy(plain_req + 4, payload, plen);
+    }
     rbuf = xrealloc(NULL, READ_BUF);
 
     /* one descriptor per connection, plus a few */
@@ -857,6 +1149,16 @@ int main(int argc, char **argv) {
     }
     int warm_seen = warmup <= 0, end_seen = 0;
     int64_t t_last = t_start;
+    if (nseg) {
+        double at = 0;
+        for (int k = 0; k < nseg; k++) {
+            at += seg_secs[k];
+            seg_end[k] = t_start + (int64_t)(at * NS);
+        }
+        t_end = seg_end[nseg - 1];
+        t_hard = t_end + (int64_t)(drain * NS);
+        seg_cpu[0] = cpu0;
+    }
 
     if (rate > 0) {
         interval_ns = (int64_t)(NS / rate);
@@ -897,8 +1199,14 @@ int main(int argc, char **argv) {
             /* open loop: arrivals still waiting for a slot run during the drain, their
                clocks running since their scheduled time */
         }
+        while (seg_cur < nseg && t >= seg_end[seg_cur]) {
+            double u, s;
+            seg_cpu[++seg_cur] = cpu_now(&u, &s);
+        }
         if (rate > 0 && want_more())
             issue_due(t);
+        if (gq_len)
+            expire_give_ups(t);
         if (count && issued >= count && inflight_total == 0)
             break;
         if (!issuing && inflight_total == 0)
@@ -918,6 +1226,10 @@ int main(int argc, char **argv) {
             wake = t_end;
         if (rate > 0 && want_more() && next_arrival < wake)
             wake = next_arrival;
+        if (seg_cur < nseg && seg_end[seg_cur] < wake)
+            wake = seg_end[seg_cur];
+        if (gq_len && gq[gq_head].at < wake)
+            wake = gq[gq_head].at;
         if (wake != armed) {
             arm_timer(wake == INT64_MAX ? 0 : wake);
             armed = wake;
@@ -947,6 +1259,26 @@ int main(int argc, char **argv) {
     double cpu_f = cpu_now(&uf, &sf);
     int64_t t_fin = now_ns();
     long long unfinished = inflight_total;
+    if (records_path) {
+        for (size_t i = 0; i < bl_len; i++)
+            add_record(backlog[(bl_head + i) % bl_cap], -1, -1, O_UNSENT, -1);
+        if (!persistent)
+            for (int i = 0; i < nconn; i++)
+                if (conns[i].fd >= 0)
+                    add_record(conns[i].sched, conns[i].start, -1, O_UNFINISHED, -1);
+        FILE *f = fopen(records_path, "w");
+        if (!f)
+            die("open --records");
+        fprintf(f, "# sched_us start_us end_us outcome status\n");
+        for (size_t i = 0; i < nrecs; i++) {
+            rec_t *r = &recs[i];
+            fprintf(f, "%lld %lld %lld %s %d\n", (long long)((r->sched - t_start) / 1000),
+                    r->start < 0 ? -1LL : (long long)((r->start - t_start) / 1000),
+                    r->end < 0 ? -1LL : (long long)((r->end - t_start) / 1000), outcome_name(r->outcome), r->status);
+        }
+        if (fclose(f) != 0)
+            die("write --records");
+    }
     for (int i = 0; i < nconn; i++)
         close_conn(&conns[i]);
 
@@ -992,7 +1324,19 @@ int main(int argc, char **argv) {
            "\"max_us\": %.1f, \"mean_us\": %.1f, ",
            nlat, pct(0.50), pct(0.90), pct(0.99), pct(0.999), nlat ? lat[nlat - 1] / 1000.0 : 0.0, mean);
     printf("\"cpu_seconds\": %.4f, \"cpu_user\": %.4f, \"cpu_sys\": %.4f, \"cpu_share\": %.4f, "
-           "\"cpu_total_seconds\": %.4f, \"wall_total_seconds\": %.4f}\n",
+           "\"cpu_total_seconds\": %.4f, \"wall_total_seconds\": %.4f",
            cpu_win, cpu_user, cpu_sys, cpu_win / seconds, cpu_f - cpu0, (t_fin - t_start) / 1e9);
+    if (nseg) {
+        printf(", \"segments\": [");
+        for (int k = 0; k < nseg; k++) {
+            double cpu = k < seg_cur ? seg_cpu[k + 1] - seg_cpu[k] : -1;
+            printf("%s{\"rate\": %.1f, \"seconds\": %.3f, \"issued\": %lld, \"cpu_seconds\": %.4f}", k ? ", " : "",
+                   seg_rate[k], seg_secs[k], seg_issued[k], cpu);
+        }
+        printf("], \"drain_cpu_seconds\": %.4f", seg_cur == nseg ? cpu_f - seg_cpu[nseg] : -1.0);
+    }
+    if (records_path) /* t_start_ns: CLOCK_MONOTONIC, the clock of Python's time.monotonic() */
+        printf(", \"records\": %zu, \"t_start_ns\": %lld", nrecs, (long long)t_start);
+    printf("}\n");
     return 0;
 }

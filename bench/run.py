@@ -2,6 +2,7 @@
 
     python bench/run.py            # full: a few minutes
     python bench/run.py --quick    # under a minute
+    python bench/run.py --overload [--quick]   # the overload scenario instead (bench/overload.py)
 
 Every server runs the same handlers (bench/handlers.py) and is driven by the same C load
 generator (bench/loadgen.c, built here into bench/.build/). Servers that share a
@@ -678,7 +679,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short runs, no repeats, no 10,000 connections")
     ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of " + ",".join(SERVERS))
+    ap.add_argument("--overload", action="store_true", help="run the overload scenario instead (bench/overload.py)")
     args = ap.parse_args()
+    if args.overload:
+        try:
+            from bench import overload
+        except ImportError:  # run as a script: bench/ is sys.path[0]
+            import overload
+        given = args.servers != ",".join(SERVERS)  # else overload.py's own default set
+        return overload.main(["--quick"] * args.quick + ["--servers", args.servers] * given)
     p = QUICK if args.quick else FULL
     kinds = [k for k in SERVERS if k in args.servers.split(",")]
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
