@@ -215,6 +215,7 @@ class Server:
                 str(self.workers),
                 "--log-level",
                 "warning",
+                *shlex.split(os.environ.get("GASPAR_BENCH_ARGS", "")),  # experiments: other settings
             ]
         if self.kind == "asyncio_uvloop":
             script, extra = str(BENCH / "baseline_asyncio_ppe.py"), ["--uvloop"]
