@@ -248,6 +248,7 @@ class Producer(Supervisor):
         self.ctx = None
         self.listener = None
         self.metrics_listener = None
+        self.statsd_addr = None
         try:
             if s.on_starting is not None:
                 s.on_starting(self)
@@ -274,6 +275,10 @@ class Producer(Supervisor):
                 metrics.require_prometheus()
                 self.metrics_listener = metrics.listen(*parse_address(s.metrics_bind))
                 self.metrics_addr = self.metrics_listener.getsockname()[:2]
+            if s.statsd_host:
+                from .client import parse_address
+
+                self.statsd_addr = parse_address(s.statsd_host)
             if s.access_log:
                 self.access_log = open_access_log(s.access_log)
         except BaseException as exc:
@@ -296,6 +301,11 @@ class Producer(Supervisor):
 
             app = metrics.make_app(self._stats, self.healthy, self.ready)
             self._greenlets.append(eventlet.spawn(metrics.serve, self.metrics_listener, app))
+        if self.statsd_addr is not None:
+            from .statsd import StatsdPusher
+
+            pusher = StatsdPusher(self._stats, self.statsd_addr, s.statsd_prefix, s.statsd_interval)
+            self._greenlets.append(eventlet.spawn(pusher.run))
         self.manage_workers()
 
     def _teardown(self) -> None:
