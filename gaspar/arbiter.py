@@ -14,6 +14,11 @@ The fork server knows which pids are still its unreaped children, so a kill neve
 recycled pid. It dies with the front end (``PR_SET_PDEATHSIG`` and a parent-pid watchdog),
 and its workers die with it the same way: a SIGKILLed front end leaves no process behind.
 
+With ``capture_output`` it also holds the read ends of a pipe per worker and stream (made
+before the fork, fds 1 and 2 in the worker) and logs their lines in the same loop that forks
+and reaps (:class:`gaspar.logs.OutputCapture`): its stderr is the daemon's, and it has no
+hub that must never block.
+
 :class:`FlapPolicy` is the pure rule that stops a hopeless start from fork-bombing.
 """
 
@@ -23,13 +28,14 @@ import errno
 import json
 import logging
 import os
-import select
+import selectors
 import signal
 import sys
 import time
 from collections import deque
 from typing import Any
 
+from .logs import OutputCapture
 from .worker import Consumer, Worker, run_worker, set_proctitle, start_watchdog
 
 log = logging.getLogger("gaspar")
@@ -175,6 +181,7 @@ class _Server:
         self.parent = parent
         self.children: dict[int, int] = {}  # pid -> worker number
         self._buf = b""
+        self.output: OutputCapture | None = None  # the workers' stdout and stderr, if captured
 
     def run(self) -> int:
         set_proctitle(f"{self.settings.proc_name}: fork server")
@@ -187,16 +194,28 @@ class _Server:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.wake_w = wake_w
+        # a poll set, not select(): two pipes per worker when output is captured
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.cmd, selectors.EVENT_READ)
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        if self.settings.capture_output:
+            self.output = OutputCapture(self.selector)
         while True:
-            try:
-                ready, _, _ = select.select([self.cmd, self.wake_r], [], [], 1.0)
-            except InterruptedError:
-                ready = []
+            events = self.selector.select(1.0)
+            ready = {key.fd for key, _ in events}
             if self.wake_r in ready:
                 _drain(self.wake_r)
             self.reap()
             if self.cmd in ready and not self.handle_commands():
                 return self.shutdown()
+            self.log_output(events)
+
+    def log_output(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        """One bounded read from each worker pipe that was ready (after forks and reaps, so
+        a worker's flood never delays them by more than a chunk)."""
+        for key, _ in events:
+            if key.data is not None:
+                key.data(key.fd)
 
     def handle_commands(self) -> bool:
         data = os.read(self.cmd, 65536)
@@ -213,13 +232,28 @@ class _Server:
         os.write(self.evt, json.dumps(event).encode() + b"\n")
 
     def do_spawn(self, number: int, generation: int, token: int, endpoint: str) -> None:
-        pid = os.fork()
+        pipes = None
+        if self.output is not None:
+            _flush_std()  # or what this process buffered would be written again by the child
+            try:
+                pipes = self.output.pipes()
+            except OSError as exc:
+                log.error("Worker %s: cannot capture its output (%s); it writes to ours", number, exc)
+        try:
+            pid = os.fork()
+        except BaseException:
+            if pipes is not None:
+                self.output.abandon(pipes)
+            raise
         if pid == 0:
             code = 1
             try:
                 for fd in (self.cmd, self.evt, self.wake_r, self.wake_w):
                     os.close(fd)
+                self.selector.close()
                 signal.set_wakeup_fd(-1)
+                if pipes is not None:
+                    self.output.child(pipes)
                 worker = Worker(number, generation, token, self.consumer, self.settings.proc_name)
                 s = self.settings
                 code = run_worker(worker, endpoint, s.post_fork, s.worker_exit, s.worker_nice)
@@ -228,6 +262,8 @@ class _Server:
             finally:
                 _flush_and_exit(code)
         self.children[pid] = number
+        if pipes is not None:
+            self.output.attach(pipes, number, pid)
         self.emit(ev="spawned", number=number, generation=generation, token=token, pid=pid)
 
     def do_kill(self, pid: int, sig: int) -> None:
@@ -256,6 +292,8 @@ class _Server:
             if not pid:
                 return
             number = self.children.pop(pid, None)
+            if self.output is not None:  # its last lines before the news of its exit
+                self.output.close(pid)
             if not report:
                 continue
             try:
@@ -267,8 +305,13 @@ class _Server:
     def shutdown(self, grace: float = 2.0) -> int:
         """The front end is done: give the workers a moment, then kill what is left."""
         deadline = time.monotonic() + grace
+        self.selector.unregister(self.cmd)  # at its end, so always readable
         while self.children and time.monotonic() < deadline:
-            time.sleep(0.01)
+            events = self.selector.select(0.01)  # woken by SIGCHLD, or a worker's output
+            if any(key.fd == self.wake_r for key, _ in events):
+                _drain(self.wake_r)
+            # keep reading their output: a worker blocked on a full pipe could not exit
+            self.log_output(events)
             self.reap(report=False)
         for pid in list(self.children):
             try:
@@ -281,6 +324,10 @@ class _Server:
             except ChildProcessError:
                 break
             self.children.pop(pid, None)
+            if self.output is not None:
+                self.output.close(pid)
+        if self.output is not None:
+            self.output.close_all()
         return 0
 
 
@@ -292,10 +339,14 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _flush_and_exit(code: int) -> None:
+def _flush_std() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
+
+
+def _flush_and_exit(code: int) -> None:
+    _flush_std()
     os._exit(code)

@@ -1,8 +1,10 @@
-"""The ``gaspar`` command: ``gaspar serve MODULE:CALLABLE``, ``gaspar request``, ``gaspar stats``.
+"""The ``gaspar`` command: ``gaspar serve MODULE:CALLABLE``, ``request``, ``stats``, ``top``.
 
 Options of ``serve`` are built from :class:`gaspar.config.Settings`, so the CLI, the Python
 API and the docs name the same settings. The handler is imported before anything is forked:
-a module that fails to import ends the command at once with a one-line reason (exit 2).
+a module that fails to import ends the command at once with a one-line reason (exit 2),
+followed by the last frames of its traceback in the user's code (a SyntaxError's file, line
+and caret), gaspar's and importlib's own frames left out.
 """
 
 from __future__ import annotations
@@ -10,23 +12,52 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
 from .config import Settings
 from .errors import GasparError
+from .logs import FORMATS, configure
 from .worker import Consumer
-
-LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
-LOG_DATEFMT = "%Y-%m-%d %H:%M:%S %z"
 
 
 class UsageError(Exception):
-    """A one-line reason to exit with status 2."""
+    """A one-line reason to exit with status 2; ``detail``, if any, is printed after it."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.detail = detail
+
+
+#: Frames of these files are the machinery of loading the user's code, not the user's code.
+_OWN_FILES = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(importlib.__file__)) + os.sep,
+    "<frozen importlib",
+    "<frozen runpy>",  # --config files are run by runpy (frozen since 3.11)
+)
+
+
+def user_traceback(exc: BaseException, limit: int = 5) -> str:
+    """The last ``limit`` frames of ``exc``'s traceback that are not gaspar's, importlib's
+    or runpy's, and for a SyntaxError its file, line and caret; "" when there is none."""
+    import runpy
+
+    own = (*_OWN_FILES, os.path.abspath(runpy.__file__))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(own)]
+    lines = []
+    if frames:
+        shown = frames[-limit:]
+        head = "most recent call last" if len(shown) == len(frames) else f"the last {limit} of {len(frames)} frames"
+        lines += [f"Traceback ({head}):\n", *traceback.format_list(shown)]
+    if isinstance(exc, SyntaxError) and exc.filename:
+        only = traceback.format_exception_only(type(exc), exc)
+        lines += [line for line in only if not line.startswith(f"{type(exc).__name__}:")]
+    return "".join(lines).rstrip("\n")
 
 
 def load_consumer(spec: str) -> Consumer:
@@ -40,7 +71,8 @@ def load_consumer(spec: str) -> Consumer:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise UsageError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+        reason = f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        raise UsageError(reason, user_traceback(exc)) from exc
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -65,7 +97,8 @@ def load_config(path: str) -> dict[str, Any]:
     try:
         namespace = runpy.run_path(path)
     except Exception as exc:
-        raise UsageError(f"cannot load config {path!r}: {type(exc).__name__}: {exc}") from exc
+        reason = f"cannot load config {path!r}: {type(exc).__name__}: {exc}"
+        raise UsageError(reason, user_traceback(exc)) from exc
     return {f.name: namespace[f.name] for f in dataclasses.fields(Settings) if f.name in namespace}
 
 
@@ -102,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"], help="default info"
     )
+    serve.add_argument(
+        "--log-format", default="text", choices=FORMATS, help="text (one line per record) or json (one object per line)"
+    )
     for f in Settings.cli_fields():
         flag = "--" + f.name.replace("_", "-")
         kind = {bool: _on_off, int: int, float: float}.get(type(f.default), str)
@@ -117,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="print a running daemon's counters and workers as JSON")
     stats.add_argument("address", metavar="HOST:PORT")
     stats.add_argument("--timeout", type=float, default=10.0)
+
+    top = sub.add_parser("top", help="a live view of a running daemon's workers and counters (q quits)")
+    top.add_argument("address", metavar="HOST:PORT")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="seconds between polls (default 1)")
+    top.add_argument("--once", action="store_true", help="print one frame (two polls --interval apart) and exit")
     return parser
 
 
@@ -132,7 +173,7 @@ def raise_fd_limit(want: int = 65536) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr)
+    configure(args.log_level, args.log_format, sys.stderr)
     raise_fd_limit()
     host, port = parse_bind(args.bind)
     consumer = load_consumer(args.app)  # before any fork: an import error ends us here
@@ -178,11 +219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = sys.stdin.buffer.read() if args.message == "-" else args.message.encode()
             sys.stdout.buffer.write(client.request(args.address, message, timeout=args.timeout) + b"\n")
             return 0
+        if args.command == "top":
+            if not args.interval > 0:
+                raise UsageError("--interval takes a number of seconds above 0")
+            from . import top
+
+            return top.run(args.address, args.interval, once_only=args.once)
         reply = client.request(args.address, b"", timeout=args.timeout, stats=True)
         print(json.dumps(json.loads(reply), indent=2))
         return 0
     except UsageError as exc:
         print(f"gaspar: error: {exc}", file=sys.stderr)
+        if exc.detail:
+            print(exc.detail, file=sys.stderr)
         return 2
     except GasparError as exc:
         print(f"gaspar: {type(exc).__name__}: {exc}", file=sys.stderr)

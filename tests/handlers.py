@@ -121,3 +121,43 @@ def mixed(message: bytes) -> bytes:
     if message.startswith(b"sleep "):
         time.sleep(float(message[6:]))
     return message
+
+
+def chatty(message: bytes) -> bytes:
+    """Writes b'out M' with print() (not flushed), b'err M' to sys.stderr, b'fd1 M' straight to
+    fd 1 (as a C extension would) and logs b'logged M'; b'thread...' also lets a thread die
+    of an uncaught exception (Python prints its traceback). Replies with the worker's pid."""
+    import logging
+    import sys
+    import threading
+
+    text = message.decode()
+    print("out", text)
+    sys.stderr.write(f"err {text}\n")
+    os.write(1, f"fd1 {text}\n".encode())
+    logging.getLogger("handlers").warning("logged %s", text)
+    if text.startswith("thread"):
+
+        def fail() -> None:
+            raise RuntimeError(f"uncaught in a thread: {text}")
+
+        t = threading.Thread(target=fail, name="doomed")
+        t.start()
+        t.join()
+    return str(os.getpid()).encode()
+
+
+def flood(message: bytes) -> bytes:
+    """b'SECONDS SIZE': print lines of SIZE bytes ('x'...) for SECONDS (one at least);
+    replies with b'<pid> <lines written>'."""
+    import sys
+
+    seconds, size = message.split()
+    line, end, n = "x" * int(size) + "\n", time.monotonic() + float(seconds), 0
+    while True:
+        sys.stdout.write(line)
+        n += 1
+        if time.monotonic() >= end:
+            break
+    sys.stdout.flush()
+    return b"%d %d" % (os.getpid(), n)
