@@ -338,8 +338,7 @@ class Dispatcher:
             return out
         now = self.clock()
         control = self.control
-        lifo = control.standing(now, len(queue))  # a standing queue: newest first
-        limit, reason = control.limit(now, len(queue))
+        lifo, limit, reason = control.mode(now, len(queue))  # a standing queue: newest first
         while queue and self._idle:
             req = self._take(queue, lifo, now, limit, reason)
             if req is None:

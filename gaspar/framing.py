@@ -64,7 +64,8 @@ class Kind(bytes, enum.Enum):
     byte) and a body frame: two frames, so the id is never glued onto the payload.
     """
 
-    REQUEST = b"Q"  # front end -> worker: [Q id, payload]
+    REQUEST = b"Q"  # front end -> worker: [Q id, payload] to an idle worker: never cancelled
+    AHEAD = b"P"  # front end -> worker: [P id, payload] handed ahead to a busy one: may be cancelled
     BROADCAST = b"B"  # front end -> worker: [B id, payload]
     EXIT = b"X"  # front end -> worker: [X] finish what is in hand, then exit
     CANCEL = b"C"  # front end -> worker: [C id] do not start this handed-ahead request

@@ -79,7 +79,7 @@ class QueueControl:
         self.queue_timeout = queue_timeout or None  # None or 0: no bound in a burst
         self.target = target
         self.interval = interval
-        self.workers = max(1, workers)
+        self._workers = max(1, workers)
         self.clock = clock
         self.service = 0.0  # moving average of a handler run, seconds; 0 until one ends
         self.last_empty = clock()
@@ -88,6 +88,38 @@ class QueueControl:
         self.starts = 0
         self.growing = 0  # consecutive past windows in which the queue grew
         self.lifo = False  # standing: entered as below; left once an interval does not grow
+        self._observed = 0
+        self._thresholds()
+
+    # The thresholds change only with the handler's speed and the pool's size; they are kept
+    # computed, since the dispatcher asks for them on every request.
+
+    def _thresholds(self) -> None:
+        per_worker = self.service / self._workers
+        self._interval = max(self.interval, 10 * per_worker)
+        target = max(self.target, 2 * per_worker)
+        self._target = min(target, self.queue_timeout) if self.queue_timeout else target
+        self._window_end = self.window_start + self._interval
+
+    @property
+    def workers(self) -> int:
+        return self._workers
+
+    @workers.setter
+    def workers(self, n: int) -> None:
+        self._workers = max(1, n)
+        self._thresholds()
+
+    @property
+    def per_worker(self) -> float:
+        """Seconds between two requests finishing, with every worker busy."""
+        return self.service / self._workers
+
+    def effective_interval(self) -> float:
+        return self._interval
+
+    def effective_target(self) -> float:
+        return self._target
 
     def saw_empty(self, now: float) -> None:
         """The queue was empty at ``now``."""
@@ -95,63 +127,63 @@ class QueueControl:
 
     def arrived(self, now: float) -> None:
         """A request joined the queue."""
-        if now - self.window_start >= self.effective_interval():
+        if now >= self._window_end:
             self._roll(now)
         self.arrivals += 1
 
     def started(self, now: float) -> None:
         """A request left the queue for a worker (shed ones do not count)."""
-        if now - self.window_start >= self.effective_interval():
+        if now >= self._window_end:
             self._roll(now)
         self.starts += 1
 
     def _roll(self, now: float) -> None:
-        interval = self.effective_interval()
-        grew = self.arrivals > 1.25 * self.starts + self.workers
-        self.growing = self.growing + 1 if grew and now - self.window_start < 2 * interval else 0
+        grew = self.arrivals > 1.25 * self.starts + self._workers
+        self.growing = self.growing + 1 if grew and now - self.window_start < 2 * self._interval else 0
         if not self.growing:
             self.lifo = False
         self.window_start, self.arrivals, self.starts = now, 0, 0
+        self._window_end = now + self._interval
 
     def observe(self, seconds: float) -> None:
         """A handler ran for ``seconds`` (wall time, from its start to its reply)."""
         seconds = max(0.0, seconds)
-        self.service = seconds if not self.service else self.service + _EWMA * (seconds - self.service)
-
-    @property
-    def per_worker(self) -> float:
-        """Seconds between two requests finishing, with every worker busy."""
-        return self.service / self.workers
-
-    def effective_interval(self) -> float:
-        return max(self.interval, 10 * self.per_worker)
-
-    def effective_target(self) -> float:
-        target = max(self.target, 2 * self.per_worker)
-        return min(target, self.queue_timeout) if self.queue_timeout else target
+        first = not self.service
+        self.service = seconds if first else self.service + _EWMA * (seconds - self.service)
+        self._observed += 1
+        if first or not self._observed & 7:  # the thresholds move slowly: every 8th is enough
+            self._thresholds()
 
     def standing(self, now: float, queued: int) -> bool:
         """True while the queue stands (serve newest first): entered when a queue has not
         been empty for an interval and grew in the last two; left at the end of the first
         interval in which it did not grow. A queue kept short by shedding may empty for a
         moment; that alone does not end it."""
-        interval = self.effective_interval()
-        if now - self.window_start >= interval:
+        if not queued:
+            return False
+        if now >= self._window_end:
             self._roll(now)
-        if not self.lifo and self.growing >= 2 and queued and now - self.last_empty >= interval:
+        if not self.lifo and self.growing >= 2 and now - self.last_empty >= self._interval:
             self.lifo = True
-        return self.lifo and queued > 0
+        return self.lifo
 
     def overloaded(self, now: float, queued: int) -> bool:
         """True while overloaded (shed what waited past the target): the queue stands and
         has grown for four intervals in a row."""
         return self.standing(now, queued) and self.growing >= 4
 
+    def mode(self, now: float, queued: int) -> tuple[bool, float | None, str]:
+        """``(standing, limit, reason)`` at once: serve newest first?, the longest a queued
+        request may have waited, and the reason to give one shed for that."""
+        lifo = self.standing(now, queued)
+        if lifo and self.growing >= 4:
+            return True, self._target, QUEUE_DELAY
+        return lifo, self.queue_timeout, QUEUE_TIMEOUT
+
     def limit(self, now: float, queued: int) -> tuple[float | None, str]:
         """The longest a queued request may have waited at ``now``, and the shed reason."""
-        if self.overloaded(now, queued):
-            return self.effective_target(), QUEUE_DELAY
-        return self.queue_timeout, QUEUE_TIMEOUT
+        _, limit, reason = self.mode(now, queued)
+        return limit, reason
 
     def hopeless(self, now: float, deadline: float | None) -> bool:
         """True if a client's (absolute) deadline has passed or is closer than one typical
@@ -247,7 +279,7 @@ class ByteBudget:
 
     def release(self, n: int) -> list[Hashable]:
         self.used = max(0, self.used - n)
-        return self.ready()
+        return self.ready() if self._waiting else []
 
     def ready(self) -> list[Hashable]:
         """Waiters at the head of the line whose bytes now fit (they call take again)."""

@@ -72,6 +72,7 @@ log = logging.getLogger("gaspar")
 
 _LARGE = 64 * 1024
 _REQUEST = Kind.REQUEST.value
+_AHEAD = Kind.AHEAD.value
 _REPLY = Kind.REPLY.value
 _CANCEL = Kind.CANCEL.value
 _SKIPPED = Kind.SKIPPED.value
@@ -457,7 +458,7 @@ class Producer(Supervisor):
             body = req.body
             try:
                 send(router, worker.routing_id, _MORE_NOW)
-                send(router, _REQUEST + pack_id(req.id), _MORE_NOW)
+                send(router, (_REQUEST if worker.current is req else _AHEAD) + pack_id(req.id), _MORE_NOW)
                 send(router, body, _NOW, len(body) < _LARGE)
             except zmq.ZMQError as exc:  # the worker's pipe is gone: it is dying
                 log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)

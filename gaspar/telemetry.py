@@ -85,7 +85,7 @@ class WorkerFigures:
         self.requests = 0  # replies, errors included
         self.errors = 0
         self.handler_seconds = 0.0
-        self.cpu_seconds = 0.0  # handler CPU reported with replies
+        self.cpu_seconds = 0.0  # handler CPU reported with replies (of handlers of 1 ms or more)
         self.recent: deque[float] = deque(maxlen=RECENT)
         self.restarts = 0
 
@@ -133,7 +133,8 @@ class Telemetry:
         w.requests += 1
         w.errors += not ok
         w.handler_seconds += wall
-        w.cpu_seconds += cpu
+        if cpu >= 0:  # -1: not measured (a handler under 1 ms)
+            w.cpu_seconds += cpu
         w.recent.append(wall)
 
     def ended(self, outcome: str, queued: float | None, total: float) -> None:

@@ -168,3 +168,38 @@ def test_stats_json_has_the_same_figures(serve):
         assert w["state"] == "idle" and w["rss_bytes"] > 0 and w["age_seconds"] >= 0
     assert sum(w["requests"] for w in st["workers"]) == 11
     assert st["front_end"]["rss_bytes"] > 0
+
+
+def restarts(s) -> dict[str, int]:
+    return s.producer.stats()["restarts_by_reason"]
+
+
+def test_each_restart_reason_is_counted(serve, tmp_path, monkeypatch):
+    app = tmp_path / "pyreasons.py"
+    app.write_text("import time\ndef handle(m):\n    time.sleep(float(m or b'0'))\n    return m\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import pyreasons
+
+    try:
+        s = serve(pyreasons.handle, processes=2, max_requests=5)
+        for _ in range(10):  # each worker recycles after 5
+            s.request(b"0")
+        assert wait_for(lambda: restarts(s)["max_requests"] >= 1, 10), restarts(s)
+        with pytest.raises(gaspar.WorkerTimeout):
+            s.request(b"5", handler_timeout=0.3)
+        assert wait_for(lambda: restarts(s)["timeout"] == 1, 10), restarts(s)
+        assert s.producer.stats()["outcomes"]["timeout"] == 1
+        os.kill(s.pids()[0], signal.SIGKILL)
+        assert wait_for(lambda: restarts(s)["died"] == 1, 10), restarts(s)
+        assert wait_for(lambda: len(s.producer.worker_pids()) == 2, 10)
+        s.producer.scale(1)
+        assert wait_for(lambda: restarts(s)["scale"] == 1, 10), restarts(s)
+        s.producer.scale(2)
+        assert wait_for(lambda: s.producer.stats()["worker_states"]["idle"] == 2, 10)
+        before = restarts(s)["reload"]
+        s.producer.reload()
+        assert wait_for(lambda: restarts(s)["reload"] == before + 2, 15), restarts(s)
+        final = restarts(s)
+        assert final["died"] == 1 and final["timeout"] == 1 and final["scale"] == 1
+    finally:
+        monkeypatch.delitem(__import__("sys").modules, "pyreasons")

@@ -161,7 +161,7 @@ def test_sustained_growth_is_overload_within_two_intervals_and_ends_when_it_stop
 )
 def test_thresholds_follow_the_handlers_speed(service, workers, interval, target):
     q = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=workers, clock=Clock())
-    q.service = service
+    q.observe(service)
     assert q.effective_interval() == pytest.approx(interval)
     assert q.effective_target() == pytest.approx(target)
 
@@ -172,6 +172,7 @@ def test_limit_is_queue_timeout_unless_overloaded():
     assert q.limit(clock.now, 5) == (2.0, QUEUE_TIMEOUT)
     clock.now += 0.2
     q.growing, q.window_start = 2, clock.now  # as if the last two intervals grew
+    q._thresholds()
     assert q.standing(clock.now, 5) and q.limit(clock.now, 5) == (2.0, QUEUE_TIMEOUT)  # LIFO only
     q.growing = 4
     assert q.limit(clock.now, 5) == (0.005, QUEUE_DELAY)
@@ -205,6 +206,7 @@ def test_fifo_while_not_overloaded_lifo_once_it_is():
     d.control.growing = 2
     clock.now += 0.11
     d.control.window_start = clock.now
+    d.control._thresholds()
     newest = d.submit(b"new", None)[0]
     _, [(_, nxt2)] = d.complete(w1.routing_id, nxt.id)
     assert nxt2 is newest  # a standing, growing queue: newest first
@@ -220,6 +222,7 @@ def test_overloaded_queue_sheds_what_waited_past_the_target_oldest_first():
     d.control.growing = 4
     clock.now += 0.11 - 0.003
     d.control.window_start = clock.now
+    d.control._thresholds()
     clock.now += 0.001
     d.sweep()
     shed = d.take_shed()
