@@ -178,65 +178,62 @@ class ListHandler(logging.Handler):
         self.records.append(rec)
 
 
-def test_capture_logs_each_line_tagged_and_closes_at_the_end():
+@pytest.fixture
+def capturing():
+    """A logger that keeps its records, and a selector for the pipes: closed at the end."""
     logger = logging.getLogger("gaspar.test.capture")
     logger.propagate, logger.level = False, logging.DEBUG
     handler = ListHandler()
     logger.addHandler(handler)
     sel = selectors.DefaultSelector()
-    try:
-        capture = OutputCapture(sel, logger)
-        pipes = capture.pipes()
-        out_r, out_w, err_r, err_w = pipes
-        os.write(out_w, b"first\nsecond\npartial")
-        os.write(err_w, b"Traceback (most recent call last):\n" + b"y" * (MAX_LINE + 10) + b"\n")
-        capture.attach(pipes, 3, 4242)  # the write ends are the worker's now: closed here
-        for _ in range(10):
-            for key, _ in sel.select(1.0):
-                key.data(key.fd)
-            if not capture.streams:
-                break
-        assert not capture.streams and len(sel.get_map()) == 0  # both read ends seen at EOF, closed
-        got = [(r.levelname, r.getMessage()[:40], r.worker, r.pid, r.stream) for r in handler.records]
-        assert [g for g in got if g[-1] == "stdout"] == [
-            ("INFO", "[worker 3 pid:4242] first", 3, 4242, "stdout"),
-            ("INFO", "[worker 3 pid:4242] second", 3, 4242, "stdout"),
-            ("INFO", "[worker 3 pid:4242] partial", 3, 4242, "stdout"),
-        ]
-        err = [r.getMessage() for r in handler.records if r.stream == "stderr"]
-        assert err[0] == "[worker 3 pid:4242] Traceback (most recent call last):"
-        assert [len(m) for m in err[1:]] == [len("[worker 3 pid:4242] ") + n for n in (MAX_LINE, 10)]
-        assert all(r.levelname == "WARNING" for r in handler.records if r.stream == "stderr")
-        capture.close(4242)  # reaped after its pipes were closed: nothing to do
-    finally:
-        sel.close()
-        logger.removeHandler(handler)
+    yield logger, handler, sel
+    sel.close()
+    logger.removeHandler(handler)
 
 
-def test_a_reaped_workers_pipe_is_drained_then_closed():
-    logger = logging.getLogger("gaspar.test.capture2")
-    logger.propagate, logger.level = False, logging.DEBUG
-    handler = ListHandler()
-    logger.addHandler(handler)
-    sel = selectors.DefaultSelector()
-    try:
-        capture = OutputCapture(sel, logger)
-        out_r, out_w, err_r, err_w = capture.pipes()
-        keep = os.dup(out_w)  # as a grandchild that still holds the pipe would
-        capture.attach((out_r, out_w, err_r, err_w), 1, 99)
-        os.write(keep, b"last words\nno newline")
-        capture.close(99)
-        assert [r.getMessage() for r in handler.records] == [
-            "[worker 1 pid:99] last words",
-            "[worker 1 pid:99] no newline",
-        ]
-        assert not capture.streams and not capture.by_pid and len(sel.get_map()) == 0
-        with pytest.raises(BrokenPipeError):  # the read end is gone
-            os.write(keep, b"more\n")
-        os.close(keep)
-    finally:
-        sel.close()
-        logger.removeHandler(handler)
+def test_capture_logs_each_line_tagged_and_closes_at_the_end(capturing):
+    logger, handler, sel = capturing
+    capture = OutputCapture(sel, logger)
+    pipes = capture.pipes()
+    out_r, out_w, err_r, err_w = pipes
+    os.write(out_w, b"first\nsecond\npartial")
+    os.write(err_w, b"Traceback (most recent call last):\n" + b"y" * (MAX_LINE + 10) + b"\n")
+    capture.attach(pipes, 3, 4242)  # the write ends are the worker's now: closed here
+    for _ in range(10):
+        for key, _ in sel.select(1.0):
+            key.data(key.fd)
+        if not capture.streams:
+            break
+    assert not capture.streams and len(sel.get_map()) == 0  # both read ends seen at EOF, closed
+    got = [(r.levelname, r.getMessage()[:40], r.worker, r.pid, r.stream) for r in handler.records]
+    assert [g for g in got if g[-1] == "stdout"] == [
+        ("INFO", "[worker 3 pid:4242] first", 3, 4242, "stdout"),
+        ("INFO", "[worker 3 pid:4242] second", 3, 4242, "stdout"),
+        ("INFO", "[worker 3 pid:4242] partial", 3, 4242, "stdout"),
+    ]
+    err = [r.getMessage() for r in handler.records if r.stream == "stderr"]
+    assert err[0] == "[worker 3 pid:4242] Traceback (most recent call last):"
+    assert [len(m) for m in err[1:]] == [len("[worker 3 pid:4242] ") + n for n in (MAX_LINE, 10)]
+    assert all(r.levelname == "WARNING" for r in handler.records if r.stream == "stderr")
+    capture.close(4242)  # reaped after its pipes were closed: nothing to do
+
+
+def test_a_reaped_workers_pipe_is_drained_then_closed(capturing):
+    logger, handler, sel = capturing
+    capture = OutputCapture(sel, logger)
+    out_r, out_w, err_r, err_w = capture.pipes()
+    keep = os.dup(out_w)  # as a grandchild that still holds the pipe would
+    capture.attach((out_r, out_w, err_r, err_w), 1, 99)
+    os.write(keep, b"last words\nno newline")
+    capture.close(99)
+    assert [r.getMessage() for r in handler.records] == [
+        "[worker 1 pid:99] last words",
+        "[worker 1 pid:99] no newline",
+    ]
+    assert not capture.streams and not capture.by_pid and len(sel.get_map()) == 0
+    with pytest.raises(BrokenPipeError):  # the read end is gone
+        os.write(keep, b"more\n")
+    os.close(keep)
 
 
 # -- the daemon, for real ---------------------------------------------------------------------------
