@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .client import DEFAULT_TIMEOUT, parse_address
+from .client import DEFAULT_TIMEOUT, as_bytes, parse_address
 from .errors import ConnectFailed, ConnectionLost, GasparError, Overloaded, RequestTimeout, error_from_reply
 from .framing import REPLY_HEADER, Status, extended_header, parse_reply_header
 from .overload import RetryBudget, backoff
@@ -94,21 +94,23 @@ async def _with_retry(
 
 async def request(
     address: str | tuple[str, int],
-    message: bytes,
+    message: bytes | str,
     timeout: float | None = DEFAULT_TIMEOUT,
     handler_timeout: float | None = None,
     *,
     deadline: bool = True,
     retry: bool = True,
 ) -> bytes:
-    """Send one request on a new connection and return the reply's bytes."""
+    """Send one request on a new connection and return the reply's bytes (a ``str`` is
+    sent UTF-8 encoded)."""
     addr = parse_address(address)
+    message = as_bytes(message)
 
     async def go(left: float | None) -> bytes:
         reader, writer = await _open(addr)
         try:
             head = extended_header(len(message), timeout=handler_timeout, deadline=left if deadline else None)
-            writer.write(head + bytes(message))
+            writer.write(head + message)
             await writer.drain()
             _, status, body = await _read_reply(reader)
             return _result(status, body)
@@ -167,11 +169,11 @@ class Client:
             self._writer = None
 
     async def request(
-        self, message: bytes, timeout: float | None = None, handler_timeout: float | None = None
+        self, message: bytes | str, timeout: float | None = None, handler_timeout: float | None = None
     ) -> bytes:
         """Send one request on the shared connection and await its reply's bytes."""
         timeout = self.timeout if timeout is None else timeout
-        message = bytes(message)
+        message = as_bytes(message)
 
         async def go(left: float | None) -> bytes:
             tag = next(self._tags) & 0xFFFFFFFF

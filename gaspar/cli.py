@@ -1,4 +1,4 @@
-"""The ``gaspar`` command: ``gaspar serve MODULE:CALLABLE``, ``request``, ``stats``, ``top``.
+"""The ``gaspar`` command: ``gaspar serve MODULE:CALLABLE``, ``request``, ``stats``, ``top``, ``ctl``.
 
 Options of ``serve`` are built from :class:`gaspar.config.Settings`, so the CLI, the Python
 API and the docs name the same settings. The handler is imported before anything is forked:
@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import __version__
@@ -23,6 +23,8 @@ from .config import Settings
 from .errors import GasparError
 from .logs import FORMATS, configure
 from .worker import Consumer
+
+DEFAULT_BIND = "127.0.0.1:10123"
 
 
 class UsageError(Exception):
@@ -88,18 +90,33 @@ def load_consumer(spec: str) -> Consumer:
     raise UsageError(f"{spec!r} is a {type(obj).__name__}, not a callable or a Consumer")
 
 
+#: Names a config file may set besides the settings: the command line's own options.
+CONFIG_EXTRAS = ("bind", "workers")
+
+
 def load_config(path: str) -> dict[str, Any]:
-    """Settings from a Python file, as gunicorn's ``-c``: its top-level names that are
-    settings (``timeout = 5``, ``def post_fork(worker): ...``)."""
+    """Settings from a Python file, as gunicorn's ``-c``: ``timeout = 5``,
+    ``def post_fork(worker): ...``, ``bind = "0.0.0.0:10123"``, ``workers = 4``. Every
+    top-level name must be one of those, a dunder or an imported module: anything else
+    is a usage error that names it and the closest known name (a typo must not pass)."""
     import dataclasses
+    import difflib
     import runpy
+    import types
 
     try:
         namespace = runpy.run_path(path)
     except Exception as exc:
         reason = f"cannot load config {path!r}: {type(exc).__name__}: {exc}"
         raise UsageError(reason, user_traceback(exc)) from exc
-    return {f.name: namespace[f.name] for f in dataclasses.fields(Settings) if f.name in namespace}
+    known = [f.name for f in dataclasses.fields(Settings)] + list(CONFIG_EXTRAS)
+    for name, value in namespace.items():
+        if name in known or (name.startswith("__") and name.endswith("__")) or isinstance(value, types.ModuleType):
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"config {path!r}: {name!r} is not a setting{hint}")
+    return {name: namespace[name] for name in known if name in namespace}
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -120,14 +137,54 @@ def _on_off(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}") from None
 
 
+SERVE_EXAMPLES = """\
+examples:
+  gaspar serve gaspar.demo:echo
+  gaspar serve myapp.handlers:render --bind 0.0.0.0:10123 --workers 4 --timeout 10
+  gaspar serve myapp:Renderer --config gaspar_conf.py     # a Consumer subclass; settings from a file
+  GASPAR_CMD_ARGS="--workers 8" gaspar serve myapp:render # extra arguments; the command line wins
+
+A config file is Python: every top-level name is a setting (timeout = 5), bind, workers or a
+hook (def post_fork(worker): ...); any other name is an error.
+"""
+
+REQUEST_EXAMPLES = """\
+examples:
+  gaspar request 127.0.0.1:10123 hello
+  gaspar request 127.0.0.1:10123 - < payload.bin          # the body from standard input
+  gaspar request 127.0.0.1:10123 hello --timeout 5
+"""
+
+STATS_EXAMPLES = """\
+examples:
+  gaspar stats 127.0.0.1:10123
+  gaspar stats 127.0.0.1:10123 | jq .counters
+"""
+
+TOP_EXAMPLES = """\
+examples:
+  gaspar top 127.0.0.1:10123
+  gaspar top 127.0.0.1:10123 --interval 0.5
+  gaspar top 127.0.0.1:10123 --once                       # one frame, for scripts and logs
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gaspar", description="Take CPU-heavy work out of an event loop.")
     parser.add_argument("--version", action="version", version=f"gaspar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run a daemon serving MODULE:CALLABLE")
+    serve = sub.add_parser(
+        "serve",
+        help="run a daemon serving MODULE:CALLABLE",
+        description="Run a daemon: a front end listening at --bind, and --workers forked processes\n"
+        "that each run MODULE:CALLABLE on the requests' bytes. SIGTERM stops it gracefully,\n"
+        "Ctrl-C (SIGINT) at once; SIGHUP re-imports the handler and replaces the workers.",
+        epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("app", metavar="MODULE:CALLABLE", help="the handler: a function bytes -> bytes, or a Consumer")
-    serve.add_argument("--bind", "-b", default="127.0.0.1:10123", help="HOST:PORT to listen at (default %(default)s)")
+    serve.add_argument("--bind", "-b", default=None, help=f"HOST:PORT to listen at (default {DEFAULT_BIND})")
     serve.add_argument("--workers", "-w", type=int, default=None, help="worker processes (default: the CPU count)")
     serve.add_argument(
         "--config", "-c", metavar="FILE.py", help="a Python file whose top-level names set options, hooks included"
@@ -145,20 +202,62 @@ def build_parser() -> argparse.ArgumentParser:
             kind = str if str(f.type).startswith("str") else float
         serve.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})")
 
-    req = sub.add_parser("request", help="send one request and print the reply")
+    req = sub.add_parser(
+        "request",
+        help="send one request and print the reply",
+        description="Send one request to a running daemon and print the reply's bytes. An error\n"
+        "(the handler raised, no server...) is printed as a one-line reason, exit status 1.",
+        epilog=REQUEST_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     req.add_argument("address", metavar="HOST:PORT")
     req.add_argument("message", help="the request's bytes (UTF-8); '-' reads standard input")
     req.add_argument("--timeout", type=float, default=30.0)
 
-    stats = sub.add_parser("stats", help="print a running daemon's counters and workers as JSON")
+    stats = sub.add_parser(
+        "stats",
+        help="print a running daemon's counters and workers as JSON",
+        description="Print a running daemon's counters, overload state and workers as JSON\n"
+        "(the README's Monitoring section explains each field).",
+        epilog=STATS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     stats.add_argument("address", metavar="HOST:PORT")
     stats.add_argument("--timeout", type=float, default=10.0)
 
-    top = sub.add_parser("top", help="a live view of a running daemon's workers and counters (q quits)")
+    top = sub.add_parser(
+        "top",
+        help="a live view of a running daemon's workers and counters (q quits)",
+        description="A live view of a running daemon, in the manner of uwsgitop: each worker's state,\n"
+        "the request and shed rates, latency quantiles; redrawn every --interval seconds. q quits.",
+        epilog=TOP_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     top.add_argument("address", metavar="HOST:PORT")
     top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="seconds between polls (default 1)")
     top.add_argument("--once", action="store_true", help="print one frame (two polls --interval apart) and exit")
+    from . import ctl
+
+    ctl.add_parser(sub)  # gaspar ctl [--socket PATH | --port PORT] status | scale N | ...
     return parser
+
+
+def with_env_args(argv: list[str], environ: Mapping[str, str] = os.environ) -> list[str]:
+    """``argv`` of ``gaspar serve`` with ``$GASPAR_CMD_ARGS`` (split as a shell would) put
+    right after ``serve``, before the real arguments, so that those win (gunicorn's
+    ``GUNICORN_CMD_ARGS``)."""
+    import shlex
+
+    extra = environ.get("GASPAR_CMD_ARGS", "").strip()
+    # the command is the first word that is not an option (only --version, --help come before)
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), None)
+    if not extra or at is None or argv[at] != "serve":
+        return argv
+    try:
+        words = shlex.split(extra)
+    except ValueError as exc:
+        raise UsageError(f"GASPAR_CMD_ARGS: {exc}") from None
+    return [*argv[: at + 1], *words, *argv[at + 1 :]]
 
 
 def raise_fd_limit(want: int = 65536) -> None:
@@ -175,10 +274,17 @@ def raise_fd_limit(want: int = 65536) -> None:
 def serve(args: argparse.Namespace) -> int:
     configure(args.log_level, args.log_format, sys.stderr)
     raise_fd_limit()
-    host, port = parse_bind(args.bind)
-    consumer = load_consumer(args.app)  # before any fork: an import error ends us here
     options = load_config(args.config) if args.config else {}
     # a flag given on the command line wins over the file
+    bind, workers = options.pop("bind", DEFAULT_BIND), options.pop("workers", None)
+    bind = args.bind if args.bind is not None else bind
+    workers = args.workers if args.workers is not None else workers
+    if not isinstance(bind, str):
+        raise UsageError(f"bind takes a HOST:PORT string, not {bind!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise UsageError(f"--workers must be at least 1, not {workers!r}")
+    host, port = parse_bind(bind)
+    consumer = load_consumer(args.app)  # before any fork: an import error ends us here
     options.update({f.name: getattr(args, f.name) for f in Settings.cli_fields() if getattr(args, f.name) is not None})
     if options.get("metrics_bind"):
         from .metrics import require_prometheus
@@ -190,7 +296,7 @@ def serve(args: argparse.Namespace) -> int:
     from .producer import Producer
 
     try:
-        producer = Producer(consumer, port, processes=args.workers, host=host, **options)
+        producer = Producer(consumer, port, processes=workers, host=host, **options)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     try:
@@ -205,10 +311,20 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = with_env_args(argv)
+    except UsageError as exc:
+        print(f"gaspar: error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "ctl":
+            from . import ctl
+
+            return ctl.run(args, sys.stdout, sys.stderr, sys.stdin.buffer)
         from . import client
 
         try:

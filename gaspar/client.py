@@ -103,6 +103,12 @@ class _SharedBudget:
 _budget = _SharedBudget()  # for request(): one per process
 
 
+def as_bytes(message: bytes | str) -> bytes:
+    """A request's bytes: a ``str`` is sent UTF-8 encoded, anything else goes through
+    ``bytes()`` (bytes, bytearray, memoryview)."""
+    return message.encode() if isinstance(message, str) else bytes(message)
+
+
 @contextmanager
 def _translate(address: tuple[str, int], deadline: _Deadline) -> Iterator[None]:
     """Socket errors become gaspar's, with the address and the cause chained."""
@@ -152,7 +158,7 @@ def _read_reply(sock: socket.socket, deadline: _Deadline) -> tuple[int, bytes]:
 
 def request(
     address: str | tuple[str, int],
-    message: bytes,
+    message: bytes | str,
     timeout: float | None = DEFAULT_TIMEOUT,
     handler_timeout: float | None = None,
     stats: bool = False,
@@ -168,8 +174,10 @@ def request(
     ``handler_timeout`` asks the server to run the handler for at most that long instead of
     its own ``timeout`` setting. ``stats`` asks for the server's counters (JSON) instead of
     running the handler. ``retry``: retry once a request shed under overload (see above).
+    A ``str`` message is sent UTF-8 encoded.
     """
     addr = parse_address(address)
+    message = as_bytes(message)
     limit = _Deadline(timeout)
     _budget.on_request()
     try:
@@ -191,7 +199,7 @@ def _request_once(
             sock.settimeout(limit.left())
             left = limit.remaining() if deadline else None
             head = extended_header(len(message), timeout=handler_timeout, stats=stats, deadline=left)
-            sock.sendall(head + bytes(message))
+            sock.sendall(head + message)
             return _read_reply(sock, limit)[1]
         finally:
             sock.close()
@@ -222,27 +230,29 @@ class Client:
         self._tags = itertools.count(1)
         self._closed = False
 
-    def request(self, message: bytes, timeout: float | None = None, handler_timeout: float | None = None) -> bytes:
+    def request(
+        self, message: bytes | str, timeout: float | None = None, handler_timeout: float | None = None
+    ) -> bytes:
         """Send one request on a pooled connection and return the reply's bytes; a request
         shed under overload is retried once (see the module docstring)."""
         limit = _Deadline(self.timeout if timeout is None else timeout)
         self._budget.on_request()
         try:
-            return self._pipeline([bytes(message)], limit, handler_timeout)[0]
+            return self._pipeline([as_bytes(message)], limit, handler_timeout)[0]
         except Overloaded as exc:
             delay = self._budget.retry_delay(exc, limit) if self.retry else None
             if delay is None:
                 raise
         time.sleep(delay)
-        return self._pipeline([bytes(message)], limit, handler_timeout)[0]
+        return self._pipeline([as_bytes(message)], limit, handler_timeout)[0]
 
     def pipeline(
-        self, messages: Iterable[bytes], timeout: float | None = None, handler_timeout: float | None = None
+        self, messages: Iterable[bytes | str], timeout: float | None = None, handler_timeout: float | None = None
     ) -> list[bytes]:
         """Send every message on one connection before reading, and return the replies in
         the messages' order. The server runs them concurrently, on as many workers as are
         idle. An error reply raises (the other replies are lost with it); nothing is retried."""
-        messages = [bytes(m) for m in messages]
+        messages = [as_bytes(m) for m in messages]
         if not messages:
             return []
         return self._pipeline(messages, _Deadline(self.timeout if timeout is None else timeout), handler_timeout)

@@ -19,6 +19,48 @@ def _opt(default: Any, help: str, cli: bool = True) -> Any:
     return field(default=default, metadata={"help": help, "cli": cli})
 
 
+#: Every numeric setting's range, (lowest, highest), None for unbounded. 0 is allowed
+#: wherever the README says 0 means "never" or "no limit".
+_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "timeout": (0, None),  # 0: never
+    "graceful_timeout": (0, None),
+    "idle_timeout": (0, None),  # 0: never
+    "max_message_size": (1, None),
+    "max_requests": (0, None),  # 0: never
+    "max_requests_jitter": (0, None),
+    "max_pipeline": (1, None),
+    "queue_timeout": (0, None),  # 0: no limit
+    "queue_target": (0, None),
+    "queue_interval": (0, None),
+    "max_queued": (0, None),  # 0: no limit
+    "max_buffered_bytes": (1, None),
+    "max_connections": (1, None),
+    "prefetch": (0, None),  # 0: never
+    "backlog": (1, None),
+    "worker_nice": (-20, 19),
+    "flap_attempts": (1, None),
+    "flap_window": (0, None),
+    "flap_retry_in": (0, None),
+    "flap_max_retry": (0, None),
+    "statsd_interval": (0.001, None),
+}
+
+
+def _check_number(name: str, value: Any, low: float | None, high: float | None) -> None:
+    """A one-line ValueError unless ``value`` is a number within [low, high] (None: unbounded)."""
+    if value is None and name in ("timeout", "idle_timeout", "queue_timeout"):
+        return  # None is 0: never / no limit
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    if value != value:  # NaN
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be from {low} to {high}, not {value!r}")
+    if low is not None and value < low:
+        what = "positive" if 0 < low < 1 else f"at least {low}" if low else "0 or more"
+        raise ValueError(f"{name} must be {what}, not {value!r}")
+
+
 @dataclass
 class Settings:
     """The daemon's settings; ``Settings(**options)`` rejects unknown names."""
@@ -81,6 +123,11 @@ class Settings:
     statsd_interval: float = _opt(10.0, "seconds between two statsd pushes")
     access_log: str | None = _opt(None, "a file to log one line per request to, or - for standard error (default: off)")
     capture_output: bool = _opt(False, "write what workers print (stdout, stderr) to the daemon's log, per worker")
+    control_socket: str | None = _opt(
+        None,
+        "a Unix socket (0600) for gaspar ctl; unset: $XDG_RUNTIME_DIR/gaspar/PORT.sock, else "
+        "/tmp/gaspar-UID/PORT.sock; off: none",
+    )
     on_starting: Callable[[Any], None] | None = _opt(None, "hook(producer), before the workers are forked", cli=False)
     post_fork: Callable[[Any], None] | None = _opt(None, "hook(worker), in each worker after the fork", cli=False)
     worker_exit: Callable[[Any], None] | None = _opt(None, "hook(worker), in a worker that exits cleanly", cli=False)
@@ -89,22 +136,16 @@ class Settings:
     def __post_init__(self) -> None:
         if self.transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be 'ipc' or 'tcp', not {self.transport!r}")
+        for name, (low, high) in _LIMITS.items():
+            _check_number(name, getattr(self, name), low, high)
+        if self.max_buffered_bytes < self.max_message_size:
+            raise ValueError("max_buffered_bytes must be at least max_message_size (one request must fit)")
         if not self.timeout:
             self.timeout = None
         if not self.idle_timeout:
             self.idle_timeout = None
         if not self.queue_timeout:
             self.queue_timeout = None
-        if self.statsd_interval <= 0:
-            raise ValueError("statsd_interval must be positive")
-        for name in ("max_message_size", "max_pipeline", "flap_attempts", "max_connections"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        for name in ("queue_target", "queue_interval", "max_queued"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        if self.max_buffered_bytes < self.max_message_size:
-            raise ValueError("max_buffered_bytes must be at least max_message_size (one request must fit)")
 
     @classmethod
     def cli_fields(cls) -> list[dataclasses.Field]:

@@ -40,10 +40,10 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -63,6 +63,7 @@ from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
 from .framing import Kind, Request, Status, error_body, pack_id
+from .ipcdir import make_ipc_dir
 from .overload import ByteBudget, QueueControl
 from .supervisor import Supervisor
 from .telemetry import WORKER_STATES, LogLimiter, Telemetry, proc_usage
@@ -125,13 +126,27 @@ def close_access_log(logger: logging.Logger) -> None:
 class Producer(Supervisor):
     """Listens on ``host:port`` and runs each request on one of ``processes`` workers.
 
-    ``options`` are the names of :class:`gaspar.config.Settings` (``timeout``,
-    ``max_requests``, hooks...). Nothing happens until :meth:`start`.
+    ``consumer`` is a Consumer, a Consumer subclass or a plain function (wrapped in
+    ``Consumer(handler=...)``). ``options`` are the names of :class:`gaspar.config.Settings`
+    (``timeout``, ``max_requests``, hooks...). Nothing happens until :meth:`start`.
     """
 
     def __init__(
-        self, consumer: Consumer, port: int, processes: int | None = None, host: str = "127.0.0.1", **options: Any
+        self,
+        consumer: Consumer | Callable[[bytes], bytes | str],
+        port: int,
+        processes: int | None = None,
+        host: str = "127.0.0.1",
+        **options: Any,
     ) -> None:
+        if isinstance(consumer, type) and issubclass(consumer, Consumer):
+            consumer = consumer()
+        elif not isinstance(consumer, Consumer):
+            if not callable(consumer):
+                raise TypeError(f"Producer needs a Consumer or a callable, not {type(consumer).__name__}")
+            consumer = Consumer(handler=consumer)  # a plain function, as the CLI accepts
+        if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
+            raise ValueError(f"workers must be at least 1 (None: one per CPU), not {processes!r}")
         self.consumer = consumer
         self.host = host
         self.port = port
@@ -231,6 +246,7 @@ class Producer(Supervisor):
         self.draining = False  # no longer accepting
         self.stopping = False  # failing what is left, stopping workers
         self.hurry = False
+        self.reloading: str | None = None  # "importing", then "replacing" until READY=1 (systemd)
         self.started_at = time.time()
         self.restarts = 0
         self._done = GreenEvent()
@@ -249,13 +265,14 @@ class Producer(Supervisor):
         self.ctx = None
         self.listener = None
         self.metrics_listener = None
+        self.control_server = None
         self.statsd_addr = None
         try:
             if s.on_starting is not None:
                 s.on_starting(self)
             log.info("Starting gaspar %s", __version__)
             if s.transport == "ipc":
-                self._ipc_dir = tempfile.mkdtemp(prefix="gaspar-")  # mode 0700
+                self._ipc_dir = make_ipc_dir()  # mode 0700; stale ones removed first
                 endpoint = f"ipc://{self._ipc_dir}/workers"
             else:
                 endpoint = "tcp://127.0.0.1:*"
@@ -276,6 +293,9 @@ class Producer(Supervisor):
                 metrics.require_prometheus()
                 self.metrics_listener = metrics.listen(*parse_address(s.metrics_bind))
                 self.metrics_addr = self.metrics_listener.getsockname()[:2]
+            from .ctl import ControlServer
+
+            self.control_server = ControlServer.open(s.control_socket, self.server_addr[1])  # None if off
             if s.statsd_host:
                 from .client import parse_address
 
@@ -284,10 +304,13 @@ class Producer(Supervisor):
                 self.access_log = open_access_log(s.access_log)
         except BaseException as exc:
             self._failure = exc
+            self.exit_code = self.exit_code or 1
             return
         log.info("Listening at: tcp://%s:%s (%s)", *self.server_addr, os.getpid())
         if self.metrics_listener is not None:
             log.info("Metrics at: http://%s:%s/metrics", *self.metrics_addr)
+        if self.control_server is not None:
+            log.info("Control socket at: %s", self.control_server.path)
         log.info("Using %s workers over %s", self.target, s.transport)
         hub = eventlet.hubs.get_hub()
         self._read_scheduled = None
@@ -307,6 +330,10 @@ class Producer(Supervisor):
 
             pusher = StatsdPusher(self._stats, self.statsd_addr, s.statsd_prefix, s.statsd_interval)
             self._greenlets.append(eventlet.spawn(pusher.run))
+        if self.control_server is not None:
+            from .ctl import producer_commands
+
+            self._greenlets.append(eventlet.spawn(self.control_server.serve, producer_commands(self)))
         self.manage_workers()
 
     def _teardown(self) -> None:
@@ -324,6 +351,8 @@ class Producer(Supervisor):
             self.listener.close()
         if self.metrics_listener is not None:
             self.metrics_listener.close()
+        if self.control_server is not None:
+            self.control_server.close()
         if self.access_log is not None:
             close_access_log(self.access_log)
             self.access_log = None
@@ -337,7 +366,14 @@ class Producer(Supervisor):
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
         self._control.detach()
         self.running.clear()
-        log.info("Shutting down: gaspar (exit code %s)", self.exit_code)
+        if self._failure is not None:
+            exc = self._failure
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+            listening = self.fork_server is not None and self.fork_server.endpoint and self.listener is None
+            where = f": cannot listen at {self.host}:{self.port}" if listening and isinstance(exc, OSError) else ""
+            log.error("Shutting down: gaspar (exit code %s, did not start%s: %s)", self.exit_code, where, why)
+        else:
+            log.info("Shutting down: gaspar (exit code %s)", self.exit_code)
         self.stopped.set()
 
     # -- requests -----------------------------------------------------------------------

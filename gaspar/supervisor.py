@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -33,6 +34,7 @@ with __import__("warnings").catch_warnings():
 
 import zmq
 
+from . import sdnotify
 from .arbiter import FlapPolicy, describe_exit
 from .dispatch import WorkerSlot
 from .errors import GasparError
@@ -79,9 +81,26 @@ class Supervisor:
         self.manage_workers()
         if not self.running.is_set() and self.ready_count() >= self.target:
             self.running.set()
+            self.notify_ready()
+        elif self.reloading == "replacing":
+            self.notify_if_reloaded()
 
     def ready_count(self) -> int:
         return sum(1 for w in self.dispatcher.workers.values() if not w.retiring)
+
+    def notify_ready(self, status: str = "") -> None:
+        """Tell systemd (``Type=notify``) that we serve; a no-op without ``$NOTIFY_SOCKET``."""
+        n = self.ready_count()
+        summary = f"{n} worker{'s' if n != 1 else ''} ready"
+        sdnotify.notify(f"READY=1\nSTATUS={status}{summary}\nMAINPID={os.getpid()}")
+
+    def notify_if_reloaded(self, status: str = "") -> None:
+        """READY=1 again once a reload has settled: every worker ready and of the new generation."""
+        live = [w for w in self.dispatcher.workers.values() if not w.retiring]
+        if len(live) < self.target or any(w.generation < self.generation for w in live):
+            return
+        self.reloading = None
+        self.notify_ready(status)
 
     def on_fork_server_events(self, _fd: int) -> None:
         events = self.fork_server.read_events()
@@ -281,11 +300,15 @@ class Supervisor:
         log.info("Reloading %s", self.fork_server.consumer_name())
         if self.settings.on_reload is not None:
             self.settings.on_reload(self)
+        self.reloading = "importing"  # READY=1 again once on_reloaded and the workers settle it
+        sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={sdnotify.monotonic_usec()}\nSTATUS=Reloading")
         self.fork_server.reload()
 
     def on_reloaded(self, ok: bool, error: str | None) -> None:
+        self.reloading = "replacing"
         if not ok:
             log.error("Reload failed; keeping the current workers: %s", error)
+            self.notify_if_reloaded("Reload failed; ")
             return
         self.generation += 1
         log.info("Reloaded; replacing the workers one by one (generation %s)", self.generation)
@@ -317,6 +340,7 @@ class Supervisor:
             return
         self.draining = True
         log.info("Stopping (%s)", "graceful" if graceful else "fast")
+        sdnotify.notify(f"STOPPING=1\nSTATUS=Stopping ({'graceful' if graceful else 'fast'})")
         self.close_listener(accept_backlog=graceful)
         if graceful:
             deadline = time.monotonic() + self.settings.graceful_timeout

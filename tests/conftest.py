@@ -7,12 +7,15 @@ in their own process group and are SIGKILLed as a group at teardown.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -36,6 +39,13 @@ def _raise_fd_limit() -> None:
 
 
 _raise_fd_limit()
+
+# Every daemon a test starts opens a control socket at its default place, under
+# $XDG_RUNTIME_DIR: keep them in a directory of this session's, removed when it ends (a test
+# daemon killed with SIGKILL cannot remove its own).
+_RUNTIME = tempfile.mkdtemp(prefix="gaspar-test-runtime-")
+os.environ["XDG_RUNTIME_DIR"] = _RUNTIME
+atexit.register(shutil.rmtree, _RUNTIME, True)
 
 
 def alive(pid: int) -> bool:
