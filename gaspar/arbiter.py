@@ -4,10 +4,19 @@ Workers are forked by a small **fork server**, itself forked by ``Producer.start
 the front end makes its 0MQ context or runs its eventlet hub. So no worker inherits a hub,
 a 0MQ context's threads, or a client's connection (a connection held open by a child
 would keep its FIN or RST from reaching the client). The fork server holds the handler's
-module, imported once, so module-level state is shared copy-on-write; a reload re-imports
-it there, and the next forks run the new code.
+module, imported once, so module-level state is shared copy-on-write.
 
-    front end ──cmd pipe (JSON lines: spawn, kill, reload)──▶ fork server ──fork──▶ workers
+A reload, when the consumer was named ``module:attr`` (the CLI's way), starts a *new* fork
+server in a fresh interpreter (``python -m gaspar.forkserver``, :func:`ForkServer.successor`):
+it imports the application afresh, every module of it, and says ``reloaded`` (or that the
+import failed, and exits). The front end then forks the new generation from it, and tells
+the old one to ``retire``: it exits once its last worker is gone. A consumer given as a
+Python object cannot be named for a fresh interpreter; nor can hooks that are not
+importable by name (a config file's, a lambda): then a reload re-imports the handler's own
+module in the running fork server (:meth:`gaspar.worker.Consumer.reloaded`), and the next
+forks run that.
+
+    front end ──cmd pipe (JSON lines: spawn, kill, reload, retire)──▶ fork server ──fork──▶ workers
     front end ◀──event pipe (spawned, exited + wait status, reloaded)── fork server
 
 The fork server knows which pids are still its unreaped children, so a kill never reaches a
@@ -30,6 +39,7 @@ import logging
 import os
 import selectors
 import signal
+import subprocess
 import sys
 import time
 from collections import deque
@@ -93,16 +103,36 @@ def describe_exit(status: int) -> tuple[int | None, int | None, str]:
 class ForkServer:
     """The front end's handle on the fork server process. No eventlet in here."""
 
-    def __init__(self, consumer: Consumer, settings: Any) -> None:
-        self.consumer = consumer
+    def __init__(self, consumer: Consumer | None, settings: Any, spec: str | None = None) -> None:
+        self.consumer = consumer  # None: a fresh interpreter imports ``spec``
+        self.spec = spec  # the consumer's ``module:attr``, when it has one
         self.endpoint = ""  # the front end's 0MQ endpoint, set once it is bound
         self.settings = settings
         self.pid: int | None = None
+        self.children: set[int] = set()  # its workers, as its events told us
+        self.listener: Any = None  # the front end's watch on events_fd
         self._cmd = -1
         self.events_fd = -1
         self._buf = b""
+        self._popen: subprocess.Popen | None = None
+        self._fresh: dict[str, Any] = {}
+
+    def successor(self) -> ForkServer:
+        """A fork server, not started, that will import this one's ``spec`` in a fresh
+        interpreter. Raises ValueError saying why there cannot be one (no ``spec``, or a
+        hook that cannot be named for a fresh interpreter)."""
+        from .forkserver import fresh_options
+
+        if not self.spec:
+            raise ValueError("the consumer was given as a Python object, not as module:attr")
+        nxt = ForkServer(None, self.settings, self.spec)
+        nxt._fresh = fresh_options(self.spec, self.settings)
+        nxt.endpoint = self.endpoint
+        return nxt
 
     def start(self) -> None:
+        if self.consumer is None:
+            return self._start_fresh()
         cmd_r, cmd_w = os.pipe()
         evt_r, evt_w = os.pipe()
         parent = os.getpid()
@@ -122,6 +152,23 @@ class ForkServer:
         os.set_blocking(evt_r, False)
         self.pid, self._cmd, self.events_fd = pid, cmd_w, evt_r
 
+    def _start_fresh(self) -> None:
+        cmd_r, cmd_w = os.pipe()
+        evt_r, evt_w = os.pipe()
+        options = dict(self._fresh, parent=os.getpid(), cmd=cmd_r, evt=evt_w)
+        try:
+            argv = [sys.executable, "-m", "gaspar.forkserver", json.dumps(options)]
+            self._popen = subprocess.Popen(argv, pass_fds=(cmd_r, evt_w), stdin=subprocess.DEVNULL)
+        except BaseException:
+            for fd in (cmd_w, evt_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(cmd_r)
+            os.close(evt_w)
+        os.set_blocking(evt_r, False)
+        self.pid, self._cmd, self.events_fd = self._popen.pid, cmd_w, evt_r
+
     def _send(self, **command: Any) -> None:
         try:
             os.write(self._cmd, json.dumps(command).encode() + b"\n")
@@ -137,7 +184,13 @@ class ForkServer:
     def reload(self) -> None:
         self._send(op="reload")
 
+    def retire(self) -> None:
+        """Fork nothing more; exit once the last worker is gone."""
+        self._send(op="retire")
+
     def consumer_name(self) -> str:
+        if self.spec:
+            return self.spec
         target = self.consumer.handler or type(self.consumer)
         return f"{target.__module__}:{target.__qualname__}"
 
@@ -162,13 +215,17 @@ class ForkServer:
             self._cmd = -1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if os.waitpid(self.pid, os.WNOHANG)[0]:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
                 break
             time.sleep(0.01)
         else:
             os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
+            _, status = os.waitpid(self.pid, 0)
+        if self._popen is not None:  # reaped here, not by Popen
+            self._popen.returncode = os.waitstatus_to_exitcode(status)
         os.close(self.events_fd)
+        self.events_fd = -1
         self.pid = None
 
 
@@ -182,6 +239,7 @@ class _Server:
         self.children: dict[int, int] = {}  # pid -> worker number
         self._buf = b""
         self.output: OutputCapture | None = None  # the workers' stdout and stderr, if captured
+        self.retiring = False  # told to retire: exit once no child is left
 
     def run(self) -> int:
         set_proctitle(f"{self.settings.proc_name}: fork server")
@@ -209,6 +267,8 @@ class _Server:
             if self.cmd in ready and not self.handle_commands():
                 return self.shutdown()
             self.log_output(events)
+            if self.retiring and not self.children:
+                return self.shutdown()
 
     def log_output(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
         """One bounded read from each worker pipe that was ready (after forks and reaps, so
@@ -280,6 +340,9 @@ class _Server:
             self.emit(ev="reloaded", ok=False, error=f"{type(exc).__name__}: {exc}")
         else:
             self.emit(ev="reloaded", ok=True, error=None)
+
+    def do_retire(self) -> None:
+        self.retiring = True
 
     def reap(self, report: bool = True) -> None:
         """Collect every child that has exited; with ``report``, tell the front end."""

@@ -297,6 +297,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         producer = Producer(consumer, port, processes=workers, host=host, **options)
+        producer.app_spec = args.app  # a reload imports it afresh, in a new fork server
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     try:

@@ -58,7 +58,7 @@ with warnings.catch_warnings():
 from . import __version__
 from .arbiter import FlapPolicy, ForkServer
 from .config import Settings
-from .connection import Acceptor, Connection, IOLoop, watch_fd
+from .connection import Acceptor, Connection, IOLoop
 from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
@@ -148,6 +148,10 @@ class Producer(Supervisor):
         if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
             raise ValueError(f"workers must be at least 1 (None: one per CPU), not {processes!r}")
         self.consumer = consumer
+        #: The consumer's ``module:attr``, when it was loaded by name (the CLI sets it): a
+        #: reload then imports the application afresh, every module, in a new fork server.
+        #: None (a Consumer given as an object): a reload re-imports the handler's module only.
+        self.app_spec: str | None = None
         self.host = host
         self.port = port
         self.processes = processes or os.cpu_count() or 1
@@ -199,7 +203,8 @@ class Producer(Supervisor):
             self._thread.join(timeout)
 
     def reload(self) -> None:
-        """Re-import the handler's module and replace the workers one by one."""
+        """Load the code afresh and replace the workers one by one: every module, in a new
+        fork server, when :attr:`app_spec` is set; else the handler's module only."""
         self._control.call(self.do_reload, wait=False)
 
     def scale(self, n: int) -> None:
@@ -261,6 +266,8 @@ class Producer(Supervisor):
         self._refused_logged = 0.0
         self._ipc_dir = None
         self.fork_server = None
+        self.next_fork_server = None  # a reload's fresh fork server, until it says it imported
+        self.old_fork_servers: list[ForkServer] = []  # retiring, or refused: exit by themselves
         self.router = None
         self.ctx = None
         self.listener = None
@@ -276,7 +283,7 @@ class Producer(Supervisor):
                 endpoint = f"ipc://{self._ipc_dir}/workers"
             else:
                 endpoint = "tcp://127.0.0.1:*"
-            self.fork_server = ForkServer(self.consumer, s)
+            self.fork_server = ForkServer(self.consumer, s, self.app_spec)
             self.fork_server.start()  # before any 0MQ context or hub exists here
             self.ctx = zmq.Context(1)
             self.router = self.ctx.socket(zmq.ROUTER)
@@ -318,7 +325,7 @@ class Producer(Supervisor):
         # the ROUTER's fd only wakes the loop: read_router runs after every round
         self.ioloop.register(self.router.fd, select.EPOLLIN, lambda _events: None)
         self.acceptor = Acceptor(self.listener, self.ioloop, self)
-        self._fs_listener = watch_fd(hub, self.fork_server.events_fd, self.on_fork_server_events)
+        self.watch_fork_server(self.fork_server)
         self._greenlets = [eventlet.spawn(self.tick)]
         if self.metrics_listener is not None:
             from . import metrics
@@ -337,9 +344,8 @@ class Producer(Supervisor):
         self.manage_workers()
 
     def _teardown(self) -> None:
-        hub = eventlet.hubs.get_hub()
-        if getattr(self, "_fs_listener", None) is not None:
-            hub.remove(self._fs_listener)
+        for fs in self.fork_servers():
+            self.unwatch_fork_server(fs)
         for g in getattr(self, "_greenlets", []):
             g.kill()
         for conn in list(getattr(self, "connections", ())):
@@ -356,8 +362,9 @@ class Producer(Supervisor):
         if self.access_log is not None:
             close_access_log(self.access_log)
             self.access_log = None
-        if self.fork_server is not None and self.fork_server.pid is not None:
-            self.fork_server.close()
+        for fs in self.fork_servers():
+            if fs.pid is not None:
+                fs.close()
         if self.router is not None:
             self.router.close(linger=0)
         if self.ctx is not None:

@@ -35,7 +35,8 @@ with __import__("warnings").catch_warnings():
 import zmq
 
 from . import sdnotify
-from .arbiter import FlapPolicy, describe_exit
+from .arbiter import FlapPolicy, ForkServer, describe_exit
+from .connection import watch_fd
 from .dispatch import WorkerSlot
 from .errors import GasparError
 from .framing import Kind, Status, pack_id
@@ -102,28 +103,57 @@ class Supervisor:
         self.reloading = None
         self.notify_ready(status)
 
-    def on_fork_server_events(self, _fd: int) -> None:
-        events = self.fork_server.read_events()
+    # -- fork servers: the current one, the next (a reload importing), old ones retiring --
+
+    def fork_servers(self) -> list[ForkServer]:
+        return [fs for fs in (self.fork_server, self.next_fork_server, *self.old_fork_servers) if fs is not None]
+
+    def watch_fork_server(self, fs: ForkServer) -> None:
+        fs.listener = watch_fd(eventlet.hubs.get_hub(), fs.events_fd, self.on_fork_server_events)
+
+    def unwatch_fork_server(self, fs: ForkServer) -> None:
+        if fs.listener is not None:
+            eventlet.hubs.get_hub().remove(fs.listener)
+            fs.listener = None
+
+    def on_fork_server_events(self, fd: int) -> None:
+        fs = next((f for f in self.fork_servers() if f.events_fd == fd), None)
+        if fs is None:
+            return
+        events = fs.read_events()
         if events is None:
-            eventlet.hubs.get_hub().remove(self._fs_listener)
-            self._fs_listener = None
-            if not self.stopping:
+            self.unwatch_fork_server(fs)
+            if fs is not self.fork_server:
+                eventlet.spawn_n(self.on_fork_server_gone, fs)
+            elif not self.stopping:
                 log.critical("The fork server died; stopping")
                 self.exit_code = 1
                 eventlet.spawn_n(self.begin_stop, False)
             return
-        eventlet.spawn_n(self._handle_events, events)
+        eventlet.spawn_n(self._handle_events, events, fs)
 
-    def _handle_events(self, events: list[dict[str, Any]]) -> None:
+    def on_fork_server_gone(self, fs: ForkServer) -> None:
+        """A fork server other than the current one exited: an old one whose workers are
+        all gone, or a new one that could not import the application. Reap it."""
+        pid = fs.pid
+        if fs is self.next_fork_server:  # died before it said whether the import worked
+            self.on_reloaded(False, f"the new fork server (pid:{pid}) exited before it was ready", fs)
+        if fs in self.old_fork_servers:
+            self.old_fork_servers.remove(fs)
+        fs.close()
+        log.info("Fork server (pid:%s) exited", pid)
+
+    def _handle_events(self, events: list[dict[str, Any]], fs: ForkServer | None = None) -> None:
         for event in events:
             try:
-                self._handle_event(event)
+                self._handle_event(event, fs or self.fork_server)
             except Exception:  # one bad event must not lose the others (a worker's exit...)
                 log.exception("Error handling fork server event %r; carrying on", event)
 
-    def _handle_event(self, event: dict[str, Any]) -> None:
+    def _handle_event(self, event: dict[str, Any], fs: ForkServer) -> None:
         kind = event["ev"]
         if kind == "spawned":
+            fs.children.add(event["pid"])
             boot = self.booting.get(event["token"])
             if boot is not None:
                 boot.pid = event["pid"]
@@ -132,9 +162,10 @@ class Supervisor:
             if self.stopping:  # forked just as we stopped: begin_stop did not know its pid
                 self.kill_worker(event["pid"], signal.SIGKILL, "the daemon is stopping")
         elif kind == "exited":
+            fs.children.discard(event["pid"])
             self.on_exit(event["pid"], event["number"], event["status"])
         elif kind == "reloaded":
-            self.on_reloaded(event["ok"], event["error"])
+            self.on_reloaded(event["ok"], event["error"], fs)
 
     def on_exit(self, pid: int, number: int | None, status: int) -> None:
         exitcode, sig, text = describe_exit(status)
@@ -224,7 +255,8 @@ class Supervisor:
         """Signal a worker through the fork server, remembering why for its exit's log line
         (a worker we SIGKILLed for a timeout was not out of memory)."""
         self.kill_reasons[pid] = why
-        self.fork_server.kill(pid, sig)
+        owner = next((fs for fs in self.fork_servers() if pid in fs.children), self.fork_server)
+        owner.kill(pid, sig)
 
     def tell_exit(self, worker: WorkerSlot) -> None:
         """Ask an idle worker to exit cleanly (it has nothing in hand)."""
@@ -297,14 +329,38 @@ class Supervisor:
     def do_reload(self) -> None:
         if self.stopping:
             return
+        if self.next_fork_server is not None:
+            log.warning("A reload is already under way; ignoring this one")
+            return
         log.info("Reloading %s", self.fork_server.consumer_name())
         if self.settings.on_reload is not None:
             self.settings.on_reload(self)
         self.reloading = "importing"  # READY=1 again once on_reloaded and the workers settle it
         sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={sdnotify.monotonic_usec()}\nSTATUS=Reloading")
-        self.fork_server.reload()
+        try:
+            fresh = self.fork_server.successor()
+        except ValueError as exc:  # re-import the handler's module in the running fork server
+            if self.fork_server.spec:
+                log.warning("Cannot start a fresh fork server (%s); re-importing the handler's module only", exc)
+            self.fork_server.reload()
+            return
+        try:
+            fresh.start()
+        except OSError as exc:
+            self.on_reloaded(False, f"cannot start a fork server: {exc}")
+            return
+        self.next_fork_server = fresh
+        self.watch_fork_server(fresh)
 
-    def on_reloaded(self, ok: bool, error: str | None) -> None:
+    def on_reloaded(self, ok: bool, error: str | None, fs: ForkServer | None = None) -> None:
+        """The fork server ``fs`` imported the new code (``ok``) or could not. A fresh one
+        that did becomes the current one, and the old one retires."""
+        if fs is not None and fs is self.next_fork_server:
+            self.next_fork_server = None
+            if ok:
+                self.fork_server, fs = fs, self.fork_server
+                fs.retire()
+            self.old_fork_servers.append(fs)  # it exits once its workers are gone (none if refused)
         self.reloading = "replacing"
         if not ok:
             log.error("Reload failed; keeping the current workers: %s", error)

@@ -78,7 +78,9 @@ class Consumer:
     def reloaded(self) -> Consumer:
         """A consumer built from a fresh import of the module that defines this one.
 
-        Used by a rolling reload. Raises whatever the import raises.
+        Used by a rolling reload when the application cannot be loaded in a fresh fork
+        server (a Consumer given as an object, a hook that cannot be named): modules that
+        this one imports keep their old code. Raises whatever the import raises.
         """
         target = self.handler if self.handler is not None else type(self)
         module = importlib.reload(sys.modules[target.__module__])

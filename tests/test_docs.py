@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from conftest import ROOT
 
@@ -22,3 +23,12 @@ def test_protocol_document_exists_with_status_codes():
     doc = open(os.path.join(ROOT, "docs", "protocol.rst"), encoding="utf-8").read()
     for word in ("KEEPALIVE", "STATS", "tag", "reset", "max_message_size"):
         assert word in doc
+
+
+def test_the_package_requires_its_run_time_dependencies():
+    """A broken setup.cfg once dropped install_requires silently; a clean install then
+    lacked pyzmq and eventlet."""
+    import importlib.metadata
+
+    names = {re.split(r"[<>=!~; \[]", r, maxsplit=1)[0].lower() for r in importlib.metadata.requires("gaspar")}
+    assert {"pyzmq", "eventlet"} <= names

@@ -498,6 +498,22 @@ def test_orphaned_workers_exit_by_themselves(cli):
     assert isinstance(stuck.join().error, gaspar.ConnectionLost), repr(stuck.error)
 
 
+def test_after_a_reload_a_killed_front_end_leaves_nothing_behind(cli, tmp_path):
+    (tmp_path / "killable.py").write_text("def handle(m):\n    return b'v1:' + m\n")
+    server = cli("killable:handle", "--bind", "127.0.0.1:0", "-w", "2", env=cli_env(tmp_path))
+    old = server.wait_ready(2)
+    (tmp_path / "killable.py").write_text("def handle(m):\n    return b'v2:' + m\n")
+    server.signal(signal.SIGHUP)
+    assert wait_for(lambda: not set(old) & set(server.wait_ready(2)), 15), server.log
+    # the old fork server and workers gone; the new fork server and its two workers left
+    assert wait_for(lambda: len(children_of(server.proc.pid)) == 1 and len(descendants(server.proc.pid)) == 3, 10)
+    family = descendants(server.proc.pid)
+    os.kill(server.proc.pid, signal.SIGKILL)  # the producer only, not its group
+    server.wait(10)
+    gone = wait_for(lambda: not [p for p in family if alive(p)], 5)
+    assert gone, f"left behind: {[p for p in family if alive(p)]}"
+
+
 def test_fork_server_killed_stops_the_daemon(cli):
     server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "2")
     workers = server.wait_ready(2)
@@ -645,6 +661,63 @@ def test_sighup_with_a_broken_module_keeps_the_workers(cli, tmp_path):
     assert load.errors == [] and set(load.replies) == {b"v1:x"}
     assert "RuntimeError: half-written" in server.log
     assert sorted(w["pid"] for w in server.stats()["workers"]) == sorted(old)
+
+
+def test_sighup_reloads_the_modules_the_handler_imports(cli, tmp_path):
+    (tmp_path / "helperlib.py").write_text("def tag():\n    return b'old'\n")
+    (tmp_path / "usehelper.py").write_text("import helperlib\n\ndef handle(m):\n    return helperlib.tag() + m\n")
+    server = cli("usehelper:handle", "--bind", "127.0.0.1:0", "-w", "2", env=cli_env(tmp_path))
+    old = server.wait_ready(2)
+    (fork_server,) = children_of(server.proc.pid)
+    load = Load(server.addr, b"x", threads=3)
+    load.wait_more(10)
+    (tmp_path / "helperlib.py").write_text("def tag():\n    return b'new'\n")  # the handler's module unchanged
+    server.signal(signal.SIGHUP)
+
+    def replaced():
+        workers = server.stats()["workers"]
+        return len(workers) == 2 and all(w["generation"] == 2 for w in workers)
+
+    assert wait_for(replaced, 15), server.log
+    load.wait_more(10)
+    load.stop()
+    assert load.errors == [], load.errors
+    assert set(load.replies) == {b"oldx", b"newx"}
+    assert client.request(server.addr, b"y", timeout=5) == b"newy"
+    # the old fork server retires with its last worker: one fork server, the new one, is left
+    assert not [p for p in [*old, fork_server] if wait_for(lambda p=p: not alive(p), 5) is False]
+    assert wait_for(lambda: len(children_of(server.proc.pid)) == 1, 5), server.log
+    assert f"Fork server (pid:{fork_server}) exited" in server.log
+    assert server.stats()["restarts"] == 0
+    server.signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+
+
+HOOK = "import os\n\ndef post_fork(worker):\n    open(os.path.join({where!r}, 'forked-%d' % worker.pid), 'w').close()\n"
+
+
+@pytest.mark.parametrize("hook_in", ["a module", "the config file"])
+def test_sighup_with_a_post_fork_hook(cli, tmp_path, hook_in):
+    """A hook importable by name is imported afresh by the new fork server; one defined in
+    the config file cannot be named there, so the reload re-imports the handler's module only."""
+    hook = HOOK.format(where=str(tmp_path))
+    if hook_in == "a module":
+        (tmp_path / "myhooks.py").write_text(hook)
+        hook = "from myhooks import post_fork\n"
+    (tmp_path / "conf.py").write_text(hook)
+    (tmp_path / "hooked.py").write_text("def handle(m):\n    return b'v1:' + m\n")
+    args = ("hooked:handle", "--bind", "127.0.0.1:0", "-w", "2", "--config", str(tmp_path / "conf.py"))
+    server = cli(*args, env=cli_env(tmp_path))
+    old = server.wait_ready(2)
+    (tmp_path / "hooked.py").write_text("def handle(m):\n    return b'v2:' + m\n")
+    server.signal(signal.SIGHUP)
+    assert wait_for(lambda: not set(old) & set(server.wait_ready(2)), 15), server.log
+    assert client.request(server.addr, b"y", timeout=5) == b"v2:y"
+    forked = {int(p.name.split("-")[1]) for p in tmp_path.glob("forked-*")}
+    assert set(old) | set(server.wait_ready(2)) <= forked  # the hook ran in every worker
+    fell_back = "Cannot start a fresh fork server" in server.log
+    assert fell_back == (hook_in == "the config file"), server.log
+    assert wait_for(lambda: len(children_of(server.proc.pid)) == 1, 5), server.log
 
 
 def test_sigttin_and_sigttou_scale_under_load(cli):
