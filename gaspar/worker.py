@@ -184,6 +184,7 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
         while True:
             if not inbox:
                 receive(0)  # one message: more (a cancel) may wait behind it
+                continue  # it may have been a late cancel, for a request that already ran
             if inbox[0][0][0] == ahead and perf_counter() - looked >= CANCEL_LOOK:
                 # Only a request handed ahead may be cancelled: take what has arrived first.
                 # Asking costs a system call, so a request sent to an idle worker skips it,
