@@ -137,25 +137,9 @@ def format_metrics(prev: dict[str, Any] | None, stats: dict[str, Any], prefix: s
 def interval_histogram(prev: dict[str, Any] | None, now: dict[str, Any]) -> Histogram:
     """A :class:`Histogram` of what was observed between two of its snapshots (the whole
     of ``now`` when there is no ``prev`` or a count went down)."""
-    bounds = [float(le) for le, _ in now["buckets"] if le != "+Inf"]
-    counts, total = _per_bucket(now)
-    h = Histogram(bounds)
-    h.counts, h.count, h.sum = counts, total, now["sum"]
-    if prev is not None and [le for le, _ in prev["buckets"]] == [le for le, _ in now["buckets"]]:
-        before, before_total = _per_bucket(prev)
-        deltas = [a - b for a, b in zip(counts, before, strict=True)]
-        if min(deltas) >= 0 and total >= before_total:
-            h.counts, h.count, h.sum = deltas, total - before_total, now["sum"] - prev["sum"]
-    return h
-
-
-def _per_bucket(snapshot: dict[str, Any]) -> tuple[list[int], int]:
-    """Counts per bucket (not cumulative) and their total, from a snapshot's buckets."""
-    counts, seen = [], 0
-    for _, cumulative in snapshot["buckets"]:
-        counts.append(cumulative - seen)
-        seen = cumulative
-    return counts, seen
+    h = Histogram.from_snapshot(now)
+    since = h.minus(Histogram.from_snapshot(prev)) if prev is not None else None
+    return h if since is None else since
 
 
 def _worker_cpu(was: dict[str, Any] | None, w: dict[str, Any], elapsed: float | None) -> float | None:

@@ -66,6 +66,29 @@ class Histogram:
             lower = bound
         return self.buckets[-1]  # past the largest bound: say the bound
 
+    @classmethod
+    def from_snapshot(cls, snap: dict[str, Any]) -> Histogram:
+        """The histogram a :meth:`snapshot` describes (its buckets, counts and sum)."""
+        h = cls(float(le) for le, _ in snap["buckets"] if le != "+Inf")
+        seen = 0
+        for i, (_, cumulative) in enumerate(snap["buckets"]):
+            h.counts[i] = cumulative - seen
+            seen = cumulative
+        h.count, h.sum = seen, snap.get("sum", 0.0)
+        return h
+
+    def minus(self, earlier: Histogram) -> Histogram | None:
+        """What was observed since ``earlier`` (an older state of this histogram); None if
+        the two do not fit (other buckets, or a count went down: a restart in between)."""
+        if earlier.buckets != self.buckets:
+            return None
+        counts = [a - b for a, b in zip(self.counts, earlier.counts, strict=True)]
+        if min(counts) < 0:
+            return None
+        h = Histogram(self.buckets)
+        h.counts, h.count, h.sum = counts, self.count - earlier.count, self.sum - earlier.sum
+        return h
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "count": self.count,

@@ -131,15 +131,11 @@ def quantiles(before: Stats | None, after: Stats | None) -> tuple[float | None, 
         return None, None
     if before is None:
         return after.get("p50"), after.get("p99")
-    now, then = after.get("buckets") or [], before.get("buckets") or []
-    if len(now) != len(then) or not now or any(a[0] != b[0] for a, b in zip(now, then, strict=True)):
+    if not after.get("buckets") or not before.get("buckets"):
         return None, None
-    counts = [a[1] - b[1] for a, b in zip(now, then, strict=True)]  # cumulative
-    per_bucket = [c - p for c, p in zip(counts, [0, *counts[:-1]], strict=True)]
-    if counts[-1] <= 0 or min(per_bucket) < 0:
+    h = Histogram.from_snapshot(after).minus(Histogram.from_snapshot(before))
+    if h is None or h.count <= 0:
         return None, None
-    h = Histogram(float(le) for le, _ in now[:-1])  # the last bound is "+Inf"
-    h.counts, h.count = per_bucket, counts[-1]
     return h.quantile(0.5), h.quantile(0.99)
 
 

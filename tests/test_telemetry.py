@@ -71,3 +71,17 @@ def test_proc_usage_of_this_process_and_of_one_that_is_gone():
     cpu, rss, started = proc_usage(os.getpid())
     assert cpu > 0 and rss > 1 << 20 and started > 1e9
     assert proc_usage(2**22 + 12345) is None
+
+
+def test_a_histogram_comes_back_from_its_snapshot_and_two_give_what_came_between():
+    h = Histogram()
+    for v in (0.0005, 0.02, 3.0):
+        h.observe(v)
+    earlier = Histogram.from_snapshot(h.snapshot())
+    assert earlier.counts == h.counts and earlier.count == 3 and earlier.sum == pytest.approx(h.sum)
+    for v in (0.02, 0.03):
+        h.observe(v)
+    between = Histogram.from_snapshot(h.snapshot()).minus(earlier)
+    assert between.count == 2 and sum(between.counts) == 2 and between.sum == pytest.approx(0.05)
+    assert earlier.minus(Histogram.from_snapshot(h.snapshot())) is None  # counts went down: a restart
+    assert h.minus(Histogram([1.0, 2.0])) is None  # other buckets
