@@ -102,6 +102,12 @@ class Counters:
     shed_deadline: int = 0
     skipped: int = 0  # handed ahead, then revoked before it started
 
+    def count_shed(self, reason: str) -> None:
+        """One request shed, for ``reason`` (one of gaspar.overload.REASONS)."""
+        self.shed += 1
+        name = "shed_" + reason
+        setattr(self, name, getattr(self, name) + 1)
+
 
 class Dispatcher:
     """Assigns requests to idle workers and tracks every request until its outcome."""
@@ -204,9 +210,7 @@ class Dispatcher:
         else:
             self.counters.skipped += 1
             if req.revoked and not req.cancelled:  # shed while handed ahead: counted now
-                self.counters.shed += 1
-                name = "shed_" + req.revoked
-                setattr(self.counters, name, getattr(self.counters, name) + 1)
+                self.counters.count_shed(req.revoked)
         if worker.ahead:  # the worker has started its next prefetched request
             worker.current = worker.ahead.popleft()
             self._start(worker.current)
@@ -388,8 +392,7 @@ class Dispatcher:
     def _drop(self, req: Pending, reason: str) -> None:
         """Shed a request that is out of the queue (never started): to be answered."""
         self.pending.pop(req.id, None)
-        self.counters.shed += 1
-        setattr(self.counters, "shed_" + reason, getattr(self.counters, "shed_" + reason) + 1)
+        self.counters.count_shed(reason)
         self._shed.append((req, reason))
 
     def _revoke(self, req: Pending, reason: str) -> None:
