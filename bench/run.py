@@ -288,14 +288,7 @@ class Server:
             self.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             how = ", killed: SIGINT did not stop it"
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group(self.proc)
         self.proc = None
         return how
 
@@ -340,6 +333,18 @@ def start_loadgen(port: int, connections: int, **opts) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process's whole group (it was started in a session of its own), and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def finish_loadgen(proc: subprocess.Popen, budget: float) -> dict:

@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.handlers import spin  # noqa: E402
+from bench.run import kill_group  # noqa: E402
 
 VARIANTS = ("gaspar", "dirty", "ppe", "inline")
 HANDLER_US = (1000, 20000)
@@ -233,14 +234,7 @@ class HttpServer:
                 self.proc.wait(8)
             except subprocess.TimeoutExpired:
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group(self.proc)
         self.proc = None
 
 
@@ -443,11 +437,7 @@ def main() -> int:
         return 130
     finally:
         for p in list(ACTIVE):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            p.wait(5)
+            kill_group(p)
         for s in reversed(live):
             s.stop()
 
