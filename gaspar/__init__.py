@@ -35,6 +35,7 @@ from .errors import (
     RequestTimeout,
     ServerUnavailable,
     WorkerDied,
+    WorkerLost,
     WorkerTimeout,
 )
 from .worker import Consumer, Worker
@@ -51,6 +52,7 @@ __all__ = [
     "RemoteError",
     "HandlerError",
     "WorkerDied",
+    "WorkerLost",
     "WorkerTimeout",
     "BadRequest",
     "Overloaded",

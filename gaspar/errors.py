@@ -7,6 +7,8 @@ fault it was::
     ├── RemoteError                  the server answered, with an error status
     │   ├── HandlerError             the handler raised (.remote_type, .remote_message)
     │   ├── WorkerDied               the worker exited mid-request (.pid, .exitcode, .signal)
+    │   │   └── WorkerLost           its host went silent (a remote agent: crash, partition,
+    │   │                            freeze); the request may have run (.agent, .host)
     │   ├── WorkerTimeout            the handler ran past its timeout; the worker was killed
     │   │                            (also a TimeoutError)
     │   ├── BadRequest               the server refused the request (too large, malformed)
@@ -35,6 +37,7 @@ __all__ = [
     "RemoteError",
     "HandlerError",
     "WorkerDied",
+    "WorkerLost",
     "WorkerTimeout",
     "BadRequest",
     "ServerUnavailable",
@@ -89,6 +92,18 @@ class WorkerDied(RemoteError):
         self.pid: int | None = self.facts.get("pid")
         self.exitcode: int | None = self.facts.get("exitcode")
         self.signal: int | None = self.facts.get("signal")
+
+
+class WorkerLost(WorkerDied):
+    """The agent running the request on another host went silent past its liveness limit
+    (it crashed, froze, or the network between was cut). Unlike a local death, nobody saw
+    the handler end: the request may have run, in part or whole. ``agent`` and ``host``
+    name where it was; ``pid`` is the worker's pid on that host."""
+
+    def __init__(self, message: str, facts: dict[str, Any] | None = None) -> None:
+        super().__init__(message, facts)
+        self.agent: str | None = self.facts.get("agent")
+        self.host: str | None = self.facts.get("host")
 
 
 class BadRequest(RemoteError):
@@ -153,5 +168,7 @@ def error_from_reply(status: int, body: bytes) -> RemoteError:
     kind = facts.get("type", cls.__name__)
     if cls is ServerUnavailable and kind == "Overloaded":
         cls = Overloaded
+    elif cls is WorkerDied and kind == "WorkerLost":
+        cls = WorkerLost
     text = facts.get("message", "")
     return cls(f"{kind}: {text}" if text else kind, facts)

@@ -75,6 +75,25 @@ class Kind(bytes, enum.Enum):
     SKIPPED = b"S"  # worker -> front end: [S id] a cancelled request, not run
 
 
+class Link(bytes, enum.Enum):
+    """The first byte of a control message between the front end and a remote agent.
+
+    Over the remote link a message is either a worker's own message relayed whole, with the
+    worker's routing id in front (``[wid, head, body]``), or a control message: an empty
+    frame, then the kind's byte and a JSON object (``[b"", kind + json]``).
+    """
+
+    JOIN = b"J"  # agent -> front end: {name, host, instance, pid, workers, version}
+    WELCOME = b"W"  # front end -> agent: {session, heartbeat, liveness}
+    REFUSE = b"N"  # front end -> agent: {reason}; the agent backs off and tries again later
+    PING = b"T"  # front end -> agent: {t}; answered at once with PONG {t}
+    PONG = b"U"  # agent -> front end: {t}, the PING's own value (the round trip)
+    EXITED = b"E"  # agent -> front end: {wid, pid, number, status}: a worker's wait status
+    KILL = b"K"  # front end -> agent: {wid, sig}: signal a worker (a timeout)
+    GONE = b"G"  # front end -> agent: {reason}: no such session (any more); join again
+    LEAVE = b"L"  # agent -> front end: {}: stopping; retire my workers
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One parsed request. ``body`` may be a view into the reader's buffer."""

@@ -305,6 +305,7 @@ def test_public_api_is_pinned():
             "RemoteError",
             "HandlerError",
             "WorkerDied",
+            "WorkerLost",
             "WorkerTimeout",
             "BadRequest",
             "Overloaded",

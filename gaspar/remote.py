@@ -1,0 +1,203 @@
+"""The front end's book of remote agents, with no I/O: who joined, who is alive, who is lost.
+
+An **agent** (``gaspar worker ... --connect``, :mod:`gaspar.agent`) runs a pool of workers
+on another host and joins the front end over one 0MQ connection. :class:`Agents` decides,
+from the messages and an injected clock, what the front end's gateway then does with its
+socket:
+
+* ``join``: a JOIN is accepted as a new **session**, or refused with a reason. Refused: a
+  name that is not the one its CURVE key was issued for, and a name that a live agent
+  holds (two hosts given the same name must not share its identity). The same agent
+  process joining again (a new session after it lost the front end) replaces its old
+  session, which is lost at once: what ran there is reported lost.
+* ``heard``: any message from an agent renews it; the front end pings every agent each
+  ``heartbeat`` seconds, and the agent answers at once, so a live agent is heard at
+  least that often, and the ping's round trip is measured.
+* ``overdue``: agents silent for longer than ``liveness``: a crash without a FIN, a
+  partition, a frozen (SIGSTOPped) host. 0MQ's own ZMTP heartbeats tear the TCP
+  connection down; this layer also sees an agent whose process is stuck, and says which.
+* ``end``: a session is over (lost, left, or replaced). Ended sessions are kept, a few, so
+  ``gaspar stats`` can show what happened; a message from one is *stale*: counted, and
+  dropped by the caller, never delivered.
+
+The workers of an agent are :class:`gaspar.dispatch.WorkerSlot` s like local ones, with
+``agent`` set: the dispatcher never looks at where a worker lives.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The states of a session; only "joined" and "leaving" are live.
+JOINED, LEAVING, LOST, LEFT, REPLACED = "joined", "leaving", "lost", "left", "replaced"
+LIVE = (JOINED, LEAVING)
+MAX_NAME = 64
+
+
+def reconnect_delay(
+    attempt: int, base: float = 0.25, cap: float = 5.0, rng: Callable[[], float] = random.random
+) -> float:
+    """Seconds an agent waits before its ``attempt``-th join in a row (1 for the first after
+    a loss): doubling from ``base`` up to ``cap``, each drawn from its upper half ("equal
+    jitter"), so agents that lost the front end together do not all come back together,
+    and a refused agent knocks at most once per ``cap / 2`` seconds."""
+    step = min(cap, base * 2 ** max(0, attempt - 1))
+    return step / 2 + step / 2 * rng()
+
+
+@dataclass(eq=False)
+class Agent:
+    """One session of one agent, as the front end sees it."""
+
+    rid: bytes  # its connection's routing id on the front end's remote socket
+    name: str
+    host: str
+    instance: str  # random per agent process: the same process rejoining, or another one
+    pid: int
+    session: int
+    joined_at: float
+    last_heard: float
+    user: str = ""  # the CURVE key's NAME, "" without CURVE
+    state: str = JOINED
+    rtt: float | None = None  # the last ping's round trip, seconds
+    workers: dict[bytes, Any] = field(default_factory=dict)  # its worker's routing id -> WorkerSlot
+    done: int = 0  # replies relayed
+    lost: int = 0  # requests that were running there when it was lost
+    ended_at: float | None = None
+    why: str = ""  # why the session ended
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
+    def busy(self) -> int:
+        return sum(1 for w in self.workers.values() if w.current is not None)
+
+
+class Agents:
+    """Sessions by routing id; live names; the last ``keep`` ended sessions."""
+
+    def __init__(self, liveness: float, clock: Callable[[], float] = time.monotonic, keep: int = 16) -> None:
+        self.liveness = liveness
+        self.clock = clock
+        self.by_rid: dict[bytes, Agent] = {}  # live sessions
+        self.ended: deque[Agent] = deque(maxlen=keep)
+        self._session = 0
+        self.refused = 0
+        self.stale = 0  # messages from ended sessions, dropped
+        self.lost_total = 0
+
+    def join(self, rid: bytes, hello: dict[str, Any], user: str = "") -> tuple[Agent | None, str, Agent | None]:
+        """A JOIN from connection ``rid``. Returns ``(agent, "", replaced)`` when accepted
+        (``replaced``: this process's previous session, to end as lost), or
+        ``(None, reason, None)`` when refused."""
+        name, instance = hello.get("name"), hello.get("instance")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not isinstance(instance, str):
+            return self._refuse("a JOIN needs a name of 1 to 64 characters and an instance")
+        if user and name != user:
+            return self._refuse(f"name {name!r} is not the one this key was issued for ({user!r})")
+        replaced = self.by_rid.get(rid)
+        holder = next((a for a in self.by_rid.values() if a.name == name), None)
+        if holder is not None and holder is not replaced:
+            if holder.instance != instance:
+                where = f"{holder.host} (pid {holder.pid})"
+                return self._refuse(f"name {name!r} is held by another live agent, on {where}")
+            replaced = holder  # the same process, joining again from a new connection
+        now = self.clock()
+        self._session += 1
+        agent = Agent(
+            rid=rid,
+            name=name,
+            host=str(hello.get("host", "?"))[:255],
+            instance=instance,
+            pid=int(hello.get("pid", 0)),
+            session=self._session,
+            joined_at=now,
+            last_heard=now,
+            user=user,
+        )
+        if replaced is not None:
+            self.end(replaced, REPLACED, "the agent joined again as a new session")
+        self.by_rid[rid] = agent
+        return agent, "", replaced
+
+    def _refuse(self, reason: str) -> tuple[None, str, None]:
+        self.refused += 1
+        return None, reason, None
+
+    def get(self, rid: bytes) -> Agent | None:
+        return self.by_rid.get(rid)
+
+    def is_stale(self, rid: bytes) -> bool:
+        """A message from a connection whose session ended (counted: the caller drops it)."""
+        if rid in self.by_rid:
+            return False
+        self.stale += 1
+        return True
+
+    def heard(self, agent: Agent, now: float | None = None) -> None:
+        agent.last_heard = self.clock() if now is None else now
+
+    def pong(self, agent: Agent, sent: float) -> None:
+        now = self.clock()
+        agent.last_heard = now
+        if 0 <= now - sent <= self.liveness:  # an answer to a ping of ours, not nonsense
+            agent.rtt = now - sent
+
+    def overdue(self) -> list[Agent]:
+        """Live sessions silent for longer than ``liveness``: to end as lost."""
+        now = self.clock()
+        return [a for a in self.by_rid.values() if now - a.last_heard > self.liveness]
+
+    def end(self, agent: Agent, state: str, why: str) -> None:
+        """The session is over. Its workers are the caller's to remove from the dispatcher."""
+        if self.by_rid.get(agent.rid) is agent:
+            del self.by_rid[agent.rid]
+        agent.state, agent.why, agent.ended_at = state, why, self.clock()
+        if state in (LOST, REPLACED):
+            self.lost_total += 1
+        self.ended.append(agent)
+
+    def live(self) -> list[Agent]:
+        return list(self.by_rid.values())
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Each live session, then the ended ones kept, newest first: what ``gaspar stats``
+        and ``gaspar top`` show."""
+        now = self.clock()
+        rows = []
+        for a in [*self.by_rid.values(), *reversed(self.ended)]:
+            workers = sorted(a.workers.values(), key=lambda w: w.number)
+            rows.append(
+                {
+                    "name": a.name,
+                    "host": a.host,
+                    "pid": a.pid,
+                    "session": a.session,
+                    "state": a.state,
+                    "why": a.why,
+                    "user": a.user,
+                    "joined_seconds_ago": round(now - a.joined_at, 3),
+                    "last_heard_seconds_ago": round(now - a.last_heard, 3),
+                    "rtt_ms": None if a.rtt is None else round(a.rtt * 1000, 3),
+                    "slots": len(a.workers),
+                    "busy": a.busy(),
+                    "done": a.done,
+                    "lost": a.lost,
+                    "workers": [
+                        {
+                            "pid": w.pid,
+                            "number": w.number,
+                            "state": "retiring" if w.retiring else "busy" if w.current is not None else "idle",
+                            "handled": w.handled,
+                        }
+                        for w in workers
+                    ],
+                }
+            )
+        return rows

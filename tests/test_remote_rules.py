@@ -1,0 +1,123 @@
+"""gaspar.remote, pure: sessions, refusals, liveness and the reconnect back-off, on an
+injected clock, as a table of cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from gaspar.dispatch import WorkerSlot
+from gaspar.remote import JOINED, LEFT, LOST, REPLACED, Agents, reconnect_delay
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def hello(name="a1", instance="i1", **kw):
+    return {"name": name, "instance": instance, "host": "h", "pid": 7, **kw}
+
+
+@pytest.fixture
+def book():
+    clock = Clock()
+    return Agents(liveness=3.0, clock=clock), clock
+
+
+@pytest.mark.parametrize(
+    "message, user, refused",
+    [
+        (hello(), "", None),
+        (hello(), "a1", None),  # CURVE: the key's name is the JOIN's
+        (hello(name="a2"), "a1", "is not the one this key was issued for"),
+        ({"instance": "i1"}, "", "needs a name"),
+        (hello(name=""), "", "needs a name"),
+        (hello(name="x" * 65), "", "needs a name"),
+        (hello(instance=None), "", "needs a name"),
+    ],
+)
+def test_join_accepts_or_refuses_with_a_reason(book, message, user, refused):
+    agents, _ = book
+    agent, reason, replaced = agents.join(b"r1", message, user)
+    assert replaced is None
+    if refused is None:
+        assert agent is not None and agent.state == JOINED and agent.session == 1 and reason == ""
+        assert agent.user == user
+    else:
+        assert agent is None and refused in reason and agents.refused == 1
+
+
+def test_a_name_held_by_another_live_agent_is_refused(book):
+    agents, _ = book
+    first, _, _ = agents.join(b"r1", hello(instance="i1"))
+    agent, reason, _ = agents.join(b"r2", hello(instance="i2"))
+    assert agent is None and "held by another live agent" in reason
+    assert agents.get(b"r1") is first and first.state == JOINED
+
+
+def test_the_same_process_joining_again_replaces_its_old_session(book):
+    agents, _ = book
+    first, _, _ = agents.join(b"r1", hello(instance="i1"))
+    second, _, replaced = agents.join(b"r2", hello(instance="i1"))
+    assert replaced is first and first.state == REPLACED and second.session == 2
+    assert agents.get(b"r1") is None and agents.is_stale(b"r1") and agents.stale == 1
+    assert agents.lost_total == 1
+
+
+def test_a_join_on_the_same_connection_is_a_new_session(book):
+    agents, _ = book
+    first, _, _ = agents.join(b"r1", hello())
+    second, _, replaced = agents.join(b"r1", hello())
+    assert replaced is first and second.session == 2 and agents.get(b"r1") is second
+
+
+def test_an_ended_name_may_join_again_from_another_process(book):
+    agents, _ = book
+    first, _, _ = agents.join(b"r1", hello(instance="i1"))
+    agents.end(first, LOST, "silent")
+    again, reason, _ = agents.join(b"r2", hello(instance="i2"))
+    assert again is not None and reason == ""
+
+
+def test_overdue_after_liveness_and_heard_renews(book):
+    agents, clock = book
+    a, _, _ = agents.join(b"r1", hello())
+    clock.now += 3.0
+    assert agents.overdue() == []  # exactly at the limit: not yet
+    clock.now += 0.01
+    assert agents.overdue() == [a]
+    agents.heard(a)
+    assert agents.overdue() == []
+    agents.pong(a, clock.now - 0.004)
+    assert a.rtt == pytest.approx(0.004)
+    agents.pong(a, -1.0)  # a nonsense timestamp does not become a round trip
+    assert a.rtt == pytest.approx(0.004)
+
+
+def test_ended_sessions_are_kept_a_few_and_snapshot_shows_workers(book):
+    agents, clock = book
+    for i in range(20):
+        a, _, _ = agents.join(b"r%d" % i, hello(name=f"n{i}", instance=f"i{i}"))
+        agents.end(a, LEFT, "stopped")
+    live, _, _ = agents.join(b"live", hello(name="live"))
+    slot = WorkerSlot(4242, 1, 1, b"live" + b"w1")
+    live.workers[b"w1"] = slot
+    rows = agents.snapshot()
+    assert len(rows) == 1 + 16
+    assert rows[0]["name"] == "live" and rows[0]["slots"] == 1 and rows[0]["workers"][0]["pid"] == 4242
+    assert rows[1]["name"] == "n19" and rows[1]["state"] == LEFT  # newest ended first
+    assert agents.lost_total == 0  # leaving is not being lost
+
+
+@pytest.mark.parametrize("attempt", [0, 1, 2, 3, 4, 5, 10, 100])
+@pytest.mark.parametrize("draw", [0.0, 0.5, 0.999])
+def test_reconnect_delay_doubles_jitters_and_is_capped(attempt, draw):
+    delay = reconnect_delay(attempt, base=0.25, cap=5.0, rng=lambda: draw)
+    step = min(5.0, 0.25 * 2 ** max(0, attempt - 1))
+    assert step / 2 <= delay <= step
+    assert delay <= 5.0
+    if attempt >= 10:
+        assert delay >= 2.5  # capped: a refused agent knocks at most once per 2.5 s
