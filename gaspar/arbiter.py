@@ -50,6 +50,8 @@ from .worker import Consumer, Worker, run_worker, set_proctitle, start_watchdog
 
 log = logging.getLogger("gaspar")
 
+HALT_FLAPPING = 3  # the exit code of a daemon or agent whose workers cannot boot
+
 
 class FlapPolicy:
     """gaffer's flapping detection, as a pure rule.

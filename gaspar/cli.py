@@ -148,6 +148,22 @@ A config file is Python: every top-level name is a setting (timeout = 5), bind, 
 hook (def post_fork(worker): ...); any other name is an error.
 """
 
+WORKER_EXAMPLES = """\
+examples:
+  # on the front end's host: gaspar serve myapp:render --workers 2 --remote-bind tcp://10.0.0.1:10124 \\
+  #     --curve-secret keys/server.key_secret --curve-allow keys/agents/
+  gaspar worker myapp:render --connect tcp://10.0.0.1:10124 --workers 8 \\
+      --curve-secret keys/gpu1.key_secret --curve-server keys/server.key
+  gaspar worker myapp:render --connect tcp://127.0.0.1:10124 --workers 4 --name local-test
+"""
+
+KEYGEN_EXAMPLES = """\
+examples:
+  gaspar keygen server --dir keys/               # the front end's pair
+  gaspar keygen gpu1 --dir keys/                 # an agent's; copy gpu1.key to the front end's
+                                                 # --curve-allow directory
+"""
+
 REQUEST_EXAMPLES = """\
 examples:
   gaspar request 127.0.0.1:10123 hello
@@ -195,12 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-format", default="text", choices=FORMATS, help="text (one line per record) or json (one object per line)"
     )
-    for f in Settings.cli_fields():
-        flag = "--" + f.name.replace("_", "-")
-        kind = {bool: _on_off, int: int, float: float}.get(type(f.default), str)
-        if f.default is None:  # the annotation says: "float | None" or "str | None"
-            kind = str if str(f.type).startswith("str") else float
-        serve.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})")
+    add_settings(serve, Settings.cli_fields())
 
     req = sub.add_parser(
         "request",
@@ -236,10 +247,74 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("address", metavar="HOST:PORT")
     top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="seconds between polls (default 1)")
     top.add_argument("--once", action="store_true", help="print one frame (two polls --interval apart) and exit")
+    worker = sub.add_parser(
+        "worker",
+        help="run an agent: workers on this host for a front end elsewhere",
+        description="Run an agent: --workers forked processes on this host that run MODULE:CALLABLE\n"
+        "for the front end at --connect (started with --remote-bind). Only the agent talks to\n"
+        "the network. SIGTERM leaves gracefully (running requests finish), Ctrl-C at once.",
+        epilog=WORKER_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    worker.add_argument("app", metavar="MODULE:CALLABLE", help="the handler, as for gaspar serve")
+    worker.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the front end's --remote-bind")
+    worker.add_argument("--workers", "-w", type=int, default=None, help="worker processes (default: the CPU count)")
+    worker.add_argument(
+        "--name", default=None, help="this agent's name (default: the host name; with CURVE, its key's)"
+    )
+    worker.add_argument("--curve-secret", metavar="FILE", help="this agent's secret key file (gaspar keygen)")
+    worker.add_argument("--curve-server", metavar="FILE", help="the front end's public key file")
+    worker.add_argument(
+        "--reconnect-max", type=float, default=5.0, metavar="SECONDS", help="longest wait between two joins (default 5)"
+    )
+    worker.add_argument("--config", "-c", metavar="FILE.py", help="a Python file of settings and hooks, as for serve")
+    worker.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"], help="default info"
+    )
+    worker.add_argument("--log-format", default="text", choices=FORMATS, help="text or json")
+    add_settings(worker, [f for f in Settings.cli_fields() if f.name in AGENT_SETTINGS])
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="make a CURVE key pair for a front end or an agent",
+        description="Write DIR/NAME.key (the public key: give it to the other side) and\n"
+        "DIR/NAME.key_secret (mode 0600: keep it). An agent's NAME is the name it joins as.",
+        epilog=KEYGEN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    keygen.add_argument("name", metavar="NAME")
+    keygen.add_argument("--dir", default=".", help="where to write the two files (default: here)")
     from . import ctl
 
     ctl.add_parser(sub)  # gaspar ctl [--socket PATH | --port PORT] status | scale N | ...
     return parser
+
+
+#: The settings that mean something to an agent (the rest are the front end's).
+AGENT_SETTINGS = (
+    "graceful_timeout",
+    "worker_nice",
+    "transport",
+    "flap_attempts",
+    "flap_window",
+    "flap_retry_in",
+    "flap_max_retry",
+    "proc_name",
+    "capture_output",
+    "heartbeat_interval",
+    "agent_liveness",
+)
+
+
+def add_settings(parser: argparse.ArgumentParser, fields: list[Any]) -> None:
+    """A flag per setting; a boolean that is off by default may be given bare (``--insecure``)."""
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        kind = {bool: _on_off, int: int, float: float}.get(type(f.default), str)
+        if f.default is None:  # the annotation says: "float | None" or "str | None"
+            kind = str if str(f.type).startswith("str") else float
+        extra = {"nargs": "?", "const": True} if f.default is False else {}
+        parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})", **extra)
 
 
 def with_env_args(argv: list[str], environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -281,8 +356,9 @@ def serve(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else workers
     if not isinstance(bind, str):
         raise UsageError(f"bind takes a HOST:PORT string, not {bind!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise UsageError(f"--workers must be at least 1, not {workers!r}")
+    least = 0 if args.remote_bind or options.get("remote_bind") else 1
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < least):
+        raise UsageError(f"--workers must be at least 1 (0 with --remote-bind), not {workers!r}")
     host, port = parse_bind(bind)
     consumer = load_consumer(args.app)  # before any fork: an import error ends us here
     options.update({f.name: getattr(args, f.name) for f in Settings.cli_fields() if getattr(args, f.name) is not None})
@@ -311,6 +387,58 @@ def serve(args: argparse.Namespace) -> int:
     return producer.exit_code
 
 
+def agent(args: argparse.Namespace) -> int:
+    """``gaspar worker``: an agent on this host, joining the front end at ``--connect``."""
+    configure(args.log_level, args.log_format, sys.stderr)
+    options = load_config(args.config) if args.config else {}
+    options.pop("bind", None)
+    workers = args.workers if args.workers is not None else options.pop("workers", None)
+    options.pop("workers", None)
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {workers!r}")
+    host, _, port = args.connect.removeprefix("tcp://").rpartition(":")
+    if not args.connect.startswith("tcp://") or not host or not port.isdigit():
+        raise UsageError(f"--connect takes tcp://HOST:PORT (the front end's --remote-bind), not {args.connect!r}")
+    consumer = load_consumer(args.app)
+    options.update({name: getattr(args, name) for name in AGENT_SETTINGS if getattr(args, name) is not None})
+    from .agent import Agent
+
+    try:
+        settings = Settings(**options)
+        runner = Agent(
+            consumer,
+            settings,
+            args.connect,
+            workers,
+            name=args.name,
+            spec=args.app,
+            curve_secret=args.curve_secret,
+            curve_server=args.curve_server,
+            reconnect_max=args.reconnect_max,
+        )
+        if runner.curve is not None:
+            from .curve import load_public, load_secret
+
+            load_secret(args.curve_secret)
+            load_public(args.curve_server)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    return runner.run()
+
+
+def keygen(args: argparse.Namespace) -> int:
+    from .curve import keygen as make_keys
+
+    try:
+        public, secret = make_keys(args.name, args.dir)
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"wrote {public} (public: give it to the other side)\nwrote {secret} (secret, mode 0600: keep it here)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -322,6 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "worker":
+            return agent(args)
+        if args.command == "keygen":
+            return keygen(args)
         if args.command == "ctl":
             from . import ctl
 

@@ -43,6 +43,8 @@ _LIMITS: dict[str, tuple[float | None, float | None]] = {
     "flap_retry_in": (0, None),
     "flap_max_retry": (0, None),
     "statsd_interval": (0.001, None),
+    "heartbeat_interval": (0.01, None),
+    "agent_liveness": (0.05, None),
 }
 
 
@@ -128,6 +130,18 @@ class Settings:
         "a Unix socket (0600) for gaspar ctl; unset: $XDG_RUNTIME_DIR/gaspar/PORT.sock, else "
         "/tmp/gaspar-UID/PORT.sock; off: none",
     )
+    remote_bind: str | None = _opt(
+        None, "tcp://IP:PORT where agents on other hosts (gaspar worker --connect) join the pool (default: off)"
+    )
+    curve_secret: str | None = _opt(
+        None, "this front end's CURVE secret key file (gaspar keygen); with curve_allow, agents must authenticate"
+    )
+    curve_allow: str | None = _opt(None, "a directory of the agents' public key files (NAME.key) allowed to join")
+    insecure: bool = _opt(False, "allow a remote_bind that is not loopback without CURVE: anyone reaching it joins")
+    heartbeat_interval: float = _opt(1.0, "seconds between heartbeats to each agent (and 0MQ's own pings)")
+    agent_liveness: float = _opt(
+        3.0, "seconds an agent may stay silent; past it, it is lost: its running requests fail as WorkerLost"
+    )
     on_starting: Callable[[Any], None] | None = _opt(None, "hook(producer), before the workers are forked", cli=False)
     post_fork: Callable[[Any], None] | None = _opt(None, "hook(worker), in each worker after the fork", cli=False)
     worker_exit: Callable[[Any], None] | None = _opt(None, "hook(worker), in a worker that exits cleanly", cli=False)
@@ -140,12 +154,31 @@ class Settings:
             _check_number(name, getattr(self, name), low, high)
         if self.max_buffered_bytes < self.max_message_size:
             raise ValueError("max_buffered_bytes must be at least max_message_size (one request must fit)")
+        self._check_remote()
         if not self.timeout:
             self.timeout = None
         if not self.idle_timeout:
             self.idle_timeout = None
         if not self.queue_timeout:
             self.queue_timeout = None
+
+    def _check_remote(self) -> None:
+        """A remote bind that anyone could reach must be authenticated, or say it need not be."""
+        if (self.curve_secret is None) != (self.curve_allow is None):
+            raise ValueError("curve_secret and curve_allow go together (the server's key, the agents' keys)")
+        if self.agent_liveness <= self.heartbeat_interval:
+            raise ValueError("agent_liveness must be longer than heartbeat_interval")
+        if self.remote_bind is None:
+            return
+        if not self.remote_bind.startswith("tcp://"):
+            raise ValueError(f"remote_bind takes tcp://IP:PORT, not {self.remote_bind!r}")
+        host = self.remote_bind[6:].rpartition(":")[0].strip("[]")
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        if not loopback and self.curve_secret is None and not self.insecure:
+            raise ValueError(
+                f"remote_bind {self.remote_bind} is not loopback: anyone who reaches it could join and get requests; "
+                "give curve_secret and curve_allow (gaspar keygen), or say insecure"
+            )
 
     @classmethod
     def cli_fields(cls) -> list[dataclasses.Field]:

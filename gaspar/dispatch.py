@@ -40,6 +40,7 @@ The caller sends what these methods return; the clock is injected, so tests driv
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,6 +65,19 @@ class WorkerSlot:
     retiring: bool = False  # takes no new work; exits once idle
     retire_reason: str = ""  # why: max_requests, reload, scale, timeout, died
     started: float = 0.0
+    agent: Any = None  # the remote agent it lives on (gaspar.remote.Agent); None: a local process
+    wid: bytes = b""  # a remote worker's own routing id, on its agent's socket
+
+    @property
+    def label(self) -> int | str:
+        """How logs and figures name it: its number, or ``agent/number`` on another host."""
+        return self.number if self.agent is None else f"{self.agent.name}/{self.number}"
+
+
+def draw_limit(max_requests: int, jitter: int, rng: Callable[[int, int], int] = random.randint) -> int:
+    """A worker's own ``max_requests``, with up to ``jitter`` more so workers do not all
+    recycle at once (0: never)."""
+    return max_requests + rng(0, jitter) if max_requests else 0
 
 
 @dataclass(eq=False)

@@ -100,9 +100,47 @@ class GasparCollector:
         yield cpu
         yield rss
         yield handled
+        yield from _agent_metrics(st)
         info = InfoMetricFamily("gaspar_build", "gaspar's version.")
         info.add_metric([], {"version": __version__})
         yield info
+
+
+def _agent_metrics(st: dict[str, Any]) -> Any:
+    """Remote agents (``remote_bind``): sessions by state, and each live agent's workers,
+    busy ones and ping round trip; nothing without a remote bind."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    remote = st.get("remote")
+    if remote is None:
+        return
+    from .remote import JOINED, LEAVING, LEFT, LOST, REPLACED
+
+    states = GaugeMetricFamily("gaspar_agents", "Agent sessions by state (ended ones: the last 16).", labels=["state"])
+    count = dict.fromkeys((JOINED, LEAVING, LOST, LEFT, REPLACED), 0)
+    live = [a for a in st["agents"] if a["state"] in (JOINED, LEAVING)]
+    for a in st["agents"]:
+        count[a["state"]] = count.get(a["state"], 0) + 1
+    for state, n in count.items():
+        states.add_metric([state], n)
+    yield states
+    workers = GaugeMetricFamily("gaspar_agent_workers", "Ready workers of each live agent.", labels=["agent"])
+    busy = GaugeMetricFamily("gaspar_agent_busy", "Workers of each live agent running a request.", labels=["agent"])
+    rtt = GaugeMetricFamily("gaspar_agent_rtt_seconds", "Each live agent's last ping round trip.", labels=["agent"])
+    for a in live:
+        workers.add_metric([a["name"]], a["slots"])
+        busy.add_metric([a["name"]], a["busy"])
+        if a["rtt_ms"] is not None:
+            rtt.add_metric([a["name"]], a["rtt_ms"] / 1000)
+    yield workers
+    yield busy
+    yield rtt
+    events = CounterMetricFamily(
+        "gaspar_agent_events", "Remote events: agents lost, joins and handshakes refused...", labels=["event"]
+    )
+    for event in ("agents_lost", "joins_refused", "handshakes_refused", "stale_messages", "requests_lost"):
+        events.add_metric([event], remote[event])
+    yield events
 
 
 def _gauge(name: str, doc: str, value: float) -> Any:

@@ -145,8 +145,13 @@ class Producer(Supervisor):
             if not callable(consumer):
                 raise TypeError(f"Producer needs a Consumer or a callable, not {type(consumer).__name__}")
             consumer = Consumer(handler=consumer)  # a plain function, as the CLI accepts
-        if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
-            raise ValueError(f"workers must be at least 1 (None: one per CPU), not {processes!r}")
+        self.settings = Settings(**options)
+        least = 0 if self.settings.remote_bind else 1  # 0: remote workers only
+        if processes is not None and (
+            isinstance(processes, bool) or not isinstance(processes, int) or processes < least
+        ):
+            more = " (0 only with remote_bind)" if least else ""
+            raise ValueError(f"workers must be at least {least}{more} (None: one per CPU), not {processes!r}")
         self.consumer = consumer
         #: The consumer's ``module:attr``, when it was loaded by name (the CLI sets it): a
         #: reload then imports the application afresh, every module, in a new fork server.
@@ -154,14 +159,13 @@ class Producer(Supervisor):
         self.app_spec: str | None = None
         self.host = host
         self.port = port
-        self.processes = processes or os.cpu_count() or 1
-        self.settings = Settings(**options)
+        self.processes = processes if processes is not None else os.cpu_count() or 1
         self.running = threading.Event()
         self.stopped = threading.Event()
         self.server_addr: tuple[str, int] | None = None
         self.exit_code = 0
         s = self.settings
-        control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=self.processes)
+        control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=max(1, self.processes))
         self.dispatcher = Dispatcher(prefetch=s.prefetch, control=control, max_queued=s.max_queued)
         self.budget = ByteBudget(s.max_buffered_bytes)
         self.counters_abandoned = 0  # clients that left while their request waited
@@ -238,7 +242,7 @@ class Producer(Supervisor):
 
     def _setup(self) -> None:
         s = self.settings
-        self.target = max(1, self.processes)
+        self.target = self.processes
         self.generation = 1
         self.flap = FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry)
         self.backoff_until = 0.0
@@ -269,6 +273,7 @@ class Producer(Supervisor):
         self.next_fork_server = None  # a reload's fresh fork server, until it says it imported
         self.old_fork_servers: list[ForkServer] = []  # retiring, or refused: exit by themselves
         self.router = None
+        self.gateway = None  # agents on other hosts (remote_bind)
         self.ctx = None
         self.listener = None
         self.metrics_listener = None
@@ -291,6 +296,13 @@ class Producer(Supervisor):
             self.router.router_mandatory = 1
             self.router.bind(endpoint)
             self.fork_server.endpoint = self.router.last_endpoint.decode()
+            if s.remote_bind:
+                from .gateway import Gateway
+
+                self.gateway = Gateway(
+                    self.ctx, s, self.dispatcher, self.telemetry, self._send, self._fail, self._on_message
+                )
+                self.gateway.open()
             self.listener = _listen(self.host, self.port, s.backlog)
             self.server_addr = self.listener.getsockname()[:2]
             if s.metrics_bind:
@@ -319,11 +331,16 @@ class Producer(Supervisor):
         if self.control_server is not None:
             log.info("Control socket at: %s", self.control_server.path)
         log.info("Using %s workers over %s", self.target, s.transport)
+        if self.gateway is not None:
+            curve = "CURVE" if self.gateway.gatekeeper is not None else "no authentication"
+            log.info("Agents join at: %s (%s)", self.gateway.endpoint, curve)
         hub = eventlet.hubs.get_hub()
         self._read_scheduled = None
         self.ioloop = IOLoop(hub, self.read_router)
         # the ROUTER's fd only wakes the loop: read_router runs after every round
         self.ioloop.register(self.router.fd, select.EPOLLIN, lambda _events: None)
+        for fd, callback in self.gateway.fds() if self.gateway is not None else ():
+            self.ioloop.register(fd, select.EPOLLIN, callback)
         self.acceptor = Acceptor(self.listener, self.ioloop, self)
         self.watch_fork_server(self.fork_server)
         self._greenlets = [eventlet.spawn(self.tick)]
@@ -342,6 +359,9 @@ class Producer(Supervisor):
 
             self._greenlets.append(eventlet.spawn(self.control_server.serve, producer_commands(self)))
         self.manage_workers()
+        if self.target == 0:  # remote workers only: serving now, whether agents have joined or not
+            self.running.set()
+            self.notify_ready()
 
     def _teardown(self) -> None:
         for fs in self.fork_servers():
@@ -367,6 +387,8 @@ class Producer(Supervisor):
                 fs.close()
         if self.router is not None:
             self.router.close(linger=0)
+        if self.gateway is not None:
+            self.gateway.close()
         if self.ctx is not None:
             self.ctx.term()
         if self._ipc_dir is not None:
@@ -499,6 +521,11 @@ class Producer(Supervisor):
         router, send = self.router, _raw_send
         for worker, req in outbox:
             body = req.body
+            if worker.agent is not None:
+                if req.worker is worker:  # not put back already: its agent was lost
+                    kind = _REQUEST if worker.current is req else _AHEAD
+                    self._send_remote(worker, req, kind + pack_id(req.id), body)
+                continue
             try:
                 send(router, worker.routing_id, _MORE_NOW)
                 send(router, (_REQUEST if worker.current is req else _AHEAD) + pack_id(req.id), _MORE_NOW)
@@ -512,11 +539,22 @@ class Producer(Supervisor):
         for worker, req in cancels:  # after the request itself: the worker sees both in order
             if worker.routing_id not in self.dispatcher.workers:
                 continue  # it died: its handed-ahead requests came back already
+            if worker.agent is not None:
+                self.gateway.tell(worker, _CANCEL + pack_id(req.id))
+                continue
             try:
                 send(router, worker.routing_id, _MORE_NOW)
                 send(router, _CANCEL + pack_id(req.id), _NOW)
             except zmq.ZMQError:
                 pass  # its pipe is gone: it is dying, and its requests come back then
+
+    def _send_remote(self, worker: WorkerSlot, req: Pending, head: bytes, body: Any) -> None:
+        """A request to a worker on another host; if its agent cannot be reached, the
+        request goes back to the head of the queue (it never left) and the agent is lost."""
+        why = self.gateway.send_request(worker, head, body)
+        if why is not None:
+            self._outbox.extend(self.dispatcher.requeue(req))
+            self.gateway.unreachable(worker.agent, why)
 
     def _resolve(self, pending: Pending, status: int, body: Any) -> None:
         conn, request = pending.waiter
@@ -530,7 +568,7 @@ class Producer(Supervisor):
             wall, cpu = TIMING.unpack_from(head, 10)
         now = time.monotonic()
         worker = req.worker
-        number = worker.number if worker is not None else 0
+        number = worker.label if worker is not None else 0
         ok = head[9] == Status.OK
         queued = req.started - req.queued_at
         self.telemetry.replied(number, ok, wall, cpu, queued, now - req.queued_at, counted=not req.cancelled)
@@ -552,7 +590,7 @@ class Producer(Supervisor):
             facts = json.loads(body)
         except ValueError:
             facts = {"type": "Unknown", "message": body[:200].decode("utf-8", "replace")}
-        number, pid = (worker.number, worker.pid) if worker is not None else (None, None)
+        number, pid = (worker.label, worker.pid) if worker is not None else (None, None)
         more = f" ({suppressed} more not logged in the last minute)" if suppressed else ""
         log.error(
             "Handler error in worker %s (pid:%s): %s: %s%s\n%s",
@@ -607,7 +645,7 @@ class Producer(Supervisor):
         outcome = _FAILED.get(status, "unavailable")
         self.telemetry.ended(outcome, queued, now - pending.queued_at)
         if self.access_log is not None:
-            number = pending.worker.number if pending.worker is not None else None
+            number = pending.worker.label if pending.worker is not None else None
             self.log_access(pending.waiter, outcome, 0, queued, None, now - pending.queued_at, number)
         self._deliver_error(conn, request, status, kind, msg, **facts)
 
@@ -639,6 +677,8 @@ class Producer(Supervisor):
                 try:
                     frames = [recv(router, _NOW)]
                 except zmq.Again:
+                    if self.gateway is not None and self.gateway.read():
+                        continue  # the agents' messages (may have queued more to send)
                     if not self._outbox and not self._cancel_box:
                         return
                     continue
@@ -691,7 +731,7 @@ class Producer(Supervisor):
     # -- what it is doing -------------------------------------------------------------------
 
     def _worker_pids(self) -> list[int]:
-        pids = [w.pid for w in self.dispatcher.workers.values()]
+        pids = [w.pid for w in self.dispatcher.workers.values() if w.agent is None]
         pids += [b.pid for b in getattr(self, "booting", {}).values() if b.pid is not None]
         return sorted(pids)
 
@@ -701,7 +741,7 @@ class Producer(Supervisor):
         d = self.dispatcher
         now, wall = time.monotonic(), time.time()
         workers = []
-        for w in sorted(d.workers.values(), key=lambda w: w.number):
+        for w in sorted((w for w in d.workers.values() if w.agent is None), key=lambda w: w.number):
             state = "retiring" if w.retiring else "busy" if w.current is not None else "idle"
             usage = proc_usage(w.pid)
             figures = self.telemetry.worker(w.number).snapshot()
@@ -741,6 +781,8 @@ class Producer(Supervisor):
             "pending": len(d.pending),
             "connections": len(getattr(self, "connections", ())),
             "restarts": getattr(self, "restarts", 0),
+            "agents": self.gateway.agents.snapshot() if getattr(self, "gateway", None) is not None else [],
+            "remote": self.gateway.snapshot() if getattr(self, "gateway", None) is not None else None,
             "front_end": {"cpu_seconds": round(front[0], 3), "rss_bytes": front[1]} if front else None,
             **self.telemetry.snapshot(),
             "counters": {
@@ -764,7 +806,7 @@ class Producer(Supervisor):
 
     def ready(self) -> bool:
         """Worth sending requests to: a worker is ready and no stop has begun."""
-        return not self.draining and not self.stopping and self.ready_count() > 0
+        return not self.draining and not self.stopping and any(not w.retiring for w in self.dispatcher.workers.values())
 
     def stats_json(self) -> bytes:
         return json.dumps(self._stats()).encode()

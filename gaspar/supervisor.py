@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import random
 import signal
 import time
 from typing import Any
@@ -35,16 +34,14 @@ with __import__("warnings").catch_warnings():
 import zmq
 
 from . import sdnotify
-from .arbiter import FlapPolicy, ForkServer, describe_exit
+from .arbiter import HALT_FLAPPING, FlapPolicy, ForkServer, describe_exit
 from .connection import watch_fd
-from .dispatch import WorkerSlot
+from .dispatch import WorkerSlot, draw_limit
 from .errors import GasparError
 from .framing import Kind, Status, pack_id
 from .worker import WORKER_BOOT_ERROR
 
 log = logging.getLogger("gaspar")
-
-HALT_FLAPPING = 3  # the daemon's exit code when workers cannot boot
 
 
 class Booting:
@@ -69,13 +66,13 @@ class Supervisor:
         if boot is None or self.stopping:  # already counted as dead, or we are stopping
             return
         s = self.settings
-        limit = s.max_requests + random.randint(0, s.max_requests_jitter) if s.max_requests else 0
+        limit = draw_limit(s.max_requests, s.max_requests_jitter)
         slot = WorkerSlot(pid, hello["number"], hello["generation"], rid, max_requests=limit)
         self.flap.booted()
         log.info("Worker %s (pid:%s) ready", slot.number, pid)
         self._send(self.dispatcher.add_worker(slot))
         if slot.generation == self.generation:
-            old = [w for w in self.dispatcher.workers.values() if w.generation < self.generation and not w.retiring]
+            old = [w for w in self.local_workers() if w.generation < self.generation and not w.retiring]
             if old:  # a rolling reload: one new worker in, one old worker out
                 old.sort(key=lambda w: w.current is not None)
                 self.dispatcher.retire(old[0].routing_id, "reload")
@@ -86,8 +83,12 @@ class Supervisor:
         elif self.reloading == "replacing":
             self.notify_if_reloaded()
 
+    def local_workers(self) -> list[WorkerSlot]:
+        """The live worker processes of this host (remote ones are the gateway's)."""
+        return [w for w in self.dispatcher.workers.values() if w.agent is None]
+
     def ready_count(self) -> int:
-        return sum(1 for w in self.dispatcher.workers.values() if not w.retiring)
+        return sum(1 for w in self.local_workers() if not w.retiring)
 
     def notify_ready(self, status: str = "") -> None:
         """Tell systemd (``Type=notify``) that we serve; a no-op without ``$NOTIFY_SOCKET``."""
@@ -97,7 +98,7 @@ class Supervisor:
 
     def notify_if_reloaded(self, status: str = "") -> None:
         """READY=1 again once a reload has settled: every worker ready and of the new generation."""
-        live = [w for w in self.dispatcher.workers.values() if not w.retiring]
+        live = [w for w in self.local_workers() if not w.retiring]
         if len(live) < self.target or any(w.generation < self.generation for w in live):
             return
         self.reloading = None
@@ -172,7 +173,7 @@ class Supervisor:
         why = self.kill_reasons.pop(pid, None)
         if why is not None and sig is not None:
             text = f"killed by {signal.Signals(sig).name} because {why}"
-        slot = next((w for w in self.dispatcher.workers.values() if w.pid == pid), None)
+        slot = next((w for w in self.local_workers() if w.pid == pid), None)
         if slot is not None:
             expected = slot.retiring and exitcode == 0
             req = self.dispatcher.remove_worker(slot.routing_id)
@@ -229,7 +230,7 @@ class Supervisor:
             self.tell_exit(w)
         if time.monotonic() < self.backoff_until:
             return
-        live = [w for w in d.workers.values() if not w.retiring]
+        live = [w for w in self.local_workers() if not w.retiring]
         if any(w.generation < self.generation for w in live):  # rolling: one extra at a time
             if not self.booting:
                 self.spawn_worker()
@@ -244,7 +245,7 @@ class Supervisor:
                     self.tell_exit(w)
 
     def spawn_worker(self) -> None:
-        used = {w.number for w in self.dispatcher.workers.values() if not w.retiring}
+        used = {w.number for w in self.local_workers() if not w.retiring}
         used |= {b.number for b in self.booting.values()}
         number = next(n for n in range(1, len(used) + 2) if n not in used)
         self.spawn_seq += 1
@@ -258,11 +259,21 @@ class Supervisor:
         owner = next((fs for fs in self.fork_servers() if pid in fs.children), self.fork_server)
         owner.kill(pid, sig)
 
+    def kill_slot(self, worker: WorkerSlot, sig: int, why: str) -> None:
+        """Signal a worker of the pool, wherever it lives."""
+        if worker.agent is not None:
+            self.gateway.kill(worker, sig)
+        else:
+            self.kill_worker(worker.pid, sig, why)
+
     def tell_exit(self, worker: WorkerSlot) -> None:
         """Ask an idle worker to exit cleanly (it has nothing in hand)."""
         if worker.routing_id in self.exit_sent:
             return
         self.exit_sent.add(worker.routing_id)
+        if worker.agent is not None:
+            self.gateway.tell(worker, Kind.EXIT.value)
+            return
         try:
             self.router.send_multipart([worker.routing_id, Kind.EXIT.value], zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -294,6 +305,8 @@ class Supervisor:
 
     def _tick(self, rounds: int) -> None:
         self.read_router()
+        if self.gateway is not None:
+            self.gateway.tick()
         idle = self.settings.idle_timeout
         if idle and rounds % 5 == 0:
             now = time.monotonic()
@@ -302,10 +315,10 @@ class Supervisor:
         expired = self.dispatcher.expire()
         for req in expired:
             worker = req.worker
-            log.error("WORKER TIMEOUT (worker %s, pid:%s) after %ss", worker.number, worker.pid, req.timeout)
-            msg = f"handler ran past {req.timeout}s; worker {worker.number} (pid {worker.pid}) killed"
+            log.error("WORKER TIMEOUT (worker %s, pid:%s) after %ss", worker.label, worker.pid, req.timeout)
+            msg = f"handler ran past {req.timeout}s; worker {worker.label} (pid {worker.pid}) killed"
             self._fail(req, Status.TIMEOUT, "WorkerTimeout", msg, timeout=req.timeout, pid=worker.pid)
-            self.kill_worker(worker.pid, signal.SIGKILL, f"its handler ran past {req.timeout}s")
+            self.kill_slot(worker, signal.SIGKILL, f"its handler ran past {req.timeout}s")
         if expired:
             self._send(self.dispatcher.dispatch())
             self.manage_workers()
@@ -371,7 +384,7 @@ class Supervisor:
         self.manage_workers()
 
     def do_scale(self, n: int) -> None:
-        self.target = max(1, int(n))
+        self.target = max(0 if self.gateway is not None else 1, int(n))
         log.info("Scaling to %s workers", self.target)
         self.manage_workers()
 
@@ -379,6 +392,9 @@ class Supervisor:
         sent = 0
         for w in list(self.dispatcher.workers.values()):
             if w.retiring:
+                continue
+            if w.agent is not None:
+                sent += self.gateway.tell(w, Kind.BROADCAST.value + pack_id(0), message)
                 continue
             try:
                 self.router.send_multipart([w.routing_id, Kind.BROADCAST.value + pack_id(0), message], zmq.NOBLOCK)
@@ -406,6 +422,8 @@ class Supervisor:
         overdue = {w.routing_id for w in self.dispatcher.workers.values() if w.current is not None}
         for req in self.dispatcher.fail_all():
             self._fail(req, Status.UNAVAILABLE, "ServerUnavailable", "the server stopped before the request finished")
+        if self.gateway is not None:
+            self.gateway.stop()  # every agent's session ends; their workers leave the pool
         for conn in list(self.connections):
             # A connection that owes its client nothing is closed; one that owes a reply, an
             # error or (a plain request's error) a reset keeps its write side until it is paid.
@@ -413,7 +431,7 @@ class Supervisor:
                 conn.close()
             elif conn.partial:
                 conn.abort()
-        for w in list(self.dispatcher.workers.values()):
+        for w in self.local_workers():
             if graceful and not self.hurry and w.routing_id not in overdue:
                 self.tell_exit(w)
             else:  # a fast stop, or a handler still running past graceful_timeout

@@ -304,8 +304,31 @@ def render(
         prev = None  # the daemon restarted: no rate spans it
     cols = fit_columns(width)
     rows = worker_rows(prev, stats, elapsed)
-    table = [table_header(width), *(_row(r, cols, width) for r in rows)] if rows else ["(no workers)"]
-    return [*header(prev, stats, elapsed, width, address), "", *table]
+    table = [table_header(width), *(_row(r, cols, width) for r in rows)] if rows else ["(no local workers)"]
+    return [*header(prev, stats, elapsed, width, address), "", *table, *agent_lines(stats, width)]
+
+
+def agent_lines(stats: Stats, width: int) -> list[str]:
+    """A line (wrapped to ``width``) per agent session on other hosts, live ones first."""
+    agents = stats.get("agents") or []
+    if not agents:
+        return []
+    lines = ["", f"agents on other hosts ({(stats.get('remote') or {}).get('agents_live', 0)} live):"]
+    for a in agents:
+        rtt = "-" if a.get("rtt_ms") is None else f"{a['rtt_ms']:.1f}ms"
+        chunks = [
+            f"{a['name']}@{a['host']}",
+            f"session {a['session']}",
+            a["state"].upper() if a["state"] not in ("joined", "leaving") else a["state"],
+            f"workers {a['slots']}",
+            f"busy {a['busy']}",
+            f"done {a['done']}",
+            f"lost {a['lost']}",
+            f"rtt {rtt}",
+            f"heard {human_age(a.get('last_heard_seconds_ago'))} ago",
+        ]
+        lines += _wrap(chunks, width)
+    return lines
 
 
 # -- polling ------------------------------------------------------------------------------------

@@ -237,3 +237,60 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class AgentProcess:
+    """A ``python -m gaspar worker`` subprocess (an agent), in its own process group, its
+    log collected. ``popen`` starts it elsewhere (inside a network namespace)."""
+
+    def __init__(self, args: list[str], popen=None):
+        cmd = [sys.executable, "-m", "gaspar", "worker", *args]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+        kw = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = popen(cmd, **kw) if popen is not None else subprocess.Popen(cmd, **kw)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (a SIGSTOPped agent too), reap, and check that none of
+        its processes is left."""
+        pids = [self.proc.pid, *descendants(self.proc.pid)] if self.proc.poll() is None else []
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._reader.join(5)
+        self.proc.stdout.close()
+        left = [p for p in pids if wait_for(lambda p=p: not alive(p), 5) is False]
+        assert not left, f"processes left behind by an agent: {left}\n{self.log}"
+
+
+@pytest.fixture
+def agent():
+    """``agent(args..., popen=None)`` -> an AgentProcess; killed with its group at teardown."""
+    started: list[AgentProcess] = []
+
+    def start(*args: str, popen=None) -> AgentProcess:
+        proc = AgentProcess(list(args), popen)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()

@@ -161,3 +161,14 @@ def flood(message: bytes) -> bytes:
             break
     sys.stdout.flush()
     return b"%d %d" % (os.getpid(), n)
+
+
+def where(message: bytes) -> bytes:
+    """``PID:message``, so a test can tell which process ran a request and check that each
+    reply belongs to its own request. ``sleep:S:...`` sleeps S seconds first; ``die`` ends
+    the process (os._exit(7))."""
+    if message == b"die":
+        os._exit(7)
+    if message.startswith(b"sleep:"):
+        time.sleep(float(message.split(b":")[1]))
+    return b"%d:%s" % (os.getpid(), message)

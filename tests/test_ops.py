@@ -93,8 +93,8 @@ def test_gaspar_cmd_args_with_a_bad_quote_is_a_usage_error():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--workers", "0"], "--workers must be at least 1, not 0"),
-        (["--workers", "-3"], "--workers must be at least 1, not -3"),
+        (["--workers", "0"], "--workers must be at least 1 (0 with --remote-bind), not 0"),
+        (["--workers", "-3"], "--workers must be at least 1 (0 with --remote-bind), not -3"),
         (["--timeout", "-1"], "timeout must be 0 or more, not -1.0"),
         (["--graceful-timeout", "-0.5"], "graceful_timeout must be 0 or more, not -0.5"),
         (["--max-requests", "-1"], "max_requests must be 0 or more, not -1"),
@@ -114,7 +114,7 @@ def test_workers_from_a_config_file_are_checked_too(tmp_path):
     config = write_config(tmp_path, "workers = 0\n")
     result = gaspar_cmd("serve", "handlers:echo", "--bind", "127.0.0.1:0", "--config", config)
     assert result.returncode == 2
-    assert result.stderr.strip() == "gaspar: error: --workers must be at least 1, not 0"
+    assert result.stderr.strip() == "gaspar: error: --workers must be at least 1 (0 with --remote-bind), not 0"
 
 
 @pytest.mark.parametrize(

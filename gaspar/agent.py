@@ -1,0 +1,450 @@
+"""The agent: a pool of workers on another host, joined to a front end over 0MQ.
+
+``gaspar worker MODULE:CALLABLE --connect tcp://HOST:PORT --workers N`` runs this::
+
+    front end ◀══ one DEALER, CURVE ══▶ agent ──ROUTER (ipc)──▶ N workers
+                 JOIN / WELCOME, PING / PONG,     fork server: forks, reaps, flapping
+                 workers' messages relayed whole
+
+**Only the agent speaks to the network.** Its workers are the same processes as a local
+pool's (forked by a fork server before any 0MQ context exists, hooks, ``max_requests``,
+flapping), connected to the agent's own ROUTER; the agent relays their messages to the
+front end and back, frames as they are (a large payload is not copied). A handler that
+holds the GIL for minutes delays nothing here, so it never looks like a dead host.
+
+**Sessions.** The agent sends JOIN (its name, host, a random instance id); the front end
+answers WELCOME with a session number and its heartbeat and liveness settings, or REFUSE.
+Then the agent announces its ready workers and relays. The front end pings; the agent
+answers each ping at once. An agent that hears nothing from the front end for ``liveness``
+seconds (or that is told GONE) has lost it: it SIGKILLs the workers that were running a
+request (the front end has failed those requests as ``WorkerLost`` or will), keeps the idle
+ones, drops its connection and joins again, as a new session, after a capped, jittered
+back-off (:func:`gaspar.remote.reconnect_delay`): a front end that comes back is not met by
+every agent at once. Replies of the old session are never delivered: its connection is gone,
+and the front end drops what arrives from an ended session.
+
+**Stopping.** SIGTERM: LEAVE (the front end sends nothing more), let running requests finish
+(up to ``graceful_timeout``), then exit. SIGINT or SIGQUIT: at once. The workers die with
+the agent, as a local pool's die with the front end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import time
+from typing import Any
+
+import zmq
+
+from . import __version__
+from .arbiter import HALT_FLAPPING, FlapPolicy, ForkServer, describe_exit
+from .framing import Kind, Link
+from .ipcdir import make_ipc_dir
+from .remote import reconnect_delay
+
+log = logging.getLogger("gaspar")
+
+_HELLO, _REQUEST, _AHEAD = Kind.HELLO.value[0], Kind.REQUEST.value[0], Kind.AHEAD.value[0]
+_REPLY, _SKIPPED = Kind.REPLY.value[0], Kind.SKIPPED.value[0]
+#: The remote socket's high-water marks: far above what the front end keeps in flight to one
+#: agent (its workers x (1 + prefetch) requests, and a few control messages), so a message
+#: is never dropped at the mark; a send that still cannot go is a lost front end.
+HWM = 100_000
+
+
+class LocalWorker:
+    """A worker process of this agent: booting, then ready (it said HELLO)."""
+
+    __slots__ = ("pid", "number", "wid", "hello", "announced", "busy")
+
+    def __init__(self, pid: int, number: int) -> None:
+        self.pid, self.number = pid, number
+        self.wid: bytes | None = None  # its routing id, from its HELLO
+        self.hello: bytes | None = None
+        self.announced = False  # its HELLO went to the front end in this session
+        self.busy: set[bytes] = set()  # ids of requests it was given and has not answered
+
+
+class Agent:
+    """Runs ``workers`` workers of ``consumer`` and joins them to the front end at ``connect``."""
+
+    def __init__(
+        self,
+        consumer: Any,
+        settings: Any,
+        connect: str,
+        workers: int,
+        name: str | None = None,
+        spec: str | None = None,
+        curve_secret: str | None = None,
+        curve_server: str | None = None,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        if (curve_secret is None) != (curve_server is None):
+            raise ValueError("--curve-secret and --curve-server go together (this agent's key, the server's)")
+        if workers < 1:
+            raise ValueError(f"an agent runs at least 1 worker, not {workers}")
+        self.consumer, self.settings, self.spec = consumer, settings, spec
+        self.connect, self.target = connect, workers
+        self.host = socket.gethostname()
+        self.name = name or self.host
+        self.instance = secrets.token_hex(8)
+        self.curve = (curve_secret, curve_server) if curve_secret else None
+        self.reconnect_max = reconnect_max
+        self.liveness = settings.agent_liveness  # the front end's, once it has welcomed us
+        self.state = "idle"  # idle (waiting to join), joining, joined, leaving
+        self.session = 0
+        self.attempt = 0  # joins since the last WELCOME: the back-off grows with it
+        self.next_join = 0.0
+        self.last_heard = 0.0
+        self.link: zmq.Socket | None = None
+        self.stop_mode: str | None = None  # "graceful" or "fast", from a signal
+        self.leave_deadline = math.inf
+        self.leave_acked = False  # the front end answered our LEAVE: it sends no more requests
+        self.exit_code = 0
+        self.booting: dict[int, int] = {}  # spawn token -> number
+        self.by_pid: dict[int, LocalWorker] = {}
+        self.by_wid: dict[bytes, LocalWorker] = {}
+        self.spawn_seq = 0
+        self.flap = FlapPolicy(
+            settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry
+        )
+        self.backoff_until = 0.0
+        self.dropped = 0  # worker messages that could not be relayed (no session)
+
+    # -- the main loop ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """The agent's whole life; returns its exit code."""
+        self.fs = ForkServer(self.consumer, self.settings, self.spec)
+        self.fs.start()  # before any 0MQ context exists in this process
+        self.ipc_dir = None
+        self.ctx = zmq.Context(1)
+        self.wake_r, wake_w = os.pipe()
+        for fd in (self.wake_r, wake_w):
+            os.set_blocking(fd, False)
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        handlers = {
+            signal.SIGTERM: lambda *_: self.request_stop("graceful"),
+            signal.SIGINT: lambda *_: self.request_stop("fast"),
+            signal.SIGQUIT: lambda *_: self.request_stop("fast"),
+        }
+        old = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
+        try:
+            self.open_workers_socket()
+            log.info(
+                "Agent %s (gaspar %s, pid:%s) with %s workers for %s",
+                self.name,
+                __version__,
+                os.getpid(),
+                self.target,
+                self.connect,
+            )
+            self.manage_workers()
+            while not self.done():
+                self.poll_once()
+            return self.exit_code
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            signal.set_wakeup_fd(old_wakeup)
+            self.close()
+            os.close(wake_w)
+
+    def open_workers_socket(self) -> None:
+        self.workers_sock = self.ctx.socket(zmq.ROUTER)
+        self.workers_sock.linger = 0
+        self.workers_sock.router_mandatory = 1
+        if self.settings.transport == "ipc":
+            self.ipc_dir = make_ipc_dir()
+            self.workers_sock.bind(f"ipc://{self.ipc_dir}/workers")
+        else:
+            self.workers_sock.bind("tcp://127.0.0.1:*")
+        self.fs.endpoint = self.workers_sock.last_endpoint.decode()
+
+    def done(self) -> bool:
+        if self.exit_code and self.stop_mode is None:
+            self.request_stop("fast")
+        if self.stop_mode is None:
+            return False
+        if self.stop_mode == "graceful" and self.state == "joined":
+            self.send_control(Link.LEAVE, final=False)
+            self.state = "leaving"
+            self.leave_deadline = time.monotonic() + self.settings.graceful_timeout
+            log.info("Leaving: no new requests; waiting for %s running", self.running())
+        # every request sent before the front end's answer to LEAVE has arrived by then
+        unsettled = not self.leave_acked or self.running()
+        if self.state == "leaving" and unsettled and time.monotonic() < self.leave_deadline:
+            return False
+        if self.state in ("joined", "leaving"):
+            self.send_control(Link.LEAVE, final=True)
+            if self.link is not None:
+                self.link.linger = 1000  # let the LEAVE go out before the socket closes
+        return True
+
+    def poll_once(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.workers_sock, zmq.POLLIN)
+        poller.register(self.fs.events_fd, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        if self.link is not None:
+            poller.register(self.link, zmq.POLLIN)
+        ready = dict(poller.poll(100))
+        if self.wake_r in ready:
+            _drain(self.wake_r)
+        if self.fs.events_fd in ready:
+            self.on_fork_server_events()
+        if self.workers_sock in ready:  # replies first: a GONE below would drop them
+            self.read_workers()
+        if self.link is not None and self.link in ready:
+            self.read_link()
+        self.keep_alive()
+
+    def request_stop(self, mode: str) -> None:
+        if self.stop_mode != "fast":
+            self.stop_mode = mode
+
+    # -- the front end ----------------------------------------------------------------------
+
+    def keep_alive(self) -> None:
+        """Join when it is time; lose the front end when it has been silent too long."""
+        now = time.monotonic()
+        if self.state == "idle" and now >= self.next_join and self.stop_mode is None:
+            self.join()
+        elif self.state in ("joining", "joined", "leaving") and now - self.last_heard > self.liveness:
+            silent = f"no word from the front end for {self.liveness}s"
+            self.lose(silent if self.state != "joining" else f"{silent} after JOIN (refused handshake? wrong keys?)")
+
+    def join(self) -> None:
+        s = self.settings
+        link = self.ctx.socket(zmq.DEALER)
+        link.linger = 0
+        link.sndhwm = link.rcvhwm = HWM
+        link.heartbeat_ivl = max(1, int(s.heartbeat_interval * 1000))  # 0MQ's own, a backstop
+        link.heartbeat_timeout = link.heartbeat_ttl = int(2 * self.liveness * 1000)
+        link.reconnect_ivl, link.reconnect_ivl_max = 1000, int(self.reconnect_max * 1000)
+        if self.curve is not None:
+            from .curve import secure_client
+
+            secure_client(link, *self.curve)
+        link.connect(self.connect)
+        self.link, self.state, self.last_heard = link, "joining", time.monotonic()
+        self.attempt += 1
+        hello = {"name": self.name, "host": self.host, "instance": self.instance, "pid": os.getpid()}
+        self.send_control(Link.JOIN, workers=self.target, version=__version__, **hello)
+
+    def lose(self, why: str) -> None:
+        """The session is over: kill what was running, drop the connection, join again later."""
+        killed = 0
+        for w in self.by_pid.values():
+            w.announced = False
+            if w.busy:
+                w.busy.clear()
+                self.fs.kill(w.pid, signal.SIGKILL)
+                killed += 1
+        if self.link is not None:
+            self.link.close(linger=0)
+            self.link = None
+        delay = reconnect_delay(self.attempt, cap=self.reconnect_max)
+        self.next_join, self.state = time.monotonic() + delay, "idle"
+        level = logging.WARNING if self.session or killed else logging.INFO
+        log.log(
+            level, "Lost the front end (%s); killed %s running handler(s); joining again in %.1fs", why, killed, delay
+        )
+
+    def read_link(self) -> None:
+        link = self.link
+        while link is not None and link is self.link:
+            try:
+                frames = link.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.last_heard = time.monotonic()
+            first = frames[0].bytes
+            if first:
+                self.to_worker(first, frames)
+            elif len(frames) == 2:
+                self.on_control(frames[1].bytes)
+
+    def on_control(self, message: bytes) -> None:
+        kind, body = message[:1], json.loads(message[1:] or b"{}")
+        if kind == Link.PING.value:
+            self.send_control(Link.PONG, t=body.get("t"))
+        elif kind == Link.WELCOME.value and self.state == "joining":
+            self.state, self.session, self.attempt = "joined", body["session"], 0
+            self.liveness = float(body.get("liveness", self.liveness))
+            log.info("Joined %s as %s (session %s)", self.connect, self.name, self.session)
+            for w in self.by_pid.values():
+                self.announce(w)
+        elif kind == Link.REFUSE.value:
+            log.error("The front end refused this agent: %s", body.get("reason"))
+            self.lose("refused")
+        elif kind == Link.GONE.value:
+            self.lose(f"the front end ended the session: {body.get('reason')}")
+        elif kind == Link.LEAVE.value:
+            self.leave_acked = True
+        elif kind == Link.KILL.value:
+            w = self.by_wid.get(body.get("wid", "").encode())
+            if w is not None:
+                self.fs.kill(w.pid, int(body.get("sig", signal.SIGKILL)))
+
+    def send_control(self, kind: Link, **body: Any) -> None:
+        self.send_link([b"", kind.value + json.dumps(body).encode()])
+
+    def send_link(self, frames: list[Any]) -> bool:
+        if self.link is None:
+            return False
+        try:
+            self.link.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as exc:  # past the high-water mark: the front end is not reading
+            self.lose(f"cannot send to the front end: {exc}")
+            return False
+
+    def to_worker(self, wid: bytes, frames: list[Any]) -> None:
+        """A message for one of our workers: ``[wid, head, body...]``, relayed as it is."""
+        w = self.by_wid.get(wid)
+        head = frames[1].bytes
+        if w is not None and head[0] in (_REQUEST, _AHEAD):
+            w.busy.add(head[1:9])
+        try:
+            self.workers_sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            pass  # the worker is gone: its EXITED tells the front end, which fails the request
+
+    # -- the workers ------------------------------------------------------------------------
+
+    def read_workers(self) -> None:
+        sock = self.workers_sock
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            wid, head = frames[0].bytes, frames[1].bytes
+            kind = head[0]
+            if kind == _HELLO:
+                self.on_hello(wid, frames[2].bytes)
+                continue
+            w = self.by_wid.get(wid)
+            if w is not None and kind in (_REPLY, _SKIPPED):
+                w.busy.discard(head[1:9])
+            if self.state not in ("joined", "leaving") or not self.send_link(frames):
+                self.dropped += 1
+
+    def on_hello(self, wid: bytes, payload: bytes) -> None:
+        hello = json.loads(payload)
+        self.booting.pop(hello["token"], None)
+        w = self.by_pid.get(hello["pid"])
+        if w is None:  # reaped already
+            return
+        w.wid, w.hello = wid, payload
+        self.by_wid[wid] = w
+        self.flap.booted()
+        log.info("Worker %s (pid:%s) ready", w.number, w.pid)
+        self.announce(w)
+
+    def announce(self, w: LocalWorker) -> None:
+        if self.state == "joined" and w.hello is not None and not w.announced:
+            w.announced = self.send_link([w.wid, Kind.HELLO.value, w.hello])
+
+    def on_fork_server_events(self) -> None:
+        events = self.fs.read_events()
+        if events is None:
+            log.critical("The fork server died; stopping")
+            self.exit_code = 1
+            return
+        for event in events:
+            if event["ev"] == "spawned":
+                self.booting.pop(event["token"], None)
+                self.by_pid[event["pid"]] = LocalWorker(event["pid"], event["number"])
+                log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
+            elif event["ev"] == "exited":
+                self.on_exit(event["pid"], event["number"], event["status"])
+        self.manage_workers()
+
+    def on_exit(self, pid: int, number: int, status: int) -> None:
+        w = self.by_pid.pop(pid, None)
+        if w is None:
+            return
+        exitcode, sig, text = describe_exit(status)
+        if w.wid is not None:
+            self.by_wid.pop(w.wid, None)
+        if w.announced:
+            self.send_control(Link.EXITED, wid=w.wid.decode(), pid=pid, number=number, status=status)
+        if self.stop_mode is not None:
+            return
+        if w.hello is None:
+            log.error("Worker %s (pid:%s) died before it was ready: %s", number, pid, text)
+            self.on_boot_failure()
+        elif exitcode == 0:
+            log.info("Worker %s (pid:%s) exited", number, pid)
+        else:
+            log.error("Worker %s (pid:%s) %s", number, pid, text)
+
+    def on_boot_failure(self) -> None:
+        action, delay = self.flap.boot_failed(time.monotonic())
+        if action == FlapPolicy.GIVE_UP:
+            log.critical(
+                "Workers failed to boot %s times within %ss, over and over; giving up",
+                self.flap.attempts,
+                self.flap.window,
+            )
+            self.exit_code = HALT_FLAPPING
+        elif action == FlapPolicy.BACKOFF:
+            log.warning("Workers are flapping; waiting %ss before the next fork", delay)
+            self.backoff_until = time.monotonic() + delay
+
+    def manage_workers(self) -> None:
+        """Fork what is missing (the pool's size is the agent's; the front end only uses it)."""
+        if self.stop_mode is not None or self.exit_code or time.monotonic() < self.backoff_until:
+            return
+        used = {w.number for w in self.by_pid.values()} | set(self.booting.values())
+        for _ in range(self.target - len(self.by_pid) - len(self.booting)):
+            number = next(n for n in range(1, self.target + len(used) + 2) if n not in used)
+            used.add(number)
+            self.spawn_seq += 1
+            self.booting[self.spawn_seq] = number
+            self.fs.spawn(number, 1, self.spawn_seq)
+
+    def running(self) -> int:
+        return sum(1 for w in self.by_pid.values() if w.busy)
+
+    def close(self) -> None:
+        for w in self.by_pid.values():  # idle workers exit cleanly (worker_exit hooks run)
+            if w.wid is not None and not w.busy and self.stop_mode == "graceful":
+                try:
+                    self.workers_sock.send_multipart([w.wid, Kind.EXIT.value], zmq.NOBLOCK)
+                    continue
+                except zmq.ZMQError:
+                    pass
+            self.fs.kill(w.pid, signal.SIGKILL)
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        if getattr(self, "workers_sock", None) is not None:
+            self.workers_sock.close(linger=0)
+        self.fs.close()  # the workers first: they hold connections to our socket
+        self.ctx.term()
+        if self.ipc_dir is not None:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        os.close(self.wake_r)
+        log.info("Agent %s stopped (exit code %s)", self.name, self.exit_code)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+__all__ = ["Agent"]

@@ -1,0 +1,400 @@
+"""The front end's side of remote workers: one ROUTER socket that agents join.
+
+::
+
+    agent ══[wid, head, body]══▶ remote ROUTER ──[rid+wid, head, body]──▶ the front end's
+          ◀═[wid, head, body]═══                                          usual handling
+    agent ══["", J/U/E/L + json]══▶ Gateway (joins, pongs, exits, leaves)
+          ◀═["", W/N/T/K/G + json]═
+
+A worker on another host is a :class:`gaspar.dispatch.WorkerSlot` whose routing key is
+its agent's connection id followed by the worker's own routing id, with ``agent`` set;
+the dispatcher treats it as any other worker. Its replies are handed to the front end's
+usual reply handling (``relay``), so fairness, prefetch, cancels, deadlines and timeouts
+work the same across hosts. What this module adds is what only a remote pool needs: the
+sessions (:class:`gaspar.remote.Agents`), heartbeats, and the loss of an agent.
+
+**What a fault costs.** An agent silent past ``agent_liveness``, one whose connection
+refuses a send (``ROUTER_MANDATORY``: the peer is gone; or its high-water mark is reached),
+or one that joins again as a new session is *lost*: each request running on it fails
+with ``WorkerLost`` (it may have run), requests handed ahead to it go back to the queue,
+and its workers leave the pool. A worker that dies on an agent is reported by the agent
+(``EXITED``, with its wait status) and costs its one request, as locally. Messages from an
+ended session are counted (``stale``) and dropped, and the agent is told GONE.
+
+**Security.** With ``curve_secret`` the socket is a CURVE server and only the keys in
+``curve_allow`` get in (:mod:`gaspar.curve`; the ZAP handler runs in the front end's hub).
+
+The gateway does socket I/O but no eventlet: the front end calls :meth:`read` when the
+socket is readable (every round of its I/O loop), and :meth:`tick` every 0.1 s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.backend
+
+from .dispatch import Pending, WorkerSlot, draw_limit
+from .framing import Kind, Link, Status
+from .remote import LEAVING, LEFT, LOST, Agent, Agents
+
+log = logging.getLogger("gaspar")
+
+#: High-water marks of the remote socket: far above the requests the front end keeps in
+#: flight to one agent (workers x (1 + prefetch)), so a message never meets the mark; a send
+#: that still cannot go (EAGAIN) means the agent stopped reading: it is lost.
+HWM = 100_000
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+_NOW = int(zmq.NOBLOCK)
+_MORE_NOW = int(zmq.NOBLOCK | zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_LARGE = 64 * 1024
+_HELLO = Kind.HELLO.value
+
+
+class Gateway:
+    """Agents joining over ``settings.remote_bind``.
+
+    Handed what it needs, nothing more: the dispatcher (to add and remove workers), and
+    three callables of the front end: ``send(assignments)`` queues requests for workers,
+    ``fail(request, status, type, message, **facts)`` answers a request with an error, and
+    ``relay(frames)`` handles a worker's message ``[key, head, body]`` as a local one's.
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        settings: Any,
+        dispatcher: Any,
+        telemetry: Any,
+        send: Callable[[list[tuple[WorkerSlot, Pending]]], None],
+        fail: Callable[..., None],
+        relay: Callable[[list[Any]], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ctx, self.settings, self.dispatcher, self.telemetry = ctx, settings, dispatcher, telemetry
+        self._send_work, self._fail, self._relay = send, fail, relay
+        self.clock = clock
+        self.agents = Agents(settings.agent_liveness, clock)
+        self.sock: zmq.Socket | None = None
+        self.gatekeeper: Any = None
+        self.endpoint = ""
+        self.lost_requests = 0
+        self._next_ping = 0.0
+        self._reading = False
+        self._suspects: list[tuple[Agent, str]] = []  # sends failed: lose them once read
+
+    def open(self) -> str:
+        """Bind the remote socket (and start the ZAP handler first, with CURVE)."""
+        s = self.settings
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.router_mandatory = 1
+        sock.sndhwm = sock.rcvhwm = HWM
+        # 0MQ's own heartbeats tear down a dead TCP connection, but later than this module
+        # loses a silent agent: a connection that comes back in between carries the GONE
+        # that tells the agent its session ended (and its late replies, to be dropped).
+        sock.heartbeat_ivl = max(1, int(s.heartbeat_interval * 1000))
+        sock.heartbeat_timeout = sock.heartbeat_ttl = int(2 * s.agent_liveness * 1000)
+        try:
+            if s.curve_secret:
+                from .curve import Gatekeeper, secure_server
+
+                self.gatekeeper = Gatekeeper(self.ctx, s.curve_allow)
+                self.gatekeeper.start()
+                secure_server(sock, s.curve_secret)
+            sock.bind(s.remote_bind)
+        except BaseException:
+            sock.close(linger=0)
+            self.close()
+            raise
+        self.sock = sock
+        self.endpoint = sock.last_endpoint.decode()
+        return self.endpoint
+
+    def fds(self) -> list[tuple[int, Callable[[int], None]]]:
+        """The fds to watch, with what to do when one is ready."""
+        fds = [(self.sock.fd, lambda _events: None)]  # read in the front end's round
+        if self.gatekeeper is not None:
+            fds.append((self.gatekeeper.zap_socket.fd, lambda _events: self.gatekeeper.handle_ready()))
+        return fds
+
+    # -- to the agents --------------------------------------------------------------------
+
+    def send_request(self, worker: WorkerSlot, head: bytes, body: Any) -> str | None:
+        """A request for a remote worker. Returns None once sent, else why it could not be
+        (the caller puts the request back in the queue, then has the agent lost)."""
+        if not worker.agent.live:
+            return "it was lost"
+        sock = self.sock
+        try:
+            _send(sock, worker.agent.rid, _MORE_NOW)
+            _send(sock, worker.wid, _MORE_NOW)
+            _send(sock, head, _MORE_NOW)
+            _send(sock, body, _NOW, len(body) < _LARGE)
+            return None
+        except zmq.ZMQError as exc:
+            return f"a send failed: {exc}"
+
+    def tell(self, worker: WorkerSlot, head: bytes, body: Any = None) -> bool:
+        """A message for a remote worker: EXIT, CANCEL or BROADCAST."""
+        agent = worker.agent
+        if not agent.live:
+            return False
+        frames = [agent.rid, worker.wid, head] + ([body] if body is not None else [])
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            self.unreachable(agent, exc)
+            return False
+
+    def kill(self, worker: WorkerSlot, sig: int) -> None:
+        """Have the agent signal one of its workers (a request ran past its timeout)."""
+        self._control(worker.agent, Link.KILL, wid=worker.wid.decode(), sig=int(sig))
+
+    def _control(self, agent: Agent | bytes, kind: Link, **body: Any) -> bool:
+        rid = agent if isinstance(agent, bytes) else agent.rid
+        try:
+            self.sock.send_multipart([rid, b"", kind.value + json.dumps(body).encode()], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            if not isinstance(agent, bytes):
+                self.unreachable(agent, exc)
+            return False
+
+    def unreachable(self, agent: Agent, exc: Exception | str) -> None:
+        """A send to ``agent`` failed: its connection is gone (or past the high-water mark).
+        What it sent before may still wait on the socket (a LEAVE, a last reply): read that
+        first, then lose it if it is still live."""
+        self._suspects.append((agent, exc if isinstance(exc, str) else f"a send failed: {exc}"))
+        if not self._reading:
+            self.read()
+
+    # -- from the agents --------------------------------------------------------------------
+
+    def read(self) -> int:
+        """Handle every message waiting on the remote socket; return how many there were."""
+        sock, n = self.sock, 0
+        if sock is None or self._reading:
+            return 0
+        self._reading = True
+        try:
+            while True:
+                try:
+                    frames = [_recv(sock, _NOW)]
+                except zmq.Again:
+                    break
+                while _get(sock, _RCVMORE):
+                    frames.append(_recv(sock, _NOW, False))
+                n += 1
+                try:
+                    self._on_message(frames)
+                except Exception:
+                    log.exception("Dropped a malformed message from an agent")
+        finally:
+            self._reading = False
+        while self._suspects:
+            agent, why = self._suspects.pop(0)
+            self.lose(agent, why)  # a no-op if it left meanwhile
+        return n
+
+    def _on_message(self, frames: list[Any]) -> None:
+        rid, wid = frames[0], frames[1].bytes
+        agent = self.agents.get(rid)
+        if not wid:  # a control message: ["", kind + json]
+            message = frames[2].bytes
+            if message[:1] == Link.JOIN.value:
+                return self._on_join(rid, json.loads(message[1:]), frames[2])
+            if agent is None:
+                if self.agents.is_stale(rid):
+                    self._control(rid, Link.GONE, reason="no such session (it ended); join again")
+                return
+            self._on_control(agent, message[:1], json.loads(message[1:] or b"{}"))
+            return
+        if agent is None:  # a worker's message from an ended session: never delivered
+            if self.agents.is_stale(rid):
+                self._control(rid, Link.GONE, reason="no such session (it ended); join again")
+            return
+        agent.last_heard = self.clock()
+        head = frames[2].bytes
+        if head[:1] == _HELLO:
+            return self._on_hello(agent, wid, frames[3].bytes)
+        if head[:1] == Kind.REPLY.value:
+            agent.done += 1
+        self._relay([rid + wid, frames[2], *frames[3:]])
+
+    def _on_join(self, rid: bytes, hello: dict[str, Any], frame: Any) -> None:
+        user = ""
+        if self.gatekeeper is not None:
+            try:
+                user = frame.get("User-Id")
+            except zmq.ZMQError:
+                user = ""
+            if not user:  # cannot happen past the ZAP handler; refuse rather than guess
+                self._control(rid, Link.REFUSE, reason="not authenticated")
+                return
+        agent, reason, replaced = self.agents.join(rid, hello, user)
+        if replaced is not None:
+            self._end(replaced, replaced.state, replaced.why)
+        if agent is None:
+            log.warning("Refused an agent from %s: %s", _peer(frame), reason)
+            self._control(rid, Link.REFUSE, reason=reason)
+            return
+        s = self.settings
+        self._control(
+            agent, Link.WELCOME, session=agent.session, heartbeat=s.heartbeat_interval, liveness=s.agent_liveness
+        )
+        self._control(agent, Link.PING, t=self.clock())  # its round trip, known at once
+        log.info(
+            "Agent %s joined from %s (%s, pid %s; session %s)",
+            agent.name,
+            _peer(frame),
+            agent.host,
+            agent.pid,
+            agent.session,
+        )
+
+    def _on_hello(self, agent: Agent, wid: bytes, payload: bytes) -> None:
+        if agent.state != "joined" or wid in agent.workers:
+            return
+        hello = json.loads(payload)
+        s = self.settings
+        slot = WorkerSlot(
+            hello["pid"],
+            hello["number"],
+            hello["generation"],
+            agent.rid + wid,
+            max_requests=draw_limit(s.max_requests, s.max_requests_jitter),
+        )
+        slot.agent, slot.wid = agent, wid
+        agent.workers[wid] = slot
+        log.info("Worker %s ready (pid:%s on %s)", slot.label, slot.pid, agent.host)
+        self._send_work(self.dispatcher.add_worker(slot))
+
+    def _on_control(self, agent: Agent, kind: bytes, body: dict[str, Any]) -> None:
+        if kind == Link.PONG.value:
+            t = body.get("t")
+            self.agents.pong(agent, t if isinstance(t, (int, float)) else -1.0)
+        elif kind == Link.EXITED.value:
+            agent.last_heard = self.clock()
+            self._on_exited(agent, body)
+        elif kind == Link.LEAVE.value:
+            agent.last_heard = self.clock()
+            if body.get("final"):
+                log.info("Agent %s left", agent.name)
+                self._end(agent, LEFT, "it stopped")
+                return
+            log.info("Agent %s is leaving: no new requests go there", agent.name)
+            agent.state = LEAVING
+            for slot in agent.workers.values():
+                self.dispatcher.retire(slot.routing_id, "scale")
+            self._control(agent, Link.LEAVE)  # after every request sent to it: it may count now
+
+    def _on_exited(self, agent: Agent, event: dict[str, Any]) -> None:
+        from .arbiter import describe_exit
+
+        slot = agent.workers.pop(event.get("wid", "").encode(), None)
+        if slot is None:
+            return
+        exitcode, sig, text = describe_exit(int(event.get("status", 0)))
+        expected = slot.retiring and exitcode == 0
+        req = self.dispatcher.remove_worker(slot.routing_id)
+        if req is not None:
+            msg = f"worker {slot.label} (pid {slot.pid} on {agent.host}) {text}"
+            facts = {"pid": slot.pid, "exitcode": exitcode, "signal": sig, "agent": agent.name, "host": agent.host}
+            self._fail(req, Status.WORKER_DIED, "WorkerDied", msg, **facts)
+        reason = slot.retire_reason if slot.retire_reason == "timeout" or expected else "died"
+        if agent.state == "joined":
+            self.telemetry.restarted(slot.label, reason or "scale")
+        if expected:
+            log.info("Worker %s (pid:%s on %s) exited", slot.label, slot.pid, agent.host)
+        else:
+            log.error("Worker %s (pid:%s on %s) %s", slot.label, slot.pid, agent.host, text)
+        self._send_work(self.dispatcher.dispatch())
+
+    # -- liveness ---------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Every 0.1 s: lose agents silent past the liveness limit; ping each one every
+        ``heartbeat_interval``."""
+        for agent in self.agents.overdue():
+            self.lose(agent, f"silent for more than {self.settings.agent_liveness}s")
+        now = self.clock()
+        if now >= self._next_ping:
+            self._next_ping = now + self.settings.heartbeat_interval
+            ping = Link.PING.value + json.dumps({"t": now}).encode()
+            for agent in self.agents.live():
+                try:
+                    self.sock.send_multipart([agent.rid, b"", ping], zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    self.unreachable(agent, exc)
+
+    def lose(self, agent: Agent, why: str) -> None:
+        """The agent is lost: fail what ran there (``WorkerLost``), requeue what waited."""
+        if not agent.live:
+            return
+        log.error(
+            "Agent %s on %s lost (%s); %s request(s) were running there", agent.name, agent.host, why, agent.busy()
+        )
+        self._end(agent, LOST, why)
+        self._control(agent.rid, Link.GONE, reason=f"the front end lost this session: {why}")
+
+    def _end(self, agent: Agent, state: str, why: str) -> None:
+        if agent.live:
+            self.agents.end(agent, state, why)
+        lost = f"agent {agent.name} on {agent.host} was lost ({why}); the request may have run there"
+        for slot in list(agent.workers.values()):
+            req = self.dispatcher.remove_worker(slot.routing_id)
+            if req is not None:
+                agent.lost += 1
+                self.lost_requests += 1
+                facts = {"pid": slot.pid, "exitcode": None, "signal": None, "agent": agent.name, "host": agent.host}
+                self._fail(req, Status.WORKER_DIED, "WorkerLost", lost, **facts)
+        agent.workers.clear()
+        self._send_work(self.dispatcher.dispatch())
+
+    def stop(self) -> None:
+        """The front end is stopping: end every session (requests were failed already)."""
+        for agent in self.agents.live():
+            self._control(agent.rid, Link.GONE, reason="the front end is stopping")
+            self._end(agent, LEFT, "the front end stopped")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
+            self.gatekeeper = None
+
+    def snapshot(self) -> dict[str, Any]:
+        a = self.agents
+        return {
+            "endpoint": self.endpoint,
+            "curve": self.gatekeeper is not None,
+            "agents_live": len(a.by_rid),
+            "agents_lost": a.lost_total,
+            "joins_refused": a.refused,
+            "handshakes_refused": self.gatekeeper.denied if self.gatekeeper is not None else 0,
+            "stale_messages": a.stale,
+            "requests_lost": self.lost_requests,
+        }
+
+
+def _peer(frame: Any) -> str:
+    try:
+        return frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return "?"
+
+
+__all__ = ["Gateway"]

@@ -1,0 +1,359 @@
+"""Workers on other hosts, over loopback: real agents (``gaspar worker``) joining a real
+front end, real faults (kill -9, SIGSTOP), real CURVE handshakes. The same faults across a
+veth pair between network namespaces are in test_remote_netns.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import handlers
+import pytest
+import zmq
+from conftest import ROOT, wait_for
+
+import gaspar
+from gaspar.framing import Kind, Link
+
+LIVENESS = 2.0
+FAST = {"heartbeat_interval": 0.25, "agent_liveness": LIVENESS}
+AGENT_FAST = ("--heartbeat-interval", "0.25", "--agent-liveness", str(LIVENESS), "--reconnect-max", "1")
+
+
+def front(serve, processes: int = 0, **options):
+    options = {"remote_bind": "tcp://127.0.0.1:*", **FAST, **options}
+    s = serve(handlers.where, processes=processes, **options)
+    s.remote = s.producer.gateway.endpoint
+    return s
+
+
+def joined(s, name: str | None = None, workers: int = 1, session_above: int = 0):
+    """The agent ``name`` (any, if None) once it has joined with ``workers`` ready workers."""
+
+    def ready():
+        for a in s.producer.stats()["agents"]:
+            if a["state"] == "joined" and (name is None or a["name"] == name) and a["session"] > session_above:
+                if len([w for w in a["workers"] if w["state"] != "retiring"]) >= workers:
+                    return a
+        return None
+
+    return wait_for(ready, 20, 0.05)
+
+
+def start_agent(agent, s, name: str, workers: int = 2, *extra: str):
+    return agent(
+        "handlers:where", "--connect", s.remote, "--workers", str(workers), "--name", name, *AGENT_FAST, *extra
+    )
+
+
+def reply_pid(reply: bytes) -> int:
+    return int(reply.split(b":", 1)[0])
+
+
+def test_requests_are_answered_by_the_remote_pool(serve, agent):
+    s = front(serve)
+    a = start_agent(agent, s, "a1")
+    info = joined(s, "a1", 2)
+    assert info, a.log
+    remote_pids = {w["pid"] for w in info["workers"]}
+    assert info["host"] and info["rtt_ms"] is None or info["rtt_ms"] >= 0
+    pids = {reply_pid(s.request(b"x%d" % i)) for i in range(20)}
+    assert pids <= remote_pids and pids
+    assert s.producer.worker_pids() == []  # no local workers
+    stats = s.producer.stats()
+    assert stats["agents"][0]["done"] == 20
+    assert stats["remote"]["agents_live"] == 1
+
+
+def test_local_and_remote_workers_both_serve_at_once(serve, agent):
+    s = front(serve, processes=1)
+    start_agent(agent, s, "a1", 2)
+    info = joined(s, "a1", 2)
+    remote_pids = {w["pid"] for w in info["workers"]}
+    local_pids = set(s.pids())
+    out: list[bytes] = []
+
+    def one(i):
+        out.append(s.request(b"sleep:0.5:%d" % i))
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    took = time.monotonic() - t0
+    pids = {reply_pid(r) for r in out}
+    assert len(out) == 3
+    assert pids & local_pids and pids & remote_pids, (pids, local_pids, remote_pids)
+    assert took < 1.4, f"3 requests of 0.5 s on 3 workers took {took:.2f}s: one waited while a worker was idle"
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_a_lost_agent_costs_only_its_running_request(serve, agent, fault):
+    s = front(serve, processes=1)
+    a = start_agent(agent, s, "a1", 1)
+    assert joined(s, "a1", 1), a.log
+    result: dict = {}
+
+    def long_request():
+        t0 = time.monotonic()
+        try:
+            result["reply"] = s.request(b"sleep:10:long", timeout=30)
+        except gaspar.GasparError as exc:
+            result["error"] = exc
+        result["took"] = time.monotonic() - t0
+
+    # the agent's worker is the last to have become idle: the long request goes there
+    t = threading.Thread(target=long_request)
+    t.start()
+    assert wait_for(lambda: s.producer.stats()["agents"][0]["busy"] == 1, 5)
+    local = threading.Thread(target=lambda: result.setdefault("local", s.request(b"sleep:1:local")))
+    local.start()
+    assert wait_for(lambda: s.producer.stats()["running"] == 2, 5)
+    hit = time.monotonic()
+    a.signal(signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+    t.join(LIVENESS + 5)
+    local.join(5)
+    error = result.get("error")
+    assert isinstance(error, gaspar.WorkerLost), result
+    assert isinstance(error, gaspar.WorkerDied) and error.agent == "a1"
+    assert "may have run" in str(error)
+    lost_after = time.monotonic() - hit
+    assert lost_after < LIVENESS + 1.0, f"WorkerLost after {lost_after:.2f}s"
+    assert reply_pid(result["local"]) in s.pids()  # the local request was not touched
+    assert reply_pid(s.request(b"after")) in s.pids()  # and the pool serves on, locally
+    stats = s.producer.stats()
+    assert stats["agents"][0]["state"] == "lost" and stats["agents"][0]["lost"] == 1
+    assert stats["remote"]["requests_lost"] == 1
+    if fault == "stop":  # thawed, it notices, kills its running handler, and joins again
+        a.signal(signal.SIGCONT)
+        info = joined(s, "a1", 1, session_above=1)
+        assert info, a.log
+        pids = {reply_pid(s.request(b"again%d" % i)) for i in range(10)}
+        assert pids & {w["pid"] for w in info["workers"]} or pids <= set(s.pids())
+
+
+def test_a_late_reply_from_an_ended_session_is_counted_and_dropped(serve):
+    """A test-owned DEALER plays an agent whose session the front end ended while it ran a
+    request: its reply, arriving late, must reach nobody."""
+    s = front(serve, processes=1)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(s.remote)
+        join = {"name": "fake", "host": "test", "instance": "i1", "pid": 1, "workers": 1}
+        sock.send_multipart([b"", Link.JOIN.value + json.dumps(join).encode()])
+        frames = _recv_until(sock, lambda f: f[0] == b"" and f[1][:1] == Link.WELCOME.value)
+        hello = {"pid": 4242, "number": 1, "generation": 1, "token": 0}
+        sock.send_multipart([b"w1", Kind.HELLO.value, json.dumps(hello).encode()])
+        result: dict = {}
+
+        def ask():
+            try:
+                result["reply"] = s.request(b"to-fake", timeout=20)
+            except gaspar.GasparError as exc:
+                result["error"] = exc
+
+        # the fake agent's worker is the last to have become idle: the request goes there
+        t = threading.Thread(target=ask)
+        t.start()
+        frames = _recv_until(sock, lambda f: f[0] == b"w1" and f[1][:1] == Kind.REQUEST.value)
+        request_head = frames[1]
+        # now silent (no PONG): the front end loses the session within the liveness limit
+        t.join(LIVENESS + 3)
+        assert isinstance(result.get("error"), gaspar.WorkerLost), result
+        stale = s.producer.stats()["remote"]["stale_messages"]
+        sock.send_multipart([b"w1", Kind.REPLY.value + request_head[1:9] + b"\x00", b"late reply"])
+        assert wait_for(lambda: s.producer.stats()["remote"]["stale_messages"] > stale, 5)
+        gone = _recv_until(sock, lambda f: f[0] == b"" and f[1][:1] == Link.GONE.value)
+        assert b"lost this session" in gone[1] or b"join again" in gone[1]
+        assert reply_pid(s.request(b"next")) in s.pids()  # nobody got "late reply"
+        assert s.producer.stats()["counters"]["unknown_replies"] == 0
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def _recv_until(sock, match, timeout: float = 10.0) -> list[bytes]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sock.poll(100):
+            frames = sock.recv_multipart()
+            if frames[0] == b"" and frames[1][:1] == Link.PING.value:
+                continue
+            if match(frames):
+                return frames
+    raise AssertionError("no such message from the front end")
+
+
+def test_a_remote_worker_that_dies_costs_one_request_and_is_replaced(serve, agent):
+    s = front(serve)
+    start_agent(agent, s, "a1", 1)
+    first = joined(s, "a1", 1)["workers"][0]["pid"]
+    with pytest.raises(gaspar.WorkerDied) as err:
+        s.request(b"die")
+    assert not isinstance(err.value, gaspar.WorkerLost)
+    assert err.value.pid == first and err.value.exitcode == 7
+    assert wait_for(lambda: (joined(s, "a1", 1) or {}).get("workers", [{}])[0].get("pid") not in (None, first), 10)
+    assert reply_pid(s.request(b"fine")) != first
+    assert s.producer.stats()["agents"][0]["session"] == 1  # the agent itself was not lost
+
+
+def test_a_remote_handler_past_its_timeout_is_killed_and_replaced(serve, agent):
+    s = front(serve, timeout=1)
+    start_agent(agent, s, "a1", 1)
+    first = joined(s, "a1", 1)["workers"][0]["pid"]
+    with pytest.raises(gaspar.WorkerTimeout):
+        s.request(b"sleep:5:slow")
+    again = joined(s, "a1", 1)
+    assert wait_for(lambda: (joined(s, "a1", 1) or {}).get("workers", [{}])[0].get("pid") not in (None, first), 10)
+    assert reply_pid(s.request(b"fine")) != first
+    assert s.producer.stats()["agents"][0]["state"] == "joined" and again
+
+
+def test_an_agent_leaves_gracefully_on_sigterm(serve, agent):
+    s = front(serve, processes=1)
+    a = start_agent(agent, s, "a1", 1)
+    assert joined(s, "a1", 1)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("reply", s.request(b"sleep:1:remote", timeout=10)))
+    t.start()
+    assert wait_for(lambda: s.producer.stats()["agents"][0]["busy"] == 1, 5)
+    a.signal(signal.SIGTERM)
+    t.join(10)
+    assert result.get("reply", b"").endswith(b"sleep:1:remote"), a.log  # it finished its request
+    assert a.proc.wait(10) == 0
+    assert wait_for(lambda: s.producer.stats()["agents"][0]["state"] == "left", 5)
+    assert s.producer.stats()["remote"]["requests_lost"] == 0
+
+
+def test_a_name_claimed_twice_is_refused(serve, agent):
+    s = front(serve)
+    first = start_agent(agent, s, "same", 1)
+    info = joined(s, "same", 1)
+    assert info, first.log
+    second = start_agent(agent, s, "same", 1)
+    assert wait_for(lambda: s.producer.stats()["remote"]["joins_refused"] >= 1, 10), second.log
+    assert wait_for(lambda: "refused this agent" in second.log, 5), second.log
+    stats = s.producer.stats()
+    assert [a["name"] for a in stats["agents"] if a["state"] == "joined"] == ["same"]
+    pids = {reply_pid(s.request(b"r%d" % i)) for i in range(10)}
+    assert pids == {info["workers"][0]["pid"]}  # nothing ran on the second one
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A front end's key pair, the allowed agents' public keys (a1, a2), and an unlisted
+    agent's pair (rogue), all made with ``gaspar keygen``."""
+    allow = tmp_path / "allow"
+    for name, where in [("server", tmp_path), ("a1", tmp_path), ("a2", tmp_path), ("rogue", tmp_path)]:
+        out = subprocess.run(
+            [sys.executable, "-m", "gaspar", "keygen", name, "--dir", str(where)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+    assert os.stat(tmp_path / "a1.key_secret").st_mode & 0o777 == 0o600
+    allow.mkdir()
+    for name in ("a1", "a2"):
+        (allow / f"{name}.key").write_bytes((tmp_path / f"{name}.key").read_bytes())
+    return tmp_path
+
+
+def curve_front(serve, keys, **options):
+    return front(serve, curve_secret=str(keys / "server.key_secret"), curve_allow=str(keys / "allow"), **options)
+
+
+def curve_args(keys, name: str) -> tuple[str, ...]:
+    return ("--curve-secret", str(keys / f"{name}.key_secret"), "--curve-server", str(keys / "server.key"))
+
+
+def test_curve_lets_a_listed_agent_in(serve, agent, keys):
+    s = curve_front(serve, keys)
+    a = start_agent(agent, s, "a1", 1, *curve_args(keys, "a1"))
+    info = joined(s, "a1", 1)
+    assert info, a.log
+    assert info["user"] == "a1"
+    assert reply_pid(s.request(b"secret")) == info["workers"][0]["pid"]
+    assert s.producer.stats()["remote"]["curve"] is True
+
+
+def test_curve_refuses_unlisted_keys_plain_clients_and_borrowed_names(serve, agent, keys):
+    s = curve_front(serve, keys, processes=1)
+    rogue = start_agent(agent, s, "rogue", 1, *curve_args(keys, "rogue"))
+    plain = start_agent(agent, s, "plain", 1)  # no CURVE at all
+    liar = start_agent(agent, s, "a1", 1, *curve_args(keys, "a2"))  # a2's key, a1's name
+    t0 = time.monotonic()
+    time.sleep(6)
+    stats = s.producer.stats()
+    assert stats["agents"] == [], stats["agents"]  # nobody joined
+    refused = stats["remote"]["handshakes_refused"]
+    assert refused >= 1, rogue.log
+    # the refused agent knocks again, but boundedly: its back-off is capped at 1 s here
+    # (--reconnect-max 1) and libzmq's own reconnects at 1 s
+    assert refused <= 4 * (time.monotonic() - t0), f"{refused} refused handshakes in 6 s: a reconnect storm"
+    assert stats["remote"]["joins_refused"] >= 1, liar.log
+    assert "is not the one this key was issued for" in liar.log or "refused" in liar.log, liar.log
+    for a in (rogue, plain, liar):
+        assert "Joined" not in a.log, a.log
+    pids = {reply_pid(s.request(b"r%d" % i)) for i in range(5)}
+    assert pids <= set(s.pids())  # every request ran locally
+    assert plain.proc.poll() is None  # it keeps trying, without a storm
+
+
+def test_settings_refuse_an_open_remote_bind_without_curve():
+    with pytest.raises(ValueError, match="not loopback"):
+        gaspar.Settings(remote_bind="tcp://0.0.0.0:10124")
+    gaspar.Settings(remote_bind="tcp://0.0.0.0:10124", insecure=True)
+    with pytest.raises(ValueError, match="go together"):
+        gaspar.Settings(remote_bind="tcp://127.0.0.1:1", curve_secret="x")
+    with pytest.raises(ValueError, match="at least 1"):
+        gaspar.Producer(handlers.echo, 0, processes=0)
+
+
+def test_agents_show_in_metrics_top_and_stats(serve, agent):
+    from test_metrics import scrape, value
+
+    from gaspar import top
+
+    s = front(serve, processes=1, metrics_bind="127.0.0.1:0")
+    start_agent(agent, s, "a1", 2)
+    assert joined(s, "a1", 2)
+    for i in range(6):
+        s.request(b"m%d" % i)
+    assert wait_for(lambda: s.producer.stats()["agents"][0]["rtt_ms"] is not None, 5)
+    m = scrape(s.producer.metrics_addr)  # parsed by prometheus_client's own parser
+    assert value(m, "gaspar_agents", state="joined") == 1
+    assert value(m, "gaspar_agents", state="lost") == 0
+    assert value(m, "gaspar_agent_workers", agent="a1") == 2
+    assert value(m, "gaspar_agent_busy", agent="a1") == 0
+    assert value(m, "gaspar_agent_rtt_seconds", agent="a1") > 0
+    assert value(m, "gaspar_agent_events_total", event="agents_lost") == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "gaspar", "top", s.addr, "--once", "--interval", "0.2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith("a1@"))
+    assert "session 1" in line and "joined" in line and "workers 2" in line, out.stdout
+    assert "agents on other hosts (1 live)" in out.stdout
+    frame = top.render(None, s.producer.stats(), 1.0, width=40)
+    assert all(len(line) <= 40 for line in frame)
+    stats = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "gaspar", "stats", s.addr], cwd=ROOT, capture_output=True, timeout=30
+        ).stdout
+    )
+    assert stats["agents"][0]["name"] == "a1" and stats["remote"]["agents_live"] == 1
