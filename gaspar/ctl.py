@@ -177,7 +177,7 @@ def producer_commands(producer: Any) -> Commands:
         stop=lambda graceful: eventlet.spawn_n(p.begin_stop, graceful),
         stopping=lambda: p.draining or p.stopping,
         target=lambda: p.target,
-        consumer=p.fork_server.consumer_name,
+        consumer=lambda: p.supervisor.consumer_name(),
     )
 
 

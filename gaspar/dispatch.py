@@ -64,6 +64,7 @@ class WorkerSlot:
     ahead: deque[Pending] = field(default_factory=deque)  # prefetched: sent, not started
     retiring: bool = False  # takes no new work; exits once idle
     retire_reason: str = ""  # why: max_requests, reload, scale, timeout, died
+    told_exit: bool = False  # asked to exit (once is enough)
     started: float = 0.0
     agent: Any = None  # the remote agent it lives on (gaspar.remote.Agent); None: a local process
     wid: bytes = b""  # a remote worker's own routing id, on its agent's socket

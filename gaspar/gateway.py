@@ -41,7 +41,7 @@ import zmq
 import zmq.backend
 
 from .dispatch import Pending, WorkerSlot, draw_limit
-from .framing import Kind, Link, Status
+from .framing import Kind, Link, Status, pack_id
 from .remote import LEAVING, LEFT, LOST, Agent, Agents
 
 log = logging.getLogger("gaspar")
@@ -111,7 +111,10 @@ class Gateway:
                 self.gatekeeper = Gatekeeper(self.ctx, s.curve_allow)
                 self.gatekeeper.start()
                 secure_server(sock, s.curve_secret)
-            sock.bind(s.remote_bind)
+            try:
+                sock.bind(s.remote_bind)
+            except zmq.ZMQError as exc:  # in the words of a socket's bind, for the CLI and the log
+                raise OSError(exc.errno, zmq.strerror(exc.errno), s.remote_bind) from None
         except BaseException:
             sock.close(linger=0)
             self.close()
@@ -157,9 +160,27 @@ class Gateway:
             self.unreachable(agent, exc)
             return False
 
-    def kill(self, worker: WorkerSlot, sig: int) -> None:
+    # -- acting on a worker (the supervisor has the same three for local ones) -----------
+
+    def kill(self, worker: WorkerSlot, sig: int, why: str = "") -> None:
         """Have the agent signal one of its workers (a request ran past its timeout)."""
-        self._control(worker.agent, Link.KILL, wid=worker.wid.decode(), sig=int(sig))
+        if worker.agent.live:
+            self._control(worker.agent, Link.KILL, wid=worker.wid.decode(), sig=int(sig))
+
+    def tell_exit(self, worker: WorkerSlot) -> None:
+        """Ask an idle remote worker to exit cleanly (its agent forks a replacement)."""
+        if not worker.told_exit:
+            worker.told_exit = True
+            self.tell(worker, Kind.EXIT.value)
+
+    def broadcast(self, worker: WorkerSlot, message: bytes) -> bool:
+        return self.tell(worker, Kind.BROADCAST.value + pack_id(0), message)
+
+    def manage(self) -> None:
+        """Retiring remote workers with nothing in hand (``max_requests``): tell them to exit."""
+        for w in self.dispatcher.retiring_idle():
+            if w.agent is not None and w.agent.state == "joined":
+                self.tell_exit(w)
 
     def _control(self, agent: Agent | bytes, kind: Link, **body: Any) -> bool:
         rid = agent if isinstance(agent, bytes) else agent.rid

@@ -55,8 +55,8 @@ with warnings.catch_warnings():
     import eventlet.hubs
     from eventlet.event import Event as GreenEvent
 
-from . import __version__
-from .arbiter import FlapPolicy, ForkServer
+from . import __version__, sdnotify
+from .arbiter import ForkServer
 from .config import Settings
 from .connection import Acceptor, Connection, IOLoop
 from .control import Control
@@ -123,7 +123,7 @@ def close_access_log(logger: logging.Logger) -> None:
         handler.close()
 
 
-class Producer(Supervisor):
+class Producer:
     """Listens on ``host:port`` and runs each request on one of ``processes`` workers.
 
     ``consumer`` is a Consumer, a Consumer subclass or a plain function (wrapped in
@@ -160,6 +160,7 @@ class Producer(Supervisor):
         self.host = host
         self.port = port
         self.processes = processes if processes is not None else os.cpu_count() or 1
+        self.supervisor: Supervisor | None = None  # made by start(), in the hub's thread
         self.running = threading.Event()
         self.stopped = threading.Event()
         self.server_addr: tuple[str, int] | None = None
@@ -242,24 +243,24 @@ class Producer(Supervisor):
 
     def _setup(self) -> None:
         s = self.settings
-        self.target = self.processes
-        self.generation = 1
-        self.flap = FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry)
-        self.backoff_until = 0.0
-        self.booting: dict[int, Any] = {}  # spawn token -> Booting
-        self.pid_token: dict[int, int] = {}
-        self.spawn_seq = 0
-        self.exit_sent: set[bytes] = set()
-        self.kill_reasons: dict[int, str] = {}  # pid -> why we signalled it
+        self.supervisor = Supervisor(
+            self.consumer,
+            self.app_spec,
+            s,
+            self.dispatcher,
+            self.telemetry,
+            self.processes,
+            send=self._send,
+            fail=self._fail,
+            on_ready=self._on_pool_ready,
+            on_fatal=self._on_fatal,
+        )
         self.connections: set[Connection] = set()
         self.draining = False  # no longer accepting
         self.stopping = False  # failing what is left, stopping workers
         self.hurry = False
-        self.reloading: str | None = None  # "importing", then "replacing" until READY=1 (systemd)
         self.started_at = time.time()
-        self.restarts = 0
         self._done = GreenEvent()
-        self._workers_gone = GreenEvent()
         self._in_round = False
         self._read_scheduled = None
         self._outbox: list[tuple[WorkerSlot, Pending]] = []
@@ -269,9 +270,7 @@ class Producer(Supervisor):
         self._shed_logged = (0.0, 0)  # (when, shed count then): the overload log line
         self._refused_logged = 0.0
         self._ipc_dir = None
-        self.fork_server = None
-        self.next_fork_server = None  # a reload's fresh fork server, until it says it imported
-        self.old_fork_servers: list[ForkServer] = []  # retiring, or refused: exit by themselves
+        self._step = ""  # what _setup was doing, for the log line if it fails
         self.router = None
         self.gateway = None  # agents on other hosts (remote_bind)
         self.ctx = None
@@ -288,22 +287,23 @@ class Producer(Supervisor):
                 endpoint = f"ipc://{self._ipc_dir}/workers"
             else:
                 endpoint = "tcp://127.0.0.1:*"
-            self.fork_server = ForkServer(self.consumer, s, self.app_spec)
-            self.fork_server.start()  # before any 0MQ context or hub exists here
+            self.supervisor.start_fork_server()  # before any 0MQ context or hub exists here
             self.ctx = zmq.Context(1)
             self.router = self.ctx.socket(zmq.ROUTER)
             self.router.linger = 0
             self.router.router_mandatory = 1
             self.router.bind(endpoint)
-            self.fork_server.endpoint = self.router.last_endpoint.decode()
             if s.remote_bind:
                 from .gateway import Gateway
 
                 self.gateway = Gateway(
                     self.ctx, s, self.dispatcher, self.telemetry, self._send, self._fail, self._on_message
                 )
+                self._step = f": cannot bind remote_bind {s.remote_bind}"
                 self.gateway.open()
+            self._step = f": cannot listen at {self.host}:{self.port}"
             self.listener = _listen(self.host, self.port, s.backlog)
+            self._step = ""
             self.server_addr = self.listener.getsockname()[:2]
             if s.metrics_bind:
                 from . import metrics
@@ -342,7 +342,6 @@ class Producer(Supervisor):
         for fd, callback in self.gateway.fds() if self.gateway is not None else ():
             self.ioloop.register(fd, select.EPOLLIN, callback)
         self.acceptor = Acceptor(self.listener, self.ioloop, self)
-        self.watch_fork_server(self.fork_server)
         self._greenlets = [eventlet.spawn(self.tick)]
         if self.metrics_listener is not None:
             from . import metrics
@@ -358,14 +357,11 @@ class Producer(Supervisor):
             from .ctl import producer_commands
 
             self._greenlets.append(eventlet.spawn(self.control_server.serve, producer_commands(self)))
-        self.manage_workers()
-        if self.target == 0:  # remote workers only: serving now, whether agents have joined or not
-            self.running.set()
-            self.notify_ready()
+        self.supervisor.attach(self.router)  # the first forks
+        if self.processes == 0:  # remote workers only: serving now, whether agents have joined or not
+            self._on_pool_ready()
 
     def _teardown(self) -> None:
-        for fs in self.fork_servers():
-            self.unwatch_fork_server(fs)
         for g in getattr(self, "_greenlets", []):
             g.kill()
         for conn in list(getattr(self, "connections", ())):
@@ -382,9 +378,7 @@ class Producer(Supervisor):
         if self.access_log is not None:
             close_access_log(self.access_log)
             self.access_log = None
-        for fs in self.fork_servers():
-            if fs.pid is not None:
-                fs.close()
+        self.supervisor.close()
         if self.router is not None:
             self.router.close(linger=0)
         if self.gateway is not None:
@@ -398,12 +392,136 @@ class Producer(Supervisor):
         if self._failure is not None:
             exc = self._failure
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-            listening = self.fork_server is not None and self.fork_server.endpoint and self.listener is None
-            where = f": cannot listen at {self.host}:{self.port}" if listening and isinstance(exc, OSError) else ""
+            where = self._step if isinstance(exc, (OSError, zmq.ZMQError)) else ""
             log.error("Shutting down: gaspar (exit code %s, did not start%s: %s)", self.exit_code, where, why)
         else:
             log.info("Shutting down: gaspar (exit code %s)", self.exit_code)
         self.stopped.set()
+
+    # -- the ticker and control ---------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Every 10 ms while requests are queued: shed what waited too long. Every 0.1 s:
+        shed requests whose client's deadline cannot be met, fail what ran past its timeout
+        and kill its worker, ping the agents and lose the silent ones; every 0.5 s, end
+        connections idle past ``idle_timeout``; and read the ROUTER, as a backstop. An idle
+        daemon wakes ten times a second. How late each wake-up comes is the hub's lag
+        (``gaspar_hub_lag_seconds``)."""
+        rounds, next_slow = 0, time.monotonic() + 0.1
+        lag = self.telemetry.hub_lag
+        while True:
+            nap = 0.01 if self.dispatcher.queued else max(0.0, next_slow - time.monotonic())
+            due = time.monotonic() + nap
+            eventlet.sleep(nap)
+            lag.observe(max(0.0, time.monotonic() - due))  # how late the hub woke us
+            try:
+                slow = time.monotonic() >= next_slow
+                self.dispatcher.sweep(deadlines=slow)
+                self.settle()
+                if slow:
+                    rounds += 1
+                    next_slow = time.monotonic() + 0.1
+                    self._tick(rounds)
+            except Exception:  # the ticker must outlive any one bad round
+                log.exception("Error in the front end's tick; carrying on")
+
+    def _tick(self, rounds: int) -> None:
+        self.read_router()
+        if self.gateway is not None:
+            self.gateway.tick()
+        idle = self.settings.idle_timeout
+        if idle and rounds % 5 == 0:
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_idle(now, idle)
+        expired = self.dispatcher.expire()
+        for req in expired:
+            worker = req.worker
+            log.error("WORKER TIMEOUT (worker %s, pid:%s) after %ss", worker.label, worker.pid, req.timeout)
+            msg = f"handler ran past {req.timeout}s; worker {worker.label} (pid {worker.pid}) killed"
+            self._fail(req, Status.TIMEOUT, "WorkerTimeout", msg, timeout=req.timeout, pid=worker.pid)
+            self.owner(worker).kill(worker, signal.SIGKILL, f"its handler ran past {req.timeout}s")
+        if expired:
+            self._send(self.dispatcher.dispatch())
+            self.manage_workers()
+
+    def on_signal(self, signum: int) -> None:
+        """One small action per signal, as gunicorn's arbiter."""
+        name = signal.Signals(signum).name
+        log.info("Handling signal: %s", name[3:].lower())
+        handler = {
+            signal.SIGTERM: lambda: self.begin_stop(True),
+            signal.SIGINT: lambda: self.begin_stop(False),
+            signal.SIGQUIT: lambda: self.begin_stop(False),
+            signal.SIGHUP: self.do_reload,
+            signal.SIGTTIN: lambda: self.do_scale(self.target + 1),
+            signal.SIGTTOU: lambda: self.do_scale(self.target - 1),
+        }.get(signum)
+        if handler is not None:
+            handler()
+
+    def do_reload(self) -> None:
+        if not self.stopping:
+            self.supervisor.reload(self)
+
+    def do_scale(self, n: int) -> None:
+        self.supervisor.scale(n, least=0 if self.gateway is not None else 1)
+
+    def do_broadcast(self, message: bytes) -> int:
+        sent = 0
+        for w in list(self.dispatcher.workers.values()):
+            if not w.retiring:
+                sent += self.owner(w).broadcast(w, message)
+        self.read_router_soon()
+        return sent
+
+    def begin_stop(self, graceful: bool) -> None:
+        """Stop accepting; a graceful stop lets accepted requests finish; then stop workers."""
+        if self.stopping or self.draining:
+            if not graceful and self.draining:
+                self.hurry = True  # a fast stop during a graceful one: finish now
+            return
+        self.draining = True
+        log.info("Stopping (%s)", "graceful" if graceful else "fast")
+        sdnotify.notify(f"STOPPING=1\nSTATUS=Stopping ({'graceful' if graceful else 'fast'})")
+        self.close_listener(accept_backlog=graceful)
+        if graceful:
+            deadline = time.monotonic() + self.settings.graceful_timeout
+            while not self.hurry and time.monotonic() < deadline and self._busy():
+                eventlet.sleep(0.02)
+        self.stopping = True
+        running = {w.routing_id for w in self.dispatcher.workers.values() if w.current is not None}
+        for req in self.dispatcher.fail_all():
+            self._fail(req, Status.UNAVAILABLE, "ServerUnavailable", "the server stopped before the request finished")
+        if self.gateway is not None:
+            self.gateway.stop()  # every agent's session ends; their workers leave the pool
+        for conn in list(self.connections):
+            # A connection that owes its client nothing is closed; one that owes a reply, an
+            # error or (a plain request's error) a reset keeps its write side until it is paid.
+            if not conn.busy:
+                conn.close()
+            elif conn.partial:
+                conn.abort()
+        self.supervisor.stop(graceful and not self.hurry, running)
+        if self.supervisor.waiting_for():
+            self.supervisor.gone.wait(5.0 if graceful else 2.0)
+        deadline = time.monotonic() + 1.0
+        while self.connections and time.monotonic() < deadline:
+            eventlet.sleep(0.01)  # let connections write their last replies
+        self._done.send()
+
+    def close_listener(self, accept_backlog: bool) -> None:
+        """Stop accepting. With ``accept_backlog``, first take the connections the kernel
+        has already accepted for us: their clients think they are in, so serve them."""
+        if accept_backlog:
+            self.acceptor.accept_all()
+        self.acceptor.close()
+
+    def _busy(self) -> bool:
+        """Accepted work remains: a request queued or running, one being read, or a new
+        connection's first request, not read yet (its client is in: it must be served).
+        A persistent connection waiting for more is not busy."""
+        return bool(self.dispatcher.pending) or any(c.busy or c.awaiting_first for c in self.connections)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -533,7 +651,7 @@ class Producer(Supervisor):
             except zmq.ZMQError as exc:  # the worker's pipe is gone: it is dying
                 log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
                 self.dispatcher.retire(worker.routing_id, "died")
-                self.kill_worker(worker.pid, signal.SIGKILL, "its 0MQ pipe was gone")
+                self.supervisor.kill(worker, signal.SIGKILL, "its 0MQ pipe was gone")
                 self._outbox.extend(self.dispatcher.requeue(req))
         cancels, self._cancel_box = self._cancel_box, []
         for worker, req in cancels:  # after the request itself: the worker sees both in order
@@ -723,7 +841,7 @@ class Producer(Supervisor):
             if worker is not None and worker.retiring:
                 self.manage_workers()
         elif kind == Kind.HELLO.value:
-            self.on_hello(rid, frames[2].bytes)
+            self.supervisor.on_hello(rid, frames[2].bytes)
         elif kind == Kind.ACK.value:
             if head[9] != Status.OK:
                 log.error("A worker's on_broadcast failed: %s", frames[2].bytes.decode("utf-8", "replace"))
@@ -731,9 +849,7 @@ class Producer(Supervisor):
     # -- what it is doing -------------------------------------------------------------------
 
     def _worker_pids(self) -> list[int]:
-        pids = [w.pid for w in self.dispatcher.workers.values() if w.agent is None]
-        pids += [b.pid for b in getattr(self, "booting", {}).values() if b.pid is not None]
-        return sorted(pids)
+        return self.supervisor.worker_pids()
 
     def _stats(self) -> dict[str, Any]:
         """Everything ``gaspar stats``, ``/metrics`` and ``gaspar top`` show (README,
@@ -764,14 +880,14 @@ class Producer(Supervisor):
         states = dict.fromkeys(WORKER_STATES, 0)
         for w in workers:
             states[w["state"]] += 1
-        states["booting"] = len(getattr(self, "booting", {}))
+        states["booting"] = len(self.supervisor.booting) if self.supervisor is not None else 0
         front = proc_usage(os.getpid())
         return {
             "pid": os.getpid(),
             "version": __version__,
             "uptime": round(wall - self.started_at, 3) if hasattr(self, "started_at") else 0.0,
             "time": round(wall, 3),
-            "target_workers": getattr(self, "target", self.processes),
+            "target_workers": self.target,
             "workers": workers,
             "worker_states": states,
             "booting": states["booting"],
@@ -780,7 +896,7 @@ class Producer(Supervisor):
             "prefetched": d.prefetched,
             "pending": len(d.pending),
             "connections": len(getattr(self, "connections", ())),
-            "restarts": getattr(self, "restarts", 0),
+            "restarts": self.supervisor.restarts if self.supervisor is not None else 0,
             "agents": self.gateway.agents.snapshot() if getattr(self, "gateway", None) is not None else [],
             "remote": self.gateway.snapshot() if getattr(self, "gateway", None) is not None else None,
             "front_end": {"cpu_seconds": round(front[0], 3), "rss_bytes": front[1]} if front else None,
@@ -807,6 +923,42 @@ class Producer(Supervisor):
     def ready(self) -> bool:
         """Worth sending requests to: a worker is ready and no stop has begun."""
         return not self.draining and not self.stopping and any(not w.retiring for w in self.dispatcher.workers.values())
+
+    # -- the pool -----------------------------------------------------------------------------
+
+    @property
+    def fork_server(self) -> ForkServer | None:
+        """The current fork server of this host's workers."""
+        return self.supervisor.fork_server if self.supervisor is not None else None
+
+    @property
+    def target(self) -> int:
+        """How many worker processes this host runs (workers elsewhere are the agents')."""
+        return self.supervisor.target if self.supervisor is not None else self.processes
+
+    def owner(self, worker: WorkerSlot) -> Any:
+        """Who acts on a worker (kill, tell_exit, broadcast): the supervisor for a local
+        process, the gateway for one on another host."""
+        return self.supervisor if worker.agent is None else self.gateway
+
+    def manage_workers(self) -> None:
+        """Tell retiring idle workers to exit, wherever they are; bring the pool to size."""
+        self.supervisor.manage()
+        if self.gateway is not None:
+            self.gateway.manage()
+
+    def _on_pool_ready(self) -> None:
+        """Every local worker is ready (or there are none to wait for): serve."""
+        if not self.running.is_set():
+            self.running.set()
+            self.supervisor.notify_ready()
+
+    def _on_fatal(self, exit_code: int, failure: BaseException | None) -> None:
+        """The pool cannot go on (its fork server died, its workers cannot boot): stop."""
+        self.exit_code = exit_code
+        if failure is not None:
+            self._failure = failure
+        eventlet.spawn_n(self.begin_stop, False)
 
     def stats_json(self) -> bytes:
         return json.dumps(self._stats()).encode()
