@@ -379,7 +379,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         producer.start()
     except OSError as exc:
-        print(f"gaspar: cannot listen at {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        where = f"bind remote_bind {exc.filename}" if exc.filename else f"listen at {host}:{port}"
+        print(f"gaspar: cannot {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except GasparError as exc:
         print(f"gaspar: {exc}", file=sys.stderr)

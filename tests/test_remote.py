@@ -357,3 +357,47 @@ def test_agents_show_in_metrics_top_and_stats(serve, agent):
         ).stdout
     )
     assert stats["agents"][0]["name"] == "a1" and stats["remote"]["agents_live"] == 1
+
+
+def test_a_taken_remote_port_and_bad_agent_arguments_are_one_line_errors():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "gaspar", "serve", "handlers:echo", "--bind", "127.0.0.1:0", "-w", "1"]
+            + ["--remote-bind", f"tcp://127.0.0.1:{port}", "--control-socket", "off"],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests")),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert out.returncode == 1
+    assert (
+        out.stderr.splitlines()[-1] == f"gaspar: cannot bind remote_bind tcp://127.0.0.1:{port}: Address already in use"
+    )
+    for args, message in [
+        (["--connect", "127.0.0.1:1"], "--connect takes tcp://HOST:PORT"),
+        (["--connect", "tcp://127.0.0.1:1", "--curve-secret", "x"], "go together"),
+        (["--connect", "tcp://127.0.0.1:1", "--curve-secret", "/nope", "--curve-server", "/nope"], "cannot read"),
+        (["--connect", "tcp://127.0.0.1:1", "--workers", "0"], "--workers must be at least 1"),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-m", "gaspar", "worker", "gaspar.demo:echo", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+    out = subprocess.run(
+        [sys.executable, "-m", "gaspar", "serve", "gaspar.demo:echo", "--remote-bind", "tcp://0.0.0.0:1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "not loopback" in out.stderr and "insecure" in out.stderr
