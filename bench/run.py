@@ -14,6 +14,7 @@ alike. The results go to stdout, bench/results.txt and bench/results.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -351,7 +352,8 @@ def finish_loadgen(proc: subprocess.Popen, budget: float) -> dict:
     try:
         out, err = proc.communicate(timeout=budget)
     except BaseException as e:  # a timeout, or ^C: the load generator goes too
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited just then
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=5)
         if isinstance(e, subprocess.TimeoutExpired):
             raise RuntimeError(f"loadgen ran past {budget:.0f} s and was killed") from None
