@@ -396,6 +396,12 @@ def summary(stats: dict[str, Any]) -> str:
     ]
     for w in sorted(live, key=lambda w: w["number"]):
         lines.append(f"  worker {w['number']}  pid {w['pid']}  {w['state']:<8}  {w.get('requests', 0)} requests")
+    for a in stats.get("agents") or []:
+        rtt = "" if a.get("rtt_ms") is None else f"  rtt {a['rtt_ms']:.1f} ms"
+        lines.append(
+            f"  agent {a['name']} on {a['host']}  session {a['session']}  {a['state']}  "
+            f"{a['slots']} workers, {a['busy']} busy  {a['done']} done, {a['lost']} lost{rtt}"
+        )
     return "\n".join(lines)
 
 

@@ -357,6 +357,34 @@ def test_agents_show_in_metrics_top_and_stats(serve, agent):
         ).stdout
     )
     assert stats["agents"][0]["name"] == "a1" and stats["remote"]["agents_live"] == 1
+    port = s.addr.rsplit(":", 1)[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "gaspar", "ctl", "--port", port, "status"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "agent a1 on" in out.stdout and "2 workers, 0 busy" in out.stdout, out.stdout
+
+
+def test_an_agents_config_file_sets_its_hooks(serve, agent, tmp_path):
+    """post_fork from the agent's --config runs in each of its workers (on its host)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    config = tmp_path / "agent_conf.py"
+    config.write_text(
+        "import os\n"
+        "worker_nice = 0\n"
+        "def post_fork(worker):\n"
+        f"    open(os.path.join({str(marks)!r}, str(worker.pid)), 'w').write(str(worker.number))\n"
+    )
+    s = front(serve)
+    a = start_agent(agent, s, "a1", 2, "--config", str(config))
+    info = joined(s, "a1", 2)
+    assert info, a.log
+    assert {int(p) for p in os.listdir(marks)} >= {w["pid"] for w in info["workers"]}
 
 
 def test_a_taken_remote_port_and_bad_agent_arguments_are_one_line_errors():
@@ -401,3 +429,101 @@ def test_a_taken_remote_port_and_bad_agent_arguments_are_one_line_errors():
         timeout=30,
     )
     assert out.returncode == 2 and "not loopback" in out.stderr and "insecure" in out.stderr
+
+
+def kill_one(agents, rng):
+    """A chaos move: SIGKILL an agent, and start a fresh one under its name."""
+    name = rng.choice(sorted(agents))
+    agents[name].signal(signal.SIGKILL)
+    agents[name].proc.wait(10)
+    agents[name] = agents.start(name)
+
+
+class Agents(dict):
+    """name -> AgentProcess, and how to start one (for chaos moves)."""
+
+    def __init__(self, start):
+        super().__init__()
+        self.start = start
+
+
+def run_chaos(s, start, moves, seconds: float = 10.0, calm=None) -> dict:
+    """Six clients send unique requests for ``seconds`` while a random move from ``moves``
+    (name -> callable(agents, rng)) hits two agents every 0.5-1.5 s. Every reply must be
+    its own request's; the only failures allowed are a lost agent's, a dying worker's and
+    shedding. Afterwards (``calm`` undoes a lasting fault) both agents are back, nothing
+    is left in flight, and the pool serves. Returns the tally of outcomes."""
+    import random
+
+    agents = Agents(start)
+    for name in ("c1", "c2"):
+        agents[name] = start(name)
+    assert joined(s, "c1", 2) and joined(s, "c2", 2), s.producer.stats()["agents"]
+    rng = random.Random(7)
+    stop = time.monotonic() + seconds
+    tally = {"ok": 0, "lost": 0, "died": 0, "shed": 0, "wrong": 0}
+    wrong: list[str] = []
+    lock = threading.Lock()
+
+    def client(k: int):
+        i = 0
+        while time.monotonic() < stop:
+            i += 1
+            body = b"sleep:%.3f:%d-%d" % (rng.random() * 0.05, k, i)
+            try:
+                reply = s.request(body, timeout=15)
+                outcome = "ok" if reply.split(b":", 1)[1] == body else "wrong"
+                if outcome == "wrong":
+                    wrong.append(f"{body!r} got {reply!r}")
+            except gaspar.WorkerLost:
+                outcome = "lost"
+            except gaspar.WorkerDied:
+                outcome = "died"
+            except gaspar.ServerUnavailable:
+                outcome = "shed"
+            with lock:
+                tally[outcome] += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    while time.monotonic() < stop - 2:
+        time.sleep(rng.uniform(0.5, 1.5))
+        moves[rng.choice(sorted(moves))](agents, rng)
+    if calm is not None:
+        calm(agents, rng)
+    for t in threads:
+        t.join(30)
+    print("chaos tally:", tally)
+    assert not wrong, wrong[:5]
+    assert tally["ok"] > 50, tally
+    assert joined(s, "c1", 2) and joined(s, "c2", 2), s.producer.stats()["agents"]
+    assert wait_for(lambda: s.producer.stats()["pending"] == 0, 5)
+    assert reply_pid(s.request(b"calm")) > 0
+    return tally
+
+
+def test_chaos_agents_killed_and_frozen_under_load(serve, agent):
+    """Over loopback, everywhere: agents SIGKILLed and started again, or frozen (SIGSTOP)
+    and thawed, at random under load; across a veth pair with partitions: test_remote_netns."""
+    s = front(serve, processes=1)
+
+    def start(name: str):
+        return start_agent(agent, s, name, 2)
+
+    frozen: list = []
+
+    def freeze(agents, rng):
+        if not frozen:
+            victim = agents[rng.choice(sorted(agents))]
+            victim.signal(signal.SIGSTOP)
+            frozen.append(victim)
+
+    def thaw(agents, rng):
+        while frozen:
+            victim = frozen.pop()
+            if victim.proc.poll() is None:  # not killed meanwhile
+                victim.signal(signal.SIGCONT)
+
+    tally = run_chaos(s, start, {"kill": kill_one, "freeze": freeze, "thaw": thaw}, calm=thaw)
+    assert tally["lost"] > 0, tally
