@@ -44,7 +44,7 @@ from typing import Any
 import zmq
 
 from . import __version__
-from .arbiter import HALT_FLAPPING, FlapPolicy, ForkServer, describe_exit
+from .arbiter import HALT_FLAPPING, FlapPolicy, ForkServer, describe_exit, drain
 from .framing import Kind, Link
 from .ipcdir import make_ipc_dir
 from .remote import reconnect_delay
@@ -198,7 +198,7 @@ class Agent:
             poller.register(self.link, zmq.POLLIN)
         ready = dict(poller.poll(100))
         if self.wake_r in ready:
-            _drain(self.wake_r)
+            drain(self.wake_r)
         if self.fs.events_fd in ready:
             self.on_fork_server_events()
         if self.workers_sock in ready:  # replies first: a GONE below would drop them
@@ -437,14 +437,6 @@ class Agent:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
         os.close(self.wake_r)
         log.info("Agent %s stopped (exit code %s)", self.name, self.exit_code)
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
 
 
 __all__ = ["Agent"]

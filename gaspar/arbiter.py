@@ -264,7 +264,7 @@ class _Server:
             events = self.selector.select(1.0)
             ready = {key.fd for key, _ in events}
             if self.wake_r in ready:
-                _drain(self.wake_r)
+                drain(self.wake_r)
             self.reap()
             if self.cmd in ready and not self.handle_commands():
                 return self.shutdown()
@@ -374,7 +374,7 @@ class _Server:
         while self.children and time.monotonic() < deadline:
             events = self.selector.select(0.01)  # woken by SIGCHLD, or a worker's output
             if any(key.fd == self.wake_r for key, _ in events):
-                _drain(self.wake_r)
+                drain(self.wake_r)
             # keep reading their output: a worker blocked on a full pipe could not exit
             self.log_output(events)
             self.reap(report=False)
@@ -396,7 +396,8 @@ class _Server:
         return 0
 
 
-def _drain(fd: int) -> None:
+def drain(fd: int) -> None:
+    """Read a non-blocking pipe (a wake-up pipe) until it is empty."""
     try:
         while os.read(fd, 4096):
             pass

@@ -38,11 +38,17 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-import zmq.backend
 
 from .dispatch import Pending, WorkerSlot, draw_limit
 from .framing import Kind, Link, Status, pack_id
 from .remote import LEAVING, LEFT, LOST, Agent, Agents
+from .zmqfast import LARGE as _LARGE
+from .zmqfast import MORE_NOW as _MORE_NOW
+from .zmqfast import NOW as _NOW
+from .zmqfast import RCVMORE as _RCVMORE
+from .zmqfast import get as _get
+from .zmqfast import recv as _recv
+from .zmqfast import send as _send
 
 log = logging.getLogger("gaspar")
 
@@ -50,13 +56,6 @@ log = logging.getLogger("gaspar")
 #: flight to one agent (workers x (1 + prefetch)), so a message never meets the mark; a send
 #: that still cannot go (EAGAIN) means the agent stopped reading: it is lost.
 HWM = 100_000
-_send = zmq.backend.Socket.send
-_recv = zmq.backend.Socket.recv
-_get = zmq.backend.Socket.get
-_NOW = int(zmq.NOBLOCK)
-_MORE_NOW = int(zmq.NOBLOCK | zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
-_LARGE = 64 * 1024
 _HELLO = Kind.HELLO.value
 
 

@@ -47,7 +47,6 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-import zmq.backend
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # eventlet's deprecation notice; see README
@@ -68,25 +67,22 @@ from .overload import ByteBudget, QueueControl
 from .supervisor import Supervisor
 from .telemetry import WORKER_STATES, LogLimiter, Telemetry, proc_usage
 from .worker import TIMING, Consumer
+from .zmqfast import LARGE as _LARGE
+from .zmqfast import MORE_NOW as _MORE_NOW
+from .zmqfast import NOW as _NOW
+from .zmqfast import RCVMORE as _RCVMORE
+from .zmqfast import get as _raw_get
+from .zmqfast import recv as _raw_recv
+from .zmqfast import send as _raw_send
 
 log = logging.getLogger("gaspar")
 
-_LARGE = 64 * 1024
 _REQUEST = Kind.REQUEST.value
 _AHEAD = Kind.AHEAD.value
 _REPLY = Kind.REPLY.value
 _CANCEL = Kind.CANCEL.value
 _SKIPPED = Kind.SKIPPED.value
 _FAILED = {Status.TIMEOUT: "timeout", Status.WORKER_DIED: "worker_died", Status.UNAVAILABLE: "unavailable"}
-# pyzmq's Python layer (send_multipart, recv_multipart, enum flags) cost about a quarter of
-# the front end's Python time per request in cProfile; the hot path calls the Cython
-# methods with plain int flags instead.
-_raw_send = zmq.backend.Socket.send
-_raw_recv = zmq.backend.Socket.recv
-_raw_get = zmq.backend.Socket.get
-_NOW = int(zmq.NOBLOCK)
-_MORE_NOW = int(zmq.NOBLOCK | zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
