@@ -275,25 +275,11 @@ class Row:
     ratios: bool = True  # show x/local
 
 
-class Results:
-    def __init__(self) -> None:
-        self.rows: list[Row] = []
-        self.notes: list[str] = []
-
-    def add(self, row: Row) -> Row:
-        shown = ", ".join(f"{k} {fmt_value(v, row.fmt)}" for k, v in row.values.items())
-        log(f"{row.scenario}: {row.metric}: {shown}")
-        self.rows.append(row)
-        return row
+class Results(bench_run.Results):
+    """run.py's results, with this benchmark's table (each scenario against local)."""
 
     def summarize(self, row: Row, runs: dict[str, list[dict]], key: str | Callable[[dict], float]) -> Row:
-        get = key if callable(key) else (lambda d: d[key])
-        for name, rs in runs.items():
-            row.runs[name] = rs
-            row.values[name] = median([get(d) for d in rs])
-            row.lg_share[name] = median([d["cpu_share"] for d in rs])
-            row.errors[name] = sum(d.get("errors", 0) for d in rs)
-        return self.add(row)
+        return self.add(bench_run.summarize(row, runs, key))
 
     def table(self, shown: list[str]) -> str:
         others = [s for s in shown if s != "local"]
