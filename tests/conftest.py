@@ -138,20 +138,14 @@ def serve():
         assert not left, f"processes left behind: {left}"
 
 
-class CliServer:
-    """A ``python -m gaspar serve`` subprocess, its log collected line by line."""
+class LoggedProcess:
+    """A subprocess whose output (stdout and stderr together) is collected line by line."""
 
-    def __init__(self, args: list[str], env: dict | None = None):
-        cmd = [sys.executable, "-m", "gaspar", "serve", *args]
-        full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    def _collect(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.addr: str | None = None
 
     def _read(self):
         for raw in self.proc.stdout:
@@ -160,6 +154,21 @@ class CliServer:
     @property
     def log(self) -> str:
         return "\n".join(self.lines)
+
+
+class CliServer(LoggedProcess):
+    """A ``python -m gaspar serve`` subprocess, its log collected line by line."""
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        cmd = [sys.executable, "-m", "gaspar", "serve", *args]
+        full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+        full_env.update(env or {})
+        self._collect(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
+        self.addr: str | None = None
 
     def wait_listening(self, timeout: float = 20.0) -> str:
         def found():
@@ -239,7 +248,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class AgentProcess:
+class AgentProcess(LoggedProcess):
     """A ``python -m gaspar worker`` subprocess (an agent), in its own process group, its
     log collected. ``popen`` starts it elsewhere (inside a network namespace)."""
 
@@ -247,18 +256,7 @@ class AgentProcess:
         cmd = [sys.executable, "-m", "gaspar", "worker", *args]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
         kw = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.proc = popen(cmd, **kw) if popen is not None else subprocess.Popen(cmd, **kw)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
+        self._collect(popen(cmd, **kw) if popen is not None else subprocess.Popen(cmd, **kw))
 
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
