@@ -227,6 +227,7 @@ class Agent:
         link = self.ctx.socket(zmq.DEALER)
         link.linger = 0
         link.sndhwm = link.rcvhwm = HWM
+        link.ipv6 = "[" in self.connect  # tcp://[::1]:PORT
         link.heartbeat_ivl = max(1, int(s.heartbeat_interval * 1000))  # 0MQ's own, a backstop
         link.heartbeat_timeout = link.heartbeat_ttl = int(2 * self.liveness * 1000)
         link.reconnect_ivl, link.reconnect_ivl_max = 1000, int(self.reconnect_max * 1000)

@@ -98,6 +98,7 @@ class Gateway:
         sock.linger = 0
         sock.router_mandatory = 1
         sock.sndhwm = sock.rcvhwm = HWM
+        sock.ipv6 = "[" in s.remote_bind  # tcp://[::1]:PORT
         # 0MQ's own heartbeats tear down a dead TCP connection, but later than this module
         # loses a silent agent: a connection that comes back in between carries the GONE
         # that tells the agent its session ended (and its late replies, to be dropped).

@@ -527,3 +527,62 @@ def test_chaos_agents_killed_and_frozen_under_load(serve, agent):
 
     tally = run_chaos(s, start, {"kill": kill_one, "freeze": freeze, "thaw": thaw}, calm=thaw)
     assert tally["lost"] > 0, tally
+
+
+def test_remote_workers_recycle_after_max_requests_and_take_broadcasts(serve, agent):
+    s = front(serve, max_requests=3)
+    a = agent("handlers:Stateful", "--connect", s.remote, "--workers", "1", "--name", "a1", *AGENT_FAST)
+    first = joined(s, "a1", 1)
+    assert first, a.log
+    assert s.producer.broadcast(b"table2") == 1
+    assert wait_for(lambda: s.request(b"x") == b"table2:x", 5)
+    replies = [s.request(b"r%d" % i) for i in range(7)]  # past max_requests: recycled, none lost
+    assert all(r.endswith(b":r%d" % i) for i, r in enumerate(replies))
+    again = joined(s, "a1", 1)
+    assert again["workers"][0]["pid"] != first["workers"][0]["pid"]
+    assert s.producer.stats()["agents"][0]["session"] == 1 and s.producer.stats()["remote"]["requests_lost"] == 0
+
+
+def test_agents_join_a_restarted_front_end_by_themselves(cli, agent):
+    from conftest import free_port
+
+    remote = f"tcp://127.0.0.1:{free_port()}"
+    args = ["handlers:where", "--bind", f"127.0.0.1:{free_port()}", "--workers", "0", "--remote-bind", remote]
+    args += ["--heartbeat-interval", "0.25", "--agent-liveness", str(LIVENESS), "--control-socket", "off"]
+    first = cli(*args)
+    addr = first.wait_listening()
+    a = agent("handlers:where", "--connect", remote, "--workers", "1", "--name", "a1", *AGENT_FAST)
+    assert wait_for(lambda: any(x["state"] == "joined" for x in first.stats()["agents"]), 20), a.log
+    pid = reply_pid(client_request(addr, b"one"))
+    first.signal(signal.SIGTERM)
+    assert first.wait(20) == 0
+    second = cli(*args)
+    second.wait_listening()
+    t0 = time.monotonic()
+    assert wait_for(lambda: any(x["state"] == "joined" for x in second.stats()["agents"]), 20), a.log
+    rejoined = time.monotonic() - t0
+    assert reply_pid(client_request(addr, b"two")) == pid  # the same worker: idle ones are kept
+    assert rejoined < LIVENESS + 3, f"rejoined after {rejoined:.1f}s"
+    assert a.proc.poll() is None
+
+
+def client_request(addr: str, body: bytes) -> bytes:
+    from gaspar import client
+
+    return client.request(addr, body, timeout=10)
+
+
+def test_agents_join_over_ipv6(serve, agent):
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    s = front(serve, remote_bind="tcp://[::1]:*")
+    assert s.remote.startswith("tcp://[::1]:")
+    a = start_agent(agent, s, "v6", 1)
+    info = joined(s, "v6", 1)
+    assert info, a.log
+    assert reply_pid(s.request(b"six")) == info["workers"][0]["pid"]
