@@ -94,7 +94,9 @@ class Agent:
         self.consumer, self.settings, self.spec = consumer, settings, spec
         self.connect, self.target = connect, workers
         self.host = socket.gethostname()
-        self.name = name or self.host
+        # with CURVE the front end knows an agent by its key's NAME: that is its name
+        keyname = os.path.basename(curve_secret or "").removesuffix(".key_secret") if curve_secret else ""
+        self.name = name or keyname or self.host
         self.instance = secrets.token_hex(8)
         self.curve = (curve_secret, curve_server) if curve_secret else None
         self.reconnect_max = reconnect_max

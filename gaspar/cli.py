@@ -484,7 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(exc.detail, file=sys.stderr)
         return 2
     except GasparError as exc:
-        print(f"gaspar: {type(exc).__name__}: {exc}", file=sys.stderr)
+        text = str(exc)  # a remote error's text may start with its type already
+        kind = type(exc).__name__
+        print(f"gaspar: {text if text.startswith(kind + ':') else f'{kind}: {text}'}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -388,7 +388,7 @@ def summary(stats: dict[str, Any]) -> str:
     lines = [
         f"pid {stats.get('pid')}  gaspar {stats.get('version')}  up {human_uptime(stats.get('uptime'))}",
         f"workers {len(live)} of {stats.get('target_workers')}: "
-        + ", ".join(f"{n} {state}" for state, n in states.items() if n)
+        + (", ".join(f"{n} {state}" for state, n in states.items() if n) or "none here")
         + (f"; restarts {stats.get('restarts', 0)}" if stats.get("restarts") else ""),
         f"queued {stats.get('queued', 0)}  in flight {stats.get('pending', 0)}  "
         f"connections {stats.get('connections', 0)}",

@@ -285,6 +285,9 @@ def test_curve_lets_a_listed_agent_in(serve, agent, keys):
     assert info["user"] == "a1"
     assert reply_pid(s.request(b"secret")) == info["workers"][0]["pid"]
     assert s.producer.stats()["remote"]["curve"] is True
+    # without --name, an agent joins as its key's NAME (the README's set-up)
+    b = agent("handlers:where", "--connect", s.remote, "--workers", "1", *AGENT_FAST, *curve_args(keys, "a2"))
+    assert joined(s, "a2", 1), b.log
 
 
 def test_curve_refuses_unlisted_keys_plain_clients_and_borrowed_names(serve, agent, keys):
