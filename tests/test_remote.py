@@ -68,6 +68,9 @@ def test_requests_are_answered_by_the_remote_pool(serve, agent):
     stats = s.producer.stats()
     assert stats["agents"][0]["done"] == 20
     assert stats["remote"]["agents_live"] == 1
+    big = os.urandom(5 * 1024 * 1024) + b"end"  # relayed by the agent as frames, not copied
+    reply = s.request(big, timeout=30)
+    assert reply.split(b":", 1)[1] == big and reply_pid(reply) in remote_pids
 
 
 def test_local_and_remote_workers_both_serve_at_once(serve, agent):
@@ -285,6 +288,8 @@ def test_curve_lets_a_listed_agent_in(serve, agent, keys):
     assert info["user"] == "a1"
     assert reply_pid(s.request(b"secret")) == info["workers"][0]["pid"]
     assert s.producer.stats()["remote"]["curve"] is True
+    big = os.urandom(3 * 1024 * 1024)  # crosses encrypted both ways, whole
+    assert s.request(big, timeout=30).split(b":", 1)[1] == big
     # without --name, an agent joins as its key's NAME (the README's set-up)
     b = agent("handlers:where", "--connect", s.remote, "--workers", "1", *AGENT_FAST, *curve_args(keys, "a2"))
     assert joined(s, "a2", 1), b.log
