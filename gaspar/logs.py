@@ -1,4 +1,9 @@
-"""The daemon's log: its two formats, and the capture of what workers print.
+"""The daemon's log: its two formats, the access log and handler errors, and the capture
+of what workers print.
+
+**Access log** (``access_log``): one line per request (:func:`access_line`), in the daemon
+log's own format; a file is reopened when logrotate moves it. **Handler errors** are logged
+with their traceback, rate-limited (:func:`log_handler_error`).
 
 **Formats.** ``configure(level, "text", stream)`` is gunicorn's line format; ``"json"`` is
 one JSON object per line (:class:`JsonFormatter`): ``time``, ``level``, ``pid``, ``logger``,
@@ -39,6 +44,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import logging.handlers
 import os
 import selectors
 import sys
@@ -314,3 +320,76 @@ def _fileno(stream: Any) -> int | None:
         return stream.fileno()
     except Exception:
         return None
+
+
+def open_access_log(path: str) -> logging.Logger:
+    """The ``gaspar.access`` logger, writing to ``path`` (``-``: standard error), in the
+    daemon log's own format (text or JSON). A file is reopened when logrotate moves it.
+    Lines are written from the hub: fine for a local file, as gunicorn's access log."""
+    logger = logging.getLogger("gaspar.access")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr) if path == "-" else logging.handlers.WatchedFileHandler(path)
+    root = next((h.formatter for h in logging.getLogger().handlers if h.formatter is not None), None)
+    handler.setFormatter(root or logging.Formatter("[%(asctime)s] [%(process)d] %(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+def close_access_log(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def access_line(
+    logger: logging.Logger,
+    peer: tuple[str, int] | None,
+    outcome: str,
+    bytes_in: int,
+    bytes_out: int,
+    queued: float | None,
+    handler: float | None,
+    total: float,
+    worker: int | str | None,
+) -> None:
+    """One access-log line for a request: who, how big, how long, how it ended, which worker."""
+    fields = {
+        "peer": f"{peer[0]}:{peer[1]}" if peer else "-",
+        "outcome": outcome,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "queue_ms": None if queued is None else round(queued * 1000, 3),
+        "handler_ms": None if handler is None else round(handler * 1000, 3),
+        "total_ms": round(total * 1000, 3),
+        "worker": worker,
+    }
+    logger.info(
+        "%(peer)s %(outcome)s in=%(bytes_in)sB out=%(bytes_out)sB queue=%(queue_ms)sms "
+        "handler=%(handler_ms)sms total=%(total_ms)sms worker=%(worker)s",
+        fields,
+        extra=fields,
+    )
+
+
+def log_handler_error(limiter: Any, worker: int | str | None, pid: int | None, body: bytes) -> None:
+    """The operator sees what the client saw: the handler's exception and traceback, at
+    most as often as ``limiter`` allows (then how many were not logged)."""
+    allowed, suppressed = limiter.allow()
+    if not allowed:
+        return
+    try:
+        facts = json.loads(body)
+    except ValueError:
+        facts = {"type": "Unknown", "message": body[:200].decode("utf-8", "replace")}
+    more = f" ({suppressed} more not logged in the last minute)" if suppressed else ""
+    logging.getLogger("gaspar").error(
+        "Handler error in worker %s (pid:%s): %s: %s%s\n%s",
+        worker,
+        pid,
+        facts.get("type"),
+        facts.get("message"),
+        more,
+        (facts.get("traceback") or "").rstrip(),
+        extra={"worker": worker, "worker_pid": pid, "error_type": facts.get("type")},
+    )

@@ -39,7 +39,6 @@ import shutil
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 import warnings
@@ -63,6 +62,7 @@ from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
 from .framing import Kind, Request, Status, error_body, pack_id
 from .ipcdir import make_ipc_dir
+from .logs import access_line, close_access_log, log_handler_error, open_access_log
 from .overload import ByteBudget, QueueControl
 from .supervisor import Supervisor
 from .telemetry import WORKER_STATES, LogLimiter, Telemetry, proc_usage
@@ -97,26 +97,6 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def open_access_log(path: str) -> logging.Logger:
-    """The ``gaspar.access`` logger, writing to ``path`` (``-``: standard error), in the
-    daemon log's own format (text or JSON). A file is reopened when logrotate moves it.
-    Lines are written from the hub: fine for a local file, as gunicorn's access log."""
-    logger = logging.getLogger("gaspar.access")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    handler = logging.StreamHandler(sys.stderr) if path == "-" else logging.handlers.WatchedFileHandler(path)
-    root = next((h.formatter for h in logging.getLogger().handlers if h.formatter is not None), None)
-    handler.setFormatter(root or logging.Formatter("[%(asctime)s] [%(process)d] %(message)s"))
-    logger.addHandler(handler)
-    return logger
-
-
-def close_access_log(logger: logging.Logger) -> None:
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
 
 
 class Producer:
@@ -695,27 +675,9 @@ class Producer:
             self.log_access(req.waiter, outcome, len(frame), queued, wall, now - req.queued_at, number)
 
     def _log_handler_error(self, worker: WorkerSlot | None, body: bytes) -> None:
-        """The operator sees what the client saw: the handler's exception and traceback,
-        at most 10 a minute (then how many were not logged)."""
-        allowed, suppressed = self._error_log.allow()
-        if not allowed:
-            return
-        try:
-            facts = json.loads(body)
-        except ValueError:
-            facts = {"type": "Unknown", "message": body[:200].decode("utf-8", "replace")}
-        number, pid = (worker.label, worker.pid) if worker is not None else (None, None)
-        more = f" ({suppressed} more not logged in the last minute)" if suppressed else ""
-        log.error(
-            "Handler error in worker %s (pid:%s): %s: %s%s\n%s",
-            number,
-            pid,
-            facts.get("type"),
-            facts.get("message"),
-            more,
-            (facts.get("traceback") or "").rstrip(),
-            extra={"worker": number, "worker_pid": pid, "error_type": facts.get("type")},
-        )
+        """The operator sees what the client saw, at most 10 a minute."""
+        label, pid = (worker.label, worker.pid) if worker is not None else (None, None)
+        log_handler_error(self._error_log, label, pid, body)
 
     def log_access(
         self,
@@ -725,28 +687,11 @@ class Producer:
         queued: float | None,
         handler: float | None,
         total: float,
-        worker: int | None,
+        worker: int | str | None,
     ) -> None:
-        """One access-log line for a request (``access_log``): who, how big, how long, how
-        it ended, which worker."""
+        """One access-log line for a request (``access_log``)."""
         conn, request = waiter
-        peer = conn.peer
-        fields = {
-            "peer": f"{peer[0]}:{peer[1]}" if peer else "-",
-            "outcome": outcome,
-            "bytes_in": len(request.body),
-            "bytes_out": bytes_out,
-            "queue_ms": None if queued is None else round(queued * 1000, 3),
-            "handler_ms": None if handler is None else round(handler * 1000, 3),
-            "total_ms": round(total * 1000, 3),
-            "worker": worker,
-        }
-        self.access_log.info(
-            "%(peer)s %(outcome)s in=%(bytes_in)sB out=%(bytes_out)sB queue=%(queue_ms)sms "
-            "handler=%(handler_ms)sms total=%(total_ms)sms worker=%(worker)s",
-            fields,
-            extra=fields,
-        )
+        access_line(self.access_log, conn.peer, outcome, len(request.body), bytes_out, queued, handler, total, worker)
 
     def _deliver_error(self, conn: Connection, request: Request, status: Status, kind: str, msg: str, **facts) -> None:
         conn.deliver(request, status, error_body(kind, msg, **facts))
