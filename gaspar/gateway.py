@@ -42,6 +42,7 @@ import zmq
 from .dispatch import Pending, WorkerSlot, draw_limit
 from .framing import Kind, Link, Status, pack_id
 from .remote import LEAVING, LEFT, LOST, Agent, Agents
+from .telemetry import LogLimiter
 from .zmqfast import LARGE as _LARGE
 from .zmqfast import MORE_NOW as _MORE_NOW
 from .zmqfast import NOW as _NOW
@@ -89,6 +90,8 @@ class Gateway:
         self.lost_requests = 0
         self._next_ping = 0.0
         self._reading = False
+        self.malformed = 0
+        self._log_limit = LogLimiter(burst=10, period=60.0)  # refusals and bad messages
         self._suspects: list[tuple[Agent, str]] = []  # sends failed: lose them once read
 
     def open(self) -> str:
@@ -219,8 +222,11 @@ class Gateway:
                 n += 1
                 try:
                     self._on_message(frames)
-                except Exception:
-                    log.exception("Dropped a malformed message from an agent")
+                except Exception:  # a peer's bad bytes: counted, logged 10 times a minute at most
+                    self.malformed += 1
+                    allowed, held = self._log_limit.allow()
+                    if allowed:
+                        log.exception("Dropped a malformed message from an agent (%s not logged)", held)
         finally:
             self._reading = False
         while self._suspects:
@@ -263,11 +269,15 @@ class Gateway:
             if not user:  # cannot happen past the ZAP handler; refuse rather than guess
                 self._control(rid, Link.REFUSE, reason="not authenticated")
                 return
+        if not isinstance(hello, dict):
+            raise ValueError(f"a JOIN carries a JSON object, not {type(hello).__name__}")
         agent, reason, replaced = self.agents.join(rid, hello, user)
         if replaced is not None:
             self._end(replaced, replaced.state, replaced.why)
         if agent is None:
-            log.warning("Refused an agent from %s: %s", _peer(frame), reason)
+            allowed, held = self._log_limit.allow()
+            if allowed:
+                log.warning("Refused an agent from %s: %s (%s not logged)", _peer(frame), reason, held)
             self._control(rid, Link.REFUSE, reason=reason)
             return
         s = self.settings
@@ -407,6 +417,7 @@ class Gateway:
             "joins_refused": a.refused,
             "handshakes_refused": self.gatekeeper.denied if self.gatekeeper is not None else 0,
             "stale_messages": a.stale,
+            "malformed_messages": self.malformed,
             "requests_lost": self.lost_requests,
         }
 

@@ -594,3 +594,38 @@ def test_agents_join_over_ipv6(serve, agent):
     info = joined(s, "v6", 1)
     assert info, a.log
     assert reply_pid(s.request(b"six")) == info["workers"][0]["pid"]
+
+
+def test_garbage_on_the_remote_socket_is_counted_and_the_pool_serves_on(serve, agent):
+    s = front(serve, processes=1)
+    a = start_agent(agent, s, "a1", 1)
+    assert joined(s, "a1", 1), a.log
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(s.remote)
+        bad = [
+            [b"", b"Jnot json"],
+            [b"", b"Jnull"],
+            [b"", b"J[1, 2]"],
+            [b"", b"J" + json.dumps({"name": "x" * 500, "instance": "i"}).encode()],  # refused
+            [b"", b"U{}"],  # a pong from nobody: stale
+            [b"w1", b"R"],  # a reply from nobody: stale
+            [b""],  # too few frames
+        ]
+        for frames in bad * 20:
+            sock.send_multipart(frames)
+        good = {"name": "ok", "host": "h", "instance": "i9", "pid": 1}
+        sock.send_multipart([b"", Link.JOIN.value + json.dumps(good).encode()])
+        sock.send_multipart([b"w1", Kind.HELLO.value, b"{not json"])  # a bad HELLO after a good JOIN
+        assert _recv_until(sock, lambda f: f[0] == b"" and f[1][:1] == Link.WELCOME.value)
+        remote = s.producer.stats()["remote"]
+        assert wait_for(lambda: s.producer.stats()["remote"]["malformed_messages"] >= 60, 5), remote
+        remote = s.producer.stats()["remote"]
+        assert remote["joins_refused"] >= 20 and remote["stale_messages"] >= 40, remote
+        assert reply_pid(s.request(b"still")) > 0
+        assert [x["name"] for x in s.producer.stats()["agents"] if x["state"] == "joined"] == ["a1", "ok"]
+    finally:
+        sock.close(0)
+        ctx.term()
