@@ -120,6 +120,8 @@ class Agent:
         )
         self.backoff_until = 0.0
         self.dropped = 0  # worker messages that could not be relayed (no session)
+        self._poller: zmq.Poller | None = None
+        self._polled_link: zmq.Socket | None = None
 
     # -- the main loop ---------------------------------------------------------------------
 
@@ -192,13 +194,13 @@ class Agent:
         return True
 
     def poll_once(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.workers_sock, zmq.POLLIN)
-        poller.register(self.fs.events_fd, zmq.POLLIN)
-        poller.register(self.wake_r, zmq.POLLIN)
-        if self.link is not None:
-            poller.register(self.link, zmq.POLLIN)
-        ready = dict(poller.poll(100))
+        if self._poller is None or self._polled_link is not self.link:  # made anew on a new link
+            self._poller = zmq.Poller()
+            for item in (self.workers_sock, self.fs.events_fd, self.wake_r, self.link):
+                if item is not None:
+                    self._poller.register(item, zmq.POLLIN)
+            self._polled_link = self.link
+        ready = dict(self._poller.poll(100))
         if self.wake_r in ready:
             drain(self.wake_r)
         if self.fs.events_fd in ready:

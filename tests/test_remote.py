@@ -156,6 +156,7 @@ def test_a_late_reply_from_an_ended_session_is_counted_and_dropped(serve):
         frames = _recv_until(sock, lambda f: f[0] == b"" and f[1][:1] == Link.WELCOME.value)
         hello = {"pid": 4242, "number": 1, "generation": 1, "token": 0}
         sock.send_multipart([b"w1", Kind.HELLO.value, json.dumps(hello).encode()])
+        assert joined(s, "fake", 1)  # its worker is in the pool, the last to become idle
         result: dict = {}
 
         def ask():
