@@ -65,6 +65,7 @@ class WorkerSlot:
     retiring: bool = False  # takes no new work; exits once idle
     retire_reason: str = ""  # why: max_requests, reload, scale, timeout, died
     told_exit: bool = False  # asked to exit (once is enough)
+    kill_reason: str = ""  # why the front end had it killed (a remote worker's exit log line)
     started: float = 0.0
     agent: Any = None  # the remote agent it lives on (gaspar.remote.Agent); None: a local process
     wid: bytes = b""  # a remote worker's own routing id, on its agent's socket

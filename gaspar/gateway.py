@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -168,6 +169,7 @@ class Gateway:
     def kill(self, worker: WorkerSlot, sig: int, why: str = "") -> None:
         """Have the agent signal one of its workers (a request ran past its timeout)."""
         if worker.agent.live:
+            worker.kill_reason = why  # for its exit's log line
             self._control(worker.agent, Link.KILL, wid=worker.wid.decode(), sig=int(sig))
 
     def tell_exit(self, worker: WorkerSlot) -> None:
@@ -337,6 +339,8 @@ class Gateway:
         if slot is None:
             return
         exitcode, sig, text = describe_exit(int(event.get("status", 0)))
+        if sig is not None and slot.kill_reason:
+            text = f"killed by {signal.Signals(sig).name} because {slot.kill_reason}"
         expected = slot.retiring and exitcode == 0
         req = self.dispatcher.remove_worker(slot.routing_id)
         if req is not None:
