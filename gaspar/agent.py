@@ -43,11 +43,12 @@ from typing import Any
 
 import zmq
 
-from . import __version__
+from . import __version__, sdnotify
 from .arbiter import HALT_FLAPPING, FlapPolicy, ForkServer, describe_exit, drain
 from .framing import Kind, Link
 from .ipcdir import make_ipc_dir
 from .remote import reconnect_delay
+from .worker import set_proctitle
 
 log = logging.getLogger("gaspar")
 
@@ -141,6 +142,7 @@ class Agent:
             signal.SIGQUIT: lambda *_: self.request_stop("fast"),
         }
         old = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
+        set_proctitle(f"{self.settings.proc_name}: agent {self.name} for {self.connect}")
         try:
             self.open_workers_socket()
             log.info(
@@ -212,6 +214,8 @@ class Agent:
         self.keep_alive()
 
     def request_stop(self, mode: str) -> None:
+        if self.stop_mode is None:
+            sdnotify.notify(f"STOPPING=1\nSTATUS=Stopping ({mode})")
         if self.stop_mode != "fast":
             self.stop_mode = mode
 
@@ -286,6 +290,7 @@ class Agent:
             self.state, self.session, self.attempt = "joined", body["session"], 0
             self.liveness = float(body.get("liveness", self.liveness))
             log.info("Joined %s as %s (session %s)", self.connect, self.name, self.session)
+            sdnotify.notify(f"READY=1\nSTATUS=joined {self.connect} (session {self.session})\nMAINPID={os.getpid()}")
             for w in self.by_pid.values():
                 self.announce(w)
         elif kind == Link.REFUSE.value:

@@ -630,3 +630,23 @@ def test_garbage_on_the_remote_socket_is_counted_and_the_pool_serves_on(serve, a
     finally:
         sock.close(0)
         ctx.term()
+
+
+def test_an_agent_tells_systemd_it_is_ready_once_joined_and_when_it_stops(serve, agent, tmp_path, monkeypatch):
+    from test_sdnotify import Notifications
+
+    s = front(serve)
+    path = str(tmp_path / "notify.sock")
+    notes = Notifications(path)
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", path)  # for the agent started below
+        a = start_agent(agent, s, "a1", 1)
+        ready = notes.next(20)
+        assert ready.get("READY") == "1" and ready["MAINPID"] == str(a.proc.pid), notes.seen
+        assert "session 1" in ready["STATUS"]
+        a.signal(signal.SIGTERM)
+        stopping = notes.next(20)
+        assert stopping.get("STOPPING") == "1" and "graceful" in stopping["STATUS"], notes.seen
+        assert a.proc.wait(20) == 0
+    finally:
+        notes.close()
