@@ -23,6 +23,11 @@ back-off (:func:`gaspar.remote.reconnect_delay`): a front end that comes back is
 every agent at once. Replies of the old session are never delivered: its connection is gone,
 and the front end drops what arrives from an ended session.
 
+**Reloading.** SIGHUP: a fresh fork server imports the application (every module) anew;
+then the workers of the older code are replaced one at a time: the agent asks the front end
+to retire one (RETIRE), the front end tells it to exit once it is idle, and a new one is
+forked. No request is lost, and the session goes on.
+
 **Stopping.** SIGTERM: LEAVE (the front end sends nothing more), let running requests finish
 (up to ``graceful_timeout``), then exit. SIGINT or SIGQUIT: at once. The workers die with
 the agent, as a local pool's die with the front end.
@@ -63,10 +68,11 @@ HWM = 100_000
 class LocalWorker:
     """A worker process of this agent: booting, then ready (it said HELLO)."""
 
-    __slots__ = ("pid", "number", "wid", "hello", "announced", "busy")
+    __slots__ = ("pid", "number", "generation", "wid", "hello", "announced", "busy", "retiring")
 
-    def __init__(self, pid: int, number: int) -> None:
-        self.pid, self.number = pid, number
+    def __init__(self, pid: int, number: int, generation: int = 1) -> None:
+        self.pid, self.number, self.generation = pid, number, generation
+        self.retiring = False  # a reload's: asked to go once idle
         self.wid: bytes | None = None  # its routing id, from its HELLO
         self.hello: bytes | None = None
         self.announced = False  # its HELLO went to the front end in this session
@@ -121,8 +127,12 @@ class Agent:
         )
         self.backoff_until = 0.0
         self.dropped = 0  # worker messages that could not be relayed (no session)
+        self.generation = 1  # of the code: a reload (SIGHUP) makes the next
+        self.next_fs: ForkServer | None = None  # a reload's fork server, until it has imported
+        self.old_fs: list[ForkServer] = []  # retired: they exit once their workers are gone
+        self.reload_requested = False
         self._poller: zmq.Poller | None = None
-        self._polled_link: zmq.Socket | None = None
+        self._watched: tuple[Any, ...] = ()
 
     # -- the main loop ---------------------------------------------------------------------
 
@@ -140,6 +150,7 @@ class Agent:
             signal.SIGTERM: lambda *_: self.request_stop("graceful"),
             signal.SIGINT: lambda *_: self.request_stop("fast"),
             signal.SIGQUIT: lambda *_: self.request_stop("fast"),
+            signal.SIGHUP: lambda *_: setattr(self, "reload_requested", True),
         }
         old = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
         set_proctitle(f"{self.settings.proc_name}: agent {self.name} for {self.connect}")
@@ -196,17 +207,22 @@ class Agent:
         return True
 
     def poll_once(self) -> None:
-        if self._poller is None or self._polled_link is not self.link:  # made anew on a new link
+        watched = (self.link, *(fs.events_fd for fs in self.fork_servers()))
+        if self._poller is None or self._watched != watched:  # made anew when these change
             self._poller = zmq.Poller()
-            for item in (self.workers_sock, self.fs.events_fd, self.wake_r, self.link):
+            for item in (self.workers_sock, self.wake_r, *watched):
                 if item is not None:
                     self._poller.register(item, zmq.POLLIN)
-            self._polled_link = self.link
+            self._watched = watched
         ready = dict(self._poller.poll(100))
         if self.wake_r in ready:
             drain(self.wake_r)
-        if self.fs.events_fd in ready:
-            self.on_fork_server_events()
+        for fs in self.fork_servers():
+            if fs.events_fd in ready:
+                self.on_fork_server_events(fs)
+        if self.reload_requested:
+            self.reload_requested = False
+            self.reload()
         if self.workers_sock in ready:  # replies first: a GONE below would drop them
             self.read_workers()
         if self.link is not None and self.link in ready:
@@ -256,7 +272,7 @@ class Agent:
             w.announced = False
             if w.busy:
                 w.busy.clear()
-                self.fs.kill(w.pid, signal.SIGKILL)
+                self.kill(w, signal.SIGKILL)
                 killed += 1
         if self.link is not None:
             self.link.close(linger=0)
@@ -303,7 +319,7 @@ class Agent:
         elif kind == Link.KILL.value:
             w = self.by_wid.get(body.get("wid", "").encode())
             if w is not None:
-                self.fs.kill(w.pid, int(body.get("sig", signal.SIGKILL)))
+                self.kill(w, int(body.get("sig", signal.SIGKILL)))
 
     def send_control(self, kind: Link, **body: Any) -> None:
         self.send_link([b"", kind.value + json.dumps(body).encode()])
@@ -360,25 +376,96 @@ class Agent:
         self.flap.booted()
         log.info("Worker %s (pid:%s) ready", w.number, w.pid)
         self.announce(w)
+        self.roll()
 
     def announce(self, w: LocalWorker) -> None:
         if self.state == "joined" and w.hello is not None and not w.announced:
             w.announced = self.send_link([w.wid, Kind.HELLO.value, w.hello])
 
-    def on_fork_server_events(self) -> None:
-        events = self.fs.read_events()
-        if events is None:
-            log.critical("The fork server died; stopping")
-            self.exit_code = 1
+    def on_fork_server_events(self, fs: ForkServer) -> None:
+        events = fs.read_events()
+        if events is None:  # it exited
+            if fs is self.fs:
+                log.critical("The fork server died; stopping")
+                self.exit_code = 1
+            else:
+                if fs is self.next_fs:
+                    self.on_reloaded(False, f"the new fork server (pid:{fs.pid}) exited before it was ready", fs)
+                if fs in self.old_fs:
+                    self.old_fs.remove(fs)
+                fs.close()
             return
         for event in events:
             if event["ev"] == "spawned":
+                fs.children.add(event["pid"])
                 self.booting.pop(event["token"], None)
-                self.by_pid[event["pid"]] = LocalWorker(event["pid"], event["number"])
+                self.by_pid[event["pid"]] = LocalWorker(event["pid"], event["number"], event["generation"])
                 log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
             elif event["ev"] == "exited":
+                fs.children.discard(event["pid"])
                 self.on_exit(event["pid"], event["number"], event["status"])
+            elif event["ev"] == "reloaded":
+                self.on_reloaded(event["ok"], event["error"], fs)
         self.manage_workers()
+
+    # -- reload (SIGHUP): new code, the workers replaced one by one -------------------------
+
+    def fork_servers(self) -> list[ForkServer]:
+        return [fs for fs in (self.fs, self.next_fs, *self.old_fs) if fs is not None]
+
+    def reload(self) -> None:
+        """Import the application afresh in a new fork server (or, for a consumer without a
+        name, re-import its module), then replace the workers one by one."""
+        if self.next_fs is not None or self.stop_mode is not None:
+            log.warning("A reload is already under way, or we are stopping; ignoring this one")
+            return
+        log.info("Reloading %s", self.fs.consumer_name())
+        try:
+            fresh = self.fs.successor()
+        except ValueError as exc:
+            log.warning("Cannot start a fresh fork server (%s); re-importing the handler's module only", exc)
+            self.fs.reload()
+            return
+        try:
+            fresh.start()
+        except OSError as exc:
+            self.on_reloaded(False, f"cannot start a fork server: {exc}", None)
+            return
+        self.next_fs = fresh
+
+    def on_reloaded(self, ok: bool, error: str | None, fs: ForkServer | None) -> None:
+        if fs is not None and fs is self.next_fs:
+            self.next_fs = None
+            if ok:
+                self.fs, fs = fs, self.fs
+                fs.retire()
+            self.old_fs.append(fs)  # it exits once its workers are gone (at once if refused)
+        if not ok:
+            log.error("Reload failed; keeping the current workers: %s", error)
+            return
+        self.generation += 1
+        log.info("Reloaded; replacing the workers one by one (generation %s)", self.generation)
+        self.roll()
+
+    def roll(self) -> None:
+        """One worker of an older generation at a time: have it retired (by the front end,
+        once it is idle, so no request is lost), then a new one is forked in its place."""
+        if self.stop_mode is not None or any(w.retiring for w in self.by_pid.values()) or self.booting:
+            return
+        old = [w for w in self.by_pid.values() if w.generation < self.generation and w.wid is not None]
+        if not old:
+            return
+        w = min(old, key=lambda w: len(w.busy))
+        w.retiring = True
+        if w.announced and self.state == "joined":
+            self.send_control(Link.RETIRE, wid=w.wid.decode())
+        else:  # no session: nothing can be sent to it meanwhile
+            self.workers_sock.send_multipart([w.wid, Kind.EXIT.value], zmq.NOBLOCK)
+
+    def kill(self, w: LocalWorker, sig: int) -> None:
+        """Signal a worker through the fork server that forked it."""
+        owner = next((fs for fs in self.fork_servers() if w.pid in fs.children), self.fs)
+        owner.kill(w.pid, sig)
 
     def on_exit(self, pid: int, number: int, status: int) -> None:
         w = self.by_pid.pop(pid, None)
@@ -422,7 +509,7 @@ class Agent:
             used.add(number)
             self.spawn_seq += 1
             self.booting[self.spawn_seq] = number
-            self.fs.spawn(number, 1, self.spawn_seq)
+            self.fs.spawn(number, self.generation, self.spawn_seq)
 
     def running(self) -> int:
         return sum(1 for w in self.by_pid.values() if w.busy)
@@ -435,13 +522,14 @@ class Agent:
                     continue
                 except zmq.ZMQError:
                     pass
-            self.fs.kill(w.pid, signal.SIGKILL)
+            self.kill(w, signal.SIGKILL)
         if self.link is not None:
             self.link.close()
             self.link = None
         if getattr(self, "workers_sock", None) is not None:
             self.workers_sock.close(linger=0)
-        self.fs.close()  # the workers first: they hold connections to our socket
+        for fs in self.fork_servers():
+            fs.close()  # the workers first: they hold connections to our socket
         self.ctx.term()
         if self.ipc_dir is not None:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)

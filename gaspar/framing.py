@@ -91,7 +91,8 @@ class Link(bytes, enum.Enum):
     EXITED = b"E"  # agent -> front end: {wid, pid, number, status}: a worker's wait status
     KILL = b"K"  # front end -> agent: {wid, sig}: signal a worker (a timeout)
     GONE = b"G"  # front end -> agent: {reason}: no such session (any more); join again
-    LEAVE = b"L"  # agent -> front end: {}: stopping; retire my workers
+    LEAVE = b"L"  # agent -> front end: {final}: stopping; retire my workers (front end -> agent: ack)
+    RETIRE = b"R"  # agent -> front end: {wid}: retire this worker once idle (the agent reloads)
 
 
 @dataclass(frozen=True, slots=True)

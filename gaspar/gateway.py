@@ -320,6 +320,10 @@ class Gateway:
         elif kind == Link.EXITED.value:
             agent.last_heard = self.clock()
             self._on_exited(agent, body)
+        elif kind == Link.RETIRE.value:  # the agent reloads: this one goes once it is idle
+            slot = agent.workers.get(str(body.get("wid", "")).encode())
+            if slot is not None and self.dispatcher.retire(slot.routing_id, "reload"):
+                self.tell_exit(slot)
         elif kind == Link.LEAVE.value:
             agent.last_heard = self.clock()
             if body.get("final"):

@@ -252,9 +252,9 @@ class AgentProcess(LoggedProcess):
     """A ``python -m gaspar worker`` subprocess (an agent), in its own process group, its
     log collected. ``popen`` starts it elsewhere (inside a network namespace)."""
 
-    def __init__(self, args: list[str], popen=None):
+    def __init__(self, args: list[str], popen=None, path: tuple[str, ...] = ()):
         cmd = [sys.executable, "-m", "gaspar", "worker", *args]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), *path]))
         kw = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         self._collect(popen(cmd, **kw) if popen is not None else subprocess.Popen(cmd, **kw))
 
@@ -284,8 +284,8 @@ def agent():
     """``agent(args..., popen=None)`` -> an AgentProcess; killed with its group at teardown."""
     started: list[AgentProcess] = []
 
-    def start(*args: str, popen=None) -> AgentProcess:
-        proc = AgentProcess(list(args), popen)
+    def start(*args: str, popen=None, path: tuple[str, ...] = ()) -> AgentProcess:
+        proc = AgentProcess(list(args), popen, path)
         started.append(proc)
         return proc
 

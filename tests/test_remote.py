@@ -650,3 +650,52 @@ def test_an_agent_tells_systemd_it_is_ready_once_joined_and_when_it_stops(serve,
         assert a.proc.wait(20) == 0
     finally:
         notes.close()
+
+
+def test_an_agent_reloads_its_code_on_sighup_one_worker_at_a_time(serve, agent, tmp_path):
+    """SIGHUP to an agent: a fresh fork server imports the new code, and each old worker is
+    retired by the front end once idle, then replaced: requests keep flowing, none fails."""
+    app = tmp_path / "agentapp.py"
+    app.write_text("def handle(message):\n    return b'v1:' + message\n")
+    s = front(serve)
+    a = agent(
+        "agentapp:handle", "--connect", s.remote, "--workers", "2", "--name", "a1", *AGENT_FAST, path=(str(tmp_path),)
+    )
+    before = joined(s, "a1", 2)
+    assert before, a.log
+    assert s.request(b"x") == b"v1:x"
+    replies: list[bytes] = []
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def load():
+        while not done.is_set():
+            try:
+                replies.append(s.request(b"y"))
+            except gaspar.GasparError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    app.write_text("def handle(message):\n    return b'v2:' + message\n")
+    a.signal(signal.SIGHUP)
+
+    def replaced():
+        info = joined(s, "a1", 2) or {}
+        pids = {w["pid"] for w in info.get("workers", [])}
+        return len(pids) == 2 and not pids & {w["pid"] for w in before["workers"]} and s.request(b"z") == b"v2:z"
+
+    ok = wait_for(replaced, 20, 0.1)
+    done.set()
+    for t in threads:
+        t.join(10)
+    assert ok, a.log
+    assert not errors, errors[:3]
+    assert set(replies) <= {b"v1:y", b"v2:y"} and b"v2:y" in replies
+    assert s.producer.stats()["agents"][0]["session"] == 1  # the same session throughout
+    assert "Reloaded; replacing the workers one by one (generation 2)" in a.log
+    from conftest import descendants
+
+    # the old fork server exits once its last worker is gone: one fork server, two workers
+    assert wait_for(lambda: len(descendants(a.proc.pid)) == 3, 10), descendants(a.proc.pid)
