@@ -699,3 +699,11 @@ def test_an_agent_reloads_its_code_on_sighup_one_worker_at_a_time(serve, agent, 
 
     # the old fork server exits once its last worker is gone: one fork server, two workers
     assert wait_for(lambda: len(descendants(a.proc.pid)) == 3, 10), descendants(a.proc.pid)
+    # a broken version is refused; the workers of the last good one serve on
+    pids = {w["pid"] for w in joined(s, "a1", 2)["workers"]}
+    app.write_text("def handle(message):\n    return b'v3:' + message\nthis is not python\n")
+    a.signal(signal.SIGHUP)
+    assert wait_for(lambda: "Reload failed; keeping the current workers" in a.log, 20), a.log
+    assert s.request(b"w") == b"v2:w"
+    assert {w["pid"] for w in joined(s, "a1", 2)["workers"]} == pids
+    assert wait_for(lambda: len(descendants(a.proc.pid)) == 3, 10), descendants(a.proc.pid)
