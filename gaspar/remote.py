@@ -195,6 +195,7 @@ class Agents:
                             "number": w.number,
                             "state": "retiring" if w.retiring else "busy" if w.current is not None else "idle",
                             "handled": w.handled,
+                            "prefetched": len(w.ahead),
                         }
                         for w in workers
                     ],

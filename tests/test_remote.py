@@ -707,3 +707,33 @@ def test_an_agent_reloads_its_code_on_sighup_one_worker_at_a_time(serve, agent, 
     assert s.request(b"w") == b"v2:w"
     assert {w["pid"] for w in joined(s, "a1", 2)["workers"]} == pids
     assert wait_for(lambda: len(descendants(a.proc.pid)) == 3, 10), descendants(a.proc.pid)
+
+
+def test_requests_handed_ahead_to_a_lost_agent_go_to_other_workers(serve, agent):
+    """Under load a busy remote worker is handed its next requests ahead (prefetch). When
+    its agent is lost, only the running one fails; those handed ahead run elsewhere."""
+    s = front(serve, processes=1)
+    a = start_agent(agent, s, "a1", 1)
+    assert joined(s, "a1", 1), a.log
+    results: list = []
+    lock = threading.Lock()
+
+    def one(i):
+        try:
+            r = s.request(b"sleep:0.3:%d" % i, timeout=30)
+        except gaspar.GasparError as exc:
+            r = exc
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: s.producer.stats()["agents"][0]["workers"][0]["prefetched"] >= 1, 5)
+    a.signal(signal.SIGKILL)
+    for t in threads:
+        t.join(30)
+    lost = [r for r in results if isinstance(r, gaspar.WorkerLost)]
+    ok = [r for r in results if isinstance(r, bytes)]
+    assert len(lost) == 1 and len(ok) == 9, results
+    assert {reply_pid(r) for r in ok} & set(s.pids())
