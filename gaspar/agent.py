@@ -270,6 +270,7 @@ class Agent:
         killed = 0
         for w in self.by_pid.values():
             w.announced = False
+            w.retiring = False  # a reload's RETIRE went to the old session: asked again later
             if w.busy:
                 w.busy.clear()
                 self.kill(w, signal.SIGKILL)
@@ -292,11 +293,14 @@ class Agent:
             except zmq.Again:
                 return
             self.last_heard = time.monotonic()
-            first = frames[0].bytes
-            if first:
-                self.to_worker(first, frames)
-            elif len(frames) == 2:
-                self.on_control(frames[1].bytes)
+            try:
+                first = frames[0].bytes
+                if first:
+                    self.to_worker(first, frames)
+                elif len(frames) == 2:
+                    self.on_control(frames[1].bytes)
+            except Exception:  # one bad message must not end the agent and its workers
+                log.exception("Dropped a malformed message from the front end")
 
     def on_control(self, message: bytes) -> None:
         kind, body = message[:1], json.loads(message[1:] or b"{}")
@@ -309,6 +313,7 @@ class Agent:
             sdnotify.notify(f"READY=1\nSTATUS=joined {self.connect} (session {self.session})\nMAINPID={os.getpid()}")
             for w in self.by_pid.values():
                 self.announce(w)
+            self.roll()  # a reload that was under way goes on
         elif kind == Link.REFUSE.value:
             log.error("The front end refused this agent: %s", body.get("reason"))
             self.lose("refused")
