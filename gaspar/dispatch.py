@@ -213,16 +213,23 @@ class Dispatcher:
         """
         worker = self.workers.get(routing_id)
         req = self.pending.get(request_id)
-        if req is None or req.worker is not worker or worker is None:
+        if worker is None or worker.current is None or worker.current.id != request_id:
+            # Not the request this worker runs: a worker answers in order, so this is a
+            # message from another life of it, never matched to a request.
             self.counters.unknown_replies += 1
             return None, []
-        del self.pending[request_id]
+        if req is not worker.current:  # it runs a request already ended elsewhere: free it
+            self.counters.unknown_replies += 1
+            req = worker.current
+            req.cancelled = True
+        self.pending.pop(request_id, None)
         now = self.clock()
         worker.current = None
         if ran:
             self.counters.completed += 1
             worker.handled += 1
-            self.control.observe(now - req.started)
+            if req.started:
+                self.control.observe(now - req.started)
         else:
             self.counters.skipped += 1
             if req.revoked and not req.cancelled:  # shed while handed ahead: counted now
@@ -263,7 +270,7 @@ class Dispatcher:
                 worker.current = None
                 worker.retiring, worker.retire_reason = True, "timeout"
                 self._idle.pop(worker.routing_id, None)
-                del self.pending[req.id]
+                self.pending.pop(req.id, None)
                 self.counters.timeouts += 1
                 expired.append(req)
                 if worker.ahead:  # they will never start there: queue them again
@@ -282,7 +289,10 @@ class Dispatcher:
         return reqs
 
     def requeue(self, req: Pending) -> list[Assignment]:
-        """Put back, at the head of the queue, a request that never reached its worker."""
+        """Put back, at the head of the queue, a request that never reached its worker
+        (unless it has ended meanwhile: failed, shed, cancelled)."""
+        if self.pending.get(req.id) is not req:
+            return self._assign()
         if req.worker is not None and req.worker.current is req:
             req.worker.current = None
         if req.worker is not None and req in req.worker.ahead:

@@ -612,13 +612,14 @@ class Producer:
 
     def _flush_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []
-        router, send = self.router, _raw_send
+        router, send, pending = self.router, _raw_send, self.dispatcher.pending
         for worker, req in outbox:
+            if req.worker is not worker or pending.get(req.id) is not req:
+                continue  # since assigned: its worker was lost or died, or it ended (failed, shed)
             body = req.body
             if worker.agent is not None:
-                if req.worker is worker:  # not put back already: its agent was lost
-                    kind = _REQUEST if worker.current is req else _AHEAD
-                    self._send_remote(worker, req, kind + pack_id(req.id), body)
+                kind = _REQUEST if worker.current is req else _AHEAD
+                self._send_remote(worker, req, kind + pack_id(req.id), body)
                 continue
             try:
                 send(router, worker.routing_id, _MORE_NOW)

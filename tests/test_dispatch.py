@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from gaspar.dispatch import Dispatcher, WorkerSlot
 
 
@@ -237,3 +239,46 @@ def test_prefetch_depth_grows_with_the_queue_and_zero_turns_it_off():
     for i in range(10):
         off.submit(b"%d" % i, i)
     assert not w0.ahead and off.queued == 9
+
+
+def busy_with_one_ahead(clock: Clock) -> tuple[Dispatcher, WorkerSlot, object, object]:
+    """One worker running a request, with the next handed ahead to it (prefetch)."""
+    d = Dispatcher(clock, prefetch=1)
+    w = worker(1)
+    d.add_worker(w)
+    running, _ = d.submit(b"a", "c1")
+    d.submit(b"b", "c2")
+    ahead, assigned = d.submit(b"c", "c3")  # two queued for one worker: b is handed ahead
+    assert w.current is running and len(w.ahead) == 1
+    return d, w, running, w.ahead[0]
+
+
+def test_a_reply_for_a_request_handed_ahead_is_not_taken_for_the_running_one():
+    """A worker answers in order; a reply for its next request before the running one's
+    comes from another life of it. It must not end the running request, nor feed the
+    handler-time estimate a request that never started (it once made every deadline look
+    hopeless)."""
+    clock = Clock()
+    d, w, running, ahead = busy_with_one_ahead(clock)
+    clock.now += 0.01
+    assert d.complete(w.routing_id, ahead.id) == (None, [])
+    assert w.current is running and list(w.ahead) == [ahead] and ahead.id in d.pending
+    assert d.counters.unknown_replies == 1 and d.control.service == 0.0
+    done, _ = d.complete(w.routing_id, running.id)
+    assert done is running and w.current is ahead
+    assert d.control.service == pytest.approx(0.01)
+
+
+def test_a_request_that_ended_elsewhere_is_not_put_back_and_frees_its_worker():
+    clock = Clock()
+    d, w, running, ahead = busy_with_one_ahead(clock)
+    # it ended while its send was pending (its worker's host was lost): failed, removed
+    d.pending.pop(running.id)
+    assert d.requeue(running) == [] and d.queued == 1  # only the one still waiting
+    # the worker still runs it: its reply frees the worker, and reaches nobody
+    assert d.complete(w.routing_id, running.id)[0] is None
+    assert w.current is ahead and d.counters.unknown_replies == 1
+    clock.now += 1000
+    w.current.deadline = clock.now - 1
+    d.pending.pop(ahead.id)
+    assert d.expire() == [ahead]  # its entry is gone already: no KeyError

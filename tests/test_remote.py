@@ -503,7 +503,7 @@ def run_chaos(s, start, moves, seconds: float = 10.0, calm=None) -> dict:
         calm(agents, rng)
     for t in threads:
         t.join(30)
-    print("chaos tally:", tally)
+    print("chaos tally:", tally, "handler_ms:", s.producer.stats()["overload"]["handler_ms"])
     assert not wrong, wrong[:5]
     assert tally["ok"] > 50, tally
     assert joined(s, "c1", 2) and joined(s, "c2", 2), s.producer.stats()["agents"]
