@@ -508,6 +508,10 @@ def run_chaos(s, start, moves, seconds: float = 10.0, calm=None) -> dict:
     assert tally["ok"] > 50, tally
     assert joined(s, "c1", 2) and joined(s, "c2", 2), s.producer.stats()["agents"]
     assert wait_for(lambda: s.producer.stats()["pending"] == 0, 5)
+    # no worker is left busy with a request that ended elsewhere, and the handler-time
+    # estimate (which judges deadlines) is sane: both once went wrong after a lost agent
+    assert wait_for(lambda: s.producer.stats()["running"] == 0, 5), s.producer.stats()
+    assert s.producer.stats()["overload"]["handler_ms"] < 1000, s.producer.stats()["overload"]
     assert reply_pid(s.request(b"calm")) > 0
     return tally
 
