@@ -223,7 +223,7 @@ class Agent:
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
-        if self.workers_sock in ready:  # replies first: a GONE below would drop them
+        if self.workers_sock in ready:  # replies before control: a late one still reaches the front end, counted stale
             self.read_workers()
         if self.link is not None and self.link in ready:
             self.read_link()
