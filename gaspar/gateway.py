@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+import zmq.utils.monitor
 
 from .dispatch import Pending, WorkerSlot, draw_limit
 from .framing import Kind, Link, Status, pack_id
@@ -53,6 +54,15 @@ from .zmqfast import recv as _recv
 from .zmqfast import send as _send
 
 log = logging.getLogger("gaspar")
+
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_HANDSHAKE_WHY = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "was refused (its key is not allowed)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "broke the protocol (no CURVE, or another mechanism)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed (a wrong server key, or it left)",
+}
 
 #: High-water marks of the remote socket: far above the requests the front end keeps in
 #: flight to one agent (workers x (1 + prefetch)), so a message never meets the mark; a send
@@ -87,6 +97,8 @@ class Gateway:
         self.agents = Agents(settings.agent_liveness, clock)
         self.sock: zmq.Socket | None = None
         self.gatekeeper: Any = None
+        self.monitor: zmq.Socket | None = None
+        self.handshakes_failed = 0
         self.endpoint = ""
         self.lost_requests = 0
         self._next_ping = 0.0
@@ -125,14 +137,32 @@ class Gateway:
             raise
         self.sock = sock
         self.endpoint = sock.last_endpoint.decode()
+        # handshakes that fail (a client without CURVE, a wrong server key, a refused key):
+        # counted from libzmq's socket monitor, so an operator sees who knocks and fails
+        self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
         return self.endpoint
 
     def fds(self) -> list[tuple[int, Callable[[int], None]]]:
         """The fds to watch, with what to do when one is ready."""
         fds = [(self.sock.fd, lambda _events: None)]  # read in the front end's round
+        fds.append((self.monitor.fd, lambda _events: self.read_monitor()))
         if self.gatekeeper is not None:
             fds.append((self.gatekeeper.zap_socket.fd, lambda _events: self.gatekeeper.handle_ready()))
         return fds
+
+    def read_monitor(self) -> None:
+        """Count the failed handshakes libzmq reports (a ZAP refusal is counted there too)."""
+        while self.monitor is not None and self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] & _HANDSHAKE_FAILED:
+                self.handshakes_failed += 1
+                allowed, held = self._log_limit.allow()
+                if allowed:
+                    why = _HANDSHAKE_WHY.get(event["event"], "failed")
+                    log.warning("A peer's handshake on %s %s (%s not logged)", self.endpoint, why, held)
 
     # -- to the agents --------------------------------------------------------------------
 
@@ -365,6 +395,7 @@ class Gateway:
     def tick(self) -> None:
         """Every 0.1 s: lose agents silent past the liveness limit; ping each one every
         ``heartbeat_interval``."""
+        self.read_monitor()  # its fd wakes the hub only on a change: read it here too
         for agent in self.agents.overdue():
             self.lose(agent, f"silent for more than {self.settings.agent_liveness}s")
         now = self.clock()
@@ -408,6 +439,10 @@ class Gateway:
             self._end(agent, LEFT, "the front end stopped")
 
     def close(self) -> None:
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
@@ -424,6 +459,7 @@ class Gateway:
             "agents_lost": a.lost_total,
             "joins_refused": a.refused,
             "handshakes_refused": self.gatekeeper.denied if self.gatekeeper is not None else 0,
+            "handshakes_failed": self.handshakes_failed,
             "stale_messages": a.stale,
             "malformed_messages": self.malformed,
             "requests_lost": self.lost_requests,

@@ -138,7 +138,15 @@ def _agent_metrics(st: dict[str, Any]) -> Any:
     events = CounterMetricFamily(
         "gaspar_agent_events", "Remote events: agents lost, joins and handshakes refused...", labels=["event"]
     )
-    for event in ("agents_lost", "joins_refused", "handshakes_refused", "stale_messages", "requests_lost"):
+    for event in (
+        "agents_lost",
+        "joins_refused",
+        "handshakes_refused",
+        "handshakes_failed",
+        "stale_messages",
+        "malformed_messages",
+        "requests_lost",
+    ):
         events.add_metric([event], remote[event])
     yield events
 
