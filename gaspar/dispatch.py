@@ -213,6 +213,13 @@ class Dispatcher:
         """
         worker = self.workers.get(routing_id)
         req = self.pending.get(request_id)
+        if not ran and worker is not None and req is not None and req in worker.ahead:
+            # Skipped before its turn: the worker took a cancel for a request further back
+            # in its inbox while the one before still waits. Its running request goes on.
+            worker.ahead.remove(req)
+            del self.pending[request_id]
+            self._count_skipped(req)
+            return (None if req.cancelled else req), self._assign()
         if worker is None or worker.current is None or worker.current.id != request_id:
             # Not the request this worker runs: a worker answers in order, so this is a
             # message from another life of it, never matched to a request.
@@ -231,9 +238,7 @@ class Dispatcher:
             if req.started:
                 self.control.observe(now - req.started)
         else:
-            self.counters.skipped += 1
-            if req.revoked and not req.cancelled:  # shed while handed ahead: counted now
-                self.counters.count_shed(req.revoked)
+            self._count_skipped(req)
         if worker.ahead:  # the worker has started its next prefetched request
             worker.current = worker.ahead.popleft()
             self._start(worker.current)
@@ -242,6 +247,11 @@ class Dispatcher:
         elif not worker.retiring:
             self._idle[routing_id] = worker
         return (None if req.cancelled else req), self._assign()
+
+    def _count_skipped(self, req: Pending) -> None:
+        self.counters.skipped += 1
+        if req.revoked and not req.cancelled:  # shed while handed ahead: counted now
+            self.counters.count_shed(req.revoked)
 
     def cancel(self, req: Pending) -> None:
         """The client is gone: drop a queued request, revoke one handed ahead to a worker

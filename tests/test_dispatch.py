@@ -282,3 +282,24 @@ def test_a_request_that_ended_elsewhere_is_not_put_back_and_frees_its_worker():
     w.current.deadline = clock.now - 1
     d.pending.pop(ahead.id)
     assert d.expire() == [ahead]  # its entry is gone already: no KeyError
+
+
+def test_a_request_skipped_before_its_turn_is_answered_and_the_running_one_goes_on():
+    """Two requests handed ahead; the second is revoked and the worker, looking for cancels
+    before the first, skips it at once: its SKIPPED comes while another request runs."""
+    clock = Clock()
+    d = Dispatcher(clock, prefetch=2)
+    w = worker(1)
+    d.add_worker(w)
+    running, _ = d.submit(b"a", "c1")
+    for body in (b"b", b"c", b"d", b"e"):
+        d.submit(body, "c")
+    assert len(w.ahead) == 2
+    first, second = w.ahead
+    d.cancel(second)
+    assert d.take_cancels() == [(w, second)]
+    assert d.complete(w.routing_id, second.id, ran=False)[0] is None  # its client is gone: no answer
+    assert w.current is running and list(w.ahead) == [first] and second.id not in d.pending
+    assert d.counters.skipped == 1 and d.counters.unknown_replies == 0
+    done, _ = d.complete(w.routing_id, running.id)
+    assert done is running and w.current is first
