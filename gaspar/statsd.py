@@ -29,8 +29,11 @@ What statsd receives (``P`` is the sanitized prefix, ``gaspar`` by default):
 * gauges: ``P.queue_length``, ``P.in_flight``, ``P.connections``, ``P.workers.<state>``,
   ``P.workers_desired``, ``P.buffered_bytes``, ``P.overloaded`` (0 or 1),
   ``P.worker.<n>.rss_bytes``, ``P.worker.<n>.cpu_percent``, ``P.front_end.rss_bytes``,
-  ``P.front_end.cpu_percent``. CPU percent is of one core, over the interval (a worker
-  born during it: over its life); the front end's needs two snapshots of the same pid.
+  ``P.front_end.cpu_percent``; with agents on other hosts, ``P.agents.live`` and
+  ``P.agent.<name>.workers`` / ``.busy`` (and counters ``P.agents.<event>``: agents_lost,
+  requests_lost, joins_refused, handshakes_failed, stale_messages). CPU percent is of one
+  core, over the interval (a worker born during it: over its life); the front end's needs
+  two snapshots of the same pid.
 * timings of the interval, as gauges in milliseconds, for ``queue_wait_ms``,
   ``handler_ms`` and ``request_ms``: ``.mean`` (from the sums and counts) and ``.p50``,
   ``.p99`` (estimated from the histogram's bucket increases, linear within a bucket, as
@@ -118,6 +121,16 @@ def format_metrics(prev: dict[str, Any] | None, stats: dict[str, Any], prefix: s
             continue  # gone between the listing and the /proc read
         gauge(f"worker.{w['number']}.rss_bytes", w["rss_bytes"])
         gauge(f"worker.{w['number']}.cpu_percent", _worker_cpu(was.get(w["number"]), w, elapsed))
+    remote, remote_was = stats.get("remote"), before.get("remote") or {}
+    if remote:  # agents on other hosts (remote_bind)
+        gauge("agents.live", remote["agents_live"])
+        for event in ("agents_lost", "requests_lost", "joins_refused", "handshakes_failed", "stale_messages"):
+            counter(f"agents.{event}", remote[event], remote_was.get(event, 0))
+        for a in stats.get("agents") or []:
+            if a["state"] in ("joined", "leaving"):
+                name = sanitize(a["name"]).replace(".", "_")  # one part of the metric name
+                gauge(f"agent.{name}.workers", a["slots"])
+                gauge(f"agent.{name}.busy", a["busy"])
     front, front_was = stats.get("front_end"), before.get("front_end")
     if front:
         gauge("front_end.rss_bytes", front["rss_bytes"])

@@ -386,3 +386,25 @@ def test_a_live_daemon_pushes_what_it_did(serve):
         assert any(line.startswith(f"gaspar.worker.{number}.rss_bytes:") for line in received)
         assert any(line.startswith(f"gaspar.worker.{number}.cpu_percent:") for line in received)
     assert "gaspar.workers_desired:2|g" in received and "gaspar.workers.idle:2|g" in received
+
+
+def test_agents_on_other_hosts_are_pushed_when_there_are_any():
+    def remote(**counts):
+        base = dict.fromkeys(
+            ("agents_lost", "requests_lost", "joins_refused", "handshakes_failed", "stale_messages"), 0
+        )
+        return {"agents_live": 1, **base, **counts}
+
+    agents = [
+        {"name": "gpu.1", "state": "joined", "slots": 8, "busy": 3},
+        {"name": "old", "state": "lost", "slots": 0, "busy": 0},
+    ]
+    prev = snap(remote=remote(agents_lost=1), agents=agents)
+    now = snap(time=1010.0, remote=remote(agents_lost=3, requests_lost=2), agents=agents)
+    m = parse(format_metrics(prev, now, "gaspar"))
+    assert m["gaspar.agents.live"] == (1, "g")
+    assert m["gaspar.agents.agents_lost"] == (2, "c") and m["gaspar.agents.requests_lost"] == (2, "c")
+    assert "gaspar.agents.stale_messages" not in m  # did not move
+    assert m["gaspar.agent.gpu_1.workers"] == (8, "g") and m["gaspar.agent.gpu_1.busy"] == (3, "g")
+    assert not any(name.startswith("gaspar.agent.old") for name in m)  # ended sessions: not a gauge
+    assert not any("agent" in name for name in parse(format_metrics(None, snap(), "gaspar")))
