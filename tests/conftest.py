@@ -23,6 +23,7 @@ import pytest
 
 import gaspar
 from gaspar import client
+from gaspar.ipcdir import remove_stale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,6 +241,7 @@ def cli():
         server.kill()
         left = [p for p in pids if wait_for(lambda p=p: not alive(p), 5) is False]
         assert not left, f"processes left behind by the CLI server: {left}"
+    remove_stale()  # the private ipc directories of the servers SIGKILLed here
 
 
 def free_port() -> int:
@@ -292,3 +294,4 @@ def agent():
     yield start
     for proc in started:
         proc.kill()
+    remove_stale()  # the private ipc directories of the agents SIGKILLed here
