@@ -165,10 +165,14 @@ def flood(message: bytes) -> bytes:
 
 def where(message: bytes) -> bytes:
     """``PID:message``, so a test can tell which process ran a request and check that each
-    reply belongs to its own request. ``sleep:S:...`` sleeps S seconds first; ``die`` ends
-    the process (os._exit(7))."""
+    reply belongs to its own request. ``sleep:S:...`` sleeps S seconds first, ``spin:S:...``
+    computes for S seconds (holding the GIL); ``die`` ends the process (os._exit(7))."""
     if message == b"die":
         os._exit(7)
     if message.startswith(b"sleep:"):
         time.sleep(float(message.split(b":")[1]))
+    elif message.startswith(b"spin:"):  # pure Python: holds the GIL all along
+        end = time.monotonic() + float(message.split(b":")[1])
+        while time.monotonic() < end:
+            pass
     return b"%d:%s" % (os.getpid(), message)

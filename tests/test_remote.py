@@ -743,3 +743,15 @@ def test_requests_handed_ahead_to_a_lost_agent_go_to_other_workers(serve, agent)
     ok = [r for r in results if isinstance(r, bytes)]
     assert len(lost) == 1 and len(ok) == 9, results
     assert {reply_pid(r) for r in ok} & set(s.pids())
+
+
+def test_a_handler_holding_the_gil_past_the_liveness_limit_does_not_look_like_a_dead_host(serve, agent):
+    """Only the agent speaks to the network, and it runs no handler: a worker computing for
+    longer than agent_liveness leaves the session alive and its reply comes back."""
+    s = front(serve)
+    start_agent(agent, s, "a1", 1)
+    assert joined(s, "a1", 1)
+    reply = s.request(b"spin:%.1f:busy" % (LIVENESS + 1.0), timeout=30)
+    assert reply.endswith(b":spin:%.1f:busy" % (LIVENESS + 1.0))
+    info = s.producer.stats()["agents"][0]
+    assert info["state"] == "joined" and info["session"] == 1 and info["lost"] == 0
