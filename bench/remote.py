@@ -80,10 +80,7 @@ def load_netns():
     return mod
 
 
-def env() -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")]))
-    return e
+env = bench_run.repo_env
 
 
 def gaspar_run(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
@@ -187,11 +184,7 @@ class Setup(Server):
                 self.agent = subprocess.Popen(self.agent_argv(), stdin=subprocess.DEVNULL, start_new_session=True, **kw)
 
     def agent_tail(self, n: int = 8) -> str:
-        try:
-            lines = self.agent_log.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(lines[-n:])
+        return bench_run.log_tail(self.agent_log, n)
 
     def stats(self) -> dict:
         from gaspar import client  # ROOT is on sys.path (main)

@@ -199,6 +199,38 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def repo_env(**extra: str) -> dict[str, str]:
+    """This environment, with the repository first on PYTHONPATH (and ``extra`` set)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def spawn_logged(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``argv`` in the repository, its output to ``log_path``, in a process group of
+    its own (so it can be killed whole)."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def log_tail(path: Path, n: int = 8) -> str:
+    """The last ``n`` lines of a log, on one line (for an error message)."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
 class Server:
     """One server process (with its workers) on its own port."""
 
@@ -226,26 +258,11 @@ class Server:
         return argv + extra
 
     def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        env["PYTHONWARNINGS"] = "ignore"  # eventlet's deprecation notice
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv(),
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, so it can be killed whole
-            )
+        # PYTHONWARNINGS: eventlet's deprecation notice
+        self.proc = spawn_logged(self.argv(), self.log, repo_env(PYTHONWARNINGS="ignore"))
 
     def log_tail(self, n: int = 8) -> str:
-        try:
-            lines = self.log.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(lines[-n:])
+        return log_tail(self.log, n)
 
     def probe(self, timeout: float = 2.0) -> bool:
         """One real request, checked: does the server answer it correctly?"""
@@ -656,13 +673,11 @@ class Bench:
 
 def gaspar_runnable() -> str | None:
     """None if ``python -m gaspar serve --help`` works, else why not."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     try:
         r = subprocess.run(
             [sys.executable, "-m", "gaspar", "serve", "--help"],
             cwd=ROOT,
-            env=env,
+            env=repo_env(),
             capture_output=True,
             timeout=30,
         )

@@ -183,21 +183,11 @@ class HttpServer:
         return argv
 
     def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        env["WEBAPP_VARIANT"] = self.variant
+        r = _run_helpers()
+        extra = {"WEBAPP_VARIANT": self.variant}
         if self.gaspar_port:
-            env["GASPAR_ADDR"] = f"127.0.0.1:{self.gaspar_port}"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv(),
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            extra["GASPAR_ADDR"] = f"127.0.0.1:{self.gaspar_port}"
+        self.proc = r.spawn_logged(self.argv(), self.log, r.repo_env(**extra))
 
     def get(self, path: str, timeout: float = 5.0) -> str | None:
         try:
@@ -217,10 +207,7 @@ class HttpServer:
         raise RuntimeError(f"{self.variant} did not answer within {timeout:.0f} s: {self.log_tail()}")
 
     def log_tail(self, n: int = 6) -> str:
-        try:
-            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-n:])
-        except OSError:
-            return ""
+        return _run_helpers().log_tail(self.log, n)
 
     def stop(self) -> None:
         if self.proc is None:
