@@ -126,7 +126,6 @@ class Agent:
             settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry
         )
         self.backoff_until = 0.0
-        self.dropped = 0  # worker messages that could not be relayed (no session)
         self.generation = 1  # of the code: a reload (SIGHUP) makes the next
         self.next_fs: ForkServer | None = None  # a reload's fork server, until it has imported
         self.old_fs: list[ForkServer] = []  # retired: they exit once their workers are gone
@@ -367,8 +366,8 @@ class Agent:
             w = self.by_wid.get(wid)
             if w is not None and kind in (_REPLY, _SKIPPED):
                 w.busy.discard(head[1:9])
-            if self.state not in ("joined", "leaving") or not self.send_link(frames):
-                self.dropped += 1
+            if self.state in ("joined", "leaving"):  # else no session can carry it: dropped
+                self.send_link(frames)
 
     def on_hello(self, wid: bytes, payload: bytes) -> None:
         hello = json.loads(payload)

@@ -267,29 +267,24 @@ class Gateway:
         return n
 
     def _on_message(self, frames: list[Any]) -> None:
-        rid, wid = frames[0], frames[1].bytes
+        # ["", kind + json]: a control message; [wid, head, body]: a worker's, relayed
+        rid, wid, head = frames[0], frames[1].bytes, frames[2].bytes
+        if not wid and head[:1] == Link.JOIN.value:
+            return self._on_join(rid, json.loads(head[1:]), frames[2])
         agent = self.agents.get(rid)
-        if not wid:  # a control message: ["", kind + json]
-            message = frames[2].bytes
-            if message[:1] == Link.JOIN.value:
-                return self._on_join(rid, json.loads(message[1:]), frames[2])
-            if agent is None:
-                if self.agents.is_stale(rid):
-                    self._control(rid, Link.GONE, reason="no such session (it ended); join again")
-                return
-            self._on_control(agent, message[:1], json.loads(message[1:] or b"{}"))
-            return
-        if agent is None:  # a worker's message from an ended session: never delivered
+        if agent is None:  # from a session that ended (a late reply among them): never delivered
             if self.agents.is_stale(rid):
                 self._control(rid, Link.GONE, reason="no such session (it ended); join again")
             return
-        agent.last_heard = self.clock()
-        head = frames[2].bytes
-        if head[:1] == _HELLO:
-            return self._on_hello(agent, wid, frames[3].bytes)
-        if head[:1] == Kind.REPLY.value:
-            agent.done += 1
-        self._relay([rid + wid, frames[2], *frames[3:]])
+        self.agents.heard(agent)  # any message renews its liveness
+        if not wid:
+            self._on_control(agent, head[:1], json.loads(head[1:] or b"{}"))
+        elif head[:1] == _HELLO:
+            self._on_hello(agent, wid, frames[3].bytes)
+        else:
+            if head[:1] == Kind.REPLY.value:
+                agent.done += 1
+            self._relay([rid + wid, frames[2], *frames[3:]])
 
     def _on_join(self, rid: bytes, hello: dict[str, Any], frame: Any) -> None:
         user = ""
@@ -348,14 +343,12 @@ class Gateway:
             t = body.get("t")
             self.agents.pong(agent, t if isinstance(t, (int, float)) else -1.0)
         elif kind == Link.EXITED.value:
-            agent.last_heard = self.clock()
             self._on_exited(agent, body)
         elif kind == Link.RETIRE.value:  # the agent reloads: this one goes once it is idle
             slot = agent.workers.get(str(body.get("wid", "")).encode())
             if slot is not None and self.dispatcher.retire(slot.routing_id, "reload"):
                 self.tell_exit(slot)
         elif kind == Link.LEAVE.value:
-            agent.last_heard = self.clock()
             if body.get("final"):
                 log.info("Agent %s left", agent.name)
                 self._end(agent, LEFT, "it stopped")
@@ -401,12 +394,8 @@ class Gateway:
         now = self.clock()
         if now >= self._next_ping:
             self._next_ping = now + self.settings.heartbeat_interval
-            ping = Link.PING.value + json.dumps({"t": now}).encode()
             for agent in self.agents.live():
-                try:
-                    self.sock.send_multipart([agent.rid, b"", ping], zmq.NOBLOCK)
-                except zmq.ZMQError as exc:
-                    self.unreachable(agent, exc)
+                self._control(agent, Link.PING, t=now)  # a send that fails: unreachable()
 
     def lose(self, agent: Agent, why: str) -> None:
         """The agent is lost: fail what ran there (``WorkerLost``), requeue what waited."""
