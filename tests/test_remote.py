@@ -459,8 +459,9 @@ class Agents(dict):
 
 
 def run_chaos(s, start, moves, seconds: float = 10.0, calm=None) -> dict:
-    """Six clients send unique requests for ``seconds`` while a random move from ``moves``
-    (name -> callable(agents, rng)) hits two agents every 0.5-1.5 s. Every reply must be
+    """Six clients send unique requests for ``seconds`` while a move from ``moves``
+    (name -> callable(agents, rng)), each in turn in a shuffled order, hits two agents
+    every 0.5-1.5 s. Every reply must be
     its own request's; the only failures allowed are a lost agent's, a dying worker's and
     shedding. Afterwards (``calm`` undoes a lasting fault) both agents are back, nothing
     is left in flight, and the pool serves. Returns the tally of outcomes."""
@@ -498,11 +499,19 @@ def run_chaos(s, start, moves, seconds: float = 10.0, calm=None) -> dict:
     threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
     for t in threads:
         t.start()
+    # The moves come in shuffled rounds from their own generator (the clients' draws
+    # interleave by timing): every move happens in every round, so a run can never
+    # draw only harmless ones (a partition healed inside the liveness limit, say).
+    plan = random.Random(11)
+    rounds: list[str] = []
     while time.monotonic() < stop - 2:
-        time.sleep(rng.uniform(0.5, 1.5))
-        moves[rng.choice(sorted(moves))](agents, rng)
+        time.sleep(plan.uniform(0.5, 1.5))
+        if not rounds:
+            rounds = sorted(moves)
+            plan.shuffle(rounds)
+        moves[rounds.pop()](agents, plan)
     if calm is not None:
-        calm(agents, rng)
+        calm(agents, plan)
     for t in threads:
         t.join(30)
     print("chaos tally:", tally, "handler_ms:", s.producer.stats()["overload"]["handler_ms"])
