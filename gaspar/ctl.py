@@ -163,6 +163,7 @@ class Commands:
     stopping: Callable[[], bool]
     target: Callable[[], int]
     consumer: Callable[[], str]
+    least: Callable[[], int] = lambda: 1  # the fewest local workers: 0 with agents on other hosts
 
 
 def producer_commands(producer: Any) -> Commands:
@@ -178,6 +179,7 @@ def producer_commands(producer: Any) -> Commands:
         stopping=lambda: p.draining or p.stopping,
         target=lambda: p.target,
         consumer=lambda: p.supervisor.consumer_name(),
+        least=lambda: 0 if p.gateway is not None else 1,
     )
 
 
@@ -194,8 +196,8 @@ def parse(line: bytes) -> tuple[str, dict[str, Any]]:
         raise CtlError(f"unknown command {cmd!r}; try one of {', '.join(COMMANDS)}")
     if cmd == "scale":
         n = req.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise CtlError(f"scale takes n, a number of workers of at least 1, not {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise CtlError(f"scale takes n, a number of workers (0 or more), not {n!r}")
         return cmd, {"n": n}
     if cmd == "broadcast":
         message, encoding = req.get("message"), req.get("encoding", "utf-8")
@@ -224,6 +226,8 @@ def execute(cmd: str, args: dict[str, Any], commands: Commands) -> Any:
     if commands.stopping():
         raise CtlError("the daemon is stopping")
     if cmd == "scale":
+        if args["n"] < commands.least():
+            raise CtlError("scale 0 needs --remote-bind: without agents a front end runs 1 worker or more")
         commands.scale(args["n"])
         return {"target_workers": commands.target()}
     if cmd == "reload":
@@ -428,8 +432,8 @@ def add_parser(sub: Any) -> None:
 def request_of(args: Any, stdin: Any = None) -> dict[str, Any]:
     cmd = args.ctl_command
     if cmd == "scale":
-        if args.n < 1:
-            raise ValueError("scale takes a number of workers of at least 1")
+        if args.n < 0:
+            raise ValueError("scale takes a number of workers, 0 or more (0 with --remote-bind only)")
         return {"cmd": "scale", "n": args.n}
     if cmd == "broadcast":
         if args.message != "-":

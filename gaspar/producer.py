@@ -189,7 +189,7 @@ class Producer:
         self._control.call(self.do_reload, wait=False)
 
     def scale(self, n: int) -> None:
-        """Run ``n`` workers (at least 1)."""
+        """Run ``n`` local workers (at least 1; 0 is allowed with agents on other hosts)."""
         self._control.call(lambda: self.do_scale(n))
 
     def broadcast(self, message: bytes) -> int:

@@ -113,9 +113,10 @@ def test_errors_are_replies_and_usage_errors_exit_2(daemon):
         replies = [json.loads(f.readline()) for _ in range(4)]
     assert [r["ok"] for r in replies] == [False, False, False, True]
     assert "unknown command" in replies[0]["error"] and "not JSON" in replies[1]["error"]
+    assert "scale 0 needs --remote-bind" in replies[2]["error"], replies[2]
     assert replies[3]["result"]["pid"] == server.proc.pid
     # a usage error is the client's own: exit 2, nothing sent
-    assert gaspar_ctl("--socket", path, "scale", "0").returncode == 2
+    assert gaspar_ctl("--socket", path, "scale", "-1").returncode == 2
     assert gaspar_ctl("--socket", path, "frobnicate").returncode == 2
 
 
@@ -208,6 +209,7 @@ def test_default_path():
     [
         (b'{"cmd": "status"}', ("status", {})),
         (b'{"cmd": "scale", "n": 3}', ("scale", {"n": 3})),
+        (b'{"cmd": "scale", "n": 0}', ("scale", {"n": 0})),  # refused later without agents
         (b'{"cmd": "reload"}', ("reload", {})),
         (b'{"cmd": "broadcast", "message": "h\\u00e9"}', ("broadcast", {"message": "hé".encode()})),
         (b'{"cmd": "broadcast", "message": "AP8=", "encoding": "base64"}', ("broadcast", {"message": b"\x00\xff"})),
@@ -225,9 +227,10 @@ def test_parse_accepts(line, parsed):
         (b"nope", "not JSON"),
         (b"[1]", "a JSON object"),
         (b'{"cmd": "dance"}', "unknown command"),
-        (b'{"cmd": "scale"}', "at least 1"),
-        (b'{"cmd": "scale", "n": 0}', "at least 1"),
-        (b'{"cmd": "scale", "n": "3"}', "at least 1"),
+        (b'{"cmd": "scale"}', "0 or more"),
+        (b'{"cmd": "scale", "n": -1}', "0 or more"),
+        (b'{"cmd": "scale", "n": "3"}', "0 or more"),
+        (b'{"cmd": "scale", "n": true}', "0 or more"),
         (b'{"cmd": "broadcast"}', "a string"),
         (b'{"cmd": "broadcast", "message": "!!", "encoding": "base64"}', "base64"),
         (b'{"cmd": "broadcast", "message": "x", "encoding": "rot13"}', "utf-8 or base64"),

@@ -378,6 +378,18 @@ def test_agents_show_in_metrics_top_and_stats(serve, agent):
     )
     assert out.returncode == 0, out.stderr
     assert "agent a1 on" in out.stdout and "2 workers, 0 busy" in out.stdout, out.stdout
+    # with agents, `gaspar ctl scale 0` leaves the work to them
+    out = subprocess.run(
+        [sys.executable, "-m", "gaspar", "ctl", "--port", port, "scale", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0 and "scaling to 0 workers" in out.stdout, (out.stdout, out.stderr)
+    assert wait_for(lambda: not s.pids(), 10), s.producer.stats()["workers"]
+    remote = {w["pid"] for w in joined(s, "a1", 2)["workers"]}
+    assert {reply_pid(s.request(b"z%d" % i)) for i in range(6)} <= remote
 
 
 def test_an_agents_config_file_sets_its_hooks(serve, agent, tmp_path):
