@@ -136,7 +136,9 @@ class Settings:
     curve_secret: str | None = _opt(
         None, "this front end's CURVE secret key file (gaspar keygen); with curve_allow, agents must authenticate"
     )
-    curve_allow: str | None = _opt(None, "a directory of the agents' public key files (NAME.key) allowed to join")
+    curve_allow: str | None = _opt(
+        None, "a directory of the agents' public key files (NAME.key) allowed to join; read again on reload"
+    )
     insecure: bool = _opt(False, "allow a remote_bind that is not loopback without CURVE: anyone reaching it joins")
     heartbeat_interval: float = _opt(1.0, "seconds between heartbeats to each agent (and 0MQ's own pings)")
     agent_liveness: float = _opt(

@@ -14,8 +14,12 @@ fails closed). A client without CURVE fails the handshake before any message. An
 JOIN must name the key it authenticated with (``gaspar.remote.Agents.join``), so an agent
 cannot pass for another.
 
-The key files are read when the front end starts: allowing a new agent means adding its
-``NAME.key`` and restarting (or reloading a config management run's restart) the front end.
+**Changing who gets in.** The ``curve_allow`` directory is read at start and again on
+the front end's reload (SIGHUP, ``gaspar ctl reload``): a ``NAME.key`` added lets that
+agent in at its next knock, with no restart; a live agent whose key was removed (or
+replaced) is lost at once and cannot join again. A directory that cannot be read at a
+reload leaves the keys in force as they were. The front end's own key pair is read at
+start only.
 """
 
 from __future__ import annotations
@@ -126,11 +130,28 @@ class Gatekeeper(Authenticator):
 
     def __init__(self, context: zmq.Context, allow_dir: str) -> None:
         super().__init__(context, log=logging.getLogger("gaspar.zap"))
-        self.names = allowed_keys(allow_dir)
-        self.certs[ZAP_DOMAIN.decode()] = dict.fromkeys(self.names, True)
+        self.allow_dir = allow_dir
+        self.names: dict[bytes, str] = {}
+        self.reload()
         self.allowed = 0
         self.denied = 0
         self._logged = 0.0
+
+    def reload(self) -> tuple[set[str], set[str]]:
+        """Read ``allow_dir`` again; ``(added, revoked)``: the NAMEs that may now join, and
+        those whose key was removed or replaced (a live agent of that name holds a key no
+        longer allowed). Raises :class:`KeyError_` and keeps the keys in force when the
+        directory or a key in it cannot be read."""
+        names = allowed_keys(self.allow_dir)
+        old, self.names = self.names, names
+        self.certs[ZAP_DOMAIN.decode()] = dict.fromkeys(names, True)
+        added = {name for key, name in names.items() if old.get(key) != name}
+        revoked = {name for key, name in old.items() if names.get(key) != name}
+        return added, revoked
+
+    def allows(self, name: str) -> bool:
+        """Whether a key named ``name`` is allowed now."""
+        return name in self.names.values()
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.names.get(zmq.utils.z85.encode(client_public_key), "")

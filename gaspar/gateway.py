@@ -24,6 +24,7 @@ ended session are counted (``stale``) and dropped, and the agent is told GONE.
 
 **Security.** With ``curve_secret`` the socket is a CURVE server and only the keys in
 ``curve_allow`` get in (:mod:`gaspar.curve`; the ZAP handler runs in the front end's hub).
+The front end's reload reads them again (:meth:`Gateway.reload_keys`).
 
 The gateway does socket I/O but no eventlet: the front end calls :meth:`read` when the
 socket is readable (every round of its I/O loop), and :meth:`tick` every 0.1 s.
@@ -296,6 +297,10 @@ class Gateway:
             if not user:  # cannot happen past the ZAP handler; refuse rather than guess
                 self._control(rid, Link.REFUSE, reason="not authenticated")
                 return
+            if not self.gatekeeper.allows(user):  # removed by a reload, on a connection made before
+                _, reason, _ = self.agents.refuse(f"the key {user!r} is no longer allowed")
+                self._control(rid, Link.REFUSE, reason=reason)
+                return
         if not isinstance(hello, dict):
             raise ValueError(f"a JOIN carries a JSON object, not {type(hello).__name__}")
         agent, reason, replaced = self.agents.join(rid, hello, user)
@@ -439,6 +444,27 @@ class Gateway:
             self.gatekeeper.stop()
             self.gatekeeper = None
 
+    def reload_keys(self) -> None:
+        """Read ``curve_allow`` again (on the front end's reload): agents whose keys were
+        added may join; a live agent whose key was removed or replaced is lost now (what
+        ran there fails as ``WorkerLost``) and refused from then on."""
+        if self.gatekeeper is None:
+            return
+        try:
+            added, revoked = self.gatekeeper.reload()
+        except ValueError as exc:  # curve.KeyError_: a file that cannot be read
+            log.error("Kept the allowed agent keys as they were: %s", exc)
+            return
+        log.info(
+            "Read the allowed agent keys again: %s in all; added %s, removed %s",
+            len(self.gatekeeper.names),
+            ", ".join(sorted(added)) or "none",
+            ", ".join(sorted(revoked)) or "none",
+        )
+        for agent in self.agents.live():
+            if agent.user in revoked:
+                self.lose(agent, f"its key {agent.user!r} was removed from curve_allow")
+
     def snapshot(self) -> dict[str, Any]:
         a = self.agents
         return {
@@ -448,6 +474,7 @@ class Gateway:
             "agents_lost": a.lost_total,
             "joins_refused": a.refused,
             "handshakes_refused": self.gatekeeper.denied if self.gatekeeper is not None else 0,
+            "keys_allowed": len(self.gatekeeper.names) if self.gatekeeper is not None else 0,
             "handshakes_failed": self.handshakes_failed,
             "stale_messages": a.stale,
             "malformed_messages": self.malformed,

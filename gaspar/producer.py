@@ -438,6 +438,8 @@ class Producer:
 
     def do_reload(self) -> None:
         if not self.stopping:
+            if self.gateway is not None:
+                self.gateway.reload_keys()  # who may join from other hosts
             self.supervisor.reload(self)
 
     def do_scale(self, n: int) -> None:

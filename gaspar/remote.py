@@ -98,15 +98,15 @@ class Agents:
         ``(None, reason, None)`` when refused."""
         name, instance = hello.get("name"), hello.get("instance")
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not isinstance(instance, str):
-            return self._refuse("a JOIN needs a name of 1 to 64 characters and an instance")
+            return self.refuse("a JOIN needs a name of 1 to 64 characters and an instance")
         if user and name != user:
-            return self._refuse(f"name {name!r} is not the one this key was issued for ({user!r})")
+            return self.refuse(f"name {name!r} is not the one this key was issued for ({user!r})")
         replaced = self.by_rid.get(rid)
         holder = next((a for a in self.by_rid.values() if a.name == name), None)
         if holder is not None and holder is not replaced:
             if holder.instance != instance:
                 where = f"{holder.host} (pid {holder.pid})"
-                return self._refuse(f"name {name!r} is held by another live agent, on {where}")
+                return self.refuse(f"name {name!r} is held by another live agent, on {where}")
             replaced = holder  # the same process, joining again from a new connection
         now = self.clock()
         self._session += 1
@@ -126,7 +126,8 @@ class Agents:
         self.by_rid[rid] = agent
         return agent, "", replaced
 
-    def _refuse(self, reason: str) -> tuple[None, str, None]:
+    def refuse(self, reason: str) -> tuple[None, str, None]:
+        """Count a refused JOIN (the checks above, or the caller's own)."""
         self.refused += 1
         return None, reason, None
 

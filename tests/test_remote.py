@@ -321,6 +321,44 @@ def test_curve_refuses_unlisted_keys_plain_clients_and_borrowed_names(serve, age
     assert plain.proc.poll() is None  # it keeps trying, without a storm
 
 
+def test_a_reload_reads_the_allowed_keys_again(serve, agent, keys):
+    """A key added to --curve-allow lets its agent in at the front end's reload, with no
+    restart; a removed key's live agent is lost at once and refused from then on; a
+    directory that cannot be read at a reload keeps the keys in force."""
+    allow = keys / "allow"
+    (allow / "a2.key").unlink()
+    s = curve_front(serve, keys, processes=1)
+    a1 = start_agent(agent, s, "a1", 1, *curve_args(keys, "a1"))
+    a2 = start_agent(agent, s, "a2", 1, *curve_args(keys, "a2"))
+    assert joined(s, "a1", 1), a1.log
+    assert wait_for(lambda: s.producer.stats()["remote"]["handshakes_refused"] >= 1, 10), a2.log
+    assert s.producer.stats()["remote"]["keys_allowed"] == 1
+
+    (allow / "a2.key").write_bytes((keys / "a2.key").read_bytes())
+    (allow / "a1.key").unlink()
+    s.producer.reload()
+    info = joined(s, "a2", 1)
+    assert info, a2.log
+
+    def a1_state():
+        return [(a["state"], a["why"]) for a in s.producer.stats()["agents"] if a["name"] == "a1"]
+
+    assert wait_for(lambda: ("lost", "its key 'a1' was removed from curve_allow") in a1_state(), 5), a1_state()
+    assert wait_for(lambda: "Lost the front end" in a1.log, 10), a1.log
+    time.sleep(2.5)  # a1 knocks again (--reconnect-max 1) and is refused each time
+    assert [state for state, _ in a1_state()].count("joined") == 0, a1_state()
+    assert a1.proc.poll() is None and "Joined" in a1.log and a1.log.count("Joined") == 1, a1.log
+    remote = {w["pid"] for w in info["workers"]}
+    assert {reply_pid(s.request(b"k%d" % i)) for i in range(8)} <= remote | set(s.pids())
+    assert s.producer.stats()["remote"]["keys_allowed"] == 1
+
+    allow.rename(keys / "elsewhere")  # a reload now cannot read the directory
+    s.producer.reload()
+    time.sleep(1)
+    assert s.producer.stats()["remote"]["keys_allowed"] == 1
+    assert joined(s, "a2", 1)["session"] == info["session"]  # a2 is untouched
+
+
 def test_settings_refuse_an_open_remote_bind_without_curve():
     with pytest.raises(ValueError, match="not loopback"):
         gaspar.Settings(remote_bind="tcp://0.0.0.0:10124")
