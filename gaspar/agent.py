@@ -50,6 +50,7 @@ import zmq
 
 from . import __version__, sdnotify
 from .arbiter import HALT_FLAPPING, FlapPolicy, ForkServer, describe_exit, drain
+from .forkserver import ForkServers
 from .framing import Kind, Link
 from .ipcdir import make_ipc_dir
 from .remote import reconnect_delay
@@ -127,8 +128,7 @@ class Agent:
         )
         self.backoff_until = 0.0
         self.generation = 1  # of the code: a reload (SIGHUP) makes the next
-        self.next_fs: ForkServer | None = None  # a reload's fork server, until it has imported
-        self.old_fs: list[ForkServer] = []  # retired: they exit once their workers are gone
+        self.forks: ForkServers | None = None  # the current fork server, a reload's next, old ones
         self.reload_requested = False
         self._poller: zmq.Poller | None = None
         self._watched: tuple[Any, ...] = ()
@@ -137,8 +137,9 @@ class Agent:
 
     def run(self) -> int:
         """The agent's whole life; returns its exit code."""
-        self.fs = ForkServer(self.consumer, self.settings, self.spec)
-        self.fs.start()  # before any 0MQ context exists in this process
+        fs = ForkServer(self.consumer, self.settings, self.spec)
+        fs.start()  # before any 0MQ context exists in this process
+        self.forks = ForkServers(fs)
         self.ipc_dir = None
         self.ctx = zmq.Context(1)
         self.wake_r, wake_w = os.pipe()
@@ -183,7 +184,7 @@ class Agent:
             self.workers_sock.bind(f"ipc://{self.ipc_dir}/workers")
         else:
             self.workers_sock.bind("tcp://127.0.0.1:*")
-        self.fs.endpoint = self.workers_sock.last_endpoint.decode()
+        self.forks.current.endpoint = self.workers_sock.last_endpoint.decode()
 
     def done(self) -> bool:
         if self.exit_code and self.stop_mode is None:
@@ -389,24 +390,20 @@ class Agent:
     def on_fork_server_events(self, fs: ForkServer) -> None:
         events = fs.read_events()
         if events is None:  # it exited
-            if fs is self.fs:
+            if fs is self.forks.current:
                 log.critical("The fork server died; stopping")
                 self.exit_code = 1
             else:
-                if fs is self.next_fs:
-                    self.on_reloaded(False, f"the new fork server (pid:{fs.pid}) exited before it was ready", fs)
-                if fs in self.old_fs:
-                    self.old_fs.remove(fs)
-                fs.close()
+                failed = self.forks.gone(fs)
+                if failed is not None:
+                    self.on_reloaded(False, failed, fs)
             return
         for event in events:
             if event["ev"] == "spawned":
-                fs.children.add(event["pid"])
                 self.booting.pop(event["token"], None)
                 self.by_pid[event["pid"]] = LocalWorker(event["pid"], event["number"], event["generation"])
                 log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
             elif event["ev"] == "exited":
-                fs.children.discard(event["pid"])
                 self.on_exit(event["pid"], event["number"], event["status"])
             elif event["ev"] == "reloaded":
                 self.on_reloaded(event["ok"], event["error"], fs)
@@ -415,35 +412,21 @@ class Agent:
     # -- reload (SIGHUP): new code, the workers replaced one by one -------------------------
 
     def fork_servers(self) -> list[ForkServer]:
-        return [fs for fs in (self.fs, self.next_fs, *self.old_fs) if fs is not None]
+        return self.forks.all() if self.forks is not None else []
 
     def reload(self) -> None:
         """Import the application afresh in a new fork server (or, for a consumer without a
         name, re-import its module), then replace the workers one by one."""
-        if self.next_fs is not None or self.stop_mode is not None:
+        if self.forks.next is not None or self.stop_mode is not None:
             log.warning("A reload is already under way, or we are stopping; ignoring this one")
             return
-        log.info("Reloading %s", self.fs.consumer_name())
-        try:
-            fresh = self.fs.successor()
-        except ValueError as exc:
-            log.warning("Cannot start a fresh fork server (%s); re-importing the handler's module only", exc)
-            self.fs.reload()
-            return
-        try:
-            fresh.start()
-        except OSError as exc:
-            self.on_reloaded(False, f"cannot start a fork server: {exc}", None)
-            return
-        self.next_fs = fresh
+        log.info("Reloading %s", self.forks.current.consumer_name())
+        _, error = self.forks.start_next()  # its events are polled with the others'
+        if error is not None:
+            self.on_reloaded(False, error, None)
 
     def on_reloaded(self, ok: bool, error: str | None, fs: ForkServer | None) -> None:
-        if fs is not None and fs is self.next_fs:
-            self.next_fs = None
-            if ok:
-                self.fs, fs = fs, self.fs
-                fs.retire()
-            self.old_fs.append(fs)  # it exits once its workers are gone (at once if refused)
+        self.forks.settle(ok, fs)
         if not ok:
             log.error("Reload failed; keeping the current workers: %s", error)
             return
@@ -468,8 +451,7 @@ class Agent:
 
     def kill(self, w: LocalWorker, sig: int) -> None:
         """Signal a worker through the fork server that forked it."""
-        owner = next((fs for fs in self.fork_servers() if w.pid in fs.children), self.fs)
-        owner.kill(w.pid, sig)
+        self.forks.kill(w.pid, sig)
 
     def on_exit(self, pid: int, number: int, status: int) -> None:
         w = self.by_pid.pop(pid, None)
@@ -513,7 +495,7 @@ class Agent:
             used.add(number)
             self.spawn_seq += 1
             self.booting[self.spawn_seq] = number
-            self.fs.spawn(number, self.generation, self.spawn_seq)
+            self.forks.current.spawn(number, self.generation, self.spawn_seq)
 
     def running(self) -> int:
         return sum(1 for w in self.by_pid.values() if w.busy)

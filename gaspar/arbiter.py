@@ -206,7 +206,13 @@ class ForkServer:
             return None
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
-        return [json.loads(line) for line in lines if line]
+        events = [json.loads(line) for line in lines if line]
+        for event in events:  # its own workers: a kill goes through the one that forked it
+            if event["ev"] == "spawned":
+                self.children.add(event["pid"])
+            elif event["ev"] == "exited":
+                self.children.discard(event["pid"])
+        return events
 
     def close(self, timeout: float = 5.0) -> None:
         """Ask the fork server to kill what is left and exit; reap it, bounded."""

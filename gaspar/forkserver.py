@@ -12,6 +12,11 @@ two pipe fds (:class:`gaspar.arbiter.ForkServer` made them, ``pass_fds`` kept th
 It imports the application (every module, afresh) before it reports; an import that fails
 is reported with its error and the process exits, so the old fork server and its workers
 carry on. It dies with the front end, as the first fork server does.
+
+:class:`ForkServers` is the hand-over itself, shared by the front end's
+:class:`gaspar.supervisor.Supervisor` (in its hub) and by an agent on another host
+(blocking, :mod:`gaspar.agent`): which fork server forks new workers, which one a reload is
+waiting on, which ones are retiring, and which one forked a given worker.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .arbiter import ForkServer
 
 log = logging.getLogger("gaspar")
 
@@ -43,6 +51,69 @@ def hook_name(fn: Any) -> str | None:
     except AttributeError:
         return None
     return f"{module}:{qualname}" if found is fn else None
+
+
+class ForkServers:
+    """The fork servers of one pool: the ``current`` one forks new workers; ``next`` is the
+    one a reload started, until it says whether the application imported; ``old`` ones
+    are retiring and exit once their last worker is gone (a refused one at once). Nothing
+    here waits: the owner reads their events and calls :meth:`settle` and :meth:`gone`."""
+
+    def __init__(self, current: ForkServer) -> None:
+        self.current = current
+        self.next: ForkServer | None = None
+        self.old: list[ForkServer] = []
+
+    def all(self) -> list[ForkServer]:
+        return [fs for fs in (self.current, self.next, *self.old) if fs is not None]
+
+    def kill(self, pid: int, sig: int) -> None:
+        """Signal a worker through the fork server that forked it (it knows its children,
+        so a recycled pid is never hit)."""
+        owner = next((fs for fs in self.all() if pid in fs.children), self.current)
+        owner.kill(pid, sig)
+
+    def start_next(self) -> tuple[ForkServer | None, str | None]:
+        """Begin a reload: ``(fresh, None)``, a fork server importing the application in a
+        fresh interpreter (the owner watches its events for "reloaded"); ``(None, None)``
+        when the consumer cannot be named for one, so the current fork server re-imports
+        the handler's module in place (its "reloaded" follows); ``(None, error)`` when no
+        fork server could start."""
+        try:
+            fresh = self.current.successor()
+        except ValueError as exc:
+            if self.current.spec:
+                log.warning("Cannot start a fresh fork server (%s); re-importing the handler's module only", exc)
+            self.current.reload()
+            return None, None
+        try:
+            fresh.start()
+        except OSError as exc:
+            return None, f"cannot start a fork server: {exc}"
+        self.next = fresh
+        return fresh, None
+
+    def settle(self, ok: bool, fs: ForkServer | None) -> None:
+        """``fs`` said whether the application imported: the next one that did becomes the
+        current one, which retires; one that did not is kept only until it exits."""
+        if fs is not None and fs is self.next:
+            self.next = None
+            if ok:
+                self.current, fs = fs, self.current
+                fs.retire()
+            self.old.append(fs)
+
+    def gone(self, fs: ForkServer) -> str | None:
+        """``fs``, not the current one, exited: forgotten and reaped. Returns why the reload
+        failed when it was the next one, gone before it said whether it imported."""
+        failed = None
+        if fs is self.next:
+            self.next = None
+            failed = f"the new fork server (pid:{fs.pid}) exited before it was ready"
+        if fs in self.old:
+            self.old.remove(fs)
+        fs.close()
+        return failed
 
 
 def fresh_options(spec: str, settings: Any) -> dict[str, Any]:

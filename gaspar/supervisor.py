@@ -48,6 +48,7 @@ from .arbiter import HALT_FLAPPING, FlapPolicy, ForkServer, describe_exit
 from .connection import watch_fd
 from .dispatch import WorkerSlot, draw_limit
 from .errors import GasparError
+from .forkserver import ForkServers
 from .framing import Kind, Status, pack_id
 from .worker import WORKER_BOOT_ERROR
 
@@ -95,17 +96,21 @@ class Supervisor:
         self.restarts = 0
         self.stopping = False
         self.router: Any = None  # the front end's ROUTER, once bound (see attach)
-        self.fork_server: ForkServer | None = None
-        self.next_fork_server: ForkServer | None = None  # a reload's, until it says it imported
-        self.old_fork_servers: list[ForkServer] = []  # retiring, or refused: exit by themselves
+        self.forks: ForkServers | None = None  # the current fork server, a reload's next, old ones
         self.gone = GreenEvent()  # once stopping: every worker has exited
 
     # -- start and stop --------------------------------------------------------------------
 
     def start_fork_server(self) -> None:
         """Fork the fork server: before any 0MQ context or hub exists in this process."""
-        self.fork_server = ForkServer(self.consumer, self.settings, self.app_spec)
-        self.fork_server.start()
+        fs = ForkServer(self.consumer, self.settings, self.app_spec)
+        fs.start()
+        self.forks = ForkServers(fs)
+
+    @property
+    def fork_server(self) -> ForkServer | None:
+        """The fork server that forks new workers (None before :meth:`start_fork_server`)."""
+        return self.forks.current if self.forks is not None else None
 
     def attach(self, router: Any) -> None:
         """The front end's ROUTER is bound: workers connect to it. Start forking (in the hub)."""
@@ -136,7 +141,6 @@ class Supervisor:
         """Reap every fork server (each kills what is left of its workers), bounded."""
         for fs in self.fork_servers():
             self.unwatch_fork_server(fs)
-        for fs in self.fork_servers():
             if fs.pid is not None:
                 fs.close()
 
@@ -277,8 +281,7 @@ class Supervisor:
         """Signal a worker through its fork server, remembering why for its exit's log line
         (a worker we SIGKILLed for a timeout was not out of memory)."""
         self.kill_reasons[pid] = why
-        owner = next((fs for fs in self.fork_servers() if pid in fs.children), self.fork_server)
-        owner.kill(pid, sig)
+        self.forks.kill(pid, sig)
 
     def tell_exit(self, worker: WorkerSlot) -> None:
         """Ask an idle worker to exit cleanly (it has nothing in hand)."""
@@ -305,7 +308,7 @@ class Supervisor:
         the workers one by one; ``producer`` is passed to the ``on_reload`` hook."""
         if self.stopping:
             return
-        if self.next_fork_server is not None:
+        if self.forks.next is not None:
             log.warning("A reload is already under way; ignoring this one")
             return
         log.info("Reloading %s", self.fork_server.consumer_name())
@@ -313,30 +316,16 @@ class Supervisor:
             self.settings.on_reload(producer)
         self.reloading = "importing"  # READY=1 again once on_reloaded and the workers settle it
         sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={sdnotify.monotonic_usec()}\nSTATUS=Reloading")
-        try:
-            fresh = self.fork_server.successor()
-        except ValueError as exc:  # re-import the handler's module in the running fork server
-            if self.fork_server.spec:
-                log.warning("Cannot start a fresh fork server (%s); re-importing the handler's module only", exc)
-            self.fork_server.reload()
-            return
-        try:
-            fresh.start()
-        except OSError as exc:
-            self.on_reloaded(False, f"cannot start a fork server: {exc}")
-            return
-        self.next_fork_server = fresh
-        self.watch_fork_server(fresh)
+        fresh, error = self.forks.start_next()
+        if error is not None:
+            self.on_reloaded(False, error)
+        elif fresh is not None:
+            self.watch_fork_server(fresh)
 
     def on_reloaded(self, ok: bool, error: str | None, fs: ForkServer | None = None) -> None:
         """The fork server ``fs`` imported the new code (``ok``) or could not. A fresh one
         that did becomes the current one, and the old one retires."""
-        if fs is not None and fs is self.next_fork_server:
-            self.next_fork_server = None
-            if ok:
-                self.fork_server, fs = fs, self.fork_server
-                fs.retire()
-            self.old_fork_servers.append(fs)  # it exits once its workers are gone (none if refused)
+        self.forks.settle(ok, fs)
         self.reloading = "replacing"
         if not ok:
             log.error("Reload failed; keeping the current workers: %s", error)
@@ -370,7 +359,7 @@ class Supervisor:
     # -- fork servers: the current one, the next (a reload importing), old ones retiring --
 
     def fork_servers(self) -> list[ForkServer]:
-        return [fs for fs in (self.fork_server, self.next_fork_server, *self.old_fork_servers) if fs is not None]
+        return self.forks.all() if self.forks is not None else []
 
     def watch_fork_server(self, fs: ForkServer) -> None:
         fs.listener = watch_fd(eventlet.hubs.get_hub(), fs.events_fd, self.on_fork_server_events)
@@ -399,12 +388,10 @@ class Supervisor:
         """A fork server other than the current one exited: an old one whose workers are
         all gone, or a new one that could not import the application. Reap it."""
         pid = fs.pid
-        if fs is self.next_fork_server:  # died before it said whether the import worked
-            self.on_reloaded(False, f"the new fork server (pid:{pid}) exited before it was ready", fs)
-        if fs in self.old_fork_servers:
-            self.old_fork_servers.remove(fs)
-        fs.close()
+        failed = self.forks.gone(fs)
         log.info("Fork server (pid:%s) exited", pid)
+        if failed is not None:  # a reload's, before it said whether the import worked
+            self.on_reloaded(False, failed, fs)
 
     def _handle_events(self, events: list[dict[str, Any]], fs: ForkServer | None = None) -> None:
         for event in events:
@@ -416,7 +403,6 @@ class Supervisor:
     def _handle_event(self, event: dict[str, Any], fs: ForkServer) -> None:
         kind = event["ev"]
         if kind == "spawned":
-            fs.children.add(event["pid"])
             boot = self.booting.get(event["token"])
             if boot is not None:
                 boot.pid = event["pid"]
@@ -425,7 +411,6 @@ class Supervisor:
             if self.stopping:  # forked just as we stopped: stop() did not know its pid
                 self.kill_pid(event["pid"], signal.SIGKILL, "the daemon is stopping")
         elif kind == "exited":
-            fs.children.discard(event["pid"])
             self.on_exit(event["pid"], event["number"], event["status"])
         elif kind == "reloaded":
             self.on_reloaded(event["ok"], event["error"], fs)

@@ -1,0 +1,120 @@
+"""The hand-over of fork servers across a reload (gaspar.forkserver.ForkServers), shared by
+the front end's Supervisor and the agent. Its processes are exercised by the reload tests
+(test_ops, test_supervision, test_remote); here its rules, over stand-ins that record what
+they were asked (a fork server's pipes and processes play no part in them)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from gaspar.forkserver import ForkServers
+
+
+class Stand:
+    """What ForkServers asks of a fork server, recorded."""
+
+    def __init__(self, name: str, spec: str | None = "app:handler", start_error: Exception | None = None) -> None:
+        self.name, self.spec, self.pid = name, spec, hash(name) % 10_000
+        self.children: set[int] = set()
+        self.start_error = start_error
+        self.asked: list[tuple] = []
+
+    def successor(self) -> Stand:
+        if not self.spec:
+            raise ValueError("the consumer was given as a Python object")
+        return Stand(self.name + "'", self.spec, self.start_error)
+
+    def start(self) -> None:
+        if self.start_error is not None:
+            raise self.start_error
+        self.asked.append(("start",))
+
+    def kill(self, pid: int, sig: int) -> None:
+        self.asked.append(("kill", pid, sig))
+
+    def reload(self) -> None:
+        self.asked.append(("reload",))
+
+    def retire(self) -> None:
+        self.asked.append(("retire",))
+
+    def close(self) -> None:
+        self.asked.append(("close",))
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def test_a_reload_that_imports_hands_over_and_retires_the_old_one():
+    first = Stand("a")
+    forks = ForkServers(first)
+    fresh, error = forks.start_next()
+    assert error is None and fresh is forks.next and ("start",) in fresh.asked
+    assert forks.all() == [first, fresh]
+    forks.settle(True, fresh)
+    assert forks.current is fresh and forks.next is None and forks.old == [first]
+    assert ("retire",) in first.asked and ("retire",) not in fresh.asked
+    assert forks.gone(first) is None  # its last worker gone, it exits
+    assert forks.all() == [fresh] and ("close",) in first.asked
+
+
+def test_a_reload_that_fails_to_import_keeps_the_current_one():
+    first = Stand("a")
+    forks = ForkServers(first)
+    fresh, _ = forks.start_next()
+    forks.settle(False, fresh)
+    assert forks.current is first and forks.next is None and forks.old == [fresh]
+    assert ("retire",) not in first.asked
+    assert forks.gone(fresh) is None and forks.all() == [first]
+
+
+def test_a_fresh_fork_server_that_dies_before_it_reports_is_a_failed_reload():
+    first = Stand("a")
+    forks = ForkServers(first)
+    fresh, _ = forks.start_next()
+    failed = forks.gone(fresh)
+    assert failed is not None and "exited before it was ready" in failed and str(fresh.pid) in failed
+    assert forks.next is None and forks.all() == [first] and ("close",) in fresh.asked
+    forks.settle(False, fresh)  # the owner's on_reloaded(False, ...) that follows changes nothing
+    assert forks.current is first and forks.old == []
+
+
+def test_an_unnamed_consumer_is_reloaded_in_place():
+    first = Stand("a", spec=None)
+    forks = ForkServers(first)
+    assert forks.start_next() == (None, None)
+    assert ("reload",) in first.asked and forks.next is None
+    forks.settle(True, first)  # its "reloaded" event comes from the current one: nothing to hand over
+    assert forks.current is first and forks.old == [] and ("retire",) not in first.asked
+
+
+def test_a_fork_server_that_cannot_start_is_an_error_and_nothing_changes():
+    first = Stand("a", start_error=OSError("too many open files"))
+    forks = ForkServers(first)
+    fresh, error = forks.start_next()
+    assert fresh is None and "cannot start a fork server: too many open files" in error
+    assert forks.all() == [first]
+
+
+@pytest.mark.parametrize("pid, owner", [(11, "old"), (22, "current"), (33, "current")])
+def test_a_kill_goes_through_the_fork_server_that_forked_the_worker(pid, owner):
+    first = Stand("a")
+    forks = ForkServers(first)
+    fresh, _ = forks.start_next()
+    forks.settle(True, fresh)
+    first.children, fresh.children = {11}, {22}
+    forks.kill(pid, signal.SIGKILL)  # 33: nobody's (already reaped): the current one says so
+    expected = first if owner == "old" else fresh
+    assert expected.asked[-1] == ("kill", pid, signal.SIGKILL)
+
+
+def test_a_second_reload_waits_for_the_first():
+    """The owners refuse a reload while ``next`` is set; a failed one leaves it clear."""
+    forks = ForkServers(Stand("a"))
+    fresh, _ = forks.start_next()
+    assert forks.next is fresh
+    forks.settle(False, fresh)
+    again, _ = forks.start_next()
+    assert again is not None and forks.next is again
