@@ -800,31 +800,8 @@ class Producer:
         "Monitoring", documents each field). Per-process CPU and memory are read now."""
         d = self.dispatcher
         now, wall = time.monotonic(), time.time()
-        workers = []
-        for w in sorted((w for w in d.workers.values() if w.agent is None), key=lambda w: w.number):
-            state = "retiring" if w.retiring else "busy" if w.current is not None else "idle"
-            usage = proc_usage(w.pid)
-            figures = self.telemetry.worker(w.number).snapshot()
-            workers.append(
-                {
-                    "pid": w.pid,
-                    "number": w.number,
-                    "generation": w.generation,
-                    "state": state,
-                    "handled": w.handled,
-                    "busy": w.current is not None,
-                    "retiring": w.retiring,
-                    "prefetched": len(w.ahead),
-                    "age_seconds": round(now - w.started, 3),
-                    "cpu_seconds": round(usage[0], 3) if usage else None,
-                    "rss_bytes": usage[1] if usage else None,
-                    **figures,
-                }
-            )
-        states = dict.fromkeys(WORKER_STATES, 0)
-        for w in workers:
-            states[w["state"]] += 1
-        states["booting"] = len(self.supervisor.booting) if self.supervisor is not None else 0
+        none = ([], dict.fromkeys(WORKER_STATES, 0))
+        workers, states = self.supervisor.snapshot(now) if self.supervisor is not None else none
         front = proc_usage(os.getpid())
         return {
             "pid": os.getpid(),

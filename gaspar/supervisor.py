@@ -50,6 +50,7 @@ from .dispatch import WorkerSlot, draw_limit
 from .errors import GasparError
 from .forkserver import ForkServers
 from .framing import Kind, Status, pack_id
+from .telemetry import WORKER_STATES, proc_usage
 from .worker import WORKER_BOOT_ERROR
 
 log = logging.getLogger("gaspar")
@@ -163,6 +164,35 @@ class Supervisor:
 
     def consumer_name(self) -> str:
         return self.fork_server.consumer_name()
+
+    def snapshot(self, now: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Each local worker as ``gaspar stats`` shows it (CPU and memory read now), and how
+        many are in each state (README, "Monitoring", documents the fields)."""
+        workers = []
+        for w in sorted(self.local_workers(), key=lambda w: w.number):
+            state = "retiring" if w.retiring else "busy" if w.current is not None else "idle"
+            usage = proc_usage(w.pid)
+            workers.append(
+                {
+                    "pid": w.pid,
+                    "number": w.number,
+                    "generation": w.generation,
+                    "state": state,
+                    "handled": w.handled,
+                    "busy": w.current is not None,
+                    "retiring": w.retiring,
+                    "prefetched": len(w.ahead),
+                    "age_seconds": round(now - w.started, 3),
+                    "cpu_seconds": round(usage[0], 3) if usage else None,
+                    "rss_bytes": usage[1] if usage else None,
+                    **self.telemetry.worker(w.number).snapshot(),
+                }
+            )
+        states = dict.fromkeys(WORKER_STATES, 0)
+        for w in workers:
+            states[w["state"]] += 1
+        states["booting"] = len(self.booting)
+        return workers, states
 
     # -- a worker's life -------------------------------------------------------------------
 
