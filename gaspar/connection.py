@@ -30,6 +30,8 @@ Per connection (:class:`Connection`):
 * ``max_connections``: past it, a new connection is reset as soon as it is accepted.
 
 Every callback here runs in the hub's own greenlet, so nothing here may block or switch.
+What a connection needs of the front end is written down as :class:`FrontEnd`; this module
+does not import the Producer.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ProtocolError
 from .framing import REPLY_HEADER, Request, RequestReader, RequestTooLarge, Status, error_body, reply_header
 
 if TYPE_CHECKING:
-    from .producer import Producer
+    from .overload import ByteBudget
 
 log = logging.getLogger("gaspar")
 
@@ -58,6 +60,45 @@ _WRITE = select.EPOLLOUT
 # interest per request, and none at close (closing the fd drops it from the epoll).
 _CONN_EVENTS = _READ | _WRITE | select.EPOLLET
 _ACCEPT_BATCH = 128
+
+
+class FrontEnd(Protocol):
+    """What the acceptor and a connection use of the front end (the Producer is the one),
+    written down so that neither needs the Producer itself: its settings, its loop and
+    books, and five verbs."""
+
+    settings: Any  # max_message_size, max_pipeline, abort_on_close, max_connections
+    ioloop: IOLoop
+    connections: set[Connection]  # the open ones
+    budget: ByteBudget  # max_buffered_bytes
+    telemetry: Any  # outcomes
+    dispatcher: Any  # cancel(pending) when the client has left
+    access_log: logging.Logger | None
+    counters_abandoned: int  # clients that left while a request of theirs waited
+
+    def submit(self, conn: Connection, request: Request) -> None:
+        """A whole request was read: queue it for a worker (``conn.deliver`` answers it)."""
+
+    def settle(self) -> None:
+        """Requests were cancelled: revoke those handed ahead to a worker."""
+
+    def wake_starved(self, conns: list[Connection]) -> None:
+        """Budget bytes were freed: read these connections again, in turn."""
+
+    def refuse_connection(self, sock: socket.socket) -> None:
+        """Past ``max_connections``: reset this new connection."""
+
+    def log_access(
+        self,
+        waiter: tuple[Connection, Request],
+        outcome: str,
+        bytes_out: int,
+        queued: float | None,
+        handler: float | None,
+        total: float,
+        worker: int | str | None,
+    ) -> None:
+        """One access-log line (``access_log``)."""
 
 
 class IOLoop:
@@ -114,8 +155,8 @@ class IOLoop:
 class Acceptor:
     """Accepts connections in batches while the listening socket is readable."""
 
-    def __init__(self, sock: socket.socket, loop: IOLoop, producer: Producer) -> None:
-        self.sock, self.loop, self.producer = sock, loop, producer
+    def __init__(self, sock: socket.socket, loop: IOLoop, front: FrontEnd) -> None:
+        self.sock, self.loop, self.front = sock, loop, front
         self.family = int(sock.family)
         sock.setblocking(False)
         loop.register(sock.fileno(), select.EPOLLIN, self.on_events)
@@ -133,10 +174,10 @@ class Acceptor:
                 log.error("accept() failed: %s; pausing for 0.1 s", exc)
                 self.pause(0.1)
                 return n
-            if len(self.producer.connections) >= self.producer.settings.max_connections:
-                self.producer.refuse_connection(sock)
+            if len(self.front.connections) >= self.front.settings.max_connections:
+                self.front.refuse_connection(sock)
                 continue
-            Connection(sock, self.producer).start()
+            Connection(sock, self.front).start()
         return _ACCEPT_BATCH
 
     def accept_all(self) -> None:
@@ -167,7 +208,7 @@ class Connection:
     __slots__ = (
         "sock",
         "fd",
-        "producer",
+        "front",
         "reader",
         "inflight",
         "out",
@@ -186,12 +227,12 @@ class Connection:
         "peer",
     )
 
-    def __init__(self, sock: socket.socket, producer: Producer) -> None:
+    def __init__(self, sock: socket.socket, front: FrontEnd) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
-        self.producer = producer
-        self.reader = RequestReader(producer.settings.max_message_size)
+        self.front = front
+        self.reader = RequestReader(front.settings.max_message_size)
         self.inflight = 0
         self.out: deque[memoryview] = deque()
         self.paused = False  # not reading: max_pipeline requests are in flight
@@ -201,13 +242,13 @@ class Connection:
         self.last_active = time.monotonic()
         self.requests: set[Any] = set()  # Pending entries of this connection
         self.close_after = False  # close once the output is flushed
-        self.budget = producer.budget
+        self.budget = front.budget
         self.held = 0  # bytes counted in the budget: bodies in flight, replies unsent
         self.reserved = 0  # bytes reserved for the body being read
         self.starved = False  # not reading: waiting for the budget
-        self.abort_on_close = producer.settings.abort_on_close
+        self.abort_on_close = front.settings.abort_on_close
         self.peer = None
-        if producer.access_log is not None:
+        if front.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]
             except OSError:
@@ -228,8 +269,8 @@ class Connection:
         return self.inflight > 0 or self.reader.in_progress or bool(self.out)
 
     def start(self) -> None:
-        self.producer.connections.add(self)
-        self.producer.ioloop.register(self.fd, _CONN_EVENTS, self.on_events)
+        self.front.connections.add(self)
+        self.front.ioloop.register(self.fd, _CONN_EVENTS, self.on_events)
         self.on_readable()  # the request has often arrived with the connection
 
     def on_events(self, events: int) -> None:
@@ -245,7 +286,7 @@ class Connection:
     def on_peer_closed(self) -> None:
         """The client sent its FIN (seen even while this connection is not being read)."""
         if self.inflight and self.abort_on_close:
-            self.producer.counters_abandoned += 1
+            self.front.counters_abandoned += 1
             self.abort()  # its requests are cancelled: queued ones never run
 
     # -- reading ------------------------------------------------------------------------
@@ -255,7 +296,7 @@ class Connection:
             return
         reader = self.reader
         while True:
-            if self.keepalive and self.inflight >= self.producer.settings.max_pipeline:
+            if self.keepalive and self.inflight >= self.front.settings.max_pipeline:
                 self.paused = True  # back-pressure: read again when replies go out
                 return
             need = reader.declared
@@ -323,7 +364,7 @@ class Connection:
             self.inflight += 1
             if not request.keepalive:
                 self.eof = True  # its last request: read no more
-            self.producer.submit(self, request)
+            self.front.submit(self, request)
             if self.eof:
                 return False
 
@@ -395,13 +436,13 @@ class Connection:
         """``n`` bytes counted in the budget are no longer held."""
         if n:
             self.held -= n
-            self.producer.wake_starved(self.budget.release(n))
+            self.front.wake_starved(self.budget.release(n))
 
     def fail_now(self, request: Request, kind: str, message: str) -> None:
         """Refuse a request before it runs, and end the connection."""
-        self.producer.telemetry.outcome("bad_request")
-        if self.producer.access_log is not None:
-            self.producer.log_access((self, request), "bad_request", 0, None, None, 0.0, None)
+        self.front.telemetry.outcome("bad_request")
+        if self.front.access_log is not None:
+            self.front.log_access((self, request), "bad_request", 0, None, None, 0.0, None)
         self.eof = True
         if request.extended:
             self.inflight += 1
@@ -428,29 +469,29 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        self.producer.ioloop.forget(self.fd)
-        self.producer.connections.discard(self)
+        self.front.ioloop.forget(self.fd)
+        self.front.connections.discard(self)
         try:
             self.sock.close()
         except OSError:
             pass
         if self.requests:
-            producer = self.producer
-            producer.telemetry.outcome("client_gone", len(self.requests))
+            front = self.front
+            front.telemetry.outcome("client_gone", len(self.requests))
             now = time.monotonic()
             for pending in self.requests:
                 running = pending.worker is not None and pending.worker.current is pending
-                if producer.access_log is not None and not running:  # running ones: at their reply
+                if front.access_log is not None and not running:  # running ones: at their reply
                     waited = now - pending.queued_at
-                    producer.log_access(pending.waiter, "client_gone", 0, waited, None, waited, None)
-                producer.dispatcher.cancel(pending)
+                    front.log_access(pending.waiter, "client_gone", 0, waited, None, waited, None)
+                front.dispatcher.cancel(pending)
             self.requests.clear()
-        self.producer.settle()  # revoke what was handed ahead to a worker
+        self.front.settle()  # revoke what was handed ahead to a worker
         held, self.held, self.reserved = self.held, 0, 0
         wake = self.budget.forget(self) if self.starved else []
         if held:
             wake = self.budget.release(held)
-        self.producer.wake_starved(wake)
+        self.front.wake_starved(wake)
 
     def abort(self) -> None:
         """Abortive close: the client sees a reset, never a clean (empty) reply."""
