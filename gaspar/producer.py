@@ -1,4 +1,4 @@
-"""The Producer: gaspar's eventlet front end, and the supervisor of its workers.
+"""The Producer: gaspar's eventlet front end, and the owner of its pool's lifecycle.
 
 ::
 
@@ -14,7 +14,10 @@ round of 0MQ work (send what is queued, read every reply). Green threads do the 
 fork server's events, signals and calls from other threads, stops, and a 0.1 s ticker
 (timeouts, idle connections). ``start(blocking=False)`` runs that hub in a background
 thread; the public methods may be called from any thread and are handed to the hub.
-Workers are forked by the fork server (``gaspar.arbiter``), never by this process.
+Workers are forked by the fork server (``gaspar.arbiter``), never by this process. This
+host's workers are the Supervisor's (``gaspar.supervisor``), workers on other hosts the
+Gateway's (``gaspar.gateway``); the Producer keeps the start, the stop, the signals and the
+ticker, and asks :meth:`owner` which of the two acts on a worker.
 
 **Dispatch.** One ROUTER socket; each worker is a DEALER that says HELLO when ready and is
 given a request when idle (ready credits; see ``gaspar.dispatch``). Fair: a request never
