@@ -54,6 +54,7 @@ from .forkserver import ForkServers
 from .framing import Kind, Link
 from .ipcdir import make_ipc_dir
 from .remote import reconnect_delay
+from .telemetry import proc_usage
 from .worker import set_proctitle
 
 log = logging.getLogger("gaspar")
@@ -305,7 +306,7 @@ class Agent:
     def on_control(self, message: bytes) -> None:
         kind, body = message[:1], json.loads(message[1:] or b"{}")
         if kind == Link.PING.value:
-            self.send_control(Link.PONG, t=body.get("t"))
+            self.send_control(Link.PONG, t=body.get("t"), usage=self.usage())
         elif kind == Link.WELCOME.value and self.state == "joining":
             self.state, self.session, self.attempt = "joined", body["session"], 0
             self.liveness = float(body.get("liveness", self.liveness))
@@ -325,6 +326,16 @@ class Agent:
             w = self.by_wid.get(body.get("wid", "").encode())
             if w is not None:
                 self.kill(w, int(body.get("sig", signal.SIGKILL)))
+
+    def usage(self) -> dict[str, list[float]]:
+        """CPU seconds and resident bytes of this agent and each of its workers, read from
+        /proc now (a few small reads per ping): the front end shows them."""
+        figures = {}
+        for pid in (os.getpid(), *self.by_pid):
+            found = proc_usage(pid)
+            if found is not None:
+                figures[str(pid)] = [round(found[0], 3), found[1]]
+        return figures
 
     def send_control(self, kind: Link, **body: Any) -> None:
         self.send_link([b"", kind.value + json.dumps(body).encode()])

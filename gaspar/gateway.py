@@ -346,7 +346,7 @@ class Gateway:
     def _on_control(self, agent: Agent, kind: bytes, body: dict[str, Any]) -> None:
         if kind == Link.PONG.value:
             t = body.get("t")
-            self.agents.pong(agent, t if isinstance(t, (int, float)) else -1.0)
+            self.agents.pong(agent, t if isinstance(t, (int, float)) else -1.0, body.get("usage"))
         elif kind == Link.EXITED.value:
             self._on_exited(agent, body)
         elif kind == Link.RETIRE.value:  # the agent reloads: this one goes once it is idle

@@ -108,7 +108,8 @@ class GasparCollector:
 
 def _agent_metrics(st: dict[str, Any]) -> Any:
     """Remote agents (``remote_bind``): sessions by state, and each live agent's workers,
-    busy ones and ping round trip; nothing without a remote bind."""
+    busy ones, ping round trip, and CPU and memory (reported by the agent with each pong);
+    nothing without a remote bind."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     remote = st.get("remote")
@@ -127,14 +128,34 @@ def _agent_metrics(st: dict[str, Any]) -> Any:
     workers = GaugeMetricFamily("gaspar_agent_workers", "Ready workers of each live agent.", labels=["agent"])
     busy = GaugeMetricFamily("gaspar_agent_busy", "Workers of each live agent running a request.", labels=["agent"])
     rtt = GaugeMetricFamily("gaspar_agent_rtt_seconds", "Each live agent's last ping round trip.", labels=["agent"])
+    cpu = CounterMetricFamily(
+        "gaspar_agent_worker_cpu_seconds", "CPU seconds of each live agent's workers.", labels=["agent", "worker"]
+    )
+    rss = GaugeMetricFamily(
+        "gaspar_agent_worker_resident_memory_bytes",
+        "Resident memory of each live agent's workers.",
+        labels=["agent", "worker"],
+    )
+    own = GaugeMetricFamily(
+        "gaspar_agent_resident_memory_bytes", "Resident memory of each live agent's own process.", labels=["agent"]
+    )
     for a in live:
         workers.add_metric([a["name"]], a["slots"])
         busy.add_metric([a["name"]], a["busy"])
         if a["rtt_ms"] is not None:
             rtt.add_metric([a["name"]], a["rtt_ms"] / 1000)
+        if a.get("rss_bytes") is not None:
+            own.add_metric([a["name"]], a["rss_bytes"])
+        for w in a["workers"]:  # as read on the agent's host at its last pong
+            if w.get("cpu_seconds") is not None:
+                cpu.add_metric([a["name"], str(w["number"])], w["cpu_seconds"])
+                rss.add_metric([a["name"], str(w["number"])], w["rss_bytes"])
     yield workers
     yield busy
     yield rtt
+    yield cpu
+    yield rss
+    yield own
     events = CounterMetricFamily(
         "gaspar_agent_events", "Remote events: agents lost, joins and handshakes refused...", labels=["event"]
     )

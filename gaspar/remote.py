@@ -12,7 +12,9 @@ socket:
   session, which is lost at once: what ran there is reported lost.
 * ``heard``: any message from an agent renews it; the front end pings every agent each
   ``heartbeat`` seconds, and the agent answers at once, so a live agent is heard at
-  least that often, and the ping's round trip is measured.
+  least that often, and the ping's round trip is measured. The answer (``pong``) also
+  carries the CPU seconds and resident memory of the agent and its workers, read on its
+  host: what ``gaspar stats``, ``gaspar top`` and ``/metrics`` show for them.
 * ``overdue``: agents silent for longer than ``liveness``: a crash without a FIN, a
   partition, a frozen (SIGSTOPped) host. 0MQ's own ZMTP heartbeats tear the TCP
   connection down; this layer also sees an agent whose process is stuck, and says which.
@@ -70,6 +72,7 @@ class Agent:
     lost: int = 0  # requests that were running there when it was lost
     ended_at: float | None = None
     why: str = ""  # why the session ended
+    usage: dict[int, tuple[float, int]] = field(default_factory=dict)  # pid -> (cpu s, rss), its last pong
 
     @property
     def live(self) -> bool:
@@ -144,11 +147,19 @@ class Agents:
     def heard(self, agent: Agent, now: float | None = None) -> None:
         agent.last_heard = self.clock() if now is None else now
 
-    def pong(self, agent: Agent, sent: float) -> None:
+    def pong(self, agent: Agent, sent: float, usage: Any = None) -> None:
+        """An answer to a ping sent at ``sent``; ``usage`` maps pids (as text) to
+        ``[cpu seconds, resident bytes]``: kept for the agent and its known workers only."""
         now = self.clock()
         agent.last_heard = now
         if 0 <= now - sent <= self.liveness:  # an answer to a ping of ours, not nonsense
             agent.rtt = now - sent
+        if isinstance(usage, dict):
+            pids = {agent.pid, *(w.pid for w in agent.workers.values())}
+            agent.usage = {}
+            for key, figures in usage.items():
+                if str(key).isdigit() and int(key) in pids and _figures(figures):
+                    agent.usage[int(key)] = (float(figures[0]), int(figures[1]))
 
     def overdue(self) -> list[Agent]:
         """Live sessions silent for longer than ``liveness``: to end as lost."""
@@ -190,6 +201,8 @@ class Agents:
                     "busy": a.busy(),
                     "done": a.done,
                     "lost": a.lost,
+                    "cpu_seconds": _cpu(a.usage.get(a.pid)),
+                    "rss_bytes": _rss(a.usage.get(a.pid)),
                     "workers": [
                         {
                             "pid": w.pid,
@@ -197,9 +210,28 @@ class Agents:
                             "state": "retiring" if w.retiring else "busy" if w.current is not None else "idle",
                             "handled": w.handled,
                             "prefetched": len(w.ahead),
+                            "cpu_seconds": _cpu(a.usage.get(w.pid)),
+                            "rss_bytes": _rss(a.usage.get(w.pid)),
                         }
                         for w in workers
                     ],
                 }
             )
         return rows
+
+
+def _figures(value: Any) -> bool:
+    """``[cpu seconds, resident bytes]`` as an agent reports them, and sane."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e15 for v in value)
+    )
+
+
+def _cpu(figures: tuple[float, int] | None) -> float | None:
+    return None if figures is None else round(figures[0], 3)
+
+
+def _rss(figures: tuple[float, int] | None) -> int | None:
+    return None if figures is None else figures[1]

@@ -30,7 +30,8 @@ What statsd receives (``P`` is the sanitized prefix, ``gaspar`` by default):
   ``P.workers_desired``, ``P.buffered_bytes``, ``P.overloaded`` (0 or 1),
   ``P.worker.<n>.rss_bytes``, ``P.worker.<n>.cpu_percent``, ``P.front_end.rss_bytes``,
   ``P.front_end.cpu_percent``; with agents on other hosts, ``P.agents.live`` and
-  ``P.agent.<name>.workers`` / ``.busy`` (and counters ``P.agents.<event>``: agents_lost,
+  ``P.agent.<name>.workers`` / ``.busy`` / ``.rss_bytes`` (the agent's and its workers'
+  resident memory, as reported with its last pong; and counters ``P.agents.<event>``: agents_lost,
   requests_lost, joins_refused, handshakes_failed, stale_messages). CPU percent is of one
   core, over the interval (a worker born during it: over its life); the front end's needs
   two snapshots of the same pid.
@@ -131,6 +132,9 @@ def format_metrics(prev: dict[str, Any] | None, stats: dict[str, Any], prefix: s
                 name = sanitize(a["name"]).replace(".", "_")  # one part of the metric name
                 gauge(f"agent.{name}.workers", a["slots"])
                 gauge(f"agent.{name}.busy", a["busy"])
+                sizes = [a.get("rss_bytes"), *(w.get("rss_bytes") for w in a.get("workers") or [])]
+                if any(n is not None for n in sizes):  # the agent's and its workers', at its last pong
+                    gauge(f"agent.{name}.rss_bytes", sum(n for n in sizes if n is not None))
     front, front_was = stats.get("front_end"), before.get("front_end")
     if front:
         gauge("front_end.rss_bytes", front["rss_bytes"])

@@ -305,17 +305,32 @@ def render(
     cols = fit_columns(width)
     rows = worker_rows(prev, stats, elapsed)
     table = [table_header(width), *(_row(r, cols, width) for r in rows)] if rows else ["(no local workers)"]
-    return [*header(prev, stats, elapsed, width, address), "", *table, *agent_lines(stats, width)]
+    return [*header(prev, stats, elapsed, width, address), "", *table, *agent_lines(stats, width, prev, elapsed)]
 
 
-def agent_lines(stats: Stats, width: int) -> list[str]:
-    """A line (wrapped to ``width``) per agent session on other hosts, live ones first."""
+def agent_lines(stats: Stats, width: int, prev: Stats | None = None, elapsed: float = 0.0) -> list[str]:
+    """A line (wrapped to ``width``) per agent session on other hosts, live ones first: its
+    workers' CPU (percent of one core, summed, over the workers seen in both samples) and
+    the resident memory of the agent and its workers, as its last pong reported them."""
     agents = stats.get("agents") or []
     if not agents:
         return []
+    before = {
+        (a["name"], a["session"], w["pid"]): w.get("cpu_seconds")
+        for a in (prev or {}).get("agents") or []
+        for w in a.get("workers") or []
+    }
     lines = ["", f"agents on other hosts ({(stats.get('remote') or {}).get('agents_live', 0)} live):"]
     for a in agents:
         rtt = "-" if a.get("rtt_ms") is None else f"{a['rtt_ms']:.1f}ms"
+        rates = [
+            rate(before.get((a["name"], a["session"], w["pid"])), w.get("cpu_seconds"), elapsed)
+            for w in a.get("workers") or []
+        ]
+        known = [r for r in rates if r is not None]
+        cpu = number(sum(known) * 100, 5) + "%" if known else "-"
+        sizes = [a.get("rss_bytes"), *(w.get("rss_bytes") for w in a.get("workers") or [])]
+        rss = human_mib(sum(n for n in sizes if n is not None)) if any(n is not None for n in sizes) else "-"
         chunks = [
             f"{a['name']}@{a['host']}",
             f"session {a['session']}",
@@ -324,6 +339,8 @@ def agent_lines(stats: Stats, width: int) -> list[str]:
             f"busy {a['busy']}",
             f"done {a['done']}",
             f"lost {a['lost']}",
+            f"cpu {cpu}",
+            f"rss {rss}",
             f"rtt {rtt}",
             f"heard {human_age(a.get('last_heard_seconds_ago'))} ago",
         ]

@@ -380,7 +380,20 @@ def test_agents_show_in_metrics_top_and_stats(serve, agent):
     for i in range(6):
         s.request(b"m%d" % i)
     assert wait_for(lambda: s.producer.stats()["agents"][0]["rtt_ms"] is not None, 5)
+
+    # CPU and memory of the agent and its workers, read on its host, come with each pong
+    def reported(a):  # a pong since each of its workers said HELLO
+        return a["rss_bytes"] and all(w["rss_bytes"] for w in a["workers"])
+
+    a1 = wait_for(lambda: next((a for a in s.producer.stats()["agents"] if reported(a)), None), 5)
+    assert a1 and a1["rss_bytes"] > 1_000_000 and a1["cpu_seconds"] > 0, a1
+    assert all(w["rss_bytes"] > 1_000_000 and w["cpu_seconds"] >= 0 for w in a1["workers"]), a1["workers"]
     m = scrape(s.producer.metrics_addr)  # parsed by prometheus_client's own parser
+    for w in a1["workers"]:
+        number = str(w["number"])
+        assert value(m, "gaspar_agent_worker_resident_memory_bytes", agent="a1", worker=number) > 1_000_000
+        assert value(m, "gaspar_agent_worker_cpu_seconds_total", agent="a1", worker=number) >= 0
+    assert value(m, "gaspar_agent_resident_memory_bytes", agent="a1") > 1_000_000
     assert value(m, "gaspar_agents", state="joined") == 1
     assert value(m, "gaspar_agents", state="lost") == 0
     assert value(m, "gaspar_agent_workers", agent="a1") == 2
@@ -397,6 +410,7 @@ def test_agents_show_in_metrics_top_and_stats(serve, agent):
     assert out.returncode == 0, out.stderr
     line = next(line for line in out.stdout.splitlines() if line.startswith("a1@"))
     assert "session 1" in line and "joined" in line and "workers 2" in line, out.stdout
+    assert "rss " in line and "rss -" not in line, out.stdout
     assert "agents on other hosts (1 live)" in out.stdout
     frame = top.render(None, s.producer.stats(), 1.0, width=40)
     assert all(len(line) <= 40 for line in frame)
@@ -567,7 +581,8 @@ def run_chaos(s, start, moves, seconds: float = 10.0, calm=None) -> dict:
     print("chaos tally:", tally, "handler_ms:", s.producer.stats()["overload"]["handler_ms"])
     assert not wrong, wrong[:5]
     assert tally["ok"] > 50, tally
-    assert joined(s, "c1", 2) and joined(s, "c2", 2), s.producer.stats()["agents"]
+    back = joined(s, "c1", 2) and joined(s, "c2", 2)
+    assert back, json.dumps(s.producer.stats()["agents"]) + "".join(f"\n--- {n}\n{a.log}" for n, a in agents.items())
     assert wait_for(lambda: s.producer.stats()["pending"] == 0, 5)
     # no worker is left busy with a request that ended elsewhere, and the handler-time
     # estimate (which judges deadlines) is sane: both once went wrong after a lost agent

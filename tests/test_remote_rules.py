@@ -112,6 +112,34 @@ def test_ended_sessions_are_kept_a_few_and_snapshot_shows_workers(book):
     assert agents.lost_total == 0  # leaving is not being lost
 
 
+def test_a_pong_carries_the_usage_of_the_agent_and_its_known_workers_only(book):
+    agents, clock = book
+    a, _, _ = agents.join(b"r1", hello())  # pid 7
+    a.workers[b"w1"] = WorkerSlot(4242, 1, 1, b"r1w1")
+    usage = {
+        "7": [0.5, 30_000_000],  # the agent itself
+        "4242": [12.25, 50_000_000],  # its worker
+        "999": [1.0, 1],  # not one of its processes: dropped
+        "x": [1.0, 1],  # not a pid
+        "4243": [True, 1],  # not figures
+    }
+    agents.pong(a, clock.now, usage)
+    assert a.usage == {7: (0.5, 30_000_000), 4242: (12.25, 50_000_000)}
+    (row,) = agents.snapshot()
+    assert row["cpu_seconds"] == 0.5 and row["rss_bytes"] == 30_000_000
+    assert row["workers"][0]["cpu_seconds"] == 12.25 and row["workers"][0]["rss_bytes"] == 50_000_000
+    for not_a_map in ([], "x", 5):
+        agents.pong(a, clock.now, not_a_map)
+        assert a.usage[4242] == (12.25, 50_000_000)  # ignored: the last figures stay
+    for insane in ([1.0], [-1, 5], "12", [1.0, 2.0, 3.0], [float("inf"), 1]):
+        agents.pong(a, clock.now, {"4242": insane})
+        assert a.usage == {}, insane  # a pong replaces the figures: none sane, none shown
+    (row,) = agents.snapshot()
+    assert row["cpu_seconds"] is None and row["workers"][0]["rss_bytes"] is None
+    agents.pong(a, clock.now)  # an older agent's pong, without usage: the figures stay
+    assert a.usage == {}
+
+
 @pytest.mark.parametrize("attempt", [0, 1, 2, 3, 4, 5, 10, 100])
 @pytest.mark.parametrize("draw", [0.0, 0.5, 0.999])
 def test_reconnect_delay_doubles_jitters_and_is_capped(attempt, draw):

@@ -396,8 +396,9 @@ def test_agents_on_other_hosts_are_pushed_when_there_are_any():
         return {"agents_live": 1, **base, **counts}
 
     agents = [
-        {"name": "gpu.1", "state": "joined", "slots": 8, "busy": 3},
+        {"name": "gpu.1", "state": "joined", "slots": 8, "busy": 3, "rss_bytes": 100, "workers": [{"rss_bytes": 20}]},
         {"name": "old", "state": "lost", "slots": 0, "busy": 0},
+        {"name": "quiet", "state": "joined", "slots": 1, "busy": 0, "rss_bytes": None, "workers": []},
     ]
     prev = snap(remote=remote(agents_lost=1), agents=agents)
     now = snap(time=1010.0, remote=remote(agents_lost=3, requests_lost=2), agents=agents)
@@ -406,5 +407,7 @@ def test_agents_on_other_hosts_are_pushed_when_there_are_any():
     assert m["gaspar.agents.agents_lost"] == (2, "c") and m["gaspar.agents.requests_lost"] == (2, "c")
     assert "gaspar.agents.stale_messages" not in m  # did not move
     assert m["gaspar.agent.gpu_1.workers"] == (8, "g") and m["gaspar.agent.gpu_1.busy"] == (3, "g")
+    assert m["gaspar.agent.gpu_1.rss_bytes"] == (120, "g")  # the agent's own and its workers'
+    assert "gaspar.agent.quiet.rss_bytes" not in m  # no pong with figures yet: no gauge
     assert not any(name.startswith("gaspar.agent.old") for name in m)  # ended sessions: not a gauge
     assert not any("agent" in name for name in parse(format_metrics(None, snap(), "gaspar")))

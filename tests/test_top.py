@@ -138,6 +138,36 @@ def test_two_samples_give_rates():
     assert all(len(line) <= 80 for line in lines)
 
 
+def test_an_agent_line_shows_its_workers_cpu_and_the_memory_of_its_processes():
+    def agent(session, cpus, rss=None):
+        workers = [
+            {"pid": 500 + i, "number": i + 1, "state": "idle", "cpu_seconds": c, "rss_bytes": 20 * MiB}
+            for i, c in enumerate(cpus)
+        ]
+        row = {"name": "gpu1", "host": "b", "session": session, "state": "joined", "slots": len(workers)}
+        row.update(busy=0, done=5, lost=0, rtt_ms=0.7, last_heard_seconds_ago=0.2, rss_bytes=rss, workers=workers)
+        return row
+
+    def with_agents(*rows):
+        st = stats([worker(1, 11)])
+        st["agents"], st["remote"] = list(rows), {"agents_live": len(rows)}
+        return st
+
+    before = with_agents(agent(1, [1.0, 2.0], rss=10 * MiB))
+    after = with_agents(agent(1, [1.5, 3.0], rss=10 * MiB))
+    text = " ".join(top.render(before, after, 2.0, 200))
+    assert "gpu1@b" in text and "cpu 75.0%" in text and "rss 50.0M" in text  # (0.5 + 1.0) / 2 s; 10 + 2 x 20
+    text = " ".join(top.render(None, after, 0.0, 200))
+    assert "cpu -" in text and "rss 50.0M" in text  # no rate from one sample
+    rejoined = with_agents(agent(2, [0.1, 0.1]))  # a new session: its workers' CPU starts again
+    text = " ".join(top.render(after, rejoined, 2.0, 200))
+    assert "cpu -" in text and "rss 40.0M" in text
+    unknown = with_agents(agent(1, [None, None]))
+    for w in unknown["agents"][0]["workers"]:
+        w["rss_bytes"] = None
+    assert "rss -" in " ".join(top.render(after, unknown, 2.0, 200))
+
+
 def test_the_first_frame_has_no_rates_and_latency_since_start():
     now = stats([worker(1, 11, requests=5)], ok=5, requests=[0.002] * 5, waits=[0.0005] * 5)
     lines = top.render(None, now, 0.0, 80)
