@@ -383,8 +383,11 @@ class Agent:
 
     def on_hello(self, wid: bytes, payload: bytes) -> None:
         hello = json.loads(payload)
-        self.booting.pop(hello["token"], None)
-        w = self.by_pid.get(hello["pid"])
+        pid = hello["pid"]
+        if self.booting.pop(hello["token"], None) is not None and pid not in self.by_pid:
+            # its HELLO outran the fork server's "spawned" event (a busy host): it is ours
+            self.by_pid[pid] = LocalWorker(pid, hello["number"], hello["generation"])
+        w = self.by_pid.get(pid)
         if w is None:  # reaped already
             return
         w.wid, w.hello = wid, payload
@@ -412,8 +415,9 @@ class Agent:
         for event in events:
             if event["ev"] == "spawned":
                 self.booting.pop(event["token"], None)
-                self.by_pid[event["pid"]] = LocalWorker(event["pid"], event["number"], event["generation"])
                 log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
+                if event["pid"] not in self.by_pid:  # else its HELLO came first, and it is ready
+                    self.by_pid[event["pid"]] = LocalWorker(event["pid"], event["number"], event["generation"])
             elif event["ev"] == "exited":
                 self.on_exit(event["pid"], event["number"], event["status"])
             elif event["ev"] == "reloaded":

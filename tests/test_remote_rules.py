@@ -149,3 +149,40 @@ def test_reconnect_delay_doubles_jitters_and_is_capped(attempt, draw):
     assert delay <= 5.0
     if attempt >= 10:
         assert delay >= 2.5  # capped: a refused agent knocks at most once per 2.5 s
+
+
+class _Events:
+    """A fork server's handle as the agent reads it: the events it has to report."""
+
+    def __init__(self, *events):
+        self.events = list(events)
+
+    def read_events(self):
+        events, self.events = self.events, []
+        return events
+
+
+@pytest.mark.parametrize("hello_first", [True, False])
+def test_an_agent_keeps_a_worker_whose_hello_outran_its_spawned_event(hello_first):
+    """On a busy host a new worker can say HELLO before the agent has read its fork
+    server's "spawned" event. It was once dropped as "reaped already": the worker sat
+    unannounced for ever and the pool stayed one short (seen in a loaded test run)."""
+    from gaspar.agent import Agent
+    from gaspar.config import Settings
+
+    agent = Agent(None, Settings(), "tcp://127.0.0.1:1", workers=1)
+    agent.booting[1] = 1  # the fork it asked for, token 1
+    spawned = _Events({"ev": "spawned", "pid": 4242, "token": 1, "number": 1, "generation": 1})
+    hello = b'{"pid": 4242, "token": 1, "number": 1, "generation": 1}'
+    if hello_first:
+        agent.on_hello(b"4242:1", hello)
+        agent.on_fork_server_events(spawned)
+    else:
+        agent.on_fork_server_events(spawned)
+        agent.on_hello(b"4242:1", hello)
+    w = agent.by_pid[4242]
+    assert w.hello == hello and w.wid == b"4242:1" and agent.by_wid[b"4242:1"] is w
+    assert agent.booting == {} and len(agent.by_pid) == 1  # nothing more to fork
+    # a HELLO from a worker already reaped (its token long gone) is still dropped
+    agent.on_hello(b"77:1", b'{"pid": 77, "token": 9, "number": 2, "generation": 1}')
+    assert 77 not in agent.by_pid
