@@ -155,11 +155,12 @@ class Agents:
         if 0 <= now - sent <= self.liveness:  # an answer to a ping of ours, not nonsense
             agent.rtt = now - sent
         if isinstance(usage, dict):
-            pids = {agent.pid, *(w.pid for w in agent.workers.values())}
+            ours = {str(pid): pid for pid in (agent.pid, *(w.pid for w in agent.workers.values()))}
             agent.usage = {}
             for key, figures in usage.items():
-                if str(key).isdigit() and int(key) in pids and _figures(figures):
-                    agent.usage[int(key)] = (float(figures[0]), int(figures[1]))
+                pid = ours.get(key)
+                if pid is not None and _figures(figures):
+                    agent.usage[pid] = (float(figures[0]), int(figures[1]))
 
     def overdue(self) -> list[Agent]:
         """Live sessions silent for longer than ``liveness``: to end as lost."""

@@ -122,6 +122,7 @@ def test_a_pong_carries_the_usage_of_the_agent_and_its_known_workers_only(book):
         "999": [1.0, 1],  # not one of its processes: dropped
         "x": [1.0, 1],  # not a pid
         "4243": [True, 1],  # not figures
+        "9" * 5000: [1.0, 1],  # not a pid either (and too long to parse)
     }
     agents.pong(a, clock.now, usage)
     assert a.usage == {7: (0.5, 30_000_000), 4242: (12.25, 50_000_000)}
