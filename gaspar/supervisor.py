@@ -142,6 +142,7 @@ class Supervisor:
         """Reap every fork server (each kills what is left of its workers), bounded."""
         for fs in self.fork_servers():
             self.unwatch_fork_server(fs)
+        for fs in self.fork_servers():
             if fs.pid is not None:
                 fs.close()
 
