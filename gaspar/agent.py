@@ -23,6 +23,11 @@ back-off (:func:`gaspar.remote.reconnect_delay`): a front end that comes back is
 every agent at once. Replies of the old session are never delivered: its connection is gone,
 and the front end drops what arrives from an ended session.
 
+**Why a join fails.** While joining, the agent listens to libzmq's events on its
+connection (a socket monitor), so a JOIN that gets no answer is logged with the likely cause
+(:func:`join_trouble`): nothing listens there, the front end refused its CURVE key, CURVE on
+one side only, or the wrong ``--curve-server`` key.
+
 **Reloading.** SIGHUP: a fresh fork server imports the application (every module) anew;
 then the workers of the older code are replaced one at a time: the agent asks the front end
 to retire one (RETIRE), the front end tells it to exit once it is idle, and a new one is
@@ -47,6 +52,7 @@ import time
 from typing import Any
 
 import zmq
+import zmq.utils.monitor
 
 from . import __version__, sdnotify
 from .arbiter import HALT_FLAPPING, FlapPolicy, ForkServer, describe_exit, drain
@@ -65,6 +71,34 @@ _REPLY, _SKIPPED = Kind.REPLY.value[0], Kind.SKIPPED.value[0]
 #: agent (its workers x (1 + prefetch) requests, and a few control messages), so a message
 #: is never dropped at the mark; a send that still cannot go is a lost front end.
 HWM = 100_000
+
+#: What libzmq may say about the connection while a JOIN waits (see :func:`join_trouble`).
+JOIN_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def join_trouble(seen: set[int], curve: bool, endpoint: str) -> str:
+    """Why a JOIN got no answer, from the connection's events ``seen`` meanwhile (the most
+    telling first): what an operator should check."""
+    if zmq.EVENT_HANDSHAKE_FAILED_AUTH in seen:
+        return "the front end refused this agent's CURVE key: is its NAME.key in the front end's --curve-allow?"
+    if zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL in seen:
+        if curve:
+            return "the handshake failed: the front end does not use CURVE (drop --curve-secret/--curve-server)"
+        return "the handshake failed: the front end uses CURVE (give --curve-secret and --curve-server)"
+    if zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL in seen:
+        return "the CURVE handshake failed: is --curve-server the front end's public key?"
+    if zmq.EVENT_HANDSHAKE_SUCCEEDED in seen:
+        return "connected, but no WELCOME came: is the front end stopped (SIGSTOP) or overwhelmed?"
+    if zmq.EVENT_CONNECTED in seen:
+        return "connected, but the handshake never finished"
+    return f"cannot reach {endpoint}: is the front end up, and is this its --remote-bind?"
 
 
 class LocalWorker:
@@ -116,6 +150,8 @@ class Agent:
         self.next_join = 0.0
         self.last_heard = 0.0
         self.link: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None  # libzmq's events on the link, while joining
+        self.seen: set[int] = set()
         self.stop_mode: str | None = None  # "graceful" or "fast", from a signal
         self.leave_deadline = math.inf
         self.leave_acked = False  # the front end answered our LEAVE: it sends no more requests
@@ -245,7 +281,9 @@ class Agent:
             self.join()
         elif self.state in ("joining", "joined", "leaving") and now - self.last_heard > self.liveness:
             silent = f"no word from the front end for {self.liveness}s"
-            self.lose(silent if self.state != "joining" else f"{silent} after JOIN (refused handshake? wrong keys?)")
+            if self.state == "joining":
+                silent += " after JOIN; " + join_trouble(self.read_monitor(), self.curve is not None, self.connect)
+            self.lose(silent)
 
     def join(self) -> None:
         s = self.settings
@@ -260,6 +298,7 @@ class Agent:
             from .curve import secure_client
 
             secure_client(link, *self.curve)
+        self.monitor, self.seen = link.get_monitor_socket(JOIN_EVENTS), set()
         link.connect(self.connect)
         self.link, self.state, self.last_heard = link, "joining", time.monotonic()
         self.attempt += 1
@@ -276,15 +315,35 @@ class Agent:
                 w.busy.clear()
                 self.kill(w, signal.SIGKILL)
                 killed += 1
-        if self.link is not None:
-            self.link.close(linger=0)
-            self.link = None
+        self.drop_link(linger=0)
         delay = reconnect_delay(self.attempt, cap=self.reconnect_max)
         self.next_join, self.state = time.monotonic() + delay, "idle"
         level = logging.WARNING if self.session or killed else logging.INFO
         log.log(
             level, "Lost the front end (%s); killed %s running handler(s); joining again in %.1fs", why, killed, delay
         )
+
+    def read_monitor(self) -> set[int]:
+        """The connection's events so far, while joining (libzmq's socket monitor)."""
+        while self.monitor is not None:
+            try:
+                self.seen.add(zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"])
+            except zmq.Again:
+                break
+        return self.seen
+
+    def stop_monitor(self) -> None:
+        if self.monitor is not None:
+            self.link.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+
+    def drop_link(self, linger: int | None = None) -> None:
+        """Close the connection to the front end (and its monitor)."""
+        self.stop_monitor()
+        if self.link is not None:
+            self.link.close(linger=linger)
+            self.link = None
 
     def read_link(self) -> None:
         link = self.link
@@ -309,6 +368,7 @@ class Agent:
             self.send_control(Link.PONG, t=body.get("t"), usage=self.usage())
         elif kind == Link.WELCOME.value and self.state == "joining":
             self.state, self.session, self.attempt = "joined", body["session"], 0
+            self.stop_monitor()  # it only explains a join that fails
             self.liveness = float(body.get("liveness", self.liveness))
             log.info("Joined %s as %s (session %s)", self.connect, self.name, self.session)
             sdnotify.notify(f"READY=1\nSTATUS=joined {self.connect} (session {self.session})\nMAINPID={os.getpid()}")
@@ -524,9 +584,7 @@ class Agent:
                 except zmq.ZMQError:
                     pass
             self.kill(w, signal.SIGKILL)
-        if self.link is not None:
-            self.link.close()
-            self.link = None
+        self.drop_link()
         if getattr(self, "workers_sock", None) is not None:
             self.workers_sock.close(linger=0)
         for fs in self.fork_servers():

@@ -301,6 +301,8 @@ def test_curve_refuses_unlisted_keys_plain_clients_and_borrowed_names(serve, age
     rogue = start_agent(agent, s, "rogue", 1, *curve_args(keys, "rogue"))
     plain = start_agent(agent, s, "plain", 1)  # no CURVE at all
     liar = start_agent(agent, s, "a1", 1, *curve_args(keys, "a2"))  # a2's key, a1's name
+    wrong = [*curve_args(keys, "a2")[:2], "--curve-server", str(keys / "a1.key")]  # not the server's key
+    lost = start_agent(agent, s, "a2", 1, *wrong)
     t0 = time.monotonic()
     time.sleep(6)
     stats = s.producer.stats()
@@ -314,8 +316,12 @@ def test_curve_refuses_unlisted_keys_plain_clients_and_borrowed_names(serve, age
     # the plain agent's failed handshakes are seen too (libzmq's socket monitor)
     assert stats["remote"]["handshakes_failed"] > refused, stats["remote"]
     assert "is not the one this key was issued for" in liar.log or "refused" in liar.log, liar.log
-    for a in (rogue, plain, liar):
+    for a in (rogue, plain, liar, lost):
         assert "Joined" not in a.log, a.log
+    # each agent's log says what to check (from libzmq's events on its connection)
+    assert "refused this agent's CURVE key: is its NAME.key in the front end's --curve-allow?" in rogue.log
+    assert "the front end uses CURVE (give --curve-secret and --curve-server)" in plain.log, plain.log
+    assert "is --curve-server the front end's public key?" in lost.log, lost.log
     pids = {reply_pid(s.request(b"r%d" % i)) for i in range(5)}
     assert pids <= set(s.pids())  # every request ran locally
     assert plain.proc.poll() is None  # it keeps trying, without a storm
@@ -357,6 +363,18 @@ def test_a_reload_reads_the_allowed_keys_again(serve, agent, keys):
     time.sleep(1)
     assert s.producer.stats()["remote"]["keys_allowed"] == 1
     assert joined(s, "a2", 1)["session"] == info["session"]  # a2 is untouched
+
+
+def test_an_agent_that_cannot_reach_the_front_end_says_so(agent):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = agent("handlers:where", "--connect", f"tcp://127.0.0.1:{port}", "--workers", "1", *AGENT_FAST)
+    assert wait_for(lambda: "Lost the front end" in a.log, 10), a.log
+    assert f"cannot reach tcp://127.0.0.1:{port}: is the front end up, and is this its --remote-bind?" in a.log
+    assert a.proc.poll() is None  # it keeps trying
 
 
 def test_settings_refuse_an_open_remote_bind_without_curve():

@@ -4,6 +4,7 @@ injected clock, as a table of cases."""
 from __future__ import annotations
 
 import pytest
+import zmq
 
 from gaspar.dispatch import WorkerSlot
 from gaspar.remote import JOINED, LEFT, LOST, REPLACED, Agents, reconnect_delay
@@ -187,3 +188,24 @@ def test_an_agent_keeps_a_worker_whose_hello_outran_its_spawned_event(hello_firs
     # a HELLO from a worker already reaped (its token long gone) is still dropped
     agent.on_hello(b"77:1", b'{"pid": 77, "token": 9, "number": 2, "generation": 1}')
     assert 77 not in agent.by_pid
+
+
+@pytest.mark.parametrize(
+    "seen, curve, says",
+    [
+        (set(), False, "cannot reach tcp://fe:1: is the front end up"),
+        ({zmq.EVENT_CONNECT_RETRIED}, True, "cannot reach tcp://fe:1"),
+        ({zmq.EVENT_CONNECTED}, False, "the handshake never finished"),
+        ({zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_SUCCEEDED}, False, "no WELCOME came"),
+        ({zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_FAILED_AUTH}, True, "refused this agent's CURVE key"),
+        ({zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL}, False, "the front end uses CURVE"),
+        ({zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL}, True, "the front end does not use CURVE"),
+        ({zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_CONNECT_RETRIED}, True, "is --curve-server the front end's"),
+        # a refusal outranks what came after it (libzmq retries, and connects again)
+        ({zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_SUCCEEDED}, True, "refused this agent's CURVE key"),
+    ],
+)
+def test_an_agent_says_why_its_join_got_no_answer(seen, curve, says):
+    from gaspar.agent import join_trouble
+
+    assert says in join_trouble(seen, curve, "tcp://fe:1")
