@@ -160,6 +160,8 @@ class Gateway:
                 return
             if event["event"] & _HANDSHAKE_FAILED:
                 self.handshakes_failed += 1
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.gatekeeper is not None:
+                    continue  # the ZAP handler logged this refusal, with its reason
                 allowed, held = self._log_limit.allow()
                 if allowed:
                     why = _HANDSHAKE_WHY.get(event["event"], "failed")
