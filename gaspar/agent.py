@@ -88,12 +88,12 @@ def join_trouble(seen: set[int], curve: bool, endpoint: str) -> str:
     telling first): what an operator should check."""
     if zmq.EVENT_HANDSHAKE_FAILED_AUTH in seen:
         return "the front end refused this agent's CURVE key: is its NAME.key in the front end's --curve-allow?"
-    if zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL in seen:
+    if seen & {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}:
+        # libzmq says either for the same mistake, depending on timing: tell them apart by
+        # what this agent is (a plain one only fails against a CURVE front end)
         if curve:
-            return "the handshake failed: the front end does not use CURVE (drop --curve-secret/--curve-server)"
+            return "the CURVE handshake failed: is --curve-server the front end's public key, and does it use CURVE?"
         return "the handshake failed: the front end uses CURVE (give --curve-secret and --curve-server)"
-    if zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL in seen:
-        return "the CURVE handshake failed: is --curve-server the front end's public key?"
     if zmq.EVENT_HANDSHAKE_SUCCEEDED in seen:
         return "connected, but no WELCOME came: is the front end stopped (SIGSTOP) or overwhelmed?"
     if zmq.EVENT_CONNECTED in seen:

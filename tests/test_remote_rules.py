@@ -198,8 +198,11 @@ def test_an_agent_keeps_a_worker_whose_hello_outran_its_spawned_event(hello_firs
         ({zmq.EVENT_CONNECTED}, False, "the handshake never finished"),
         ({zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_SUCCEEDED}, False, "no WELCOME came"),
         ({zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_FAILED_AUTH}, True, "refused this agent's CURVE key"),
+        # libzmq reports a plain agent at a CURVE front end (and a wrong server key) as
+        # either failure, depending on timing (both seen): what the agent is decides
         ({zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL}, False, "the front end uses CURVE"),
-        ({zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL}, True, "the front end does not use CURVE"),
+        ({zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}, False, "the front end uses CURVE"),
+        ({zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL}, True, "is --curve-server the front end's public key, and does it use"),
         ({zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_CONNECT_RETRIED}, True, "is --curve-server the front end's"),
         # a refusal outranks what came after it (libzmq retries, and connects again)
         ({zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_SUCCEEDED}, True, "refused this agent's CURVE key"),
