@@ -201,16 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("app", metavar="MODULE:CALLABLE", help="the handler: a function bytes -> bytes, or a Consumer")
     serve.add_argument("--bind", "-b", default=None, help=f"HOST:PORT to listen at (default {DEFAULT_BIND})")
-    serve.add_argument("--workers", "-w", type=int, default=None, help="worker processes (default: the CPU count)")
-    serve.add_argument(
-        "--config", "-c", metavar="FILE.py", help="a Python file whose top-level names set options, hooks included"
-    )
-    serve.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"], help="default info"
-    )
-    serve.add_argument(
-        "--log-format", default="text", choices=FORMATS, help="text (one line per record) or json (one object per line)"
-    )
+    add_pool_options(serve)
     add_settings(serve, Settings.cli_fields())
 
     req = sub.add_parser(
@@ -258,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("app", metavar="MODULE:CALLABLE", help="the handler, as for gaspar serve")
     worker.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the front end's --remote-bind")
-    worker.add_argument("--workers", "-w", type=int, default=None, help="worker processes (default: the CPU count)")
     worker.add_argument(
         "--name", default=None, help="this agent's name (default: the host name; with CURVE, its key's)"
     )
@@ -267,11 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--reconnect-max", type=float, default=5.0, metavar="SECONDS", help="longest wait between two joins (default 5)"
     )
-    worker.add_argument("--config", "-c", metavar="FILE.py", help="a Python file of settings and hooks, as for serve")
-    worker.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"], help="default info"
-    )
-    worker.add_argument("--log-format", default="text", choices=FORMATS, help="text or json")
+    add_pool_options(worker)
     add_settings(worker, [f for f in Settings.cli_fields() if f.name in AGENT_SETTINGS])
 
     keygen = sub.add_parser(
@@ -288,6 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl.add_parser(sub)  # gaspar ctl [--socket PATH | --port PORT] status | scale N | ...
     return parser
+
+
+def add_pool_options(parser: argparse.ArgumentParser) -> None:
+    """What ``serve`` and ``worker`` (an agent) both take: the pool's size, a config file,
+    and how to log."""
+    parser.add_argument("--workers", "-w", type=int, default=None, help="worker processes (default: the CPU count)")
+    parser.add_argument(
+        "--config", "-c", metavar="FILE.py", help="a Python file whose top-level names set options, hooks included"
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"], help="default info"
+    )
+    parser.add_argument(
+        "--log-format", default="text", choices=FORMATS, help="text (one line per record) or json (one object per line)"
+    )
 
 
 #: The settings that mean something to an agent (the rest are the front end's).
