@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -623,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     p = QUICK if args.quick else FULL
     kinds = [k for k in bench_run.SERVERS if k in args.servers.split(",")]
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    command = bench_run.this_command()
     started = time.monotonic()
 
     def interrupted(signum, frame):
@@ -701,18 +699,9 @@ def main(argv: list[str] | None = None) -> int:
     t = targets(results)
     if t:
         text += "\n" + t + "\n"
-    if notes:
-        text += "\nnotes:\n" + "\n".join(f"  - {n}" for n in notes) + "\n"
-    print(text, end="")
-    (BENCH / "overload.txt").write_text(text)
     doc = {
-        "mode": mode,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "elapsed_seconds": round(elapsed, 1),
-        "machine": m,
+        **bench_run.run_record(mode, elapsed, m, command, p),
         "busy_before_run": round(busy_before, 3),
-        "command": command,
-        "params": p.__dict__,
         "handler": f"bench.handlers:{HANDLER} {SPIN_US}",
         "workers": WORKERS,
         "give_up_s": GIVE_UP,
@@ -720,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
         "servers": results,
     }
-    (BENCH / "overload.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    bench_run.publish("overload", text, notes, doc)
     return 1 if "interrupted" in notes else 0
 
 

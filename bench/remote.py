@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [s for s in wanted if s not in SCENARIOS]:
         ap.error(f"unknown scenarios: {', '.join(unknown)}")
     kinds = [k for k in SCENARIOS if k in wanted]
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    command = bench_run.this_command()
     started = time.monotonic()
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # gaspar.client, for stats
@@ -550,24 +550,15 @@ def main(argv: list[str] | None = None) -> int:
     shown = kinds  # a scenario that did not run shows as a column of -, the notes say why
     text = "\n".join(header) + "\n\n" + res.table(shown) + "\n"
     notes = [f"{k}: skipped: {why}" for k, why in skipped.items()] + res.notes
-    if notes:
-        text += "\nnotes:\n" + "\n".join(f"  - {n}" for n in notes) + "\n"
-    print(text, end="")
-    (BENCH / "remote.txt").write_text(text)
     doc = {
-        "mode": mode,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "elapsed_seconds": round(elapsed, 1),
-        "machine": m,
-        "command": command,
-        "params": p.__dict__,
+        **bench_run.run_record(mode, elapsed, m, command, p),
         "workers": WORKERS,
         "scenarios": kinds,
         "skipped": skipped,
         "notes": res.notes,
         "rows": [r.__dict__ for r in res.rows],
     }
-    (BENCH / "remote.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    bench_run.publish("remote", text, notes, doc)
     return 1 if Interrupted.flag else 0
 
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -220,6 +221,33 @@ def spawn_logged(argv: list[str], log_path: Path, env: dict[str, str]) -> subpro
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def this_command() -> str:
+    """How this benchmark was started, as a shell line (its header and JSON record it)."""
+    return " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+
+
+def run_record(mode: str, elapsed: float, machine_info: dict, command: str, params: Any) -> dict[str, Any]:
+    """The fields every benchmark's JSON starts with: how, when, where and with what it ran."""
+    return {
+        "mode": mode,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "elapsed_seconds": round(elapsed, 1),
+        "machine": machine_info,
+        "command": command,
+        "params": params.__dict__,
+    }
+
+
+def publish(name: str, text: str, notes: list[str], doc: dict[str, Any]) -> None:
+    """Print a benchmark's table with its notes under it, and write it to bench/NAME.txt;
+    everything it measured (``doc``) to bench/NAME.json."""
+    if notes:
+        text += "\nnotes:\n" + "\n".join(f"  - {n}" for n in notes) + "\n"
+    print(text, end="")
+    (BENCH / f"{name}.txt").write_text(text)
+    (BENCH / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
 def log_tail(path: Path, n: int = 8) -> str:
@@ -713,7 +741,7 @@ def main() -> int:
         return overload.main(["--quick"] * args.quick + ["--servers", args.servers] * given)
     p = QUICK if args.quick else FULL
     kinds = [k for k in SERVERS if k in args.servers.split(",")]
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    command = this_command()
     started = time.monotonic()
 
     raise_nofile()
@@ -790,24 +818,15 @@ def main() -> int:
         "workers = cores unless the row says otherwise; eventlet is one process whatever --workers says",
     ]
     text = "\n".join(header) + "\n\n" + res.table(shown) + "\n"
-    if res.notes:
-        text += "\nnotes:\n" + "\n".join(f"  - {n}" for n in res.notes) + "\n"
-    print(text, end="")
-    (BENCH / "results.txt").write_text(text)
     doc = {
-        "mode": mode,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "elapsed_seconds": round(elapsed, 1),
-        "machine": m,
-        "command": command,
-        "params": p.__dict__,
+        **run_record(mode, elapsed, m, command, p),
         "servers": list(shown),
         "gaspar_available": gaspar_why is None,
         "front_end": FRONT_END,
         "notes": res.notes,
         "rows": [r.__dict__ for r in res.rows],
     }
-    (BENCH / "results.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    publish("results", text, res.notes, doc)
     return 0
 
 
