@@ -88,14 +88,17 @@ class FlapPolicy:
         self.episodes = 0
 
 
-def describe_exit(status: int) -> tuple[int | None, int | None, str]:
-    """``(exitcode, signal, text)`` for a wait status, in words an operator can act on."""
+def describe_exit(status: int, killed_because: str = "") -> tuple[int | None, int | None, str]:
+    """``(exitcode, signal, text)`` for a wait status, in words an operator can act on;
+    ``killed_because``: why we signalled it ourselves (then no "out of memory?" guess)."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
             name = signal.Signals(sig).name
         except ValueError:
             name = str(sig)
+        if killed_because:
+            return None, sig, f"killed by {name} because {killed_because}"
         hint = " Perhaps out of memory?" if sig == signal.SIGKILL else ""
         return None, sig, f"killed by {name}.{hint}"
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status

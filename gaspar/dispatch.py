@@ -75,6 +75,15 @@ class WorkerSlot:
         """How logs and figures name it: its number, or ``agent/number`` on another host."""
         return self.number if self.agent is None else f"{self.agent.name}/{self.number}"
 
+    def exit_meaning(self, exitcode: int | None) -> tuple[bool, str]:
+        """``(expected, reason)`` of its exit with ``exitcode`` (None: killed by a signal):
+        expected when it was retiring and exited cleanly; the reason telemetry counts the
+        restart under is why it was retired (timeout, or the retirement it finished), else
+        "died"."""
+        expected = self.retiring and exitcode == 0
+        reason = self.retire_reason if self.retire_reason == "timeout" or expected else "died"
+        return expected, reason or "scale"
+
 
 def draw_limit(max_requests: int, jitter: int, rng: Callable[[int, int], int] = random.randint) -> int:
     """A worker's own ``max_requests``, with up to ``jitter`` more so workers do not all

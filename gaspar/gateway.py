@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -372,18 +371,15 @@ class Gateway:
         slot = agent.workers.pop(event.get("wid", "").encode(), None)
         if slot is None:
             return
-        exitcode, sig, text = describe_exit(int(event.get("status", 0)))
-        if sig is not None and slot.kill_reason:
-            text = f"killed by {signal.Signals(sig).name} because {slot.kill_reason}"
-        expected = slot.retiring and exitcode == 0
+        exitcode, sig, text = describe_exit(int(event.get("status", 0)), slot.kill_reason)
+        expected, reason = slot.exit_meaning(exitcode)
         req = self.dispatcher.remove_worker(slot.routing_id)
         if req is not None:
             msg = f"worker {slot.label} (pid {slot.pid} on {agent.host}) {text}"
             facts = {"pid": slot.pid, "exitcode": exitcode, "signal": sig, "agent": agent.name, "host": agent.host}
             self._fail(req, Status.WORKER_DIED, "WorkerDied", msg, **facts)
-        reason = slot.retire_reason if slot.retire_reason == "timeout" or expected else "died"
         if agent.state == "joined":
-            self.telemetry.restarted(slot.label, reason or "scale")
+            self.telemetry.restarted(slot.label, reason)
         if expected:
             log.info("Worker %s (pid:%s on %s) exited", slot.label, slot.pid, agent.host)
         else:

@@ -222,21 +222,17 @@ class Supervisor:
             self.notify_if_reloaded()
 
     def on_exit(self, pid: int, number: int | None, status: int) -> None:
-        exitcode, sig, text = describe_exit(status)
-        why = self.kill_reasons.pop(pid, None)
-        if why is not None and sig is not None:
-            text = f"killed by {signal.Signals(sig).name} because {why}"
+        exitcode, sig, text = describe_exit(status, self.kill_reasons.pop(pid, ""))
         slot = next((w for w in self.local_workers() if w.pid == pid), None)
         if slot is not None:
-            expected = slot.retiring and exitcode == 0
+            expected, reason = slot.exit_meaning(exitcode)
             req = self.dispatcher.remove_worker(slot.routing_id)
             if req is not None:
                 facts = {"pid": pid, "exitcode": exitcode, "signal": sig}
                 self._fail(req, Status.WORKER_DIED, "WorkerDied", f"worker {number} (pid {pid}) {text}", **facts)
             self._send(self.dispatcher.dispatch())  # its prefetched request, if any, to an idle worker
             if not self.stopping:
-                reason = slot.retire_reason if slot.retire_reason == "timeout" or expected else "died"
-                self.telemetry.restarted(slot.number, reason or "scale")
+                self.telemetry.restarted(slot.number, reason)
             if expected or self.stopping:
                 log.info("Worker %s (pid:%s) exited", number, pid)
             else:

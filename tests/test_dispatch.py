@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 
 import pytest
 
@@ -303,3 +304,32 @@ def test_a_request_skipped_before_its_turn_is_answered_and_the_running_one_goes_
     assert d.counters.skipped == 1 and d.counters.unknown_replies == 0
     done, _ = d.complete(w.routing_id, running.id)
     assert done is running and w.current is first
+
+
+@pytest.mark.parametrize(
+    "retiring, retire_reason, exitcode, meaning",
+    [
+        (False, "", 0, (False, "died")),  # exited on its own: not asked to
+        (False, "", None, (False, "died")),  # killed by a signal
+        (True, "max_requests", 0, (True, "max_requests")),
+        (True, "reload", 0, (True, "reload")),
+        (True, "", 0, (True, "scale")),  # retired without a named reason: a scale-down
+        (True, "max_requests", 1, (False, "died")),  # retiring, but it crashed on the way out
+        (True, "timeout", None, (False, "timeout")),  # killed by us for running past its timeout
+    ],
+)
+def test_a_workers_exit_means_what_its_retirement_said(retiring, retire_reason, exitcode, meaning):
+    """One rule for local and remote workers: was the exit expected, and which restart
+    reason do the metrics count it under."""
+    slot = WorkerSlot(1, 1, 1, b"w", retiring=retiring, retire_reason=retire_reason)
+    assert slot.exit_meaning(exitcode) == meaning
+
+
+def test_an_exit_we_caused_says_why_instead_of_guessing():
+    from gaspar.arbiter import describe_exit
+
+    killed = signal.SIGKILL  # a wait status of a process killed by SIGKILL is the signal number
+    assert describe_exit(killed) == (None, killed, "killed by SIGKILL. Perhaps out of memory?")
+    why = "its handler ran past 1s"
+    assert describe_exit(killed, why) == (None, killed, f"killed by SIGKILL because {why}")
+    assert describe_exit(3 << 8, "ignored for a clean exit") == (3, None, "exited with code 3")
