@@ -621,14 +621,13 @@ class Producer:
         for worker, req in outbox:
             if req.worker is not worker or pending.get(req.id) is not req:
                 continue  # since assigned: its worker was lost or died, or it ended (failed, shed)
-            body = req.body
+            body, head = req.body, (_REQUEST if worker.current is req else _AHEAD) + pack_id(req.id)
             if worker.agent is not None:
-                kind = _REQUEST if worker.current is req else _AHEAD
-                self._send_remote(worker, req, kind + pack_id(req.id), body)
+                self._send_remote(worker, req, head, body)
                 continue
             try:
                 send(router, worker.routing_id, _MORE_NOW)
-                send(router, (_REQUEST if worker.current is req else _AHEAD) + pack_id(req.id), _MORE_NOW)
+                send(router, head, _MORE_NOW)
                 send(router, body, _NOW, len(body) < _LARGE)
             except zmq.ZMQError as exc:  # the worker's pipe is gone: it is dying
                 log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
@@ -639,12 +638,13 @@ class Producer:
         for worker, req in cancels:  # after the request itself: the worker sees both in order
             if worker.routing_id not in self.dispatcher.workers:
                 continue  # it died: its handed-ahead requests came back already
+            head = _CANCEL + pack_id(req.id)
             if worker.agent is not None:
-                self.gateway.tell(worker, _CANCEL + pack_id(req.id))
+                self.gateway.tell(worker, head)
                 continue
             try:
                 send(router, worker.routing_id, _MORE_NOW)
-                send(router, _CANCEL + pack_id(req.id), _NOW)
+                send(router, head, _NOW)
             except zmq.ZMQError:
                 pass  # its pipe is gone: it is dying, and its requests come back then
 
