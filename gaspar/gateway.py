@@ -58,8 +58,7 @@ log = logging.getLogger("gaspar")
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
-_HANDSHAKE_WHY = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "was refused (its key is not allowed)",
+_HANDSHAKE_WHY = {  # an AUTH failure is the ZAP handler's refusal: it logs that itself
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "broke the protocol (no CURVE, or another mechanism)",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed (a wrong server key, or it left)",
 }
@@ -159,7 +158,7 @@ class Gateway:
                 return
             if event["event"] & _HANDSHAKE_FAILED:
                 self.handshakes_failed += 1
-                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.gatekeeper is not None:
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     continue  # the ZAP handler logged this refusal, with its reason
                 allowed, held = self._log_limit.allow()
                 if allowed:
