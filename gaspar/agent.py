@@ -385,7 +385,7 @@ class Agent:
         elif kind == Link.KILL.value:
             w = self.by_wid.get(body.get("wid", "").encode())
             if w is not None:
-                self.kill(w, int(body.get("sig", signal.SIGKILL)))
+                self.kill(w, int(body.get("sig", signal.SIGKILL)), dump=bool(body.get("dump")))
 
     def usage(self) -> dict[str, list[float]]:
         """CPU seconds and resident bytes of this agent and each of its workers, read from
@@ -524,9 +524,10 @@ class Agent:
         else:  # no session: nothing can be sent to it meanwhile
             self.workers_sock.send_multipart([w.wid, Kind.EXIT.value], zmq.NOBLOCK)
 
-    def kill(self, w: LocalWorker, sig: int) -> None:
-        """Signal a worker through the fork server that forked it."""
-        self.forks.kill(w.pid, sig)
+    def kill(self, w: LocalWorker, sig: int, dump: bool = False) -> None:
+        """Signal a worker through the fork server that forked it (``dump``: log its stack
+        first)."""
+        self.forks.kill(w.pid, sig, dump)
 
     def on_exit(self, pid: int, number: int, status: int) -> None:
         w = self.by_pid.pop(pid, None)

@@ -46,7 +46,7 @@ from collections import deque
 from typing import Any
 
 from .logs import OutputCapture
-from .worker import Consumer, Worker, run_worker, set_proctitle, start_watchdog
+from .worker import DUMP_SIGNAL, Consumer, Worker, run_worker, set_proctitle, start_watchdog
 
 log = logging.getLogger("gaspar")
 
@@ -183,8 +183,9 @@ class ForkServer:
     def spawn(self, number: int, generation: int, token: int) -> None:
         self._send(op="spawn", number=number, generation=generation, token=token, endpoint=self.endpoint)
 
-    def kill(self, pid: int, sig: int) -> None:
-        self._send(op="kill", pid=pid, sig=int(sig))
+    def kill(self, pid: int, sig: int, dump: bool = False) -> None:
+        """Signal a worker; with ``dump``, first have it write its stack to the log."""
+        self._send(op="kill", pid=pid, sig=int(sig), dump=dump)
 
     def reload(self) -> None:
         self._send(op="reload")
@@ -248,6 +249,7 @@ class _Server:
         self.cmd, self.evt = cmd, evt
         self.parent = parent
         self.children: dict[int, int] = {}  # pid -> worker number
+        self.stacks: dict[int, int] = {}  # pid -> read end of the pipe its stack dump goes to
         self._buf = b""
         self.output: OutputCapture | None = None  # the workers' stdout and stderr, if captured
         self.retiring = False  # told to retire: exit once no child is left
@@ -310,16 +312,19 @@ class _Server:
                 pipes = self.output.pipes()
             except OSError as exc:
                 log.error("Worker %s: cannot capture its output (%s); it writes to ours", number, exc)
+        stack_r, stack_w = os.pipe()  # the worker's stack, when asked for before a kill
         try:
             pid = os.fork()
         except BaseException:
             if pipes is not None:
                 self.output.abandon(pipes)
+            os.close(stack_r)
+            os.close(stack_w)
             raise
         if pid == 0:
             code = 1
             try:
-                for fd in (self.cmd, self.evt, self.wake_r, self.wake_w):
+                for fd in (self.cmd, self.evt, self.wake_r, self.wake_w, stack_r, *self.stacks.values()):
                     os.close(fd)
                 self.selector.close()
                 signal.set_wakeup_fd(-1)
@@ -327,22 +332,67 @@ class _Server:
                     self.output.child(pipes)
                 worker = Worker(number, generation, token, self.consumer, self.settings.proc_name)
                 s = self.settings
-                code = run_worker(worker, endpoint, s.post_fork, s.worker_exit, s.worker_nice)
+                code = run_worker(worker, endpoint, s.post_fork, s.worker_exit, s.worker_nice, stack_w)
             except BaseException:
                 log.exception("Worker %s (pid:%s) crashed", number, os.getpid())
             finally:
                 _flush_and_exit(code)
+        os.close(stack_w)
+        os.set_blocking(stack_r, False)
         self.children[pid] = number
+        self.stacks[pid] = stack_r
         if pipes is not None:
             self.output.attach(pipes, number, pid)
         self.emit(ev="spawned", number=number, generation=generation, token=token, pid=pid)
 
-    def do_kill(self, pid: int, sig: int) -> None:
-        if pid in self.children:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+    def do_kill(self, pid: int, sig: int, dump: bool = False) -> None:
+        if pid not in self.children:
+            return
+        if dump:
+            self.dump_stack(pid)
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def dump_stack(self, pid: int, wait: float = 0.5) -> None:
+        """Have worker ``pid`` write its threads' stacks (``faulthandler``, from C: it works
+        in a handler stuck in C code too) and log them, waiting ``wait`` seconds at most for
+        them (a frozen worker writes nothing)."""
+        fd = self.stacks.get(pid)
+        if fd is None:
+            return
+        drain(fd)  # nothing stale
+        try:
+            os.kill(pid, DUMP_SIGNAL)
+        except ProcessLookupError:
+            return
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + wait
+        quiet_after = deadline
+        poller = selectors.DefaultSelector()
+        poller.register(fd, selectors.EVENT_READ)
+        try:
+            while (now := time.monotonic()) < min(deadline, quiet_after):
+                if not poller.select(min(deadline, quiet_after) - now):
+                    continue
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    break
+                chunks.append(data)
+                quiet_after = time.monotonic() + 0.05  # the dump comes at once: 50 ms of quiet ends it
+        finally:
+            poller.close()
+        number = self.children.get(pid)
+        text = b"".join(chunks).decode("utf-8", "replace").rstrip()
+        if text:
+            log.error("Worker %s (pid:%s) was running, before it was killed:\n%s", number, pid, text)
+        else:
+            why = "frozen, or stuck in the kernel"
+            log.error("Worker %s (pid:%s) wrote no stack within %ss (%s)", number, pid, wait, why)
 
     def do_reload(self) -> None:
         try:
@@ -362,10 +412,13 @@ class _Server:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:  # none left, whatever our map says
                 self.children.clear()
+                for gone in list(self.stacks):
+                    self._forget_stack(gone)
                 return
             if not pid:
                 return
             number = self.children.pop(pid, None)
+            self._forget_stack(pid)
             if self.output is not None:  # its last lines before the news of its exit
                 self.output.close(pid)
             if not report:
@@ -375,6 +428,11 @@ class _Server:
             except OSError as exc:
                 if exc.errno != errno.EPIPE:
                     raise
+
+    def _forget_stack(self, pid: int) -> None:
+        fd = self.stacks.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
 
     def shutdown(self, grace: float = 2.0) -> int:
         """The front end is done: give the workers a moment, then kill what is left."""
@@ -398,8 +456,11 @@ class _Server:
             except ChildProcessError:
                 break
             self.children.pop(pid, None)
+            self._forget_stack(pid)
             if self.output is not None:
                 self.output.close(pid)
+        for pid in list(self.stacks):
+            self._forget_stack(pid)
         if self.output is not None:
             self.output.close_all()
         return 0

@@ -93,19 +93,29 @@ def draw_limit(max_requests: int, jitter: int, rng: Callable[[int, int], int] = 
 
 @dataclass(eq=False)
 class Pending:
-    """A request queued or running. ``waiter`` is the caller's; it is never called here."""
+    """A request queued or running. ``waiter`` is the caller's; it is never called here.
+
+    Two limits bound a running request. ``timeout`` is the operator's (the ``timeout``
+    setting): past it the worker is killed. ``soft_timeout`` (the client's
+    ``handler_timeout``, never longer than ``timeout``) and ``client_deadline`` are the
+    client's: past them the client is answered at once and the handler is interrupted
+    softly in its worker (``gaspar.SoftTimeout``), which lives on.
+    """
 
     id: int
     body: Any
     waiter: Any
-    timeout: float | None
+    timeout: float | None  # the operator's limit on the handler's run; None: never
     worker: WorkerSlot | None = None
-    deadline: float | None = None  # when it must be done: handler timeout or client deadline
-    cancelled: bool = False  # the client is gone: never answer
+    deadline: float | None = None  # running: when the operator's limit kills its worker
+    cancelled: bool = False  # no answer is owed any more: the client is gone, or was answered
     client_deadline: float | None = None  # absolute; the client gives up then
     queued_at: float = 0.0
     started: float = 0.0  # when its worker started it
     revoked: str | None = None  # handed ahead, then shed for this reason: answer once skipped
+    soft_timeout: float | None = None  # the client's handler_timeout, shorter than timeout
+    answer_by: float | None = None  # running: when the client's own limit ends its wait
+    expired: str = ""  # the client's limit that ended its wait ("handler_timeout", "deadline")
 
 
 Assignment = tuple[WorkerSlot, Pending]
@@ -147,6 +157,7 @@ class Dispatcher:
         self.clock = clock
         self.prefetch = prefetch
         self.control = control or QueueControl(queue_timeout=None, target=0.0, interval=float("inf"), clock=clock)
+        self.control.oldest_run = self._oldest_run
         self.max_queued = max_queued  # 0: no cap
         self.workers: dict[bytes, WorkerSlot] = {}
         self._idle: dict[bytes, WorkerSlot] = {}  # insertion-ordered set
@@ -160,23 +171,29 @@ class Dispatcher:
     # -- requests -------------------------------------------------------------------------
 
     def submit(
-        self, body: Any, waiter: Any, timeout: float | None = None, deadline: float | None = None
+        self,
+        body: Any,
+        waiter: Any,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        soft_timeout: float | None = None,
     ) -> tuple[Pending, list[Assignment]]:
-        """Register a request; return it and the assignments to send now. ``deadline``: the
-        seconds its client will wait, from now. A request may be shed at once (see
-        :meth:`take_shed`): a deadline that cannot be met, or a full queue's oldest."""
+        """Register a request; return it and the assignments to send now. ``timeout``: the
+        operator's limit on its handler (its worker is killed past it); ``soft_timeout``:
+        the client's, honoured only when shorter; ``deadline``: the seconds its client will
+        wait, from now. A request may be shed at once (see :meth:`take_shed`): a deadline
+        that cannot be met, or a full queue's oldest."""
         now = self.clock()
         req = Pending(self._next_id, body, waiter, timeout, queued_at=now)
+        if soft_timeout is not None and (timeout is None or soft_timeout < timeout):
+            req.soft_timeout = soft_timeout
         if deadline is not None:
             req.client_deadline = now + deadline
         self._next_id += 1
         self.pending[req.id] = req
         self.counters.submitted += 1
         queue = self._queue
-        self.control.arrived(now)
-        if not queue:
-            self.control.saw_empty(now)
-        elif self.max_queued and len(queue) >= self.max_queued:
+        if self.max_queued and len(queue) >= self.max_queued:
             self._drop(queue.popleft(), QUEUE_FULL)  # the oldest: the least likely still wanted
         queue.append(req)
         return req, self._assign()
@@ -197,7 +214,8 @@ class Dispatcher:
         revoke handed-ahead ones whose deadline passed. Cheap when nothing is due."""
         now = self.clock()
         queue, control = self._queue, self.control
-        limit, reason = control.limit(now, len(queue))
+        self._check(now)
+        limit, reason = control.limit()
         if limit is not None:
             while queue and now - queue[0].queued_at > limit:
                 self._drop(queue.popleft(), reason)
@@ -210,8 +228,16 @@ class Dispatcher:
                 for req in worker.ahead:
                     if not req.cancelled and not req.revoked and control.hopeless(now, req.client_deadline):
                         self._revoke(req, DEADLINE)
-        if not queue:
-            control.saw_empty(now)
+        self._check(now)
+
+    def _oldest_run(self) -> float | None:
+        """When the longest-running request started (None: none runs)."""
+        return min((w.current.started for w in self.workers.values() if w.current is not None), default=None)
+
+    def _check(self, now: float) -> None:
+        """Tell the overload control how the queue stands: its oldest request's wait."""
+        queue = self._queue
+        self.control.check(now, now - queue[0].queued_at if queue else 0.0, len(queue))
 
     def complete(self, routing_id: bytes, request_id: int, ran: bool = True) -> tuple[Pending | None, list[Assignment]]:
         """A worker replied (``ran``) or skipped a revoked request. Return the request (None
@@ -276,25 +302,39 @@ class Dispatcher:
             req.revoked = "cancelled"
             self._cancels.append((req.worker, req))
 
-    def expire(self) -> list[Pending]:
-        """Requests running past their deadline: removed, their workers marked retiring.
+    def expire(self) -> tuple[list[Pending], list[Pending]]:
+        """Running requests past a limit: ``(answered, killed)``.
 
-        The caller fails each request with a timeout and kills ``req.worker``.
+        ``answered``: past the client's own limit (``soft_timeout`` or its deadline): the
+        caller answers each at once (``expired`` says which limit); the request stays its
+        worker's until the worker replies (its handler is interrupted there, softly) and
+        that reply is dropped. ``killed``: past the operator's ``timeout``: removed, its
+        worker marked retiring; the caller kills ``req.worker`` and answers the request
+        unless it was answered already (``cancelled``).
         """
         now = self.clock()
-        expired = []
+        answered, killed = [], []
         for worker in self.workers.values():
             req = worker.current
-            if req is not None and req.deadline is not None and now >= req.deadline and not req.revoked:
+            if req is None or req.revoked:
+                continue
+            if req.deadline is not None and now >= req.deadline:
                 worker.current = None
                 worker.retiring, worker.retire_reason = True, "timeout"
                 self._idle.pop(worker.routing_id, None)
                 self.pending.pop(req.id, None)
-                self.counters.timeouts += 1
-                expired.append(req)
+                if not req.cancelled:
+                    self.counters.timeouts += 1
+                killed.append(req)
                 if worker.ahead:  # they will never start there: queue them again
                     self._unprefetch(worker)
-        return expired
+            elif req.answer_by is not None and now >= req.answer_by and not req.cancelled:
+                req.cancelled = True
+                soft = req.soft_timeout is not None and req.started + req.soft_timeout <= req.answer_by
+                req.expired = "handler_timeout" if soft else "deadline"
+                self.counters.timeouts += 1
+                answered.append(req)
+        return answered, killed
 
     def fail_all(self) -> list[Pending]:
         """Remove every request, queued or running (a fast stop); the caller fails them."""
@@ -316,7 +356,7 @@ class Dispatcher:
             req.worker.current = None
         if req.worker is not None and req in req.worker.ahead:
             req.worker.ahead.remove(req)
-        req.worker, req.deadline, req.queued_at = None, None, self.clock()
+        req.worker, req.deadline, req.answer_by, req.queued_at = None, None, None, self.clock()
         self._queue.appendleft(req)
         return self._assign()
 
@@ -387,7 +427,8 @@ class Dispatcher:
             return out
         now = self.clock()
         control = self.control
-        lifo, limit, reason = control.mode(now, len(queue))  # a standing queue: newest first
+        lifo = control.overloaded  # newest first
+        limit, reason = control.limit()
         while queue and self._idle:
             req = self._take(queue, lifo, now, limit, reason)
             if req is None:
@@ -396,7 +437,6 @@ class Dispatcher:
             req.worker = worker
             worker.current = req
             self._start(req, now)
-            control.started(now)
             out.append((worker, req))
         n, depth = len(self.workers), self.prefetch
         if depth and len(queue) > n:
@@ -413,12 +453,10 @@ class Dispatcher:
                     req = self._take(queue, lifo, now, limit, reason)
                     if req is None:
                         break
-                    req.worker, req.deadline = worker, None
+                    req.worker, req.deadline, req.answer_by = worker, None, None
                     ahead.append(req)
-                    control.started(now)
                     out.append((worker, req))
-        if not queue:
-            control.saw_empty(now)
+        self._check(now)
         return out
 
     def _take(self, queue: deque[Pending], lifo: bool, now: float, limit: float | None, reason: str) -> Pending | None:
@@ -448,10 +486,13 @@ class Dispatcher:
     def _start(self, req: Pending, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         req.started = now
-        deadline = None if req.timeout is None else now + req.timeout
-        if req.client_deadline is not None and (deadline is None or req.client_deadline < deadline):
-            deadline = req.client_deadline  # past it, nobody reads the reply: a timeout
-        req.deadline = deadline
+        req.deadline = None if req.timeout is None else now + req.timeout
+        answer_by = None if req.soft_timeout is None else now + req.soft_timeout
+        if req.client_deadline is not None and (answer_by is None or req.client_deadline < answer_by):
+            answer_by = req.client_deadline  # past it, nobody reads the reply
+        if answer_by is not None and req.deadline is not None and answer_by >= req.deadline:
+            answer_by = None  # the operator's limit comes first
+        req.answer_by = answer_by
 
     def _unprefetch(self, worker: WorkerSlot) -> None:
         while worker.ahead:
@@ -459,7 +500,7 @@ class Dispatcher:
             if req.cancelled:
                 self.pending.pop(req.id, None)
                 continue
-            req.worker, req.deadline, req.queued_at, req.revoked = None, None, self.clock(), None
+            req.worker, req.deadline, req.answer_by, req.queued_at, req.revoked = None, None, None, self.clock(), None
             self._queue.appendleft(req)
 
 

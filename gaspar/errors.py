@@ -20,7 +20,10 @@ fault it was::
     │                                server (how a plain reply reports an error) or cut short;
     │                                a ConnectionError
     ├── RequestTimeout               the client's own timeout ran out; a TimeoutError
-    └── ProtocolError                bytes that do not follow the wire protocol; a ValueError
+    ├── ProtocolError                bytes that do not follow the wire protocol; a ValueError
+    └── SoftTimeout                  raised *inside a handler*, in its worker, when its
+                                     client's limit passes (handler_timeout, deadline); a
+                                     TimeoutError
 
 A remote error's facts travel as a JSON object (``type``, ``message`` and, by kind, ``pid``,
 ``exitcode``, ``signal``, ``timeout``); :func:`error_from_reply` turns a status and that
@@ -46,6 +49,7 @@ __all__ = [
     "ConnectionLost",
     "RequestTimeout",
     "ProtocolError",
+    "SoftTimeout",
     "error_from_reply",
 ]
 
@@ -149,6 +153,15 @@ class RequestTimeout(GasparError, TimeoutError):
 
 class ProtocolError(GasparError, ValueError):
     """Bytes that do not follow gaspar's wire protocol."""
+
+
+class SoftTimeout(GasparError, TimeoutError):
+    """Raised inside a handler, in its worker, when the client's own limit on the request
+    passes (its ``handler_timeout``, or its deadline): the client has been answered already
+    and nobody will read the result. Clean up and return (or let it propagate); the worker
+    lives on. Like Celery's ``SoftTimeLimitExceeded``, it arrives as a signal (SIGALRM),
+    between two bytecodes or in a blocking call: a handler stuck inside C code sees it only
+    when it returns to Python, and the operator's ``timeout`` kills it if it never does."""
 
 
 _BY_STATUS: dict[int, type[RemoteError]] = {

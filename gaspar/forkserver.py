@@ -67,11 +67,11 @@ class ForkServers:
     def all(self) -> list[ForkServer]:
         return [fs for fs in (self.current, self.next, *self.old) if fs is not None]
 
-    def kill(self, pid: int, sig: int) -> None:
+    def kill(self, pid: int, sig: int, dump: bool = False) -> None:
         """Signal a worker through the fork server that forked it (it knows its children,
-        so a recycled pid is never hit)."""
+        so a recycled pid is never hit); with ``dump``, its stack is logged first."""
         owner = next((fs for fs in self.all() if pid in fs.children), self.current)
-        owner.kill(pid, sig)
+        owner.kill(pid, sig, dump)
 
     def start_next(self) -> tuple[ForkServer | None, str | None]:
         """Begin a reload: ``(fresh, None)``, a fork server importing the application in a

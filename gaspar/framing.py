@@ -34,6 +34,10 @@ EXTENDED_HEADER = struct.Struct("!IIII")
 DEADLINE_WORD = struct.Struct("!I")
 REPLY_HEADER = struct.Struct("!IIB")
 REQUEST_ID = struct.Struct("!Q")
+#: After a request's id in its head (front end -> worker): the client's own limits in ms,
+#: 0 for none: its handler_timeout (from the handler's start) and what is left of its
+#: deadline (from the moment the worker receives the request).
+LIMITS = struct.Struct("!II")
 
 EXTENDED = 0x80000000
 LENGTH_MASK = 0x7FFFFFFF
@@ -64,8 +68,8 @@ class Kind(bytes, enum.Enum):
     byte) and a body frame: two frames, so the id is never glued onto the payload.
     """
 
-    REQUEST = b"Q"  # front end -> worker: [Q id, payload] to an idle worker: never cancelled
-    AHEAD = b"P"  # front end -> worker: [P id, payload] handed ahead to a busy one: may be cancelled
+    REQUEST = b"Q"  # front end -> worker: [Q id limits, payload] to an idle worker: never cancelled
+    AHEAD = b"P"  # front end -> worker: [P id limits, payload] handed ahead to a busy one: may be cancelled
     BROADCAST = b"B"  # front end -> worker: [B id, payload]
     EXIT = b"X"  # front end -> worker: [X] finish what is in hand, then exit
     CANCEL = b"C"  # front end -> worker: [C id] do not start this handed-ahead request

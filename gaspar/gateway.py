@@ -197,11 +197,12 @@ class Gateway:
 
     # -- acting on a worker (the supervisor has the same three for local ones) -----------
 
-    def kill(self, worker: WorkerSlot, sig: int, why: str = "") -> None:
-        """Have the agent signal one of its workers (a request ran past its timeout)."""
+    def kill(self, worker: WorkerSlot, sig: int, why: str = "", dump: bool = False) -> None:
+        """Have the agent signal one of its workers (a request ran past its timeout); with
+        ``dump``, the agent logs its stack first, on its host."""
         if worker.agent.live:
             worker.kill_reason = why  # for its exit's log line
-            self._control(worker.agent, Link.KILL, wid=worker.wid.decode(), sig=int(sig))
+            self._control(worker.agent, Link.KILL, wid=worker.wid.decode(), sig=int(sig), dump=dump)
 
     def tell_exit(self, worker: WorkerSlot) -> None:
         """Ask an idle remote worker to exit cleanly (its agent forks a replacement)."""

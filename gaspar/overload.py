@@ -4,28 +4,30 @@ how much a client may retry, and how many bytes the front end may hold.
 Everything here is policy, driven by an injected clock and tested as a table of cases
 (``tests/test_overload.py``); the dispatcher and the front end apply it.
 
-**Queue-delay control** (:class:`QueueControl`), after Facebook's RPC servers ("Fail at
-Scale", ACM Queue 2015) and CoDel:
+**Queue-delay control** (:class:`QueueControl`), CoDel as Facebook's RPC servers use it
+("Fail at Scale", ACM Queue 2015; Nichols and Jacobson, "Controlling Queue Delay", 2012):
 
 * Normally requests are served first in, first out and may wait up to ``queue_timeout``.
-* The queue is **standing** when it has not been empty for ``interval`` and, in each of the
-  last two intervals, requests arrived clearly faster than workers started them (more than
-  1.25x, plus one per worker); it stays so until an interval in which they did not. Then
-  requests are served **newest first** (adaptive LIFO: the newest are the ones whose
-  clients are most likely still there).
-* The server is **overloaded** when the queue has kept standing and growing for two more
-  intervals (four in all). Then a request that has waited longer than ``target`` is shed at
-  once, with a fast answer, instead of rotting until its client gives up.
+* The server is **overloaded** when the *minimum* queue delay over an ``interval`` stayed
+  above ``target``: for a whole interval, the oldest waiting request had always waited
+  longer than the target (the queue never emptied, never caught up). Whether the queue grows
+  or holds steady does not matter: a steady queue of two hundred closed-loop clients whose
+  requests each wait seconds is the standing queue CoDel exists to remove.
+* While overloaded, requests are served **newest first** (adaptive LIFO: the newest are the
+  ones whose clients are most likely still there) and a request that has waited longer than
+  ``target`` is **shed** at once, with a fast answer, instead of rotting until its client
+  gives up. It ends after an interval in which no request waited past the target.
 
-The growth test is gaspar's addition to Facebook's rule, measured necessary: a queue that
-stands but drains (a burst of a thousand requests at once) or holds steady (a closed loop of
-patient clients, each sending its next request when its reply comes) is not overload, and
-shedding there would only turn waiting clients into failed ones. Newest-first starts early
-because it costs a burst nothing (every request is still served) and keeps the replies of a
-real overload fresh from its start; shedding waits two intervals more because a burst that
-trickles in over a few intervals on a busy machine (1,000 connections sending at once, the
-test client sharing the two cores) looked like overload for two intervals in 2 runs of 5,
-and was shed by the hundred.
+**A legitimate burst is not overload.** A thousand requests sent at once stand in the queue
+for a while, then drain. Two things keep them from being shed (measured necessary: with the
+standing rule alone, 1,000 connections sending at once on a busy two-core machine lost
+hundreds of requests in two runs of five):
+
+* the interval: a burst that drains within it never stands for a whole interval;
+* a burst that takes longer is recognised by its drain: once the queue is past its peak
+  and shrinking fast enough to empty within ``queue_timeout`` (the longest anyone may wait
+  anyway), it is left to drain, first in, first out. Only a queue that holds or grows, or
+  shrinks too slowly to empty in time, is overload.
 
 Both thresholds follow the handler's speed: ``interval`` is at least ten handler runs per
 worker and ``target`` at least two, so a short burst of slow requests is not mistaken for
@@ -52,7 +54,7 @@ from collections.abc import Callable, Hashable
 
 # why a request was shed: the "reason" of its Overloaded reply
 QUEUE_TIMEOUT = "queue_timeout"  # waited past queue_timeout
-QUEUE_DELAY = "queue_delay"  # a standing queue: waited past the target
+QUEUE_DELAY = "queue_delay"  # overloaded: waited past the target
 QUEUE_FULL = "queue_full"  # max_queued were waiting: the oldest made room
 DEADLINE = "deadline"  # the client's deadline passed, or could not be met
 REASONS = (QUEUE_TIMEOUT, QUEUE_DELAY, QUEUE_FULL, DEADLINE)
@@ -61,11 +63,12 @@ _EWMA = 0.2  # weight of the newest handler run in the moving average
 
 
 class QueueControl:
-    """CoDel-style queue-delay control with adaptive LIFO; see the module docstring.
+    """CoDel queue-delay control with adaptive LIFO; see the module docstring.
 
-    The dispatcher tells it when the queue was seen empty (:meth:`saw_empty`) and how long
-    each handler ran (:meth:`observe`); it answers :meth:`standing` (serve newest first) and
-    :meth:`limit` (the longest a request may have waited, now).
+    The dispatcher calls :meth:`check` with the queue's delay (how long its oldest request
+    has waited, 0 when it is empty) and length whenever it changes the queue, and at least
+    every sweep; and :meth:`observe` with each handler run. :attr:`overloaded` then says
+    whether to serve newest first and shed past :meth:`limit`.
     """
 
     def __init__(
@@ -82,12 +85,17 @@ class QueueControl:
         self._workers = max(1, workers)
         self.clock = clock
         self.service = 0.0  # moving average of a handler run, seconds; 0 until one ends
-        self.last_empty = clock()
-        self.window_start = self.last_empty
-        self.arrivals = 0  # in the current window
-        self.starts = 0
-        self.growing = 0  # consecutive past windows in which the queue grew
-        self.lifo = False  # standing: entered as below; left once an interval does not grow
+        self.overloaded = False
+        self.above_since: float | None = None  # the queue's delay has stayed >= target since
+        self.peak = 0  # the longest the queue has been since above_since
+        self.peak_at = 0.0
+        self.last_over = 0.0  # overloaded: when a request last waited past the target
+        self.since = 0.0  # when the current overload began
+        self.episodes = 0  # overloads so far
+        #: When the longest run in progress started (None: none runs), given by the
+        #: dispatcher: before handlers have finished (a cold start), a long run in progress
+        #: is what says they are slow.
+        self.oldest_run: Callable[[], float | None] = lambda: None
         self._observed = 0
         self._thresholds()
 
@@ -99,7 +107,6 @@ class QueueControl:
         self._interval = max(self.interval, 10 * per_worker)
         target = max(self.target, 2 * per_worker)
         self._target = min(target, self.queue_timeout) if self.queue_timeout else target
-        self._window_end = self.window_start + self._interval
 
     @property
     def workers(self) -> int:
@@ -121,29 +128,51 @@ class QueueControl:
     def effective_target(self) -> float:
         return self._target
 
-    def saw_empty(self, now: float) -> None:
-        """The queue was empty at ``now``."""
-        self.last_empty = now
+    def check(self, now: float, delay: float, queued: int) -> None:
+        """Update the state from the queue as it is at ``now``: its oldest request has
+        waited ``delay`` seconds (0: the queue is empty) and ``queued`` requests wait."""
+        if self.overloaded:
+            if delay >= self._target:
+                self.last_over = now
+            elif now - self.last_over >= self._interval:  # an interval with none past the target
+                self.overloaded, self.above_since = False, None
+            return
+        if delay < self._target:  # the minimum delay fell below the target: not standing
+            self.above_since = None
+            return
+        if self.above_since is None:
+            # the oldest request has been waiting all along, so the queue's delay has been
+            # above the target since it waited that long, however rarely this is called
+            self.above_since, self.peak, self.peak_at = now - (delay - self._target), queued, now
+        if queued >= self.peak:
+            self.peak, self.peak_at = queued, now
+        if now - self.above_since < self._interval or self._draining(now, queued) or self._slow(now):
+            return
+        self.overloaded, self.last_over, self.since = True, now, now
+        self.episodes += 1
 
-    def arrived(self, now: float) -> None:
-        """A request joined the queue."""
-        if now >= self._window_end:
-            self._roll(now)
-        self.arrivals += 1
+    def _slow(self, now: float) -> bool:
+        """A run in progress is longer than the handlers' average: the interval, ten runs
+        per worker, counts it (the queue of a pool whose first runs are 5 s long is not
+        overloaded after 100 ms)."""
+        started = self.oldest_run()
+        if started is None or now - started <= self.service:
+            return False
+        return now - self.above_since < 10 * (now - started) / self._workers
 
-    def started(self, now: float) -> None:
-        """A request left the queue for a worker (shed ones do not count)."""
-        if now >= self._window_end:
-            self._roll(now)
-        self.starts += 1
+    def _draining(self, now: float, queued: int) -> bool:
+        """A burst on its way out: past its peak and shrinking fast enough to be empty
+        within ``queue_timeout`` (2 s when there is none)."""
+        if queued >= self.peak or now <= self.peak_at:
+            return False
+        rate = (self.peak - queued) / (now - self.peak_at)  # requests a second, net
+        return queued / rate <= (self.queue_timeout or 2.0)
 
-    def _roll(self, now: float) -> None:
-        grew = self.arrivals > 1.25 * self.starts + self._workers
-        self.growing = self.growing + 1 if grew and now - self.window_start < 2 * self._interval else 0
-        if not self.growing:
-            self.lifo = False
-        self.window_start, self.arrivals, self.starts = now, 0, 0
-        self._window_end = now + self._interval
+    @property
+    def standing(self) -> bool:
+        """True while the queue's delay stays above the target (overloaded, or on its way
+        to it unless it drains)."""
+        return self.overloaded or self.above_since is not None
 
     def observe(self, seconds: float) -> None:
         """A handler ran for ``seconds`` (wall time, from its start to its reply)."""
@@ -154,36 +183,12 @@ class QueueControl:
         if first or not self._observed & 7:  # the thresholds move slowly: every 8th is enough
             self._thresholds()
 
-    def standing(self, now: float, queued: int) -> bool:
-        """True while the queue stands (serve newest first): entered when a queue has not
-        been empty for an interval and grew in the last two; left at the end of the first
-        interval in which it did not grow. A queue kept short by shedding may empty for a
-        moment; that alone does not end it."""
-        if not queued:
-            return False
-        if now >= self._window_end:
-            self._roll(now)
-        if not self.lifo and self.growing >= 2 and now - self.last_empty >= self._interval:
-            self.lifo = True
-        return self.lifo
-
-    def overloaded(self, now: float, queued: int) -> bool:
-        """True while overloaded (shed what waited past the target): the queue stands and
-        has grown for four intervals in a row."""
-        return self.standing(now, queued) and self.growing >= 4
-
-    def mode(self, now: float, queued: int) -> tuple[bool, float | None, str]:
-        """``(standing, limit, reason)`` at once: serve newest first?, the longest a queued
-        request may have waited, and the reason to give one shed for that."""
-        lifo = self.standing(now, queued)
-        if lifo and self.growing >= 4:
-            return True, self._target, QUEUE_DELAY
-        return lifo, self.queue_timeout, QUEUE_TIMEOUT
-
-    def limit(self, now: float, queued: int) -> tuple[float | None, str]:
-        """The longest a queued request may have waited at ``now``, and the shed reason."""
-        _, limit, reason = self.mode(now, queued)
-        return limit, reason
+    def limit(self) -> tuple[float | None, str]:
+        """The longest a queued request may have waited, now, and the reason to give one
+        shed for that: the target while overloaded, else ``queue_timeout``."""
+        if self.overloaded:
+            return self._target, QUEUE_DELAY
+        return self.queue_timeout, QUEUE_TIMEOUT
 
     def hopeless(self, now: float, deadline: float | None) -> bool:
         """True if a client's (absolute) deadline has passed or is closer than one typical

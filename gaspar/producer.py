@@ -63,7 +63,7 @@ from .connection import Acceptor, Connection, IOLoop
 from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
-from .framing import Kind, Request, Status, error_body, pack_id
+from .framing import LIMITS, Kind, Request, Status, error_body, pack_id
 from .ipcdir import make_ipc_dir
 from .logs import access_line, close_access_log, log_handler_error, open_access_log
 from .overload import ByteBudget, QueueControl
@@ -86,6 +86,16 @@ _REPLY = Kind.REPLY.value
 _CANCEL = Kind.CANCEL.value
 _SKIPPED = Kind.SKIPPED.value
 _FAILED = {Status.TIMEOUT: "timeout", Status.WORKER_DIED: "worker_died", Status.UNAVAILABLE: "unavailable"}
+
+
+def _limits(req: Pending) -> bytes:
+    """The client's own limits in a request's head (see ``gaspar.framing.LIMITS``), so its
+    worker can interrupt the handler softly when they pass."""
+    soft = 0 if req.soft_timeout is None else max(1, round(req.soft_timeout * 1000))
+    left = 0
+    if req.client_deadline is not None:
+        left = max(1, min(0xFFFFFFFF, round((req.client_deadline - time.monotonic()) * 1000)))
+    return LIMITS.pack(min(soft, 0xFFFFFFFF), left)
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -413,14 +423,33 @@ class Producer:
             now = time.monotonic()
             for conn in list(self.connections):
                 conn.check_idle(now, idle)
-        expired = self.dispatcher.expire()
-        for req in expired:
+        answered, killed = self.dispatcher.expire()
+        for req in answered:  # the client's own limit: answer now; its worker interrupts the handler
             worker = req.worker
-            log.error("WORKER TIMEOUT (worker %s, pid:%s) after %ss", worker.label, worker.pid, req.timeout)
-            msg = f"handler ran past {req.timeout}s; worker {worker.label} (pid {worker.pid}) killed"
-            self._fail(req, Status.TIMEOUT, "WorkerTimeout", msg, timeout=req.timeout, pid=worker.pid)
-            self.owner(worker).kill(worker, signal.SIGKILL, f"its handler ran past {req.timeout}s")
-        if expired:
+            limit = req.soft_timeout if req.expired == "handler_timeout" else req.client_deadline - req.started
+            what = "its handler_timeout" if req.expired == "handler_timeout" else "its deadline"
+            msg = (
+                f"handler ran past {what} ({limit:.3g}s, the client's); "
+                f"worker {worker.label} (pid {worker.pid}) interrupts it and lives on"
+            )
+            facts = {"timeout": round(limit, 6), "limit": req.expired, "killed": False, "pid": worker.pid}
+            self._fail(req, Status.TIMEOUT, "WorkerTimeout", msg, **facts)
+        for req in killed:  # the operator's timeout: the only limit that kills a worker
+            worker = req.worker
+            log.error(
+                "WORKER TIMEOUT (worker %s, pid:%s) after %ss: the timeout setting; logging its stack, then SIGKILL",
+                worker.label,
+                worker.pid,
+                req.timeout,
+            )
+            why = f"its handler ran past the timeout setting ({req.timeout}s)"
+            self.owner(worker).kill(worker, signal.SIGKILL, why, dump=True)
+            if not req.cancelled:
+                who = f"worker {worker.label} (pid {worker.pid})"
+                msg = f"handler ran past the server's timeout ({req.timeout}s); {who} killed"
+                facts = {"timeout": req.timeout, "limit": "timeout", "killed": True, "pid": worker.pid}
+                self._fail(req, Status.TIMEOUT, "WorkerTimeout", msg, **facts)
+        if killed:
             self._send(self.dispatcher.dispatch())
             self.manage_workers()
 
@@ -517,8 +546,10 @@ class Producer:
                 self.log_access((conn, request), "unavailable", 0, None, None, 0.0, None)
             self._deliver_error(conn, request, Status.UNAVAILABLE, "ServerUnavailable", "the server is stopping")
             return
-        timeout = request.timeout or self.settings.timeout
-        pending, assignments = self.dispatcher.submit(request.body, (conn, request), timeout, request.deadline)
+        # the operator's timeout bounds the handler; the client may only ask for less
+        pending, assignments = self.dispatcher.submit(
+            request.body, (conn, request), self.settings.timeout, request.deadline, request.timeout
+        )
         conn.requests.add(pending)
         self._send(assignments)
 
@@ -622,6 +653,8 @@ class Producer:
             if req.worker is not worker or pending.get(req.id) is not req:
                 continue  # since assigned: its worker was lost or died, or it ended (failed, shed)
             body, head = req.body, (_REQUEST if worker.current is req else _AHEAD) + pack_id(req.id)
+            if req.soft_timeout is not None or req.client_deadline is not None:
+                head += _limits(req)
             if worker.agent is not None:
                 self._send_remote(worker, req, head, body)
                 continue
@@ -669,13 +702,15 @@ class Producer:
         now = time.monotonic()
         worker = req.worker
         number = worker.label if worker is not None else 0
-        ok = head[9] == Status.OK
+        status = head[9]
+        ok = status == Status.OK
+        outcome = "ok" if ok else "timeout" if status == Status.TIMEOUT else "error"
         queued = req.started - req.queued_at
-        self.telemetry.replied(number, ok, wall, cpu, queued, now - req.queued_at, counted=not req.cancelled)
-        if not ok:
+        total = now - req.queued_at
+        self.telemetry.replied(number, ok, wall, cpu, queued, total, counted=not req.cancelled, outcome=outcome)
+        if outcome == "error":
             self._log_handler_error(worker, frame.bytes)
         if self.access_log is not None:
-            outcome = "ok" if ok else "error"
             if req.cancelled:
                 outcome = "client_gone"
             self.log_access(req.waiter, outcome, len(frame), queued, wall, now - req.queued_at, number)
@@ -831,8 +866,8 @@ class Producer:
                 "refused_connections": self.refused_connections,
             },
             "overload": {
-                "standing": d.control.standing(now, d.queued),
-                "overloaded": d.control.overloaded(now, d.queued),
+                "standing": d.control.standing,
+                "overloaded": d.control.overloaded,
                 "handler_ms": round(d.control.service * 1000, 3),
                 "buffered_bytes": self.budget.used,
                 "buffered_peak": self.budget.peak,

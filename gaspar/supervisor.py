@@ -301,14 +301,15 @@ class Supervisor:
 
     # -- acting on a worker (the gateway has the same three for remote ones) ---------------
 
-    def kill(self, worker: WorkerSlot, sig: int, why: str) -> None:
-        self.kill_pid(worker.pid, sig, why)
+    def kill(self, worker: WorkerSlot, sig: int, why: str, dump: bool = False) -> None:
+        self.kill_pid(worker.pid, sig, why, dump)
 
-    def kill_pid(self, pid: int, sig: int, why: str) -> None:
+    def kill_pid(self, pid: int, sig: int, why: str, dump: bool = False) -> None:
         """Signal a worker through its fork server, remembering why for its exit's log line
-        (a worker we SIGKILLed for a timeout was not out of memory)."""
+        (a worker we SIGKILLed for a timeout was not out of memory); with ``dump``, its
+        stack is logged first (a hang leaves a traceback)."""
         self.kill_reasons[pid] = why
-        self.forks.kill(pid, sig)
+        self.forks.kill(pid, sig, dump)
 
     def tell_exit(self, worker: WorkerSlot) -> None:
         """Ask an idle worker to exit cleanly (it has nothing in hand)."""

@@ -142,13 +142,23 @@ class Telemetry:
         self.outcomes[name] += n
 
     def replied(
-        self, number: int, ok: bool, wall: float, cpu: float, queued: float, total: float, counted: bool = True
+        self,
+        number: int,
+        ok: bool,
+        wall: float,
+        cpu: float,
+        queued: float,
+        total: float,
+        counted: bool = True,
+        outcome: str | None = None,
     ) -> None:
         """A worker's reply: ``wall`` and ``cpu`` of the handler, ``queued`` seconds in the
         queue, ``total`` seconds from the request's arrival to its reply. ``counted``: False
-        when its outcome was counted already (its client left while it ran: client_gone)."""
+        when its outcome was counted already (its client left while it ran: client_gone;
+        or the client's own limit answered it). ``outcome``: ``ok``/``error`` by ``ok``
+        unless given (``timeout``: the client's limit interrupted the handler)."""
         if counted:
-            self.outcomes["ok" if ok else "error"] += 1
+            self.outcomes[outcome or ("ok" if ok else "error")] += 1
         self.handler.observe(wall)
         self.queue_wait.observe(queued)
         self.request.observe(total)

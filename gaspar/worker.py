@@ -14,6 +14,15 @@ passed). A handler's exception becomes an error reply and the worker carries on;
 handler that kills the process (``os._exit``, a segfault) costs only its own request: the
 front end fails it and has the worker replaced.
 
+**Limits.** A request's head carries the client's own limits: its ``handler_timeout`` (from
+the handler's start) and what was left of its deadline (from the request's arrival here).
+When the first passes, the worker interrupts the handler softly: SIGALRM raises
+:class:`gaspar.SoftTimeout` inside it (Celery's ``soft_time_limit``); the front end has
+answered the client already, drops the reply, and the worker lives on. Only the operator's
+``timeout`` kills a worker, from the front end; first it asks for the handler's stack
+(``faulthandler`` on SIGUSR2, written to a pipe the fork server logs), so a hang leaves a
+traceback in the log.
+
 A worker exits (code 0) when told to (``EXIT``: finish the request in hand first), and on
 its own when its parent dies: ``PR_SET_PDEATHSIG`` on Linux, and a watchdog thread that
 checks the parent pid every second elsewhere and as a second line.
@@ -35,7 +44,8 @@ from collections.abc import Callable
 from time import perf_counter, thread_time
 from typing import Any
 
-from .framing import Kind, Status, error_body
+from .errors import SoftTimeout
+from .framing import LIMITS, Kind, Status, error_body
 
 log = logging.getLogger("gaspar")
 
@@ -52,6 +62,39 @@ CANCEL_LOOK = 0.0005
 #: After a reply's status byte: the handler's wall time and CPU time (this thread's), seconds;
 #: CPU time -1 when it was not measured (a handler under 1 ms: see run_worker).
 TIMING = struct.Struct("!dd")
+#: The signal the front end (through the fork server) sends for a dump of the stack before
+#: it kills a worker past the operator's timeout.
+DUMP_SIGNAL = signal.SIGUSR2
+
+
+class SoftLimit:
+    """The client's limit on one handler run, as a one-shot SIGALRM timer that raises
+    :class:`SoftTimeout` in the handler. Armed only around the handler's call, so a late
+    signal never lands in the worker's own loop."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.fired = False  # the last armed limit passed: the handler was interrupted
+        self.limit: tuple[float, str] = (0.0, "")
+        signal.signal(signal.SIGALRM, self._fire)
+
+    def arm(self, seconds: float, kind: str) -> None:
+        self.armed, self.fired, self.limit = True, False, (seconds, kind)
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-6))
+
+    def disarm(self) -> None:
+        if self.armed:
+            self.armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _fire(self, _signum: int, _frame: Any) -> None:
+        if self.armed:
+            self.armed, self.fired = False, True
+            raise SoftTimeout(f"{_describe(*self.limit)} passed; its client is answered as timed out")
+
+
+def _describe(seconds: float, kind: str) -> str:
+    return f"the client's {kind} ({seconds:.3g}s)"
 
 
 class Consumer:
@@ -123,11 +166,19 @@ class Worker:
         return f"<Worker {self.number} pid={self.pid}>"
 
 
-def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit: Any = None, nice: int = 0) -> int:
+def run_worker(
+    worker: Worker,
+    endpoint: str,
+    post_fork: Any = None,
+    worker_exit: Any = None,
+    nice: int = 0,
+    stack_fd: int | None = None,
+) -> int:
     """The worker process's whole life; returns its exit code. Runs after the fork.
 
     Messages are two frames (the ROUTER adds or strips the routing id): a head, the kind's
     byte then the 8-byte request id (and, going back, the status byte), and the body.
+    ``stack_fd``: where ``faulthandler`` writes the stack when the front end asks for it.
     """
     import zmq  # the worker's own context, made after the fork
     import zmq.backend
@@ -143,6 +194,11 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
         signal.signal(sig, signal.SIG_IGN)  # the front end decides; SIGTERM still ends us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if stack_fd is not None:
+        import faulthandler
+
+        faulthandler.register(DUMP_SIGNAL, file=stack_fd, all_threads=True, chain=False)
+    soft = SoftLimit()
     if post_fork is not None:
         try:
             post_fork(worker)
@@ -164,15 +220,15 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
     # request's cost (see producer.py)
     send, recv, get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
     more, rcvmore, events, pollin = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
-    inbox: deque[tuple[bytes, Any]] = deque()  # received, not handled yet (handed ahead)
+    inbox: deque[tuple[bytes, Any, float]] = deque()  # received, not handled yet (handed ahead)
 
     def receive(flags: int) -> None:
         head = recv(sock, flags)
         frame = recv(sock, 0, False) if get(sock, rcvmore) else None
         if head[0] != cancel:
-            inbox.append((head, frame))
+            inbox.append((head, frame, perf_counter()))
             return
-        for i, (queued, _) in enumerate(inbox):  # not there: it ran already; nothing to do
+        for i, (queued, _, _) in enumerate(inbox):  # not there: it ran already; nothing to do
             if queued[0] == ahead and queued[1:9] == head[1:9]:
                 del inbox[i]
                 send(sock, skipped + head[1:9], 0)
@@ -194,14 +250,15 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
                 looked = perf_counter()
                 if not inbox:
                     continue
-            head, frame = inbox.popleft()
+            head, frame, received = inbox.popleft()
             kind = head[0]
             if kind == request or kind == ahead:
                 # CPU time costs two system calls, more than a small handler's run on some
                 # machines: it is measured once the last run took 1 ms or more (-1: not measured)
                 cpu = thread_time() if slow else -1.0
                 wall = perf_counter()
-                status, body = call_handler(consumer.handle, frame)
+                limit = client_limit(head, wall - received)
+                status, body = call_handler(consumer.handle, frame, limit=limit, soft=soft)
                 wall = perf_counter() - wall
                 if cpu >= 0:
                     cpu = thread_time() - cpu
@@ -228,13 +285,56 @@ def run_worker(worker: Worker, endpoint: str, post_fork: Any = None, worker_exit
 
 _OK = bytes([Status.OK])
 _ERROR = bytes([Status.HANDLER_ERROR])
+_TIMEOUT = bytes([Status.TIMEOUT])
 
 
-def call_handler(fn: Callable[[Any], Any], frame: Any, broadcast: bool = False) -> tuple[bytes, Any]:
-    """Run ``fn`` on a request frame; return (status byte, body) and never raise."""
+def _timeout_body(limit: tuple[float, str], what: str) -> bytes:
+    """A reply saying the client's own limit passed (a WorkerTimeout that killed nothing)."""
+    seconds, kind = limit
+    facts = {"timeout": round(seconds, 6), "limit": kind, "killed": False, "pid": os.getpid()}
+    return error_body("WorkerTimeout", f"{_describe(seconds, kind)} {what}", **facts)
+
+
+def client_limit(head: bytes, waited: float) -> tuple[float, str] | None:
+    """The client's limit on a request's handler from its head, ``(seconds from now, which)``
+    (``handler_timeout`` or ``deadline``), or None: its ``handler_timeout``, or what is left
+    of its deadline once the ``waited`` seconds since the request arrived here are taken
+    off, whichever comes first."""
+    if len(head) < 9 + LIMITS.size:
+        return None
+    soft_ms, deadline_ms = LIMITS.unpack_from(head, 9)
+    best = None
+    if soft_ms:
+        best = (soft_ms / 1000.0, "handler_timeout")
+    if deadline_ms:
+        left = deadline_ms / 1000.0 - waited
+        if best is None or left < best[0]:
+            best = (left, "deadline")
+    return best
+
+
+def call_handler(
+    fn: Callable[[Any], Any],
+    frame: Any,
+    broadcast: bool = False,
+    limit: tuple[float, str] | None = None,
+    soft: SoftLimit | None = None,
+) -> tuple[bytes, Any]:
+    """Run ``fn`` on a request frame; return (status byte, body) and never raise. With a
+    ``limit``, the handler is interrupted (``SoftTimeout``) when it passes; one that has
+    passed already is not run at all."""
     message = frame.bytes  # handlers get bytes, whatever the size (one copy of a large one)
     try:
-        result = fn(message)
+        if limit is None or soft is None:
+            result = fn(message)
+        elif limit[0] <= 0:
+            return _TIMEOUT, _timeout_body(limit, "passed before the handler started; it was not run")
+        else:
+            try:
+                soft.arm(*limit)
+                result = fn(message)
+            finally:
+                soft.disarm()
         if broadcast:
             return _OK, b""
         if isinstance(result, str):
@@ -243,6 +343,10 @@ def call_handler(fn: Callable[[Any], Any], frame: Any, broadcast: bool = False) 
             return _OK, result
         raise TypeError(f"handler returned {type(result).__name__}, expected bytes or str")
     except Exception as exc:
+        if soft is not None:
+            soft.armed = False  # raised in the timer's own disarm: it has fired; never again
+            if soft.fired and isinstance(exc, SoftTimeout):
+                return _TIMEOUT, _timeout_body(soft.limit, "passed; the handler was interrupted, the worker lives on")
         tb = traceback.format_exc()
         return _ERROR, error_body(type(exc).__name__, str(exc), traceback=tb)
 

@@ -75,7 +75,7 @@ def test_map_is_empty_after_many_requests_with_every_outcome():
             d.complete(req.worker.routing_id, req.id)
         elif outcome < 0.9:
             clock.now += 2
-            assert d.expire() == [req]
+            assert d.expire() == ([], [req])
             d.remove_worker(req.worker.routing_id)
             d.add_worker(worker(next_n))
             next_n += 1
@@ -105,9 +105,9 @@ def test_expire_marks_the_worker_retiring():
     d.add_worker(w)
     r, _ = d.submit(b"a", "c", timeout=5)
     clock.now += 4.9
-    assert d.expire() == []
+    assert d.expire() == ([], [])
     clock.now += 0.2
-    assert d.expire() == [r]
+    assert d.expire() == ([], [r])
     assert w.retiring and d.idle_count == 0 and d.pending == {}
     r2, a = d.submit(b"b", "c")
     assert a == []  # a retiring worker takes nothing
@@ -220,7 +220,7 @@ def test_expired_request_returns_the_prefetched_one_to_the_queue():
     queued = [d.submit(b"%d" % i, i, timeout=1)[0] for i in range(3)]
     assert list(w.ahead) == [queued[0]]
     clock.now += 2
-    assert d.expire() == [running]
+    assert d.expire() == ([], [running])
     assert not w.ahead and d.queued == 3 and queued[0].worker is None
 
 
@@ -282,7 +282,7 @@ def test_a_request_that_ended_elsewhere_is_not_put_back_and_frees_its_worker():
     clock.now += 1000
     w.current.deadline = clock.now - 1
     d.pending.pop(ahead.id)
-    assert d.expire() == [ahead]  # its entry is gone already: no KeyError
+    assert d.expire() == ([], [ahead])  # its entry is gone already: no KeyError
 
 
 def test_a_request_skipped_before_its_turn_is_answered_and_the_running_one_goes_on():

@@ -181,12 +181,12 @@ def test_each_restart_reason_is_counted(serve, tmp_path, monkeypatch):
     import pyreasons
 
     try:
-        s = serve(pyreasons.handle, processes=2, max_requests=5)
+        s = serve(pyreasons.handle, processes=2, max_requests=5, timeout=1)  # only the operator's timeout kills
         for _ in range(10):  # each worker recycles after 5
             s.request(b"0")
         assert wait_for(lambda: restarts(s)["max_requests"] >= 1, 10), restarts(s)
         with pytest.raises(gaspar.WorkerTimeout):
-            s.request(b"5", handler_timeout=0.3)
+            s.request(b"5")
         assert wait_for(lambda: restarts(s)["timeout"] == 1, 10), restarts(s)
         assert s.producer.stats()["outcomes"]["timeout"] == 1
         os.kill(s.pids()[0], signal.SIGKILL)

@@ -7,6 +7,7 @@ real workers) is in test_overload_live.py.
 from __future__ import annotations
 
 import random
+from collections import deque
 
 import pytest
 
@@ -82,70 +83,94 @@ def run_for(d: Dispatcher, clock: Clock, seconds: float, arrivals_per_s: float, 
 # -- QueueControl ----------------------------------------------------------------------------
 
 
-def test_a_burst_that_trickles_in_over_three_intervals_is_served_newest_first_not_shed():
-    clock = Clock()
-    q = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=2, clock=clock)
-    for ms in range(600):
+def drive(q: QueueControl, clock: Clock, ms: int, arrive, start, queue=None):
+    """Drive ``q`` with a FIFO queue of arrival times in 1 ms steps: ``arrive(t)`` requests
+    join it and ``start(t)`` leave it for a worker in millisecond ``t``. Returns the queue
+    and the first millisecond at which ``q`` said overloaded (None: never)."""
+    queue = deque() if queue is None else queue
+    became = None
+    for t in range(ms):
         clock.now += 0.001
-        if ms < 300:  # 1,000 requests over 300 ms, on a busy machine starting 1 per ms
-            for _ in range(3):
-                q.arrived(clock.now)
-        q.started(clock.now)
-        assert not q.overloaded(clock.now, 100)
+        for _ in range(arrive(t)):
+            queue.append(clock.now)
+        for _ in range(min(start(t), len(queue))):
+            queue.popleft()
+        q.check(clock.now, clock.now - queue[0] if queue else 0.0, len(queue))
+        if became is None and q.overloaded:
+            became = t
+    return queue, became
 
 
-def test_a_draining_burst_is_not_overload():
+def control(clock: Clock, **kw) -> QueueControl:
+    opts = {"queue_timeout": 2.0, "target": 0.005, "interval": 0.1, "workers": 2}
+    opts.update(kw)
+    return QueueControl(clock=clock, **opts)
+
+
+@pytest.mark.parametrize(
+    "case, arrive, start, ms, overloaded",
+    [
+        # a thousand at once, drained at 3 a millisecond: it stands for 333 ms but drains
+        ("a burst that drains", lambda t: 1000 if t == 0 else 0, lambda t: 3, 600, False),
+        # a thousand over 50 ms, faster than it drains, then drained: not for a whole interval
+        ("a burst shorter than the interval", lambda t: 20 if t < 50 else 0, lambda t: 3, 600, False),
+        # ten thousand at once, drained in 3.3 s: slower than queue_timeout allows
+        ("a burst too long to drain in time", lambda t: 10_000 if t == 0 else 0, lambda t: 3, 400, True),
+        # 2x capacity, sustained
+        ("sustained growth", lambda t: 2, lambda t: 1, 400, True),
+        # 200 closed-loop clients: each reply brings that client's next request, the queue
+        # holds steady at 198 and each request waits 99 ms: a standing queue
+        ("a steady closed loop", lambda t: 200 if t == 0 else 2, lambda t: 2, 400, True),
+        # below capacity, with bursts of a few: the queue empties all the time
+        ("light load", lambda t: 3 if t % 10 == 0 else 0, lambda t: 1, 2000, False),
+    ],
+)
+def test_overload_is_a_minimum_queue_delay_above_target_for_an_interval(case, arrive, start, ms, overloaded):
     clock = Clock()
-    q = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=2, clock=clock)
-    for _ in range(1000):  # a thousand at once, then nothing more
-        q.arrived(clock.now)
-    for ms in range(400):
-        clock.now += 0.001
-        for _ in range(3):
-            q.started(clock.now)
-        assert not q.standing(clock.now, 1000 - 3 * ms)
+    q = control(clock)
+    _, became = drive(q, clock, ms, arrive, start)
+    assert (became is not None) == overloaded, case
+    if overloaded:
+        assert became >= 100, f"{case}: overloaded after {became} ms, before a whole interval"
 
 
-def test_a_steady_closed_loop_is_not_overload():
+def test_overload_starts_an_interval_after_the_delay_passed_the_target():
     clock = Clock()
-    q = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=2, clock=clock)
-    for _ in range(200):
-        q.arrived(clock.now)  # 200 patient clients
-    for _ in range(2000):  # each reply brings that client's next request
-        clock.now += 0.001
-        q.started(clock.now)
-        q.arrived(clock.now)
-        assert clock.now - 100.0 < 0.2 or not q.standing(clock.now, 198)
+    q = control(clock)
+    _, became = drive(q, clock, 400, lambda t: 2, lambda t: 1)
+    assert 100 <= became <= 115  # the oldest waits 5 ms after 10 ms; an interval later
+    assert q.limit() == (0.005, QUEUE_DELAY) and q.standing
 
 
-def test_sustained_growth_is_overload_within_two_intervals_and_ends_when_it_stops():
+def test_overload_ends_after_an_interval_with_no_request_past_the_target():
     clock = Clock()
-    q = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=2, clock=clock)
-    first = shedding = None
-    for ms in range(600):  # 2x: two arrivals for every start
-        clock.now += 0.001
-        q.arrived(clock.now)
-        q.arrived(clock.now)
-        q.started(clock.now)
-        if first is None and q.standing(clock.now, 10):
-            first = ms
-        if shedding is None and q.overloaded(clock.now, 10):
-            shedding = ms
-    assert first is not None and 190 <= first <= 310  # newest first after two intervals
-    assert shedding is not None and 390 <= shedding <= 510  # shedding after four
+    q = control(clock)
+    q.check(clock.now, 0.010, 50)
+    clock.now += 0.101
+    q.check(clock.now, 0.010, 60)
+    assert q.overloaded and q.episodes == 1
     for _ in range(300):  # shedding keeps the queue short; a moment empty does not end it
         clock.now += 0.001
-        q.saw_empty(clock.now)
-        q.arrived(clock.now)
-        q.arrived(clock.now)
-        q.started(clock.now)
-        assert q.standing(clock.now, 1)
-    for _ in range(200):  # 0.3x
+        q.check(clock.now, 0.0, 0)
         clock.now += 0.001
-        q.started(clock.now)
-        if random.random() < 0.3:
-            q.arrived(clock.now)
-    assert not q.standing(clock.now, 10)
+        q.check(clock.now, 0.006, 3)
+        assert q.overloaded
+    for ms in range(150):  # light load: nothing waits past the target
+        clock.now += 0.001
+        q.check(clock.now, 0.001 if ms % 2 else 0.0, 1)
+        if ms < 99:
+            assert q.overloaded
+    assert not q.overloaded and not q.standing
+    assert q.limit() == (2.0, QUEUE_TIMEOUT)
+
+
+def test_a_dip_below_the_target_starts_the_interval_again():
+    clock = Clock()
+    q = control(clock)
+    for ms in range(500):
+        clock.now += 0.001
+        q.check(clock.now, (ms % 90) / 1000, 100)  # caught up once every 90 ms
+        assert not q.overloaded
 
 
 @pytest.mark.parametrize(
@@ -169,14 +194,10 @@ def test_thresholds_follow_the_handlers_speed(service, workers, interval, target
 def test_limit_is_queue_timeout_unless_overloaded():
     clock = Clock()
     q = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=1, clock=clock)
-    assert q.limit(clock.now, 5) == (2.0, QUEUE_TIMEOUT)
-    clock.now += 0.2
-    q.growing, q.window_start = 2, clock.now  # as if the last two intervals grew
-    q._thresholds()
-    assert q.standing(clock.now, 5) and q.limit(clock.now, 5) == (2.0, QUEUE_TIMEOUT)  # LIFO only
-    q.growing = 4
-    assert q.limit(clock.now, 5) == (0.005, QUEUE_DELAY)
-    assert QueueControl(queue_timeout=0, clock=clock).limit(clock.now, 5) == (None, QUEUE_TIMEOUT)
+    assert q.limit() == (2.0, QUEUE_TIMEOUT)
+    q.overloaded = True
+    assert q.limit() == (0.005, QUEUE_DELAY)
+    assert QueueControl(queue_timeout=0, clock=clock).limit() == (None, QUEUE_TIMEOUT)
 
 
 def test_hopeless_and_retry_after():
@@ -203,13 +224,12 @@ def test_fifo_while_not_overloaded_lifo_once_it_is():
     reqs = [d.submit(b"%d" % i, None)[0] for i in range(3)]
     _, [(_, nxt)] = d.complete(w1.routing_id, running.id)
     assert nxt is reqs[0]  # oldest first
-    d.control.growing = 2
-    clock.now += 0.11
-    d.control.window_start = clock.now
-    d.control._thresholds()
+    clock.now += 0.004
     newest = d.submit(b"new", None)[0]
+    d.control.overloaded = True  # (when it is: test_overload_is_a_minimum_queue_delay_...)
+    d.control._target = 1.0  # shed nothing here: only the order is under test
     _, [(_, nxt2)] = d.complete(w1.routing_id, nxt.id)
-    assert nxt2 is newest  # a standing, growing queue: newest first
+    assert nxt2 is newest  # overloaded: newest first
 
 
 def test_overloaded_queue_sheds_what_waited_past_the_target_oldest_first():
@@ -219,10 +239,8 @@ def test_overloaded_queue_sheds_what_waited_past_the_target_oldest_first():
     old = [d.submit(b"%d" % i, None)[0] for i in range(5)]
     clock.now += 0.003
     young = d.submit(b"young", None)[0]
-    d.control.growing = 4
+    d.control.overloaded = True
     clock.now += 0.11 - 0.003
-    d.control.window_start = clock.now
-    d.control._thresholds()
     clock.now += 0.001
     d.sweep()
     shed = d.take_shed()
@@ -260,13 +278,15 @@ def test_a_deadline_that_passes_in_the_queue_is_shed_and_bounds_a_running_reques
     clock = Clock()
     d, (w1,) = dispatcher(clock, workers=1)
     running, [(_, r)] = d.submit(b"running", None, timeout=30.0, deadline=0.5)
-    assert running.deadline == pytest.approx(clock.now + 0.5)  # sooner than the handler timeout
+    assert running.answer_by == pytest.approx(clock.now + 0.5)  # sooner than the handler timeout
+    assert running.deadline == pytest.approx(clock.now + 30.0)  # the operator's: its worker is killed then
     queued = d.submit(b"q", None, deadline=0.2)[0]
     clock.now += 0.25
     d.sweep(deadlines=True)
     assert d.take_shed() == [(queued, DEADLINE)]
     clock.now += 0.3
-    assert d.expire() == [running]  # past its client's deadline: a timeout
+    assert d.expire() == ([running], [])  # past its client's deadline: answered, not killed
+    assert running.expired == "deadline" and w1.current is running and not w1.retiring
 
 
 def test_a_deadline_that_cannot_be_met_is_shed_before_it_runs():
@@ -292,7 +312,7 @@ def test_a_cancelled_request_handed_ahead_is_revoked_and_skipped():
     assert d.take_cancels() == [(w1, a)]
     done, more = d.complete(w1.routing_id, running.id)
     assert done is running and w1.current is a
-    assert d.expire() == []  # a revoked request is never timed out: it will be skipped
+    assert d.expire() == ([], [])  # a revoked request is never timed out: it will be skipped
     skipped, more = d.complete(w1.routing_id, a.id, ran=False)
     assert skipped is None and more == [(w1, b)]  # the client is gone: nothing to answer
     assert d.counters.skipped == 1 and d.counters.completed == 1 and w1.handled == 1
@@ -355,7 +375,7 @@ def test_map_is_empty_after_a_random_overload_run():
         d.sweep(deadlines=rng.random() < 0.1)
         d.take_shed()
         d.take_cancels()
-        for req in d.expire():
+        for req in d.expire()[1]:
             req.worker.retiring = False
             d._idle[req.worker.routing_id] = req.worker
     for _ in range(200):

@@ -202,7 +202,9 @@ def test_a_deadline_that_passes_in_the_queue_is_never_run(serve, tmp_path):
     assert recorded(path) == [b"blocker"]
 
 
-def test_a_running_request_past_its_deadline_is_a_timeout(serve):
+def test_a_running_request_past_its_deadline_is_a_timeout_and_its_worker_lives_on(serve):
+    """The client's deadline ends the client's wait at once; it never kills a worker: the
+    handler is interrupted in its worker (SoftTimeout), which serves the next request."""
     s = serve(handlers.sleepy, processes=1)
     before = s.pids()
     sock = connect(s.addr)
@@ -210,8 +212,15 @@ def test_a_running_request_past_its_deadline_is_a_timeout(serve):
     t0 = time.monotonic()
     status, _, body = read_framed(sock)
     assert status == 2 and time.monotonic() - t0 < 1.0
+    facts = json.loads(body)
+    assert facts["type"] == "WorkerTimeout" and facts["limit"] == "deadline" and facts["killed"] is False
     sock.close()
-    assert wait_for(lambda: s.pids() and s.pids() != before, 10)  # the worker was replaced
+    t0 = time.monotonic()
+    assert s.request(b"0", timeout=5) == b"0"  # the same worker, free again at once
+    assert time.monotonic() - t0 < 1.0
+    assert s.pids() == before
+    stats = s.producer.stats()
+    assert stats["restarts"] == 0 and stats["outcomes"]["timeout"] == 1
 
 
 def test_clients_send_their_timeout_as_the_deadline_and_retry_a_shed_request_once(serve, tmp_path):

@@ -29,6 +29,7 @@ from conftest import ROOT, alive, children_of, descendants, wait_for
 
 import gaspar
 from gaspar import client
+from gaspar.framing import extended_header
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -288,24 +289,40 @@ def test_timeout_fails_the_request_and_replaces_the_worker(serve):
     assert server.producer.stats()["counters"]["timeouts"] == 1
 
 
-def test_client_handler_timeout_overrides_the_server_timeout(serve):
+def test_a_shorter_client_handler_timeout_answers_at_once_and_kills_nothing(serve):
+    """The client may ask for less than the operator allows: its handler_timeout ends its
+    wait and interrupts the handler in its worker (SoftTimeout), which lives on."""
     server = serve(handlers.faulty, processes=2, timeout=30)
+    before = wait_full(server, 2)
     other = Call(server.addr, b"1.5")
     busy_pids(server, 1)
     hung = Call(server.addr, b"60", handler_timeout=0.5).join()
     assert isinstance(hung.error, gaspar.WorkerTimeout), repr(hung.error)
     assert hung.elapsed < 4.0
-    assert hung.error.facts["timeout"] == 0.5
+    facts = hung.error.facts
+    assert facts["timeout"] == 0.5 and facts["limit"] == "handler_timeout" and facts["killed"] is False
     assert other.join().error is None and other.result.endswith(b":1.5")
-    wait_full(server, 2)
+    assert sorted(wait_full(server, 2)) == sorted(before)  # no worker was killed
+    assert server.producer.stats()["restarts"] == 0
     assert_no_leaks(server)
 
 
-def test_client_handler_timeout_may_be_longer_than_the_server_one(serve):
-    server = serve(handlers.faulty, processes=1, timeout=0.5)
-    assert server.request(b"1.0", handler_timeout=5).endswith(b":1.0")
-    with pytest.raises(gaspar.WorkerTimeout):
-        server.request(b"1.0")
+def test_a_client_handler_timeout_is_capped_at_the_server_timeout(serve):
+    """The operator outranks the client: a longer handler_timeout (or the wire's
+    0xffffffff ms) still ends at the server's timeout, which kills the worker."""
+    server = serve(handlers.faulty, processes=1, timeout=1)
+    t0 = time.monotonic()
+    with pytest.raises(gaspar.WorkerTimeout) as info:
+        server.request(b"60", handler_timeout=30, timeout=20)
+    assert 0.9 < time.monotonic() - t0 < 3.0
+    assert info.value.facts["limit"] == "timeout" and info.value.facts["killed"] is True
+    wait_full(server, 1)
+    sock = socket.create_connection(tuple(server.producer.server_addr), timeout=10)
+    with sock:
+        sock.sendall(extended_header(2, timeout=0xFFFFFFFF / 1000) + b"60")
+        t0 = time.monotonic()
+        assert sock.recv(9)[8] == 2  # status 2, WorkerTimeout
+        assert time.monotonic() - t0 < 3.0
     wait_full(server, 1)
     assert_no_leaks(server)
 
@@ -916,7 +933,7 @@ def test_a_timeout_kill_is_logged_as_ours_not_as_out_of_memory(serve, caplog):
     server = serve(handlers.sleepy, processes=1, timeout=0.5)
     with pytest.raises(gaspar.WorkerTimeout):
         server.request(b"5")
-    assert wait_for(lambda: "because its handler ran past 0.5s" in caplog.text, 5), caplog.text
+    assert wait_for(lambda: "because its handler ran past the timeout setting (0.5s)" in caplog.text, 5), caplog.text
     assert "Perhaps out of memory" not in caplog.text
 
 
@@ -926,3 +943,24 @@ def test_workers_run_below_the_front_end(serve):
     with open(f"/proc/{pid}/stat") as f:
         worker_nice = int(f.read().rsplit(")", 1)[1].split()[16])
     assert worker_nice == os.nice(0) + 7
+
+
+@pytest.mark.parametrize("how", ["sleep", "spin"])
+def test_a_worker_killed_for_the_timeout_leaves_its_stack_in_the_log(cli, how):
+    """Before the operator's timeout SIGKILLs a worker, its stack is logged (faulthandler,
+    from C: a handler spinning in Python or blocked in a system call alike), so a hang
+    leaves a traceback; the log names the limit that fired."""
+    handler = "handlers:sleepy" if how == "sleep" else "handlers:spin_ms"
+    payload = b"30" if how == "sleep" else b"30000"
+    server = cli(handler, "--bind", "127.0.0.1:0", "-w", "1", "--timeout", "0.5")
+    server.wait_ready(1)
+    with pytest.raises(gaspar.WorkerTimeout):
+        client.request(server.addr, payload, timeout=10)
+    name = "sleepy" if how == "sleep" else "spin_ms"
+    assert wait_for(lambda: "was running, before it was killed" in server.log, 5), server.log
+    assert wait_for(lambda: f"in {name}" in server.log, 5), server.log
+    assert "after 0.5s: the timeout setting" in server.log
+    dump = server.log.index("was running, before it was killed")
+    killed = server.log.index("killed by SIGKILL because its handler ran past the timeout setting (0.5s)")
+    assert dump < killed  # the stack first, then the kill
+    server.wait_ready(1)
