@@ -1,9 +1,12 @@
 """What the daemon writes to its own log about requests: handler errors (with their
-traceback, rate-limited) and the access log (one line per request)."""
+traceback, escaped, rate-limited with a summary of what was held back) and the access log
+(one line per request)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import socket
 import struct
 
@@ -13,6 +16,8 @@ from conftest import wait_for
 
 import gaspar
 from gaspar import client
+from gaspar.framing import error_body
+from gaspar.logs import CONTINUATION, MAX_REPORT, JsonFormatter, log_handler_error
 from gaspar.telemetry import LogLimiter
 
 
@@ -35,6 +40,46 @@ def test_log_limiter_allows_a_burst_then_reports_what_it_held_back():
     assert limit.allow() == (True, 0)
 
 
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, rec):
+        self.records.append(rec)
+
+
+@pytest.fixture
+def gaspar_records():
+    seen = Records()
+    logger = logging.getLogger("gaspar")
+    logger.addHandler(seen)
+    yield seen.records
+    logger.removeHandler(seen)
+
+
+def test_a_handler_errors_record_is_one_line_and_its_traceback(gaspar_records):
+    tb = 'Traceback (most recent call last):\n  File "app.py", line 3, in handle\nValueError: bad\nthing\n'
+    log_handler_error(LogLimiter(), 2, 4242, error_body("ValueError", "bad\nthing", traceback=tb))
+    (rec,) = gaspar_records
+    assert rec.getMessage() == "Handler error in worker 2 (pid:4242): ValueError: bad\\nthing"
+    assert rec.exc_text == tb.rstrip("\n") and rec.exc_info is None
+    out = json.loads(JsonFormatter().format(rec))
+    assert out["message"] == rec.getMessage() and out["exc_info"] == tb.rstrip("\n")
+    assert (out["worker"], out["worker_pid"], out["error_type"]) == (2, 4242, "ValueError")
+
+
+def test_a_huge_error_report_is_logged_by_its_start_without_parsing_it(gaspar_records):
+    body = error_body("ValueError", "x" * MAX_REPORT, traceback="Traceback...\n" + "x" * MAX_REPORT)
+    log_handler_error(LogLimiter(), 1, 7, body)
+    log_handler_error(LogLimiter(), 1, 7, b"\xff not JSON")
+    huge, garbage = gaspar_records
+    assert huge.error_type == "ValueError" and huge.exc_text is None
+    assert f"a report of {len(body)} bytes, too large to log whole" in huge.getMessage()
+    assert len(huge.getMessage()) < 1200
+    assert garbage.error_type == "Unknown" and "not JSON" in garbage.getMessage()
+
+
 def test_a_handler_error_is_logged_by_the_server_with_its_traceback(serve, caplog):
     caplog.set_level(logging.ERROR, logger="gaspar")
     s = serve(handlers.boom, processes=1)
@@ -42,9 +87,9 @@ def test_a_handler_error_is_logged_by_the_server_with_its_traceback(serve, caplo
         s.request(b"boom now")
     record = wait_for(lambda: next((r for r in caplog.records if "Handler error" in r.getMessage()), None), 5)
     assert record is not None
-    text = record.getMessage()
-    assert "ValueError: bad input b'boom now'" in text
-    assert "Traceback (most recent call last)" in text and "handlers.py" in text  # where it was raised
+    assert record.getMessage().endswith("ValueError: bad input b'boom now'")
+    assert record.exc_text.startswith("Traceback (most recent call last)")
+    assert "handlers.py" in record.exc_text  # where it was raised
     assert record.worker == 1 and record.worker_pid == s.pids()[0]
 
 
@@ -57,6 +102,46 @@ def test_handler_errors_cannot_flood_the_log(serve, caplog):
     assert s.producer.stats()["outcomes"]["error"] == 30
     logged = [r for r in caplog.records if "Handler error" in r.getMessage()]
     assert len(logged) == 10
+
+
+def test_a_handler_exceptions_text_cannot_forge_a_line_of_the_text_log(cli):
+    forged = "[2026-01-01 00:00:00 +0000] [1] [CRITICAL] forged"
+    server = cli("handlers:raise_text", "-b", "127.0.0.1:0", "-w", "1")
+    server.wait_ready(1)
+    with pytest.raises(gaspar.HandlerError) as info:
+        client.request(server.addr, f"x\n{forged}\r", timeout=10)
+    assert info.value.remote_message == f"x\n{forged}\r"  # the client gets the text as it was
+    assert wait_for(lambda: any(line.endswith(forged + "\\r") for line in server.lines), 10), server.log
+    lines = list(server.lines)
+    assert not [line for line in lines if line.startswith(forged[:26])], server.log
+    header = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[[A-Z]+\] ")
+    assert all(header.match(line) or line.startswith(CONTINUATION) for line in lines), server.log
+    at = next(i for i, line in enumerate(lines) if "Handler error" in line)
+    assert lines[at].endswith(f"ValueError: x\\n{forged}\\r")
+    tb = lines[at + 1 : at + 1 + next(i for i, line in enumerate(lines[at + 1 :]) if line.endswith(forged + "\\r")) + 1]
+    assert tb[0] == CONTINUATION + "Traceback (most recent call last):"
+    assert any("handlers.py" in line for line in tb) and tb[-2:] == [
+        CONTINUATION + "ValueError: x",
+        CONTINUATION + forged + "\\r",
+    ]
+
+
+def test_the_json_log_has_a_handler_errors_traceback_as_exc_info(cli):
+    server = cli("handlers:raise_text", "-b", "127.0.0.1:0", "-w", "1", "--log-format", "json")
+    server.wait_ready(1)
+    with pytest.raises(gaspar.HandlerError) as info:
+        client.request(server.addr, "two\nlines", timeout=10)
+
+    def logged():
+        return [r for r in map(json.loads, list(server.lines)) if r.get("error_type")]
+
+    assert wait_for(logged, 10), server.log
+    (rec,) = logged()
+    pid = server.stats()["workers"][0]["pid"]
+    assert rec["message"] == f"Handler error in worker 1 (pid:{pid}): ValueError: two\\nlines"
+    assert (rec["level"], rec["worker"], rec["worker_pid"], rec["error_type"]) == ("ERROR", 1, pid, "ValueError")
+    assert rec["exc_info"].startswith("Traceback (most recent call last):") and "handlers.py" in rec["exc_info"]
+    assert rec["exc_info"] == info.value.remote_traceback.rstrip("\n")  # the client's too
 
 
 def test_access_log_has_one_line_per_request_with_its_facts(serve, tmp_path):
