@@ -3,7 +3,9 @@ of what workers print.
 
 **Access log** (``access_log``): one line per request (:func:`access_line`), in the daemon
 log's own format; a file is reopened when logrotate moves it. **Handler errors** are logged
-with their traceback, rate-limited (:func:`log_handler_error`).
+with their traceback, rate-limited (:func:`log_handler_error`), and the count of those held
+back is logged once their window ends (:func:`log_held_back`, called by the front end's
+ticker for every ``LogLimiter`` it has).
 
 **Formats.** ``configure(level, "text", stream)`` is gunicorn's line format
 (:class:`TextFormatter`); ``"json"`` is one JSON object per line (:class:`JsonFormatter`):
@@ -480,7 +482,8 @@ def log_handler_error(limiter: Any, worker: int | str | None, pid: int | None, b
     handler's exception type and message (escaped: one line whatever it holds), and the
     traceback the worker sent as the record's ``exc_info`` (the text format shows it on
     indented continuation lines; JSON as the ``exc_info`` field). At most as often as
-    ``limiter`` allows (then how many were not logged)."""
+    ``limiter`` allows, the count of the lines held back reported with the next one
+    allowed if nobody reported it before (:func:`log_held_back`)."""
     logger = logging.getLogger("gaspar")
     if not logger.isEnabledFor(logging.ERROR):
         return
@@ -502,6 +505,30 @@ def log_handler_error(limiter: Any, worker: int | str | None, pid: int | None, b
     )
     record.exc_text = str(facts.get("traceback") or "").rstrip("\n") or None
     logger.handle(record)
+
+
+def log_held_back(
+    limiter: Any, what: str, level: int = logging.WARNING, logger: logging.Logger | None = None, final: bool = False
+) -> int:
+    """The summary line of what ``limiter`` held back, once the window in which it held
+    them back has ended (``final``: now, e.g. at a stop), so a count is logged even if no
+    more lines come: "Not logged: 23 more handler errors in the last minute (at most 10 per
+    minute)". The front end's ticker calls it every 0.1 s, for each of its limiters. Returns
+    the count it reported (0: nothing to say). JSON gets ``held_back`` and ``log_limit``
+    (``what``)."""
+    held = limiter.flush(final)
+    if held:
+        (logger or logging.getLogger("gaspar")).log(
+            level,
+            "Not logged: %s more %s in the last %s (at most %s per %s)",
+            held,
+            what,
+            _period(limiter.period),
+            limiter.burst,
+            _period(limiter.period),
+            extra={"held_back": held, "log_limit": what},
+        )
+    return held
 
 
 def error_report(body: bytes) -> dict[str, Any]:

@@ -65,7 +65,7 @@ from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
 from .framing import Kind, Request, Status, error_body, pack_id
 from .ipcdir import make_ipc_dir
-from .logs import access_line, close_access_log, log_handler_error, open_access_log
+from .logs import access_line, close_access_log, log_handler_error, log_held_back, open_access_log
 from .overload import ByteBudget, QueueControl
 from .supervisor import Supervisor
 from .telemetry import WORKER_STATES, LogLimiter, Telemetry, proc_usage
@@ -406,6 +406,7 @@ class Producer:
 
     def _tick(self, rounds: int) -> None:
         self.read_router()
+        log_held_back(self._error_log, "handler errors", logging.ERROR)
         if self.gateway is not None:
             self.gateway.tick()
         idle = self.settings.idle_timeout

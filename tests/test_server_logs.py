@@ -17,7 +17,7 @@ from conftest import wait_for
 import gaspar
 from gaspar import client
 from gaspar.framing import error_body
-from gaspar.logs import CONTINUATION, MAX_REPORT, JsonFormatter, log_handler_error
+from gaspar.logs import CONTINUATION, MAX_REPORT, JsonFormatter, log_handler_error, log_held_back
 from gaspar.telemetry import LogLimiter
 
 
@@ -38,6 +38,44 @@ def test_log_limiter_allows_a_burst_then_reports_what_it_held_back():
     clock.now = 61.0
     assert limit.allow() == (True, 3)  # the next line says 3 were not logged
     assert limit.allow() == (True, 0)
+
+
+def test_the_limiters_summary_comes_once_its_window_has_ended():
+    clock = Clock()
+    limit = LogLimiter(burst=2, period=10.0, clock=clock)
+    assert limit.flush() == 0  # nothing held back
+    assert [limit.allow()[0] for _ in range(5)] == [True, True, False, False, False]
+    clock.now = 9.9
+    assert limit.flush() == 0  # its window is still open
+    clock.now = 10.0
+    assert limit.flush() == 3  # the summary: 3 held back...
+    assert limit.flush() == 0  # ...said once
+    assert limit.allow() == (True, 0)  # and not again with the next line
+    assert [limit.allow()[0] for _ in range(3)] == [True, False, False]
+    clock.now = 15.0
+    assert limit.flush() == 0
+    assert limit.flush(final=True) == 2  # at a stop: now, window or not
+
+
+def test_the_summary_line_says_how_many_of_what_were_held_back():
+    clock, seen = Clock(), Records()
+    logger = logging.getLogger("gaspar.test.summary")
+    logger.addHandler(seen)
+    try:
+        limit = LogLimiter(burst=1, period=60.0, clock=clock)
+        for _ in range(24):
+            limit.allow()
+        assert log_held_back(limit, "refusals", logger=logger) == 0 and not seen.records
+        clock.now = 60.0
+        assert log_held_back(limit, "refusals", logger=logger) == 23
+        assert log_held_back(limit, "refusals", logger=logger) == 0
+    finally:
+        logger.removeHandler(seen)
+    (rec,) = seen.records
+    assert rec.levelname == "WARNING"
+    assert rec.getMessage() == "Not logged: 23 more refusals in the last minute (at most 1 per minute)"
+    out = json.loads(JsonFormatter().format(rec))
+    assert out["held_back"] == 23 and out["log_limit"] == "refusals"
 
 
 class Records(logging.Handler):
@@ -93,15 +131,21 @@ def test_a_handler_error_is_logged_by_the_server_with_its_traceback(serve, caplo
     assert record.worker == 1 and record.worker_pid == s.pids()[0]
 
 
-def test_handler_errors_cannot_flood_the_log(serve, caplog):
+def test_handler_errors_cannot_flood_the_log_and_what_was_held_back_is_summed_up(serve, caplog):
     caplog.set_level(logging.ERROR, logger="gaspar")
     s = serve(handlers.boom, processes=1)
+    s.producer._error_log = LogLimiter(burst=10, period=1.0)  # the daemon's 10 a minute, in a second
     for _ in range(30):
         with pytest.raises(gaspar.HandlerError):
             s.request(b"boom")
     assert s.producer.stats()["outcomes"]["error"] == 30
     logged = [r for r in caplog.records if "Handler error" in r.getMessage()]
     assert len(logged) == 10
+    # nothing more comes, and the ticker still writes the count once the window ends
+    summary = wait_for(lambda: [r for r in caplog.records if r.getMessage().startswith("Not logged")], 5)
+    assert [r.getMessage() for r in summary] == [
+        "Not logged: 20 more handler errors in the last second (at most 10 per second)"
+    ]
 
 
 def test_a_handler_exceptions_text_cannot_forge_a_line_of_the_text_log(cli):
