@@ -451,9 +451,12 @@ def access_line(
     total: float,
     worker: int | str | None,
 ) -> None:
-    """One access-log line for a request: who, how big, how long, how it ended, which worker."""
+    """One access-log line for a request: who, how big, how long, how it ended, which worker.
+
+    A fact that does not apply (no queue wait, no handler run, no worker) is ``-`` in the
+    text and ``null`` in JSON's fields."""
     fields = {
-        "peer": f"{peer[0]}:{peer[1]}" if peer else "-",
+        "peer": f"{peer[0]}:{peer[1]}" if peer else None,
         "outcome": outcome,
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
@@ -462,10 +465,14 @@ def access_line(
         "total_ms": round(total * 1000, 3),
         "worker": worker,
     }
+    shown = {key: "-" if value is None else value for key, value in fields.items()}
+    for key in ("queue_ms", "handler_ms", "total_ms"):
+        if fields[key] is not None:
+            shown[key] = f"{fields[key]}ms"
     logger.info(
-        "%(peer)s %(outcome)s in=%(bytes_in)sB out=%(bytes_out)sB queue=%(queue_ms)sms "
-        "handler=%(handler_ms)sms total=%(total_ms)sms worker=%(worker)s",
-        fields,
+        "%(peer)s %(outcome)s in=%(bytes_in)sB out=%(bytes_out)sB queue=%(queue_ms)s "
+        "handler=%(handler_ms)s total=%(total_ms)s worker=%(worker)s",
+        shown,
         extra=fields,
     )
 

@@ -17,7 +17,7 @@ from conftest import wait_for
 import gaspar
 from gaspar import client
 from gaspar.framing import error_body
-from gaspar.logs import CONTINUATION, MAX_REPORT, JsonFormatter, log_handler_error, log_held_back
+from gaspar.logs import CONTINUATION, MAX_REPORT, JsonFormatter, access_line, log_handler_error, log_held_back
 from gaspar.telemetry import LogLimiter
 
 
@@ -205,6 +205,26 @@ def test_access_log_has_one_line_per_request_with_its_facts(serve, tmp_path):
     ok, error, bad, slow = lines
     assert " ok in=5B out=5B " in ok and "worker=1" in ok and "127.0.0.1:" in ok
     assert " error in=4B " in error and "handler=" in error
-    assert " bad_request " in bad
+    assert re.search(r" bad_request in=0B out=0B queue=- handler=- total=[\d.]+ms worker=-$", bad), bad
     handler_ms = float(slow.split("handler=")[1].split("ms")[0])
     assert 45 <= handler_ms < 1000
+
+
+def test_an_access_line_says_dash_in_text_and_null_in_json_for_what_did_not_happen():
+    logger = logging.getLogger("gaspar.test.access")
+    logger.setLevel(logging.INFO)  # as open_access_log makes it
+    seen = Records()
+    logger.addHandler(seen)
+    try:
+        access_line(logger, ("10.0.0.1", 5), "shed", 3, 0, 0.0123, None, 0.0124, None)
+        access_line(logger, None, "bad_request", 0, 0, None, None, 0.0, None)
+    finally:
+        logger.removeHandler(seen)
+    shed, bad = seen.records
+    assert shed.getMessage() == "10.0.0.1:5 shed in=3B out=0B queue=12.3ms handler=- total=12.4ms worker=-"
+    assert bad.getMessage() == "- bad_request in=0B out=0B queue=- handler=- total=0.0ms worker=-"
+    assert "None" not in shed.getMessage() + bad.getMessage()
+    out = json.loads(JsonFormatter().format(shed))
+    assert out["message"] == shed.getMessage()
+    assert (out["queue_ms"], out["handler_ms"], out["total_ms"], out["worker"]) == (12.3, None, 12.4, None)
+    assert json.loads(JsonFormatter().format(bad))["peer"] is None
