@@ -165,6 +165,26 @@ def test_error_bodies_become_typed_errors(status, cls):
     assert json.loads(body)["pid"] == 12
 
 
+@pytest.mark.parametrize(
+    "status, kind, text, shown",
+    [
+        (Status.WORKER_DIED, "WorkerLost", "agent a1 was lost", "agent a1 was lost"),
+        (Status.WORKER_DIED, "WorkerDied", "worker 1 (pid 7) killed by SIGKILL", "worker 1 (pid 7) killed by SIGKILL"),
+        (Status.TIMEOUT, "WorkerTimeout", "handler ran past 1.0s", "handler ran past 1.0s"),
+        (Status.UNAVAILABLE, "Overloaded", "shed after 9 ms", "shed after 9 ms"),
+        (Status.UNAVAILABLE, "ServerUnavailable", "the server is stopping", "the server is stopping"),
+        (Status.HANDLER_ERROR, "ValueError", "boom", "ValueError: boom"),  # another class: named
+        (Status.HANDLER_ERROR, "ValueError", "", "ValueError"),
+        (Status.BAD_REQUEST, "RequestTooLarge", "over 100 bytes", "RequestTooLarge: over 100 bytes"),
+        (Status.WORKER_DIED, "WorkerDied", "", "WorkerDied"),
+    ],
+)
+def test_str_of_a_remote_error_never_repeats_its_own_type(status, kind, text, shown):
+    exc = errors.error_from_reply(status, error_body(kind, text))
+    assert str(exc) == shown
+    assert exc.remote_type == kind and exc.remote_message == text
+
+
 def test_error_tree_matches_builtins():
     assert issubclass(errors.WorkerTimeout, TimeoutError)
     assert issubclass(errors.RequestTimeout, TimeoutError)
