@@ -23,11 +23,11 @@ fault it was::
     └── ProtocolError                bytes that do not follow the wire protocol; a ValueError
 
 A remote error's facts travel as a JSON object (``type``, ``message`` and, by kind, ``pid``,
-``exitcode``, ``signal``, ``timeout``); :func:`error_from_reply` turns a status and that
-object into the matching exception in one place. ``str()`` of one is its message, after the
-remote type only when that names another class: ``ValueError: bad input`` for a
-HandlerError, but ``agent a1 ... was lost`` for a WorkerLost, never ``WorkerLost: ...``
-twice in a traceback.
+``exitcode``, ``signal``, ``timeout``; a handler error's ``traceback`` only when the server's
+``error_detail`` is ``traceback``); :func:`error_from_reply` turns a status and that object
+into the matching exception in one place. ``str()`` of one is its message, after the remote
+type only when that names another class: ``ValueError: bad input`` for a HandlerError, but
+``agent a1 ... was lost`` for a WorkerLost, never ``WorkerLost: ...`` twice in a traceback.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ class RemoteError(GasparError):
 
 
 class HandlerError(RemoteError):
-    """The handler raised; ``remote_type`` and ``remote_message`` name its exception."""
+    """The handler raised; ``remote_type`` and ``remote_message`` name its exception, and
+    ``remote_traceback`` is its traceback when the server sends it (``error_detail =
+    traceback``, for development), else None."""
 
     status = 1
 

@@ -63,7 +63,7 @@ from .connection import Acceptor, Connection, IOLoop
 from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
-from .framing import Kind, Request, Status, error_body, pack_id
+from .framing import Kind, Request, Status, error_body, error_for_client, pack_id
 from .ipcdir import make_ipc_dir
 from .logs import access_line, close_access_log, log_handler_error, log_held_back, open_access_log
 from .overload import ByteBudget, QueueControl
@@ -773,6 +773,8 @@ class Producer:
                 self._record_reply(req, head, frame)
             if pending is not None:
                 body = frame.bytes if len(frame) < _LARGE else frame.buffer
+                if head[9] != Status.OK:  # the log had the traceback; the client, as error_detail says
+                    body = error_for_client(body, self.settings.error_detail)
                 self._resolve(pending, head[9], body)
             if assignments:
                 self._outbox.extend(assignments)

@@ -171,7 +171,9 @@ def test_a_handler_exceptions_text_cannot_forge_a_line_of_the_text_log(cli):
 
 
 def test_the_json_log_has_a_handler_errors_traceback_as_exc_info(cli):
-    server = cli("handlers:raise_text", "-b", "127.0.0.1:0", "-w", "1", "--log-format", "json")
+    server = cli(
+        "handlers:raise_text", "-b", "127.0.0.1:0", "-w", "1", "--log-format", "json", "--error-detail", "traceback"
+    )
     server.wait_ready(1)
     with pytest.raises(gaspar.HandlerError) as info:
         client.request(server.addr, "two\nlines", timeout=10)
@@ -185,7 +187,7 @@ def test_the_json_log_has_a_handler_errors_traceback_as_exc_info(cli):
     assert rec["message"] == f"Handler error in worker 1 (pid:{pid}): ValueError: two\\nlines"
     assert (rec["level"], rec["worker"], rec["worker_pid"], rec["error_type"]) == ("ERROR", 1, pid, "ValueError")
     assert rec["exc_info"].startswith("Traceback (most recent call last):") and "handlers.py" in rec["exc_info"]
-    assert rec["exc_info"] == info.value.remote_traceback.rstrip("\n")  # the client's too
+    assert rec["exc_info"] == info.value.remote_traceback.rstrip("\n")  # error_detail traceback: the client's too
 
 
 def test_access_log_has_one_line_per_request_with_its_facts(serve, tmp_path):
