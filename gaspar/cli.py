@@ -485,9 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(exc.detail, file=sys.stderr)
         return 2
     except GasparError as exc:
-        text = str(exc)  # a remote error's text may start with its type already
-        kind = type(exc).__name__
-        print(f"gaspar: {text if text.startswith(kind + ':') else f'{kind}: {text}'}", file=sys.stderr)
+        text, kind = str(exc), type(exc).__name__  # "HandlerError: ValueError: boom", "WorkerLost: agent..."
+        print(f"gaspar: {kind}: {text}" if text else f"gaspar: {kind}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .framing import DEFAULT_MAX_MESSAGE_SIZE
+from .framing import DEFAULT_MAX_MESSAGE_SIZE, ERROR_DETAILS
 
 
 def _opt(default: Any, help: str, cli: bool = True) -> Any:
@@ -125,6 +125,11 @@ class Settings:
     statsd_interval: float = _opt(10.0, "seconds between two statsd pushes")
     access_log: str | None = _opt(None, "a file to log one line per request to, or - for standard error (default: off)")
     capture_output: bool = _opt(False, "write what workers print (stdout, stderr) to the daemon's log, per worker")
+    error_detail: str = _opt(
+        "message",
+        "what an extended client learns of a handler's exception: message (its type and message) or traceback "
+        "(its traceback too: file paths and source lines, for development); the log has the traceback either way",
+    )
     control_socket: str | None = _opt(
         None,
         "a Unix socket (0600) for gaspar ctl; unset: $XDG_RUNTIME_DIR/gaspar/PORT.sock, else "
@@ -152,6 +157,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be 'ipc' or 'tcp', not {self.transport!r}")
+        if self.error_detail not in ERROR_DETAILS:
+            raise ValueError(f"error_detail must be 'message' or 'traceback', not {self.error_detail!r}")
         for name, (low, high) in _LIMITS.items():
             _check_number(name, getattr(self, name), low, high)
         if self.max_buffered_bytes < self.max_message_size:

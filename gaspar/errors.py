@@ -26,8 +26,11 @@ fault it was::
                                      TimeoutError
 
 A remote error's facts travel as a JSON object (``type``, ``message`` and, by kind, ``pid``,
-``exitcode``, ``signal``, ``timeout``); :func:`error_from_reply` turns a status and that
-object into the matching exception in one place.
+``exitcode``, ``signal``, ``timeout``; a handler error's ``traceback`` only when the server's
+``error_detail`` is ``traceback``); :func:`error_from_reply` turns a status and that object
+into the matching exception in one place. ``str()`` of one is its message, after the remote
+type only when that names another class: ``ValueError: bad input`` for a HandlerError, but
+``agent a1 ... was lost`` for a WorkerLost, never ``WorkerLost: ...`` twice in a traceback.
 """
 
 from __future__ import annotations
@@ -71,7 +74,9 @@ class RemoteError(GasparError):
 
 
 class HandlerError(RemoteError):
-    """The handler raised; ``remote_type`` and ``remote_message`` name its exception."""
+    """The handler raised; ``remote_type`` and ``remote_message`` name its exception, and
+    ``remote_traceback`` is its traceback when the server sends it (``error_detail =
+    traceback``, for development), else None."""
 
     status = 1
 
@@ -184,4 +189,6 @@ def error_from_reply(status: int, body: bytes) -> RemoteError:
     elif cls is WorkerDied and kind == "WorkerLost":
         cls = WorkerLost
     text = facts.get("message", "")
-    return cls(f"{kind}: {text}" if text else kind, facts)
+    if kind == cls.__name__:  # the type is in the traceback already: "gaspar.errors.WorkerLost: ..."
+        return cls(text or kind, facts)
+    return cls(f"{kind}: {text}" if text else kind, facts)  # another class: "ValueError: boom"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -355,6 +356,31 @@ def parse_reply_header(data: bytes | bytearray | memoryview) -> tuple[int, int, 
 def error_body(kind: str, message: str, **facts: Any) -> bytes:
     """The JSON body of an error reply: the error's type, its message, and its facts."""
     return json.dumps({"type": kind, "message": message, **facts}).encode("utf-8")
+
+
+#: What an extended client learns of a handler's exception (the ``error_detail`` setting):
+#: its type and message, or its traceback too (file paths, source lines: for development).
+ERROR_DETAILS = ("message", "traceback")
+_TRACEBACK_KEY = re.compile(rb', "traceback": ')
+
+
+def error_for_client(body: bytes | memoryview, detail: str = "message") -> bytes | memoryview:
+    """A worker's error body as its client gets it: without the handler's traceback unless
+    ``detail`` is ``traceback``. The daemon's own log keeps the traceback either way.
+
+    The worker writes the traceback last (``error_body(type, message, traceback=...)``), and
+    JSON never has an unescaped quote inside a string, so the first ``, "traceback": `` of
+    the body is that key: cutting there and closing the object drops it (and anything after
+    it) without parsing the body. A message may quote a whole request: parsing a 64 MiB one
+    would hold the front end's event loop for most of a second; a search takes some 50 ms.
+    A body without the key is returned as it is.
+    """
+    if detail == "traceback":
+        return body
+    found = _TRACEBACK_KEY.search(body)
+    if found is None:
+        return body
+    return bytes(body[: found.start()]) + b"}"
 
 
 def pack_id(request_id: int) -> bytes:

@@ -63,9 +63,9 @@ from .connection import Acceptor, Connection, IOLoop
 from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
-from .framing import LIMITS, Kind, Request, Status, error_body, pack_id
+from .framing import LIMITS, Kind, Request, Status, error_body, error_for_client, pack_id
 from .ipcdir import make_ipc_dir
-from .logs import access_line, close_access_log, log_handler_error, open_access_log
+from .logs import access_line, close_access_log, log_handler_error, log_held_back, open_access_log
 from .overload import ByteBudget, QueueControl
 from .supervisor import Supervisor
 from .telemetry import WORKER_STATES, LogLimiter, Telemetry, proc_usage
@@ -416,6 +416,7 @@ class Producer:
 
     def _tick(self, rounds: int) -> None:
         self.read_router()
+        log_held_back(self._error_log, "handler errors", logging.ERROR)
         if self.gateway is not None:
             self.gateway.tick()
         idle = self.settings.idle_timeout
@@ -807,6 +808,8 @@ class Producer:
                 self._record_reply(req, head, frame)
             if pending is not None:
                 body = frame.bytes if len(frame) < _LARGE else frame.buffer
+                if head[9] != Status.OK:  # the log had the traceback; the client, as error_detail says
+                    body = error_for_client(body, self.settings.error_detail)
                 self._resolve(pending, head[9], body)
             if assignments:
                 self._outbox.extend(assignments)

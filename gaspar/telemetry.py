@@ -202,9 +202,16 @@ class Telemetry:
 
 
 class LogLimiter:
-    """At most ``burst`` log lines per ``period`` seconds; the rest are counted, and the
-    count is reported once with the next line allowed (so a failing handler cannot flood
-    the log, and nothing is silently lost)."""
+    """At most ``burst`` log lines per ``period`` seconds; the rest are held back and
+    counted, so a failing handler or a hostile peer cannot flood the log and nothing is
+    silently lost.
+
+    The count is reported once: by :meth:`flush` once the window in which the lines were
+    held back has ended (the front end's ticker calls it and logs the summary, see
+    ``gaspar.logs.log_held_back``), or else with the next line allowed (:meth:`allow`).
+    A window starts with the first line after the previous one ended. ``clock`` is
+    injected (monotonic seconds).
+    """
 
     def __init__(self, burst: int = 10, period: float = 60.0, clock: Any = time.monotonic) -> None:
         self.burst, self.period, self.clock = burst, period, clock
@@ -213,7 +220,7 @@ class LogLimiter:
         self.suppressed = 0
 
     def allow(self) -> tuple[bool, int]:
-        """(may this line be logged, how many were suppressed since the last one logged)."""
+        """(may this line be logged, how many were held back and not reported yet)."""
         now = self.clock()
         if now - self.window >= self.period:
             self.window, self.used = now, 0
@@ -223,6 +230,14 @@ class LogLimiter:
             return True, suppressed
         self.suppressed += 1
         return False, 0
+
+    def flush(self, final: bool = False) -> int:
+        """How many lines were held back in a window that has now ended (``final``: whether
+        it has ended or not), reported once: 0 if none, or if the window is still open."""
+        if not self.suppressed or (not final and self.clock() - self.window < self.period):
+            return 0
+        held, self.suppressed = self.suppressed, 0
+        return held
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

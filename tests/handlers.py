@@ -27,6 +27,11 @@ def boom(message: bytes) -> bytes:
     return message
 
 
+def raise_text(message: bytes) -> bytes:
+    """Raises ValueError with the request's text as its message, as it came (newlines and all)."""
+    raise ValueError(message.decode("utf-8", "replace"))
+
+
 def sleepy(message: bytes) -> bytes:
     """The payload is seconds to sleep (ASCII); replies with the payload."""
     time.sleep(float(message or b"0"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import selectors
 import socket
@@ -70,9 +71,45 @@ def test_handler_exception_reaches_the_client_and_the_worker_survives(serve):
     err = info.value
     assert isinstance(err, gaspar.GasparError)
     assert err.remote_type == "ValueError" and "bad input" in err.remote_message
-    assert "Traceback" in err.remote_traceback
+    assert str(err) == "ValueError: bad input b'boom now'"
+    assert err.remote_traceback is None  # error_detail = message, the default
     assert s.request(b"fine") == b"fine"
     assert s.pids() == [pid]
+
+
+def raw_extended(addr: str, message: bytes, tag: int = 5) -> tuple[int, dict]:
+    """One extended request, by hand: (status, the error body's JSON)."""
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(extended_header(len(message), tag=tag) + message)
+        length, got_tag, status = parse_reply_header(sock.recv(9, socket.MSG_WAITALL))
+        assert got_tag == tag
+        return status, json.loads(sock.recv(length, socket.MSG_WAITALL))
+
+
+@pytest.mark.parametrize("detail", ["message", "traceback"])
+def test_a_client_gets_the_handlers_traceback_only_with_error_detail_traceback(serve, caplog, detail):
+    caplog.set_level(logging.ERROR, logger="gaspar")
+    s = serve(handlers.boom, processes=1, error_detail=detail)
+    with pytest.raises(gaspar.HandlerError) as info:
+        s.request(b"boom 1")
+    err = info.value
+    assert (err.remote_type, err.remote_message) == ("ValueError", "bad input b'boom 1'")
+    status, facts = raw_extended(s.addr, b"boom 2")
+    assert status == 1 and facts["type"] == "ValueError" and facts["message"] == "bad input b'boom 2'"
+    if detail == "message":
+        assert err.remote_traceback is None and set(facts) == {"type", "message"}
+    else:
+        for tb in (err.remote_traceback, facts["traceback"]):
+            assert tb.startswith("Traceback (most recent call last):") and "handlers.py" in tb
+            assert tb.rstrip().endswith(
+                "ValueError: bad input b'boom 1'" if tb is err.remote_traceback else "b'boom 2'"
+            )
+    with pytest.raises(ConnectionResetError):  # a 1.0 client: a reset, whatever the setting
+        raw_request(s.addr, b"boom 3")
+    # the daemon's log has the traceback either way
+    logged = wait_for(lambda: [r for r in caplog.records if "Handler error" in r.getMessage()], 5)
+    assert logged and all(r.exc_text.startswith("Traceback (most recent call last):") for r in logged)
 
 
 def test_a_1_0_client_sees_an_error_as_an_error(serve):

@@ -6,6 +6,8 @@ import json
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gaspar import errors
 from gaspar.framing import (
@@ -16,6 +18,7 @@ from gaspar.framing import (
     RequestTooLarge,
     Status,
     error_body,
+    error_for_client,
     extended_header,
     pack,
     pack_extended,
@@ -163,6 +166,58 @@ def test_error_bodies_become_typed_errors(status, cls):
     assert exc.remote_type == "ValueError" and exc.remote_message == "bad thing"
     assert "bad thing" in str(exc)
     assert json.loads(body)["pid"] == 12
+
+
+@pytest.mark.parametrize(
+    "status, kind, text, shown",
+    [
+        (Status.WORKER_DIED, "WorkerLost", "agent a1 was lost", "agent a1 was lost"),
+        (Status.WORKER_DIED, "WorkerDied", "worker 1 (pid 7) killed by SIGKILL", "worker 1 (pid 7) killed by SIGKILL"),
+        (Status.TIMEOUT, "WorkerTimeout", "handler ran past 1.0s", "handler ran past 1.0s"),
+        (Status.UNAVAILABLE, "Overloaded", "shed after 9 ms", "shed after 9 ms"),
+        (Status.UNAVAILABLE, "ServerUnavailable", "the server is stopping", "the server is stopping"),
+        (Status.HANDLER_ERROR, "ValueError", "boom", "ValueError: boom"),  # another class: named
+        (Status.HANDLER_ERROR, "ValueError", "", "ValueError"),
+        (Status.BAD_REQUEST, "RequestTooLarge", "over 100 bytes", "RequestTooLarge: over 100 bytes"),
+        (Status.WORKER_DIED, "WorkerDied", "", "WorkerDied"),
+    ],
+)
+def test_str_of_a_remote_error_never_repeats_its_own_type(status, kind, text, shown):
+    exc = errors.error_from_reply(status, error_body(kind, text))
+    assert str(exc) == shown
+    assert exc.remote_type == kind and exc.remote_message == text
+
+
+WORKER_TRACEBACK = 'Traceback (most recent call last):\n  File "/srv/app.py", line 9, in handle\nValueError: boom\n'
+
+
+@pytest.mark.parametrize(
+    "body, stripped",
+    [
+        (error_body("ValueError", "boom", traceback=WORKER_TRACEBACK), {"type": "ValueError", "message": "boom"}),
+        (
+            error_body("E", 'ends in \\", "traceback": "no', traceback="t"),
+            {"type": "E", "message": 'ends in \\", "traceback": "no'},
+        ),
+        (error_body("E", "a backslash last \\", traceback="t"), {"type": "E", "message": "a backslash last \\"}),
+        (
+            error_body("WorkerDied", "worker 1 died", pid=7),
+            {"type": "WorkerDied", "message": "worker 1 died", "pid": 7},
+        ),
+    ],
+)
+def test_a_clients_error_body_has_the_traceback_only_when_asked(body, stripped):
+    assert json.loads(error_for_client(body)) == stripped
+    assert error_for_client(body, "traceback") is body
+    assert json.loads(bytes(error_for_client(memoryview(body)))) == stripped  # a large frame's buffer
+    assert error_for_client(b"\xff not json") == b"\xff not json"
+
+
+@settings(deadline=None, database=None, max_examples=100)
+@given(st.text(), st.text(), st.text())
+def test_stripping_the_traceback_keeps_any_type_and_message(kind, message, tb):
+    body = error_body(kind, message, traceback=tb)
+    assert json.loads(error_for_client(body)) == {"type": kind, "message": message}
 
 
 def test_error_tree_matches_builtins():

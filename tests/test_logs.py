@@ -24,7 +24,17 @@ import pytest
 from conftest import ROOT, alive, children_of, wait_for
 
 from gaspar import client
-from gaspar.logs import MAX_LINE, JsonFormatter, LineSplitter, OutputCapture
+from gaspar.logs import (
+    CONTINUATION,
+    LOG_DATEFMT,
+    LOG_FORMAT,
+    MAX_LINE,
+    JsonFormatter,
+    LineSplitter,
+    OutputCapture,
+    TextFormatter,
+    escape,
+)
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 
@@ -93,6 +103,62 @@ def test_json_is_ascii_so_any_stream_keeps_it_valid():
     assert json.loads(line)["message"] == "caf\u00e9 \u2603 \udcff"
 
 
+# -- TextFormatter: pure ---------------------------------------------------------------------------
+
+FORGED = "[2026-01-01 00:00:00 +0000] [1] [CRITICAL] forged"
+HEADER = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[[A-Z]+\] ")
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("plain words, café ☃", "plain words, café ☃"),
+        ("x\n" + FORGED, "x\\n" + FORGED),
+        ("carriage\rreturn\ttab", "carriage\\rreturn\\ttab"),
+        ("\x1b[2Jcleared \x00 \x7f \x85", "\\x1b[2Jcleared \\x00 \\x7f \\x85"),
+        ("line\u2028sep \u202eevil", "line\\u2028sep \\u202eevil"),
+        ("a backslash \\n stays", "a backslash \\n stays"),
+    ],
+)
+def test_escape_keeps_any_text_on_one_line(text, shown):
+    assert escape(text) == shown
+    assert escape(shown) == shown  # nothing left to escape
+
+
+def text_format(rec: logging.LogRecord) -> str:
+    return TextFormatter(LOG_FORMAT, LOG_DATEFMT).format(rec)
+
+
+def test_text_format_keeps_a_peers_text_on_its_records_line():
+    line = text_format(record("Agent %s joined from %s (pid %d, %.1f ms) %r", ("a1\n" + FORGED, "::1", 7, 1.25, "q\r")))
+    assert "\n" not in line and "\r" not in line
+    assert line.endswith(f"Agent a1\\n{FORGED} joined from ::1 (pid 7, 1.2 ms) 'q\\r'")
+    mapping = text_format(record("%(name)s is %(n)d", ({"name": "\x1b[31mred", "n": 3},)))
+    assert mapping.endswith("\\x1b[31mred is 3")
+    error = text_format(record("failed: %s", (ValueError("two\nlines"),)))
+    assert error.endswith("failed: two\\nlines")
+
+
+def test_text_format_indents_every_continuation_line_so_only_records_start_a_line():
+    try:
+        raise ValueError("x\n" + FORGED + "\r\x1b[1A")
+    except ValueError:
+        rec = record("Handler error: %s", ("x\n" + FORGED,), exc_info=sys.exc_info())
+    first, *rest = text_format(rec).split("\n")
+    assert HEADER.match(first) and first.endswith("Handler error: x\\n" + FORGED)
+    assert rest[0] == CONTINUATION + "Traceback (most recent call last):"
+    assert rest[-2:] == [CONTINUATION + "ValueError: x", CONTINUATION + FORGED + "\\r\\x1b[1A"]
+    assert all(line.startswith(CONTINUATION) for line in rest)
+    # a message built beforehand, with its own line breaks
+    built = text_format(record("built\n" + FORGED + "\n", ()))
+    assert built.split("\n")[1:] == [CONTINUATION + FORGED]
+
+
+def test_text_format_leaves_plain_records_as_gunicorns_lines():
+    line = text_format(record("Booting worker %s (pid:%s)", (1, 3625)))
+    assert HEADER.match(line) and line.endswith("[WARNING] Booting worker 1 (pid:3625)")
+
+
 CONFIGURE = """
 import logging, sys
 from gaspar.logs import configure
@@ -112,12 +178,13 @@ def test_configure_sets_the_level_and_the_format(fmt):
         [sys.executable, "-c", CONFIGURE, fmt], capture_output=True, text=True, timeout=20, env=ENV, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stderr
-    if fmt == "text":  # gunicorn's lines, exactly as before
+    if fmt == "text":  # gunicorn's lines; a traceback on indented continuation lines
         first, second, *tb = proc.stderr.splitlines()
         stamp = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\]"
         assert re.fullmatch(stamp + r" \[INFO\] up 1", first), first
         assert re.fullmatch(stamp + r" \[ERROR\] failed", second), second
-        assert tb[0] == "Traceback (most recent call last):" and tb[-1].startswith("ZeroDivisionError")
+        assert tb[0] == "    Traceback (most recent call last):" and tb[-1].startswith("    ZeroDivisionError")
+        assert all(line.startswith(CONTINUATION) for line in tb)
         return
     up, failed = (json.loads(line) for line in proc.stderr.splitlines())
     assert up["message"] == "up 1" and up["level"] == "INFO" and up["worker"] == 2 and up["logger"] == "gaspar"

@@ -130,6 +130,7 @@ def test_workers_from_a_config_file_are_checked_too(tmp_path):
         {"max_message_size": 0},
         {"timeout": "5"},
         {"max_queued": True},
+        {"error_detail": "full"},
     ],
 )
 def test_settings_reject_bad_numbers(options):
