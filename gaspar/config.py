@@ -25,6 +25,8 @@ _LIMITS: dict[str, tuple[float | None, float | None]] = {
     "timeout": (0, None),  # 0: never
     "graceful_timeout": (0, None),
     "idle_timeout": (0, None),  # 0: never
+    "body_timeout": (0.1, None),
+    "body_min_rate": (0, None),  # 0: off
     "max_message_size": (1, None),
     "max_requests": (0, None),  # 0: never
     "max_requests_jitter": (0, None),
@@ -68,11 +70,23 @@ class Settings:
     """The daemon's settings; ``Settings(**options)`` rejects unknown names."""
 
     timeout: float | None = _opt(
-        30.0, "seconds a handler may run; past it the request fails and the worker is killed (0: never)"
+        30.0,
+        "seconds a handler may run; past it the request fails and the worker is killed, its stack logged first "
+        "(0: never); a client may ask for less (handler_timeout), never more",
     )
     graceful_timeout: float = _opt(30.0, "seconds a graceful stop waits for accepted requests to finish")
     idle_timeout: float | None = _opt(
-        60.0, "seconds a connection may stay silent while the server waits for (the rest of) a request"
+        60.0,
+        "seconds a connection may stay silent while the server waits for (the rest of) a request, for memory "
+        "to read it, or for its client to read replies",
+    )
+    body_timeout: float = _opt(
+        10.0,
+        "seconds a request that has begun to arrive may fall behind body_min_rate (it starts with this much time, "
+        "earns a second per body_min_rate bytes, banks at most this much) before its connection is reset",
+    )
+    body_min_rate: int = _opt(
+        1024, "bytes a second a request that has begun to arrive must keep up (see body_timeout; 0: off)"
     )
     max_message_size: int = _opt(DEFAULT_MAX_MESSAGE_SIZE, "largest request body, in bytes; larger ones are refused")
     max_requests: int = _opt(0, "recycle a worker after it has handled this many requests (0: never)")
@@ -100,7 +114,8 @@ class Settings:
     max_queued: int = _opt(10000, "requests waiting at most; past it the oldest is shed (0: no limit)")
     max_buffered_bytes: int = _opt(
         512 * 1024 * 1024,
-        "request and reply bytes the front end holds at once; past it, it stops reading bodies (TCP pushes back)",
+        "request and reply bytes the front end holds at once, counted as they arrive; past it, it stops reading "
+        "(TCP pushes back)",
     )
     max_connections: int = _opt(10000, "open client connections at most; past it, new ones are reset at once")
     prefetch: int = _opt(

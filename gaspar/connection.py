@@ -17,16 +17,22 @@ Per connection (:class:`Connection`):
   ``max_pipeline``; past that it is not read until replies go out); replies are written as
   they complete, each with its request's tag.
 * ``idle_timeout`` bounds how long a connection may be silent while a request is awaited
-  or half-read, or while a reply waits to be read by the client; it does not apply while
-  the client waits for its own replies. A sweep checks it every 0.1 s.
+  or half-read, while it waits for memory, or while its replies wait to be read by the
+  client; it does not apply while the client waits for its own replies. A client that
+  leaves more than ``MAX_UNSENT`` bytes of replies unread is not read (no new requests)
+  until it reads them. A request that has begun to arrive must keep arriving
+  (``body_timeout``, ``body_min_rate``: ``gaspar.overload.BodyClock``), or it is reset. A
+  sweep checks both every 0.5 s.
 * **A client that leaves** (a reset, or with ``abort_on_close`` a FIN, seen as EPOLLRDHUP
   while its requests wait) is dropped at once: the connection is reset and its requests
   cancelled, so a queued or handed-ahead one never reaches a handler (a running one
   finishes; its reply is dropped).
-* **Memory**: request bodies and replies are counted against ``max_buffered_bytes``
-  (``gaspar.overload.ByteBudget``). A body is reserved from its header before it is read;
-  if it does not fit, the connection is not read (TCP pushes back on its client) until
-  bytes are freed, in arrival order. What one ``recv`` brings (64 KiB) is the only slack.
+* **Memory**: request bytes as they arrive, bodies in flight and replies not yet sent are
+  counted against ``max_buffered_bytes`` (``gaspar.overload.ByteBudget``); a read never
+  takes more than fits. A body longer than ``FIRST_CHUNK`` goes on past its first chunk only
+  once the rest of it is admitted (committed in the budget, so it can finish); until then,
+  or when nothing fits, the connection is not read (TCP pushes back on its client) and is
+  woken in turn as bytes are freed. Refusals and resets are logged rate-limited.
 * ``max_connections``: past it, a new connection is reset as soon as it is accepted.
 
 Every callback here runs in the hub's own greenlet, so nothing here may block or switch.
@@ -43,10 +49,12 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ProtocolError
 from .framing import REPLY_HEADER, Request, RequestReader, RequestTooLarge, Status, error_body, reply_header
+from .overload import BodyClock
 
 if TYPE_CHECKING:
     from .overload import ByteBudget
@@ -60,6 +68,24 @@ _WRITE = select.EPOLLOUT
 # interest per request, and none at close (closing the fd drops it from the epoll).
 _CONN_EVENTS = _READ | _WRITE | select.EPOLLET
 _ACCEPT_BATCH = 128
+RECV_SIZE = 64 * 1024  # one read of a small request
+#: A body longer than this is *admitted* once this much of it has arrived: the rest of it is
+#: committed in the budget (ByteBudget.admit), so that it can finish. A client that declares
+#: a large body and trickles holds only what it sent.
+FIRST_CHUNK = 64 * 1024
+#: A persistent connection whose client leaves more than this many reply bytes unread is not
+#: read (no new requests from it) until it reads them; idle_timeout ends it if it never does.
+MAX_UNSENT = 1024 * 1024
+
+
+@dataclass
+class ConnectionCounters:
+    """What the connections count, for ``gaspar stats``' counters."""
+
+    abandoned: int = 0  # clients that left while a request of theirs waited
+    refused_connections: int = 0  # past max_connections
+    idle_resets: int = 0  # stalled past idle_timeout: a request half sent, replies unread, no memory
+    slow_requests: int = 0  # requests arriving slower than body_min_rate
 
 
 class FrontEnd(Protocol):
@@ -67,14 +93,18 @@ class FrontEnd(Protocol):
     written down so that neither needs the Producer itself: its settings, its loop and
     books, and five verbs."""
 
-    settings: Any  # max_message_size, max_pipeline, abort_on_close, max_connections
+    settings: Any  # max_message_size, max_pipeline, abort_on_close, max_connections, body_*
     ioloop: IOLoop
     connections: set[Connection]  # the open ones
     budget: ByteBudget  # max_buffered_bytes
     telemetry: Any  # outcomes
     dispatcher: Any  # cancel(pending) when the client has left
     access_log: logging.Logger | None
-    counters_abandoned: int  # clients that left while a request of theirs waited
+    counters: ConnectionCounters
+
+    def log_refusal(self, message: str, *args: Any) -> None:
+        """Log why a request or a connection was refused or reset, rate-limited (a flood of
+        bad requests must not become a flood of log lines)."""
 
     def submit(self, conn: Connection, request: Request) -> None:
         """A whole request was read: queue it for a worker (``conn.deliver`` answers it)."""
@@ -220,33 +250,42 @@ class Connection:
         "requests",
         "close_after",
         "budget",
-        "held",
-        "reserved",
+        "held_reader",
+        "held_bodies",
+        "unsent",
+        "admitted",
         "starved",
+        "clock",
         "abort_on_close",
         "peer",
     )
 
     def __init__(self, sock: socket.socket, front: FrontEnd) -> None:
         sock.setblocking(False)
+        s = front.settings
         self.sock = sock
         self.fd = sock.fileno()
         self.front = front
-        self.reader = RequestReader(front.settings.max_message_size)
+        self.reader = RequestReader(s.max_message_size)
         self.inflight = 0
         self.out: deque[memoryview] = deque()
-        self.paused = False  # not reading: max_pipeline requests are in flight
+        self.paused = False  # not reading: max_pipeline requests in flight, or MAX_UNSENT unsent
         self.closed = False
         self.eof = False  # the client sent its last request (or half-closed)
         self.keepalive = False
-        self.last_active = time.monotonic()
+        self.last_active = time.monotonic()  # a byte read or written
         self.requests: set[Any] = set()  # Pending entries of this connection
         self.close_after = False  # close once the output is flushed
         self.budget = front.budget
-        self.held = 0  # bytes counted in the budget: bodies in flight, replies unsent
-        self.reserved = 0  # bytes reserved for the body being read
+        # bytes counted in the budget: in the reader, bodies of requests in flight, replies
+        # not yet sent
+        self.held_reader = 0
+        self.held_bodies = 0
+        self.unsent = 0
+        self.admitted = False  # the body being read had the rest of it committed
         self.starved = False  # not reading: waiting for the budget
-        self.abort_on_close = front.settings.abort_on_close
+        self.clock = BodyClock(s.body_timeout, s.body_min_rate)
+        self.abort_on_close = s.abort_on_close
         self.peer = None
         if front.access_log is not None:
             try:
@@ -257,6 +296,11 @@ class Connection:
     @property
     def partial(self) -> bool:
         return self.reader.in_progress
+
+    @property
+    def held(self) -> int:
+        """Bytes of this connection counted in the budget."""
+        return self.held_reader + self.held_bodies + self.unsent
 
     @property
     def awaiting_first(self) -> bool:
@@ -286,7 +330,7 @@ class Connection:
     def on_peer_closed(self) -> None:
         """The client sent its FIN (seen even while this connection is not being read)."""
         if self.inflight and self.abort_on_close:
-            self.front.counters_abandoned += 1
+            self.front.counters.abandoned += 1
             self.abort()  # its requests are cancelled: queued ones never run
 
     # -- reading ------------------------------------------------------------------------
@@ -294,28 +338,27 @@ class Connection:
     def on_readable(self) -> None:
         if self.closed or self.eof or self.paused or self.starved:
             return
-        reader = self.reader
+        reader, budget = self.reader, self.budget
         while True:
-            if self.keepalive and self.inflight >= self.front.settings.max_pipeline:
+            if self.keepalive and (self.inflight >= self.front.settings.max_pipeline or self.unsent > MAX_UNSENT):
                 self.paused = True  # back-pressure: read again when replies go out
                 return
-            need = reader.declared
-            if need and not self.reserved:  # a body on its way: room for it first
-                if not self.budget.take(self, need):
-                    self.starved = True  # woken by the budget, in turn (see resume)
-                    return
-                self.reserved = need
-                self.held += need
-            elif not self.reserved and not self.budget.room(self):  # over the limit: read nothing
-                self.starved = True
-                return
+            left = reader.remaining
+            if left and not self.admitted and reader.declared - left >= FIRST_CHUNK:
+                # a large body past its first chunk: the rest of it must be sure to fit
+                if not budget.admit(self, left):
+                    return self._starve()
+                self.admitted = True
+            room = budget.room(self)
+            if room <= 0:
+                return self._starve()
             view = reader.body_view()
             try:
                 if view is not None:  # a large body: straight into its buffer
-                    n = self.sock.recv_into(view)
+                    n = self.sock.recv_into(view, min(room, len(view)))
                     data = None
                 else:
-                    data = self.sock.recv(65536)
+                    data = self.sock.recv(min(RECV_SIZE, room))
                     n = len(data)
             except BlockingIOError:
                 return
@@ -323,41 +366,69 @@ class Connection:
                 return self.abort()
             if not n:
                 return self.on_eof()
-            self.last_active = time.monotonic()
+            now = time.monotonic()
+            self.last_active = now
             if data is None:
-                self.reader.advance(n)
+                reader.advance(n)
             else:
-                self.reader.feed(data)
+                reader.feed(data)
+            self._count_reader()
+            if not self.clock.arrived(now, n, reader.remaining):
+                return self.too_slow()
             if not self._take_requests() or self.closed:
                 return
 
+    def _count_reader(self) -> None:
+        """Bring the budget in line with the bytes the reader holds now."""
+        buffered = self.reader.buffered
+        delta = buffered - self.held_reader
+        self.held_reader = buffered
+        if delta > 0:
+            self.budget.arrived(self, delta)
+        elif delta < 0:  # a header dropped from the reader
+            self._free(-delta)
+
+    def _starve(self) -> None:
+        """Wait for the budget (woken in turn, see resume); the body clock stops meanwhile:
+        it is the front end that does not read."""
+        self.starved = True
+        self.clock.pause(time.monotonic())
+
     def resume(self) -> None:
-        """The budget has room for the body this connection waits to read."""
+        """The budget may have room for this connection now."""
         if self.starved and not self.closed:
             self.starved = False
+            self.clock.resume(time.monotonic())
             self.on_readable()
 
     def _take_requests(self) -> bool:
         """Submit every whole request buffered; False once no more are to be read."""
+        reader = self.reader
         while True:
+            before = reader.buffered
             try:
-                request = self.reader.next_request()
+                request = reader.next_request()
             except RequestTooLarge as exc:
-                log.warning("Refused a request: %s", exc)
+                self.front.log_refusal("Refused a request: %s", exc)
                 self.fail_now(exc.request, "RequestTooLarge", str(exc))
                 return False
             except ProtocolError as exc:
-                log.info("Refused a malformed request: %s", exc)
-                self.fail_now(Request(b"", extended=self.reader.extended), "ProtocolError", str(exc))
+                self.front.log_refusal("Refused a malformed request: %s", exc)
+                self.fail_now(Request(b"", extended=reader.extended), "ProtocolError", str(exc))
                 return False
             if request is None:
+                if reader.in_progress and self.clock.start is None:
+                    self.clock.begin(time.monotonic())  # the next request has begun
                 return True
-            if self.reserved:  # its body was reserved before it was read
-                self.reserved = 0
-            else:  # read whole in one go: count it now
-                n = len(request.body)
-                self.budget.add(n)
-                self.held += n
+            consumed, body = before - reader.buffered, len(request.body)
+            self.held_reader -= consumed
+            self.held_bodies += body
+            if consumed > body:  # its header is done with
+                self._free(consumed - body)
+            self.clock.end()
+            if self.admitted:
+                self.admitted = False
+                self.front.wake_starved(self.budget.settle(self))
             if request.keepalive and not self.keepalive:
                 self.keepalive = True
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -371,7 +442,7 @@ class Connection:
     def on_eof(self) -> None:
         self.eof = True
         if self.reader.in_progress:  # cut short mid-request: an error, never a clean reply
-            log.info("A client closed its side mid-request")
+            self.front.log_refusal("A client closed its side mid-request")
             self.abort()
         elif self.inflight == 0 and not self.out:
             self.close()
@@ -386,7 +457,9 @@ class Connection:
         self.inflight -= 1
         if self.closed:
             return
-        self.free(len(request.body))  # the request is done with
+        n = len(request.body)
+        self.held_bodies -= n
+        self._free(n)  # the request is done with
         if request.extended:
             head = reply_header(len(body), request.tag, status)
             if len(body) < 65536:
@@ -400,13 +473,14 @@ class Connection:
             return self.abort()  # a plain client learns of an error by a reset
         n = len(body) + (REPLY_HEADER.size if request.extended else 0)
         self.budget.add(n)
-        self.held += n
+        self.unsent += n
         if self.eof and self.inflight == 0:
             self.close_after = True
         self.flush()
-        if self.paused and not self.closed:
-            self.paused = False  # back-pressure released
-            self.on_readable()
+        if self.paused and not self.closed and self.inflight < self.front.settings.max_pipeline:
+            if self.unsent <= MAX_UNSENT:
+                self.paused = False  # back-pressure released
+                self.on_readable()
 
     def flush(self) -> None:
         out = self.out
@@ -416,7 +490,6 @@ class Connection:
                 chunk = out[0]
                 sent = self.sock.send(chunk)
                 written += sent
-                self.last_active = time.monotonic()
                 if sent == len(chunk):
                     out.popleft()
                 else:
@@ -428,14 +501,19 @@ class Connection:
             return self.abort()
         finally:
             if written:
-                self.free(written)
+                self.last_active = time.monotonic()
+                self.unsent -= written
+                self._free(written)
+                if self.paused and not self.closed and self.unsent <= MAX_UNSENT and not self.out:
+                    if self.inflight < self.front.settings.max_pipeline:
+                        self.paused = False  # the client reads its replies again
+                        self.front.ioloop.hub.schedule_call_global(0, self.on_readable)
         if self.close_after:
             self.close()
 
-    def free(self, n: int) -> None:
+    def _free(self, n: int) -> None:
         """``n`` bytes counted in the budget are no longer held."""
         if n:
-            self.held -= n
             self.front.wake_starved(self.budget.release(n))
 
     def fail_now(self, request: Request, kind: str, message: str) -> None:
@@ -454,16 +532,37 @@ class Connection:
 
     # -- ending -------------------------------------------------------------------------
 
-    def check_idle(self, now: float, idle_timeout: float) -> None:
-        """Called by the sweep: end a connection silent past ``idle_timeout``."""
-        waiting_on_us = (self.inflight > 0 and not self.out) or self.starved
-        if waiting_on_us or now - self.last_active < idle_timeout:
+    def sweep(self, now: float, idle_timeout: float | None) -> None:
+        """Called by the front end's sweep: reset a request arriving too slowly (the body
+        rate), and end a connection silent past ``idle_timeout``: one waiting for its
+        request's rest, for the budget, or for its client to read its replies. Only a
+        connection whose client waits for us (requests in flight, nothing else pending) is
+        exempt: its requests' own limits apply."""
+        if self.clock.too_slow(now, self.reader.remaining):
+            return self.too_slow()
+        if not idle_timeout:
             return
-        if self.reader.in_progress or self.out:
-            log.info("Reset a connection stalled for %ss", idle_timeout)
+        if self.inflight > 0 and not self.out and not self.starved and not self.reader.in_progress:
+            return
+        if now - self.last_active < idle_timeout:
+            return
+        if self.reader.in_progress or self.out or self.starved:
+            self.front.log_refusal("Reset a connection stalled for %ss (idle_timeout)", idle_timeout)
+            self.front.counters.idle_resets += 1
             self.abort()
         else:
             self.close()
+
+    def too_slow(self) -> None:
+        """The request in progress arrives slower than body_min_rate: reset."""
+        s = self.front.settings
+        self.front.log_refusal(
+            "Reset a connection whose request arrived slower than %s bytes/s over %ss (body_min_rate)",
+            s.body_min_rate,
+            s.body_timeout,
+        )
+        self.front.counters.slow_requests += 1
+        self.abort()
 
     def close(self) -> None:
         if self.closed:
@@ -487,8 +586,10 @@ class Connection:
                 front.dispatcher.cancel(pending)
             self.requests.clear()
         self.front.settle()  # revoke what was handed ahead to a worker
-        held, self.held, self.reserved = self.held, 0, 0
-        wake = self.budget.forget(self) if self.starved else []
+        held = self.held
+        self.held_reader = self.held_bodies = self.unsent = 0
+        self.admitted = False
+        wake = self.budget.forget(self)
         if held:
             wake = self.budget.release(held)
         self.front.wake_starved(wake)

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .overload import DEADLINE, QUEUE_FULL, QueueControl
+from .overload import DEADLINE, NO_WORKERS, QUEUE_FULL, QueueControl
 
 
 @dataclass(eq=False)
@@ -124,6 +124,7 @@ Assignment = tuple[WorkerSlot, Pending]
 @dataclass
 class Counters:
     submitted: int = 0
+    started: int = 0  # handed to a worker that started it
     completed: int = 0
     failed: int = 0
     timeouts: int = 0
@@ -136,9 +137,14 @@ class Counters:
     shed_queue_full: int = 0
     shed_deadline: int = 0
     skipped: int = 0  # handed ahead, then revoked before it started
+    no_workers: int = 0  # waited past queue_timeout with no worker in the pool at all (not shed)
 
     def count_shed(self, reason: str) -> None:
-        """One request shed, for ``reason`` (one of gaspar.overload.REASONS)."""
+        """One request shed, for ``reason`` (one of gaspar.overload.REASONS), or refused
+        because there was no worker at all (``no_workers``: not an overload)."""
+        if reason == NO_WORKERS:
+            self.no_workers += 1
+            return
         self.shed += 1
         name = "shed_" + reason
         setattr(self, name, getattr(self, name) + 1)
@@ -216,7 +222,9 @@ class Dispatcher:
         queue, control = self._queue, self.control
         self._check(now)
         limit, reason = control.limit()
-        if limit is not None:
+        if limit is not None and queue and now - queue[0].queued_at > limit:
+            if not any(not w.retiring for w in self.workers.values()):
+                reason = NO_WORKERS  # not overload: nothing could run it
             while queue and now - queue[0].queued_at > limit:
                 self._drop(queue.popleft(), reason)
         if deadlines:
@@ -235,9 +243,12 @@ class Dispatcher:
         return min((w.current.started for w in self.workers.values() if w.current is not None), default=None)
 
     def _check(self, now: float) -> None:
-        """Tell the overload control how the queue stands: its oldest request's wait."""
+        """Tell the overload control how the queue stands: its oldest request's wait. With
+        no worker at all the queue is not served, not overloaded: it waits for one (up to
+        queue_timeout), as when every worker died or no agent has joined yet."""
         queue = self._queue
-        self.control.check(now, now - queue[0].queued_at if queue else 0.0, len(queue))
+        waited = now - queue[0].queued_at if queue and self.workers else 0.0
+        self.control.check(now, waited, len(queue))
 
     def complete(self, routing_id: bytes, request_id: int, ran: bool = True) -> tuple[Pending | None, list[Assignment]]:
         """A worker replied (``ran``) or skipped a revoked request. Return the request (None
@@ -486,6 +497,7 @@ class Dispatcher:
     def _start(self, req: Pending, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         req.started = now
+        self.counters.started += 1
         req.deadline = None if req.timeout is None else now + req.timeout
         answer_by = None if req.soft_timeout is None else now + req.soft_timeout
         if req.client_deadline is not None and (answer_by is None or req.client_deadline < answer_by):

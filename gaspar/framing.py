@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
+import mmap
 import re
 import struct
 from dataclasses import dataclass
@@ -137,9 +138,10 @@ class RequestReader:
         self._head_size = 0
         self._length = 0
         # A large body is received straight into its own buffer (see body_view): no
-        # growing buffer, no copy out of it. The buffer is made on first use, so a caller
-        # can reserve memory for it (``declared``) before it exists.
-        self._body: bytearray | None = None
+        # growing buffer, no copy out of it. The buffer is an anonymous mapping, whose pages
+        # the kernel provides as they are written: memory follows the bytes that arrived,
+        # not the length the client declared.
+        self._body: mmap.mmap | None = None
         self._direct = False  # the body in progress goes to a buffer of its own
         self._filled = 0
 
@@ -165,7 +167,7 @@ class RequestReader:
 
     def _make_body(self) -> None:
         size = self._head_size
-        self._body = bytearray(self._length)
+        self._body = mmap.mmap(-1, self._length)
         got = len(self._buf) - size
         self._body[:got] = self._buf[size:]
         self._filled = got
@@ -198,6 +200,16 @@ class RequestReader:
                     need += DEADLINE_WORD.size
             return max(1, need - len(self._buf))
         return max(1, self._head_size + self._length - len(self._buf))
+
+    @property
+    def remaining(self) -> int:
+        """Bytes still to come to complete the request in progress, once its header is
+        parsed (0 before that)."""
+        if self._head is None:
+            return 0
+        if self._body is not None:
+            return self._length - self._filled
+        return max(0, self._head_size + self._length - len(self._buf))
 
     @property
     def in_progress(self) -> bool:

@@ -59,16 +59,16 @@ with warnings.catch_warnings():
 from . import __version__, sdnotify
 from .arbiter import ForkServer
 from .config import Settings
-from .connection import Acceptor, Connection, IOLoop
+from .connection import Acceptor, Connection, ConnectionCounters, IOLoop
 from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
 from .framing import LIMITS, Kind, Request, Status, error_body, error_for_client, pack_id
 from .ipcdir import make_ipc_dir
 from .logs import access_line, close_access_log, log_handler_error, log_held_back, open_access_log
-from .overload import ByteBudget, QueueControl
+from .overload import NO_WORKERS, REASONS, ByteBudget, QueueControl, Stall
 from .supervisor import Supervisor
-from .telemetry import WORKER_STATES, LogLimiter, Telemetry, proc_usage
+from .telemetry import WORKER_STATES, LogLimiter, ShedReport, Telemetry, proc_usage
 from .worker import TIMING, Consumer
 from .zmqfast import LARGE as _LARGE
 from .zmqfast import MORE_NOW as _MORE_NOW
@@ -158,11 +158,13 @@ class Producer:
         control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=max(1, self.processes))
         self.dispatcher = Dispatcher(prefetch=s.prefetch, control=control, max_queued=s.max_queued)
         self.budget = ByteBudget(s.max_buffered_bytes)
-        self.counters_abandoned = 0  # clients that left while their request waited
+        self.counters = ConnectionCounters()  # abandoned, refused, idle and slow resets
         self.telemetry = Telemetry()
         self._error_log = LogLimiter(burst=10, period=60.0)
         self.access_log: logging.Logger | None = None  # opened by start() when access_log is set
-        self.refused_connections = 0
+        self._refusal_log = LogLimiter(burst=10, period=60.0)  # bad requests, resets, refusals
+        self._shed_report = ShedReport()
+        self.stall = Stall()
         self._control = Control()
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -256,8 +258,6 @@ class Producer:
         self._cancel_box: list[tuple[WorkerSlot, Pending]] = []
         self._waking: set[Connection] = set()
         self._wake_scheduled = False
-        self._shed_logged = (0.0, 0)  # (when, shed count then): the overload log line
-        self._refused_logged = 0.0
         self._ipc_dir = None
         self._step = ""  # what _setup was doing, for the log line if it fails
         self.router = None
@@ -419,11 +419,15 @@ class Producer:
         log_held_back(self._error_log, "handler errors", logging.ERROR)
         if self.gateway is not None:
             self.gateway.tick()
-        idle = self.settings.idle_timeout
-        if idle and rounds % 5 == 0:
-            now = time.monotonic()
+        now = time.monotonic()
+        if rounds % 5 == 0:  # slow request bodies and idle connections, every 0.5 s
+            idle = self.settings.idle_timeout
             for conn in list(self.connections):
-                conn.check_idle(now, idle)
+                conn.sweep(now, idle)
+        d = self.dispatcher
+        self.stall.sample(now, self.budget.freed, d.counters.started + d.counters.completed)
+        self._report_shedding(now)
+        log_held_back(self._refusal_log, "refused or reset requests and connections")
         answered, killed = self.dispatcher.expire()
         for req in answered:  # the client's own limit: answer now; its worker interrupts the handler
             worker = req.worker
@@ -570,16 +574,21 @@ class Producer:
         now = time.monotonic()
         for req, reason in shed:
             self._answer_shed(req, reason, now)
-        self._log_shedding(now)
 
     def _answer_shed(self, req: Pending, reason: str, now: float) -> None:
         conn, request = req.waiter
         conn.requests.discard(req)
-        self.telemetry.ended("shed", now - req.queued_at, now - req.queued_at)
+        outcome = "unavailable" if reason == NO_WORKERS else "shed"
+        self.telemetry.ended(outcome, now - req.queued_at, now - req.queued_at)
         if self.access_log is not None:
-            self.log_access(req.waiter, "shed", 0, now - req.queued_at, None, now - req.queued_at, None)
+            self.log_access(req.waiter, outcome, 0, now - req.queued_at, None, now - req.queued_at, None)
         d = self.dispatcher
         queued_ms = round((now - req.queued_at) * 1000, 1)
+        if reason == NO_WORKERS:  # not an overload: there was nothing to run it
+            text = f"no worker was ready to run it within queue_timeout ({queued_ms} ms): {self._why_no_workers()}"
+            facts = {"reason": reason, "queued_ms": queued_ms, "started": False}
+            self._deliver_error(conn, request, Status.UNAVAILABLE, "ServerUnavailable", text, **facts)
+            return
         retry_ms = round(d.control.retry_after(d.queued) * 1000, 1)
         text = {
             "queue_delay": f"shed after {queued_ms} ms in a standing queue (overloaded)",
@@ -591,37 +600,41 @@ class Producer:
         facts = {"reason": reason, "queued_ms": queued_ms, "retry_after_ms": retry_ms, "started": False}
         self._deliver_error(conn, request, Status.UNAVAILABLE, "Overloaded", text, **facts)
 
-    def _log_shedding(self, now: float) -> None:
-        """One line at most every 10 s while requests are shed, not one per request."""
-        when, count = self._shed_logged
-        shed = self.dispatcher.counters.shed
-        if now - when >= 10.0:
-            c = self.dispatcher.counters
-            log.warning(
-                "Overloaded: shed %s requests in the last %s (queue_delay %s, queue_timeout %s, queue_full %s, "
-                "deadline %s in all); %s queued",
-                shed - count,
-                "10 s" if when else "moment",
-                c.shed_queue_delay,
-                c.shed_queue_timeout,
-                c.shed_queue_full,
-                c.shed_deadline,
-                self.dispatcher.queued,
-            )
-            self._shed_logged = (now, shed)
+    def _why_no_workers(self) -> str:
+        """Why the pool has no worker, for a client refused for it and the log."""
+        booting = len(self.supervisor.booting) if self.supervisor is not None else 0
+        if booting:
+            return f"{booting} worker(s) booting"
+        if self.target == 0:
+            return "this front end runs no worker itself (workers 0) and no agent's worker has joined"
+        return "none is running; new ones are being forked"
+
+    def _report_shedding(self, now: float) -> None:
+        """One summary a second while requests are shed, by reason, and one when shedding
+        ends (and when overload begins and ends): never one line per request."""
+        c, control = self.dispatcher.counters, self.dispatcher.control
+        counts = {reason: getattr(c, "shed_" + reason) for reason in REASONS}
+        counts[NO_WORKERS] = c.no_workers
+        target_ms = control.effective_target() * 1000
+        for level, line in self._shed_report.update(now, counts, control.overloaded, self.dispatcher.queued, target_ms):
+            log.log(level, "%s", line)
+
+    def log_refusal(self, message: str, *args: Any) -> None:
+        """A refused or reset request or connection, at most 10 lines a minute; the rest
+        are counted and summed up once the minute ends."""
+        allowed, held = self._refusal_log.allow()
+        if allowed:
+            log.warning(message + (f" ({held} more not logged)" if held else ""), *args)
 
     def refuse_connection(self, sock: Any) -> None:
         """Past max_connections: reset a connection as soon as it is accepted."""
-        self.refused_connections += 1
+        self.counters.refused_connections += 1
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
         sock.close()
-        now = time.monotonic()
-        if now - self._refused_logged >= 10.0:
-            self._refused_logged = now
-            log.warning("max_connections (%s) reached; resetting new connections", self.settings.max_connections)
+        self.log_refusal("max_connections (%s) reached; resetting new connections", self.settings.max_connections)
 
     def wake_starved(self, conns: list[Connection]) -> None:
         """Connections waiting for the byte budget that may read now: resumed soon, in
@@ -863,11 +876,7 @@ class Producer:
             "remote": self.gateway.snapshot() if getattr(self, "gateway", None) is not None else None,
             "front_end": {"cpu_seconds": round(front[0], 3), "rss_bytes": front[1]} if front else None,
             **self.telemetry.snapshot(),
-            "counters": {
-                **vars(d.counters),
-                "abandoned": self.counters_abandoned,
-                "refused_connections": self.refused_connections,
-            },
+            "counters": {**vars(d.counters), **vars(self.counters)},
             "overload": {
                 "standing": d.control.standing,
                 "overloaded": d.control.overloaded,
@@ -875,6 +884,8 @@ class Producer:
                 "buffered_bytes": self.budget.used,
                 "buffered_peak": self.budget.peak,
                 "waiting_for_memory": self.budget.waiting,
+                "committed_bytes": self.budget.committed,
+                "stalled": self.stalled(now),
             },
         }
 
@@ -883,8 +894,17 @@ class Producer:
         return not self.stopping
 
     def ready(self) -> bool:
-        """Worth sending requests to: a worker is ready and no stop has begun."""
-        return not self.draining and not self.stopping and any(not w.retiring for w in self.dispatcher.workers.values())
+        """Worth sending requests to: a worker is ready, no stop has begun, and requests
+        are moving (not stalled: see :meth:`stalled`)."""
+        if self.draining or self.stopping or not any(not w.retiring for w in self.dispatcher.workers.values()):
+            return False
+        return self.stalled(time.monotonic()) is None
+
+    def stalled(self, now: float) -> str | None:
+        """Why no request has made progress for a while though work waits (``memory``,
+        ``workers``), or None (``gaspar.overload.Stall``)."""
+        d = self.dispatcher
+        return self.stall.reason(now, self.budget.waiting, d.queued, d.control.service)
 
     # -- the pool -----------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ Every figure here is a plain number or a :class:`Histogram` with fixed buckets (
 from __future__ import annotations
 
 import bisect
+import logging
+import math
 import os
 import time
 from collections import deque
@@ -240,6 +242,68 @@ class LogLimiter:
         return held
 
 
+class ShedReport:
+    """What the log says of shedding, with no I/O: one summary a ``period`` while requests
+    are shed (how many, by reason), one when shedding ends, and a line when overload begins
+    and ends; never one line per request. :meth:`update` is called by the front end's ticker
+    with the counts so far and returns the lines to log."""
+
+    def __init__(self, period: float = 1.0, quiet: float = 1.0) -> None:
+        self.period, self.quiet = period, quiet
+        self.reported: dict[str, int] = {}  # counts at the last summary
+        self.at = 0.0  # when the last summary was written
+        self.episode: dict[str, int] | None = None  # counts when the shedding began
+        self.began = 0.0
+        self.changed = 0.0  # when the counts last moved
+        self.last: dict[str, int] = {}
+        self.overloaded = False
+        self.overloaded_since = 0.0
+
+    def update(
+        self, now: float, counts: dict[str, int], overloaded: bool, queued: int, target_ms: float
+    ) -> list[tuple[int, str]]:
+        """``(level, line)`` to log now, from the counts by reason so far."""
+        lines: list[tuple[int, str]] = []
+        if overloaded and not self.overloaded:
+            self.overloaded, self.overloaded_since = True, now
+            lines.append(
+                (
+                    logging.WARNING,
+                    f"Overloaded: requests have waited longer than {target_ms:g} ms for a whole interval; "
+                    f"serving newest first and shedding what waits longer ({queued} queued)",
+                )
+            )
+        elif not overloaded and self.overloaded:
+            self.overloaded = False
+            lines.append((logging.INFO, f"No longer overloaded, after {now - self.overloaded_since:.1f}s"))
+        if not self.last:  # the first look: the counts so far are the baseline
+            self.last = self.reported = dict(counts)
+        if counts != self.last:
+            self.last, self.changed = dict(counts), now
+            if self.episode is None:
+                self.episode, self.began = dict(self.reported), now
+                self.at = -math.inf  # the first summary goes out at once
+        if self.episode is None:
+            return lines
+        if counts != self.reported and now - self.at >= self.period:
+            since = "so far" if self.at == -math.inf else f"in the last {now - self.at:.1f}s"
+            lines.append((logging.WARNING, f"Shed {_tally(counts, self.reported)} {since}; {queued} queued"))
+            self.reported, self.at = dict(counts), now
+        if now - self.changed >= self.quiet and counts == self.reported:
+            total = _tally(counts, self.episode)
+            lines.append((logging.INFO, f"Shedding ended: {total} shed over {self.changed - self.began:.1f}s"))
+            self.episode = None
+        return lines
+
+
+def _tally(now: dict[str, int], then: dict[str, int]) -> str:
+    """``12 requests (queue_delay 10, deadline 2)``: what changed from ``then`` to ``now``."""
+    moved = {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0)}
+    total = sum(moved.values())
+    parts = ", ".join(f"{k} {v}" for k, v in moved.items())
+    return f"{total} request{'s' if total != 1 else ''} ({parts})"
+
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -297,6 +361,7 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 __all__ = [
     "LogLimiter",
+    "ShedReport",
     "Telemetry",
     "Histogram",
     "WorkerFigures",

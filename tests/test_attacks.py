@@ -7,3 +7,146 @@ attack and the rule that answers it.
 """
 
 from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+
+import handlers
+from attackkit import Probe, back_to, fds, rss
+from conftest import wait_for
+
+from gaspar.framing import extended_header
+
+# -- slow and hostile clients on the main port ---------------------------------------------------
+#
+# Memory is counted as bytes arrive (a declared length reserves nothing until the first chunk
+# of it is there; then the rest is admitted, so that it can finish); a request that has begun
+# to arrive must keep arriving (body_timeout, body_min_rate); a client that leaves its replies
+# unread stops being read, and idle_timeout ends it; a waiting connection has a bounded life.
+
+
+def _connect(addr: str) -> socket.socket:
+    host, port = addr.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _reset(sock: socket.socket, timeout: float) -> float | None:
+    """Wait until the server resets (or closes) ``sock``, without reading what it sent;
+    when, or None."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP | select.POLLERR | select.POLLHUP)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if poller.poll(min(left, 0.2) * 1000):
+            return time.monotonic()
+    return None
+
+
+def test_nine_trickled_64_mib_bodies_stall_nobody_and_are_reset_by_the_body_rate(serve):
+    """Nine connections declare 64 MiB each, then send a byte every half second: everyone
+    else is answered meanwhile (they reserve nothing they have not sent), memory stays
+    within the budget, and the body-rate rule resets all nine."""
+    budget = 512 << 20
+    s = serve(handlers.echo, processes=2, body_timeout=2.0, max_buffered_bytes=budget)
+    pid = os.getpid()  # the front end runs in this process (serve: a Producer in a thread)
+    base_fds, base_rss = fds(pid), rss(pid)
+    slow = []
+    for _ in range(9):
+        sock = _connect(s.addr)
+        sock.sendall(struct.pack("!I", 64 << 20) + b"a")
+        slow.append(sock)
+    with Probe(s.addr, interval=0.05, timeout=5) as probe:
+        start = time.monotonic()
+        while time.monotonic() - start < 4.0:
+            for sock in slow:
+                try:
+                    sock.send(b"b")
+                except OSError:
+                    pass
+            assert s.producer.stats()["overload"]["buffered_bytes"] < budget
+            time.sleep(0.5)
+    assert probe.quantile(0.99) < 1.0, probe.summary()
+    assert not probe.failures, probe.summary()
+    assert len(probe.latencies) > 30
+    for sock in slow:  # reset: too slow
+        assert _reset(sock, 5) is not None
+        sock.close()
+    stats = s.producer.stats()
+    assert stats["counters"]["slow_requests"] == 9
+    assert stats["overload"]["buffered_bytes"] == 0 and stats["overload"]["waiting_for_memory"] == 0
+    end_fds, end_rss = back_to(pid, base_fds, base_rss)
+    assert end_fds <= base_fds + 2 and end_rss <= base_rss + (32 << 20)
+
+
+def test_a_pipeline_that_never_reads_its_replies_is_closed_within_idle_timeout(serve):
+    """One connection pipelines 1 MiB KEEPALIVE echoes and never reads a reply: it stops
+    being read once a MiB of replies waits for it, idle_timeout ends it, and everyone else
+    is served meanwhile."""
+    idle = 2.0
+    s = serve(handlers.echo, processes=2, idle_timeout=idle)
+    body = os.urandom(1 << 20)
+    assert s.request(body) == body  # pyzmq starts its zero-copy helper (a context of its own) once
+    pid = os.getpid()
+    base_fds, base_rss = fds(pid), rss(pid)
+    request = extended_header(len(body), keepalive=True) + body
+    hog = _connect(s.addr)
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    hog.settimeout(0.5)
+    sent, last_progress = 0, time.monotonic()
+    with Probe(s.addr, interval=0.05, timeout=5) as probe:
+        while sent < 512 << 20:
+            try:
+                hog.sendall(request)
+            except TimeoutError:
+                break  # the server stopped reading it: TCP pushes back
+            except OSError:
+                break
+            sent += len(request)
+            last_progress = time.monotonic()
+        ended = _reset(hog, idle + 5)
+        time.sleep(0.2)
+    hog.close()
+    assert ended is not None, "the connection was never closed"
+    assert ended - last_progress < idle + 1.5, f"closed {ended - last_progress:.1f}s after it stopped"
+    assert sent < 256 << 20  # it was stopped long before 512 MiB
+    assert probe.quantile(0.99) < 1.0 and not probe.failures, probe.summary()
+    stats = s.producer.stats()
+    assert stats["counters"]["idle_resets"] == 1, str(stats["counters"])
+    assert wait_for(lambda: s.producer.stats()["overload"]["buffered_bytes"] == 0, 5)
+    end_fds, end_rss = back_to(pid, base_fds, base_rss, rss_slack=96 << 20)
+    assert end_fds <= base_fds + 2, (end_fds, base_fds)
+
+
+def test_a_connection_waiting_for_memory_has_a_bounded_life_and_readyz_says_why(serve):
+    """The budget is full of bodies whose handlers hang: a connection waiting for memory
+    is ended by idle_timeout, and meanwhile the daemon says it is stalled (not ready) and
+    why; it is ready again once memory is freed."""
+    mib = 1 << 20
+    s = serve(
+        handlers.sleepy,
+        processes=1,
+        max_buffered_bytes=4 * mib,
+        max_message_size=2 * mib,
+        idle_timeout=8.0,
+        timeout=30,
+    )
+    s.producer.stall.after = 1.0
+    held = []
+    for _ in range(2):  # 2 x 2 MiB: one runs (sleeps), one waits in the queue
+        sock = _connect(s.addr)
+        body = b"20".ljust(2 * mib, b" ")
+        sock.sendall(struct.pack("!I", len(body)) + body)
+        held.append(sock)
+    waiter = _connect(s.addr)
+    waiter.sendall(struct.pack("!I", 2 * mib) + b"1" * (128 << 10))  # its first chunk, then no room
+    assert wait_for(lambda: s.producer.stats()["overload"]["waiting_for_memory"] >= 1, 5)
+    assert wait_for(lambda: s.producer.stats()["overload"]["stalled"] == "memory", 5), s.producer.stats()["overload"]
+    assert not s.producer.ready()
+    assert _reset(waiter, 12) is not None  # idle_timeout: it cannot wait for ever
+    waiter.close()
+    for sock in held:
+        sock.close()  # their requests are dropped: queued one cancelled, running one finishes unheard
+    assert s.producer.stats()["counters"]["idle_resets"] >= 1

@@ -31,7 +31,7 @@ class Stand:
             raise self.start_error
         self.asked.append(("start",))
 
-    def kill(self, pid: int, sig: int) -> None:
+    def kill(self, pid: int, sig: int, dump: bool = False) -> None:
         self.asked.append(("kill", pid, sig))
 
     def reload(self) -> None:

@@ -10,6 +10,10 @@ import random
 from collections import deque
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gaspar.dispatch import Dispatcher, WorkerSlot
 from gaspar.overload import (
@@ -17,9 +21,11 @@ from gaspar.overload import (
     QUEUE_DELAY,
     QUEUE_FULL,
     QUEUE_TIMEOUT,
+    BodyClock,
     ByteBudget,
     QueueControl,
     RetryBudget,
+    Stall,
     backoff,
 )
 
@@ -443,33 +449,210 @@ def test_backoff_gives_up_when_the_time_left_would_not_cover_it():
     assert backoff(0.1, 0.25, rng=lambda: 0.5) == pytest.approx(0.1)
 
 
-def test_byte_budget_waiters_go_in_arrival_order():
-    b = ByteBudget(100)
-    assert b.take("a", 60)
-    assert not b.take("b", 50)  # waits
-    assert not b.take("c", 10)  # fits, but must not overtake b
-    b.add(5)  # bytes already held (a reply) count, beyond any wait
-    assert b.used == 65
-    assert b.release(60) == ["b", "c"]  # both fit now, in order
-    assert not b.take("c", 10)  # still behind b
-    assert b.take("b", 50) and b.take("c", 10)
-    assert b.used == 65 and b.waiting == 0 and b.peak == 65
+def test_byte_budget_counts_bytes_as_they_arrive_and_reads_never_pass_the_limit():
+    b = ByteBudget(100, reserve=10)
+    assert b.room("a") == 100
+    b.arrived("a", 60)
+    assert b.room("b") == 40  # what is left, never more
+    b.arrived("b", 40)
+    assert b.room("c") == 0 and b.room("a") == 0  # full: both wait, in order
+    b.add(5)  # a reply is counted, never refused
+    assert b.used == 105 and b.peak == 105
+    assert b.release(10) == ["c", "a"]
+    assert b.room("a") == 0  # behind c
+    assert b.room("c") == 5 and b.room("a") == 5 and b.waiting == 0
 
 
-def test_byte_budget_forgets_a_waiter_that_left():
-    b = ByteBudget(10)
-    b.take("a", 10)
-    b.take("b", 8)
-    b.take("c", 2)
-    assert b.forget("b") == []
-    assert b.release(10) == ["c"]
+def test_byte_budget_admits_a_body_only_when_the_rest_of_it_fits():
+    b = ByteBudget(100, reserve=10)
+    b.arrived("x", 20)  # first chunks, counted as they came
+    b.arrived("y", 20)
+    assert b.admit("x", 40)  # 20 + 20 + 40 <= 100: the rest of x is committed
+    assert b.committed == 40 and b.room("z") == 20  # others may not use x's commitment
+    assert b.room("x") == 60  # x may
+    assert not b.admit("y", 40)  # 40 used + 40 committed + 40 > 100 - 10 (the reserve)
+    assert b.waiting == 1 and b.room("z") == 20  # small requests still read
+    b.arrived("x", 40)  # x's commitment turns into use as it arrives
+    assert b.committed == 0 and b.used == 80
+    assert b.settle("x") == []  # whole: nothing was left of its commitment
+    assert b.release(60) == ["y"]  # x answered: y fits now
+    assert b.admit("y", 40) and b.committed == 40
 
 
-def test_byte_budget_room_stops_every_reader_past_the_limit_in_turn():
-    b = ByteBudget(10)
-    assert b.room("a")
-    b.add(12)  # small requests read whole may go past the limit
-    assert not b.room("a") and not b.room("b")
-    assert b.release(3) == ["a"]  # one byte of room: the first in line reads again
-    assert not b.room("b")  # behind a, and no room left for it
-    assert b.room("a") and b.room("b") and b.waiting == 0
+def test_byte_budget_the_first_body_in_line_goes_even_past_the_reserve():
+    b = ByteBudget(100, reserve=50)
+    assert b.admit("big", 100)  # as large as the limit, nothing else committed: it goes
+    assert b.room("big") == 100 and b.room("small") == 0
+
+
+def test_byte_budget_admission_is_in_arrival_order():
+    b = ByteBudget(100, reserve=0)
+    assert b.admit("a", 80)
+    assert not b.admit("b", 50) and not b.admit("c", 10)  # c would fit, but b is first
+    assert b.settle("a") == ["b", "c"] or b.forget("a") == ["b", "c"]
+    assert b.admit("b", 50) and b.admit("c", 10)
+
+
+def test_byte_budget_forgets_a_connection_that_left():
+    b = ByteBudget(100, reserve=0)
+    b.arrived("a", 50)
+    assert b.admit("a", 50)
+    assert not b.admit("b", 10) and b.room("c") == 0
+    assert b.forget("a") == ["b", "c"]  # its commitment is freed (its bytes by the caller)
+    assert b.committed == 0
+    b.release(50)
+    assert b.admit("b", 10) and b.room("c") == 90
+
+
+def test_byte_budget_an_admitted_body_never_waits_behind_readers_it_does_not_need():
+    b = ByteBudget(100, reserve=0)
+    b.arrived("a", 10)
+    assert b.admit("a", 80)
+    b.arrived("s", 10)  # a small request took the last free byte others may use
+    assert b.room("t") == 0  # t waits in line
+    assert b.room("a") == 80  # a's bytes are committed: it does not queue behind t
+
+
+class BudgetMachine(RuleBasedStateMachine):
+    """The byte budget driven at random as connections drive it: reads only what ``room``
+    gives, bodies admitted after their first chunk, bytes freed when requests end."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = ByteBudget(1000, reserve=100)
+        self.held = {}  # who -> bytes it counted
+        self.body = {}  # who -> bytes of its body still to come, once admitted
+
+    @rule(who=st.sampled_from("abcdef"), want=st.integers(1, 300))
+    def read(self, who, want):
+        n = min(want, self.b.room(who))
+        if n > 0:
+            if who in self.body:
+                n = min(n, max(1, self.body[who]))
+                self.body[who] = max(0, self.body[who] - n)
+            self.b.arrived(who, n)
+            self.held[who] = self.held.get(who, 0) + n
+
+    @rule(who=st.sampled_from("abcdef"), rest=st.integers(1, 900))
+    def admit(self, who, rest):
+        if who not in self.body and self.b.admit(who, rest):
+            self.body[who] = rest
+
+    @rule(who=st.sampled_from("abcdef"))
+    def finish(self, who):
+        self.b.settle(who)
+        self.body.pop(who, None)
+        self.b.release(self.held.pop(who, 0))
+
+    @rule(who=st.sampled_from("abcdef"))
+    def leave(self, who):
+        self.b.forget(who)
+        self.body.pop(who, None)
+        self.b.release(self.held.pop(who, 0))
+
+    @invariant()
+    def reads_never_pass_the_limit(self):
+        assert self.b.used <= self.b.limit
+        assert self.b.used == sum(self.held.values())
+
+    @invariant()
+    def commitments_are_what_admitted_bodies_still_need(self):
+        assert self.b.committed == sum(self.body.values())
+        assert self.b.used + self.b.committed <= self.b.limit or not self.body
+
+    @invariant()
+    def an_admitted_body_can_always_finish(self):
+        for rest in self.body.values():
+            assert rest == 0 or self.b.limit - self.b.used >= min(rest, 1)
+
+
+test_byte_budget_state_machine = BudgetMachine.TestCase
+test_byte_budget_state_machine.settings = hyp_settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+@pytest.mark.parametrize(
+    "case, arrivals, alive",
+    [
+        # (seconds, bytes) arriving; whether the request is still alive at the end (10 s
+        # windows, at least 100 B/s: 1,000 bytes a window)
+        ("fast", [(0, 500), (1, 5000)], True),
+        ("a trickle: a byte every two seconds", [(t * 2.0, 1) for t in range(8)], False),
+        ("slow but steady", [(t, 150) for t in range(25)], True),
+        ("a burst, then a trickle", [(0, 5000), *[(1 + t * 2.0, 1) for t in range(12)]], False),
+        ("the rest of it, however small, in time", [(0, 10), (9.0, 90)], True),
+    ],
+)
+def test_body_clock_resets_a_request_that_arrives_too_slowly(case, arrivals, alive):
+    c = BodyClock(timeout=10.0, min_rate=100)
+    total = 100 if case.startswith("the rest") else 1 << 30
+    got, ok = 0, True
+    for t, n in arrivals:
+        got += n
+        ok = ok and c.arrived(100.0 + t, n, max(0, total - got) if total - got < 1000 else 0)
+    end = 100.0 + arrivals[-1][0] + 0.5
+    ok = ok and not c.too_slow(end, max(0, total - got) if total - got < 1000 else 0)
+    if total - got <= 0:
+        c.end()
+        ok = ok and not c.too_slow(end + 100)
+    assert ok == alive, case
+
+
+def test_body_clock_does_not_count_time_spent_waiting_for_memory():
+    c = BodyClock(timeout=10.0, min_rate=100)
+    c.arrived(100.0, 10, 0)
+    c.pause(101.0)
+    assert not c.too_slow(200.0)  # not read: not the client's fault
+    c.resume(200.0)
+    assert not c.too_slow(208.0)
+    assert c.too_slow(209.5)  # 10 s of its own, 10 bytes: too slow
+
+
+def _drive_clock(c: BodyClock, steps, sweep: float = 0.5):
+    """Feed ``steps`` (seconds since the last, bytes) to ``c`` from t=100, looking at it every
+    ``sweep`` seconds between arrivals as the front end does; the time it died, or None."""
+    now = 100.0
+    c.begin(now)
+    for dt, n in steps:
+        end = now + dt
+        t = now + sweep
+        while t < end:
+            if c.too_slow(t):
+                return t
+            t += sweep
+        now = end
+        if not c.arrived(now, n, 0):
+            return now
+    return None
+
+
+@given(steps=st.lists(st.tuples(st.floats(0.01, 2.0), st.floats(1.0, 3.0)), min_size=1, max_size=80))
+def test_body_clock_a_client_at_the_minimum_rate_or_faster_is_never_reset(steps):
+    timeout, min_rate = 2.0, 100.0
+    c = BodyClock(timeout, min_rate)
+    # each arrival brings at least min_rate bytes for each second since the last one
+    assert _drive_clock(c, [(dt, int(dt * min_rate * k) + 1) for dt, k in steps]) is None
+
+
+@given(
+    before=st.lists(st.tuples(st.floats(0.01, 2.0), st.integers(0, 5000)), max_size=20),
+    silence=st.floats(4.6, 30.0),
+)
+def test_body_clock_a_client_silent_for_two_windows_is_reset_within_them(before, silence):
+    timeout, min_rate = 2.0, 100.0
+    c = BodyClock(timeout, min_rate)
+    died = _drive_clock(c, [*before, (silence, 0)])
+    start_of_silence = 100.0 + sum(dt for dt, _ in before)
+    assert died is not None and died <= start_of_silence + 2 * timeout + 0.5
+
+
+def test_stall_says_why_nothing_moves():
+    st_ = Stall(after=5.0, clock=lambda: 100.0)
+    st_.sample(100.0, freed=0, worked=0)
+    assert st_.reason(104.0, waiting_for_memory=3, queued=5) is None
+    st_.sample(104.0, freed=0, worked=1)  # a worker took a request
+    assert st_.reason(105.5, 3, 5) == "memory"  # bytes waited for, none freed for 5.5 s
+    st_.sample(105.6, freed=100, worked=1)
+    assert st_.reason(106.0, 3, 5) is None
+    assert st_.reason(109.5, 0, 5) == "workers"  # queued, nothing started or finished since 104
+    assert st_.reason(109.5, 0, 5, service=2.0) is None  # three 2 s runs: not yet
+    assert st_.reason(109.5, 0, 0) is None  # nothing waits: idle, not stalled

@@ -8,6 +8,7 @@ appends the request's tag to a file as it starts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import selectors
 import socket
@@ -417,3 +418,23 @@ def test_a_flood_is_shed_fast_while_the_workers_stay_on_fresh_requests(serve):
     assert light[int(len(light) * 0.9)] < 0.1  # back to normal right after the flood
     stats = s.producer.stats()
     assert stats["pending"] == 0 and stats["queued"] == 0
+
+
+def test_an_empty_pool_is_unavailable_not_overloaded(serve, caplog):
+    """With no worker at all (--workers 0 and no agent joined), a request waits up to
+    queue_timeout for one, then gets ServerUnavailable saying there is none: an empty
+    pool is not an overload, and neither the client nor the log says Overloaded."""
+    caplog.set_level(logging.INFO, logger="gaspar")
+    s = serve(handlers.echo, processes=0, remote_bind="tcp://127.0.0.1:*", insecure=True, queue_timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(gaspar.ServerUnavailable) as info:
+        s.request(b"x", timeout=5)
+    assert 0.4 < time.monotonic() - t0 < 2.0
+    err = info.value
+    assert not isinstance(err, gaspar.Overloaded)
+    assert err.facts["reason"] == "no_workers" and "no agent" in err.remote_message, err.facts
+    stats = s.producer.stats()
+    assert stats["counters"]["no_workers"] == 1 and stats["counters"]["shed"] == 0
+    assert stats["outcomes"]["unavailable"] == 1 and stats["outcomes"]["shed"] == 0
+    assert wait_for(lambda: "no_workers 1" in caplog.text, 3), caplog.text
+    assert "Overloaded" not in caplog.text
