@@ -8,6 +8,7 @@ attack and the rule that answers it.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -15,9 +16,11 @@ import struct
 import time
 
 import handlers
+import pytest
 from attackkit import Probe, back_to, fds, rss
 from conftest import wait_for
 
+import gaspar
 from gaspar.framing import extended_header
 
 # -- slow and hostile clients on the main port ---------------------------------------------------
@@ -150,3 +153,51 @@ def test_a_connection_waiting_for_memory_has_a_bounded_life_and_readyz_says_why(
     for sock in held:
         sock.close()  # their requests are dropped: queued one cancelled, running one finishes unheard
     assert s.producer.stats()["counters"]["idle_resets"] >= 1
+
+
+@pytest.mark.parametrize("handler", ["sleepy", "spin_ms"])
+def test_a_client_handler_timeout_answers_fast_and_never_kills_a_worker(serve, handler):
+    """20 requests asking for handler_timeout=0.02 against a 300 ms handler: each is
+    answered within 0.1 s (WorkerTimeout), the handler is interrupted in its worker, and no
+    worker is killed: a client cannot make the daemon SIGKILL its workers."""
+    s = serve(getattr(handlers, handler), processes=2)
+    pids = sorted(s.pids())
+    payload = b"0.3" if handler == "sleepy" else b"300"
+    took = []
+    for _ in range(20):
+        t0 = time.monotonic()
+        with pytest.raises(gaspar.WorkerTimeout) as info:
+            s.request(payload, handler_timeout=0.02, timeout=5)
+        took.append(time.monotonic() - t0)
+        assert info.value.facts["killed"] is False and info.value.facts["limit"] == "handler_timeout"
+    assert max(took) < 0.1, sorted(took)
+    stats = s.producer.stats()
+    assert stats["restarts"] == 0 and stats["restarts_by_reason"]["timeout"] == 0
+    assert sorted(s.pids()) == pids
+    assert s.request(b"0", timeout=5) == (b"0" if handler == "sleepy" else b"0")
+
+
+def test_three_thousand_refused_requests_write_tens_of_log_lines_not_thousands(serve, caplog):
+    """Refusals (a declared length over max_message_size, refused from the length word
+    alone) are logged at most 10 a minute, and the rest summed up: a flood of bad requests
+    is not a flood of log lines."""
+    caplog.set_level(logging.INFO, logger="gaspar")
+    s = serve(handlers.echo, processes=1, max_message_size=1000)
+    host, port = s.addr.rsplit(":", 1)
+    bad = struct.pack("!I", 5000) + b"x" * 10
+    start, sent = time.monotonic(), 0
+    while sent < 3000 and time.monotonic() - start < 10:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(bad)
+            try:
+                sock.recv(10)
+            except OSError:
+                pass
+        sent += 1
+    assert sent == 3000
+    assert wait_for(lambda: s.producer.stats()["outcomes"]["bad_request"] == 3000, 10)
+    s.producer._refusal_log.period = 0.5  # end the minute now: the summary of the rest is due
+    assert wait_for(lambda: "more refused or reset" in caplog.text, 5), caplog.text[-2000:]
+    lines = [r for r in caplog.records if r.name == "gaspar"]
+    assert len(lines) < 40, f"{len(lines)} log lines for 3,000 refusals"
+    assert s.request(b"fine") == b"fine"
