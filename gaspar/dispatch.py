@@ -458,7 +458,9 @@ class Dispatcher:
                 ahead = worker.ahead
                 if worker.current is None or worker.retiring:
                     continue
-                while len(ahead) < depth and len(queue) > n * (len(ahead) + 1):
+                while (
+                    len(ahead) < depth and len(queue) > n * (len(ahead) + 1) and control.may_hand_ahead(len(ahead) + 1)
+                ):
                     if worker.max_requests and worker.handled + len(ahead) + 1 >= worker.max_requests:
                         break  # it retires after the requests in hand
                     req = self._take(queue, lifo, now, limit, reason)

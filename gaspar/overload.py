@@ -14,9 +14,13 @@ Everything here is policy, driven by an injected clock and tested as a table of 
   or holds steady does not matter: a steady queue of two hundred closed-loop clients whose
   requests each wait seconds is the standing queue CoDel exists to remove.
 * While overloaded, requests are served **newest first** (adaptive LIFO: the newest are the
-  ones whose clients are most likely still there) and a request that has waited longer than
-  ``target`` is **shed** at once, with a fast answer, instead of rotting until its client
-  gives up. It ends after an interval in which no request waited past the target.
+  ones whose clients are most likely still there) and a request that has waited a whole
+  ``interval`` is **shed**, with a fast answer, instead of rotting until its client gives up.
+  Why the interval and not the target: newest first, an older request is in nobody's way,
+  and a client refused sooner comes back sooner; 200 closed-loop clients refused after 50 ms
+  came back 2,800 times a second and took a quarter of a core from the workers on two cores;
+  after the interval, a third of that. It ends after an interval in which no request waited
+  past the target.
 
 **A legitimate burst is not overload.** A thousand requests sent at once stand in the queue
 for a while, then drain. Two things keep them from being shed (measured necessary: with the
@@ -193,10 +197,18 @@ class QueueControl:
 
     def limit(self) -> tuple[float | None, str]:
         """The longest a queued request may have waited, now, and the reason to give one
-        shed for that: the target while overloaded, else ``queue_timeout``."""
+        shed for that: the interval while overloaded, else ``queue_timeout``."""
         if self.overloaded:
-            return self._target, QUEUE_DELAY
+            shed = min(self._interval, self.queue_timeout) if self.queue_timeout else self._interval
+            return shed, QUEUE_DELAY
         return self.queue_timeout, QUEUE_TIMEOUT
+
+    def may_hand_ahead(self, depth: int) -> bool:
+        """May a busy worker be handed its ``depth``-th request ahead? Only while that
+        request would not wait in its inbox longer than the target (``depth`` handler runs):
+        prefetch hides the round trip between two short requests; behind 50 ms handlers
+        four ahead would add 200 ms to every reply."""
+        return depth * self.service <= self._target
 
     def hopeless(self, now: float, deadline: float | None) -> bool:
         """True if a client's (absolute) deadline has passed or is closer than one typical
