@@ -219,9 +219,9 @@ def settle(server: Server, samples: list[Sample], limit: float) -> float | None:
 def gaspar_stats(server: Server) -> dict | None:
     """What ``gaspar stats`` says now that the closed loop's figures need, or None if it did
     not answer within a second."""
-    from gaspar import client  # the repository is on sys.path (main)
-
     try:
+        from gaspar import client  # the repository is on sys.path (main)
+
         d = json.loads(client.request(("127.0.0.1", server.port), b"", timeout=1.0, stats=True, retry=False))
     except Exception:  # noqa: BLE001 - a sample missed is counted, not fatal
         return None
@@ -921,7 +921,7 @@ def targets(servers: list[dict]) -> str:
                 shown += " met" if met else " NOT MET"
                 measured += 1
                 if not met:
-                    missed.append(f"{text.split(': ', 1)[0]} {text.split(': ', 1)[1]} ({clients}: {shown[:-8]})")
+                    missed.append(f"{text} ({clients}: {shown.removesuffix(' NOT MET')})")
             row.append(shown)
         if len(row) > 1 and any(c != "-" for c in row[1:]):
             rows.append(row)
