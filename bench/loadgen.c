@@ -34,6 +34,11 @@
  *                            still the --host): a server that holds the connections of
  *                            clients that left keeps their ports in FIN_WAIT_2 for a
  *                            minute, and one source address has only ~28,000 of them
+ * --give-up, --extended, --records and --source-ips work in the closed loop too (no --rate
+ * or --schedule; its records' scheduled time is when the request was sent): each client
+ * sends its next request at once after a reply, a refusal (a reset, an error reply, a close)
+ * or giving up, so refusals come straight back as new requests; only after a failed
+ * connect does it wait 10 ms.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -964,7 +969,8 @@ static void usage(int status) {
             "Closed loop by default (one request in flight per connection, or --pipeline K);\n"
             "--rate R: open loop, latency from each request's scheduled time. Prints JSON.\n"
             "--schedule: open loop at R/s for S s, then the next rate, without a pause.\n"
-            "--give-up S: close a request's connection S s after sending it (one-shot only).\n"
+            "--give-up S: close a request's connection S s after sending it (one-shot only;\n"
+            "  closed loop too: the client sends its next request at once).\n"
             "--extended: one-shot extended requests (framed replies; --deadline-ms: flag 0x4).\n"
             "--records FILE: per request: scheduled/sent/done us, outcome, status.\n"
             "--source-ips N: connect from 127.0.0.1..N in turn (more client ports).\n");
