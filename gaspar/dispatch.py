@@ -30,6 +30,17 @@ A vanished client's request is dropped from the queue; one already handed ahead 
 is *revoked*: the caller sends the worker a cancel (:meth:`take_cancels`), and the worker
 answers ``SKIPPED`` instead of running it (or, if it had started, its reply is dropped).
 
+**One connection, one share.** A persistent connection may pipeline many requests, but it
+holds at most as many places in the queue as there are workers (its ``owner`` share); its
+others wait in a line of their own, *held*, and each joins the queue when one of its
+requests leaves it (to a worker, shed or cancelled): at the tail while the queue is first
+in, first out; while it is newest first, at the head, as old as the oldest there (served
+last, shed first). So a client
+pipelining a thousand requests costs everyone else about one handler run, as HTTP/2
+servers bound a connection's concurrent streams; alone, it still keeps every worker busy.
+A held request's wait in the queue counts from when it joined it: a client queueing behind
+itself is not overload.
+
 **No leaks.** Every outcome removes the entry: a reply (``complete``), a worker's death
 (``remove_worker``), a timeout (``expire``), a vanished client (``cancel``), a shed
 (``take_shed``), a stop (``fail_all``). A reply for an unknown id is counted and dropped, never matched to another
@@ -116,6 +127,8 @@ class Pending:
     soft_timeout: float | None = None  # the client's handler_timeout, shorter than timeout
     answer_by: float | None = None  # running: when the client's own limit ends its wait
     expired: str = ""  # the client's limit that ended its wait ("handler_timeout", "deadline")
+    owner: Any = None  # its connection when that may pipeline: one share of the queue each
+    held: bool = False  # waiting behind its owner's share, not yet in the queue
 
 
 Assignment = tuple[WorkerSlot, Pending]
@@ -168,6 +181,8 @@ class Dispatcher:
         self.workers: dict[bytes, WorkerSlot] = {}
         self._idle: dict[bytes, WorkerSlot] = {}  # insertion-ordered set
         self._queue: deque[Pending] = deque()
+        self._in_queue: dict[Any, int] = {}  # owner -> its requests in the queue
+        self._held: dict[Any, deque[Pending]] = {}  # owner -> its requests past its share
         self.pending: dict[int, Pending] = {}
         self.counters = Counters()
         self._next_id = 1
@@ -183,11 +198,13 @@ class Dispatcher:
         timeout: float | None = None,
         deadline: float | None = None,
         soft_timeout: float | None = None,
+        owner: Any = None,
     ) -> tuple[Pending, list[Assignment]]:
         """Register a request; return it and the assignments to send now. ``timeout``: the
         operator's limit on its handler (its worker is killed past it); ``soft_timeout``:
         the client's, honoured only when shorter; ``deadline``: the seconds its client will
-        wait, from now. A request may be shed at once (see :meth:`take_shed`): a deadline
+        wait, from now; ``owner``: the connection, when it may pipeline (one share of the
+        queue each). A request may be shed at once (see :meth:`take_shed`): a deadline
         that cannot be met, or a full queue's oldest."""
         now = self.clock()
         req = Pending(self._next_id, body, waiter, timeout, queued_at=now)
@@ -198,11 +215,54 @@ class Dispatcher:
         self._next_id += 1
         self.pending[req.id] = req
         self.counters.submitted += 1
+        if owner is not None:
+            req.owner = owner
+            if self._in_queue.get(owner, 0) >= max(1, len(self.workers)):
+                req.held = True  # its share of the queue is full: it waits for its own
+                held = self._held.get(owner)
+                if held is None:
+                    held = self._held[owner] = deque()
+                held.append(req)
+                return req, []
         queue = self._queue
         if self.max_queued and len(queue) >= self.max_queued:
-            self._drop(queue.popleft(), QUEUE_FULL)  # the oldest: the least likely still wanted
-        queue.append(req)
+            self._drop(self._pop(True), QUEUE_FULL)  # the oldest: the least likely still wanted
+        self._enqueue(req)
         return req, self._assign()
+
+    def _enqueue(self, req: Pending, first: bool = False) -> None:
+        if first:
+            self._queue.appendleft(req)
+        else:
+            self._queue.append(req)
+        if req.owner is not None:
+            self._in_queue[req.owner] = self._in_queue.get(req.owner, 0) + 1
+
+    def _pop(self, oldest: bool) -> Pending:
+        req = self._queue.popleft() if oldest else self._queue.pop()
+        if req.owner is not None:
+            self._left(req.owner)
+        return req
+
+    def _left(self, owner: Any) -> None:
+        """One of ``owner``'s requests left the queue: its next held one takes the place."""
+        n = self._in_queue[owner] - 1
+        if n:
+            self._in_queue[owner] = n
+        else:
+            del self._in_queue[owner]
+        held = self._held.get(owner)
+        if held and n < max(1, len(self.workers)):
+            req = held.popleft()
+            if not held:
+                del self._held[owner]
+            req.held = False
+            if self.control.overloaded and self._queue:  # served last, shed first
+                req.queued_at = self._queue[0].queued_at
+                self._enqueue(req, first=True)
+            else:
+                req.queued_at = self.clock()
+                self._enqueue(req)
 
     def take_shed(self) -> list[tuple[Pending, str]]:
         """Requests shed since the last call, with the reason; removed, to be answered."""
@@ -226,12 +286,16 @@ class Dispatcher:
             if not any(not w.retiring for w in self.workers.values()):
                 reason = NO_WORKERS  # not overload: nothing could run it
             while queue and now - queue[0].queued_at > limit:
-                self._drop(queue.popleft(), reason)
+                self._drop(self._pop(True), reason)
         if deadlines:
             hopeless = [r for r in queue if control.hopeless(now, r.client_deadline)]
             for req in hopeless:
-                queue.remove(req)
+                self._unqueue(req)
                 self._drop(req, DEADLINE)
+            for held in list(self._held.values()):
+                for req in [r for r in held if control.hopeless(now, r.client_deadline)]:
+                    self._unhold(req)
+                    self._drop(req, DEADLINE)
             for worker in self.workers.values():
                 for req in worker.ahead:
                     if not req.cancelled and not req.revoked and control.hopeless(now, req.client_deadline):
@@ -307,11 +371,25 @@ class Dispatcher:
         req.cancelled = True
         self.counters.cancelled += 1
         if req.worker is None:
-            self._queue.remove(req)
+            if req.held:
+                self._unhold(req)
+            else:
+                self._unqueue(req)
             del self.pending[req.id]
         elif req.worker.current is not req and not req.revoked:
             req.revoked = "cancelled"
             self._cancels.append((req.worker, req))
+
+    def _unqueue(self, req: Pending) -> None:
+        self._queue.remove(req)
+        if req.owner is not None:
+            self._left(req.owner)
+
+    def _unhold(self, req: Pending) -> None:
+        held = self._held[req.owner]
+        held.remove(req)
+        if not held:
+            del self._held[req.owner]
 
     def expire(self) -> tuple[list[Pending], list[Pending]]:
         """Running requests past a limit: ``(answered, killed)``.
@@ -353,6 +431,8 @@ class Dispatcher:
         self.counters.failed += len(reqs)
         self.pending.clear()
         self._queue.clear()
+        self._in_queue.clear()
+        self._held.clear()
         for worker in self.workers.values():
             worker.current = None
             worker.ahead.clear()
@@ -368,7 +448,7 @@ class Dispatcher:
         if req.worker is not None and req in req.worker.ahead:
             req.worker.ahead.remove(req)
         req.worker, req.deadline, req.answer_by, req.queued_at = None, None, None, self.clock()
-        self._queue.appendleft(req)
+        self._enqueue(req, first=True)
         return self._assign()
 
     # -- workers --------------------------------------------------------------------------
@@ -418,6 +498,11 @@ class Dispatcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def held(self) -> int:
+        """Requests waiting behind their own connection's share of the queue."""
+        return sum(len(h) for h in self._held.values())
 
     @property
     def running(self) -> int:
@@ -476,7 +561,7 @@ class Dispatcher:
         """The next request to hand out, shedding on the way those that are past use."""
         control = self.control
         while queue:
-            req = queue.pop() if lifo else queue.popleft()
+            req = self._pop(not lifo)
             if limit is not None and now - req.queued_at > limit:
                 self._drop(req, reason)
             elif req.client_deadline is not None and control.hopeless(now, req.client_deadline):
@@ -515,7 +600,7 @@ class Dispatcher:
                 self.pending.pop(req.id, None)
                 continue
             req.worker, req.deadline, req.answer_by, req.queued_at, req.revoked = None, None, None, self.clock(), None
-            self._queue.appendleft(req)
+            self._enqueue(req, first=True)
 
 
 __all__ = ["Dispatcher", "Pending", "WorkerSlot", "Counters"]

@@ -553,7 +553,12 @@ class Producer:
             return
         # the operator's timeout bounds the handler; the client may only ask for less
         pending, assignments = self.dispatcher.submit(
-            request.body, (conn, request), self.settings.timeout, request.deadline, request.timeout
+            request.body,
+            (conn, request),
+            self.settings.timeout,
+            request.deadline,
+            request.timeout,
+            conn if conn.keepalive else None,  # a connection that may pipeline: one share of the queue
         )
         conn.requests.add(pending)
         self._send(assignments)
@@ -867,6 +872,7 @@ class Producer:
             "worker_states": states,
             "booting": states["booting"],
             "queued": d.queued,
+            "held": d.held,
             "running": d.running,
             "prefetched": d.prefetched,
             "pending": len(d.pending),
