@@ -82,6 +82,11 @@ class WorkerSlot:
     wid: bytes = b""  # a remote worker's own routing id, on its agent's socket
 
     @property
+    def busy(self) -> bool:
+        """It runs a request."""
+        return self.current is not None
+
+    @property
     def label(self) -> int | str:
         """How logs and figures name it: its number, or ``agent/number`` on another host."""
         return self.number if self.agent is None else f"{self.agent.name}/{self.number}"

@@ -330,7 +330,7 @@ def test_a_workers_exit_means_what_its_retirement_said(retiring, retire_reason, 
 
 
 def test_an_exit_we_caused_says_why_instead_of_guessing():
-    from gaspar.arbiter import describe_exit
+    from gaspar.pool import describe_exit
 
     killed = signal.SIGKILL  # a wait status of a process killed by SIGKILL is the signal number
     assert describe_exit(killed) == (None, killed, "killed by SIGKILL. Perhaps out of memory?")
