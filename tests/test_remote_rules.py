@@ -171,7 +171,6 @@ def test_an_agent_keeps_a_worker_whose_hello_outran_its_spawned_event(hello_firs
     unannounced for ever and the pool stayed one short (seen in a loaded test run)."""
     from gaspar.agent import Agent
     from gaspar.config import Settings
-
     from gaspar.pool import Booting
 
     agent = Agent(None, Settings(), "tcp://127.0.0.1:1", workers=1)
