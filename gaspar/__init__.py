@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Settings
 from .errors import (
     BadRequest,
+    ClientClosed,
     ConnectFailed,
     ConnectionLost,
     GasparError,
@@ -61,6 +62,7 @@ __all__ = [
     "ConnectionLost",
     "RequestTimeout",
     "ProtocolError",
+    "ClientClosed",
 ]
 
 if TYPE_CHECKING:

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from .errors import (
+    ClientClosed,
     ConnectFailed,
     ConnectionLost,
     GasparError,
@@ -234,7 +235,8 @@ class Client:
         self, message: bytes | str, timeout: float | None = None, handler_timeout: float | None = None
     ) -> bytes:
         """Send one request on a pooled connection and return the reply's bytes; a request
-        shed under overload is retried once (see the module docstring)."""
+        shed under overload is retried once (see the module docstring). After
+        :meth:`close`, raises :class:`~gaspar.errors.ClientClosed`."""
         limit = _Deadline(self.timeout if timeout is None else timeout)
         self._budget.on_request()
         try:
@@ -294,6 +296,8 @@ class Client:
 
     def _borrow(self, deadline: _Deadline) -> tuple[socket.socket, bool]:
         with self._lock:
+            if self._closed:
+                raise ClientClosed("this Client is closed; make a new one")
             if self._idle:
                 return self._idle.pop(), True
         with _translate(self.address, deadline):
