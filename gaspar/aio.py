@@ -34,7 +34,7 @@ from .errors import (
     error_from_reply,
 )
 from .framing import REPLY_HEADER, Status, extended_header, parse_reply_header
-from .overload import RetryBudget, backoff
+from .retry import RetryBudget, backoff
 
 __all__ = ["request", "Client"]
 

@@ -18,7 +18,7 @@ run for nobody.
 **Retries.** A request the server shed under overload (:class:`~gaspar.errors.Overloaded`,
 ``started`` false: the handler never ran) is retried once, after the server's
 ``retry_after_ms`` with jitter, if the timeout leaves room and while retries stay under
-10% of this client's requests (:class:`gaspar.overload.RetryBudget`); otherwise it raises.
+10% of this client's requests (:class:`gaspar.retry.RetryBudget`); otherwise it raises.
 ``retry=False`` turns this off.
 
 Low-level socket errors are translated in one place, :func:`_translate`.
@@ -44,7 +44,7 @@ from .errors import (
     error_from_reply,
 )
 from .framing import REPLY_HEADER, Status, extended_header, pack, parse_reply_header
-from .overload import RetryBudget, backoff
+from .retry import RetryBudget, backoff
 
 __all__ = ["pack", "request", "Client", "parse_address", "DEFAULT_TIMEOUT"]
 
