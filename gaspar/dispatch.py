@@ -30,16 +30,8 @@ A vanished client's request is dropped from the queue; one already handed ahead 
 is *revoked*: the caller sends the worker a cancel (:meth:`take_cancels`), and the worker
 answers ``SKIPPED`` instead of running it (or, if it had started, its reply is dropped).
 
-**One connection, one share.** A persistent connection may pipeline many requests, but it
-holds at most as many places in the queue as there are workers (its ``owner`` share); its
-others wait in a line of their own, *held*, and each joins the queue when one of its
-requests leaves it (to a worker, shed or cancelled): at the tail while the queue is first
-in, first out; while it is newest first, at the head, as old as the oldest there (served
-last, shed first). So a client
-pipelining a thousand requests costs everyone else about one handler run, as HTTP/2
-servers bound a connection's concurrent streams; alone, it still keeps every worker busy.
-A held request's wait in the queue counts from when it joined it: a client queueing behind
-itself is not overload.
+**One connection, one share** (:mod:`gaspar.fairqueue`): a persistent connection holds at
+most as many places in the queue as there are workers; its other requests wait behind its own.
 
 **No leaks.** Every outcome removes the entry: a reply (``complete``), a worker's death
 (``remove_worker``), a timeout (``expire``), a vanished client (``cancel``), a shed
@@ -58,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fairqueue import FairQueue
 from .overload import DEADLINE, NO_WORKERS, QUEUE_FULL, QueueControl
 
 
@@ -185,9 +178,7 @@ class Dispatcher:
         self.max_queued = max_queued  # 0: no cap
         self.workers: dict[bytes, WorkerSlot] = {}
         self._idle: dict[bytes, WorkerSlot] = {}  # insertion-ordered set
-        self._queue: deque[Pending] = deque()
-        self._in_queue: dict[Any, int] = {}  # owner -> its requests in the queue
-        self._held: dict[Any, deque[Pending]] = {}  # owner -> its requests past its share
+        self._queue = FairQueue(lambda: len(self.workers), lambda: self.control.overloaded, clock)
         self.pending: dict[int, Pending] = {}
         self.counters = Counters()
         self._next_id = 1
@@ -220,54 +211,13 @@ class Dispatcher:
         self._next_id += 1
         self.pending[req.id] = req
         self.counters.submitted += 1
-        if owner is not None:
-            req.owner = owner
-            if self._in_queue.get(owner, 0) >= max(1, len(self.workers)):
-                req.held = True  # its share of the queue is full: it waits for its own
-                held = self._held.get(owner)
-                if held is None:
-                    held = self._held[owner] = deque()
-                held.append(req)
-                return req, []
+        req.owner = owner
+        if not self._queue.submit(req):
+            return req, []  # held behind its own connection's share
         queue = self._queue
-        if self.max_queued and len(queue) >= self.max_queued:
-            self._drop(self._pop(True), QUEUE_FULL)  # the oldest: the least likely still wanted
-        self._enqueue(req)
+        if self.max_queued and len(queue) > self.max_queued:
+            self._drop(queue.pop(True), QUEUE_FULL)  # the oldest: the least likely still wanted
         return req, self._assign()
-
-    def _enqueue(self, req: Pending, first: bool = False) -> None:
-        if first:
-            self._queue.appendleft(req)
-        else:
-            self._queue.append(req)
-        if req.owner is not None:
-            self._in_queue[req.owner] = self._in_queue.get(req.owner, 0) + 1
-
-    def _pop(self, oldest: bool) -> Pending:
-        req = self._queue.popleft() if oldest else self._queue.pop()
-        if req.owner is not None:
-            self._left(req.owner)
-        return req
-
-    def _left(self, owner: Any) -> None:
-        """One of ``owner``'s requests left the queue: its next held one takes the place."""
-        n = self._in_queue[owner] - 1
-        if n:
-            self._in_queue[owner] = n
-        else:
-            del self._in_queue[owner]
-        held = self._held.get(owner)
-        if held and n < max(1, len(self.workers)):
-            req = held.popleft()
-            if not held:
-                del self._held[owner]
-            req.held = False
-            if self.control.overloaded and self._queue:  # served last, shed first
-                req.queued_at = self._queue[0].queued_at
-                self._enqueue(req, first=True)
-            else:
-                req.queued_at = self.clock()
-                self._enqueue(req)
 
     def take_shed(self) -> list[tuple[Pending, str]]:
         """Requests shed since the last call, with the reason; removed, to be answered."""
@@ -287,20 +237,16 @@ class Dispatcher:
         queue, control = self._queue, self.control
         self._check(now)
         limit, reason = control.limit()
-        if limit is not None and queue and now - queue[0].queued_at > limit:
+        if limit is not None and queue and now - queue.oldest.queued_at > limit:
             if not any(not w.retiring for w in self.workers.values()):
                 reason = NO_WORKERS  # not overload: nothing could run it
-            while queue and now - queue[0].queued_at > limit:
-                self._drop(self._pop(True), reason)
+            while queue and now - queue.oldest.queued_at > limit:
+                self._drop(queue.pop(True), reason)
         if deadlines:
-            hopeless = [r for r in queue if control.hopeless(now, r.client_deadline)]
+            hopeless = [r for r in (*queue, *queue.held_requests()) if control.hopeless(now, r.client_deadline)]
             for req in hopeless:
-                self._unqueue(req)
+                queue.remove(req)
                 self._drop(req, DEADLINE)
-            for held in list(self._held.values()):
-                for req in [r for r in held if control.hopeless(now, r.client_deadline)]:
-                    self._unhold(req)
-                    self._drop(req, DEADLINE)
             for worker in self.workers.values():
                 for req in worker.ahead:
                     if not req.cancelled and not req.revoked and control.hopeless(now, req.client_deadline):
@@ -316,7 +262,7 @@ class Dispatcher:
         no worker at all the queue is not served, not overloaded: it waits for one (up to
         queue_timeout), as when every worker died or no agent has joined yet."""
         queue = self._queue
-        waited = now - queue[0].queued_at if queue and self.workers else 0.0
+        waited = now - queue.oldest.queued_at if queue and self.workers else 0.0
         self.control.check(now, waited, len(queue))
 
     def complete(self, routing_id: bytes, request_id: int, ran: bool = True) -> tuple[Pending | None, list[Assignment]]:
@@ -376,25 +322,11 @@ class Dispatcher:
         req.cancelled = True
         self.counters.cancelled += 1
         if req.worker is None:
-            if req.held:
-                self._unhold(req)
-            else:
-                self._unqueue(req)
+            self._queue.remove(req)
             del self.pending[req.id]
         elif req.worker.current is not req and not req.revoked:
             req.revoked = "cancelled"
             self._cancels.append((req.worker, req))
-
-    def _unqueue(self, req: Pending) -> None:
-        self._queue.remove(req)
-        if req.owner is not None:
-            self._left(req.owner)
-
-    def _unhold(self, req: Pending) -> None:
-        held = self._held[req.owner]
-        held.remove(req)
-        if not held:
-            del self._held[req.owner]
 
     def expire(self) -> tuple[list[Pending], list[Pending]]:
         """Running requests past a limit: ``(answered, killed)``.
@@ -436,8 +368,6 @@ class Dispatcher:
         self.counters.failed += len(reqs)
         self.pending.clear()
         self._queue.clear()
-        self._in_queue.clear()
-        self._held.clear()
         for worker in self.workers.values():
             worker.current = None
             worker.ahead.clear()
@@ -453,7 +383,7 @@ class Dispatcher:
         if req.worker is not None and req in req.worker.ahead:
             req.worker.ahead.remove(req)
         req.worker, req.deadline, req.answer_by, req.queued_at = None, None, None, self.clock()
-        self._enqueue(req, first=True)
+        self._queue.put(req, first=True)
         return self._assign()
 
     # -- workers --------------------------------------------------------------------------
@@ -507,7 +437,7 @@ class Dispatcher:
     @property
     def held(self) -> int:
         """Requests waiting behind their own connection's share of the queue."""
-        return sum(len(h) for h in self._held.values())
+        return self._queue.held
 
     @property
     def running(self) -> int:
@@ -562,11 +492,11 @@ class Dispatcher:
         self._check(now)
         return out
 
-    def _take(self, queue: deque[Pending], lifo: bool, now: float, limit: float | None, reason: str) -> Pending | None:
+    def _take(self, queue: FairQueue, lifo: bool, now: float, limit: float | None, reason: str) -> Pending | None:
         """The next request to hand out, shedding on the way those that are past use."""
         control = self.control
         while queue:
-            req = self._pop(not lifo)
+            req = queue.pop(not lifo)
             if limit is not None and now - req.queued_at > limit:
                 self._drop(req, reason)
             elif req.client_deadline is not None and control.hopeless(now, req.client_deadline):
@@ -605,7 +535,7 @@ class Dispatcher:
                 self.pending.pop(req.id, None)
                 continue
             req.worker, req.deadline, req.answer_by, req.queued_at, req.revoked = None, None, None, self.clock(), None
-            self._enqueue(req, first=True)
+            self._queue.put(req, first=True)
 
 
 __all__ = ["Dispatcher", "Pending", "WorkerSlot", "Counters"]

@@ -370,7 +370,7 @@ def test_a_pipelining_connection_holds_one_share_and_a_newcomer_waits_behind_it_
             busy.append(nxt)
     assert order.index(b"probe") == 2  # behind the two hog requests queued before it, no more
     assert order == [b"h0", b"h1", b"probe"] + [b"h%d" % i for i in range(2, 50)]  # the hog keeps its order
-    assert d.queued == 0 and d.held == 0 and not d.pending and not d._in_queue and not d._held
+    assert d.queued == 0 and d.held == 0 and not d.pending and not d._queue._in_queue and not d._queue._held
 
 
 def test_alone_a_pipelining_connection_keeps_every_worker_busy():
@@ -409,7 +409,7 @@ def test_while_newest_first_a_held_request_joins_at_the_head_and_is_shed_first()
     assert second is others[-2]
     # a hog request leaves (its client gave up): its next joins at the head, as old as the oldest
     d.cancel(hog[1])
-    assert d._queue[0] is hog[2] and hog[2].queued_at == hog[0].queued_at
+    assert d._queue.oldest is hog[2] and hog[2].queued_at == hog[0].queued_at
     # shedding takes the old end first: the hog's, before others' newer ones
     clock.now += 5.0
     d.sweep()
@@ -429,7 +429,7 @@ def test_a_held_request_can_be_cancelled_failed_or_shed_for_its_deadline():
     assert [req for req, reason in d.take_shed()] == [hog[4]] and d.held == 2
     failed = d.fail_all()
     assert set(failed) == set(running + [hog[0], hog[1], hog[2], hog[5]])
-    assert not d._held and not d._in_queue and d.queued == 0
+    assert not d._queue._held and not d._queue._in_queue and d.queued == 0
 
 
 class ShareMachine(RuleBasedStateMachine):
@@ -483,15 +483,16 @@ class ShareMachine(RuleBasedStateMachine):
     def books_match(self):
         d = self.d
         counts: dict = {}
-        for req in d._queue:
+        q = d._queue
+        for req in q:
             assert not req.held
             if req.owner is not None:
                 counts[req.owner] = counts.get(req.owner, 0) + 1
-        assert counts == d._in_queue
-        for owner, held in d._held.items():
+        assert counts == q._in_queue
+        for owner, held in q._held.items():
             assert held and all(r.held and r.owner == owner for r in held)
-            assert d._in_queue.get(owner, 0) >= 1  # a held request always has one of its own ahead
-        queued = {r.id for r in d._queue} | {r.id for h in d._held.values() for r in h}
+            assert q._in_queue.get(owner, 0) >= 1  # a held request always has one of its own ahead
+        queued = {r.id for r in q} | {r.id for r in q.held_requests()}
         hands = {r.id for w in d.workers.values() for r in ([w.current] if w.current else []) + list(w.ahead)}
         assert queued <= set(d.pending) <= queued | hands
 
