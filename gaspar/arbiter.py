@@ -25,7 +25,7 @@ and its workers die with it the same way: a SIGKILLed front end leaves no proces
 
 With ``capture_output`` it also holds the read ends of a pipe per worker and stream (made
 before the fork, fds 1 and 2 in the worker) and logs their lines in the same loop that forks
-and reaps (:class:`gaspar.logs.OutputCapture`): its stderr is the daemon's, and it has no
+and reaps (:class:`gaspar.capture.OutputCapture`): its stderr is the daemon's, and it has no
 hub that must never block.
 """
 
@@ -42,7 +42,7 @@ import sys
 import time
 from typing import Any
 
-from .logs import OutputCapture
+from .capture import OutputCapture
 from .worker import DUMP_SIGNAL, Consumer, Worker, run_worker, set_proctitle, start_watchdog
 
 log = logging.getLogger("gaspar")
