@@ -55,7 +55,7 @@ def main() -> int:
     env = repo_env()
     port, remote = free_port(), free_port()
     serve = [sys.executable, "-m", "gaspar", "serve", "gaspar.demo:echo", "--bind", f"127.0.0.1:{port}", "-w", "1"]
-    serve += ["--remote-bind", f"tcp://127.0.0.1:{remote}", "--control-socket", "off", *FAST]
+    serve += ["--remote-bind", f"tcp://127.0.0.1:{remote}", "--insecure", "--control-socket", "off", *FAST]
     front = spawn_logged(serve, logs / "soak-front.log", env)
     worker = [sys.executable, "-m", "gaspar", "worker", "gaspar.demo:echo", "--connect", f"tcp://127.0.0.1:{remote}"]
     worker += ["-w", "2", "--name", "soak", "--reconnect-max", "1", *FAST]

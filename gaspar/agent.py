@@ -57,7 +57,7 @@ import zmq.utils.monitor
 from . import __version__, sdnotify
 from .arbiter import ForkServer, drain
 from .forkserver import ForkServers
-from .framing import Kind, Link
+from .framing import Kind, Link, Status, error_body
 from .ipcdir import make_ipc_dir
 from .pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from .remote import reconnect_delay
@@ -148,6 +148,7 @@ class Agent:
         self.curve = (curve_secret, curve_server) if curve_secret else None
         self.reconnect_max = reconnect_max
         self.liveness = settings.agent_liveness  # the front end's, once it has welcomed us
+        self.max_reply: int | None = None  # the front end's max_message_size, once welcomed
         self.state = "idle"  # idle (waiting to join), joining, joined, leaving
         self.session = 0
         self.attempt = 0  # joins since the last WELCOME: the back-off grows with it
@@ -375,6 +376,7 @@ class Agent:
             self.state, self.session, self.attempt = "joined", body["session"], 0
             self.stop_monitor()  # it only explains a join that fails
             self.liveness = float(body.get("liveness", self.liveness))
+            self.max_reply = body.get("max_message_size")
             log.info("Joined %s as %s (session %s)", self.connect, self.name, self.session)
             sdnotify.notify(f"READY=1\nSTATUS=joined {self.connect} (session {self.session})\nMAINPID={os.getpid()}")
             for w in self.by_pid.values():
@@ -443,6 +445,11 @@ class Agent:
             w = self.by_wid.get(wid)
             if w is not None and kind in (_REPLY, _SKIPPED):
                 w.requests.discard(head[1:9])
+            if kind == _REPLY and self.max_reply and len(frames) > 2 and len(frames[2]) > self.max_reply:
+                # the front end drops a connection that sends past its limit: answer for the worker
+                size, limit = len(frames[2]), self.max_reply
+                text = f"the reply of {size} bytes is over the front end's max_message_size ({limit})"
+                frames = [wid, head[:9] + bytes([Status.HANDLER_ERROR]), error_body("ReplyTooLarge", text)]
             if self.state in ("joined", "leaving"):  # else no session can carry it: dropped
                 self.send_link(frames)
 

@@ -248,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     worker.add_argument("app", metavar="MODULE:CALLABLE", help="the handler, as for gaspar serve")
-    worker.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the front end's --remote-bind")
+    worker.add_argument(
+        "--connect", required=True, metavar="tcp://HOST:PORT|ipc://PATH", help="the front end's --remote-bind"
+    )
     worker.add_argument(
         "--name", default=None, help="this agent's name (default: the host name; with CURVE, its key's)"
     )
@@ -401,8 +403,11 @@ def agent(args: argparse.Namespace) -> int:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UsageError(f"--workers must be at least 1, not {workers!r}")
     host, _, port = args.connect.removeprefix("tcp://").rpartition(":")
-    if not args.connect.startswith("tcp://") or not host or not port.isdigit():
-        raise UsageError(f"--connect takes tcp://HOST:PORT (the front end's --remote-bind), not {args.connect!r}")
+    ipc = args.connect.startswith("ipc://") and len(args.connect) > len("ipc://")
+    if not ipc and (not args.connect.startswith("tcp://") or not host or not port.isdigit()):
+        raise UsageError(
+            f"--connect takes tcp://HOST:PORT or ipc://PATH (the front end's --remote-bind), not {args.connect!r}"
+        )
     consumer = load_consumer(args.app)
     options.update({name: getattr(args, name) for name in AGENT_SETTINGS if getattr(args, name) is not None})
     from .agent import Agent

@@ -47,6 +47,7 @@ _LIMITS: dict[str, tuple[float | None, float | None]] = {
     "statsd_interval": (0.001, None),
     "heartbeat_interval": (0.01, None),
     "agent_liveness": (0.05, None),
+    "max_agent_workers": (1, None),
 }
 
 
@@ -151,7 +152,9 @@ class Settings:
         "/tmp/gaspar-UID/PORT.sock; off: none",
     )
     remote_bind: str | None = _opt(
-        None, "tcp://IP:PORT where agents on other hosts (gaspar worker --connect) join the pool (default: off)"
+        None,
+        "tcp://IP:PORT where agents on other hosts (gaspar worker --connect) join the pool, with CURVE; or "
+        "ipc://PATH for agents on this host (a socket 0600 in a directory 0700) (default: off)",
     )
     curve_secret: str | None = _opt(
         None, "this front end's CURVE secret key file (gaspar keygen); with curve_allow, agents must authenticate"
@@ -159,7 +162,10 @@ class Settings:
     curve_allow: str | None = _opt(
         None, "a directory of the agents' public key files (NAME.key) allowed to join; read again on reload"
     )
-    insecure: bool = _opt(False, "allow a remote_bind that is not loopback without CURVE: anyone reaching it joins")
+    insecure: bool = _opt(
+        False, "allow a tcp:// remote_bind without CURVE (loopback included): anyone who can connect joins"
+    )
+    max_agent_workers: int = _opt(1024, "worker slots one agent may hold (it may not exceed what its JOIN announced)")
     heartbeat_interval: float = _opt(1.0, "seconds between heartbeats to each agent (and 0MQ's own pings)")
     agent_liveness: float = _opt(
         3.0, "seconds an agent may stay silent; past it, it is lost: its running requests fail as WorkerLost"
@@ -194,14 +200,18 @@ class Settings:
             raise ValueError("agent_liveness must be longer than heartbeat_interval")
         if self.remote_bind is None:
             return
+        if self.remote_bind.startswith("ipc://"):
+            if len(self.remote_bind) <= len("ipc://"):
+                raise ValueError("remote_bind ipc:// needs a path (ipc:///run/gaspar/agents.sock)")
+            return
         if not self.remote_bind.startswith("tcp://"):
-            raise ValueError(f"remote_bind takes tcp://IP:PORT, not {self.remote_bind!r}")
-        host = self.remote_bind[6:].rpartition(":")[0].strip("[]")
-        loopback = host in ("localhost", "::1") or host.startswith("127.")
-        if not loopback and self.curve_secret is None and not self.insecure:
+            raise ValueError(f"remote_bind takes tcp://IP:PORT or ipc://PATH, not {self.remote_bind!r}")
+        if self.curve_secret is None and not self.insecure:
             raise ValueError(
-                f"remote_bind {self.remote_bind} is not loopback: anyone who reaches it could join and get requests; "
-                "give curve_secret and curve_allow (gaspar keygen), or say insecure"
+                f"remote_bind {self.remote_bind} without CURVE: anyone who can connect to it, loopback included "
+                "(any user of this host), could join as an agent and read and forge every request. Give "
+                "curve_secret and curve_allow (gaspar keygen), use ipc://PATH for agents on this host, or say "
+                "insecure (--insecure) on a network you trust"
             )
 
     @classmethod

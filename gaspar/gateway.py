@@ -24,7 +24,15 @@ ended session are counted (``stale``) and dropped, and the agent is told GONE.
 
 **Security.** With ``curve_secret`` the socket is a CURVE server and only the keys in
 ``curve_allow`` get in (:mod:`gaspar.curve`; the ZAP handler runs in the front end's hub).
-The front end's reload reads them again (:meth:`Gateway.reload_keys`).
+The front end's reload reads them again (:meth:`Gateway.reload_keys`). Over TCP, loopback
+included, CURVE is required unless ``insecure`` is set (any local user can connect to a
+loopback port); ``ipc://PATH`` binds a Unix socket, mode 0600 in a directory of mode 0700
+that only this user may enter, for agents on the same host. Whatever an agent sends is
+bounded: ``ZMQ_MAXMSGSIZE`` (libzmq drops the connection of a peer that sends a larger
+frame), at most :data:`MAX_FRAMES` frames a message, control messages and HELLOs parsed by
+:mod:`gaspar.remote` within their own caps, and worker slots per agent; at most
+:attr:`Gateway.BATCH` messages are read per round, so a flooding agent cannot hold the hub
+from the clients.
 
 The gateway does socket I/O but no eventlet: the front end calls :meth:`read` when the
 socket is readable (every round of its I/O loop), and :meth:`tick` every 0.1 s.
@@ -32,8 +40,11 @@ socket is readable (every round of its I/O loop), and :meth:`tick` every 0.1 s.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +54,7 @@ import zmq.utils.monitor
 
 from .dispatch import Pending, WorkerSlot, draw_limit
 from .framing import Kind, Link, Status, pack_id
-from .remote import LEAVING, LEFT, LOST, Agent, Agents
+from .remote import LEAVING, LEFT, LOST, Agent, Agents, Refused, count, parse_control, parse_hello, seconds
 from .telemetry import LogLimiter
 from .zmqfast import LARGE as _LARGE
 from .zmqfast import MORE_NOW as _MORE_NOW
@@ -68,6 +79,11 @@ _HANDSHAKE_WHY = {  # an AUTH failure is the ZAP handler's refusal: it logs that
 #: that still cannot go (EAGAIN) means the agent stopped reading: it is lost.
 HWM = 100_000
 _HELLO = Kind.HELLO.value
+#: A message from an agent has at most this many frames ([rid, wid, head, body]); the rest
+#: of a longer one is read and dropped.
+MAX_FRAMES = 6
+#: The head and routing frames around a body: ZMQ_MAXMSGSIZE is max_message_size plus this.
+FRAME_SLACK = 1024
 
 
 class Gateway:
@@ -78,6 +94,8 @@ class Gateway:
     ``fail(request, status, type, message, **facts)`` answers a request with an error, and
     ``relay(frames)`` handles a worker's message ``[key, head, body]`` as a local one's.
     """
+
+    BATCH = 64  # messages read per round at most
 
     def __init__(
         self,
@@ -93,7 +111,7 @@ class Gateway:
         self.ctx, self.settings, self.dispatcher, self.telemetry = ctx, settings, dispatcher, telemetry
         self._send_work, self._fail, self._relay = send, fail, relay
         self.clock = clock
-        self.agents = Agents(settings.agent_liveness, clock)
+        self.agents = Agents(settings.agent_liveness, clock, max_workers=settings.max_agent_workers)
         self.sock: zmq.Socket | None = None
         self.gatekeeper: Any = None
         self.monitor: zmq.Socket | None = None
@@ -103,6 +121,9 @@ class Gateway:
         self._next_ping = 0.0
         self._reading = False
         self.malformed = 0
+        self.oversize = 0  # control messages or HELLOs past their caps, refused unread
+        self.hellos_refused = 0  # past an agent's worker slots
+        self.disconnects = 0  # connections libzmq closed (an agent left, or sent past ZMQ_MAXMSGSIZE)
         self._log_limit = LogLimiter(burst=10, period=60.0)  # refusals and bad messages
         self._suspects: list[tuple[Agent, str]] = []  # sends failed: lose them once read
 
@@ -113,6 +134,7 @@ class Gateway:
         sock.linger = 0
         sock.router_mandatory = 1
         sock.sndhwm = sock.rcvhwm = HWM
+        sock.maxmsgsize = max(s.max_message_size, 256 * 1024) + FRAME_SLACK
         sock.ipv6 = "[" in s.remote_bind  # tcp://[::1]:PORT
         # 0MQ's own heartbeats tear down a dead TCP connection, but later than this module
         # loses a silent agent: a connection that comes back in between carries the GONE
@@ -127,7 +149,10 @@ class Gateway:
                 self.gatekeeper.start()
                 secure_server(sock, s.curve_secret)
             try:
-                sock.bind(s.remote_bind)
+                if s.remote_bind.startswith("ipc://"):
+                    bind_ipc(sock, s.remote_bind)
+                else:
+                    sock.bind(s.remote_bind)
             except zmq.ZMQError as exc:  # in the words of a socket's bind, for the CLI and the log
                 raise OSError(exc.errno, zmq.strerror(exc.errno), s.remote_bind) from None
         except BaseException:
@@ -138,7 +163,7 @@ class Gateway:
         self.endpoint = sock.last_endpoint.decode()
         # handshakes that fail (a client without CURVE, a wrong server key, a refused key):
         # counted from libzmq's socket monitor, so an operator sees who knocks and fails
-        self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED)
         return self.endpoint
 
     def fds(self) -> list[tuple[int, Callable[[int], None]]]:
@@ -156,6 +181,9 @@ class Gateway:
                 event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.disconnects += 1
+                continue
             if event["event"] & _HANDSHAKE_FAILED:
                 self.handshakes_failed += 1
                 if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -233,34 +261,41 @@ class Gateway:
         """A send to ``agent`` failed: its connection is gone (or past the high-water mark).
         What it sent before may still wait on the socket (a LEAVE, a last reply): read that
         first, then lose it if it is still live."""
-        self._suspects.append((agent, exc if isinstance(exc, str) else f"a send failed: {exc}"))
+        self._suspects.append((agent, exc if isinstance(exc, str) else _send_failed(exc)))
         if not self._reading:
             self.read()
 
     # -- from the agents --------------------------------------------------------------------
 
     def read(self) -> int:
-        """Handle every message waiting on the remote socket; return how many there were."""
+        """Handle the messages waiting on the remote socket, :attr:`BATCH` at most; return
+        how many there were (the caller reads again soon after a full batch)."""
         sock, n = self.sock, 0
         if sock is None or self._reading:
             return 0
         self._reading = True
         try:
-            while True:
+            while n < self.BATCH:
                 try:
                     frames = [_recv(sock, _NOW)]
                 except zmq.Again:
                     break
                 while _get(sock, _RCVMORE):
-                    frames.append(_recv(sock, _NOW, False))
+                    frame = _recv(sock, _NOW, False)
+                    if len(frames) < MAX_FRAMES:
+                        frames.append(frame)
                 n += 1
                 try:
                     self._on_message(frames)
-                except Exception:  # a peer's bad bytes: counted, logged 10 times a minute at most
+                except Refused as exc:  # a rule an agent broke: counted, logged 10 times a minute
+                    if exc.kind == "oversize":
+                        self.oversize += 1
+                    elif exc.kind == "malformed":
+                        self.malformed += 1  # (past its slots: counted as hellos_refused)
+                    self._refused(frames, str(exc))
+                except Exception as exc:  # a peer's bad bytes: counted, logged 10 times a minute at most
                     self.malformed += 1
-                    allowed, held = self._log_limit.allow()
-                    if allowed:
-                        log.exception("Dropped a malformed message from an agent (%s not logged)", held)
+                    self._refused(frames, f"a malformed message ({type(exc).__name__}: {exc})")
         finally:
             self._reading = False
         while self._suspects:
@@ -268,11 +303,20 @@ class Gateway:
             self.lose(agent, why)  # a no-op if it left meanwhile
         return n
 
+    def _refused(self, frames: list[Any], why: str) -> None:
+        agent = self.agents.get(frames[0]) if frames else None
+        who = f"agent {agent.name}" if agent is not None else "a connection without a session"
+        allowed, held = self._log_limit.allow()
+        if allowed:
+            log.warning("Refused a message from %s: %s (%s not logged)", who, why, held)
+
     def _on_message(self, frames: list[Any]) -> None:
         # ["", kind + json]: a control message; [wid, head, body]: a worker's, relayed
+        if len(frames) < 3:
+            raise Refused("malformed", f"a message of {len(frames)} frames")
         rid, wid, head = frames[0], frames[1].bytes, frames[2].bytes
         if not wid and head[:1] == Link.JOIN.value:
-            return self._on_join(rid, json.loads(head[1:]), frames[2])
+            return self._on_join(rid, parse_control(head)[1], frames[2])
         agent = self.agents.get(rid)
         if agent is None:  # from a session that ended (a late reply among them): never delivered
             if self.agents.is_stale(rid):
@@ -280,8 +324,10 @@ class Gateway:
             return
         self.agents.heard(agent)  # any message renews its liveness
         if not wid:
-            self._on_control(agent, head[:1], json.loads(head[1:] or b"{}"))
+            self._on_control(agent, *parse_control(head))
         elif head[:1] == _HELLO:
+            if len(frames) < 4:
+                raise Refused("malformed", "a worker HELLO without its payload")
             self._on_hello(agent, wid, frames[3].bytes)
         else:
             if head[:1] == Kind.REPLY.value:
@@ -302,8 +348,6 @@ class Gateway:
                 _, reason, _ = self.agents.refuse(f"the key {user!r} is no longer allowed")
                 self._control(rid, Link.REFUSE, reason=reason)
                 return
-        if not isinstance(hello, dict):
-            raise ValueError(f"a JOIN carries a JSON object, not {type(hello).__name__}")
         agent, reason, replaced = self.agents.join(rid, hello, user)
         if replaced is not None:
             self._end(replaced, replaced.state, replaced.why)
@@ -315,7 +359,12 @@ class Gateway:
             return
         s = self.settings
         self._control(
-            agent, Link.WELCOME, session=agent.session, heartbeat=s.heartbeat_interval, liveness=s.agent_liveness
+            agent,
+            Link.WELCOME,
+            session=agent.session,
+            heartbeat=s.heartbeat_interval,
+            liveness=s.agent_liveness,
+            max_message_size=s.max_message_size,  # a larger reply would cost the agent its connection
         )
         self._control(agent, Link.PING, t=self.clock())  # its round trip, known at once
         log.info(
@@ -330,12 +379,21 @@ class Gateway:
     def _on_hello(self, agent: Agent, wid: bytes, payload: bytes) -> None:
         if agent.state != "joined" or wid in agent.workers:
             return
-        hello = json.loads(payload)
+        pid, number, generation = parse_hello(payload)
+        if len(wid) > 256:
+            raise Refused("malformed", f"a worker routing id of {len(wid)} bytes")
+        if not self.agents.may_add_worker(agent):
+            self.hellos_refused += 1
+            raise Refused(
+                "slots",
+                f"a worker HELLO past its slots ({len(agent.workers)} workers; its JOIN announced "
+                f"{agent.announced}; max_agent_workers {self.agents.max_workers})",
+            )
         s = self.settings
         slot = WorkerSlot(
-            hello["pid"],
-            hello["number"],
-            hello["generation"],
+            pid,
+            number,
+            generation,
             agent.rid + wid,
             max_requests=draw_limit(s.max_requests, s.max_requests_jitter),
         )
@@ -346,12 +404,12 @@ class Gateway:
 
     def _on_control(self, agent: Agent, kind: bytes, body: dict[str, Any]) -> None:
         if kind == Link.PONG.value:
-            t = body.get("t")
-            self.agents.pong(agent, t if isinstance(t, (int, float)) else -1.0, body.get("usage"))
+            t = seconds(body.get("t"))
+            self.agents.pong(agent, -1.0 if t is None else t, body.get("usage"))
         elif kind == Link.EXITED.value:
             self._on_exited(agent, body)
         elif kind == Link.RETIRE.value:  # the agent reloads: this one goes once it is idle
-            slot = agent.workers.get(str(body.get("wid", "")).encode())
+            slot = agent.workers.get(str(body.get("wid", ""))[:256].encode())
             if slot is not None and self.dispatcher.retire(slot.routing_id, "reload"):
                 self.tell_exit(slot)
         elif kind == Link.LEAVE.value:
@@ -368,10 +426,10 @@ class Gateway:
     def _on_exited(self, agent: Agent, event: dict[str, Any]) -> None:
         from .pool import describe_exit
 
-        slot = agent.workers.pop(event.get("wid", "").encode(), None)
+        slot = agent.workers.pop(str(event.get("wid", ""))[:256].encode(), None)
         if slot is None:
             return
-        exitcode, sig, text = describe_exit(int(event.get("status", 0)), slot.kill_reason)
+        exitcode, sig, text = describe_exit(count(event.get("status"), 0, 0xFFFF) or 0, slot.kill_reason)
         expected, reason = slot.exit_meaning(exitcode)
         req = self.dispatcher.remove_worker(slot.routing_id)
         if req is not None:
@@ -393,7 +451,8 @@ class Gateway:
         ``heartbeat_interval``."""
         self.read_monitor()  # its fd wakes the hub only on a change: read it here too
         for agent in self.agents.overdue():
-            self.lose(agent, f"silent for more than {self.settings.agent_liveness}s")
+            silent = self.settings.agent_liveness
+            self.lose(agent, f"silent for more than {silent}s: its host is partitioned or frozen, or crashed")
         now = self.clock()
         if now >= self._next_ping:
             self._next_ping = now + self.settings.heartbeat_interval
@@ -476,8 +535,45 @@ class Gateway:
             "handshakes_failed": self.handshakes_failed,
             "stale_messages": a.stale,
             "malformed_messages": self.malformed,
+            "oversize_messages": self.oversize,
+            "hellos_refused": self.hellos_refused,
+            "connections_closed": self.disconnects,
             "requests_lost": self.lost_requests,
         }
+
+
+def _send_failed(exc: Exception) -> str:
+    """Why a send to an agent failed, in words an operator can act on."""
+    code = getattr(exc, "errno", None)
+    if code == errno.EHOSTUNREACH:  # ROUTER_MANDATORY: no such peer any more
+        return "its connection closed: the agent exited or was killed, or the network closed it"
+    if code == errno.EAGAIN:
+        return f"it stopped reading: {HWM} messages wait for it"
+    return f"a send to it failed: {exc}"
+
+
+def bind_ipc(sock: zmq.Socket, endpoint: str) -> None:
+    """Bind ``ipc://PATH`` so that only this user can connect: the socket inside a
+    directory of mode 0700 owned by this user (made if missing; refused if anyone else may
+    enter it), and the socket itself 0600. The directory is the boundary, so the instant
+    between bind and chmod exposes nothing."""
+    path = endpoint[len("ipc://") :]
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise OSError(
+            errno.EPERM,
+            f"{directory} must be a directory of this user's with mode 0700 (it is "
+            f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}): any user who may enter it could join",
+            endpoint,
+        )
+    old = os.umask(0o177)
+    try:
+        sock.bind(endpoint)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
 
 
 def _peer(frame: Any) -> str:

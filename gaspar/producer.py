@@ -790,6 +790,7 @@ class Producer:
         self._read_scheduled = None
         self._in_round = True
         router, recv, get = self.router, _raw_recv, _raw_get
+        more_remote = False
         try:
             while True:
                 if self._outbox or self._cancel_box:
@@ -797,8 +798,14 @@ class Producer:
                 try:
                     frames = [recv(router, _NOW)]
                 except zmq.Again:
-                    if self.gateway is not None and self.gateway.read():
-                        continue  # the agents' messages (may have queued more to send)
+                    if self.gateway is not None and not more_remote:
+                        n = self.gateway.read()
+                        if n:
+                            # a batch of the agents' messages (it may have queued more to
+                            # send); past a full batch, the rest waits for the next round,
+                            # so a flooding agent cannot hold the hub from the clients
+                            more_remote = n >= self.gateway.BATCH
+                            continue
                     if not self._outbox and not self._cancel_box:
                         return
                     continue
@@ -813,6 +820,8 @@ class Producer:
                     self.settle()
         finally:
             self._in_round = False
+            if more_remote and self._read_scheduled is None:
+                self._read_scheduled = eventlet.hubs.get_hub().schedule_call_global(0, self.read_router)
 
     def _on_message(self, frames: list[Any]) -> None:
         """``frames``: the routing id (bytes), then Frames: a head and a body."""

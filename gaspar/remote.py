@@ -24,10 +24,21 @@ socket:
 
 The workers of an agent are :class:`gaspar.dispatch.WorkerSlot` s like local ones, with
 ``agent`` set: the dispatcher never looks at where a worker lives.
+
+**Bounds on an authenticated agent.** A key lets an agent in; it does not make it honest.
+Every control message is parsed here (:func:`parse_control`, :func:`parse_hello`), capped
+in size before it is decoded (:data:`MAX_CONTROL`, :data:`MAX_HELLO`) and checked field by
+field; a PONG's usage is read for the agent's own pids only, at most one entry more than
+it has workers. An agent has at most as many worker slots as its JOIN announced (plus one,
+for the replacement a reload forks before an old worker leaves), and never more than
+``max_agent_workers`` (:meth:`Agents.may_add_worker`). What breaks a rule is refused,
+counted and logged (rate-limited); the agent's other messages go on.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import time
 from collections import deque
@@ -39,6 +50,63 @@ from typing import Any
 JOINED, LEAVING, LOST, LEFT, REPLACED = "joined", "leaving", "lost", "left", "replaced"
 LIVE = (JOINED, LEAVING)
 MAX_NAME = 64
+#: The largest control message (JOIN, PONG, EXITED...) decoded, in bytes: a PONG for 1,024
+#: workers is about 40 KiB. Larger ones are refused unread.
+MAX_CONTROL = 256 * 1024
+#: The largest worker HELLO relayed by an agent (a worker's is about 80 bytes).
+MAX_HELLO = 4096
+
+
+class Refused(ValueError):
+    """A message from an agent that breaks a rule: ``kind`` says which, for the counters
+    (``oversize``, ``malformed``)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def parse_control(message: bytes) -> tuple[bytes, dict[str, Any]]:
+    """A control message's kind and JSON object, or :class:`Refused`."""
+    if len(message) > MAX_CONTROL:
+        raise Refused("oversize", f"a control message of {len(message)} bytes (at most {MAX_CONTROL})")
+    try:
+        body = json.loads(message[1:] or b"{}")
+    except ValueError as exc:
+        raise Refused("malformed", f"a control message that is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise Refused("malformed", f"a control message carries a JSON object, not {type(body).__name__}")
+    return message[:1], body
+
+
+def parse_hello(payload: bytes) -> tuple[int, int, int]:
+    """A relayed worker HELLO's ``(pid, number, generation)``, or :class:`Refused`."""
+    if len(payload) > MAX_HELLO:
+        raise Refused("oversize", f"a worker HELLO of {len(payload)} bytes (at most {MAX_HELLO})")
+    try:
+        hello = json.loads(payload)
+    except ValueError as exc:
+        raise Refused("malformed", f"a worker HELLO that is not JSON: {exc}") from None
+    if not isinstance(hello, dict):
+        raise Refused("malformed", "a worker HELLO carries a JSON object")
+    values = [hello.get(k) for k in ("pid", "number", "generation")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in values):
+        raise Refused("malformed", "a worker HELLO needs a pid, a number and a generation (positive integers)")
+    return values[0], values[1], values[2]
+
+
+def count(value: Any, low: int, high: int) -> int | None:
+    """``value`` if it is an integer within [low, high], else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    return None
+
+
+def seconds(value: Any) -> float | None:
+    """``value`` if it is a finite number (a ping's timestamp), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def reconnect_delay(
@@ -73,6 +141,7 @@ class Agent:
     ended_at: float | None = None
     why: str = ""  # why the session ended
     usage: dict[int, tuple[float, int]] = field(default_factory=dict)  # pid -> (cpu s, rss), its last pong
+    announced: int = 1  # the workers its JOIN said it runs
 
     @property
     def live(self) -> bool:
@@ -85,8 +154,15 @@ class Agent:
 class Agents:
     """Sessions by routing id; live names; the last ``keep`` ended sessions."""
 
-    def __init__(self, liveness: float, clock: Callable[[], float] = time.monotonic, keep: int = 16) -> None:
+    def __init__(
+        self,
+        liveness: float,
+        clock: Callable[[], float] = time.monotonic,
+        keep: int = 16,
+        max_workers: int = 1024,
+    ) -> None:
         self.liveness = liveness
+        self.max_workers = max_workers  # worker slots per agent (max_agent_workers)
         self.clock = clock
         self.by_rid: dict[bytes, Agent] = {}  # live sessions
         self.ended: deque[Agent] = deque(maxlen=keep)
@@ -104,6 +180,9 @@ class Agents:
             return self.refuse("a JOIN needs a name of 1 to 64 characters and an instance")
         if user and name != user:
             return self.refuse(f"name {name!r} is not the one this key was issued for ({user!r})")
+        announced = count(hello.get("workers"), 1, self.max_workers)
+        if announced is None:
+            return self.refuse(f"a JOIN announces its workers, from 1 to {self.max_workers} (max_agent_workers)")
         replaced = self.by_rid.get(rid)
         holder = next((a for a in self.by_rid.values() if a.name == name), None)
         if holder is not None and holder is not replaced:
@@ -118,11 +197,12 @@ class Agents:
             name=name,
             host=str(hello.get("host", "?"))[:255],
             instance=instance,
-            pid=int(hello.get("pid", 0)),
+            pid=count(hello.get("pid"), 0, 2**31) or 0,
             session=self._session,
             joined_at=now,
             last_heard=now,
             user=user,
+            announced=announced,
         )
         if replaced is not None:
             self.end(replaced, REPLACED, "the agent joined again as a new session")
@@ -133,6 +213,13 @@ class Agents:
         """Count a refused JOIN (the checks above, or the caller's own)."""
         self.refused += 1
         return None, reason, None
+
+    def may_add_worker(self, agent: Agent) -> bool:
+        """Room for one more worker slot: fewer than its JOIN announced (plus one, a
+        reload's replacement) not retiring, and fewer than ``max_workers`` in all."""
+        if len(agent.workers) >= self.max_workers:
+            return False
+        return sum(1 for w in agent.workers.values() if not w.retiring) < agent.announced + 1
 
     def get(self, rid: bytes) -> Agent | None:
         return self.by_rid.get(rid)
@@ -155,11 +242,12 @@ class Agents:
         if 0 <= now - sent <= self.liveness:  # an answer to a ping of ours, not nonsense
             agent.rtt = now - sent
         if isinstance(usage, dict):
-            ours = {str(pid): pid for pid in (agent.pid, *(w.pid for w in agent.workers.values()))}
+            # the agent's own pids only, looked up one by one: a usage field of any size
+            # costs at most one lookup per pid we know
             agent.usage = {}
-            for key, figures in usage.items():
-                pid = ours.get(key)
-                if pid is not None and _figures(figures):
+            for pid in (agent.pid, *(w.pid for w in agent.workers.values())):
+                figures = usage.get(str(pid))
+                if figures is not None and _figures(figures):
                     agent.usage[pid] = (float(figures[0]), int(figures[1]))
 
     def overdue(self) -> list[Agent]:

@@ -26,7 +26,7 @@ AGENT_FAST = ("--heartbeat-interval", "0.25", "--agent-liveness", str(LIVENESS),
 
 
 def front(serve, processes: int = 0, **options):
-    options = {"remote_bind": "tcp://127.0.0.1:*", **FAST, **options}
+    options = {"remote_bind": "tcp://127.0.0.1:*", "insecure": "curve_secret" not in options, **FAST, **options}
     s = serve(handlers.where, processes=processes, **options)
     s.remote = s.producer.gateway.endpoint
     return s
@@ -377,10 +377,15 @@ def test_an_agent_that_cannot_reach_the_front_end_says_so(agent):
     assert a.proc.poll() is None  # it keeps trying
 
 
-def test_settings_refuse_an_open_remote_bind_without_curve():
-    with pytest.raises(ValueError, match="not loopback"):
-        gaspar.Settings(remote_bind="tcp://0.0.0.0:10124")
-    gaspar.Settings(remote_bind="tcp://0.0.0.0:10124", insecure=True)
+def test_settings_refuse_a_tcp_remote_bind_without_curve_loopback_included():
+    for bind in ("tcp://0.0.0.0:10124", "tcp://127.0.0.1:10124", "tcp://[::1]:10124", "tcp://localhost:1"):
+        with pytest.raises(ValueError, match="without CURVE: anyone who can connect to it, loopback included"):
+            gaspar.Settings(remote_bind=bind)
+        gaspar.Settings(remote_bind=bind, insecure=True)
+    gaspar.Settings(remote_bind="ipc:///run/gaspar/agents.sock")  # a Unix socket: no CURVE needed
+    for bad in ("ipc://", "udp://1.2.3.4:5", "127.0.0.1:5"):
+        with pytest.raises(ValueError, match="remote_bind"):
+            gaspar.Settings(remote_bind=bad)
     with pytest.raises(ValueError, match="go together"):
         gaspar.Settings(remote_bind="tcp://127.0.0.1:1", curve_secret="x")
     with pytest.raises(ValueError, match="at least 1"):
@@ -489,7 +494,7 @@ def test_a_taken_remote_port_and_bad_agent_arguments_are_one_line_errors():
         port = taken.getsockname()[1]
         out = subprocess.run(
             [sys.executable, "-m", "gaspar", "serve", "handlers:echo", "--bind", "127.0.0.1:0", "-w", "1"]
-            + ["--remote-bind", f"tcp://127.0.0.1:{port}", "--control-socket", "off"],
+            + ["--remote-bind", f"tcp://127.0.0.1:{port}", "--insecure", "--control-socket", "off"],
             cwd=ROOT,
             env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests")),
             capture_output=True,
@@ -514,14 +519,17 @@ def test_a_taken_remote_port_and_bad_agent_arguments_are_one_line_errors():
             timeout=30,
         )
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
-    out = subprocess.run(
-        [sys.executable, "-m", "gaspar", "serve", "gaspar.demo:echo", "--remote-bind", "tcp://0.0.0.0:1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 2 and "not loopback" in out.stderr and "insecure" in out.stderr
+    for bind in ("tcp://0.0.0.0:1", "tcp://127.0.0.1:1"):  # loopback is no trust boundary on a shared host
+        out = subprocess.run(
+            [sys.executable, "-m", "gaspar", "serve", "gaspar.demo:echo", "--remote-bind", bind],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 2 and "without CURVE" in out.stderr, out.stderr
+        for fix in ("gaspar keygen", "ipc://PATH", "--insecure"):  # it says how to fix it
+            assert fix in out.stderr
 
 
 def kill_one(agents, rng):
@@ -654,7 +662,16 @@ def test_agents_join_a_restarted_front_end_by_themselves(cli, agent):
     from conftest import free_port
 
     remote = f"tcp://127.0.0.1:{free_port()}"
-    args = ["handlers:where", "--bind", f"127.0.0.1:{free_port()}", "--workers", "0", "--remote-bind", remote]
+    args = [
+        "handlers:where",
+        "--bind",
+        f"127.0.0.1:{free_port()}",
+        "--workers",
+        "0",
+        "--remote-bind",
+        remote,
+        "--insecure",
+    ]
     args += ["--heartbeat-interval", "0.25", "--agent-liveness", str(LIVENESS), "--control-socket", "off"]
     first = cli(*args)
     addr = first.wait_listening()
@@ -715,7 +732,7 @@ def test_garbage_on_the_remote_socket_is_counted_and_the_pool_serves_on(serve, a
         ]
         for frames in bad * 20:
             sock.send_multipart(frames)
-        good = {"name": "ok", "host": "h", "instance": "i9", "pid": 1}
+        good = {"name": "ok", "host": "h", "instance": "i9", "pid": 1, "workers": 1}
         sock.send_multipart([b"", Link.JOIN.value + json.dumps(good).encode()])
         sock.send_multipart([b"w1", Kind.HELLO.value, b"{not json"])  # a bad HELLO after a good JOIN
         assert _recv_until(sock, lambda f: f[0] == b"" and f[1][:1] == Link.WELCOME.value)

@@ -3,11 +3,26 @@ injected clock, as a table of cases."""
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 import zmq
 
 from gaspar.dispatch import WorkerSlot
-from gaspar.remote import JOINED, LEFT, LOST, REPLACED, Agents, reconnect_delay
+from gaspar.remote import (
+    JOINED,
+    LEFT,
+    LOST,
+    MAX_CONTROL,
+    MAX_HELLO,
+    REPLACED,
+    Agents,
+    Refused,
+    parse_control,
+    parse_hello,
+    reconnect_delay,
+)
 
 
 class Clock:
@@ -19,7 +34,7 @@ class Clock:
 
 
 def hello(name="a1", instance="i1", **kw):
-    return {"name": name, "instance": instance, "host": "h", "pid": 7, **kw}
+    return {"name": name, "instance": instance, "host": "h", "pid": 7, "workers": 2, **kw}
 
 
 @pytest.fixture
@@ -38,6 +53,11 @@ def book():
         (hello(name=""), "", "needs a name"),
         (hello(name="x" * 65), "", "needs a name"),
         (hello(instance=None), "", "needs a name"),
+        (hello(workers=None), "", "announces its workers"),
+        (hello(workers=0), "", "announces its workers"),
+        (hello(workers=True), "", "announces its workers"),
+        (hello(workers=1025), "", "max_agent_workers"),
+        (hello(workers=1024), "", None),
     ],
 )
 def test_join_accepts_or_refuses_with_a_reason(book, message, user, refused):
@@ -213,3 +233,80 @@ def test_an_agent_says_why_its_join_got_no_answer(seen, curve, says):
     from gaspar.agent import join_trouble
 
     assert says in join_trouble(seen, curve, "tcp://fe:1")
+
+
+# -- what an authenticated agent may send -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message, parsed, refused",
+    [
+        (b"U" + json.dumps({"t": 1.5}).encode(), (b"U", {"t": 1.5}), None),
+        (b"L", (b"L", {}), None),
+        (b"Unot json", None, "malformed"),
+        (b"Unull", None, "malformed"),
+        (b"U[1, 2]", None, "malformed"),
+        (b"U" + b" " * MAX_CONTROL, None, "oversize"),  # refused before it is decoded
+    ],
+)
+def test_a_control_message_is_capped_then_parsed(message, parsed, refused):
+    if refused is None:
+        assert parse_control(message) == parsed
+    else:
+        with pytest.raises(Refused) as exc:
+            parse_control(message)
+        assert exc.value.kind == refused
+
+
+@pytest.mark.parametrize(
+    "payload, refused",
+    [
+        (b'{"pid": 5, "number": 1, "generation": 1, "token": 3}', None),
+        (b'{"pid": 5, "number": 1}', "malformed"),
+        (b'{"pid": -5, "number": 1, "generation": 1}', "malformed"),
+        (b'{"pid": true, "number": 1, "generation": 1}', "malformed"),
+        (b'{"pid": 5, "number": 1, "generation": 99999999999}', "malformed"),
+        (b"[]", "malformed"),
+        (b"{", "malformed"),
+        (b'{"pid": 5, "number": 1, "generation": 1, "x": "' + b"y" * MAX_HELLO + b'"}', "oversize"),
+    ],
+)
+def test_a_worker_hello_is_capped_then_checked(payload, refused):
+    if refused is None:
+        assert parse_hello(payload) == (5, 1, 1)
+    else:
+        with pytest.raises(Refused) as exc:
+            parse_hello(payload)
+        assert exc.value.kind == refused
+
+
+class Slot:
+    def __init__(self, pid, retiring=False):
+        self.pid, self.retiring = pid, retiring
+
+
+def test_an_agent_holds_no_more_worker_slots_than_it_announced_plus_a_reloads_one():
+    agents = Agents(liveness=3.0, clock=Clock(), max_workers=5)
+    agent, _, _ = agents.join(b"r1", hello(workers=2))
+    for i in range(3):  # two, and one more: a reload forks the new worker before an old one goes
+        assert agents.may_add_worker(agent)
+        agent.workers[b"w%d" % i] = Slot(100 + i)
+    assert not agents.may_add_worker(agent)  # a fourth HELLO is refused
+    agent.workers[b"w0"].retiring = True  # a retired one no longer counts against the announced
+    assert agents.may_add_worker(agent)
+    for i in range(3, 5):
+        agent.workers[b"w%d" % i] = Slot(100 + i, retiring=True)
+    assert len(agent.workers) == 5 and not agents.may_add_worker(agent)  # and never past max_agent_workers
+
+
+def test_a_huge_pong_usage_is_read_for_the_agents_own_pids_only():
+    clock = Clock()
+    agents = Agents(liveness=3.0, clock=clock)
+    agent, _, _ = agents.join(b"r1", hello(workers=1))
+    agent.workers[b"w"] = Slot(8)
+    usage = {str(i): [1.0, 2] for i in range(300_000)}
+    usage["7"], usage["8"] = [3.5, 4096], [1.25, 1 << 20]
+    start = time.monotonic()
+    agents.pong(agent, clock.now, usage)
+    assert time.monotonic() - start < 0.01  # two lookups, not 300,000
+    assert agent.usage == {7: (3.5, 4096), 8: (1.25, 1 << 20)}
