@@ -336,7 +336,7 @@ def add_settings(parser: argparse.ArgumentParser, fields: list[Any]) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = {bool: _on_off, int: int, float: float}.get(type(f.default), str)
         if f.default is None:  # the annotation says: "float | None" or "str | None"
-            kind = str if str(f.type).startswith("str") else float
+            kind = {"str": str, "int": int}.get(str(f.type).partition(" ")[0], float)
         extra = {"nargs": "?", "const": True} if f.default is False else {}
         parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})", **extra)
 
