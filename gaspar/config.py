@@ -145,7 +145,9 @@ class Settings:
     flap_max_retry: int = _opt(3, "flapping episodes after which the daemon gives up and exits non-zero")
     proc_name: str = _opt("gaspar", "the name in process titles (when setproctitle is installed)")
     metrics_bind: str | None = _opt(
-        None, "HOST:PORT for /metrics (Prometheus), /healthz and /readyz; needs gaspar[metrics] (default: off)"
+        None,
+        "HOST:PORT for /metrics (Prometheus), /healthz and /readyz; needs prometheus_client, the metrics extra "
+        "(default: off)",
     )
     statsd_host: str | None = _opt(None, "HOST:PORT of a statsd daemon to push the figures to, over UDP (default: off)")
     statsd_prefix: str = _opt("gaspar", "the prefix of every statsd metric name")
