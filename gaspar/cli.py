@@ -160,6 +160,7 @@ examples:
   gaspar serve myapp.handlers:render --bind 0.0.0.0:10123 --workers 4 --timeout 10
   gaspar serve myapp:Renderer --config gaspar_conf.py     # a Consumer subclass; settings from a file
   GASPAR_CMD_ARGS="--workers 8" gaspar serve myapp:render # extra arguments; the command line wins
+  gaspar serve myapp:render --chdir /srv/myapp --pythonpath lib  # imported after the standard library
 
 A config file is Python: every top-level name is a setting (timeout = 5), bind, workers or a
 hook (def post_fork(worker): ...); any other name is an error.
