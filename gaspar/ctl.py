@@ -546,11 +546,14 @@ def run(args: Any, out: Any, err: Any, stdin: Any) -> int:
     except Unreachable as exc:
         print(f"gaspar ctl: {exc}", file=err)
         return 2
+    waited = reply.get("ok") and "reload" in (reply.get("result") or {})  # for the reload's outcome
     if args.json:
         print(json.dumps(reply, indent=2), file=out)
+        if waited:
+            return 0 if reloads.outcome_text(reply["result"]["reload"])[0] else 1
     elif not reply.get("ok"):
         print(f"gaspar ctl: the daemon refused: {reply.get('error')}", file=err)
-    elif "reload" in (reply.get("result") or {}):  # it waited for the outcome
+    elif waited:
         ok, text = reloads.outcome_text(reply["result"]["reload"], wait)
         print(text if ok else f"gaspar ctl: {text}", file=out if ok else err)
         return 0 if ok else 1

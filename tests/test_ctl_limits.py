@@ -151,6 +151,8 @@ def test_reload_waits_for_the_outcome_and_status_shows_it(daemon, tmp_path):
     reply = json.loads(gaspar_ctl(path, "--json", "status").stdout)["result"]["reloads"]
     assert reply["under_way"] is None and reply["last"]["ok"] is False and reply["last"]["seq"] == 2
 
+    as_json = gaspar_ctl(path, "--json", "reload")  # the reply as it is, and the same exit status
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["result"]["reload"]["ok"] is False
     quick = gaspar_ctl(path, "reload", "--no-wait")
     assert quick.returncode == 0 and quick.stdout.strip() == "reloading app:handle"
     assert wait_for(lambda: "Reload failed" in server.log.split("Control: reload")[-1], 15)
