@@ -12,9 +12,9 @@ worker and in the fresh fork server a reload starts. So here:
 * :func:`setup` (``--chdir DIR``, ``--pythonpath DIRS``) changes directory first, then
   *appends* the given directories and the application's directory (the current one, after
   ``--chdir``) to ``sys.path``: the standard library and installed packages come first;
-* a fresh fork server starts with :func:`fresh_interpreter` (``python -P`` on 3.11+; on
-  3.10 a two-statement ``-c`` that drops ``''`` before anything is imported) and then takes
-  the front end's ``sys.path`` as it is (:func:`adopt`).
+* a fresh fork server starts with :func:`fresh_interpreter` (``python -P`` on 3.11+, and a
+  ``-c`` whose first statement drops ``''`` for 3.10) and then takes the front end's
+  ``sys.path`` as it is (:func:`adopt`).
 
 **Honest limits.** ``PYTHONPATH`` is the operator's own choice and is left where Python puts
 it (before the standard library). ``python -m gaspar`` imports ``runpy`` before gaspar's own
@@ -96,14 +96,24 @@ def adopt(path: list[str]) -> None:
     sys.path[:] = [*path, *(p for p in sys.path if p not in path)]
 
 
-BOOT_310 = "import sys; del sys.path[0]; import runpy; runpy.run_module({!r}, run_name='__main__', alter_sys=True)"
+#: The fresh interpreter's first statements: the current directory out (3.10 has no -P), and
+#: the directory gaspar itself was imported from at the end (a clone run without installing).
+BOOT = (
+    "import sys\n"
+    "if sys.path and sys.path[0] in ('', '.'): del sys.path[0]\n"
+    "if {home!r} not in sys.path: sys.path.append({home!r})\n"
+    "import runpy\n"
+    "runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+)
 
 
 def fresh_interpreter(module: str, version: tuple[int, ...] = sys.version_info[:2]) -> list[str]:
-    """The argv that runs ``python -m module`` without the current directory on its path."""
-    if version >= (3, 11):
-        return [sys.executable, "-P", "-m", module]
-    return [sys.executable, "-c", BOOT_310.format(module)]
+    """The argv that runs ``python -m module`` without the current directory on its path
+    (``-P`` on 3.11+, and a ``-c`` that also drops it, for 3.10), able to import gaspar
+    from where this process did."""
+    home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    safe = ["-P"] if version >= (3, 11) else []
+    return [sys.executable, *safe, "-c", BOOT.format(home=home, module=module)]
 
 
 def shadow_hint(module_name: str, module: object) -> str:

@@ -140,13 +140,16 @@ def test_runs_gaspar(argv, expected):
 
 
 def test_fresh_interpreter_never_searches_the_current_directory(tmp_path):
+    """Each form runs the module from a directory holding a planted json.py, and finds
+    gaspar even when only the front end's path had it (``-S``: no site-packages here)."""
     (tmp_path / "json.py").write_text("raise SystemExit('planted')\n")
     for version in ((3, 10), (3, 11)):
-        argv = apppath.fresh_interpreter("json.tool", version)
+        argv = apppath.fresh_interpreter("gaspar.forkserver", version)
         assert ("-P" in argv) == (version >= (3, 11))
         if version <= sys.version_info[:2]:
-            done = subprocess.run([*argv, "--help"], cwd=tmp_path, capture_output=True, text=True)
-            assert done.returncode == 0 and "planted" not in done.stderr, done
+            no_site = [argv[0], "-S", *argv[1:], "{}"]
+            done = subprocess.run(no_site, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+            assert "planted" not in done.stderr and "KeyError: 'parent'" in done.stderr, done.stderr
 
 
 def test_setup_and_adopt(tmp_path, monkeypatch):
