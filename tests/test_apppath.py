@@ -164,3 +164,26 @@ def test_setup_and_adopt(tmp_path, monkeypatch):
     assert sys.path == ["/a", "/usr/lib/python3", "/site-packages", str(tmp_path / "lib"), str(tmp_path)]
     with pytest.raises(ValueError, match="--pythonpath nope: not a directory"):
         apppath.setup(pythonpath="nope")
+
+
+def test_a_config_file_may_set_chdir_and_pythonpath_and_the_flags_win(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from gaspar import cli
+
+    base = [p for p in sys.path if p and not apppath.is_cwd(p)]
+    monkeypatch.setattr(sys, "path", list(base))
+    monkeypatch.setattr(apppath, "_demoted", True)
+    for d in ("app", "lib", "other"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "conf.py").write_text("chdir = 'app'\npythonpath = '../lib'\ntimeout = 5\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.load_app_config(Namespace(config="conf.py", chdir=None, pythonpath=None)) == {"timeout": 5}
+    assert os.getcwd() == str(tmp_path / "app")
+    assert sys.path[len(base) :] == [str(tmp_path), str(tmp_path / "lib"), str(tmp_path / "app")]
+    monkeypatch.chdir(tmp_path)
+    sys.path[:] = base
+    flags = Namespace(config=str(tmp_path / "conf.py"), chdir="other", pythonpath="")
+    assert cli.load_app_config(flags) == {"timeout": 5}
+    assert os.getcwd() == str(tmp_path / "other")  # the command line's, not the file's
+    assert sys.path[len(base) :] == [str(tmp_path / "other"), str(tmp_path / "lib")]
