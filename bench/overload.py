@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
-    from bench import run as bench_run
+    from bench import harness as bench_run
 except ImportError:  # run as a script: bench/ is sys.path[0]
-    import run as bench_run
+    import harness as bench_run
 
 BENCH, BUILD = bench_run.BENCH, bench_run.BUILD
 Server, ServerFailed, log = bench_run.Server, bench_run.ServerFailed, bench_run.log

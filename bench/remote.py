@@ -42,9 +42,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 try:
-    from bench import run as bench_run
+    from bench import harness as bench_run
 except ImportError:  # run as a script: bench/ is sys.path[0]
-    import run as bench_run
+    import harness as bench_run
 
 BENCH, BUILD, ROOT = bench_run.BENCH, bench_run.BUILD, bench_run.ROOT
 Server, ServerFailed, log = bench_run.Server, bench_run.ServerFailed, bench_run.log

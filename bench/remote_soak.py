@@ -26,9 +26,9 @@ import threading
 import time
 
 try:
-    from bench import run as bench_run
+    from bench import harness as bench_run
 except ImportError:  # run as a script: bench/ is sys.path[0]
-    import run as bench_run
+    import harness as bench_run
 
 BUILD, ROOT = bench_run.BUILD, bench_run.ROOT
 free_port, repo_env, rss_kb = bench_run.free_port, bench_run.repo_env, bench_run.rss_kb

@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.handlers import spin  # noqa: E402
-from bench.run import kill_group  # noqa: E402
+from bench.harness import kill_group  # noqa: E402
 
 VARIANTS = ("gaspar", "dirty", "ppe", "inline")
 HANDLER_US = (1000, 20000)
@@ -159,7 +159,7 @@ def __getattr__(name: str):  # ``bench.webapp:app``: built on first use, in the 
 
 
 def _run_helpers():
-    from bench import run as r
+    from bench import harness as r
 
     return r
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Settings
 from .errors import (
     BadRequest,
+    ClientClosed,
     ConnectFailed,
     ConnectionLost,
     GasparError,
@@ -68,6 +69,7 @@ __all__ = [
     "ConnectionLost",
     "RequestTimeout",
     "ProtocolError",
+    "ClientClosed",
 ]
 
 if TYPE_CHECKING:

@@ -55,10 +55,11 @@ import zmq
 import zmq.utils.monitor
 
 from . import __version__, sdnotify
-from .arbiter import HALT_FLAPPING, FlapPolicy, ForkServer, describe_exit, drain
+from .arbiter import ForkServer, drain
 from .forkserver import ForkServers
 from .framing import Kind, Link
 from .ipcdir import make_ipc_dir
+from .pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from .remote import reconnect_delay
 from .telemetry import proc_usage
 from .worker import set_proctitle
@@ -102,17 +103,20 @@ def join_trouble(seen: set[int], curve: bool, endpoint: str) -> str:
 
 
 class LocalWorker:
-    """A worker process of this agent: booting, then ready (it said HELLO)."""
+    """A ready worker process of this agent (it said HELLO; booting ones are the pool book's)."""
 
-    __slots__ = ("pid", "number", "generation", "wid", "hello", "announced", "busy", "retiring")
+    __slots__ = ("pid", "number", "generation", "wid", "hello", "announced", "requests", "retiring")
 
-    def __init__(self, pid: int, number: int, generation: int = 1) -> None:
+    def __init__(self, pid: int, number: int, generation: int, wid: bytes, hello: bytes) -> None:
         self.pid, self.number, self.generation = pid, number, generation
-        self.retiring = False  # a reload's: asked to go once idle
-        self.wid: bytes | None = None  # its routing id, from its HELLO
-        self.hello: bytes | None = None
+        self.retiring = False  # asked to go once idle (a reload, a smaller pool)
+        self.wid, self.hello = wid, hello  # its routing id and HELLO, relayed to the front end
         self.announced = False  # its HELLO went to the front end in this session
-        self.busy: set[bytes] = set()  # ids of requests it was given and has not answered
+        self.requests: set[bytes] = set()  # ids of requests it was given and has not answered
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.requests)
 
 
 class Agent:
@@ -135,7 +139,7 @@ class Agent:
         if workers < 1:
             raise ValueError(f"an agent runs at least 1 worker, not {workers}")
         self.consumer, self.settings, self.spec = consumer, settings, spec
-        self.connect, self.target = connect, workers
+        self.connect = connect
         self.host = socket.gethostname()
         # with CURVE the front end knows an agent by its key's NAME: that is its name
         keyname = os.path.basename(curve_secret or "").removesuffix(".key_secret") if curve_secret else ""
@@ -156,19 +160,18 @@ class Agent:
         self.leave_deadline = math.inf
         self.leave_acked = False  # the front end answered our LEAVE: it sends no more requests
         self.exit_code = 0
-        self.booting: dict[int, int] = {}  # spawn token -> number
-        self.by_pid: dict[int, LocalWorker] = {}
+        flap = FlapPolicy(settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry)
+        self.book = PoolBook(workers, flap)  # booting, numbers, generations, flapping
+        self.by_pid: dict[int, LocalWorker] = {}  # ready workers
         self.by_wid: dict[bytes, LocalWorker] = {}
-        self.spawn_seq = 0
-        self.flap = FlapPolicy(
-            settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry
-        )
-        self.backoff_until = 0.0
-        self.generation = 1  # of the code: a reload (SIGHUP) makes the next
         self.forks: ForkServers | None = None  # the current fork server, a reload's next, old ones
         self.reload_requested = False
         self._poller: zmq.Poller | None = None
         self._watched: tuple[Any, ...] = ()
+
+    @property
+    def target(self) -> int:
+        return self.book.target
 
     # -- the main loop ---------------------------------------------------------------------
 
@@ -265,6 +268,8 @@ class Agent:
         if self.link is not None and self.link in ready:
             self.read_link()
         self.keep_alive()
+        if len(self.by_pid) + len(self.book.booting) < self.target:
+            self.manage_workers()  # a back-off that ended
 
     def request_stop(self, mode: str) -> None:
         if self.stop_mode is None:
@@ -311,8 +316,8 @@ class Agent:
         for w in self.by_pid.values():
             w.announced = False
             w.retiring = False  # a reload's RETIRE went to the old session: asked again later
-            if w.busy:
-                w.busy.clear()
+            if w.requests:
+                w.requests.clear()
                 self.kill(w, signal.SIGKILL)
                 killed += 1
         self.drop_link(linger=0)
@@ -374,7 +379,7 @@ class Agent:
             sdnotify.notify(f"READY=1\nSTATUS=joined {self.connect} (session {self.session})\nMAINPID={os.getpid()}")
             for w in self.by_pid.values():
                 self.announce(w)
-            self.roll()  # a reload that was under way goes on
+            self.manage_workers()  # a reload that was under way goes on
         elif kind == Link.REFUSE.value:
             log.error("The front end refused this agent: %s", body.get("reason"))
             self.lose("refused")
@@ -391,7 +396,7 @@ class Agent:
         """CPU seconds and resident bytes of this agent and each of its workers, read from
         /proc now (a few small reads per ping): the front end shows them."""
         figures = {}
-        for pid in (os.getpid(), *self.by_pid):
+        for pid in (os.getpid(), *self.by_pid, *self.book.pids()):
             found = proc_usage(pid)
             if found is not None:
                 figures[str(pid)] = [round(found[0], 3), found[1]]
@@ -415,7 +420,7 @@ class Agent:
         w = self.by_wid.get(wid)
         head = frames[1].bytes
         if w is not None and head[0] in (_REQUEST, _AHEAD):
-            w.busy.add(head[1:9])
+            w.requests.add(head[1:9])
         try:
             self.workers_sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
@@ -437,25 +442,20 @@ class Agent:
                 continue
             w = self.by_wid.get(wid)
             if w is not None and kind in (_REPLY, _SKIPPED):
-                w.busy.discard(head[1:9])
+                w.requests.discard(head[1:9])
             if self.state in ("joined", "leaving"):  # else no session can carry it: dropped
                 self.send_link(frames)
 
     def on_hello(self, wid: bytes, payload: bytes) -> None:
         hello = json.loads(payload)
         pid = hello["pid"]
-        if self.booting.pop(hello["token"], None) is not None and pid not in self.by_pid:
-            # its HELLO outran the fork server's "spawned" event (a busy host): it is ours
-            self.by_pid[pid] = LocalWorker(pid, hello["number"], hello["generation"])
-        w = self.by_pid.get(pid)
-        if w is None:  # reaped already
+        boot = self.book.hello(hello["token"], pid)  # it may outrun the fork server's "spawned"
+        if boot is None:  # reaped already
             return
-        w.wid, w.hello = wid, payload
-        self.by_wid[wid] = w
-        self.flap.booted()
+        w = self.by_pid[pid] = self.by_wid[wid] = LocalWorker(pid, boot.number, boot.generation, wid, payload)
         log.info("Worker %s (pid:%s) ready", w.number, w.pid)
         self.announce(w)
-        self.roll()
+        self.manage_workers()  # a rolling reload: an old worker goes for each new one ready
 
     def announce(self, w: LocalWorker) -> None:
         if self.state == "joined" and w.hello is not None and not w.announced:
@@ -474,10 +474,8 @@ class Agent:
             return
         for event in events:
             if event["ev"] == "spawned":
-                self.booting.pop(event["token"], None)
                 log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
-                if event["pid"] not in self.by_pid:  # else its HELLO came first, and it is ready
-                    self.by_pid[event["pid"]] = LocalWorker(event["pid"], event["number"], event["generation"])
+                self.book.spawned(event["token"], event["pid"])
             elif event["ev"] == "exited":
                 self.on_exit(event["pid"], event["number"], event["status"])
             elif event["ev"] == "reloaded":
@@ -505,24 +503,21 @@ class Agent:
         if not ok:
             log.error("Reload failed; keeping the current workers: %s", error)
             return
-        self.generation += 1
-        log.info("Reloaded; replacing the workers one by one (generation %s)", self.generation)
-        self.roll()
+        generation = self.book.reloaded()
+        log.info("Reloaded; replacing the workers one by one (generation %s)", generation)
+        self.manage_workers()
 
-    def roll(self) -> None:
-        """One worker of an older generation at a time: have it retired (by the front end,
-        once it is idle, so no request is lost), then a new one is forked in its place."""
-        if self.stop_mode is not None or any(w.retiring for w in self.by_pid.values()) or self.booting:
-            return
-        old = [w for w in self.by_pid.values() if w.generation < self.generation and w.wid is not None]
-        if not old:
-            return
-        w = min(old, key=lambda w: len(w.busy))
+    def retire(self, w: LocalWorker) -> None:
+        """Have a worker leave once idle: retired by the front end (so no request is lost),
+        or, with no session, told to exit at once (nothing can be sent to it meanwhile)."""
         w.retiring = True
         if w.announced and self.state == "joined":
             self.send_control(Link.RETIRE, wid=w.wid.decode())
-        else:  # no session: nothing can be sent to it meanwhile
-            self.workers_sock.send_multipart([w.wid, Kind.EXIT.value], zmq.NOBLOCK)
+        else:
+            try:
+                self.workers_sock.send_multipart([w.wid, Kind.EXIT.value], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.kill(w, signal.SIGTERM)
 
     def kill(self, w: LocalWorker, sig: int, dump: bool = False) -> None:
         """Signal a worker through the fork server that forked it (``dump``: log its stack
@@ -530,55 +525,49 @@ class Agent:
         self.forks.kill(w.pid, sig, dump)
 
     def on_exit(self, pid: int, number: int, status: int) -> None:
+        out = self.book.exited(pid, status)
         w = self.by_pid.pop(pid, None)
-        if w is None:
-            return
-        exitcode, sig, text = describe_exit(status)
-        if w.wid is not None:
+        if w is not None:
             self.by_wid.pop(w.wid, None)
-        if w.announced:
-            self.send_control(Link.EXITED, wid=w.wid.decode(), pid=pid, number=number, status=status)
-        if self.stop_mode is not None:
-            return
-        if w.hello is None:
-            log.error("Worker %s (pid:%s) died before it was ready: %s", number, pid, text)
-            self.on_boot_failure()
-        elif exitcode == 0:
-            log.info("Worker %s (pid:%s) exited", number, pid)
-        else:
-            log.error("Worker %s (pid:%s) %s", number, pid, text)
+            if w.announced:
+                self.send_control(Link.EXITED, wid=w.wid.decode(), pid=pid, number=number, status=status)
+            if self.stop_mode is not None:
+                return
+            if out.exitcode == 0:
+                log.info("Worker %s (pid:%s) exited", number, pid)
+            else:
+                log.error("Worker %s (pid:%s) %s", number, pid, out.text)
+        elif out.boot_failure and self.stop_mode is None:
+            log.error("Worker %s (pid:%s) died before it was ready: %s", number, pid, out.text)
+            self.on_boot_failure(out)
 
-    def on_boot_failure(self) -> None:
-        action, delay = self.flap.boot_failed(time.monotonic())
-        if action == FlapPolicy.GIVE_UP:
-            log.critical(
-                "Workers failed to boot %s times within %ss, over and over; giving up",
-                self.flap.attempts,
-                self.flap.window,
-            )
+    def on_boot_failure(self, out: Exit) -> None:
+        if out.flap == FlapPolicy.GIVE_UP:
+            f = self.book.flap
+            log.critical("Workers failed to boot %s times within %ss, over and over; giving up", f.attempts, f.window)
             self.exit_code = HALT_FLAPPING
-        elif action == FlapPolicy.BACKOFF:
-            log.warning("Workers are flapping; waiting %ss before the next fork", delay)
-            self.backoff_until = time.monotonic() + delay
+        elif out.flap == FlapPolicy.BACKOFF:
+            log.warning("Workers are flapping; waiting %ss before the next fork", out.backoff)
 
     def manage_workers(self) -> None:
-        """Fork what is missing (the pool's size is the agent's; the front end only uses it)."""
-        if self.stop_mode is not None or self.exit_code or time.monotonic() < self.backoff_until:
+        """Bring the pool to its size (the agent's; the front end only uses it), as the pool
+        book plans: fork what is missing, retire old and extra workers."""
+        if self.stop_mode is not None or self.exit_code:
             return
-        used = {w.number for w in self.by_pid.values()} | set(self.booting.values())
-        for _ in range(self.target - len(self.by_pid) - len(self.booting)):
-            number = next(n for n in range(1, self.target + len(used) + 2) if n not in used)
-            used.add(number)
-            self.spawn_seq += 1
-            self.booting[self.spawn_seq] = number
-            self.forks.current.spawn(number, self.generation, self.spawn_seq)
+        plan = self.book.plan(list(self.by_pid.values()))
+        for w in plan.retire:
+            self.retire(w)
+        for boot in plan.spawn:
+            self.forks.current.spawn(boot.number, boot.generation, boot.token)
 
     def running(self) -> int:
-        return sum(1 for w in self.by_pid.values() if w.busy)
+        return sum(1 for w in self.by_pid.values() if w.requests)
 
     def close(self) -> None:
+        for pid in self.book.stop():  # booting: killed
+            self.forks.kill(pid, signal.SIGKILL)
         for w in self.by_pid.values():  # idle workers exit cleanly (worker_exit hooks run)
-            if w.wid is not None and not w.busy and self.stop_mode == "graceful":
+            if not w.requests and self.stop_mode == "graceful":
                 try:
                     self.workers_sock.send_multipart([w.wid, Kind.EXIT.value], zmq.NOBLOCK)
                     continue

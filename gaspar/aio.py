@@ -24,9 +24,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .client import DEFAULT_TIMEOUT, as_bytes, parse_address
-from .errors import ConnectFailed, ConnectionLost, GasparError, Overloaded, RequestTimeout, error_from_reply
+from .errors import (
+    ClientClosed,
+    ConnectFailed,
+    ConnectionLost,
+    GasparError,
+    Overloaded,
+    RequestTimeout,
+    error_from_reply,
+)
 from .framing import REPLY_HEADER, Status, extended_header, parse_reply_header
-from .overload import RetryBudget, backoff
+from .retry import RetryBudget, backoff
 
 __all__ = ["request", "Client"]
 
@@ -141,11 +149,14 @@ class Client:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock | None = None
+        self._closed = False
 
     async def _connection(self) -> asyncio.StreamWriter:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
+            if self._closed:
+                raise ClientClosed("this Client is closed; make a new one")
             if self._writer is None or self._writer.is_closing():
                 reader, self._writer = await _open(self.address)
                 self._reader_task = asyncio.ensure_future(self._read_loop(reader))
@@ -195,6 +206,8 @@ class Client:
         return await _with_retry(go, timeout, self._budget, self.retry)
 
     async def close(self) -> None:
+        """Close the connection; a request after this raises :class:`~gaspar.errors.ClientClosed`."""
+        self._closed = True
         if self._reader_task is not None:
             self._reader_task.cancel()
             try:

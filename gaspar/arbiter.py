@@ -25,10 +25,8 @@ and its workers die with it the same way: a SIGKILLed front end leaves no proces
 
 With ``capture_output`` it also holds the read ends of a pipe per worker and stream (made
 before the fork, fds 1 and 2 in the worker) and logs their lines in the same loop that forks
-and reaps (:class:`gaspar.logs.OutputCapture`): its stderr is the daemon's, and it has no
+and reaps (:class:`gaspar.capture.OutputCapture`): its stderr is the daemon's, and it has no
 hub that must never block.
-
-:class:`FlapPolicy` is the pure rule that stops a hopeless start from fork-bombing.
 """
 
 from __future__ import annotations
@@ -42,68 +40,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from typing import Any
 
 from .apppath import fresh_interpreter
-from .logs import OutputCapture
+from .capture import OutputCapture
 from .worker import DUMP_SIGNAL, Consumer, Worker, run_worker, set_proctitle, start_watchdog
 
 log = logging.getLogger("gaspar")
-
-HALT_FLAPPING = 3  # the exit code of a daemon or agent whose workers cannot boot
-
-
-class FlapPolicy:
-    """gaffer's flapping detection, as a pure rule.
-
-    ``attempts`` boot failures within ``window`` seconds are a flapping episode: wait
-    ``retry_in`` seconds before forking again. After ``max_retry`` episodes, give up. A
-    worker that boots resets the count. With the defaults (5, 10 s, 1 s, 3) a hopeless
-    start costs at most 5 x 4 = 20 forks.
-    """
-
-    RESPAWN, BACKOFF, GIVE_UP = "respawn", "backoff", "give up"
-
-    def __init__(self, attempts: int = 5, window: float = 10.0, retry_in: float = 1.0, max_retry: int = 3) -> None:
-        self.attempts, self.window, self.retry_in, self.max_retry = attempts, window, retry_in, max_retry
-        self.failures: deque[float] = deque()
-        self.episodes = 0
-
-    def boot_failed(self, now: float) -> tuple[str, float]:
-        """Record a worker that died before it was ready; say what to do next."""
-        self.failures.append(now)
-        while self.failures and now - self.failures[0] > self.window:
-            self.failures.popleft()
-        if len(self.failures) < self.attempts:
-            return self.RESPAWN, 0.0
-        self.failures.clear()
-        self.episodes += 1
-        if self.episodes > self.max_retry:
-            return self.GIVE_UP, 0.0
-        return self.BACKOFF, self.retry_in
-
-    def booted(self) -> None:
-        """A worker became ready: the start is not hopeless."""
-        self.failures.clear()
-        self.episodes = 0
-
-
-def describe_exit(status: int, killed_because: str = "") -> tuple[int | None, int | None, str]:
-    """``(exitcode, signal, text)`` for a wait status, in words an operator can act on;
-    ``killed_because``: why we signalled it ourselves (then no "out of memory?" guess)."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        if killed_because:
-            return None, sig, f"killed by {name} because {killed_because}"
-        hint = " Perhaps out of memory?" if sig == signal.SIGKILL else ""
-        return None, sig, f"killed by {name}.{hint}"
-    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
-    return code, None, f"exited with code {code}"
 
 
 class ForkServer:

@@ -18,7 +18,7 @@ run for nobody.
 **Retries.** A request the server shed under overload (:class:`~gaspar.errors.Overloaded`,
 ``started`` false: the handler never ran) is retried once, after the server's
 ``retry_after_ms`` with jitter, if the timeout leaves room and while retries stay under
-10% of this client's requests (:class:`gaspar.overload.RetryBudget`); otherwise it raises.
+10% of this client's requests (:class:`gaspar.retry.RetryBudget`); otherwise it raises.
 ``retry=False`` turns this off.
 
 Low-level socket errors are translated in one place, :func:`_translate`.
@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from .errors import (
+    ClientClosed,
     ConnectFailed,
     ConnectionLost,
     GasparError,
@@ -43,7 +44,7 @@ from .errors import (
     error_from_reply,
 )
 from .framing import REPLY_HEADER, Status, extended_header, pack, parse_reply_header
-from .overload import RetryBudget, backoff
+from .retry import RetryBudget, backoff
 
 __all__ = ["pack", "request", "Client", "parse_address", "DEFAULT_TIMEOUT"]
 
@@ -234,7 +235,8 @@ class Client:
         self, message: bytes | str, timeout: float | None = None, handler_timeout: float | None = None
     ) -> bytes:
         """Send one request on a pooled connection and return the reply's bytes; a request
-        shed under overload is retried once (see the module docstring)."""
+        shed under overload is retried once (see the module docstring). After
+        :meth:`close`, raises :class:`~gaspar.errors.ClientClosed`."""
         limit = _Deadline(self.timeout if timeout is None else timeout)
         self._budget.on_request()
         try:
@@ -294,6 +296,8 @@ class Client:
 
     def _borrow(self, deadline: _Deadline) -> tuple[socket.socket, bool]:
         with self._lock:
+            if self._closed:
+                raise ClientClosed("this Client is closed; make a new one")
             if self._idle:
                 return self._idle.pop(), True
         with _translate(self.address, deadline):

@@ -459,7 +459,7 @@ def call(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str,
 
 def summary(stats: dict[str, Any]) -> str:
     """``gaspar ctl status``'s few lines."""
-    from .top import human_uptime
+    from .humanize import human_uptime
 
     states = stats.get("worker_states") or {}
     live = [w for w in stats.get("workers") or [] if w.get("state") != "retiring"]

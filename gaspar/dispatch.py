@@ -30,6 +30,9 @@ A vanished client's request is dropped from the queue; one already handed ahead 
 is *revoked*: the caller sends the worker a cancel (:meth:`take_cancels`), and the worker
 answers ``SKIPPED`` instead of running it (or, if it had started, its reply is dropped).
 
+**One connection, one share** (:mod:`gaspar.fairqueue`): a persistent connection holds at
+most as many places in the queue as there are workers; its other requests wait behind its own.
+
 **No leaks.** Every outcome removes the entry: a reply (``complete``), a worker's death
 (``remove_worker``), a timeout (``expire``), a vanished client (``cancel``), a shed
 (``take_shed``), a stop (``fail_all``). A reply for an unknown id is counted and dropped, never matched to another
@@ -47,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fairqueue import FairQueue
 from .overload import DEADLINE, NO_WORKERS, QUEUE_FULL, QueueControl
 
 
@@ -69,6 +73,11 @@ class WorkerSlot:
     started: float = 0.0
     agent: Any = None  # the remote agent it lives on (gaspar.remote.Agent); None: a local process
     wid: bytes = b""  # a remote worker's own routing id, on its agent's socket
+
+    @property
+    def busy(self) -> bool:
+        """It runs a request."""
+        return self.current is not None
 
     @property
     def label(self) -> int | str:
@@ -116,6 +125,8 @@ class Pending:
     soft_timeout: float | None = None  # the client's handler_timeout, shorter than timeout
     answer_by: float | None = None  # running: when the client's own limit ends its wait
     expired: str = ""  # the client's limit that ended its wait ("handler_timeout", "deadline")
+    owner: Any = None  # its connection when that may pipeline: one share of the queue each
+    held: bool = False  # waiting behind its owner's share, not yet in the queue
 
 
 Assignment = tuple[WorkerSlot, Pending]
@@ -167,7 +178,7 @@ class Dispatcher:
         self.max_queued = max_queued  # 0: no cap
         self.workers: dict[bytes, WorkerSlot] = {}
         self._idle: dict[bytes, WorkerSlot] = {}  # insertion-ordered set
-        self._queue: deque[Pending] = deque()
+        self._queue = FairQueue(lambda: len(self.workers), lambda: self.control.overloaded, clock)
         self.pending: dict[int, Pending] = {}
         self.counters = Counters()
         self._next_id = 1
@@ -183,11 +194,13 @@ class Dispatcher:
         timeout: float | None = None,
         deadline: float | None = None,
         soft_timeout: float | None = None,
+        owner: Any = None,
     ) -> tuple[Pending, list[Assignment]]:
         """Register a request; return it and the assignments to send now. ``timeout``: the
         operator's limit on its handler (its worker is killed past it); ``soft_timeout``:
         the client's, honoured only when shorter; ``deadline``: the seconds its client will
-        wait, from now. A request may be shed at once (see :meth:`take_shed`): a deadline
+        wait, from now; ``owner``: the connection, when it may pipeline (one share of the
+        queue each). A request may be shed at once (see :meth:`take_shed`): a deadline
         that cannot be met, or a full queue's oldest."""
         now = self.clock()
         req = Pending(self._next_id, body, waiter, timeout, queued_at=now)
@@ -198,10 +211,12 @@ class Dispatcher:
         self._next_id += 1
         self.pending[req.id] = req
         self.counters.submitted += 1
+        req.owner = owner
+        if not self._queue.submit(req):
+            return req, []  # held behind its own connection's share
         queue = self._queue
-        if self.max_queued and len(queue) >= self.max_queued:
-            self._drop(queue.popleft(), QUEUE_FULL)  # the oldest: the least likely still wanted
-        queue.append(req)
+        if self.max_queued and len(queue) > self.max_queued:
+            self._drop(queue.pop(True), QUEUE_FULL)  # the oldest: the least likely still wanted
         return req, self._assign()
 
     def take_shed(self) -> list[tuple[Pending, str]]:
@@ -222,13 +237,13 @@ class Dispatcher:
         queue, control = self._queue, self.control
         self._check(now)
         limit, reason = control.limit()
-        if limit is not None and queue and now - queue[0].queued_at > limit:
+        if limit is not None and queue and now - queue.oldest.queued_at > limit:
             if not any(not w.retiring for w in self.workers.values()):
                 reason = NO_WORKERS  # not overload: nothing could run it
-            while queue and now - queue[0].queued_at > limit:
-                self._drop(queue.popleft(), reason)
+            while queue and now - queue.oldest.queued_at > limit:
+                self._drop(queue.pop(True), reason)
         if deadlines:
-            hopeless = [r for r in queue if control.hopeless(now, r.client_deadline)]
+            hopeless = [r for r in (*queue, *queue.held_requests()) if control.hopeless(now, r.client_deadline)]
             for req in hopeless:
                 queue.remove(req)
                 self._drop(req, DEADLINE)
@@ -247,7 +262,7 @@ class Dispatcher:
         no worker at all the queue is not served, not overloaded: it waits for one (up to
         queue_timeout), as when every worker died or no agent has joined yet."""
         queue = self._queue
-        waited = now - queue[0].queued_at if queue and self.workers else 0.0
+        waited = now - queue.oldest.queued_at if queue and self.workers else 0.0
         self.control.check(now, waited, len(queue))
 
     def complete(self, routing_id: bytes, request_id: int, ran: bool = True) -> tuple[Pending | None, list[Assignment]]:
@@ -368,7 +383,7 @@ class Dispatcher:
         if req.worker is not None and req in req.worker.ahead:
             req.worker.ahead.remove(req)
         req.worker, req.deadline, req.answer_by, req.queued_at = None, None, None, self.clock()
-        self._queue.appendleft(req)
+        self._queue.put(req, first=True)
         return self._assign()
 
     # -- workers --------------------------------------------------------------------------
@@ -418,6 +433,11 @@ class Dispatcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def held(self) -> int:
+        """Requests waiting behind their own connection's share of the queue."""
+        return self._queue.held
 
     @property
     def running(self) -> int:
@@ -472,11 +492,11 @@ class Dispatcher:
         self._check(now)
         return out
 
-    def _take(self, queue: deque[Pending], lifo: bool, now: float, limit: float | None, reason: str) -> Pending | None:
+    def _take(self, queue: FairQueue, lifo: bool, now: float, limit: float | None, reason: str) -> Pending | None:
         """The next request to hand out, shedding on the way those that are past use."""
         control = self.control
         while queue:
-            req = queue.pop() if lifo else queue.popleft()
+            req = queue.pop(not lifo)
             if limit is not None and now - req.queued_at > limit:
                 self._drop(req, reason)
             elif req.client_deadline is not None and control.hopeless(now, req.client_deadline):
@@ -515,7 +535,7 @@ class Dispatcher:
                 self.pending.pop(req.id, None)
                 continue
             req.worker, req.deadline, req.answer_by, req.queued_at, req.revoked = None, None, None, self.clock(), None
-            self._queue.appendleft(req)
+            self._queue.put(req, first=True)
 
 
 __all__ = ["Dispatcher", "Pending", "WorkerSlot", "Counters"]

@@ -21,6 +21,7 @@ fault it was::
     │                                a ConnectionError
     ├── RequestTimeout               the client's own timeout ran out; a TimeoutError
     ├── ProtocolError                bytes that do not follow the wire protocol; a ValueError
+    ├── ClientClosed                 a request on a client after its close(); a RuntimeError
     └── SoftTimeout                  raised *inside a handler*, in its worker, when its
                                      client's limit passes (handler_timeout, deadline); a
                                      TimeoutError
@@ -52,6 +53,7 @@ __all__ = [
     "ConnectionLost",
     "RequestTimeout",
     "ProtocolError",
+    "ClientClosed",
     "SoftTimeout",
     "error_from_reply",
 ]
@@ -158,6 +160,11 @@ class RequestTimeout(GasparError, TimeoutError):
 
 class ProtocolError(GasparError, ValueError):
     """Bytes that do not follow gaspar's wire protocol."""
+
+
+class ClientClosed(GasparError, RuntimeError):
+    """A request on a client after its ``close()``: a mistake in the caller, never retried
+    (a closed client does not quietly open new connections)."""
 
 
 class SoftTimeout(GasparError, TimeoutError):

@@ -366,7 +366,7 @@ class Gateway:
             self._control(agent, Link.LEAVE)  # after every request sent to it: it may count now
 
     def _on_exited(self, agent: Agent, event: dict[str, Any]) -> None:
-        from .arbiter import describe_exit
+        from .pool import describe_exit
 
         slot = agent.workers.pop(event.get("wid", "").encode(), None)
         if slot is None:

@@ -57,6 +57,7 @@ with warnings.catch_warnings():
     from eventlet.event import Event as GreenEvent
 
 from . import __version__, sdnotify
+from .admission import ByteBudget, Stall
 from .arbiter import ForkServer
 from .config import Settings
 from .connection import Acceptor, Connection, ConnectionCounters, IOLoop
@@ -66,7 +67,7 @@ from .errors import GasparError
 from .framing import LIMITS, Kind, Request, Status, error_body, error_for_client, pack_id
 from .ipcdir import make_ipc_dir
 from .logs import access_line, close_access_log, log_handler_error, log_held_back, open_access_log
-from .overload import NO_WORKERS, REASONS, ByteBudget, QueueControl, Stall
+from .overload import NO_WORKERS, REASONS, QueueControl
 from .supervisor import Supervisor
 from .telemetry import WORKER_STATES, LogLimiter, ShedReport, Telemetry, proc_usage
 from .worker import TIMING, Consumer
@@ -555,7 +556,12 @@ class Producer:
             return
         # the operator's timeout bounds the handler; the client may only ask for less
         pending, assignments = self.dispatcher.submit(
-            request.body, (conn, request), self.settings.timeout, request.deadline, request.timeout
+            request.body,
+            (conn, request),
+            self.settings.timeout,
+            request.deadline,
+            request.timeout,
+            conn if conn.keepalive else None,  # a connection that may pipeline: one share of the queue
         )
         conn.requests.add(pending)
         self._send(assignments)
@@ -869,6 +875,7 @@ class Producer:
             "worker_states": states,
             "booting": states["booting"],
             "queued": d.queued,
+            "held": d.held,
             "running": d.running,
             "prefetched": d.prefetched,
             "pending": len(d.pending),
@@ -904,7 +911,7 @@ class Producer:
 
     def stalled(self, now: float) -> str | None:
         """Why no request has made progress for a while though work waits (``memory``,
-        ``workers``), or None (``gaspar.overload.Stall``)."""
+        ``workers``), or None (``gaspar.admission.Stall``)."""
         d = self.dispatcher
         return self.stall.reason(now, self.budget.waiting, d.queued, d.control.service)
 

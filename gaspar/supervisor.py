@@ -10,7 +10,9 @@ three verbs for a worker: :meth:`kill`, :meth:`tell_exit`, :meth:`broadcast`.
 
 Its loop reads as its verbs: a worker says HELLO (:meth:`on_hello`) or exits
 (:meth:`on_exit`, reported by the fork server with its wait status); :meth:`manage`
-brings the pool back to its target; :meth:`reload` and :meth:`scale` change it.
+brings the pool back to its target; :meth:`reload` and :meth:`scale` change it. What each
+event means and what to fork or retire is the pool book's (:mod:`gaspar.pool`), which the
+agent shares; this is its green shell.
 
 What each fault costs:
 
@@ -28,10 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,26 +44,18 @@ with __import__("warnings").catch_warnings():
 import zmq
 
 from . import sdnotify
-from .arbiter import HALT_FLAPPING, FlapPolicy, ForkServer, describe_exit
+from .arbiter import ForkServer
 from .connection import watch_fd
 from .dispatch import WorkerSlot, draw_limit
 from .errors import GasparError
 from .forkserver import ForkServers
 from .framing import Kind, Status, pack_id
+from .pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from .reloads import Reloads
 from .telemetry import WORKER_STATES, proc_usage
 from .worker import WORKER_BOOT_ERROR
 
 log = logging.getLogger("gaspar")
-
-
-class Booting:
-    """A fork asked of the fork server, until its worker says HELLO or dies."""
-
-    __slots__ = ("number", "generation", "pid")
-
-    def __init__(self, number: int, generation: int) -> None:
-        self.number, self.generation, self.pid = number, generation, None
 
 
 class Supervisor:
@@ -84,16 +76,10 @@ class Supervisor:
         on_fatal: Callable[[int, BaseException | None], None],
     ) -> None:
         self.consumer, self.app_spec, self.settings = consumer, app_spec, settings
-        self.dispatcher, self.telemetry, self.target = dispatcher, telemetry, target
+        self.dispatcher, self.telemetry = dispatcher, telemetry
         self._send, self._fail, self._on_ready, self._on_fatal = send, fail, on_ready, on_fatal
         s = settings
-        self.flap = FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry)
-        self.generation = 1
-        self.backoff_until = 0.0
-        self.booting: dict[int, Booting] = {}  # spawn token -> Booting
-        self.pid_token: dict[int, int] = {}
-        self.spawn_seq = 0
-        self.kill_reasons: dict[int, str] = {}  # pid -> why we signalled it
+        self.book = PoolBook(target, FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry))
         self.reloading: str | None = None  # "importing", then "replacing" until READY=1 (systemd)
         self.reloads = Reloads()  # the outcome of each, for gaspar ctl
         self.restarts = 0
@@ -101,6 +87,14 @@ class Supervisor:
         self.router: Any = None  # the front end's ROUTER, once bound (see attach)
         self.forks: ForkServers | None = None  # the current fork server, a reload's next, old ones
         self.gone = GreenEvent()  # once stopping: every worker has exited
+
+    @property
+    def target(self) -> int:
+        return self.book.target
+
+    @property
+    def booting(self) -> dict[int, Any]:
+        return self.book.booting
 
     # -- start and stop --------------------------------------------------------------------
 
@@ -132,14 +126,13 @@ class Supervisor:
                 self.tell_exit(w)
             else:  # a fast stop, or a handler still running past graceful_timeout
                 self.kill(w, signal.SIGKILL, "the daemon is stopping")
-        for boot in self.booting.values():
-            if boot.pid is not None:
-                self.kill_pid(boot.pid, signal.SIGKILL, "the daemon is stopping")
+        for pid in self.book.stop():
+            self.kill_pid(pid, signal.SIGKILL, "the daemon is stopping")
         self._check_gone()
 
     def waiting_for(self) -> bool:
         """Processes are still to exit (worth waiting for :attr:`gone`)."""
-        return bool(self.local_workers()) or any(b.pid for b in self.booting.values())
+        return bool(self.local_workers()) or bool(self.book.pids())
 
     def close(self) -> None:
         """Reap every fork server (each kills what is left of its workers), bounded."""
@@ -164,7 +157,7 @@ class Supervisor:
 
     def worker_pids(self) -> list[int]:
         """The pids of every worker process, booting ones included."""
-        return sorted([w.pid for w in self.local_workers()] + [b.pid for b in self.booting.values() if b.pid])
+        return sorted([w.pid for w in self.local_workers()] + self.book.pids())
 
     def consumer_name(self) -> str:
         return self.fork_server.consumer_name()
@@ -202,30 +195,24 @@ class Supervisor:
 
     def on_hello(self, rid: bytes, payload: bytes) -> None:
         hello = json.loads(payload)
-        pid, token = hello["pid"], hello["token"]
-        boot = self.booting.pop(token, None)
-        self.pid_token.pop(pid, None)
-        if boot is None or self.stopping:  # already counted as dead, or we are stopping
+        pid = hello["pid"]
+        boot = self.book.hello(hello["token"], pid)
+        if boot is None:  # already counted as dead, or we are stopping
             return
         s = self.settings
         limit = draw_limit(s.max_requests, s.max_requests_jitter)
-        slot = WorkerSlot(pid, hello["number"], hello["generation"], rid, max_requests=limit)
-        self.flap.booted()
+        slot = WorkerSlot(pid, boot.number, boot.generation, rid, max_requests=limit)
         log.info("Worker %s (pid:%s) ready", slot.number, pid)
         self._send(self.dispatcher.add_worker(slot))
-        if slot.generation == self.generation:
-            old = [w for w in self.local_workers() if w.generation < self.generation and not w.retiring]
-            if old:  # a rolling reload: one new worker in, one old worker out
-                old.sort(key=lambda w: w.current is not None)
-                self.dispatcher.retire(old[0].routing_id, "reload")
-        self.manage()
+        self.manage()  # a rolling reload: an old worker goes for each new one ready
         if self.ready_count() >= self.target:
             self._on_ready()
         if self.reloading == "replacing":
             self.notify_if_reloaded()
 
     def on_exit(self, pid: int, number: int | None, status: int) -> None:
-        exitcode, sig, text = describe_exit(status, self.kill_reasons.pop(pid, ""))
+        out = self.book.exited(pid, status)
+        exitcode, sig, text = out.exitcode, out.signal, out.text
         slot = next((w for w in self.local_workers() if w.pid == pid), None)
         if slot is not None:
             expected, reason = slot.exit_meaning(exitcode)
@@ -243,34 +230,27 @@ class Supervisor:
             else:
                 self.restarts += 1
                 log.error("Worker %s (pid:%s) %s", number, pid, text)
-        else:
-            token = self.pid_token.pop(pid, None)
-            if self.booting.pop(token, None) is not None and not self.stopping:
-                why = "its post_fork hook failed" if exitcode == WORKER_BOOT_ERROR else text
-                log.error("Worker %s (pid:%s) died before it was ready: %s", number, pid, why)
-                self.telemetry.restarted(number, "died")
-                self.on_boot_failure()
+        elif out.boot_failure:
+            why = "its post_fork hook failed" if exitcode == WORKER_BOOT_ERROR else text
+            log.error("Worker %s (pid:%s) died before it was ready: %s", number, pid, why)
+            self.telemetry.restarted(number, "died")
+            self.on_boot_failure(out)
         self.manage()
         self._check_gone()
 
-    def on_boot_failure(self) -> None:
-        if self.backoff_until == math.inf:  # already given up
-            return
-        action, delay = self.flap.boot_failed(time.monotonic())
-        if action == FlapPolicy.GIVE_UP:
-            f = self.flap
+    def on_boot_failure(self, out: Exit) -> None:
+        if out.flap == FlapPolicy.GIVE_UP:
+            f = self.book.flap
             log.critical(
                 "Workers failed to boot %s times within %ss, %s times over; giving up",
                 f.attempts,
                 f.window,
                 f.max_retry + 1,
             )
-            self.backoff_until = math.inf  # fork nothing more, even before the stop begins
             self._on_fatal(HALT_FLAPPING, GasparError("workers keep failing to boot; gave up (see the log)"))
-        elif action == FlapPolicy.BACKOFF:
-            log.warning("Workers are flapping; waiting %ss before the next fork", delay)
-            self.backoff_until = time.monotonic() + delay
-            eventlet.hubs.get_hub().schedule_call_global(delay, eventlet.spawn_n, self.manage)
+        elif out.flap == FlapPolicy.BACKOFF:
+            log.warning("Workers are flapping; waiting %ss before the next fork", out.backoff)
+            eventlet.hubs.get_hub().schedule_call_global(out.backoff, eventlet.spawn_n, self.manage)
 
     def manage(self) -> None:
         """Bring the pool to its target: fork what is missing, retire what is extra."""
@@ -280,29 +260,13 @@ class Supervisor:
         for w in d.retiring_idle():
             if w.agent is None:
                 self.tell_exit(w)
-        if time.monotonic() < self.backoff_until:
-            return
-        live = [w for w in self.local_workers() if not w.retiring]
-        if any(w.generation < self.generation for w in live):  # rolling: one extra at a time
-            if not self.booting:
-                self.spawn_worker()
-            return
-        missing = self.target - len(live) - len(self.booting)
-        for _ in range(missing):
-            self.spawn_worker()
-        if missing < 0:
-            live.sort(key=lambda w: w.current is not None)  # idle ones first
-            for w in live[:-missing]:
-                if d.retire(w.routing_id, "scale"):
-                    self.tell_exit(w)
-
-    def spawn_worker(self) -> None:
-        used = {w.number for w in self.local_workers() if not w.retiring}
-        used |= {b.number for b in self.booting.values()}
-        number = next(n for n in range(1, len(used) + 2) if n not in used)
-        self.spawn_seq += 1
-        self.booting[self.spawn_seq] = Booting(number, self.generation)
-        self.fork_server.spawn(number, self.generation, self.spawn_seq)
+        plan = self.book.plan(self.local_workers())
+        for w in plan.retire:
+            reason = "reload" if w.generation < self.book.generation else "scale"
+            if d.retire(w.routing_id, reason):
+                self.tell_exit(w)
+        for boot in plan.spawn:
+            self.fork_server.spawn(boot.number, boot.generation, boot.token)
 
     # -- acting on a worker (the gateway has the same three for remote ones) ---------------
 
@@ -313,7 +277,7 @@ class Supervisor:
         """Signal a worker through its fork server, remembering why for its exit's log line
         (a worker we SIGKILLed for a timeout was not out of memory); with ``dump``, its
         stack is logged first (a hang leaves a traceback)."""
-        self.kill_reasons[pid] = why
+        self.book.killing(pid, why)
         self.forks.kill(pid, sig, dump)
 
     def tell_exit(self, worker: WorkerSlot) -> None:
@@ -366,14 +330,14 @@ class Supervisor:
             self.reloads.settle(False, error, time.time())
             self.notify_if_reloaded("Reload failed; ")
             return
-        self.generation += 1
-        log.info("Reloaded; replacing the workers one by one (generation %s)", self.generation)
+        generation = self.book.reloaded()
+        log.info("Reloaded; replacing the workers one by one (generation %s)", generation)
         self.manage()
 
     def scale(self, n: int, least: int = 1) -> None:
         if n > self.settings.max_workers:
             raise ValueError(f"cannot scale to {n} workers: max_workers is {self.settings.max_workers}")
-        self.target = max(least, int(n))
+        self.book.target = max(least, int(n))
         log.info("Scaling to %s workers", self.target)
         self.manage()
 
@@ -388,10 +352,10 @@ class Supervisor:
     def notify_if_reloaded(self, status: str = "") -> None:
         """READY=1 again once a reload has settled: every worker ready and of the new generation."""
         live = [w for w in self.local_workers() if not w.retiring]
-        if len(live) < self.target or any(w.generation < self.generation for w in live):
+        if len(live) < self.target or any(w.generation < self.book.generation for w in live):
             return
         self.reloading = None
-        self.reloads.settle(True, None, time.time(), self.generation)
+        self.reloads.settle(True, None, time.time(), self.book.generation)
         self.notify_ready(status)
 
     # -- fork servers: the current one, the next (a reload importing), old ones retiring --
@@ -441,12 +405,8 @@ class Supervisor:
     def _handle_event(self, event: dict[str, Any], fs: ForkServer) -> None:
         kind = event["ev"]
         if kind == "spawned":
-            boot = self.booting.get(event["token"])
-            if boot is not None:
-                boot.pid = event["pid"]
-                self.pid_token[event["pid"]] = event["token"]
             log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
-            if self.stopping:  # forked just as we stopped: stop() did not know its pid
+            if self.book.spawned(event["token"], event["pid"]):  # forked just as we stopped
                 self.kill_pid(event["pid"], signal.SIGKILL, "the daemon is stopping")
         elif kind == "exited":
             self.on_exit(event["pid"], event["number"], event["status"])

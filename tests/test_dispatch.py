@@ -6,8 +6,12 @@ import random
 import signal
 
 import pytest
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gaspar.dispatch import Dispatcher, WorkerSlot
+from gaspar.overload import QueueControl
 
 
 class Clock:
@@ -326,10 +330,172 @@ def test_a_workers_exit_means_what_its_retirement_said(retiring, retire_reason, 
 
 
 def test_an_exit_we_caused_says_why_instead_of_guessing():
-    from gaspar.arbiter import describe_exit
+    from gaspar.pool import describe_exit
 
     killed = signal.SIGKILL  # a wait status of a process killed by SIGKILL is the signal number
     assert describe_exit(killed) == (None, killed, "killed by SIGKILL. Perhaps out of memory?")
     why = "its handler ran past 1s"
     assert describe_exit(killed, why) == (None, killed, f"killed by SIGKILL because {why}")
     assert describe_exit(3 << 8, "ignored for a clean exit") == (3, None, "exited with code 3")
+
+
+# -- one connection, one share of the queue --------------------------------------------------
+
+
+def busy_two_workers(clock: Clock) -> tuple[Dispatcher, list]:
+    """Two workers (no prefetch), both running something, and what runs."""
+    d = Dispatcher(clock, prefetch=0)
+    d.add_worker(worker(1))
+    d.add_worker(worker(2))
+    running = [d.submit(b"r%d" % i, "other")[0] for i in range(2)]
+    return d, running
+
+
+def test_a_pipelining_connection_holds_one_share_and_a_newcomer_waits_behind_it_only():
+    clock = Clock()
+    d, running = busy_two_workers(clock)
+    for i in range(50):
+        d.submit(b"h%d" % i, "hog", owner="conn")
+    assert d.queued == 2 and d.held == 48  # two workers: two places in the queue
+    probe, _ = d.submit(b"probe", "probe")  # a plain client: no owner
+    assert d.queued == 3
+    order = []
+    # run the queue down, one reply at a time, noting what starts
+    busy = list(running)
+    while busy:
+        req = busy.pop(0)
+        _, assigned = d.complete(req.worker.routing_id, req.id)
+        for _, nxt in assigned:
+            order.append(nxt.body)
+            busy.append(nxt)
+    assert order.index(b"probe") == 2  # behind the two hog requests queued before it, no more
+    assert order == [b"h0", b"h1", b"probe"] + [b"h%d" % i for i in range(2, 50)]  # the hog keeps its order
+    assert d.queued == 0 and d.held == 0 and not d.pending and not d._queue._in_queue and not d._queue._held
+
+
+def test_alone_a_pipelining_connection_keeps_every_worker_busy():
+    d = Dispatcher(Clock())
+    workers = [worker(n) for n in range(4)]
+    for w in workers:
+        d.add_worker(w)
+    reqs = [d.submit(b"%d" % i, "c", owner="conn") for i in range(20)]
+    assert sum(len(a) for _, a in reqs) == 4 and d.queued == 4 and d.held == 12
+    done = 0
+    while d.pending:
+        for w in workers:
+            if w.current is not None:
+                d.complete(w.routing_id, w.current.id)
+                done += 1
+        assert d.queued + d.held == 0 or d.running == 4  # no worker idles while its requests wait
+    assert done == 20
+
+
+def test_while_newest_first_a_held_request_joins_at_the_head_and_is_shed_first():
+    clock = Clock()
+    control = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=2, clock=clock)
+    d = Dispatcher(clock, prefetch=0, control=control)
+    w1, w2 = worker(1), worker(2)
+    d.add_worker(w1)
+    d.add_worker(w2)
+    running = [d.submit(b"r%d" % i, "other")[0] for i in range(2)]
+    hog = [d.submit(b"h%d" % i, "hog", owner="conn")[0] for i in range(6)]
+    clock.now += 0.05
+    others = [d.submit(b"o%d" % i, "o")[0] for i in range(3)]
+    control.overloaded = True
+    clock.now += 0.01
+    _, [(_, first)] = d.complete(running[0].worker.routing_id, running[0].id)
+    assert first is others[-1]  # newest first
+    _, [(_, second)] = d.complete(running[1].worker.routing_id, running[1].id)
+    assert second is others[-2]
+    # a hog request leaves (its client gave up): its next joins at the head, as old as the oldest
+    d.cancel(hog[1])
+    assert d._queue.oldest is hog[2] and hog[2].queued_at == hog[0].queued_at
+    # shedding takes the old end first: the hog's, before others' newer ones
+    clock.now += 5.0
+    d.sweep()
+    shed = [req for req, _ in d.take_shed()]
+    assert hog[0] in shed and hog[2] in shed
+
+
+def test_a_held_request_can_be_cancelled_failed_or_shed_for_its_deadline():
+    clock = Clock()
+    d, running = busy_two_workers(clock)
+    hog = [d.submit(b"h%d" % i, "hog", owner="conn", deadline=1.0 if i == 4 else None)[0] for i in range(6)]
+    assert [r.held for r in hog] == [False, False, True, True, True, True]
+    d.cancel(hog[3])
+    assert d.held == 3 and hog[3].id not in d.pending
+    clock.now += 2.0
+    d.sweep(deadlines=True)
+    assert [req for req, reason in d.take_shed()] == [hog[4]] and d.held == 2
+    failed = d.fail_all()
+    assert set(failed) == set(running + [hog[0], hog[1], hog[2], hog[5]])
+    assert not d._queue._held and not d._queue._in_queue and d.queued == 0
+
+
+class ShareMachine(RuleBasedStateMachine):
+    """Any mix of pipelining and plain requests, replies, cancels, deaths and sheds: the
+    per-connection books always match the queue, nothing is lost, nothing leaks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.control = QueueControl(queue_timeout=1.0, target=0.005, interval=0.1, workers=2, clock=self.clock)
+        self.d = Dispatcher(self.clock, prefetch=2, control=self.control, max_queued=12)
+        self.n = 0
+        self.answered: set[int] = set()
+
+    @rule(owner=st.sampled_from([None, "a", "b"]), deadline=st.sampled_from([None, 0.05, 5.0]))
+    def submit(self, owner, deadline):
+        self.d.submit(b"x", "c", deadline=deadline, owner=owner)
+
+    @rule()
+    def add_worker(self):
+        self.n += 1
+        self.d.add_worker(worker(self.n))
+
+    @rule(data=st.data())
+    def complete(self, data):
+        busy = [w for w in self.d.workers.values() if w.current is not None]
+        if busy:
+            w = data.draw(st.sampled_from(busy))
+            self.d.complete(w.routing_id, w.current.id)
+
+    @rule(data=st.data())
+    def remove_worker(self, data):
+        if self.d.workers:
+            self.d.remove_worker(data.draw(st.sampled_from(sorted(self.d.workers))))
+            self.d.dispatch()
+
+    @rule(data=st.data())
+    def cancel(self, data):
+        if self.d.pending:
+            self.d.cancel(self.d.pending[data.draw(st.sampled_from(sorted(self.d.pending)))])
+
+    @rule(dt=st.sampled_from([0.001, 0.05, 0.3, 2.0]), overloaded=st.booleans())
+    def time_passes(self, dt, overloaded):
+        self.clock.now += dt
+        self.control.overloaded = overloaded
+        self.d.sweep(deadlines=True)
+        self.d.take_shed()
+        self.d.take_cancels()
+
+    @invariant()
+    def books_match(self):
+        d = self.d
+        counts: dict = {}
+        q = d._queue
+        for req in q:
+            assert not req.held
+            if req.owner is not None:
+                counts[req.owner] = counts.get(req.owner, 0) + 1
+        assert counts == q._in_queue
+        for owner, held in q._held.items():
+            assert held and all(r.held and r.owner == owner for r in held)
+            assert q._in_queue.get(owner, 0) >= 1  # a held request always has one of its own ahead
+        queued = {r.id for r in q} | {r.id for r in q.held_requests()}
+        hands = {r.id for w in d.workers.values() for r in ([w.current] if w.current else []) + list(w.ahead)}
+        assert queued <= set(d.pending) <= queued | hands
+
+
+TestShareMachine = ShareMachine.TestCase
+TestShareMachine.settings = hyp_settings(max_examples=150, stateful_step_count=40, deadline=None)

@@ -24,17 +24,8 @@ import pytest
 from conftest import ROOT, alive, children_of, wait_for
 
 from gaspar import client
-from gaspar.logs import (
-    CONTINUATION,
-    LOG_DATEFMT,
-    LOG_FORMAT,
-    MAX_LINE,
-    JsonFormatter,
-    LineSplitter,
-    OutputCapture,
-    TextFormatter,
-    escape,
-)
+from gaspar.capture import MAX_LINE, LineSplitter, OutputCapture
+from gaspar.logs import CONTINUATION, LOG_DATEFMT, LOG_FORMAT, JsonFormatter, TextFormatter, escape
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 

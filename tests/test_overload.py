@@ -15,19 +15,10 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from gaspar.admission import BodyClock, ByteBudget, Stall
 from gaspar.dispatch import Dispatcher, WorkerSlot
-from gaspar.overload import (
-    DEADLINE,
-    QUEUE_DELAY,
-    QUEUE_FULL,
-    QUEUE_TIMEOUT,
-    BodyClock,
-    ByteBudget,
-    QueueControl,
-    RetryBudget,
-    Stall,
-    backoff,
-)
+from gaspar.overload import DEADLINE, QUEUE_DELAY, QUEUE_FULL, QUEUE_TIMEOUT, QueueControl
+from gaspar.retry import RetryBudget, backoff
 
 
 class Clock:

@@ -23,6 +23,27 @@ def test_client_reuses_one_connection(serve):
         assert s.producer.stats()["connections"] == 1
 
 
+def test_a_closed_client_says_so_instead_of_reopening(serve):
+    s = serve(handlers.echo)
+    c = client.Client(s.addr, timeout=10)
+    assert c.request(b"x") == b"x"
+    c.close()
+    for call in (lambda: c.request(b"y"), lambda: c.pipeline([b"a", b"b"])):
+        with pytest.raises(gaspar.ClientClosed, match="closed"):
+            call()
+    assert s.producer.stats()["connections"] == 0 or not c._idle  # nothing was opened again
+
+    async def main():
+        a = aio.Client(s.addr, timeout=10)
+        assert await a.request(b"z") == b"z"
+        await a.close()
+        with pytest.raises(gaspar.ClientClosed):
+            await a.request(b"again")
+        assert a._writer is None
+
+    asyncio.run(main())
+
+
 def test_pipelined_replies_match_their_requests(serve):
     s = serve(handlers.sleepy, processes=3)
     with client.Client(s.addr, timeout=10) as c:

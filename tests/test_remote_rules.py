@@ -171,9 +171,10 @@ def test_an_agent_keeps_a_worker_whose_hello_outran_its_spawned_event(hello_firs
     unannounced for ever and the pool stayed one short (seen in a loaded test run)."""
     from gaspar.agent import Agent
     from gaspar.config import Settings
+    from gaspar.pool import Booting
 
     agent = Agent(None, Settings(), "tcp://127.0.0.1:1", workers=1)
-    agent.booting[1] = 1  # the fork it asked for, token 1
+    agent.book.booting[1] = Booting(1, 1, 1)  # the fork it asked for, token 1
     spawned = _Events({"ev": "spawned", "pid": 4242, "token": 1, "number": 1, "generation": 1})
     hello = b'{"pid": 4242, "token": 1, "number": 1, "generation": 1}'
     if hello_first:
@@ -184,7 +185,7 @@ def test_an_agent_keeps_a_worker_whose_hello_outran_its_spawned_event(hello_firs
         agent.on_hello(b"4242:1", hello)
     w = agent.by_pid[4242]
     assert w.hello == hello and w.wid == b"4242:1" and agent.by_wid[b"4242:1"] is w
-    assert agent.booting == {} and len(agent.by_pid) == 1  # nothing more to fork
+    assert agent.book.booting == {} and len(agent.by_pid) == 1  # nothing more to fork
     # a HELLO from a worker already reaped (its token long gone) is still dropped
     agent.on_hello(b"77:1", b'{"pid": 77, "token": 9, "number": 2, "generation": 1}')
     assert 77 not in agent.by_pid

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, alive, children_of, wait_for
 
 import gaspar
-from gaspar import client, top
+from gaspar import client, humanize, top
 from gaspar.cli import main
 from gaspar.errors import ConnectFailed
 from gaspar.telemetry import OUTCOMES, Histogram
@@ -174,7 +174,7 @@ def test_the_first_frame_has_no_rates_and_latency_since_start():
     head = header_text(lines)
     assert "req/s -" in head and "shed 0 (-/s)" in head and "front end cpu -%" in head
     assert "latency, since start:" in head
-    p50 = top.human_duration(now["histograms"]["request_duration_seconds"]["p50"])
+    p50 = humanize.human_duration(now["histograms"]["request_duration_seconds"]["p50"])
     assert f"request p50 {p50}" in head
     assert table(lines)[0]["REQ/S"] == "-" and table(lines)[0]["CPU%"] == "-"
 
@@ -187,7 +187,7 @@ def test_latency_is_that_of_the_requests_between_the_samples():
     assert top.quantiles(None, after) == (after["p50"], after["p99"])  # since the start
     assert top.quantiles(after, after) == (None, None)  # nothing ended in between
     lines = top.render(stats(requests=fast), stats(requests=fast + slow), 1.0, 80)
-    assert f"latency, last 1.0s:  request p50 {top.human_duration(p50)}" in header_text(lines)
+    assert f"latency, last 1.0s:  request p50 {humanize.human_duration(p50)}" in header_text(lines)
 
 
 def test_missing_figures_are_dashes():
@@ -265,11 +265,11 @@ def test_every_line_fits_the_width(width):
 
 def test_human_figures():
     ages = {0: "0s", 12.9: "12s", 59: "59s", 60: "1m", 300: "5m", 3599: "59m", 3 * 3600: "3h", 2 * 86400 + 5: "2d"}
-    assert {s: top.human_age(s) for s in ages} == ages
-    assert top.human_age(None) == "-" and top.human_uptime(2 * 86400 + 3 * 3600) == "2d3h"
-    assert [top.human_mib(b) for b in (None, 32 * MiB, 812 * MiB)] == ["-", "32.0M", "812M"]
-    assert [top.human_duration(s) for s in (None, 0.0004, 0.243, 1.25)] == ["-", "0.4ms", "243ms", "1.25s"]
-    assert top.number(123_456_789, 8, 0) == "123457k" and top.number(1e30, 4) == "****"
+    assert {s: humanize.human_age(s) for s in ages} == ages
+    assert humanize.human_age(None) == "-" and humanize.human_uptime(2 * 86400 + 3 * 3600) == "2d3h"
+    assert [humanize.human_mib(b) for b in (None, 32 * MiB, 812 * MiB)] == ["-", "32.0M", "812M"]
+    assert [humanize.human_duration(s) for s in (None, 0.0004, 0.243, 1.25)] == ["-", "0.4ms", "243ms", "1.25s"]
+    assert humanize.number(123_456_789, 8, 0) == "123457k" and humanize.number(1e30, 4) == "****"
 
 
 def test_the_sampler_keeps_retrying_and_rates_span_the_last_good_samples():

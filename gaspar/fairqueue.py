@@ -1,0 +1,128 @@
+"""The dispatcher's queue, with no I/O: first in, first out or newest first, one share per
+connection.
+
+A persistent connection may pipeline many requests, but it holds at most ``share()``
+places in the queue (as many as there are workers); its others wait in a line of their own,
+*held*, and each joins the queue when one of its requests leaves it (to a worker, shed or
+cancelled): at the tail while the queue is first in, first out; while it is newest first,
+at the head, as old as the oldest there (served last, shed first). So a client pipelining a
+thousand requests costs everyone else about one handler run, as HTTP/2 servers bound a
+connection's concurrent streams; alone, it still keeps every worker busy. A held request's
+wait in the queue counts from when it joined it: a client queueing behind itself is not
+overload. Requests without an owner (one per connection) are never held.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+
+class Queued(Protocol):
+    """What the queue reads and writes of a request (``gaspar.dispatch.Pending``)."""
+
+    owner: Any
+    held: bool
+    queued_at: float
+
+
+class FairQueue:
+    """Requests no worker could take yet. ``share()``: the places one owner may hold;
+    ``newest_first()``: whether the queue is served newest first now; ``clock``: now."""
+
+    def __init__(self, share: Callable[[], int], newest_first: Callable[[], bool], clock: Callable[[], float]) -> None:
+        self.share, self.newest_first, self.clock = share, newest_first, clock
+        self._queue: deque[Any] = deque()
+        self._in_queue: dict[Any, int] = {}  # owner -> its requests in the queue
+        self._held: dict[Any, deque[Any]] = {}  # owner -> its requests past its share
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __iter__(self) -> Iterator[Any]:
+        """The queued requests, oldest end first (held ones are not in the queue)."""
+        return iter(self._queue)
+
+    @property
+    def oldest(self) -> Any:
+        """The request at the oldest end (the queue must not be empty)."""
+        return self._queue[0]
+
+    @property
+    def held(self) -> int:
+        """Requests waiting behind their own owner's share of the queue."""
+        return sum(len(h) for h in self._held.values())
+
+    def held_requests(self) -> list[Any]:
+        return [req for held in self._held.values() for req in held]
+
+    def submit(self, req: Queued) -> bool:
+        """A new request: into the queue (True), or held behind its owner's share (False)."""
+        owner = req.owner
+        if owner is not None and self._in_queue.get(owner, 0) >= max(1, self.share()):
+            req.held = True
+            held = self._held.get(owner)
+            if held is None:
+                held = self._held[owner] = deque()
+            held.append(req)
+            return False
+        self.put(req)
+        return True
+
+    def put(self, req: Queued, first: bool = False) -> None:
+        """Into the queue: at the newest end, or at the oldest (``first``: first in line
+        again, e.g. a request its worker never started)."""
+        if first:
+            self._queue.appendleft(req)
+        else:
+            self._queue.append(req)
+        if req.owner is not None:
+            self._in_queue[req.owner] = self._in_queue.get(req.owner, 0) + 1
+
+    def pop(self, oldest: bool) -> Any:
+        """Take the request at the oldest end, or at the newest."""
+        req = self._queue.popleft() if oldest else self._queue.pop()
+        if req.owner is not None:
+            self._left(req.owner)
+        return req
+
+    def remove(self, req: Queued) -> None:
+        """Take out a request, queued or held."""
+        if req.held:
+            held = self._held[req.owner]
+            held.remove(req)
+            if not held:
+                del self._held[req.owner]
+            return
+        self._queue.remove(req)
+        if req.owner is not None:
+            self._left(req.owner)
+
+    def clear(self) -> None:
+        self._queue.clear()
+        self._in_queue.clear()
+        self._held.clear()
+
+    def _left(self, owner: Any) -> None:
+        """One of ``owner``'s requests left the queue: its next held one takes the place."""
+        n = self._in_queue[owner] - 1
+        if n:
+            self._in_queue[owner] = n
+        else:
+            del self._in_queue[owner]
+        held = self._held.get(owner)
+        if held and n < max(1, self.share()):
+            req = held.popleft()
+            if not held:
+                del self._held[owner]
+            req.held = False
+            if self.newest_first() and self._queue:  # served last, shed first
+                req.queued_at = self._queue[0].queued_at
+                self.put(req, first=True)
+            else:
+                req.queued_at = self.clock()
+                self.put(req)
+
+
+__all__ = ["FairQueue", "Queued"]

@@ -1,0 +1,270 @@
+"""The pool book: the rules of one host's pool of worker processes, with no I/O.
+
+The front end's :class:`~gaspar.supervisor.Supervisor` (green) and a remote host's
+:class:`~gaspar.agent.Agent` (blocking) supervise the same kind of pool: workers forked by a
+fork server, each saying HELLO once it is ready. Both are thin shells over this book, which
+decides and remembers; the shells read sockets and pipes, and do what it says (fork, retire,
+signal, log). As gunicorn's arbiter does, one pass (:meth:`PoolBook.plan`) brings the pool to
+its target; loky's crash table is the model for what an exit means (:meth:`PoolBook.exited`).
+
+What it keeps:
+
+* **Booting workers**, by the token of the fork that asked for each: number and generation
+  from the start, pid once the fork server says "spawned". A worker's HELLO names its
+  token, so a HELLO that outruns "spawned" (a busy host) still finds its fork.
+* **The generation** (each successful reload makes a new one), the **target**, and
+  **flapping** (:class:`FlapPolicy`): back-off, then giving up.
+* **Why we signalled** a process (:meth:`PoolBook.killing`), so its exit is not logged as a
+  mystery ("killed by SIGKILL because it ran past the timeout", not "out of memory?").
+
+Ready workers are not kept here: they are the shell's records (the dispatcher's
+:class:`~gaspar.dispatch.WorkerSlot`, the agent's ``LocalWorker``), passed in as
+:class:`Ready` views, so a worker is described once.
+
+The rules, each a row of ``tests/test_pool.py``:
+
+* **Numbers** are the lowest free among ready workers not retiring and those booting (a
+  replacement takes the number of the worker it replaces; logs read ``Worker 1``, ``2``...).
+* **Rolling reload.** While a ready worker is of an older generation, one new worker is
+  forked at a time, *before* an old one is retired: capacity never drops, and no request is
+  lost (an old worker leaves once idle). Idle old workers go first.
+* **Scale.** Fork what is missing; past the target, retire the extra, idle ones first.
+* **Flapping.** A worker that dies before its HELLO is a boot failure: ``flap_attempts``
+  within ``flap_window`` mean waiting ``flap_retry_in`` before forking again; after
+  ``flap_max_retry`` such episodes, give up (the daemon exits 3). A ready worker resets it.
+* **Stopping.** Nothing is forked; a worker forked as the stop began is to be killed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+HALT_FLAPPING = 3  # the exit code of a daemon or agent whose workers cannot boot
+
+
+class FlapPolicy:
+    """gaffer's flapping detection, as a pure rule.
+
+    ``attempts`` boot failures within ``window`` seconds are a flapping episode: wait
+    ``retry_in`` seconds before forking again. After ``max_retry`` episodes, give up. A
+    worker that boots resets the count. With the defaults (5, 10 s, 1 s, 3) a hopeless
+    start costs at most 5 x 4 = 20 forks.
+    """
+
+    RESPAWN, BACKOFF, GIVE_UP = "respawn", "backoff", "give up"
+
+    def __init__(self, attempts: int = 5, window: float = 10.0, retry_in: float = 1.0, max_retry: int = 3) -> None:
+        self.attempts, self.window, self.retry_in, self.max_retry = attempts, window, retry_in, max_retry
+        self.failures: deque[float] = deque()
+        self.episodes = 0
+
+    def boot_failed(self, now: float) -> tuple[str, float]:
+        """Record a worker that died before it was ready; say what to do next."""
+        self.failures.append(now)
+        while self.failures and now - self.failures[0] > self.window:
+            self.failures.popleft()
+        if len(self.failures) < self.attempts:
+            return self.RESPAWN, 0.0
+        self.failures.clear()
+        self.episodes += 1
+        if self.episodes > self.max_retry:
+            return self.GIVE_UP, 0.0
+        return self.BACKOFF, self.retry_in
+
+    def booted(self) -> None:
+        """A worker became ready: the start is not hopeless."""
+        self.failures.clear()
+        self.episodes = 0
+
+
+def describe_exit(status: int, killed_because: str = "") -> tuple[int | None, int | None, str]:
+    """``(exitcode, signal, text)`` for a wait status, in words an operator can act on;
+    ``killed_because``: why we signalled it ourselves (then no "out of memory?" guess)."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        if killed_because:
+            return None, sig, f"killed by {name} because {killed_because}"
+        hint = " Perhaps out of memory?" if sig == signal.SIGKILL else ""
+        return None, sig, f"killed by {name}.{hint}"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    return code, None, f"exited with code {code}"
+
+
+class Ready(Protocol):
+    """A ready worker as the book reads it: the shell's own record."""
+
+    pid: int
+    number: int
+    generation: int
+
+    @property
+    def retiring(self) -> bool: ...
+
+    @property
+    def busy(self) -> bool: ...
+
+
+@dataclass
+class Booting:
+    """A fork asked of the fork server, until its worker says HELLO or dies."""
+
+    token: int
+    number: int
+    generation: int
+    pid: int | None = None  # once the fork server said "spawned" (or its HELLO came first)
+
+
+@dataclass
+class Plan:
+    """What to do now: fork these, retire those (idle ones are told to exit by the shell)."""
+
+    spawn: list[Booting] = field(default_factory=list)
+    retire: list[Ready] = field(default_factory=list)
+
+
+@dataclass
+class Exit:
+    """What a process's exit means (see :meth:`PoolBook.exited`)."""
+
+    exitcode: int | None
+    signal: int | None
+    text: str  # "exited with code 1", "killed by SIGKILL because ..."
+    booting: Booting | None = None  # it died before its HELLO: this was its fork
+    boot_failure: bool = False  # ...and that counts towards flapping
+    flap: str = ""  # then FlapPolicy's verdict: respawn, backoff or give up
+    backoff: float = 0.0  # seconds before the next fork (backoff)
+
+
+class PoolBook:
+    """The book of one host's pool; ``clock`` is injected (tests drive time)."""
+
+    def __init__(
+        self, target: int, flap: FlapPolicy | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.target = target
+        self.flap = flap or FlapPolicy()
+        self.clock = clock
+        self.generation = 1
+        self.booting: dict[int, Booting] = {}  # token -> its fork
+        self.backoff_until = 0.0  # no fork before this (math.inf: given up)
+        self.stopping = False
+        self._tokens = 0
+        self._by_pid: dict[int, int] = {}  # a booting worker's pid -> its token
+        self._killed: dict[int, str] = {}  # pid -> why we signalled it
+
+    # -- events ---------------------------------------------------------------------------
+
+    def spawned(self, token: int, pid: int) -> bool:
+        """The fork server forked ``token`` as ``pid``. True if it is to be killed at once
+        (the stop began after the fork was asked)."""
+        boot = self.booting.get(token)
+        if boot is not None and boot.pid is None:
+            boot.pid = pid
+            self._by_pid[pid] = token
+        return self.stopping
+
+    def hello(self, token: int, pid: int) -> Booting | None:
+        """A worker said it is ready: its fork (None if it is not to join: its fork is
+        unknown, or the pool is stopping). It may come before "spawned"."""
+        boot = self.booting.pop(token, None)
+        self._by_pid.pop(pid, None)
+        if boot is None or self.stopping:
+            return None
+        boot.pid = pid
+        self.flap.booted()
+        return boot
+
+    def killing(self, pid: int, why: str) -> None:
+        """We are signalling ``pid``, because ``why``: its exit is described so."""
+        self._killed[pid] = why
+
+    def exited(self, pid: int, status: int) -> Exit:
+        """A process of this pool exited with wait ``status``. A booting one is a boot
+        failure (unless the pool is stopping) and the verdict on flapping is applied: the
+        next fork waits for :attr:`backoff_until`, forever once given up (later failures
+        then have no verdict)."""
+        exitcode, sig, text = describe_exit(status, self._killed.pop(pid, ""))
+        out = Exit(exitcode, sig, text)
+        token = self._by_pid.pop(pid, None)
+        if token is None:
+            return out
+        out.booting = self.booting.pop(token, None)
+        if out.booting is None or self.stopping:
+            return out
+        out.boot_failure = True
+        if self.given_up:  # nothing more to decide
+            return out
+        out.flap, out.backoff = self.flap.boot_failed(self.clock())
+        if out.flap == FlapPolicy.GIVE_UP:
+            self.backoff_until = math.inf
+        elif out.flap == FlapPolicy.BACKOFF:
+            self.backoff_until = self.clock() + out.backoff
+        return out
+
+    def reloaded(self) -> int:
+        """The new code imported: a new generation, to replace the workers one by one."""
+        self.generation += 1
+        return self.generation
+
+    def stop(self) -> list[int]:
+        """The pool stops: nothing more is forked. The pids of booting workers, to kill."""
+        self.stopping = True
+        return [b.pid for b in self.booting.values() if b.pid is not None]
+
+    # -- the pass that brings the pool to its target --------------------------------------
+
+    @property
+    def given_up(self) -> bool:
+        return self.backoff_until == math.inf
+
+    def may_fork(self) -> bool:
+        return not self.stopping and self.clock() >= self.backoff_until
+
+    def plan(self, ready: Sequence[Ready]) -> Plan:
+        """What to fork and what to retire now, given the ready workers (retiring ones
+        included). Forks are recorded as booting; the shell asks the fork server for them."""
+        plan = Plan()
+        if self.stopping:
+            return plan
+        live = [w for w in ready if not w.retiring]
+        old = [w for w in live if w.generation < self.generation]
+        if old:  # rolling: one new worker at a time, and an old one out for each that is ready
+            if len(live) > self.target:
+                old.sort(key=lambda w: w.busy)  # idle ones first
+                plan.retire = old[: len(live) - self.target]
+            if len(old) > len(plan.retire) and not self.booting and self.may_fork():
+                plan.spawn.append(self._fork([w for w in live if w not in plan.retire]))
+            return plan
+        missing = self.target - len(live) - len(self.booting)
+        if missing > 0 and self.may_fork():
+            for _ in range(missing):
+                plan.spawn.append(self._fork(live))
+        elif missing < 0:
+            live.sort(key=lambda w: w.busy)
+            plan.retire = live[:-missing]
+        return plan
+
+    def _fork(self, live: Sequence[Ready]) -> Booting:
+        used = {w.number for w in live} | {b.number for b in self.booting.values()}
+        number = next(n for n in range(1, len(used) + 2) if n not in used)
+        self._tokens += 1
+        boot = self.booting[self._tokens] = Booting(self._tokens, number, self.generation)
+        return boot
+
+    def pids(self) -> list[int]:
+        """The pids of booting workers known so far."""
+        return [b.pid for b in self.booting.values() if b.pid is not None]
+
+
+__all__ = ["Booting", "Exit", "FlapPolicy", "HALT_FLAPPING", "Plan", "PoolBook", "Ready", "describe_exit"]

@@ -1,0 +1,228 @@
+"""The pool book without I/O: every rule the front end's and the agent's pools share, as
+rows. Each race or fault either copy was once fixed for has its row here."""
+
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass
+
+import pytest
+
+from gaspar.pool import FlapPolicy, PoolBook, describe_exit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class W:
+    """A ready worker as a shell records it."""
+
+    pid: int
+    number: int
+    generation: int = 1
+    retiring: bool = False
+    busy: bool = False
+
+
+def booted(book: PoolBook, ready: list[W], pid0: int = 1000) -> list[W]:
+    """Run one plan: its forks are spawned and say HELLO; its retirements are applied."""
+    plan = book.plan(ready)
+    for w in plan.retire:
+        w.retiring = True
+    for boot in plan.spawn:
+        pid = pid0 + boot.token
+        book.spawned(boot.token, pid)
+        got = book.hello(boot.token, pid)
+        assert got is boot
+        ready.append(W(pid, boot.number, boot.generation))
+    return ready
+
+
+def exit_status(code: int) -> int:
+    return code << 8
+
+
+KILLED = signal.SIGKILL  # a wait status: killed by SIGKILL
+
+
+# -- numbering and scale --------------------------------------------------------------------
+
+
+def test_a_pool_starts_with_its_target_numbered_from_one():
+    book = PoolBook(3)
+    plan = book.plan([])
+    assert [(b.number, b.generation) for b in plan.spawn] == [(1, 1), (2, 1), (3, 1)]
+    assert book.plan([]).spawn == []  # booting ones count: nothing forked twice
+
+
+@pytest.mark.parametrize(
+    "ready, booting, target, spawn_numbers, retire_pids",
+    [
+        # a replacement takes the lowest free number
+        ([W(1, 1), W(3, 3)], 0, 3, [2], []),
+        # a retiring worker's number is free for its replacement
+        ([W(1, 1, retiring=True), W(2, 2), W(3, 3)], 0, 3, [1], []),
+        # scale down: the extra go, idle ones first
+        ([W(1, 1, busy=True), W(2, 2), W(3, 3, busy=True), W(4, 4)], 0, 2, [], [2, 4]),
+        # scale down with one booting: it counts
+        ([W(1, 1), W(2, 2)], 1, 2, [], [1]),
+        # scale up
+        ([W(1, 1)], 0, 3, [2, 3], []),
+    ],
+)
+def test_numbers_and_scale(ready, booting, target, spawn_numbers, retire_pids):
+    book = PoolBook(target)
+    used = {w.number for w in ready if not w.retiring}
+    for _ in range(booting):
+        book._fork([w for w in ready if not w.retiring] + [W(0, n) for n in used])
+    plan = book.plan(ready)
+    assert [b.number for b in plan.spawn] == spawn_numbers
+    assert sorted(w.pid for w in plan.retire) == retire_pids
+
+
+# -- rolling reload -------------------------------------------------------------------------
+
+
+def test_a_rolling_reload_forks_one_new_worker_before_each_old_one_goes():
+    book = PoolBook(3)
+    ready = booted(book, [])
+    assert len(ready) == 3
+    book.reloaded()
+    ready[1].busy = True
+    seen = []
+    for _ in range(10):
+        live = [w for w in ready if not w.retiring]
+        assert len(live) >= 3  # capacity never drops
+        plan = book.plan(ready)
+        assert len(plan.spawn) <= 1 and len(book.booting) <= 1
+        seen.append(([b.number for b in plan.spawn], [w.pid for w in plan.retire]))
+        for w in plan.retire:
+            w.retiring = True
+        for boot in plan.spawn:
+            book.spawned(boot.token, 2000 + boot.token)
+            book.hello(boot.token, 2000 + boot.token)
+            ready.append(W(2000 + boot.token, boot.number, boot.generation))
+        ready = [w for w in ready if not (w.retiring and not w.busy)]  # idle retirees exit
+        if all(w.generation == 2 for w in ready if not w.retiring) and not book.booting:
+            break
+    live = [w for w in ready if not w.retiring]
+    assert len(live) == 3 and {w.generation for w in live} == {2}
+    assert seen[0] == ([4], [])  # the first new worker comes before any old one goes
+    retired = [pid for _, pids in seen for pid in pids]
+    assert sorted(retired) == [1001, 1002, 1003] and retired[-1] == 1002  # the busy one last
+
+
+def test_a_reload_that_failed_keeps_the_generation():
+    book = PoolBook(2)
+    ready = booted(book, [])
+    assert book.plan(ready).spawn == [] and book.generation == 1
+
+
+# -- HELLO, spawned, exits ------------------------------------------------------------------
+
+
+def test_a_hello_that_outruns_spawned_still_finds_its_fork():
+    """The race fixed in f25c182 (the agent's copy only): on a busy host a worker's HELLO can
+    come before the fork server's "spawned" event."""
+    book = PoolBook(1)
+    [boot] = book.plan([]).spawn
+    assert book.hello(boot.token, 4242) is boot  # HELLO first
+    assert book.spawned(boot.token, 4242) is False  # then spawned: nothing more happens
+    assert book.booting == {} and book.plan([W(4242, 1)]).spawn == []
+    # and its later exit is a ready worker's, not a boot failure
+    out = book.exited(4242, exit_status(1))
+    assert not out.boot_failure and out.booting is None
+
+
+def test_a_hello_from_an_unknown_fork_or_while_stopping_is_not_taken():
+    book = PoolBook(2)
+    a, b = book.plan([]).spawn
+    assert book.hello(999, 1) is None  # no such fork (counted dead already)
+    book.spawned(a.token, 11)
+    assert book.stop() == [11]  # booting pids, to kill
+    assert book.hello(b.token, 12) is None
+    assert book.spawned(a.token, 11) is True  # forked as the stop began: kill it
+
+
+def test_dying_before_hello_is_a_boot_failure_and_a_ready_exit_is_not():
+    book = PoolBook(1)
+    [boot] = book.plan([]).spawn
+    book.spawned(boot.token, 7)
+    out = book.exited(7, exit_status(4))
+    assert out.boot_failure and out.booting is boot and out.flap == FlapPolicy.RESPAWN
+    assert out.exitcode == 4 and out.text == "exited with code 4"
+    assert [b.number for b in book.plan([]).spawn] == [1]  # forked again at once
+    stranger = book.exited(8, exit_status(0))  # not ours: described, nothing else
+    assert not stranger.boot_failure and stranger.booting is None
+
+
+def test_an_exit_we_caused_says_why():
+    book = PoolBook(1)
+    book.killing(55, "it ran past the timeout (the timeout setting)")
+    out = book.exited(55, KILLED)
+    assert out.signal == signal.SIGKILL and "because it ran past the timeout" in out.text
+    assert "out of memory" in book.exited(56, KILLED).text  # once only: the reason is spent
+    assert describe_exit(exit_status(3), "ignored for a clean exit") == (3, None, "exited with code 3")
+
+
+# -- flapping -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failures, spacing, verdicts",
+    [
+        (4, 0.1, ["respawn"] * 4),
+        (5, 0.1, ["respawn"] * 4 + ["backoff"]),
+        (5, 3.0, ["respawn"] * 5),  # spread over more than the window: not flapping
+        (20, 0.01, (["respawn"] * 4 + ["backoff"]) * 3 + ["respawn"] * 4 + ["give up"]),
+    ],
+)
+def test_flapping(failures, spacing, verdicts):
+    clock = Clock()
+    book = PoolBook(1, FlapPolicy(5, 10.0, 1.0, 3), clock)
+    got = []
+    for i in range(failures):
+        plan = book.plan([])
+        if not plan.spawn:  # backing off
+            clock.now = max(clock.now, book.backoff_until)
+            plan = book.plan([])
+        [boot] = plan.spawn
+        book.spawned(boot.token, 100 + i)
+        got.append(book.exited(100 + i, exit_status(1)).flap)
+        clock.now += spacing if spacing < 3.0 else 3.0
+    assert got == verdicts
+    if verdicts[-1] == "give up":
+        assert book.given_up and book.backoff_until == math.inf
+        clock.now += 1e6
+        assert book.plan([]).spawn == []  # never again
+    if verdicts[-1] == "backoff":
+        assert book.plan([]).spawn == [] and book.backoff_until == pytest.approx(clock.now - spacing + 1.0)
+
+
+def test_a_ready_worker_resets_flapping():
+    clock = Clock()
+    book = PoolBook(1, FlapPolicy(2, 10.0, 1.0, 0), clock)
+    [boot] = book.plan([]).spawn
+    book.spawned(boot.token, 1)
+    assert book.exited(1, exit_status(1)).flap == "respawn"
+    [boot] = book.plan([]).spawn
+    book.hello(boot.token, 2)  # one boots: the count starts over
+    [boot] = book.plan([]).spawn  # (target 1, nothing ready passed: one more fork)
+    book.spawned(boot.token, 3)
+    assert book.exited(3, exit_status(1)).flap == "respawn"
+
+
+def test_stopping_forks_nothing_and_a_booting_death_is_no_failure():
+    book = PoolBook(2)
+    a, _ = book.plan([]).spawn
+    book.spawned(a.token, 9)
+    book.stop()
+    assert book.plan([]).spawn == [] and book.plan([W(1, 1, busy=True)]).retire == []
+    assert not book.exited(9, KILLED).boot_failure
