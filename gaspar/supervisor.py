@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
