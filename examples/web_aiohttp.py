@@ -3,7 +3,7 @@
 One :class:`gaspar.aio.Client` is opened in ``on_startup``, closed in ``on_cleanup`` and
 shared by every handler (one pipelined connection for all concurrent requests). Run::
 
-    pip install gaspar aiohttp
+    pip install aiohttp   # and gaspar 2 itself: README.rst, Installation
     gaspar serve examples.hashing:Hasher --bind 127.0.0.1:10123
     GASPAR_ADDR=127.0.0.1:10123 python -m aiohttp.web -H 127.0.0.1 -P 8000 examples.web_aiohttp:make_app
     # or: PORT=8000 python examples/web_aiohttp.py

@@ -4,7 +4,7 @@ A sync view calls a module-level :class:`gaspar.client.Client`, which is thread-
 shared by every request thread (runserver, or gunicorn's gthread workers). An ``async def``
 view would ``await`` a :class:`gaspar.aio.Client` instead (under an ASGI server). Run::
 
-    pip install gaspar django
+    pip install django   # and gaspar 2 itself: README.rst, Installation
     gaspar serve examples.hashing:Hasher --bind 127.0.0.1:10123
     GASPAR_ADDR=127.0.0.1:10123 python examples/web_django.py runserver 127.0.0.1:8000 --noreload
     # in production: gunicorn -k gthread --threads 4 -b 127.0.0.1:8000 examples.web_django:application

@@ -3,7 +3,7 @@
 One :class:`gaspar.aio.Client` is opened by the lifespan and shared by every request: it
 keeps one pipelined connection that carries all concurrent requests at once. Run::
 
-    pip install gaspar fastapi uvicorn
+    pip install fastapi uvicorn   # and gaspar 2 itself: README.rst, Installation
     gaspar serve examples.hashing:Hasher --bind 127.0.0.1:10123
     GASPAR_ADDR=127.0.0.1:10123 uvicorn examples.web_fastapi:app --port 8000
     curl 'http://127.0.0.1:8000/hash?data=hello'   # CPU-heavy: runs in a gaspar worker

@@ -5,7 +5,7 @@ its own), so one module-level client is shared by all of a worker's threads. It 
 socket until the first request, so ``gunicorn --preload`` (which imports the app before
 forking) is fine too. Run::
 
-    pip install gaspar flask gunicorn
+    pip install flask gunicorn   # and gaspar 2 itself: README.rst, Installation
     gaspar serve examples.hashing:Hasher --bind 127.0.0.1:10123
     GASPAR_ADDR=127.0.0.1:10123 gunicorn -k gthread --threads 4 -b 127.0.0.1:8000 examples.web_flask:app
     curl 'http://127.0.0.1:8000/hash?data=hello'   # CPU-heavy: runs in a gaspar worker

@@ -4,7 +4,7 @@
 is green: a greenlet waiting for gaspar yields to the others. One client, shared by every
 greenlet, keeps a pool of persistent connections. Run::
 
-    pip install gaspar gevent
+    pip install gevent   # and gaspar 2 itself: README.rst, Installation
     gaspar serve examples.hashing:Hasher --bind 127.0.0.1:10123
     GASPAR_ADDR=127.0.0.1:10123 PORT=8000 python examples/web_gevent.py
     curl 'http://127.0.0.1:8000/hash?data=hello'   # CPU-heavy: runs in a gaspar worker

@@ -3,7 +3,7 @@
 Tornado 6 runs on asyncio, so :class:`gaspar.aio.Client` works on its loop: open one in
 ``main`` (inside the running loop), hand it to the handlers, close it on the way out. Run::
 
-    pip install gaspar tornado
+    pip install tornado   # and gaspar 2 itself: README.rst, Installation
     gaspar serve examples.hashing:Hasher --bind 127.0.0.1:10123
     GASPAR_ADDR=127.0.0.1:10123 PORT=8000 python examples/web_tornado.py
     curl 'http://127.0.0.1:8000/hash?data=hello'   # CPU-heavy: runs in a gaspar worker

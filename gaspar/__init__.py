@@ -18,7 +18,14 @@ The public surface is what this module exports (``__all__``) plus ``gaspar.clien
 does not import eventlet; only the producer needs it.
 """
 
-from __future__ import annotations
+# ruff: noqa: E402  (the first statements must run before anything else is imported)
+import sys
+
+if sys.argv[:1] == ["-m"]:  # `python -m gaspar`: the current directory must not shadow the standard library
+    from . import apppath
+
+    if apppath.runs_gaspar(getattr(sys, "orig_argv", [])):
+        apppath.demote_cwd()
 
 from typing import TYPE_CHECKING, Any
 

@@ -42,6 +42,7 @@ import sys
 import time
 from typing import Any
 
+from .apppath import fresh_interpreter
 from .capture import OutputCapture
 from .worker import DUMP_SIGNAL, Consumer, Worker, run_worker, set_proctitle, start_watchdog
 
@@ -105,7 +106,7 @@ class ForkServer:
         evt_r, evt_w = os.pipe()
         options = dict(self._fresh, parent=os.getpid(), cmd=cmd_r, evt=evt_w)
         try:
-            argv = [sys.executable, "-m", "gaspar.forkserver", json.dumps(options)]
+            argv = [*fresh_interpreter("gaspar.forkserver"), json.dumps(options)]
             self._popen = subprocess.Popen(argv, pass_fds=(cmd_r, evt_w), stdin=subprocess.DEVNULL)
         except BaseException:
             for fd in (cmd_w, evt_r):

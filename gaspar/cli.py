@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, apppath
 from .config import Settings
 from .errors import GasparError
 from .logs import FORMATS, configure
@@ -68,19 +68,20 @@ def load_consumer(spec: str) -> Consumer:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"expected MODULE:CALLABLE, got {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as gunicorn: the current directory is importable
+    apppath.append(os.getcwd())  # importable, but searched after the standard library
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        reason = f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        hint = apppath.shadow_hint(module_name, None)
+        reason = f"cannot import {module_name!r}: {type(exc).__name__}: {exc}{hint}"
         raise UsageError(reason, user_traceback(exc)) from exc
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+            hint = apppath.shadow_hint(module_name, module)
+            raise UsageError(f"module {module_name!r} has no attribute {attr!r}{hint}") from None
     if isinstance(obj, Consumer):
         return obj
     if isinstance(obj, type) and issubclass(obj, Consumer):
@@ -91,7 +92,7 @@ def load_consumer(spec: str) -> Consumer:
 
 
 #: Names a config file may set besides the settings: the command line's own options.
-CONFIG_EXTRAS = ("bind", "workers")
+CONFIG_EXTRAS = ("bind", "workers", "chdir", "pythonpath")
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -119,6 +120,22 @@ def load_config(path: str) -> dict[str, Any]:
     return {name: namespace[name] for name in known if name in namespace}
 
 
+def load_app_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The application's directories on ``sys.path`` (after the standard library; see
+    :mod:`gaspar.apppath`), then the config file's options: ``--chdir``/``--pythonpath``
+    apply before the file is read (its imports see them), the file's own after it."""
+    config = os.path.abspath(args.config) if args.config else None  # relative to where we started
+    try:
+        apppath.setup(args.chdir, args.pythonpath)
+        options = load_config(config) if config else {}
+        chdir, pythonpath = options.pop("chdir", None), options.pop("pythonpath", None)
+        if (chdir and not args.chdir) or (pythonpath and not args.pythonpath):
+            apppath.setup(None if args.chdir else chdir, None if args.pythonpath else pythonpath)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return options
+
+
 def parse_bind(bind: str) -> tuple[str, int]:
     from .client import parse_address
 
@@ -143,6 +160,7 @@ examples:
   gaspar serve myapp.handlers:render --bind 0.0.0.0:10123 --workers 4 --timeout 10
   gaspar serve myapp:Renderer --config gaspar_conf.py     # a Consumer subclass; settings from a file
   GASPAR_CMD_ARGS="--workers 8" gaspar serve myapp:render # extra arguments; the command line wins
+  gaspar serve myapp:render --chdir /srv/myapp --pythonpath lib  # imported after the standard library
 
 A config file is Python: every top-level name is a setting (timeout = 5), bind, workers or a
 hook (def post_fork(worker): ...); any other name is an error.
@@ -285,6 +303,12 @@ def add_pool_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", "-c", metavar="FILE.py", help="a Python file whose top-level names set options, hooks included"
     )
+    parser.add_argument("--chdir", metavar="DIR", help="change to DIR before loading the application and its config")
+    parser.add_argument(
+        "--pythonpath",
+        metavar="DIR[,DIR...]",
+        help="directories to import the application from, searched after the standard library (as the current one)",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"], help="default info"
     )
@@ -315,7 +339,7 @@ def add_settings(parser: argparse.ArgumentParser, fields: list[Any]) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = {bool: _on_off, int: int, float: float}.get(type(f.default), str)
         if f.default is None:  # the annotation says: "float | None" or "str | None"
-            kind = str if str(f.type).startswith("str") else float
+            kind = {"str": str, "int": int}.get(str(f.type).partition(" ")[0], float)
         extra = {"nargs": "?", "const": True} if f.default is False else {}
         parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})", **extra)
 
@@ -352,7 +376,7 @@ def raise_fd_limit(want: int = 65536) -> None:
 def serve(args: argparse.Namespace) -> int:
     configure(args.log_level, args.log_format, sys.stderr)
     raise_fd_limit()
-    options = load_config(args.config) if args.config else {}
+    options = load_app_config(args)
     # a flag given on the command line wins over the file
     bind, workers = options.pop("bind", DEFAULT_BIND), options.pop("workers", None)
     bind = args.bind if args.bind is not None else bind
@@ -394,7 +418,7 @@ def serve(args: argparse.Namespace) -> int:
 def agent(args: argparse.Namespace) -> int:
     """``gaspar worker``: an agent on this host, joining the front end at ``--connect``."""
     configure(args.log_level, args.log_format, sys.stderr)
-    options = load_config(args.config) if args.config else {}
+    options = load_app_config(args)
     options.pop("bind", None)
     workers = args.workers if args.workers is not None else options.pop("workers", None)
     options.pop("workers", None)
@@ -447,6 +471,7 @@ def keygen(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    apppath.demote_cwd()  # the current directory is searched after the standard library, if at all
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = with_env_args(argv)

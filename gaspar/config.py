@@ -8,6 +8,7 @@ text and, when it has one, its command-line flag.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ _LIMITS: dict[str, tuple[float | None, float | None]] = {
     "max_queued": (0, None),  # 0: no limit
     "max_buffered_bytes": (1, None),
     "max_connections": (1, None),
+    "max_workers": (1, None),
     "prefetch": (0, None),  # 0: never
     "backlog": (1, None),
     "worker_nice": (-20, 19),
@@ -64,6 +66,11 @@ def _check_number(name: str, value: Any, low: float | None, high: float | None) 
     if low is not None and value < low:
         what = "positive" if 0 < low < 1 else f"at least {low}" if low else "0 or more"
         raise ValueError(f"{name} must be {what}, not {value!r}")
+
+
+def default_max_workers() -> int:
+    """``max_workers`` when unset: room to scale well past the CPU count, not to fork-bomb."""
+    return max(32, 4 * (os.cpu_count() or 1))
 
 
 @dataclass
@@ -119,6 +126,11 @@ class Settings:
         "(TCP pushes back)",
     )
     max_connections: int = _opt(10000, "open client connections at most; past it, new ones are reset at once")
+    max_workers: int | None = _opt(
+        None,
+        "local worker processes at most, at start and after any scale (gaspar ctl scale, SIGTTIN, "
+        "Producer.scale); unset: 4 x the CPU count, at least 32",
+    )
     prefetch: int = _opt(
         4,
         "requests handed ahead to a busy worker, only while more than workers x depth are queued (0: never)",
@@ -134,7 +146,9 @@ class Settings:
     flap_max_retry: int = _opt(3, "flapping episodes after which the daemon gives up and exits non-zero")
     proc_name: str = _opt("gaspar", "the name in process titles (when setproctitle is installed)")
     metrics_bind: str | None = _opt(
-        None, "HOST:PORT for /metrics (Prometheus), /healthz and /readyz; needs gaspar[metrics] (default: off)"
+        None,
+        "HOST:PORT for /metrics (Prometheus), /healthz and /readyz; needs prometheus_client, the metrics extra "
+        "(default: off)",
     )
     statsd_host: str | None = _opt(None, "HOST:PORT of a statsd daemon to push the figures to, over UDP (default: off)")
     statsd_prefix: str = _opt("gaspar", "the prefix of every statsd metric name")
@@ -176,6 +190,8 @@ class Settings:
     on_reload: Callable[[Any], None] | None = _opt(None, "hook(producer), when a reload starts", cli=False)
 
     def __post_init__(self) -> None:
+        if self.max_workers is None:
+            self.max_workers = default_max_workers()
         if self.transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be 'ipc' or 'tcp', not {self.transport!r}")
         if self.error_detail not in ERROR_DETAILS:

@@ -8,6 +8,8 @@ JSON reply per line, any number of them per connection::
     {"cmd": "status"}                      -> {"ok": true, "result": {...gaspar stats...}}
     {"cmd": "scale", "n": 3}               -> {"ok": true, "result": {"target_workers": 3}}
     {"cmd": "reload"}                      -> {"ok": true, "result": {"reloading": "mod:fn"}}
+    {"cmd": "reload", "wait": 60}          -> ... "reload": {"ok": true|false|null, "reason": ...}}
+        (waits up to 60 s for the outcome; null: still under way; see gaspar.reloads)
     {"cmd": "broadcast", "message": "hi"}  -> {"ok": true, "result": {"sent": 2}}
         (bytes as UTF-8 text, or base64 with "encoding": "base64")
     {"cmd": "stop", "graceful": true}      -> {"ok": true, "result": {"stopping": "graceful"}}
@@ -22,10 +24,15 @@ owns the socket; :func:`call` is the client, plain blocking sockets, no eventlet
 owns it or it is open to others. ``off`` (or empty) turns it off. A socket file left by a
 daemon that died is replaced; one that a live daemon answers on fails the start.
 
+**Bounds.** A request line is at most :data:`MAX_LINE` (1 MiB): a longer one is answered
+with an error and its connection closed, after its bytes are read and dropped (for a
+second at most), never buffered. At most :data:`MAX_CONNECTIONS` connections are served at
+once; one more is answered with an error and closed. ``scale`` stops at ``max_workers``.
+
 **Honest limits.** Anyone who can connect can stop the daemon: the file's mode (0600) is
-the only access control, so root and the daemon's user can. A reload or a scale is begun,
-not finished, when the reply comes (``status`` shows progress; a reload that fails to
-import is in the daemon's log). Two daemons on the same port but different addresses share
+the only access control, so root and the daemon's user can. A scale, or a reload not asked
+to wait, is begun, not finished, when the reply comes (``status`` shows progress and the
+last reload's outcome). Two daemons on the same port but different addresses share
 the default path: the second must be given its own ``--control-socket``.
 """
 
@@ -43,12 +50,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import reloads
 from .errors import GasparError
 
 log = logging.getLogger("gaspar")
 
-MAX_LINE = 64 * 1024 * 1024  # a broadcast's message, base64'd, must fit
+MAX_LINE = 1024 * 1024  # a request line, a broadcast's message (base64'd or not) included
+MAX_CONNECTIONS = 16  # control connections served at once
 IDLE_TIMEOUT = 300.0  # seconds a control connection may stay silent
+MAX_WAIT = 3600.0  # seconds a reload's outcome may be waited for
+LINGER = 1.0  # seconds a refused connection's input is read and dropped before it is closed
+RELOAD_WAIT = 60.0  # seconds gaspar ctl reload waits for the outcome, unless --timeout says
 COMMANDS = ("status", "scale", "reload", "broadcast", "stop")
 
 
@@ -164,6 +176,29 @@ class Commands:
     target: Callable[[], int]
     consumer: Callable[[], str]
     least: Callable[[], int] = lambda: 1  # the fewest local workers: 0 with agents on other hosts
+    most: Callable[[], int] = lambda: 1 << 30  # max_workers
+    wait_reload: Callable[[float], Any] = lambda timeout: None  # the reload under way, once settled
+
+
+def _stats_with_reloads(p: Any) -> dict[str, Any]:
+    return {**p._stats(), "reloads": p.supervisor.reloads.snapshot()}
+
+
+def _wait_reload(p: Any, timeout: float) -> dict[str, Any] | None:
+    """The reload under way (just begun, or begun before), as a dict once it settles or
+    ``timeout`` passes (then its ``ok`` is None); the last one if none is under way."""
+    import eventlet
+    from eventlet.event import Event
+
+    book = p.supervisor.reloads
+    mine = book.current
+    if mine is None:
+        return book.last.as_dict() if book.last else None
+    done = Event()
+    book.waiters.append(done.send)
+    with eventlet.Timeout(timeout, False):
+        done.wait()
+    return mine.as_dict()
 
 
 def producer_commands(producer: Any) -> Commands:
@@ -171,7 +206,7 @@ def producer_commands(producer: Any) -> Commands:
 
     p = producer
     return Commands(
-        stats=p._stats,
+        stats=lambda: _stats_with_reloads(p),
         scale=p.do_scale,
         reload=p.do_reload,
         broadcast=p.do_broadcast,
@@ -180,6 +215,8 @@ def producer_commands(producer: Any) -> Commands:
         target=lambda: p.target,
         consumer=lambda: p.supervisor.consumer_name(),
         least=lambda: 0 if p.gateway is not None else 1,
+        most=lambda: p.settings.max_workers,
+        wait_reload=lambda timeout: _wait_reload(p, timeout),
     )
 
 
@@ -211,6 +248,11 @@ def parse(line: bytes) -> tuple[str, dict[str, Any]]:
         if encoding not in ("utf-8", "utf8", "text"):
             raise CtlError(f"encoding is utf-8 or base64, not {encoding!r}")
         return cmd, {"message": message.encode("utf-8", "surrogatepass")}
+    if cmd == "reload":
+        wait = req.get("wait") or 0
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT:
+            raise CtlError(f"reload's wait is a number of seconds from 0 to {MAX_WAIT:g}, not {wait!r}")
+        return cmd, {"wait": wait}
     if cmd == "stop":
         graceful = req.get("graceful", False)
         if not isinstance(graceful, bool):
@@ -228,11 +270,16 @@ def execute(cmd: str, args: dict[str, Any], commands: Commands) -> Any:
     if cmd == "scale":
         if args["n"] < commands.least():
             raise CtlError("scale 0 needs --remote-bind: without agents a front end runs 1 worker or more")
+        if args["n"] > commands.most():
+            raise CtlError(f"cannot scale to {args['n']} workers: max_workers is {commands.most()}")
         commands.scale(args["n"])
         return {"target_workers": commands.target()}
     if cmd == "reload":
         commands.reload()
-        return {"reloading": commands.consumer()}
+        result = {"reloading": commands.consumer()}
+        if args["wait"]:
+            result["reload"] = commands.wait_reload(args["wait"])
+        return result
     if cmd == "broadcast":
         return {"sent": commands.broadcast(args["message"])}
     commands.stop(args["graceful"])
@@ -296,6 +343,11 @@ class ControlServer:
                 log.warning("Control socket: accept failed: %s", exc)
                 eventlet.sleep(0.1)
                 continue
+            if len(self._conns) >= MAX_CONNECTIONS:
+                log.warning("Control: refused a connection%s: %s are open already", _peer(conn), MAX_CONNECTIONS)
+                error = f"too many control connections ({MAX_CONNECTIONS} are open); try again later"
+                eventlet.spawn_n(_refuse, conn, error)
+                continue
             self._conns.add(eventlet.spawn(self._client, conn, commands))
 
     def _client(self, conn: Any, commands: Commands) -> None:
@@ -310,7 +362,8 @@ class ControlServer:
                 if not line:
                     return
                 if len(line) > MAX_LINE:
-                    conn.sendall(_encode({"ok": False, "error": f"a request line is at most {MAX_LINE} bytes"}))
+                    log.warning("Control: refused%s: a request line longer than %s bytes", peer, MAX_LINE)
+                    _refuse(conn, f"a request line is at most {MAX_LINE} bytes; closing the connection")
                     return
                 if line.strip():
                     conn.sendall(_encode(answer(line, commands, peer)))
@@ -343,6 +396,24 @@ def _peer(conn: Any) -> str:
         return ""
 
 
+def _refuse(conn: Any, error: str) -> None:
+    """Answer ``error`` and close, reading (and dropping) what the peer still sends for up
+    to :data:`LINGER` seconds first, so that it reads the answer rather than a reset."""
+    import time
+
+    try:
+        conn.settimeout(LINGER)
+        conn.sendall(_encode({"ok": False, "error": error}))
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER
+        while time.monotonic() < deadline and conn.recv(65536):
+            pass
+    except OSError:  # a timeout included
+        pass
+    finally:
+        conn.close()
+
+
 def _encode(reply: dict[str, Any]) -> bytes:
     return json.dumps(reply).encode() + b"\n"
 
@@ -355,7 +426,11 @@ class Unreachable(GasparError):
 
 
 def call(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request to the control socket at ``path``; its reply object."""
+    """Send one request to the control socket at ``path``; its reply object. Raises
+    ValueError for a request longer than the daemon reads (:data:`MAX_LINE`)."""
+    line = _encode(request)
+    if len(line) > MAX_LINE:
+        raise ValueError(f"the request is {len(line)} bytes, more than the control socket's {MAX_LINE}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -366,7 +441,7 @@ def call(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str,
         except OSError as exc:
             raise Unreachable(f"cannot reach the control socket {path}: {exc.strerror or exc}") from exc
         try:
-            sock.sendall(_encode(request))
+            sock.sendall(line)
             data = sock.makefile("rb").readline(MAX_LINE + 1)
         except TimeoutError:
             raise Unreachable(f"the daemon at {path} did not answer within {timeout:g}s") from None
@@ -398,6 +473,9 @@ def summary(stats: dict[str, Any]) -> str:
         f"connections {stats.get('connections', 0)}",
         "outcomes " + (", ".join(f"{k} {v}" for k, v in outcomes.items() if v) or "none yet"),
     ]
+    reload = reloads.status_line(stats.get("reloads"))
+    if reload:
+        lines.append(reload)
     for w in sorted(live, key=lambda w: w["number"]):
         lines.append(f"  worker {w['number']}  pid {w['pid']}  {w['state']:<8}  {w.get('requests', 0)} requests")
     for a in stats.get("agents") or []:
@@ -417,12 +495,17 @@ def add_parser(sub: Any) -> None:
         "--port", type=int, default=10123, help="find the socket of the daemon bound to PORT (default %(default)s)"
     )
     ctl.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
-    ctl.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply (default 10)")
+    ctl.add_argument(
+        "--timeout", type=float, default=None, help="seconds to wait for the reply (default 10; reload: 60)"
+    )
     cmds = ctl.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
     cmds.add_parser("status", help="pid, uptime, workers, queue, outcomes")
     scale = cmds.add_parser("scale", help="run N workers")
     scale.add_argument("n", type=int, metavar="N")
-    cmds.add_parser("reload", help="re-import the handler; replace the workers one by one")
+    reload = cmds.add_parser(
+        "reload", help="re-import the handler, replace the workers one by one; wait for the outcome (exit 1: failed)"
+    )
+    reload.add_argument("--no-wait", action="store_true", help="return once the reload has begun")
     bc = cmds.add_parser("broadcast", help="send MESSAGE to every worker's on_broadcast")
     bc.add_argument("message", metavar="MESSAGE", help="UTF-8 text; '-' reads bytes from standard input")
     stop = cmds.add_parser("stop", help="stop the daemon (fast unless --graceful)")
@@ -445,6 +528,8 @@ def request_of(args: Any, stdin: Any = None) -> dict[str, Any]:
             return {"cmd": "broadcast", "message": base64.b64encode(data).decode(), "encoding": "base64"}
     if cmd == "stop":
         return {"cmd": "stop", "graceful": args.graceful}
+    if cmd == "reload" and not args.no_wait:
+        return {"cmd": "reload", "wait": min(args.timeout or RELOAD_WAIT, MAX_WAIT)}
     return {"cmd": cmd}
 
 
@@ -453,17 +538,25 @@ def run(args: Any, out: Any, err: Any, stdin: Any) -> int:
     path = args.socket or default_path(args.port)
     try:
         request = request_of(args, stdin)
-        reply = call(path, request, args.timeout)
+        wait = request.get("wait", 0)
+        reply = call(path, request, wait + 5.0 if wait else args.timeout or 10.0)
     except ValueError as exc:
         print(f"gaspar ctl: error: {exc}", file=err)
         return 2
     except Unreachable as exc:
         print(f"gaspar ctl: {exc}", file=err)
         return 2
+    waited = reply.get("ok") and "reload" in (reply.get("result") or {})  # for the reload's outcome
     if args.json:
         print(json.dumps(reply, indent=2), file=out)
+        if waited:
+            return 0 if reloads.outcome_text(reply["result"]["reload"])[0] else 1
     elif not reply.get("ok"):
         print(f"gaspar ctl: the daemon refused: {reply.get('error')}", file=err)
+    elif waited:
+        ok, text = reloads.outcome_text(reply["result"]["reload"], wait)
+        print(text if ok else f"gaspar ctl: {text}", file=out if ok else err)
+        return 0 if ok else 1
     else:
         result = reply.get("result") or {}
         text = {

@@ -5,9 +5,13 @@ argument, what it needs by name: the consumer's ``module:attr``, the settings wo
 (``proc_name``, ``worker_nice``, ``capture_output``, the ``post_fork`` and ``worker_exit``
 hooks as ``module:qualname``), the log level and format, ``sys.path``, its own pid and the
 two pipe fds (:class:`gaspar.arbiter.ForkServer` made them, ``pass_fds`` kept them open).
+It is run as ``__main__`` by a short ``python -P -c`` (:func:`gaspar.apppath.fresh_interpreter`;
+3.10 has no ``-P``, so the ``-c`` drops the current directory itself), which never searches
+the current directory before the standard library, and it takes the front end's ``sys.path``
+as it is: the application's directory after the standard library there too.
 
-    front end ──Popen──▶ python -m gaspar.forkserver ──import app──▶ "reloaded" ok / error
-                                                     └─ok: the loop of gaspar.arbiter._Server
+    front end ──Popen──▶ python -P -c (runs gaspar.forkserver) ──import app──▶ "reloaded" ok / error
+                                                               └─ok: the loop of gaspar.arbiter._Server
 
 It imports the application (every module, afresh) before it reports; an import that fails
 is reported with its error and the process exits, so the old fork server and its workers
@@ -175,7 +179,9 @@ def main(argv: list[str]) -> int:
     if os.getppid() != parent:
         return 1
     configure(options["log"]["level"], options["log"]["format"], sys.stderr)
-    sys.path[:0] = [p for p in options["path"] if p not in sys.path]
+    from .apppath import adopt
+
+    adopt(options["path"])  # the front end's, in its order: the application's directory last
     try:
         consumer, settings = _load(options)
     except Exception as exc:

@@ -1,7 +1,8 @@
 """``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``, served from the front end's hub.
 
 Turned on by ``metrics_bind`` (``gaspar serve --metrics-bind HOST:PORT``); needs the
-optional ``prometheus_client`` (``pip install 'gaspar[metrics]'``).
+optional ``prometheus_client`` (``pip install prometheus_client``, or gaspar's ``metrics``
+extra: the README's Installation; gaspar 2 is not on the package index).
 
 The HTTP server is eventlet's WSGI server, in green threads of the front end's own hub, so
 a scrape reads the dispatcher and supervisor state in the thread that owns it: no lock, no
@@ -27,7 +28,10 @@ from . import __version__
 
 log = logging.getLogger("gaspar")
 
-INSTALL_HINT = "metrics need prometheus_client: pip install 'gaspar[metrics]'"
+INSTALL_HINT = (
+    "metrics need prometheus_client: pip install prometheus_client "
+    "(or install gaspar with its metrics extra: README.rst, Installation)"
+)
 
 
 def require_prometheus() -> None:

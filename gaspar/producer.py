@@ -142,6 +142,8 @@ class Producer:
         ):
             more = " (0 only with remote_bind)" if least else ""
             raise ValueError(f"workers must be at least {least}{more} (None: one per CPU), not {processes!r}")
+        if (processes or 0) > self.settings.max_workers:
+            raise ValueError(f"workers ({processes}) must be at most max_workers ({self.settings.max_workers})")
         self.consumer = consumer
         #: The consumer's ``module:attr``, when it was loaded by name (the CLI sets it): a
         #: reload then imports the application afresh, every module, in a new fork server.
@@ -149,7 +151,7 @@ class Producer:
         self.app_spec: str | None = None
         self.host = host
         self.port = port
-        self.processes = processes if processes is not None else os.cpu_count() or 1
+        self.processes = processes if processes is not None else min(os.cpu_count() or 1, self.settings.max_workers)
         self.supervisor: Supervisor | None = None  # made by start(), in the hub's thread
         self.running = threading.Event()
         self.stopped = threading.Event()
@@ -468,7 +470,7 @@ class Producer:
             signal.SIGINT: lambda: self.begin_stop(False),
             signal.SIGQUIT: lambda: self.begin_stop(False),
             signal.SIGHUP: self.do_reload,
-            signal.SIGTTIN: lambda: self.do_scale(self.target + 1),
+            signal.SIGTTIN: lambda: self.do_scale(min(self.target + 1, self.settings.max_workers)),
             signal.SIGTTOU: lambda: self.do_scale(self.target - 1),
         }.get(signum)
         if handler is not None:

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,7 @@ from .errors import GasparError
 from .forkserver import ForkServers
 from .framing import Kind, Status, pack_id
 from .pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
+from .reloads import Reloads
 from .telemetry import WORKER_STATES, proc_usage
 from .worker import WORKER_BOOT_ERROR
 
@@ -80,6 +82,7 @@ class Supervisor:
         s = settings
         self.book = PoolBook(target, FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry))
         self.reloading: str | None = None  # "importing", then "replacing" until READY=1 (systemd)
+        self.reloads = Reloads()  # the outcome of each, for gaspar ctl
         self.restarts = 0
         self.stopping = False
         self.router: Any = None  # the front end's ROUTER, once bound (see attach)
@@ -118,6 +121,7 @@ class Supervisor:
         """Stop every worker: tell idle ones to exit (``graceful``), kill the rest (those
         in ``running`` still run a handler) and those booting. :attr:`gone` fires after."""
         self.stopping = True
+        self.reloads.settle(False, "the daemon stopped before the reload finished", time.time())
         for w in self.local_workers():
             if graceful and w.routing_id not in running:
                 self.tell_exit(w)
@@ -220,6 +224,8 @@ class Supervisor:
             self._send(self.dispatcher.dispatch())  # its prefetched request, if any, to an idle worker
             if not self.stopping:
                 self.telemetry.restarted(slot.number, reason)
+            if self.reloading == "replacing":  # an old worker scaled away may be the last one
+                self.notify_if_reloaded()
             if expected or self.stopping:
                 log.info("Worker %s (pid:%s) exited", number, pid)
             else:
@@ -306,6 +312,7 @@ class Supervisor:
         log.info("Reloading %s", self.fork_server.consumer_name())
         if self.settings.on_reload is not None:
             self.settings.on_reload(producer)
+        self.reloads.begin(self.fork_server.consumer_name(), time.time())
         self.reloading = "importing"  # READY=1 again once on_reloaded and the workers settle it
         sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={sdnotify.monotonic_usec()}\nSTATUS=Reloading")
         fresh, error = self.forks.start_next()
@@ -321,6 +328,7 @@ class Supervisor:
         self.reloading = "replacing"
         if not ok:
             log.error("Reload failed; keeping the current workers: %s", error)
+            self.reloads.settle(False, error, time.time())
             self.notify_if_reloaded("Reload failed; ")
             return
         generation = self.book.reloaded()
@@ -328,6 +336,8 @@ class Supervisor:
         self.manage()
 
     def scale(self, n: int, least: int = 1) -> None:
+        if n > self.settings.max_workers:
+            raise ValueError(f"cannot scale to {n} workers: max_workers is {self.settings.max_workers}")
         self.book.target = max(least, int(n))
         log.info("Scaling to %s workers", self.target)
         self.manage()
@@ -346,6 +356,7 @@ class Supervisor:
         if len(live) < self.target or any(w.generation < self.book.generation for w in live):
             return
         self.reloading = None
+        self.reloads.settle(True, None, time.time(), self.book.generation)
         self.notify_ready(status)
 
     # -- fork servers: the current one, the next (a reload importing), old ones retiring --

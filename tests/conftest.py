@@ -160,13 +160,13 @@ class LoggedProcess:
 class CliServer(LoggedProcess):
     """A ``python -m gaspar serve`` subprocess, its log collected line by line."""
 
-    def __init__(self, args: list[str], env: dict | None = None):
+    def __init__(self, args: list[str], env: dict | None = None, cwd: str = ROOT):
         cmd = [sys.executable, "-m", "gaspar", "serve", *args]
         full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
         full_env.update(env or {})
         self._collect(
             subprocess.Popen(
-                cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
             )
         )
         self.addr: str | None = None
@@ -230,8 +230,8 @@ def cli():
     """``cli(args...)`` -> a CliServer; killed with its whole process group at teardown."""
     servers: list[CliServer] = []
 
-    def start(*args: str, env: dict | None = None) -> CliServer:
-        server = CliServer(list(args), env)
+    def start(*args: str, env: dict | None = None, cwd: str = ROOT) -> CliServer:
+        server = CliServer(list(args), env, str(cwd))
         servers.append(server)
         return server
 

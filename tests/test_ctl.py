@@ -210,7 +210,7 @@ def test_default_path():
         (b'{"cmd": "status"}', ("status", {})),
         (b'{"cmd": "scale", "n": 3}', ("scale", {"n": 3})),
         (b'{"cmd": "scale", "n": 0}', ("scale", {"n": 0})),  # refused later without agents
-        (b'{"cmd": "reload"}', ("reload", {})),
+        (b'{"cmd": "reload"}', ("reload", {"wait": 0})),
         (b'{"cmd": "broadcast", "message": "h\\u00e9"}', ("broadcast", {"message": "hé".encode()})),
         (b'{"cmd": "broadcast", "message": "AP8=", "encoding": "base64"}', ("broadcast", {"message": b"\x00\xff"})),
         (b'{"cmd": "stop", "graceful": true}', ("stop", {"graceful": True})),

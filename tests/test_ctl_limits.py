@@ -1,0 +1,203 @@
+"""The control socket's bounds and ``gaspar ctl reload``'s outcome, over the real socket:
+a line of 1 MiB at most, 16 connections at most, ``scale`` up to ``max_workers``, a reload
+that is waited for (exit 1 with the reason when it failed) and shown by ``status``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import ROOT, wait_for
+
+from gaspar import ctl, reloads
+
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+APP = "def handle(m):\n    return b'{version}:' + m\n"
+
+
+def gaspar_ctl(path: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "gaspar", "ctl", "--socket", path, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def daemon(cli, tmp_path):
+    """A daemon serving ``app:handle`` from ``tmp_path`` (rewritable), and its socket path."""
+
+    def start(workers: int = 2, *extra: str):
+        (tmp_path / "app.py").write_text(APP.format(version="v1"))
+        path = str(tmp_path / "ctl.sock")
+        args = ("app:handle", "--bind", "127.0.0.1:0", "-w", str(workers), "--control-socket", path, *extra)
+        server = cli(*args, cwd=tmp_path)
+        server.wait_ready(workers)
+        return server, path
+
+    return start
+
+
+def connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def test_a_line_over_1_mib_is_refused_and_closed_never_buffered(daemon):
+    server, path = daemon(1)
+    rss = ctl.call(path, {"cmd": "status"})["result"]["front_end"]["rss_bytes"]
+    for tail in (b"\n", b""):  # one that ends, one that never does
+        with connect(path) as s:
+            sender = threading.Thread(target=_send_quietly, args=(s, b"x" * (8 << 20) + tail), daemon=True)
+            sender.start()
+            f = s.makefile("rb")
+            reply = json.loads(f.readline())
+            assert reply == {"ok": False, "error": "a request line is at most 1048576 bytes; closing the connection"}
+            assert f.read() == b""  # closed
+            sender.join(10)
+    st = ctl.call(path, {"cmd": "status"})["result"]  # the daemon carries on
+    assert st["front_end"]["rss_bytes"] - rss < 16 << 20, (rss, st["front_end"])
+    assert "a request line longer than 1048576 bytes" in server.log
+    # a line just under the limit is read whole
+    message = "m" * (ctl.MAX_LINE - 64)
+    assert ctl.call(path, {"cmd": "broadcast", "message": message}) == {"ok": True, "result": {"sent": 1}}
+    with pytest.raises(ValueError, match="more than the control socket's 1048576"):
+        ctl.call(path, {"cmd": "broadcast", "message": "m" * ctl.MAX_LINE})
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:  # the daemon closed: expected once it has had enough
+        pass
+
+
+def test_at_most_16_connections_at_once(daemon):
+    server, path = daemon(1)
+    held = [connect(path) for _ in range(ctl.MAX_CONNECTIONS)]
+    for s in held:  # each is served (and so counted) before the next one knocks
+        s.sendall(b'{"cmd": "status"}\n')
+        assert json.loads(s.makefile("rb").readline())["ok"] is True
+    with connect(path) as extra:
+        extra.sendall(b'{"cmd": "status"}\n')
+        f = extra.makefile("rb")
+        assert json.loads(f.readline()) == {
+            "ok": False,
+            "error": "too many control connections (16 are open); try again later",
+        }
+        assert f.read() == b""
+    assert "Control: refused a connection" in server.log
+    held.pop().close()
+    assert wait_for(lambda: _status_ok(path), 5)
+    for s in held:
+        s.close()
+
+
+def _status_ok(path: str) -> bool:
+    try:
+        return ctl.call(path, {"cmd": "status"}, timeout=2)["ok"] is True
+    except (ctl.Unreachable, ValueError, KeyError):
+        return False
+
+
+def test_scale_is_bounded_by_max_workers(daemon, cli):
+    server, path = daemon(1, "--max-workers", "2")
+    done = gaspar_ctl(path, "scale", str(10**12))
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "gaspar ctl: the daemon refused: cannot scale to 1000000000000 workers: max_workers is 2"
+    )
+    assert gaspar_ctl(path, "scale", "3").returncode == 1
+    assert gaspar_ctl(path, "scale", "2").returncode == 0
+    assert wait_for(lambda: len(server.stats()["workers"]) == 2, 20), server.log
+    too_many = cli("handlers:echo", "--bind", "127.0.0.1:0", "-w", "3", "--max-workers", "2")
+    assert too_many.wait(20) == 2
+    assert "workers (3) must be at most max_workers (2)" in too_many.log
+
+
+def test_scale_from_python_is_bounded_too(serve):
+    tracked = serve(lambda m: m, processes=1, control_socket="off", max_workers=2)
+    with pytest.raises(ValueError, match="max_workers is 2"):
+        tracked.producer.scale(10**12)
+    assert tracked.producer.settings.max_workers == 2
+
+
+def test_reload_waits_for_the_outcome_and_status_shows_it(daemon, tmp_path):
+    server, path = daemon(2)
+    human = gaspar_ctl(path, "status")
+    assert "reload" not in human.stdout  # none yet
+    (tmp_path / "app.py").write_text(APP.format(version="v2"))
+    started = time.monotonic()
+    done = gaspar_ctl(path, "reload")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("reloaded app:handle: every worker runs the new code (generation 2, "), done.stdout
+    workers = server.stats()["workers"]  # already replaced when the command returns
+    assert [w["generation"] for w in workers if not w["retiring"]] == [2, 2], workers
+    assert time.monotonic() - started < 30
+    assert "last reload " in gaspar_ctl(path, "status").stdout and ": ok" in gaspar_ctl(path, "status").stdout
+
+    (tmp_path / "app.py").write_text("def handle(m):\n    return b'v3:' +\n")  # a SyntaxError
+    done = gaspar_ctl(path, "reload")
+    assert done.returncode == 1
+    assert done.stderr.startswith("gaspar ctl: reload failed, the old workers stay: cannot import 'app'"), done.stderr
+    assert "SyntaxError" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    status = gaspar_ctl(path, "status").stdout
+    assert "last reload " in status and ": failed: cannot import 'app': SyntaxError" in status, status
+    reply = json.loads(gaspar_ctl(path, "--json", "status").stdout)["result"]["reloads"]
+    assert reply["under_way"] is None and reply["last"]["ok"] is False and reply["last"]["seq"] == 2
+
+    as_json = gaspar_ctl(path, "--json", "reload")  # the reply as it is, and the same exit status
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["result"]["reload"]["ok"] is False
+    quick = gaspar_ctl(path, "reload", "--no-wait")
+    assert quick.returncode == 0 and quick.stdout.strip() == "reloading app:handle"
+    assert wait_for(lambda: "Reload failed" in server.log.split("Control: reload")[-1], 15)
+
+
+# -- pure ----------------------------------------------------------------------------------
+
+
+def test_reloads_settle_once_and_wake_their_waiters():
+    book = reloads.Reloads()
+    woken = []
+    first = book.begin("app:handle", 100.0)
+    book.waiters.append(lambda: woken.append(1))
+    assert book.snapshot()["under_way"]["seq"] == 1 and book.snapshot()["last"] is None
+    book.settle(False, "cannot import 'app'", 101.0)
+    book.settle(True, None, 102.0)  # nothing under way: nothing happens
+    assert woken == [1] and first.ok is False and book.last is first and book.current is None
+    second = book.begin("app:handle", 110.0)
+    third = book.begin("app:handle", 111.0)  # while the second still replaces workers
+    assert second.ok is True and "superseded by reload 3" in second.reason
+    book.settle(True, None, 112.5, generation=3)
+    assert book.snapshot() == {"under_way": None, "last": third.as_dict()}
+    assert reloads.outcome_text(third.as_dict()) == (
+        True,
+        "reloaded app:handle: every worker runs the new code (generation 3, 1.5s)",
+    )
+    assert reloads.outcome_text(first.as_dict())[1] == "reload failed, the old workers stay: cannot import 'app'"
+    assert reloads.outcome_text({"ok": None}, 60)[1].startswith("the reload is still under way after 60s")
+    assert reloads.status_line(None) is None
+    assert reloads.status_line({"under_way": second.as_dict(), "last": None}).startswith("reload under way since ")
+
+
+@pytest.mark.parametrize(
+    "line, parsed",
+    [
+        (b'{"cmd": "reload"}', ("reload", {"wait": 0})),
+        (b'{"cmd": "reload", "wait": 30}', ("reload", {"wait": 30})),
+        (b'{"cmd": "reload", "wait": 0.5}', ("reload", {"wait": 0.5})),
+    ],
+)
+def test_parse_reload(line, parsed):
+    assert ctl.parse(line) == parsed
+
+
+@pytest.mark.parametrize("wait", ['"soon"', "-1", "true", "1e9"])
+def test_parse_reload_refuses(wait):
+    with pytest.raises(ctl.CtlError, match="reload's wait is a number of seconds"):
+        ctl.parse(b'{"cmd": "reload", "wait": ' + wait.encode() + b"}")
