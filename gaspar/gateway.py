@@ -54,7 +54,7 @@ import zmq.utils.monitor
 
 from .dispatch import Pending, WorkerSlot, draw_limit
 from .framing import Kind, Link, Status, pack_id
-from .remote import LEAVING, LEFT, LOST, Agent, Agents, Refused, count, parse_control, parse_hello, seconds
+from .remote import LEAVING, LEFT, LOST, MAX_CONTROL, Agent, Agents, Refused, count, parse_control, parse_hello, seconds
 from .telemetry import LogLimiter
 from .zmqfast import LARGE as _LARGE
 from .zmqfast import MORE_NOW as _MORE_NOW
@@ -314,6 +314,8 @@ class Gateway:
         # ["", kind + json]: a control message; [wid, head, body]: a worker's, relayed
         if len(frames) < 3:
             raise Refused("malformed", f"a message of {len(frames)} frames")
+        if len(frames[2]) > MAX_CONTROL:  # refused before a byte of it is copied or decoded
+            raise Refused("oversize", f"a control message or head of {len(frames[2])} bytes (at most {MAX_CONTROL})")
         rid, wid, head = frames[0], frames[1].bytes, frames[2].bytes
         if not wid and head[:1] == Link.JOIN.value:
             return self._on_join(rid, parse_control(head)[1], frames[2])

@@ -201,3 +201,136 @@ def test_three_thousand_refused_requests_write_tens_of_log_lines_not_thousands(s
     lines = [r for r in caplog.records if r.name == "gaspar"]
     assert len(lines) < 40, f"{len(lines)} log lines for 3,000 refusals"
     assert s.request(b"fine") == b"fine"
+
+
+# -- an authenticated agent ----------------------------------------------------------------------
+#
+# A CURVE key lets an agent in; it does not make it honest. What it sends is bounded: frames by
+# ZMQ_MAXMSGSIZE, control messages and HELLOs by their own caps before they are decoded, worker
+# slots by its JOIN (and max_agent_workers), a PONG's usage by the agent's own pids; at most 64
+# of its messages are read per turn of the front end's loop.
+
+
+@pytest.fixture
+def rogue_agent(serve, tmp_path):
+    """A front end with one local worker and a CURVE remote port, and a raw 0MQ DEALER holding
+    an allowed key, joined as an agent announcing one worker: ``(server, dealer)``."""
+    import json
+
+    import zmq
+
+    from gaspar.curve import keygen, secure_client
+    from gaspar.framing import Link
+
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    keygen("server", str(tmp_path))
+    keygen("evil", str(tmp_path))
+    (allow / "evil.key").write_bytes((tmp_path / "evil.key").read_bytes())
+    s = serve(
+        handlers.echo,
+        processes=1,
+        remote_bind="tcp://127.0.0.1:*",
+        curve_secret=str(tmp_path / "server.key_secret"),
+        curve_allow=str(allow),
+        max_message_size=8 << 20,
+        heartbeat_interval=0.25,
+        agent_liveness=30.0,
+    )
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    secure_client(dealer, str(tmp_path / "evil.key_secret"), str(tmp_path / "server.key"))
+    dealer.connect(s.producer.gateway.endpoint)
+    join = {"name": "evil", "host": "h", "instance": "i1", "pid": os.getpid(), "workers": 1}
+    dealer.send_multipart([b"", Link.JOIN.value + json.dumps(join).encode()])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if dealer.poll(200) and dealer.recv_multipart()[1][:1] == Link.WELCOME.value:
+            break
+    else:
+        pytest.fail("the agent was not welcomed")
+    try:
+        yield s, dealer
+    finally:
+        dealer.close(0)
+        ctx.term()
+
+
+def _baseline(addr: str, seconds: float = 1.5) -> float:
+    with Probe(addr, interval=0.02, timeout=5) as probe:
+        time.sleep(seconds)
+    assert not probe.failures, probe.summary()
+    return probe.quantile(0.99)
+
+
+def test_an_agents_two_thousand_hellos_take_one_slot_more_than_announced(rogue_agent):
+    """2,000 HELLOs from an agent whose JOIN announced one worker: two slots (one for a
+    reload's replacement), 1,998 refused and counted. Each slot the agent never answers on
+    costs one request (until the operator's timeout), not thousands."""
+    import json
+
+    from gaspar.framing import Kind
+
+    s, dealer = rogue_agent
+
+    def hello(i: int) -> list[bytes]:
+        body = {"pid": 10_000 + i, "number": i + 1, "generation": 1, "token": i}
+        return [b"w%d" % i, Kind.HELLO.value, json.dumps(body).encode()]
+
+    def evil() -> dict:
+        return next(a for a in s.producer.stats()["agents"] if a["name"] == "evil")
+
+    base = _baseline(s.addr)
+    for i in range(2):
+        dealer.send_multipart(hello(i))
+    assert wait_for(lambda: evil()["slots"] == 2, 5)
+    for _ in range(10):  # the requests its hollow slots swallow (answered by our own timeout)
+        if evil()["busy"] == 2:
+            break
+        with pytest.raises(gaspar.GasparError):
+            s.request(b"lost to the rogue", timeout=0.3)
+    assert evil()["busy"] == 2
+    with Probe(s.addr, interval=0.02, timeout=5) as probe:
+        for i in range(2, 2000):
+            dealer.send_multipart(hello(i))
+        assert wait_for(lambda: s.producer.stats()["remote"]["hellos_refused"] >= 1998, 10)
+        time.sleep(0.5)
+    assert evil()["slots"] == 2
+    print(f"2,000 HELLOs: baseline p99 {base * 1000:.1f} ms; under attack {probe.summary()}")
+    assert probe.quantile(0.99) < max(1.0, 2 * base + 0.02) and not probe.failures, (base, probe.summary())
+    assert s.request(b"still here", timeout=5) == b"still here"
+
+
+def test_an_agents_oversize_frames_and_huge_pongs_are_refused_and_counted(rogue_agent):
+    import json
+
+    from gaspar.framing import Link
+
+    s, dealer = rogue_agent
+    pid0 = os.getpid()
+    base_fds, base_rss = fds(pid0), rss(pid0)
+    huge_usage = {str(i): [1.0, 1] for i in range(300_000)}  # made before the clock starts: this
+    pong = Link.PONG.value + json.dumps({"t": time.monotonic(), "usage": huge_usage}).encode()  # process
+    usage = dict(list(huge_usage.items())[:6000])  # is the front end's too, and these hold its GIL
+    small = Link.PONG.value + json.dumps({"t": time.monotonic(), "usage": usage}).encode()
+    oversize = [b"w0", b"R" + b"\0" * 9, b"x" * (9 << 20)]
+    base = _baseline(s.addr)
+    with Probe(s.addr, interval=0.02, timeout=5) as probe:
+        for _ in range(20):
+            dealer.send_multipart([b"", pong])  # 5 MiB each: past the control cap, refused unread
+        assert wait_for(lambda: s.producer.stats()["remote"]["oversize_messages"] >= 20, 10), s.producer.stats()[
+            "remote"
+        ]
+        for _ in range(20):  # under the cap, 6,000 entries: read for the agent's own pids only
+            dealer.send_multipart([b"", small])
+        time.sleep(0.3)
+        # a frame past ZMQ_MAXMSGSIZE (max_message_size 8 MiB + slack): libzmq ends the connection
+        dealer.send_multipart(oversize)
+        assert wait_for(lambda: s.producer.stats()["remote"]["connections_closed"] >= 1, 10)
+        time.sleep(0.5)
+    print(f"huge PONGs, oversize frame: baseline p99 {base * 1000:.1f} ms; under attack {probe.summary()}")
+    assert probe.quantile(0.99) < max(1.0, 2 * base + 0.02) and not probe.failures, (base, probe.summary())
+    assert s.request(b"after", timeout=5) == b"after"
+    end_fds, end_rss = back_to(pid0, base_fds, base_rss, rss_slack=96 << 20)
+    assert end_fds <= base_fds + 2 and end_rss <= base_rss + (96 << 20), (base_fds, end_fds, base_rss, end_rss)
