@@ -55,6 +55,27 @@ def reply_pid(reply: bytes) -> int:
     return int(reply.split(b":", 1)[0])
 
 
+def test_an_agent_on_this_host_joins_over_ipc_a_socket_only_this_user_can_reach(serve, agent, tmp_path):
+    """--remote-bind ipc://PATH: a Unix socket 0600 in a directory 0700 (made if missing), no
+    keys needed; an agent joins with --connect ipc://PATH. A directory others may enter is
+    refused at start."""
+    import stat
+
+    path = tmp_path / "run" / "agents.sock"
+    s = front(serve, remote_bind=f"ipc://{path}", insecure=False)
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and stat.S_ISSOCK(os.stat(path).st_mode)
+    a = start_agent(agent, s, "local", 1)
+    info = joined(s, "local", 1)
+    assert info, a.log
+    assert reply_pid(s.request(b"over ipc")) in {w["pid"] for w in info["workers"]}
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    with pytest.raises(OSError, match="mode 0700"):
+        front(serve, remote_bind=f"ipc://{open_dir}/agents.sock")
+
+
 def test_requests_are_answered_by_the_remote_pool(serve, agent):
     s = front(serve)
     a = start_agent(agent, s, "a1")
