@@ -4,9 +4,10 @@ Turned on by ``metrics_bind`` (``gaspar serve --metrics-bind HOST:PORT``); needs
 optional ``prometheus_client`` (``pip install prometheus_client``, or gaspar's ``metrics``
 extra: the README's Installation; gaspar 2 is not on the package index).
 
-The HTTP server is eventlet's WSGI server, in green threads of the front end's own hub, so
-a scrape reads the dispatcher and supervisor state in the thread that owns it: no lock, no
-second OS thread racing the supervisor. The registry is gaspar's own (not the global one),
+The HTTP server (:mod:`gaspar.metrics_http`) runs in green threads of the front end's own
+hub, so a scrape reads the dispatcher and supervisor state in the thread that owns it: no
+lock, no second OS thread racing the supervisor. It cuts off slow clients, caps its
+connections and renders ``/metrics`` at most once a second. The registry is gaspar's own (not the global one),
 with one collector that turns :meth:`Producer._stats` into metric families at scrape time,
 plus prometheus_client's ``process_*`` metrics of the front end. Nothing is written to
 disk and there is no multiprocess mode: the front end aggregates everything (workers send
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import __version__
@@ -77,6 +78,12 @@ class GasparCollector:
         yield _gauge(
             "gaspar_overloaded", "1 while the queue is shed past its target.", int(st["overload"]["overloaded"])
         )
+        stalled = GaugeMetricFamily(
+            "gaspar_stalled", "1 while work waits and no request moves, by why (/readyz says 503).", labels=["reason"]
+        )
+        for reason in ("memory", "workers"):
+            stalled.add_metric([reason], int(st["overload"].get("stalled") == reason))
+        yield stalled
         workers = GaugeMetricFamily("gaspar_workers", "Worker processes by state.", labels=["state"])
         for state, n in st["worker_states"].items():
             workers.add_metric([state], n)
@@ -203,33 +210,16 @@ def make_registry(stats: Callable[[], dict[str, Any]]) -> Any:
     return registry
 
 
-def make_app(
-    stats: Callable[[], dict[str, Any]], healthy: Callable[[], bool], ready: Callable[[], bool]
-) -> Callable[[dict, Callable], Iterable[bytes]]:
-    """The WSGI app: /metrics, /healthz, /readyz."""
+def make_server(
+    sock: socket.socket, stats: Callable[[], dict[str, Any]], healthy: Callable[[], bool], ready: Callable[[], bool]
+) -> Any:
+    """The metrics port's server (:class:`gaspar.metrics_http.MetricsServer`) on ``sock``."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+    from .metrics_http import MetricsServer
+
     registry = make_registry(stats)
-
-    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
-            try:
-                body = generate_latest(registry)
-            except Exception:  # a scrape must never take the daemon down
-                log.exception("Error building /metrics")
-                start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
-                return [b"error building metrics\n"]
-            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
-            return [body]
-        if path in ("/healthz", "/readyz"):
-            ok = healthy() if path == "/healthz" else ready()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ok\n" if ok else b"unavailable\n"]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics, /healthz or /readyz\n"]
-
-    return app
+    return MetricsServer(sock, lambda: generate_latest(registry), CONTENT_TYPE_LATEST, healthy, ready)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -246,12 +236,4 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(sock: socket.socket, app: Callable) -> None:
-    """Serve ``app`` on ``sock`` in green threads of the current hub; returns when killed."""
-    import eventlet.wsgi
-    from eventlet.greenio import GreenSocket
-
-    eventlet.wsgi.server(GreenSocket(sock), app, log_output=False, max_size=64, socket_timeout=10)
-
-
-__all__ = ["make_app", "make_registry", "listen", "serve", "require_prometheus", "INSTALL_HINT"]
+__all__ = ["make_server", "make_registry", "listen", "require_prometheus", "INSTALL_HINT"]

@@ -268,6 +268,7 @@ class Producer:
         self.ctx = None
         self.listener = None
         self.metrics_listener = None
+        self.metrics_server: Any = None
         self.control_server = None
         self.statsd_addr = None
         try:
@@ -338,8 +339,8 @@ class Producer:
         if self.metrics_listener is not None:
             from . import metrics
 
-            app = metrics.make_app(self._stats, self.healthy, self.ready)
-            self._greenlets.append(eventlet.spawn(metrics.serve, self.metrics_listener, app))
+            self.metrics_server = metrics.make_server(self.metrics_listener, self._stats, self.healthy, self.ready)
+            self._greenlets.append(eventlet.spawn(self.metrics_server.serve))
         if self.statsd_addr is not None:
             from .statsd import StatsdPusher
 

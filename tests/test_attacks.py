@@ -334,3 +334,105 @@ def test_an_agents_oversize_frames_and_huge_pongs_are_refused_and_counted(rogue_
     assert s.request(b"after", timeout=5) == b"after"
     end_fds, end_rss = back_to(pid0, base_fds, base_rss, rss_slack=96 << 20)
     assert end_fds <= base_fds + 2 and end_rss <= base_rss + (96 << 20), (base_fds, end_fds, base_rss, end_rss)
+
+
+# -- the metrics port ------------------------------------------------------------------------------
+#
+# Off the request path: a head must arrive within 5 s (and 8 KiB), connections are capped,
+# /metrics is rendered at most once a second, /healthz and /readyz need no rendering.
+
+
+def _http(addr: tuple, path: str, timeout: float = 1.0) -> tuple[int, float]:
+    """``(status, seconds)`` of one GET on a new connection."""
+    start = time.monotonic()
+    with socket.create_connection(addr[:2], timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]), time.monotonic() - start
+
+
+def test_a_hundred_trickling_metrics_connections_leave_health_and_the_main_port_alone(serve):
+    s = serve(handlers.echo, processes=2, metrics_bind="127.0.0.1:0")
+    maddr = s.producer.metrics_addr
+    pid = os.getpid()
+    base_fds, base_rss = fds(pid), rss(pid)
+    base = _baseline(s.addr)
+    slow: list[socket.socket] = []
+    health: list[float] = []
+    try:
+        with Probe(s.addr, interval=0.02, timeout=5) as probe:
+            for _ in range(100):
+                sock = socket.create_connection(maddr[:2], timeout=5)
+                sock.sendall(b"G")
+                slow.append(sock)
+            opened = time.monotonic()
+            while time.monotonic() - opened < 4.0:  # a byte every 2 s each; /healthz throughout
+                for sock in slow:
+                    try:
+                        sock.send(b"E")
+                    except OSError:
+                        pass
+                for _ in range(8):
+                    status, took = _http(maddr, "/healthz")
+                    assert status == 200
+                    health.append(took)
+                    time.sleep(0.25)
+        # the head deadline (5 s) cuts every one of them off, within 2 s more
+        cut = []
+        deadline = opened + 5.0 + 2.0
+        for sock in slow:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                cut.append(sock.recv(1) == b"")
+            except OSError as exc:
+                cut.append(not isinstance(exc, TimeoutError))
+        assert all(cut), f"{cut.count(False)} of 100 slow connections were still open after 7 s"
+    finally:
+        for sock in slow:
+            sock.close()
+    print(f"metrics: /healthz max {max(health) * 1000:.1f} ms; main p99 {base * 1000:.1f} ms -> {probe.summary()}")
+    assert max(health) < 1.0, health
+    assert probe.quantile(0.99) < 2 * base + 0.02 and not probe.failures, (base, probe.summary())
+    assert s.producer.metrics_server.timed_out >= 100
+    end_fds, end_rss = back_to(pid, base_fds, base_rss)
+    assert end_fds <= base_fds + 2, (base_fds, end_fds)
+
+
+def test_eight_scrapers_share_one_render_a_second_and_leave_the_main_port_alone(serve):
+    import threading
+
+    s = serve(handlers.echo, processes=2, metrics_bind="127.0.0.1:0")
+    maddr = s.producer.metrics_addr
+    base = _baseline(s.addr)
+    renders0 = s.producer.metrics_server.cache.renders
+    stop = threading.Event()
+    scrapes = [0] * 8
+
+    def scraper(i: int) -> None:
+        while not stop.is_set():
+            status, _ = _http(maddr, "/metrics", timeout=5)
+            assert status == 200
+            scrapes[i] += 1
+
+    threads = [threading.Thread(target=scraper, args=(i,), daemon=True) for i in range(8)]
+    with Probe(s.addr, interval=0.02, timeout=5) as probe:
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        time.sleep(3.0)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        elapsed = time.monotonic() - start
+    renders = s.producer.metrics_server.cache.renders - renders0
+    print(
+        f"8 scrapers: {sum(scrapes)} scrapes, {renders} renders in {elapsed:.1f} s; main p99 {base * 1000:.1f} ms -> "
+        f"{probe.summary()}"
+    )
+    assert sum(scrapes) > renders and renders <= elapsed + 1.5, (scrapes, renders)
+    assert probe.quantile(0.99) < 2 * base + 0.02 and not probe.failures, (base, probe.summary())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -18,6 +19,7 @@ from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import gaspar
+from gaspar.metrics_http import RENDER_EVERY
 from gaspar.telemetry import OUTCOMES, RESTART_REASONS
 
 
@@ -80,6 +82,7 @@ def test_metrics_match_what_the_daemon_did(serve):
     victim.join(10)
     for t in threads:
         t.join(60)
+    time.sleep(RENDER_EVERY)  # /metrics is rendered at most once a second: the next one is fresh
     assert wait_for(lambda: value(scrape(addr), "gaspar_workers", state="idle") == 2, 10)
 
     m = scrape(addr)
@@ -204,3 +207,67 @@ def test_each_restart_reason_is_counted(serve, tmp_path, monkeypatch):
         assert final["died"] == 1 and final["timeout"] == 1 and final["scale"] == 1
     finally:
         monkeypatch.delitem(__import__("sys").modules, "pyreasons")
+
+
+# -- the metrics port's HTTP server: the pure rules ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head, parsed",
+    [
+        (b"GET /metrics HTTP/1.1\r\nHost: x", (0, "GET", "/metrics")),
+        (b"HEAD /healthz?x=1 HTTP/1.0", (0, "HEAD", "/healthz")),
+        (b"POST /metrics HTTP/1.1", (405, "POST", "")),
+        (b"DELETE / HTTP/1.1", (405, "DELETE", "")),
+        (b"GET /metrics", (400, "", "")),
+        (b"GET /metrics SPDY/3", (400, "", "")),
+        (b"\x16\x03\x01 tls hello", (400, "", "")),
+        (b"", (400, "", "")),
+    ],
+)
+def test_a_request_head_is_get_or_head_of_http_1(head, parsed):
+    from gaspar.metrics_http import parse_head
+
+    assert parse_head(head) == parsed
+
+
+def test_metrics_are_rendered_at_most_once_a_second_and_shared():
+    from gaspar.metrics_http import RenderCache
+
+    now = [100.0]
+    made = []
+    cache = RenderCache(lambda: made.append(1) or b"m%d" % len(made), every=1.0, clock=lambda: now[0])
+    assert [cache.get() for _ in range(8)] == [b"m1"] * 8  # eight scrapers, one render
+    now[0] += 0.99
+    assert cache.get() == b"m1"
+    now[0] += 0.01
+    assert cache.get() == b"m2" and cache.renders == 2
+
+
+def test_the_readme_scrape_config_and_queries_name_real_metrics(serve):
+    """The README's Prometheus section: its scrape target is HOST:PORT, and every metric its
+    table and queries name is in a real scrape (prometheus_client's parser)."""
+    import os
+    import re
+
+    from conftest import ROOT
+
+    readme = open(os.path.join(ROOT, "README.rst"), encoding="utf-8").read()
+    section = readme[readme.index("\nPrometheus\n") : readme.index("\nstatsd\n")]
+    [target] = re.findall(r'targets: \["([^"]+)"\]', section)
+    assert re.fullmatch(r"[\w.-]+:\d+", target), target
+    named = set(re.findall(r"\b(gaspar_[a-z_]+)", section))
+    s = serve(handlers.echo, processes=1, metrics_bind="127.0.0.1:0")
+    assert s.request(b"x") == b"x"
+    status, text = get(s.producer.metrics_addr, "/metrics")
+    assert status == 200
+    samples = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    families = {family.name for family in text_string_to_metric_families(text)}
+    for name in named:
+        assert name in samples or name in families, f"the README names {name}, which no scrape has"
+    assert {"gaspar_stalled", "gaspar_handler_duration_seconds_bucket", "gaspar_requests_total"} <= named | samples
+    for query in re.findall(
+        r"^    (?! )(.*gaspar_.*)$", section, re.M
+    ):  # PromQL and the target: balanced, no stray spaces
+        assert query.count("(") == query.count(")") and query.count("{") == query.count("}"), query
+        assert not re.search(r"[a-z]  [a-z]", query), query
