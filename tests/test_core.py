@@ -351,6 +351,7 @@ def test_public_api_is_pinned():
             "ConnectionLost",
             "RequestTimeout",
             "ProtocolError",
+            "ClientClosed",
         ]
     )
     assert client.pack(b"ab") == b"\x00\x00\x00\x02ab"
