@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stats",
         help="print a running daemon's counters and workers as JSON",
         description="Print a running daemon's counters, overload state and workers as JSON\n"
-        "(the README's Monitoring section explains each field).",
+        "(docs/monitoring.rst explains each field).",
         epilog=STATS_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,7 +1,7 @@
 """Every setting of the daemon, defined once.
 
 The Python API (``Producer(..., **options)``), the CLI (``gaspar serve --option``) and the
-README's table are all built from :class:`Settings`: a field's ``metadata`` holds its help
+settings reference (docs/settings.rst) are all built from :class:`Settings`: a field's ``metadata`` holds its help
 text and, when it has one, its command-line flag.
 """
 
@@ -21,7 +21,7 @@ def _opt(default: Any, help: str, cli: bool = True) -> Any:
 
 
 #: Every numeric setting's range, (lowest, highest), None for unbounded. 0 is allowed
-#: wherever the README says 0 means "never" or "no limit".
+#: wherever the settings reference says 0 means "never" or "no limit".
 _LIMITS: dict[str, tuple[float | None, float | None]] = {
     "timeout": (0, None),  # 0: never
     "graceful_timeout": (0, None),

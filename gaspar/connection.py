@@ -5,7 +5,7 @@ The hot path does not use a green thread per connection. :class:`IOLoop` is a
 it is readable, one callback handles every ready socket in a batch: accept, read, submit,
 write, close, all non-blocking. Measured on the 2-core bench machine, this cut the front
 end's CPU per one-shot request from about 380 µs (a green thread, green socket, timeout
-timer and queue per connection) to the figure in the README's Performance section.
+timer and queue per connection) to the figure in docs/performance.rst.
 
 Per connection (:class:`Connection`):
 

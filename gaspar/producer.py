@@ -868,8 +868,8 @@ class Producer:
         return self.supervisor.worker_pids()
 
     def _stats(self) -> dict[str, Any]:
-        """Everything ``gaspar stats``, ``/metrics`` and ``gaspar top`` show (README,
-        "Monitoring", documents each field). Per-process CPU and memory are read now."""
+        """Everything ``gaspar stats``, ``/metrics`` and ``gaspar top`` show
+        (docs/monitoring.rst documents each field). Per-process CPU and memory are read now."""
         d = self.dispatcher
         now, wall = time.monotonic(), time.time()
         none = ([], dict.fromkeys(WORKER_STATES, 0))

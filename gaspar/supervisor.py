@@ -165,7 +165,7 @@ class Supervisor:
 
     def snapshot(self, now: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """Each local worker as ``gaspar stats`` shows it (CPU and memory read now), and how
-        many are in each state (README, "Monitoring", documents the fields)."""
+        many are in each state (docs/monitoring.rst documents the fields)."""
         workers = []
         for w in sorted(self.local_workers(), key=lambda w: w.number):
             state = "retiring" if w.retiring else "busy" if w.current is not None else "idle"

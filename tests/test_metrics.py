@@ -245,15 +245,15 @@ def test_metrics_are_rendered_at_most_once_a_second_and_shared():
 
 
 def test_the_readme_scrape_config_and_queries_name_real_metrics(serve):
-    """The README's Prometheus section: its scrape target is HOST:PORT, and every metric its
-    table and queries name is in a real scrape (prometheus_client's parser)."""
+    """The monitoring page's Prometheus section: its scrape target is HOST:PORT, and every
+    metric its table and queries name is in a real scrape (prometheus_client's parser)."""
     import os
     import re
 
     from conftest import ROOT
 
-    readme = open(os.path.join(ROOT, "README.rst"), encoding="utf-8").read()
-    section = readme[readme.index("\nPrometheus\n") : readme.index("\nstatsd\n")]
+    page = open(os.path.join(ROOT, "docs", "monitoring.rst"), encoding="utf-8").read()
+    section = page[page.index("\nPrometheus\n") : page.index("\nstatsd\n")]
     [target] = re.findall(r'targets: \["([^"]+)"\]', section)
     assert re.fullmatch(r"[\w.-]+:\d+", target), target
     named = set(re.findall(r"\b(gaspar_[a-z_]+)", section))
@@ -264,7 +264,7 @@ def test_the_readme_scrape_config_and_queries_name_real_metrics(serve):
     samples = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
     families = {family.name for family in text_string_to_metric_families(text)}
     for name in named:
-        assert name in samples or name in families, f"the README names {name}, which no scrape has"
+        assert name in samples or name in families, f"docs/monitoring.rst names {name}, which no scrape has"
     assert {"gaspar_stalled", "gaspar_handler_duration_seconds_bucket", "gaspar_requests_total"} <= named | samples
     for query in re.findall(
         r"^    (?! )(.*gaspar_.*)$", section, re.M
