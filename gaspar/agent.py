@@ -55,8 +55,8 @@ import zmq
 import zmq.utils.monitor
 
 from . import __version__, sdnotify
-from .arbiter import ForkServer, drain
-from .forkserver import ForkServers
+from .forks import ForkServer, ForkServers
+from .forkserver import drain
 from .framing import Kind, Link, Status, error_body
 from .ipcdir import make_ipc_dir
 from .pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook

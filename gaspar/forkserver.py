@@ -1,152 +1,296 @@
-"""A fork server in a fresh interpreter: what a reload starts (``python -m gaspar.forkserver``).
+"""The fork server: the process that forks and reaps the workers (:class:`Server`), and its
+entry point in a fresh interpreter, which a reload starts (:func:`main`).
 
-A fresh interpreter inherits no Python object, so the front end passes it, as one JSON
-argument, what it needs by name: the consumer's ``module:attr``, the settings workers use
-(``proc_name``, ``worker_nice``, ``capture_output``, the ``post_fork`` and ``worker_exit``
-hooks as ``module:qualname``), the log level and format, ``sys.path``, its own pid and the
-two pipe fds (:class:`gaspar.arbiter.ForkServer` made them, ``pass_fds`` kept them open).
-It is run as ``__main__`` by a short ``python -P -c`` (:func:`gaspar.apppath.fresh_interpreter`;
-3.10 has no ``-P``, so the ``-c`` drops the current directory itself), which never searches
-the current directory before the standard library, and it takes the front end's ``sys.path``
-as it is: the application's directory after the standard library there too.
+The fork server knows which pids are still its unreaped children, so a kill never reaches a
+recycled pid. It dies with its parent (``PR_SET_PDEATHSIG`` and a parent-pid watchdog), and
+its workers die with it the same way: a SIGKILLed front end leaves no process behind. With
+``capture_output`` it also holds the read ends of a pipe per worker and stream (made before
+the fork, fds 1 and 2 in the worker) and logs their lines in the same loop that forks and
+reaps (:class:`gaspar.capture.OutputCapture`): its stderr is the daemon's, and it has no hub
+that must never block.
 
-    front end ──Popen──▶ python -P -c (runs gaspar.forkserver) ──import app──▶ "reloaded" ok / error
-                                                               └─ok: the loop of gaspar.arbiter._Server
-
-It imports the application (every module, afresh) before it reports; an import that fails
-is reported with its error and the process exits, so the old fork server and its workers
-carry on. It dies with the front end, as the first fork server does.
-
-:class:`ForkServers` is the hand-over itself, shared by the front end's
-:class:`gaspar.supervisor.Supervisor` (in its hub) and by an agent on another host
-(blocking, :mod:`gaspar.agent`): which fork server forks new workers, which one a reload is
-waiting on, which ones are retiring, and which one forked a given worker.
+**In a fresh interpreter.** A fresh interpreter inherits no Python object, so its parent
+passes it, as one JSON argument, what it needs by name (:func:`gaspar.process.forks.fresh_options`):
+the consumer's ``module:attr``, the settings workers use (``proc_name``, ``worker_nice``,
+``capture_output``, the ``post_fork`` and ``worker_exit`` hooks as ``module:qualname``), the
+log level and format, ``sys.path``, its parent's pid and the two pipe fds. It is run as
+``__main__`` by a short ``python -P -c`` (:func:`gaspar.apppath.fresh_interpreter`; 3.10 has
+no ``-P``, so the ``-c`` drops the current directory itself), which never searches the
+current directory before the standard library, and it takes its parent's ``sys.path`` as it
+is: the application's directory after the standard library there too. It imports the
+application (every module, afresh) before it reports; an import that fails is reported with
+its error and the process exits, so the old fork server and its workers carry on.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import selectors
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+import time
+from typing import Any
 
-if TYPE_CHECKING:
-    from .arbiter import ForkServer
+from .capture import OutputCapture
+from .worker import DUMP_SIGNAL, Consumer, Worker, run_worker, set_proctitle, start_watchdog
 
 log = logging.getLogger("gaspar")
 
-#: The settings a fork server and its workers use; the rest belong to the front end.
-WORKER_SETTINGS = ("proc_name", "worker_nice", "capture_output")
-HOOKS = ("post_fork", "worker_exit")
+
+class Server:
+    """The fork server's loop: fork on request, reap children, report their exits."""
+
+    def __init__(self, consumer: Consumer, settings: Any, cmd: int, evt: int, parent: int) -> None:
+        self.consumer, self.settings = consumer, settings
+        self.cmd, self.evt = cmd, evt
+        self.parent = parent
+        self.children: dict[int, int] = {}  # pid -> worker number
+        self.stacks: dict[int, int] = {}  # pid -> read end of the pipe its stack dump goes to
+        self._buf = b""
+        self.output: OutputCapture | None = None  # the workers' stdout and stderr, if captured
+        self.retiring = False  # told to retire: exit once no child is left
+
+    def run(self) -> int:
+        set_proctitle(f"{self.settings.proc_name}: fork server")
+        start_watchdog(self.parent)
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.wake_w = wake_w
+        # a poll set, not select(): two pipes per worker when output is captured
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.cmd, selectors.EVENT_READ)
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        if self.settings.capture_output:
+            self.output = OutputCapture(self.selector)
+        while True:
+            events = self.selector.select(1.0)
+            ready = {key.fd for key, _ in events}
+            if self.wake_r in ready:
+                drain(self.wake_r)
+            self.reap()
+            if self.cmd in ready and not self.handle_commands():
+                return self.shutdown()
+            self.log_output(events)
+            if self.retiring and not self.children:
+                return self.shutdown()
+
+    def log_output(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        """One bounded read from each worker pipe that was ready (after forks and reaps, so
+        a worker's flood never delays them by more than a chunk)."""
+        for key, _ in events:
+            if key.data is not None:
+                key.data(key.fd)
+
+    def handle_commands(self) -> bool:
+        data = os.read(self.cmd, 65536)
+        if not data:
+            return False
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            command = json.loads(line)
+            getattr(self, "do_" + command.pop("op"))(**command)
+        return True
+
+    def emit(self, **event: Any) -> None:
+        os.write(self.evt, json.dumps(event).encode() + b"\n")
+
+    def do_spawn(self, number: int, generation: int, token: int, endpoint: str) -> None:
+        pipes = None
+        if self.output is not None:
+            _flush_std()  # or what this process buffered would be written again by the child
+            try:
+                pipes = self.output.pipes()
+            except OSError as exc:
+                log.error("Worker %s: cannot capture its output (%s); it writes to ours", number, exc)
+        stack_r, stack_w = os.pipe()  # the worker's stack, when asked for before a kill
+        try:
+            pid = os.fork()
+        except BaseException:
+            if pipes is not None:
+                self.output.abandon(pipes)
+            os.close(stack_r)
+            os.close(stack_w)
+            raise
+        if pid == 0:
+            code = 1
+            try:
+                for fd in (self.cmd, self.evt, self.wake_r, self.wake_w, stack_r, *self.stacks.values()):
+                    os.close(fd)
+                self.selector.close()
+                signal.set_wakeup_fd(-1)
+                if pipes is not None:
+                    self.output.child(pipes)
+                worker = Worker(number, generation, token, self.consumer, self.settings.proc_name)
+                s = self.settings
+                code = run_worker(worker, endpoint, s.post_fork, s.worker_exit, s.worker_nice, stack_w)
+            except BaseException:
+                log.exception("Worker %s (pid:%s) crashed", number, os.getpid())
+            finally:
+                flush_and_exit(code)
+        os.close(stack_w)
+        os.set_blocking(stack_r, False)
+        self.children[pid] = number
+        self.stacks[pid] = stack_r
+        if pipes is not None:
+            self.output.attach(pipes, number, pid)
+        self.emit(ev="spawned", number=number, generation=generation, token=token, pid=pid)
+
+    def do_kill(self, pid: int, sig: int, dump: bool = False) -> None:
+        if pid not in self.children:
+            return
+        if dump:
+            self.dump_stack(pid)
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def dump_stack(self, pid: int, wait: float = 0.5) -> None:
+        """Have worker ``pid`` write its threads' stacks (``faulthandler``, from C: it works
+        in a handler stuck in C code too) and log them, waiting ``wait`` seconds at most for
+        them (a frozen worker writes nothing)."""
+        fd = self.stacks.get(pid)
+        if fd is None:
+            return
+        drain(fd)  # nothing stale
+        try:
+            os.kill(pid, DUMP_SIGNAL)
+        except ProcessLookupError:
+            return
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + wait
+        quiet_after = deadline
+        poller = selectors.DefaultSelector()
+        poller.register(fd, selectors.EVENT_READ)
+        try:
+            while (now := time.monotonic()) < min(deadline, quiet_after):
+                if not poller.select(min(deadline, quiet_after) - now):
+                    continue
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    break
+                chunks.append(data)
+                quiet_after = time.monotonic() + 0.05  # the dump comes at once: 50 ms of quiet ends it
+        finally:
+            poller.close()
+        number = self.children.get(pid)
+        text = b"".join(chunks).decode("utf-8", "replace").rstrip()
+        if text:
+            log.error("Worker %s (pid:%s) was running, before it was killed:\n%s", number, pid, text)
+        else:
+            why = "frozen, or stuck in the kernel"
+            log.error("Worker %s (pid:%s) wrote no stack within %ss (%s)", number, pid, wait, why)
+
+    def do_reload(self) -> None:
+        try:
+            self.consumer = self.consumer.reloaded()
+        except Exception as exc:
+            self.emit(ev="reloaded", ok=False, error=f"{type(exc).__name__}: {exc}")
+        else:
+            self.emit(ev="reloaded", ok=True, error=None)
+
+    def do_retire(self) -> None:
+        self.retiring = True
+
+    def reap(self, report: bool = True) -> None:
+        """Collect every child that has exited; with ``report``, tell the front end."""
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:  # none left, whatever our map says
+                self.children.clear()
+                for gone in list(self.stacks):
+                    self._forget_stack(gone)
+                return
+            if not pid:
+                return
+            number = self.children.pop(pid, None)
+            self._forget_stack(pid)
+            if self.output is not None:  # its last lines before the news of its exit
+                self.output.close(pid)
+            if not report:
+                continue
+            try:
+                self.emit(ev="exited", pid=pid, number=number, status=status)
+            except OSError as exc:
+                if exc.errno != errno.EPIPE:
+                    raise
+
+    def _forget_stack(self, pid: int) -> None:
+        fd = self.stacks.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def shutdown(self, grace: float = 2.0) -> int:
+        """The front end is done: give the workers a moment, then kill what is left."""
+        deadline = time.monotonic() + grace
+        self.selector.unregister(self.cmd)  # at its end, so always readable
+        while self.children and time.monotonic() < deadline:
+            events = self.selector.select(0.01)  # woken by SIGCHLD, or a worker's output
+            if any(key.fd == self.wake_r for key, _ in events):
+                drain(self.wake_r)
+            # keep reading their output: a worker blocked on a full pipe could not exit
+            self.log_output(events)
+            self.reap(report=False)
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while self.children:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.children.pop(pid, None)
+            self._forget_stack(pid)
+            if self.output is not None:
+                self.output.close(pid)
+        for pid in list(self.stacks):
+            self._forget_stack(pid)
+        if self.output is not None:
+            self.output.close_all()
+        return 0
 
 
-def hook_name(fn: Any) -> str | None:
-    """``module:qualname`` naming ``fn`` for a fresh interpreter, or None if it cannot be
-    named (a lambda, a closure, a config file's function, ``__main__``'s)."""
-    from .worker import _resolve
-
-    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    if not module or not qualname or module == "__main__" or "<" in qualname or module not in sys.modules:
-        return None
+def drain(fd: int) -> None:
+    """Read a non-blocking pipe (a wake-up pipe) until it is empty."""
     try:
-        found = _resolve(sys.modules[module], qualname)
-    except AttributeError:
-        return None
-    return f"{module}:{qualname}" if found is fn else None
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
-class ForkServers:
-    """The fork servers of one pool: the ``current`` one forks new workers; ``next`` is the
-    one a reload started, until it says whether the application imported; ``old`` ones
-    are retiring and exit once their last worker is gone (a refused one at once). Nothing
-    here waits: the owner reads their events and calls :meth:`settle` and :meth:`gone`."""
-
-    def __init__(self, current: ForkServer) -> None:
-        self.current = current
-        self.next: ForkServer | None = None
-        self.old: list[ForkServer] = []
-
-    def all(self) -> list[ForkServer]:
-        return [fs for fs in (self.current, self.next, *self.old) if fs is not None]
-
-    def kill(self, pid: int, sig: int, dump: bool = False) -> None:
-        """Signal a worker through the fork server that forked it (it knows its children,
-        so a recycled pid is never hit); with ``dump``, its stack is logged first."""
-        owner = next((fs for fs in self.all() if pid in fs.children), self.current)
-        owner.kill(pid, sig, dump)
-
-    def start_next(self) -> tuple[ForkServer | None, str | None]:
-        """Begin a reload: ``(fresh, None)``, a fork server importing the application in a
-        fresh interpreter (the owner watches its events for "reloaded"); ``(None, None)``
-        when the consumer cannot be named for one, so the current fork server re-imports
-        the handler's module in place (its "reloaded" follows); ``(None, error)`` when no
-        fork server could start."""
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
         try:
-            fresh = self.current.successor()
-        except ValueError as exc:
-            if self.current.spec:
-                log.warning("Cannot start a fresh fork server (%s); re-importing the handler's module only", exc)
-            self.current.reload()
-            return None, None
-        try:
-            fresh.start()
-        except OSError as exc:
-            return None, f"cannot start a fork server: {exc}"
-        self.next = fresh
-        return fresh, None
-
-    def settle(self, ok: bool, fs: ForkServer | None) -> None:
-        """``fs`` said whether the application imported: the next one that did becomes the
-        current one, which retires; one that did not is kept only until it exits."""
-        if fs is not None and fs is self.next:
-            self.next = None
-            if ok:
-                self.current, fs = fs, self.current
-                fs.retire()
-            self.old.append(fs)
-
-    def gone(self, fs: ForkServer) -> str | None:
-        """``fs``, not the current one, exited: forgotten and reaped. Returns why the reload
-        failed when it was the next one, gone before it said whether it imported."""
-        failed = None
-        if fs is self.next:
-            self.next = None
-            failed = f"the new fork server (pid:{fs.pid}) exited before it was ready"
-        if fs in self.old:
-            self.old.remove(fs)
-        fs.close()
-        return failed
+            stream.flush()
+        except Exception:
+            pass
 
 
-def fresh_options(spec: str, settings: Any) -> dict[str, Any]:
-    """What a fresh fork server needs (without the pids and fds); raises ValueError if a
-    hook cannot be named."""
-    from .logs import JsonFormatter
-
-    hooks = {}
-    for name in HOOKS:
-        fn = getattr(settings, name)
-        if fn is not None:
-            hooks[name] = hook_name(fn)
-            if hooks[name] is None:
-                raise ValueError(f"the {name} hook {fn!r} cannot be imported by name")
-    root = logging.getLogger()
-    fmt = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
-    return {
-        "spec": spec,
-        "settings": {name: getattr(settings, name) for name in WORKER_SETTINGS},
-        "hooks": hooks,
-        "log": {"level": root.level, "format": fmt},
-        "path": list(sys.path),
-    }
+def flush_and_exit(code: int) -> None:
+    _flush_std()
+    os._exit(code)
 
 
 def _load(options: dict[str, Any]) -> tuple[Any, Any]:
     """The consumer and the settings, imported afresh; raises what the import raises."""
-    from .cli import UsageError, load_consumer
     from .config import Settings
+    from .loading import UsageError, load_consumer
 
     try:
         consumer = load_consumer(options["spec"])
@@ -185,15 +329,13 @@ def main(argv: list[str]) -> int:
     try:
         consumer, settings = _load(options)
     except Exception as exc:
-        from .cli import UsageError
+        from .loading import UsageError
 
         error = str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
         _emit(evt, ev="reloaded", ok=False, error=error)
         return 1
     _emit(evt, ev="reloaded", ok=True, error=None)
-    from .arbiter import _Server
-
-    return _Server(consumer, settings, cmd, evt, parent).run()
+    return Server(consumer, settings, cmd, evt, parent).run()
 
 
 def _emit(fd: int, **event: Any) -> None:
@@ -207,6 +349,4 @@ if __name__ == "__main__":
     except BaseException:
         log.exception("fork server failed")
     finally:
-        from gaspar.arbiter import _flush_and_exit
-
-        _flush_and_exit(code)
+        flush_and_exit(code)

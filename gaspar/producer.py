@@ -14,7 +14,7 @@ round of 0MQ work (send what is queued, read every reply). Green threads do the 
 fork server's events, signals and calls from other threads, stops, and a 0.1 s ticker
 (timeouts, idle connections). ``start(blocking=False)`` runs that hub in a background
 thread; the public methods may be called from any thread and are handed to the hub.
-Workers are forked by the fork server (``gaspar.arbiter``), never by this process. This
+Workers are forked by the fork server (``gaspar.forks``, ``gaspar.forkserver``), never by this process. This
 host's workers are the Supervisor's (``gaspar.supervisor``), workers on other hosts the
 Gateway's (``gaspar.gateway``); the Producer keeps the start, the stop, the signals and the
 ticker, and asks :meth:`owner` which of the two acts on a worker.
@@ -58,12 +58,12 @@ with warnings.catch_warnings():
 
 from . import __version__, sdnotify
 from .admission import ByteBudget, Stall
-from .arbiter import ForkServer
 from .config import Settings
 from .connection import Acceptor, Connection, ConnectionCounters, IOLoop
 from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
+from .forks import ForkServer
 from .framing import LIMITS, Kind, Request, Status, error_body, error_for_client, pack_id
 from .ipcdir import make_ipc_dir
 from .logs import access_line, close_access_log, log_handler_error, log_held_back, open_access_log

@@ -45,11 +45,10 @@ with __import__("warnings").catch_warnings():
 import zmq
 
 from . import sdnotify
-from .arbiter import ForkServer
 from .connection import watch_fd
 from .dispatch import WorkerSlot, draw_limit
 from .errors import GasparError
-from .forkserver import ForkServers
+from .forks import ForkServer, ForkServers
 from .framing import Kind, Status, pack_id
 from .pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from .reloads import Reloads

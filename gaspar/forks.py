@@ -1,0 +1,287 @@
+"""The parent's side of the fork server: its handle (:class:`ForkServer`) and the hand-over
+between fork servers across reloads (:class:`ForkServers`). No eventlet in here.
+
+Workers are forked by a small **fork server** (:mod:`gaspar.process.forkserver`), itself
+forked by ``Producer.start()`` (or an agent) before any 0MQ context or eventlet hub exists.
+So no worker inherits a hub, a 0MQ context's threads, or a client's connection (a
+connection held open by a child would keep its FIN or RST from reaching the client). The
+fork server holds the handler's module, imported once, so module-level state is shared
+copy-on-write.
+
+A reload, when the consumer was named ``module:attr`` (the CLI's way), starts a *new* fork
+server in a fresh interpreter (:meth:`ForkServer.successor`, with :func:`fresh_options`):
+it imports the application afresh, every module of it, and says ``reloaded`` (or that the
+import failed, and exits). The front end then forks the new generation from it, and tells
+the old one to ``retire``: it exits once its last worker is gone. A consumer given as a
+Python object cannot be named for a fresh interpreter; nor can hooks that are not
+importable by name (a config file's, a lambda): then a reload re-imports the handler's own
+module in the running fork server (:meth:`gaspar.process.worker.Consumer.reloaded`), and
+the next forks run that.
+
+    front end ──cmd pipe (JSON lines: spawn, kill, reload, retire)──▶ fork server ──fork──▶ workers
+    front end ◀──event pipe (spawned, exited + wait status, reloaded)── fork server
+
+:class:`ForkServers` is shared by the front end's supervisor (in its hub) and by an agent on
+another host (blocking): which fork server forks new workers, which one a reload is waiting
+on, which ones are retiring, and which one forked a given worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .apppath import fresh_interpreter
+from .forkserver import Server, flush_and_exit
+from .worker import Consumer
+
+log = logging.getLogger("gaspar")
+
+
+#: The settings a fork server and its workers use; the rest belong to the front end.
+WORKER_SETTINGS = ("proc_name", "worker_nice", "capture_output")
+HOOKS = ("post_fork", "worker_exit")
+
+
+def hook_name(fn: Any) -> str | None:
+    """``module:qualname`` naming ``fn`` for a fresh interpreter, or None if it cannot be
+    named (a lambda, a closure, a config file's function, ``__main__``'s)."""
+    from .worker import _resolve
+
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<" in qualname or module not in sys.modules:
+        return None
+    try:
+        found = _resolve(sys.modules[module], qualname)
+    except AttributeError:
+        return None
+    return f"{module}:{qualname}" if found is fn else None
+
+
+class ForkServer:
+    """The front end's handle on the fork server process. No eventlet in here."""
+
+    def __init__(self, consumer: Consumer | None, settings: Any, spec: str | None = None) -> None:
+        self.consumer = consumer  # None: a fresh interpreter imports ``spec``
+        self.spec = spec  # the consumer's ``module:attr``, when it has one
+        self.endpoint = ""  # the front end's 0MQ endpoint, set once it is bound
+        self.settings = settings
+        self.pid: int | None = None
+        self.children: set[int] = set()  # its workers, as its events told us
+        self.listener: Any = None  # the front end's watch on events_fd
+        self._cmd = -1
+        self.events_fd = -1
+        self._buf = b""
+        self._popen: subprocess.Popen | None = None
+        self._fresh: dict[str, Any] = {}
+
+    def successor(self) -> ForkServer:
+        """A fork server, not started, that will import this one's ``spec`` in a fresh
+        interpreter. Raises ValueError saying why there cannot be one (no ``spec``, or a
+        hook that cannot be named for a fresh interpreter)."""
+        if not self.spec:
+            raise ValueError("the consumer was given as a Python object, not as module:attr")
+        nxt = ForkServer(None, self.settings, self.spec)
+        nxt._fresh = fresh_options(self.spec, self.settings)
+        nxt.endpoint = self.endpoint
+        return nxt
+
+    def start(self) -> None:
+        if self.consumer is None:
+            return self._start_fresh()
+        cmd_r, cmd_w = os.pipe()
+        evt_r, evt_w = os.pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the fork server
+            code = 1
+            try:
+                os.close(cmd_w)
+                os.close(evt_r)
+                code = Server(self.consumer, self.settings, cmd_r, evt_w, parent).run()
+            except BaseException:
+                log.exception("fork server failed")
+            finally:
+                flush_and_exit(code)
+        os.close(cmd_r)
+        os.close(evt_w)
+        os.set_blocking(evt_r, False)
+        self.pid, self._cmd, self.events_fd = pid, cmd_w, evt_r
+
+    def _start_fresh(self) -> None:
+        cmd_r, cmd_w = os.pipe()
+        evt_r, evt_w = os.pipe()
+        options = dict(self._fresh, parent=os.getpid(), cmd=cmd_r, evt=evt_w)
+        try:
+            argv = [*fresh_interpreter("gaspar.forkserver"), json.dumps(options)]
+            self._popen = subprocess.Popen(argv, pass_fds=(cmd_r, evt_w), stdin=subprocess.DEVNULL)
+        except BaseException:
+            for fd in (cmd_w, evt_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(cmd_r)
+            os.close(evt_w)
+        os.set_blocking(evt_r, False)
+        self.pid, self._cmd, self.events_fd = self._popen.pid, cmd_w, evt_r
+
+    def _send(self, **command: Any) -> None:
+        try:
+            os.write(self._cmd, json.dumps(command).encode() + b"\n")
+        except OSError as exc:  # the fork server is gone; its exit is reported elsewhere
+            log.error("fork server unreachable: %s", exc)
+
+    def spawn(self, number: int, generation: int, token: int) -> None:
+        self._send(op="spawn", number=number, generation=generation, token=token, endpoint=self.endpoint)
+
+    def kill(self, pid: int, sig: int, dump: bool = False) -> None:
+        """Signal a worker; with ``dump``, first have it write its stack to the log."""
+        self._send(op="kill", pid=pid, sig=int(sig), dump=dump)
+
+    def reload(self) -> None:
+        self._send(op="reload")
+
+    def retire(self) -> None:
+        """Fork nothing more; exit once the last worker is gone."""
+        self._send(op="retire")
+
+    def consumer_name(self) -> str:
+        if self.spec:
+            return self.spec
+        target = self.consumer.handler or type(self.consumer)
+        return f"{target.__module__}:{target.__qualname__}"
+
+    def read_events(self) -> list[dict[str, Any]] | None:
+        """Events available now; None once the fork server has closed its pipe."""
+        try:
+            data = os.read(self.events_fd, 65536)
+        except BlockingIOError:
+            return []
+        if not data:
+            return None
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        events = [json.loads(line) for line in lines if line]
+        for event in events:  # its own workers: a kill goes through the one that forked it
+            if event["ev"] == "spawned":
+                self.children.add(event["pid"])
+            elif event["ev"] == "exited":
+                self.children.discard(event["pid"])
+        return events
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the fork server to kill what is left and exit; reap it, bounded."""
+        if self.pid is None:
+            return
+        if self._cmd >= 0:
+            os.close(self._cmd)
+            self._cmd = -1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+            _, status = os.waitpid(self.pid, 0)
+        if self._popen is not None:  # reaped here, not by Popen
+            self._popen.returncode = os.waitstatus_to_exitcode(status)
+        os.close(self.events_fd)
+        self.events_fd = -1
+        self.pid = None
+
+
+class ForkServers:
+    """The fork servers of one pool: the ``current`` one forks new workers; ``next`` is the
+    one a reload started, until it says whether the application imported; ``old`` ones
+    are retiring and exit once their last worker is gone (a refused one at once). Nothing
+    here waits: the owner reads their events and calls :meth:`settle` and :meth:`gone`."""
+
+    def __init__(self, current: ForkServer) -> None:
+        self.current = current
+        self.next: ForkServer | None = None
+        self.old: list[ForkServer] = []
+
+    def all(self) -> list[ForkServer]:
+        return [fs for fs in (self.current, self.next, *self.old) if fs is not None]
+
+    def kill(self, pid: int, sig: int, dump: bool = False) -> None:
+        """Signal a worker through the fork server that forked it (it knows its children,
+        so a recycled pid is never hit); with ``dump``, its stack is logged first."""
+        owner = next((fs for fs in self.all() if pid in fs.children), self.current)
+        owner.kill(pid, sig, dump)
+
+    def start_next(self) -> tuple[ForkServer | None, str | None]:
+        """Begin a reload: ``(fresh, None)``, a fork server importing the application in a
+        fresh interpreter (the owner watches its events for "reloaded"); ``(None, None)``
+        when the consumer cannot be named for one, so the current fork server re-imports
+        the handler's module in place (its "reloaded" follows); ``(None, error)`` when no
+        fork server could start."""
+        try:
+            fresh = self.current.successor()
+        except ValueError as exc:
+            if self.current.spec:
+                log.warning("Cannot start a fresh fork server (%s); re-importing the handler's module only", exc)
+            self.current.reload()
+            return None, None
+        try:
+            fresh.start()
+        except OSError as exc:
+            return None, f"cannot start a fork server: {exc}"
+        self.next = fresh
+        return fresh, None
+
+    def settle(self, ok: bool, fs: ForkServer | None) -> None:
+        """``fs`` said whether the application imported: the next one that did becomes the
+        current one, which retires; one that did not is kept only until it exits."""
+        if fs is not None and fs is self.next:
+            self.next = None
+            if ok:
+                self.current, fs = fs, self.current
+                fs.retire()
+            self.old.append(fs)
+
+    def gone(self, fs: ForkServer) -> str | None:
+        """``fs``, not the current one, exited: forgotten and reaped. Returns why the reload
+        failed when it was the next one, gone before it said whether it imported."""
+        failed = None
+        if fs is self.next:
+            self.next = None
+            failed = f"the new fork server (pid:{fs.pid}) exited before it was ready"
+        if fs in self.old:
+            self.old.remove(fs)
+        fs.close()
+        return failed
+
+
+def fresh_options(spec: str, settings: Any) -> dict[str, Any]:
+    """What a fresh fork server needs (without the pids and fds); raises ValueError if a
+    hook cannot be named."""
+    from .logs import JsonFormatter
+
+    hooks = {}
+    for name in HOOKS:
+        fn = getattr(settings, name)
+        if fn is not None:
+            hooks[name] = hook_name(fn)
+            if hooks[name] is None:
+                raise ValueError(f"the {name} hook {fn!r} cannot be imported by name")
+    root = logging.getLogger()
+    fmt = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
+    return {
+        "spec": spec,
+        "settings": {name: getattr(settings, name) for name in WORKER_SETTINGS},
+        "hooks": hooks,
+        "log": {"level": root.level, "format": fmt},
+        "path": list(sys.path),
+    }
+
+
+__all__ = ["ForkServer", "ForkServers", "fresh_options", "hook_name"]
