@@ -60,11 +60,11 @@ from . import __version__, sdnotify
 from .admission import ByteBudget, Stall
 from .config import Settings
 from .connection import Acceptor, Connection, ConnectionCounters, IOLoop
-from .control import Control
 from .dispatch import Dispatcher, Pending, WorkerSlot
 from .errors import GasparError
 from .forks import ForkServer
 from .framing import LIMITS, Kind, Request, Status, error_body, error_for_client, pack_id
+from .handoff import Control
 from .ipcdir import make_ipc_dir
 from .logs import access_line, close_access_log, log_handler_error, log_held_back, open_access_log
 from .overload import NO_WORKERS, REASONS, QueueControl
@@ -305,7 +305,7 @@ class Producer:
                 metrics.require_prometheus()
                 self.metrics_listener = metrics.listen(*parse_address(s.metrics_bind))
                 self.metrics_addr = self.metrics_listener.getsockname()[:2]
-            from .ctl import ControlServer
+            from .ctlserver import ControlServer
 
             self.control_server = ControlServer.open(s.control_socket, self.server_addr[1])  # None if off
             if s.statsd_host:
@@ -345,9 +345,9 @@ class Producer:
             from .statsd import StatsdPusher
 
             pusher = StatsdPusher(self._stats, self.statsd_addr, s.statsd_prefix, s.statsd_interval)
-            self._greenlets.append(eventlet.spawn(pusher.run))
+            self._greenlets.append(eventlet.spawn(pusher.run, eventlet.sleep))
         if self.control_server is not None:
-            from .ctl import producer_commands
+            from .ctlserver import producer_commands
 
             self._greenlets.append(eventlet.spawn(self.control_server.serve, producer_commands(self)))
         self.supervisor.attach(self.router)  # the first forks

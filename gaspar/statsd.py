@@ -230,13 +230,9 @@ class StatsdPusher:
         self._warned_at: float | None = None
         self._failures = 0  # since the last warning
 
-    def run(self, sleep: Callable[[float], Any] | None = None, stop: _Stop | None = None) -> None:
-        """Push every ``interval`` until killed (a green thread) or ``stop.is_set()``.
-        ``sleep`` is ``eventlet.sleep`` unless given."""
-        if sleep is None:
-            import eventlet
-
-            sleep = eventlet.sleep
+    def run(self, sleep: Callable[[float], Any], stop: _Stop | None = None) -> None:
+        """Push every ``interval`` until killed (a green thread: ``sleep`` is the front end's
+        ``eventlet.sleep``) or ``stop.is_set()``."""
         host, port = self.address
         log.info("Statsd: pushing to %s:%s every %gs, prefix %r", host, port, self.interval, sanitize(self.prefix))
         next_at = self.clock()
