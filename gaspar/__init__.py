@@ -22,15 +22,15 @@ does not import eventlet; only the producer needs it.
 import sys
 
 if sys.argv[:1] == ["-m"]:  # `python -m gaspar`: the current directory must not shadow the standard library
-    from . import apppath
+    from gaspar import apppath
 
     if apppath.runs_gaspar(getattr(sys, "orig_argv", [])):
         apppath.demote_cwd()
 
 from typing import TYPE_CHECKING, Any
 
-from .config import Settings
-from .errors import (
+from gaspar.config import Settings
+from gaspar.errors import (
     BadRequest,
     ClientClosed,
     ConnectFailed,
@@ -46,7 +46,7 @@ from .errors import (
     WorkerLost,
     WorkerTimeout,
 )
-from .worker import Consumer, Worker
+from gaspar.process.worker import Consumer, Worker
 
 __version__ = "2.0.0"
 
@@ -73,14 +73,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .producer import Producer
+    from gaspar.frontend.producer import Producer
 
 
 def __getattr__(name: str) -> Any:
     # The producer (and eventlet with it) is imported on first use, so clients and workers
     # that only need gaspar.client or the errors never import eventlet.
     if name == "Producer":
-        from .producer import Producer
+        from gaspar.frontend.producer import Producer
 
         return Producer
     raise AttributeError(f"module 'gaspar' has no attribute {name!r}")

@@ -11,7 +11,7 @@ Both send what is left of their timeout (``DEFAULT_TIMEOUT``, 60 s, unless given
 request's deadline, and retry once a request shed under overload, within a retry budget,
 as :mod:`gaspar.client` does.
 
-Framing is :mod:`gaspar.framing`'s; errors are :mod:`gaspar.errors`'s.
+Framing is :mod:`gaspar.wire.framing`'s; errors are :mod:`gaspar.errors`'s.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .client import DEFAULT_TIMEOUT, as_bytes, parse_address
-from .errors import (
+from gaspar.client import DEFAULT_TIMEOUT, as_bytes, parse_address
+from gaspar.errors import (
     ClientClosed,
     ConnectFailed,
     ConnectionLost,
@@ -33,8 +33,8 @@ from .errors import (
     RequestTimeout,
     error_from_reply,
 )
-from .framing import REPLY_HEADER, Status, extended_header, parse_reply_header
-from .retry import RetryBudget, backoff
+from gaspar.retry import RetryBudget, backoff
+from gaspar.wire.framing import REPLY_HEADER, Status, extended_header, parse_reply_header
 
 __all__ = ["request", "Client"]
 

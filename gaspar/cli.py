@@ -16,11 +16,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import __version__, apppath
-from .config import Settings
-from .errors import GasparError
-from .loading import UsageError, load_config, load_consumer
-from .logs import FORMATS, configure
+from gaspar import __version__, apppath
+from gaspar.config import Settings
+from gaspar.errors import GasparError
+from gaspar.loading import UsageError, load_config, load_consumer
+from gaspar.ops.logs import FORMATS, configure
 
 DEFAULT_BIND = "127.0.0.1:10123"
 
@@ -42,7 +42,7 @@ def load_app_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
-    from .client import parse_address
+    from gaspar.client import parse_address
 
     try:
         return parse_address(bind)
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("name", metavar="NAME")
     keygen.add_argument("--dir", default=".", help="where to write the two files (default: here)")
-    from . import ctl
+    from gaspar.ops import ctl
 
     ctl.add_parser(sub)  # gaspar ctl [--socket PATH | --port PORT] status | scale N | ...
     return parser
@@ -295,13 +295,13 @@ def serve(args: argparse.Namespace) -> int:
     consumer = load_consumer(args.app)  # before any fork: an import error ends us here
     options.update({f.name: getattr(args, f.name) for f in Settings.cli_fields() if getattr(args, f.name) is not None})
     if options.get("metrics_bind"):
-        from .metrics import require_prometheus
+        from gaspar.ops.metrics import require_prometheus
 
         try:
             require_prometheus()
         except ImportError as exc:
             raise UsageError(f"--metrics-bind: {exc}") from None
-    from .producer import Producer
+    from gaspar.frontend.producer import Producer
 
     try:
         producer = Producer(consumer, port, processes=workers, host=host, **options)
@@ -339,7 +339,7 @@ def agent(args: argparse.Namespace) -> int:
         )
     consumer = load_consumer(args.app)
     options.update({name: getattr(args, name) for name in AGENT_SETTINGS if getattr(args, name) is not None})
-    from .agent import Agent
+    from gaspar.process.agent import Agent
 
     try:
         settings = Settings(**options)
@@ -355,7 +355,7 @@ def agent(args: argparse.Namespace) -> int:
             reconnect_max=args.reconnect_max,
         )
         if runner.curve is not None:
-            from .curve import load_public, load_secret
+            from gaspar.ops.curve import load_public, load_secret
 
             load_secret(args.curve_secret)
             load_public(args.curve_server)
@@ -365,7 +365,7 @@ def agent(args: argparse.Namespace) -> int:
 
 
 def keygen(args: argparse.Namespace) -> int:
-    from .curve import keygen as make_keys
+    from gaspar.ops.curve import keygen as make_keys
 
     try:
         public, secret = make_keys(args.name, args.dir)
@@ -392,10 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "keygen":
             return keygen(args)
         if args.command == "ctl":
-            from . import ctl
+            from gaspar.ops import ctl
 
             return ctl.run(args, sys.stdout, sys.stderr, sys.stdin.buffer)
-        from . import client
+        from gaspar import client
 
         try:
             client.parse_address(args.address)
@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "top":
             if not args.interval > 0:
                 raise UsageError("--interval takes a number of seconds above 0")
-            from . import top
+            from gaspar.ops import top
 
             return top.run(args.address, args.interval, once_only=args.once)
         reply = client.request(args.address, b"", timeout=args.timeout, stats=True)

@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from .errors import (
+from gaspar.errors import (
     ClientClosed,
     ConnectFailed,
     ConnectionLost,
@@ -43,8 +43,8 @@ from .errors import (
     RequestTimeout,
     error_from_reply,
 )
-from .framing import REPLY_HEADER, Status, extended_header, pack, parse_reply_header
-from .retry import RetryBudget, backoff
+from gaspar.retry import RetryBudget, backoff
+from gaspar.wire.framing import REPLY_HEADER, Status, extended_header, pack, parse_reply_header
 
 __all__ = ["pack", "request", "Client", "parse_address", "DEFAULT_TIMEOUT"]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .framing import DEFAULT_MAX_MESSAGE_SIZE, ERROR_DETAILS
+from gaspar.wire.framing import DEFAULT_MAX_MESSAGE_SIZE, ERROR_DETAILS
 
 
 def _opt(default: Any, help: str, cli: bool = True) -> Any:

@@ -13,9 +13,9 @@ import os
 import traceback
 from typing import Any
 
-from . import apppath
-from .config import Settings
-from .worker import Consumer
+from gaspar import apppath
+from gaspar.config import Settings
+from gaspar.process.worker import Consumer
 
 
 class UsageError(Exception):

@@ -23,7 +23,7 @@ import pytest
 
 import gaspar
 from gaspar import client
-from gaspar.ipcdir import remove_stale
+from gaspar.ops.ipcdir import remove_stale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

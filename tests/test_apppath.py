@@ -127,7 +127,7 @@ def test_an_application_module_shadowed_by_the_standard_library_says_so(tmp_path
     "argv, expected",
     [
         (["python", "-m", "gaspar", "serve"], True),
-        (["python", "-P", "-m", "gaspar.forkserver", "{}"], True),
+        (["python", "-P", "-m", "gaspar.process.forkserver", "{}"], True),
         (["python", "-mgaspar"], True),
         (["python", "-m", "gaspartan"], False),
         (["python", "-m", "myapp", "gaspar"], False),
@@ -144,7 +144,7 @@ def test_fresh_interpreter_never_searches_the_current_directory(tmp_path):
     gaspar even when only the front end's path had it (``-S``: no site-packages here)."""
     (tmp_path / "json.py").write_text("raise SystemExit('planted')\n")
     for version in ((3, 10), (3, 11)):
-        argv = apppath.fresh_interpreter("gaspar.forkserver", version)
+        argv = apppath.fresh_interpreter("gaspar.process.forkserver", version)
         assert ("-P" in argv) == (version >= (3, 11))
         if version <= sys.version_info[:2]:
             no_site = [argv[0], "-S", *argv[1:], "{}"]

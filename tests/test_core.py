@@ -19,7 +19,7 @@ from conftest import ROOT, alive, wait_for
 
 import gaspar
 from gaspar import client
-from gaspar.framing import extended_header, parse_reply_header
+from gaspar.wire.framing import extended_header, parse_reply_header
 
 
 def raw_request(addr: str, message: bytes, timeout: float = 10.0) -> bytes:

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import ROOT, free_port, wait_for
 
-from gaspar import client, ctl
+from gaspar import client
+from gaspar.ops import ctl
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 

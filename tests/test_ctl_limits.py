@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import ROOT, wait_for
 
-from gaspar import ctl, reloads
+from gaspar.ops import ctl, reloads
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 APP = "def handle(m):\n    return b'{version}:' + m\n"

@@ -10,8 +10,8 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from gaspar.dispatch import Dispatcher, WorkerSlot
-from gaspar.overload import QueueControl
+from gaspar.core.dispatch import Dispatcher, WorkerSlot
+from gaspar.core.overload import QueueControl
 
 
 class Clock:
@@ -330,7 +330,7 @@ def test_a_workers_exit_means_what_its_retirement_said(retiring, retire_reason, 
 
 
 def test_an_exit_we_caused_says_why_instead_of_guessing():
-    from gaspar.pool import describe_exit
+    from gaspar.core.pool import describe_exit
 
     killed = signal.SIGKILL  # a wait status of a process killed by SIGKILL is the signal number
     assert describe_exit(killed) == (None, killed, "killed by SIGKILL. Perhaps out of memory?")

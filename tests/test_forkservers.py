@@ -1,4 +1,4 @@
-"""The hand-over of fork servers across a reload (gaspar.forks.ForkServers), shared by
+"""The hand-over of fork servers across a reload (gaspar.process.forks.ForkServers), shared by
 the front end's Supervisor and the agent. Its processes are exercised by the reload tests
 (test_ops, test_supervision, test_remote); here its rules, over stand-ins that record what
 they were asked (a fork server's pipes and processes play no part in them)."""
@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from gaspar.forks import ForkServers
+from gaspar.process.forks import ForkServers
 
 
 class Stand:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gaspar import errors
-from gaspar.framing import (
+from gaspar.wire.framing import (
     EXTENDED_HEADER,
     ProtocolError,
     Request,
@@ -257,7 +257,7 @@ def test_large_bodies_whole_in_pieces_and_received_directly(chunk):
 
 
 def test_a_length_over_the_limit_is_refused_from_the_length_word_alone():
-    from gaspar.framing import pack_extended
+    from gaspar.wire.framing import pack_extended
 
     whole = pack_extended(b"x" * 17, tag=5)
     r = RequestReader(16)

@@ -1,7 +1,7 @@
 """Property tests of ``RequestReader``: whatever the bytes and however they are cut.
 
 The front end parses untrusted bytes, in whatever pieces TCP delivers them, through
-:class:`gaspar.framing.RequestReader`. For any byte stream, fed whole, one byte at a time or
+:class:`gaspar.wire.framing.RequestReader`. For any byte stream, fed whole, one byte at a time or
 cut anywhere, through ``feed`` or (as the server does for a large body) by writing into the
 view ``body_view()`` offers and calling ``advance(n)``, the reader must give
 
@@ -37,9 +37,9 @@ import hypothesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gaspar import framing
 from gaspar.errors import ProtocolError
-from gaspar.framing import Request, RequestReader, RequestTooLarge, extended_header, pack, pack_extended
+from gaspar.wire import framing
+from gaspar.wire.framing import Request, RequestReader, RequestTooLarge, extended_header, pack, pack_extended
 
 DIRECT = framing.DIRECT_BODY
 KNOWN_FLAGS = getattr(framing, "KNOWN_FLAGS", framing.FLAG_KEEPALIVE | framing.FLAG_STATS)

@@ -24,8 +24,8 @@ import pytest
 from conftest import ROOT, alive, children_of, wait_for
 
 from gaspar import client
-from gaspar.capture import MAX_LINE, LineSplitter, OutputCapture
-from gaspar.logs import CONTINUATION, LOG_DATEFMT, LOG_FORMAT, JsonFormatter, TextFormatter, escape
+from gaspar.ops.logs import CONTINUATION, LOG_DATEFMT, LOG_FORMAT, JsonFormatter, TextFormatter, escape
+from gaspar.process.capture import MAX_LINE, LineSplitter, OutputCapture
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 
@@ -152,7 +152,7 @@ def test_text_format_leaves_plain_records_as_gunicorns_lines():
 
 CONFIGURE = """
 import logging, sys
-from gaspar.logs import configure
+from gaspar.ops.logs import configure
 configure("info", sys.argv[1], sys.stderr)
 logging.getLogger("gaspar").debug("not shown")
 logging.getLogger("gaspar").info("up %s", 1, extra={"worker": 2})

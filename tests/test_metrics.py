@@ -19,8 +19,8 @@ from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import gaspar
-from gaspar.metrics_http import RENDER_EVERY
-from gaspar.telemetry import OUTCOMES, RESTART_REASONS
+from gaspar.frontend.metrics_http import RENDER_EVERY
+from gaspar.ops.telemetry import OUTCOMES, RESTART_REASONS
 
 
 def get(addr, path: str) -> tuple[int, str]:
@@ -226,13 +226,13 @@ def test_each_restart_reason_is_counted(serve, tmp_path, monkeypatch):
     ],
 )
 def test_a_request_head_is_get_or_head_of_http_1(head, parsed):
-    from gaspar.metrics_http import parse_head
+    from gaspar.frontend.metrics_http import parse_head
 
     assert parse_head(head) == parsed
 
 
 def test_metrics_are_rendered_at_most_once_a_second_and_shared():
-    from gaspar.metrics_http import RenderCache
+    from gaspar.frontend.metrics_http import RenderCache
 
     now = [100.0]
     made = []

@@ -24,7 +24,7 @@ import gaspar
 from gaspar import aio, client
 from gaspar.cli import with_env_args
 from gaspar.config import Settings
-from gaspar.ipcdir import OWNER_FILE, is_stale, remove_stale, start_time
+from gaspar.ops.ipcdir import OWNER_FILE, is_stale, remove_stale, start_time
 
 # -- settings, strictly ---------------------------------------------------------------------------
 

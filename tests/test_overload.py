@@ -15,9 +15,9 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from gaspar.admission import BodyClock, ByteBudget, Stall
-from gaspar.dispatch import Dispatcher, WorkerSlot
-from gaspar.overload import DEADLINE, QUEUE_DELAY, QUEUE_FULL, QUEUE_TIMEOUT, QueueControl
+from gaspar.core.admission import BodyClock, ByteBudget, Stall
+from gaspar.core.dispatch import Dispatcher, WorkerSlot
+from gaspar.core.overload import DEADLINE, QUEUE_DELAY, QUEUE_FULL, QUEUE_TIMEOUT, QueueControl
 from gaspar.retry import RetryBudget, backoff
 
 

@@ -22,7 +22,7 @@ from conftest import wait_for
 
 import gaspar
 from gaspar import aio, client
-from gaspar.framing import extended_header, parse_reply_header
+from gaspar.wire.framing import extended_header, parse_reply_header
 
 LINGER_RESET = struct.pack("ii", 1, 0)
 

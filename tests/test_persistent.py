@@ -11,7 +11,7 @@ import pytest
 
 import gaspar
 from gaspar import aio, client
-from gaspar.framing import extended_header, parse_reply_header
+from gaspar.wire.framing import extended_header, parse_reply_header
 
 
 def test_client_reuses_one_connection(serve):

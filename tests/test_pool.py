@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gaspar.pool import FlapPolicy, PoolBook, describe_exit
+from gaspar.core.pool import FlapPolicy, PoolBook, describe_exit
 
 
 class Clock:

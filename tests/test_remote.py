@@ -18,7 +18,7 @@ import zmq
 from conftest import ROOT, wait_for
 
 import gaspar
-from gaspar.framing import Kind, Link
+from gaspar.wire.framing import Kind, Link
 
 LIVENESS = 2.0
 FAST = {"heartbeat_interval": 0.25, "agent_liveness": LIVENESS}
@@ -416,7 +416,7 @@ def test_settings_refuse_a_tcp_remote_bind_without_curve_loopback_included():
 def test_agents_show_in_metrics_top_and_stats(serve, agent):
     from test_metrics import scrape, value
 
-    from gaspar import top
+    from gaspar.ops import top
 
     s = front(serve, processes=1, metrics_bind="127.0.0.1:0")
     start_agent(agent, s, "a1", 2)

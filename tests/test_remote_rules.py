@@ -1,4 +1,4 @@
-"""gaspar.remote, pure: sessions, refusals, liveness and the reconnect back-off, on an
+"""gaspar.core.agents, pure: sessions, refusals, liveness and the reconnect back-off, on an
 injected clock, as a table of cases."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import time
 import pytest
 import zmq
 
-from gaspar.dispatch import WorkerSlot
-from gaspar.remote import (
+from gaspar.core.agents import (
     JOINED,
     LEFT,
     LOST,
@@ -23,6 +22,7 @@ from gaspar.remote import (
     parse_hello,
     reconnect_delay,
 )
+from gaspar.core.dispatch import WorkerSlot
 
 
 class Clock:
@@ -189,9 +189,9 @@ def test_an_agent_keeps_a_worker_whose_hello_outran_its_spawned_event(hello_firs
     """On a busy host a new worker can say HELLO before the agent has read its fork
     server's "spawned" event. It was once dropped as "reaped already": the worker sat
     unannounced for ever and the pool stayed one short (seen in a loaded test run)."""
-    from gaspar.agent import Agent
     from gaspar.config import Settings
-    from gaspar.pool import Booting
+    from gaspar.core.pool import Booting
+    from gaspar.process.agent import Agent
 
     agent = Agent(None, Settings(), "tcp://127.0.0.1:1", workers=1)
     agent.book.booting[1] = Booting(1, 1, 1)  # the fork it asked for, token 1
@@ -230,7 +230,7 @@ def test_an_agent_keeps_a_worker_whose_hello_outran_its_spawned_event(hello_firs
     ],
 )
 def test_an_agent_says_why_its_join_got_no_answer(seen, curve, says):
-    from gaspar.agent import join_trouble
+    from gaspar.process.agent import join_trouble
 
     assert says in join_trouble(seen, curve, "tcp://fe:1")
 

@@ -1,4 +1,4 @@
-"""systemd's readiness protocol: ``gaspar.sdnotify.notify`` alone, then a real daemon.
+"""systemd's readiness protocol: ``gaspar.ops.sdnotify.notify`` alone, then a real daemon.
 
 The test plays systemd: it binds a Unix datagram socket and hands its name to the daemon
 as ``$NOTIFY_SOCKET``. Each message is checked against the daemon's state at the moment it
@@ -18,7 +18,7 @@ import uuid
 import pytest
 from conftest import ROOT, wait_for
 
-from gaspar import sdnotify
+from gaspar.ops import sdnotify
 
 
 class Notifications:

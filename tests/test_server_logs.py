@@ -16,9 +16,16 @@ from conftest import wait_for
 
 import gaspar
 from gaspar import client
-from gaspar.framing import error_body
-from gaspar.logs import CONTINUATION, MAX_REPORT, JsonFormatter, access_line, log_handler_error, log_held_back
-from gaspar.telemetry import LogLimiter
+from gaspar.ops.logs import (
+    CONTINUATION,
+    MAX_REPORT,
+    JsonFormatter,
+    access_line,
+    log_handler_error,
+    log_held_back,
+)
+from gaspar.ops.telemetry import LogLimiter
+from gaspar.wire.framing import error_body
 
 
 class Clock:

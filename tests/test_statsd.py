@@ -13,8 +13,8 @@ import handlers
 import pytest
 
 from gaspar import client
-from gaspar.statsd import StatsdPusher, format_metrics, interval_histogram, packets, sanitize
-from gaspar.telemetry import OUTCOMES, RESTART_REASONS, WORKER_STATES, Histogram
+from gaspar.ops.statsd import StatsdPusher, format_metrics, interval_histogram, packets, sanitize
+from gaspar.ops.telemetry import OUTCOMES, RESTART_REASONS, WORKER_STATES, Histogram
 
 LINE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*:[0-9]+(\.[0-9]+)?\|[cg]$")
 

@@ -29,7 +29,7 @@ from conftest import ROOT, alive, children_of, descendants, wait_for
 
 import gaspar
 from gaspar import client
-from gaspar.framing import extended_header
+from gaspar.wire.framing import extended_header
 
 # -- helpers -------------------------------------------------------------------------------
 

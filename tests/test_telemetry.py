@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from gaspar.telemetry import BUCKETS, OUTCOMES, RESTART_REASONS, Histogram, Telemetry, proc_usage
+from gaspar.ops.telemetry import BUCKETS, OUTCOMES, RESTART_REASONS, Histogram, Telemetry, proc_usage
 
 
 def test_histogram_buckets_are_cumulative_and_end_with_inf():

@@ -17,10 +17,11 @@ import pytest
 from conftest import ROOT, alive, children_of, wait_for
 
 import gaspar
-from gaspar import client, humanize, top
+from gaspar import client
 from gaspar.cli import main
 from gaspar.errors import ConnectFailed
-from gaspar.telemetry import OUTCOMES, Histogram
+from gaspar.ops import humanize, top
+from gaspar.ops.telemetry import OUTCOMES, Histogram
 
 MiB = 2**20
 

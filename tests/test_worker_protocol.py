@@ -10,7 +10,7 @@ import time
 import pytest
 import zmq
 
-from gaspar.worker import TIMING, Consumer, Worker, run_worker
+from gaspar.process.worker import TIMING, Consumer, Worker, run_worker
 
 
 def handle(message: bytes) -> bytes:

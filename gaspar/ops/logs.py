@@ -21,7 +21,7 @@ record (a traceback, a message built beforehand) starts a continuation line inde
 starts with ``[`` is therefore always a record of its own. JSON needs none of this: its own
 escaping keeps a record on one line, and its fields keep the text as it was.
 
-**Capture** of what workers print is :mod:`gaspar.capture`.
+**Capture** of what workers print is :mod:`gaspar.process.capture`.
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ import sys
 import time
 from typing import Any
 
-from .apppath import fresh_interpreter
-from .forkserver import Server, flush_and_exit
-from .worker import Consumer
+from gaspar.apppath import fresh_interpreter
+from gaspar.process.forkserver import Server, flush_and_exit
+from gaspar.process.worker import Consumer
 
 log = logging.getLogger("gaspar")
 
@@ -52,7 +52,7 @@ HOOKS = ("post_fork", "worker_exit")
 def hook_name(fn: Any) -> str | None:
     """``module:qualname`` naming ``fn`` for a fresh interpreter, or None if it cannot be
     named (a lambda, a closure, a config file's function, ``__main__``'s)."""
-    from .worker import _resolve
+    from gaspar.process.worker import _resolve
 
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
     if not module or not qualname or module == "__main__" or "<" in qualname or module not in sys.modules:
@@ -119,7 +119,7 @@ class ForkServer:
         evt_r, evt_w = os.pipe()
         options = dict(self._fresh, parent=os.getpid(), cmd=cmd_r, evt=evt_w)
         try:
-            argv = [*fresh_interpreter("gaspar.forkserver"), json.dumps(options)]
+            argv = [*fresh_interpreter("gaspar.process.forkserver"), json.dumps(options)]
             self._popen = subprocess.Popen(argv, pass_fds=(cmd_r, evt_w), stdin=subprocess.DEVNULL)
         except BaseException:
             for fd in (cmd_w, evt_r):
@@ -264,7 +264,7 @@ class ForkServers:
 def fresh_options(spec: str, settings: Any) -> dict[str, Any]:
     """What a fresh fork server needs (without the pids and fds); raises ValueError if a
     hook cannot be named."""
-    from .logs import JsonFormatter
+    from gaspar.ops.logs import JsonFormatter
 
     hooks = {}
     for name in HOOKS:

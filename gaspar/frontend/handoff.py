@@ -18,7 +18,7 @@ from typing import Any
 import eventlet
 import eventlet.hubs
 
-from .connection import watch_fd
+from gaspar.frontend.connection import watch_fd
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 

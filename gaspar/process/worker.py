@@ -44,8 +44,8 @@ from collections.abc import Callable
 from time import perf_counter, thread_time
 from typing import Any
 
-from .errors import SoftTimeout
-from .framing import LIMITS, Kind, Status, error_body
+from gaspar.errors import SoftTimeout
+from gaspar.wire.framing import LIMITS, Kind, Status, error_body
 
 log = logging.getLogger("gaspar")
 

@@ -41,7 +41,7 @@ overload, and under overload there is always a fresh request ready when a worker
 handler run, is shed before it runs ("cannot be met").
 
 The client's retry rule is :mod:`gaspar.retry`; memory, slow peers and stalls are
-:mod:`gaspar.admission`.
+:mod:`gaspar.core.admission`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ requests from the front end's hub: a key is allowed only if its ``NAME.key`` is 
 ``curve_allow`` directory, and the connection's user id is then that ``NAME``. The remote
 socket sets ``ZMQ_ZAP_ENFORCE_DOMAIN``, so with no handler answering, nobody gets in (it
 fails closed). A client without CURVE fails the handshake before any message. An agent's
-JOIN must name the key it authenticated with (``gaspar.remote.Agents.join``), so an agent
+JOIN must name the key it authenticated with (``gaspar.core.agents.Agents.join``), so an agent
 cannot pass for another.
 
 **Changing who gets in.** The ``curve_allow`` directory is read at start and again on

@@ -5,13 +5,13 @@ needs and nothing more: the settings, the dispatcher (workers join and leave it)
 telemetry, and four callables of the front end (``send`` queues requests for workers,
 ``fail`` answers a request with an error, ``on_ready`` says the pool is up,
 ``on_fatal`` ends the daemon). The front end hands it messages and asks it to act on a
-worker; workers on other hosts are the gateway's (:mod:`gaspar.gateway`), with the same
+worker; workers on other hosts are the gateway's (:mod:`gaspar.frontend.gateway`), with the same
 three verbs for a worker: :meth:`kill`, :meth:`tell_exit`, :meth:`broadcast`.
 
 Its loop reads as its verbs: a worker says HELLO (:meth:`on_hello`) or exits
 (:meth:`on_exit`, reported by the fork server with its wait status); :meth:`manage`
 brings the pool back to its target; :meth:`reload` and :meth:`scale` change it. What each
-event means and what to fork or retire is the pool book's (:mod:`gaspar.pool`), which the
+event means and what to fork or retire is the pool book's (:mod:`gaspar.core.pool`), which the
 agent shares; this is its green shell.
 
 What each fault costs:
@@ -44,16 +44,16 @@ with __import__("warnings").catch_warnings():
 
 import zmq
 
-from . import sdnotify
-from .connection import watch_fd
-from .dispatch import WorkerSlot, draw_limit
-from .errors import GasparError
-from .forks import ForkServer, ForkServers
-from .framing import Kind, Status, pack_id
-from .pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
-from .reloads import Reloads
-from .telemetry import WORKER_STATES, proc_usage
-from .worker import WORKER_BOOT_ERROR
+from gaspar.core.dispatch import WorkerSlot, draw_limit
+from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
+from gaspar.errors import GasparError
+from gaspar.frontend.connection import watch_fd
+from gaspar.ops import sdnotify
+from gaspar.ops.reloads import Reloads
+from gaspar.ops.telemetry import WORKER_STATES, proc_usage
+from gaspar.process.forks import ForkServer, ForkServers
+from gaspar.process.worker import WORKER_BOOT_ERROR
+from gaspar.wire.framing import Kind, Status, pack_id
 
 log = logging.getLogger("gaspar")
 

@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ProtocolError
+from gaspar.errors import ProtocolError
 
 PLAIN_HEADER = struct.Struct("!I")
 EXTENDED_HEADER = struct.Struct("!IIII")

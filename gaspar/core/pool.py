@@ -1,7 +1,7 @@
 """The pool book: the rules of one host's pool of worker processes, with no I/O.
 
-The front end's :class:`~gaspar.supervisor.Supervisor` (green) and a remote host's
-:class:`~gaspar.agent.Agent` (blocking) supervise the same kind of pool: workers forked by a
+The front end's :class:`~gaspar.frontend.supervisor.Supervisor` (green) and a remote host's
+:class:`~gaspar.process.agent.Agent` (blocking) supervise the same kind of pool: workers forked by a
 fork server, each saying HELLO once it is ready. Both are thin shells over this book, which
 decides and remembers; the shells read sockets and pipes, and do what it says (fork, retire,
 signal, log). As gunicorn's arbiter does, one pass (:meth:`PoolBook.plan`) brings the pool to
@@ -18,7 +18,7 @@ What it keeps:
   mystery ("killed by SIGKILL because it ran past the timeout", not "out of memory?").
 
 Ready workers are not kept here: they are the shell's records (the dispatcher's
-:class:`~gaspar.dispatch.WorkerSlot`, the agent's ``LocalWorker``), passed in as
+:class:`~gaspar.core.dispatch.WorkerSlot`, the agent's ``LocalWorker``), passed in as
 :class:`Ready` views, so a worker is described once.
 
 The rules, each a row of ``tests/test_pool.py``:

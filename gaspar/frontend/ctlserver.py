@@ -1,6 +1,6 @@
 """The control socket's server, in the front end's hub: green threads, one per connection, a
 command run in the thread that owns the supervisor's state, with no lock. The protocol, where
-the socket lives and its bounds are :mod:`gaspar.ctl`'s (this module is its server side).
+the socket lives and its bounds are :mod:`gaspar.ops.ctl`'s (this module is its server side).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .ctl import (
+from gaspar.errors import GasparError
+from gaspar.ops.ctl import (
     IDLE_TIMEOUT,
     LINGER,
     MAX_CONNECTIONS,
@@ -26,7 +27,6 @@ from .ctl import (
     parse,
     resolve,
 )
-from .errors import GasparError
 
 log = logging.getLogger("gaspar")
 

@@ -210,7 +210,7 @@ class LogLimiter:
 
     The count is reported once: by :meth:`flush` once the window in which the lines were
     held back has ended (the front end's ticker calls it and logs the summary, see
-    ``gaspar.logs.log_held_back``), or else with the next line allowed (:meth:`allow`).
+    ``gaspar.ops.logs.log_held_back``), or else with the next line allowed (:meth:`allow`).
     A window starts with the first line after the previous one ended. ``clock`` is
     injected (monotonic seconds).
     """

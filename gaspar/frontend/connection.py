@@ -21,14 +21,14 @@ Per connection (:class:`Connection`):
   client; it does not apply while the client waits for its own replies. A client that
   leaves more than ``MAX_UNSENT`` bytes of replies unread is not read (no new requests)
   until it reads them. A request that has begun to arrive must keep arriving
-  (``body_timeout``, ``body_min_rate``: ``gaspar.admission.BodyClock``), or it is reset. A
+  (``body_timeout``, ``body_min_rate``: ``gaspar.core.admission.BodyClock``), or it is reset. A
   sweep checks both every 0.5 s.
 * **A client that leaves** (a reset, or with ``abort_on_close`` a FIN, seen as EPOLLRDHUP
   while its requests wait) is dropped at once: the connection is reset and its requests
   cancelled, so a queued or handed-ahead one never reaches a handler (a running one
   finishes; its reply is dropped).
 * **Memory**: request bytes as they arrive, bodies in flight and replies not yet sent are
-  counted against ``max_buffered_bytes`` (``gaspar.admission.ByteBudget``); a read never
+  counted against ``max_buffered_bytes`` (``gaspar.core.admission.ByteBudget``); a read never
   takes more than fits. A body longer than ``FIRST_CHUNK`` goes on past its first chunk only
   once the rest of it is admitted (committed in the budget, so it can finish); until then,
   or when nothing fits, the connection is not read (TCP pushes back on its client) and is
@@ -52,12 +52,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .admission import BodyClock
-from .errors import ProtocolError
-from .framing import REPLY_HEADER, Request, RequestReader, RequestTooLarge, Status, error_body, reply_header
+from gaspar.core.admission import BodyClock
+from gaspar.errors import ProtocolError
+from gaspar.wire.framing import (
+    REPLY_HEADER,
+    Request,
+    RequestReader,
+    RequestTooLarge,
+    Status,
+    error_body,
+    reply_header,
+)
 
 if TYPE_CHECKING:
-    from .admission import ByteBudget
+    from gaspar.core.admission import ByteBudget
 
 log = logging.getLogger("gaspar")
 

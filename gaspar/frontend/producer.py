@@ -9,18 +9,19 @@
 
 **Concurrency.** Everything runs in one OS thread, on one eventlet hub. The hot path is not
 green threads: client sockets, the listening socket and the ROUTER's fd sit in one epoll
-(``gaspar.connection.IOLoop``) whose callbacks run in batches, and each batch ends with a
+(``gaspar.frontend.connection.IOLoop``) whose callbacks run in batches, and each batch ends with a
 round of 0MQ work (send what is queued, read every reply). Green threads do the rest: the
 fork server's events, signals and calls from other threads, stops, and a 0.1 s ticker
 (timeouts, idle connections). ``start(blocking=False)`` runs that hub in a background
 thread; the public methods may be called from any thread and are handed to the hub.
-Workers are forked by the fork server (``gaspar.forks``, ``gaspar.forkserver``), never by this process. This
-host's workers are the Supervisor's (``gaspar.supervisor``), workers on other hosts the
-Gateway's (``gaspar.gateway``); the Producer keeps the start, the stop, the signals and the
+Workers are forked by the fork server (``gaspar.process.forks``, ``gaspar.process.forkserver``),
+never by this process. This
+host's workers are the Supervisor's (``gaspar.frontend.supervisor``), workers on other hosts the
+Gateway's (``gaspar.frontend.gateway``); the Producer keeps the start, the stop, the signals and the
 ticker, and asks :meth:`owner` which of the two acts on a worker.
 
 **Dispatch.** One ROUTER socket; each worker is a DEALER that says HELLO when ready and is
-given a request when idle (ready credits; see ``gaspar.dispatch``). Fair: a request never
+given a request when idle (ready credits; see ``gaspar.core.dispatch``). Fair: a request never
 waits behind a busy worker while another is idle. Under overload only (more queued than
 there are workers), a busy worker is also given its next request ahead (prefetch).
 
@@ -56,28 +57,29 @@ with warnings.catch_warnings():
     import eventlet.hubs
     from eventlet.event import Event as GreenEvent
 
-from . import __version__, sdnotify
-from .admission import ByteBudget, Stall
-from .config import Settings
-from .connection import Acceptor, Connection, ConnectionCounters, IOLoop
-from .dispatch import Dispatcher, Pending, WorkerSlot
-from .errors import GasparError
-from .forks import ForkServer
-from .framing import LIMITS, Kind, Request, Status, error_body, error_for_client, pack_id
-from .handoff import Control
-from .ipcdir import make_ipc_dir
-from .logs import access_line, close_access_log, log_handler_error, log_held_back, open_access_log
-from .overload import NO_WORKERS, REASONS, QueueControl
-from .supervisor import Supervisor
-from .telemetry import WORKER_STATES, LogLimiter, ShedReport, Telemetry, proc_usage
-from .worker import TIMING, Consumer
-from .zmqfast import LARGE as _LARGE
-from .zmqfast import MORE_NOW as _MORE_NOW
-from .zmqfast import NOW as _NOW
-from .zmqfast import RCVMORE as _RCVMORE
-from .zmqfast import get as _raw_get
-from .zmqfast import recv as _raw_recv
-from .zmqfast import send as _raw_send
+from gaspar import __version__
+from gaspar.config import Settings
+from gaspar.core.admission import ByteBudget, Stall
+from gaspar.core.dispatch import Dispatcher, Pending, WorkerSlot
+from gaspar.core.overload import NO_WORKERS, REASONS, QueueControl
+from gaspar.errors import GasparError
+from gaspar.frontend.connection import Acceptor, Connection, ConnectionCounters, IOLoop
+from gaspar.frontend.handoff import Control
+from gaspar.frontend.supervisor import Supervisor
+from gaspar.frontend.zmqfast import LARGE as _LARGE
+from gaspar.frontend.zmqfast import MORE_NOW as _MORE_NOW
+from gaspar.frontend.zmqfast import NOW as _NOW
+from gaspar.frontend.zmqfast import RCVMORE as _RCVMORE
+from gaspar.frontend.zmqfast import get as _raw_get
+from gaspar.frontend.zmqfast import recv as _raw_recv
+from gaspar.frontend.zmqfast import send as _raw_send
+from gaspar.ops import sdnotify
+from gaspar.ops.ipcdir import make_ipc_dir
+from gaspar.ops.logs import access_line, close_access_log, log_handler_error, log_held_back, open_access_log
+from gaspar.ops.telemetry import WORKER_STATES, LogLimiter, ShedReport, Telemetry, proc_usage
+from gaspar.process.forks import ForkServer
+from gaspar.process.worker import TIMING, Consumer
+from gaspar.wire.framing import LIMITS, Kind, Request, Status, error_body, error_for_client, pack_id
 
 log = logging.getLogger("gaspar")
 
@@ -90,7 +92,7 @@ _FAILED = {Status.TIMEOUT: "timeout", Status.WORKER_DIED: "worker_died", Status.
 
 
 def _limits(req: Pending) -> bytes:
-    """The client's own limits in a request's head (see ``gaspar.framing.LIMITS``), so its
+    """The client's own limits in a request's head (see ``gaspar.wire.framing.LIMITS``), so its
     worker can interrupt the handler softly when they pass."""
     soft = 0 if req.soft_timeout is None else max(1, round(req.soft_timeout * 1000))
     left = 0
@@ -287,7 +289,7 @@ class Producer:
             self.router.router_mandatory = 1
             self.router.bind(endpoint)
             if s.remote_bind:
-                from .gateway import Gateway
+                from gaspar.frontend.gateway import Gateway
 
                 self.gateway = Gateway(
                     self.ctx, s, self.dispatcher, self.telemetry, self._send, self._fail, self._on_message
@@ -299,17 +301,17 @@ class Producer:
             self._step = ""
             self.server_addr = self.listener.getsockname()[:2]
             if s.metrics_bind:
-                from . import metrics
-                from .client import parse_address
+                from gaspar.client import parse_address
+                from gaspar.ops import metrics
 
                 metrics.require_prometheus()
                 self.metrics_listener = metrics.listen(*parse_address(s.metrics_bind))
                 self.metrics_addr = self.metrics_listener.getsockname()[:2]
-            from .ctlserver import ControlServer
+            from gaspar.frontend.ctlserver import ControlServer
 
             self.control_server = ControlServer.open(s.control_socket, self.server_addr[1])  # None if off
             if s.statsd_host:
-                from .client import parse_address
+                from gaspar.client import parse_address
 
                 self.statsd_addr = parse_address(s.statsd_host)
             if s.access_log:
@@ -337,17 +339,17 @@ class Producer:
         self.acceptor = Acceptor(self.listener, self.ioloop, self)
         self._greenlets = [eventlet.spawn(self.tick)]
         if self.metrics_listener is not None:
-            from . import metrics
+            from gaspar.ops import metrics
 
             self.metrics_server = metrics.make_server(self.metrics_listener, self._stats, self.healthy, self.ready)
             self._greenlets.append(eventlet.spawn(self.metrics_server.serve))
         if self.statsd_addr is not None:
-            from .statsd import StatsdPusher
+            from gaspar.ops.statsd import StatsdPusher
 
             pusher = StatsdPusher(self._stats, self.statsd_addr, s.statsd_prefix, s.statsd_interval)
             self._greenlets.append(eventlet.spawn(pusher.run, eventlet.sleep))
         if self.control_server is not None:
-            from .ctlserver import producer_commands
+            from gaspar.frontend.ctlserver import producer_commands
 
             self._greenlets.append(eventlet.spawn(self.control_server.serve, producer_commands(self)))
         self.supervisor.attach(self.router)  # the first forks
@@ -921,7 +923,7 @@ class Producer:
 
     def stalled(self, now: float) -> str | None:
         """Why no request has made progress for a while though work waits (``memory``,
-        ``workers``), or None (``gaspar.admission.Stall``)."""
+        ``workers``), or None (``gaspar.core.admission.Stall``)."""
         d = self.dispatcher
         return self.stall.reason(now, self.budget.waiting, d.queued, d.control.service)
 

@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from .telemetry import Histogram
+from gaspar.ops.telemetry import Histogram
 
 log = logging.getLogger("gaspar")
 

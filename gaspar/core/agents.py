@@ -1,6 +1,6 @@
 """The front end's book of remote agents, with no I/O: who joined, who is alive, who is lost.
 
-An **agent** (``gaspar worker ... --connect``, :mod:`gaspar.agent`) runs a pool of workers
+An **agent** (``gaspar worker ... --connect``, :mod:`gaspar.process.agent`) runs a pool of workers
 on another host and joins the front end over one 0MQ connection. :class:`Agents` decides,
 from the messages and an injected clock, what the front end's gateway then does with its
 socket:
@@ -22,7 +22,7 @@ socket:
   ``gaspar stats`` can show what happened; a message from one is *stale*: counted, and
   dropped by the caller, never delivered.
 
-The workers of an agent are :class:`gaspar.dispatch.WorkerSlot` s like local ones, with
+The workers of an agent are :class:`gaspar.core.dispatch.WorkerSlot` s like local ones, with
 ``agent`` set: the dispatcher never looks at where a worker lives.
 
 **Bounds on an authenticated agent.** A key lets an agent in; it does not make it honest.

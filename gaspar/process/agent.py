@@ -19,7 +19,7 @@ answers each ping at once. An agent that hears nothing from the front end for ``
 seconds (or that is told GONE) has lost it: it SIGKILLs the workers that were running a
 request (the front end has failed those requests as ``WorkerLost`` or will), keeps the idle
 ones, drops its connection and joins again, as a new session, after a capped, jittered
-back-off (:func:`gaspar.remote.reconnect_delay`): a front end that comes back is not met by
+back-off (:func:`gaspar.core.agents.reconnect_delay`): a front end that comes back is not met by
 every agent at once. Replies of the old session are never delivered: its connection is gone,
 and the front end drops what arrives from an ended session.
 
@@ -54,15 +54,16 @@ from typing import Any
 import zmq
 import zmq.utils.monitor
 
-from . import __version__, sdnotify
-from .forks import ForkServer, ForkServers
-from .forkserver import drain
-from .framing import Kind, Link, Status, error_body
-from .ipcdir import make_ipc_dir
-from .pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
-from .remote import reconnect_delay
-from .telemetry import proc_usage
-from .worker import set_proctitle
+from gaspar import __version__
+from gaspar.core.agents import reconnect_delay
+from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
+from gaspar.ops import sdnotify
+from gaspar.ops.ipcdir import make_ipc_dir
+from gaspar.ops.telemetry import proc_usage
+from gaspar.process.forks import ForkServer, ForkServers
+from gaspar.process.forkserver import drain
+from gaspar.process.worker import set_proctitle
+from gaspar.wire.framing import Kind, Link, Status, error_body
 
 log = logging.getLogger("gaspar")
 
@@ -301,7 +302,7 @@ class Agent:
         link.heartbeat_timeout = link.heartbeat_ttl = int(2 * self.liveness * 1000)
         link.reconnect_ivl, link.reconnect_ivl_max = 1000, int(self.reconnect_max * 1000)
         if self.curve is not None:
-            from .curve import secure_client
+            from gaspar.ops.curve import secure_client
 
             secure_client(link, *self.curve)
         self.monitor, self.seen = link.get_monitor_socket(JOIN_EVENTS), set()

@@ -22,7 +22,7 @@ prefetched request's timeout starts when its worker starts it; if the worker die
 it goes back to the head of the queue.
 With a short queue there is no prefetch, so the fairness above holds where it matters.
 
-**Overload** (rules in ``gaspar.overload``). The queue is first in, first out while bursts
+**Overload** (rules in ``gaspar.core.overload``). The queue is first in, first out while bursts
 come and go; once it has stood for an interval it is served newest first, and requests that
 waited past the limit, whose client's deadline passed, or that overflow ``max_queued`` are
 shed: removed and listed in :meth:`take_shed` with the reason, for the caller to answer.
@@ -30,7 +30,7 @@ A vanished client's request is dropped from the queue; one already handed ahead 
 is *revoked*: the caller sends the worker a cancel (:meth:`take_cancels`), and the worker
 answers ``SKIPPED`` instead of running it (or, if it had started, its reply is dropped).
 
-**One connection, one share** (:mod:`gaspar.fairqueue`): a persistent connection holds at
+**One connection, one share** (:mod:`gaspar.core.fairqueue`): a persistent connection holds at
 most as many places in the queue as there are workers; its other requests wait behind its own.
 
 **No leaks.** Every outcome removes the entry: a reply (``complete``), a worker's death
@@ -50,8 +50,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .fairqueue import FairQueue
-from .overload import DEADLINE, NO_WORKERS, QUEUE_FULL, QueueControl
+from gaspar.core.fairqueue import FairQueue
+from gaspar.core.overload import DEADLINE, NO_WORKERS, QUEUE_FULL, QueueControl
 
 
 @dataclass(eq=False)
@@ -71,7 +71,7 @@ class WorkerSlot:
     told_exit: bool = False  # asked to exit (once is enough)
     kill_reason: str = ""  # why the front end had it killed (a remote worker's exit log line)
     started: float = 0.0
-    agent: Any = None  # the remote agent it lives on (gaspar.remote.Agent); None: a local process
+    agent: Any = None  # the remote agent it lives on (gaspar.core.agents.Agent); None: a local process
     wid: bytes = b""  # a remote worker's own routing id, on its agent's socket
 
     @property
@@ -151,7 +151,7 @@ class Counters:
     no_workers: int = 0  # waited past queue_timeout with no worker in the pool at all (not shed)
 
     def count_shed(self, reason: str) -> None:
-        """One request shed, for ``reason`` (one of gaspar.overload.REASONS), or refused
+        """One request shed, for ``reason`` (one of gaspar.core.overload.REASONS), or refused
         because there was no worker at all (``no_workers``: not an overload)."""
         if reason == NO_WORKERS:
             self.no_workers += 1

@@ -6,7 +6,7 @@ recycled pid. It dies with its parent (``PR_SET_PDEATHSIG`` and a parent-pid wat
 its workers die with it the same way: a SIGKILLed front end leaves no process behind. With
 ``capture_output`` it also holds the read ends of a pipe per worker and stream (made before
 the fork, fds 1 and 2 in the worker) and logs their lines in the same loop that forks and
-reaps (:class:`gaspar.capture.OutputCapture`): its stderr is the daemon's, and it has no hub
+reaps (:class:`gaspar.process.capture.OutputCapture`): its stderr is the daemon's, and it has no hub
 that must never block.
 
 **In a fresh interpreter.** A fresh interpreter inherits no Python object, so its parent
@@ -34,8 +34,8 @@ import sys
 import time
 from typing import Any
 
-from .capture import OutputCapture
-from .worker import DUMP_SIGNAL, Consumer, Worker, run_worker, set_proctitle, start_watchdog
+from gaspar.process.capture import OutputCapture
+from gaspar.process.worker import DUMP_SIGNAL, Consumer, Worker, run_worker, set_proctitle, start_watchdog
 
 log = logging.getLogger("gaspar")
 
@@ -289,8 +289,8 @@ def flush_and_exit(code: int) -> None:
 
 def _load(options: dict[str, Any]) -> tuple[Any, Any]:
     """The consumer and the settings, imported afresh; raises what the import raises."""
-    from .config import Settings
-    from .loading import UsageError, load_consumer
+    from gaspar.config import Settings
+    from gaspar.loading import UsageError, load_consumer
 
     try:
         consumer = load_consumer(options["spec"])
@@ -305,7 +305,7 @@ def _load(options: dict[str, Any]) -> tuple[Any, Any]:
 def _import(module: str, qualname: str) -> Any:
     import importlib
 
-    from .worker import _resolve
+    from gaspar.process.worker import _resolve
 
     return _resolve(importlib.import_module(module), qualname)
 
@@ -316,20 +316,20 @@ def main(argv: list[str]) -> int:
     # as the first fork server: a terminal's ^C or a stray signal is the front end's business
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    from .logs import configure
-    from .worker import set_parent_death_signal
+    from gaspar.ops.logs import configure
+    from gaspar.process.worker import set_parent_death_signal
 
     set_parent_death_signal(signal.SIGKILL)  # during the import too
     if os.getppid() != parent:
         return 1
     configure(options["log"]["level"], options["log"]["format"], sys.stderr)
-    from .apppath import adopt
+    from gaspar.apppath import adopt
 
     adopt(options["path"])  # the front end's, in its order: the application's directory last
     try:
         consumer, settings = _load(options)
     except Exception as exc:
-        from .loading import UsageError
+        from gaspar.loading import UsageError
 
         error = str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
         _emit(evt, ev="reloaded", ok=False, error=error)

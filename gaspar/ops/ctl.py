@@ -1,7 +1,7 @@
 """The control socket and ``gaspar ctl``: operate a running daemon without signals.
 
 A Unix stream socket (mode 0600, never the public TCP port), served from the front end's
-own hub in green threads, as :mod:`gaspar.metrics` serves HTTP: a command runs in the
+own hub in green threads, as :mod:`gaspar.ops.metrics` serves HTTP: a command runs in the
 thread that owns the supervisor's state, with no lock. One JSON request per line, one
 JSON reply per line, any number of them per connection::
 
@@ -9,14 +9,14 @@ JSON reply per line, any number of them per connection::
     {"cmd": "scale", "n": 3}               -> {"ok": true, "result": {"target_workers": 3}}
     {"cmd": "reload"}                      -> {"ok": true, "result": {"reloading": "mod:fn"}}
     {"cmd": "reload", "wait": 60}          -> ... "reload": {"ok": true|false|null, "reason": ...}}
-        (waits up to 60 s for the outcome; null: still under way; see gaspar.reloads)
+        (waits up to 60 s for the outcome; null: still under way; see gaspar.ops.reloads)
     {"cmd": "broadcast", "message": "hi"}  -> {"ok": true, "result": {"sent": 2}}
         (bytes as UTF-8 text, or base64 with "encoding": "base64")
     {"cmd": "stop", "graceful": true}      -> {"ok": true, "result": {"stopping": "graceful"}}
     anything wrong                         -> {"ok": false, "error": "..."}
 
 :func:`parse` is pure (a line in, a command or :class:`CtlError` out); the server, in the
-front end's hub, is :mod:`gaspar.ctlserver`; :func:`call` is the client, plain blocking
+front end's hub, is :mod:`gaspar.frontend.ctlserver`; :func:`call` is the client, plain blocking
 sockets, no eventlet.
 
 **Where.** ``control_socket`` unset: ``$XDG_RUNTIME_DIR/gaspar/<port>.sock`` when
@@ -48,8 +48,8 @@ import socket
 import stat
 from typing import Any
 
-from . import reloads
-from .errors import GasparError
+from gaspar.errors import GasparError
+from gaspar.ops import reloads
 
 log = logging.getLogger("gaspar")
 
@@ -206,7 +206,7 @@ def call(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str,
 
 def summary(stats: dict[str, Any]) -> str:
     """``gaspar ctl status``'s few lines."""
-    from .humanize import human_uptime
+    from gaspar.ops.humanize import human_uptime
 
     states = stats.get("worker_states") or {}
     live = [w for w in stats.get("workers") or [] if w.get("state") != "retiring"]

@@ -4,7 +4,7 @@ Turned on by ``metrics_bind`` (``gaspar serve --metrics-bind HOST:PORT``); needs
 optional ``prometheus_client`` (``pip install prometheus_client``, or gaspar's ``metrics``
 extra: the README's Installation; gaspar 2 is not on the package index).
 
-The HTTP server (:mod:`gaspar.metrics_http`) runs in green threads of the front end's own
+The HTTP server (:mod:`gaspar.frontend.metrics_http`) runs in green threads of the front end's own
 hub, so a scrape reads the dispatcher and supervisor state in the thread that owns it: no
 lock, no second OS thread racing the supervisor. It cuts off slow clients, caps its
 connections and renders ``/metrics`` at most once a second. The registry is gaspar's own (not the global one),
@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import __version__
+from gaspar import __version__
 
 log = logging.getLogger("gaspar")
 
@@ -126,7 +126,7 @@ def _agent_metrics(st: dict[str, Any]) -> Any:
     remote = st.get("remote")
     if remote is None:
         return
-    from .remote import JOINED, LEAVING, LEFT, LOST, REPLACED
+    from gaspar.core.agents import JOINED, LEAVING, LEFT, LOST, REPLACED
 
     states = GaugeMetricFamily("gaspar_agents", "Agent sessions by state (ended ones: the last 16).", labels=["state"])
     count = dict.fromkeys((JOINED, LEAVING, LOST, LEFT, REPLACED), 0)
@@ -213,10 +213,10 @@ def make_registry(stats: Callable[[], dict[str, Any]]) -> Any:
 def make_server(
     sock: socket.socket, stats: Callable[[], dict[str, Any]], healthy: Callable[[], bool], ready: Callable[[], bool]
 ) -> Any:
-    """The metrics port's server (:class:`gaspar.metrics_http.MetricsServer`) on ``sock``."""
+    """The metrics port's server (:class:`gaspar.frontend.metrics_http.MetricsServer`) on ``sock``."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from .metrics_http import MetricsServer
+    from gaspar.frontend.metrics_http import MetricsServer
 
     registry = make_registry(stats)
     return MetricsServer(sock, lambda: generate_latest(registry), CONTENT_TYPE_LATEST, healthy, ready)

@@ -7,12 +7,12 @@
     agent ══["", J/U/E/L + json]══▶ Gateway (joins, pongs, exits, leaves)
           ◀═["", W/N/T/K/G + json]═
 
-A worker on another host is a :class:`gaspar.dispatch.WorkerSlot` whose routing key is
+A worker on another host is a :class:`gaspar.core.dispatch.WorkerSlot` whose routing key is
 its agent's connection id followed by the worker's own routing id, with ``agent`` set;
 the dispatcher treats it as any other worker. Its replies are handed to the front end's
 usual reply handling (``relay``), so fairness, prefetch, cancels, deadlines and timeouts
 work the same across hosts. What this module adds is what only a remote pool needs: the
-sessions (:class:`gaspar.remote.Agents`), heartbeats, and the loss of an agent.
+sessions (:class:`gaspar.core.agents.Agents`), heartbeats, and the loss of an agent.
 
 **What a fault costs.** An agent silent past ``agent_liveness``, one whose connection
 refuses a send (``ROUTER_MANDATORY``: the peer is gone; or its high-water mark is reached),
@@ -23,14 +23,14 @@ and its workers leave the pool. A worker that dies on an agent is reported by th
 ended session are counted (``stale``) and dropped, and the agent is told GONE.
 
 **Security.** With ``curve_secret`` the socket is a CURVE server and only the keys in
-``curve_allow`` get in (:mod:`gaspar.curve`; the ZAP handler runs in the front end's hub).
+``curve_allow`` get in (:mod:`gaspar.ops.curve`; the ZAP handler runs in the front end's hub).
 The front end's reload reads them again (:meth:`Gateway.reload_keys`). Over TCP, loopback
 included, CURVE is required unless ``insecure`` is set (any local user can connect to a
 loopback port); ``ipc://PATH`` binds a Unix socket, mode 0600 in a directory of mode 0700
 that only this user may enter, for agents on the same host. Whatever an agent sends is
 bounded: ``ZMQ_MAXMSGSIZE`` (libzmq drops the connection of a peer that sends a larger
 frame), at most :data:`MAX_FRAMES` frames a message, control messages and HELLOs parsed by
-:mod:`gaspar.remote` within their own caps, and worker slots per agent; at most
+:mod:`gaspar.core.agents` within their own caps, and worker slots per agent; at most
 :attr:`Gateway.BATCH` messages are read per round, so a flooding agent cannot hold the hub
 from the clients.
 
@@ -52,17 +52,29 @@ from typing import Any
 import zmq
 import zmq.utils.monitor
 
-from .dispatch import Pending, WorkerSlot, draw_limit
-from .framing import Kind, Link, Status, pack_id
-from .remote import LEAVING, LEFT, LOST, MAX_CONTROL, Agent, Agents, Refused, count, parse_control, parse_hello, seconds
-from .telemetry import LogLimiter
-from .zmqfast import LARGE as _LARGE
-from .zmqfast import MORE_NOW as _MORE_NOW
-from .zmqfast import NOW as _NOW
-from .zmqfast import RCVMORE as _RCVMORE
-from .zmqfast import get as _get
-from .zmqfast import recv as _recv
-from .zmqfast import send as _send
+from gaspar.core.agents import (
+    LEAVING,
+    LEFT,
+    LOST,
+    MAX_CONTROL,
+    Agent,
+    Agents,
+    Refused,
+    count,
+    parse_control,
+    parse_hello,
+    seconds,
+)
+from gaspar.core.dispatch import Pending, WorkerSlot, draw_limit
+from gaspar.frontend.zmqfast import LARGE as _LARGE
+from gaspar.frontend.zmqfast import MORE_NOW as _MORE_NOW
+from gaspar.frontend.zmqfast import NOW as _NOW
+from gaspar.frontend.zmqfast import RCVMORE as _RCVMORE
+from gaspar.frontend.zmqfast import get as _get
+from gaspar.frontend.zmqfast import recv as _recv
+from gaspar.frontend.zmqfast import send as _send
+from gaspar.ops.telemetry import LogLimiter
+from gaspar.wire.framing import Kind, Link, Status, pack_id
 
 log = logging.getLogger("gaspar")
 
@@ -143,7 +155,7 @@ class Gateway:
         sock.heartbeat_timeout = sock.heartbeat_ttl = int(2 * s.agent_liveness * 1000)
         try:
             if s.curve_secret:
-                from .curve import Gatekeeper, secure_server
+                from gaspar.ops.curve import Gatekeeper, secure_server
 
                 self.gatekeeper = Gatekeeper(self.ctx, s.curve_allow)
                 self.gatekeeper.start()
@@ -426,7 +438,7 @@ class Gateway:
             self._control(agent, Link.LEAVE)  # after every request sent to it: it may count now
 
     def _on_exited(self, agent: Agent, event: dict[str, Any]) -> None:
-        from .pool import describe_exit
+        from gaspar.core.pool import describe_exit
 
         slot = agent.workers.pop(str(event.get("wid", ""))[:256].encode(), None)
         if slot is None:

@@ -37,9 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import GasparError
-from .humanize import human_age, human_duration, human_mib, human_uptime, milliseconds, number
-from .telemetry import Histogram
+from gaspar.errors import GasparError
+from gaspar.ops.humanize import human_age, human_duration, human_mib, human_uptime, milliseconds, number
+from gaspar.ops.telemetry import Histogram
 
 Stats = dict[str, Any]
 
@@ -289,7 +289,7 @@ def agent_lines(stats: Stats, width: int, prev: Stats | None = None, elapsed: fl
 
 def fetch(address: str, timeout: float) -> Stats:
     """The daemon's stats; raises GasparError (or ValueError on a reply that is not JSON)."""
-    from . import client
+    from gaspar import client
 
     stats = json.loads(client.request(address, b"", timeout=timeout, stats=True))
     if not isinstance(stats, dict):

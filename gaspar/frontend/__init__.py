@@ -1,0 +1,1 @@
+"""The eventlet front end: the only package that imports eventlet."""

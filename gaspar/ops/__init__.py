@@ -1,0 +1,1 @@
+"""What operators use: logs, telemetry, metrics, statsd, top, the control client, keys."""

@@ -1,0 +1,1 @@
+"""Processes of their own: the fork server, the workers, the agent; blocking, no eventlet."""

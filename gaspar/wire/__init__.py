@@ -1,0 +1,1 @@
+"""The wire: framing of requests and replies, sans-IO."""
