@@ -10,8 +10,9 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from gaspar.core.dispatch import Dispatcher, WorkerSlot
+from gaspar.core.dispatch import Dispatcher
 from gaspar.core.overload import QueueControl
+from gaspar.core.records import WorkerSlot
 
 
 class Clock:

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gaspar.core.admission import BodyClock, ByteBudget, Stall
-from gaspar.core.dispatch import Dispatcher, WorkerSlot
+from gaspar.core.dispatch import Dispatcher
 from gaspar.core.overload import DEADLINE, QUEUE_DELAY, QUEUE_FULL, QUEUE_TIMEOUT, QueueControl
+from gaspar.core.records import WorkerSlot
 from gaspar.retry import RetryBudget, backoff
 
 

@@ -22,7 +22,7 @@ from gaspar.core.agents import (
     parse_hello,
     reconnect_delay,
 )
-from gaspar.core.dispatch import WorkerSlot
+from gaspar.core.records import WorkerSlot
 
 
 class Clock:

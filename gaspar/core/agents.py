@@ -22,7 +22,7 @@ socket:
   ``gaspar stats`` can show what happened; a message from one is *stale*: counted, and
   dropped by the caller, never delivered.
 
-The workers of an agent are :class:`gaspar.core.dispatch.WorkerSlot` s like local ones, with
+The workers of an agent are :class:`gaspar.core.records.WorkerSlot` s like local ones, with
 ``agent`` set: the dispatcher never looks at where a worker lives.
 
 **Bounds on an authenticated agent.** A key lets an agent in; it does not make it honest.

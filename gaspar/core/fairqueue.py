@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 
 class Queued(Protocol):
-    """What the queue reads and writes of a request (``gaspar.core.dispatch.Pending``)."""
+    """What the queue reads and writes of a request (``gaspar.core.records.Pending``)."""
 
     owner: Any
     held: bool

@@ -18,7 +18,7 @@ What it keeps:
   mystery ("killed by SIGKILL because it ran past the timeout", not "out of memory?").
 
 Ready workers are not kept here: they are the shell's records (the dispatcher's
-:class:`~gaspar.core.dispatch.WorkerSlot`, the agent's ``LocalWorker``), passed in as
+:class:`~gaspar.core.records.WorkerSlot`, the agent's ``LocalWorker``), passed in as
 :class:`Ready` views, so a worker is described once.
 
 The rules, each a row of ``tests/test_pool.py``:

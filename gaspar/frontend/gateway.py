@@ -7,7 +7,7 @@
     agent ══["", J/U/E/L + json]══▶ Gateway (joins, pongs, exits, leaves)
           ◀═["", W/N/T/K/G + json]═
 
-A worker on another host is a :class:`gaspar.core.dispatch.WorkerSlot` whose routing key is
+A worker on another host is a :class:`gaspar.core.records.WorkerSlot` whose routing key is
 its agent's connection id followed by the worker's own routing id, with ``agent`` set;
 the dispatcher treats it as any other worker. Its replies are handed to the front end's
 usual reply handling (``relay``), so fairness, prefetch, cancels, deadlines and timeouts
@@ -65,7 +65,7 @@ from gaspar.core.agents import (
     parse_hello,
     seconds,
 )
-from gaspar.core.dispatch import Pending, WorkerSlot, draw_limit
+from gaspar.core.records import Pending, WorkerSlot, draw_limit
 from gaspar.frontend.zmqfast import LARGE as _LARGE
 from gaspar.frontend.zmqfast import MORE_NOW as _MORE_NOW
 from gaspar.frontend.zmqfast import NOW as _NOW

@@ -60,8 +60,9 @@ with warnings.catch_warnings():
 from gaspar import __version__
 from gaspar.config import Settings
 from gaspar.core.admission import ByteBudget, Stall
-from gaspar.core.dispatch import Dispatcher, Pending, WorkerSlot
+from gaspar.core.dispatch import Dispatcher
 from gaspar.core.overload import NO_WORKERS, REASONS, QueueControl
+from gaspar.core.records import Pending, WorkerSlot
 from gaspar.errors import GasparError
 from gaspar.frontend.connection import Acceptor, Connection, ConnectionCounters, IOLoop
 from gaspar.frontend.handoff import Control

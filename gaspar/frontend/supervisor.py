@@ -44,8 +44,8 @@ with __import__("warnings").catch_warnings():
 
 import zmq
 
-from gaspar.core.dispatch import WorkerSlot, draw_limit
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
+from gaspar.core.records import WorkerSlot, draw_limit
 from gaspar.errors import GasparError
 from gaspar.frontend.connection import watch_fd
 from gaspar.ops import sdnotify
