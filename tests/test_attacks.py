@@ -309,12 +309,13 @@ def test_an_agents_oversize_frames_and_huge_pongs_are_refused_and_counted(rogue_
 
     s, dealer = rogue_agent
     pid0 = os.getpid()
-    base_fds, base_rss = fds(pid0), rss(pid0)
     huge_usage = {str(i): [1.0, 1] for i in range(300_000)}  # made before the clock starts: this
     pong = Link.PONG.value + json.dumps({"t": time.monotonic(), "usage": huge_usage}).encode()  # process
     usage = dict(list(huge_usage.items())[:6000])  # is the front end's too, and these hold its GIL
     small = Link.PONG.value + json.dumps({"t": time.monotonic(), "usage": usage}).encode()
     oversize = [b"w0", b"R" + b"\0" * 9, b"x" * (9 << 20)]
+    del huge_usage, usage
+    base_fds, base_rss = fds(pid0), rss(pid0)  # with the payloads made: they are this test's, not the daemon's
     base = _baseline(s.addr)
     with Probe(s.addr, interval=0.02, timeout=5) as probe:
         for _ in range(20):

@@ -1,11 +1,8 @@
 """Client connections in the front end, as callbacks on one epoll inside the eventlet hub.
 
-The hot path does not use a green thread per connection. :class:`IOLoop` is a
-``select.epoll`` whose own file descriptor is registered once with the eventlet hub; when
-it is readable, one callback handles every ready socket in a batch: accept, read, submit,
-write, close, all non-blocking. Measured on the 2-core bench machine, this cut the front
-end's CPU per one-shot request from about 380 µs (a green thread, green socket, timeout
-timer and queue per connection) to the figure in docs/performance.rst.
+No green thread per connection: connections are callbacks on the front end's one epoll
+(:mod:`gaspar.frontend.hub`); that cut the front end's CPU per one-shot request from about
+380 µs (a green thread, socket, timer and queue each) to the figure in docs/performance.rst.
 
 Per connection (:class:`Connection`):
 
@@ -27,17 +24,15 @@ Per connection (:class:`Connection`):
   while its requests wait) is dropped at once: the connection is reset and its requests
   cancelled, so a queued or handed-ahead one never reaches a handler (a running one
   finishes; its reply is dropped).
-* **Memory**: request bytes as they arrive, bodies in flight and replies not yet sent are
-  counted against ``max_buffered_bytes`` (``gaspar.core.admission.ByteBudget``); a read never
-  takes more than fits. A body longer than ``FIRST_CHUNK`` goes on past its first chunk only
-  once the rest of it is admitted (committed in the budget, so it can finish); until then,
-  or when nothing fits, the connection is not read (TCP pushes back on its client) and is
-  woken in turn as bytes are freed. Refusals and resets are logged rate-limited.
+* **Memory**: bytes as they arrive, bodies in flight and unsent replies count against
+  ``max_buffered_bytes`` (:class:`gaspar.core.admission.ByteBudget`: a body past
+  ``FIRST_CHUNK`` goes on once the rest of it is admitted); a connection for which nothing
+  fits is not read, and is woken in turn as bytes are freed.
 * ``max_connections``: past it, a new connection is reset as soon as it is accepted.
 
 Every callback here runs in the hub's own greenlet, so nothing here may block or switch.
-What a connection needs of the front end is written down as :class:`FrontEnd`; this module
-does not import the Producer.
+What a connection needs of the front end is written down as
+:class:`gaspar.frontend.hub.FrontEnd`; this module does not import the Producer.
 """
 
 from __future__ import annotations
@@ -48,9 +43,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from gaspar.core.admission import BodyClock
 from gaspar.errors import ProtocolError
@@ -65,7 +58,7 @@ from gaspar.wire.framing import (
 )
 
 if TYPE_CHECKING:
-    from gaspar.core.admission import ByteBudget
+    from gaspar.frontend.hub import FrontEnd
 
 log = logging.getLogger("gaspar")
 
@@ -75,7 +68,6 @@ _WRITE = select.EPOLLOUT
 # Edge-triggered, registered once for reading and writing: no epoll_ctl call to change
 # interest per request, and none at close (closing the fd drops it from the epoll).
 _CONN_EVENTS = _READ | _WRITE | select.EPOLLET
-_ACCEPT_BATCH = 128
 RECV_SIZE = 64 * 1024  # one read of a small request
 #: A body longer than this is *admitted* once this much of it has arrived: the rest of it is
 #: committed in the budget (ByteBudget.admit), so that it can finish. A client that declares
@@ -84,160 +76,6 @@ FIRST_CHUNK = 64 * 1024
 #: A persistent connection whose client leaves more than this many reply bytes unread is not
 #: read (no new requests from it) until it reads them; idle_timeout ends it if it never does.
 MAX_UNSENT = 1024 * 1024
-
-
-@dataclass
-class ConnectionCounters:
-    """What the connections count, for ``gaspar stats``' counters."""
-
-    abandoned: int = 0  # clients that left while a request of theirs waited
-    refused_connections: int = 0  # past max_connections
-    idle_resets: int = 0  # stalled past idle_timeout: a request half sent, replies unread, no memory
-    slow_requests: int = 0  # requests arriving slower than body_min_rate
-
-
-class FrontEnd(Protocol):
-    """What the acceptor and a connection use of the front end (the Producer is the one),
-    written down so that neither needs the Producer itself: its settings, its loop and
-    books, and five verbs."""
-
-    settings: Any  # max_message_size, max_pipeline, abort_on_close, max_connections, body_*
-    ioloop: IOLoop
-    connections: set[Connection]  # the open ones
-    budget: ByteBudget  # max_buffered_bytes
-    telemetry: Any  # outcomes
-    dispatcher: Any  # cancel(pending) when the client has left
-    access_log: logging.Logger | None
-    counters: ConnectionCounters
-
-    def log_refusal(self, message: str, *args: Any) -> None:
-        """Log why a request or a connection was refused or reset, rate-limited (a flood of
-        bad requests must not become a flood of log lines)."""
-
-    def submit(self, conn: Connection, request: Request) -> None:
-        """A whole request was read: queue it for a worker (``conn.deliver`` answers it)."""
-
-    def settle(self) -> None:
-        """Requests were cancelled: revoke those handed ahead to a worker."""
-
-    def wake_starved(self, conns: list[Connection]) -> None:
-        """Budget bytes were freed: read these connections again, in turn."""
-
-    def refuse_connection(self, sock: socket.socket) -> None:
-        """Past ``max_connections``: reset this new connection."""
-
-    def log_access(
-        self,
-        waiter: tuple[Connection, Request],
-        outcome: str,
-        bytes_out: int,
-        queued: float | None,
-        handler: float | None,
-        total: float,
-        worker: int | str | None,
-    ) -> None:
-        """One access-log line (``access_log``)."""
-
-
-class IOLoop:
-    """One epoll, registered in the eventlet hub; runs ``fd -> callback(events)``."""
-
-    def __init__(self, hub: Any, after_round: Callable[[], None]) -> None:
-        self.epoll = select.epoll()
-        self.callbacks: dict[int, Callable[[int], None]] = {}
-        self.after_round = after_round
-        self.busy = False  # in a round: after_round will run
-        self.hub = hub
-        self._listener = watch_fd(hub, self.epoll.fileno(), self._ready)
-
-    def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
-        self.callbacks[fd] = callback
-        self.epoll.register(fd, events)
-
-    def modify(self, fd: int, events: int) -> None:
-        self.epoll.modify(fd, events)
-
-    def forget(self, fd: int) -> None:
-        """Drop a callback whose fd is being closed (the close removes it from the epoll)."""
-        self.callbacks.pop(fd, None)
-
-    def unregister(self, fd: int) -> None:
-        if self.callbacks.pop(fd, None) is not None:
-            try:
-                self.epoll.unregister(fd)
-            except OSError:
-                pass
-
-    def _ready(self, _fd: int) -> None:
-        self.busy = True
-        for fd, events in self.epoll.poll(0, 1024):
-            callback = self.callbacks.get(fd)
-            if callback is not None:
-                try:
-                    callback(events)
-                except Exception:
-                    log.exception("Error on fd %s; carrying on", fd)
-                    owner = getattr(callback, "__self__", None)
-                    if isinstance(owner, Connection):
-                        owner.abort()  # a connection in an unknown state: reset, never hang
-        self.busy = False
-        self.after_round()
-
-    def close(self) -> None:
-        if self._listener is not None:
-            self.hub.remove(self._listener)
-            self._listener = None
-        self.epoll.close()
-
-
-class Acceptor:
-    """Accepts connections in batches while the listening socket is readable."""
-
-    def __init__(self, sock: socket.socket, loop: IOLoop, front: FrontEnd) -> None:
-        self.sock, self.loop, self.front = sock, loop, front
-        self.family = int(sock.family)
-        sock.setblocking(False)
-        loop.register(sock.fileno(), select.EPOLLIN, self.on_events)
-        self.paused = False
-
-    def on_events(self, _events: int) -> int:
-        """Accept up to a batch; return how many were accepted."""
-        for n in range(_ACCEPT_BATCH):
-            try:
-                fd, _ = self.sock._accept()  # socket.accept() minus its enum conversions
-                sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
-            except BlockingIOError:
-                return n
-            except OSError as exc:  # EMFILE and friends: pause instead of spinning
-                log.error("accept() failed: %s; pausing for 0.1 s", exc)
-                self.pause(0.1)
-                return n
-            if len(self.front.connections) >= self.front.settings.max_connections:
-                self.front.refuse_connection(sock)
-                continue
-            Connection(sock, self.front).start()
-        return _ACCEPT_BATCH
-
-    def accept_all(self) -> None:
-        """Take every connection waiting in the kernel's backlog."""
-        while self.sock.fileno() >= 0 and self.on_events(0) == _ACCEPT_BATCH:
-            pass
-
-    def pause(self, seconds: float) -> None:
-        if not self.paused:
-            self.paused = True
-            self.loop.modify(self.sock.fileno(), 0)
-            self.loop.hub.schedule_call_global(seconds, self.resume)
-
-    def resume(self) -> None:
-        if self.paused and self.sock.fileno() >= 0:
-            self.paused = False
-            self.loop.modify(self.sock.fileno(), select.EPOLLIN)
-
-    def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            self.loop.unregister(self.sock.fileno())
-            self.sock.close()
 
 
 class Connection:
@@ -612,17 +450,3 @@ class Connection:
             pass  # the socket is already broken: closing it is all there is to do
         self.out.clear()
         self.close()
-
-
-def watch_fd(hub: Any, fd: int, callback: Callable[[int], None]) -> Any:
-    """Have eventlet's hub call ``callback(fd)`` whenever ``fd`` is readable; returns the
-    listener, for ``hub.remove``. The callback runs in the hub's greenlet: it must not block."""
-    return hub.add(hub.READ, fd, callback, _ignore, _noop)
-
-
-def _ignore(*_args: Any) -> None:
-    pass
-
-
-def _noop() -> None:
-    pass

@@ -18,7 +18,7 @@ from typing import Any
 import eventlet
 import eventlet.hubs
 
-from gaspar.frontend.connection import watch_fd
+from gaspar.frontend.hub import watch_fd
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 

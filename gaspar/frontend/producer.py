@@ -64,8 +64,9 @@ from gaspar.core.dispatch import Dispatcher
 from gaspar.core.overload import NO_WORKERS, REASONS, QueueControl
 from gaspar.core.records import Pending, WorkerSlot
 from gaspar.errors import GasparError
-from gaspar.frontend.connection import Acceptor, Connection, ConnectionCounters, IOLoop
+from gaspar.frontend.connection import Connection
 from gaspar.frontend.handoff import Control
+from gaspar.frontend.hub import Acceptor, ConnectionCounters, IOLoop
 from gaspar.frontend.supervisor import Supervisor
 from gaspar.frontend.zmqfast import LARGE as _LARGE
 from gaspar.frontend.zmqfast import MORE_NOW as _MORE_NOW

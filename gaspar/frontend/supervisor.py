@@ -47,7 +47,7 @@ import zmq
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.core.records import WorkerSlot, draw_limit
 from gaspar.errors import GasparError
-from gaspar.frontend.connection import watch_fd
+from gaspar.frontend.hub import watch_fd
 from gaspar.ops import sdnotify
 from gaspar.ops.reloads import Reloads
 from gaspar.ops.telemetry import WORKER_STATES, proc_usage

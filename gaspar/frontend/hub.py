@@ -1,0 +1,198 @@
+"""The front end's I/O loop: one epoll inside the eventlet hub, and the acceptor.
+
+The hot path does not use a green thread per connection. :class:`IOLoop` is a
+``select.epoll`` whose own file descriptor is registered once with the eventlet hub; when it
+is readable, one callback handles every ready socket in a batch: accept, read, submit,
+write, close, all non-blocking. :class:`Acceptor` takes connections in batches of
+:data:`ACCEPT_BATCH` while the listening socket is readable (pausing 0.1 s on EMFILE rather
+than spinning), and resets one past ``max_connections`` at once. Everything here runs in the
+hub's own greenlet, so nothing here may block or switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gaspar.core.admission import ByteBudget
+from gaspar.frontend.connection import Connection
+from gaspar.wire.framing import Request
+
+log = logging.getLogger("gaspar")
+
+ACCEPT_BATCH = 128
+
+
+@dataclass
+class ConnectionCounters:
+    """What the connections count, for ``gaspar stats``' counters."""
+
+    abandoned: int = 0  # clients that left while a request of theirs waited
+    refused_connections: int = 0  # past max_connections
+    idle_resets: int = 0  # stalled past idle_timeout: a request half sent, replies unread, no memory
+    slow_requests: int = 0  # requests arriving slower than body_min_rate
+
+
+class FrontEnd(Protocol):
+    """What the acceptor and a connection use of the front end (the Producer is the one),
+    written down so that neither needs the Producer itself: its settings, its loop and
+    books, and five verbs."""
+
+    settings: Any  # max_message_size, max_pipeline, abort_on_close, max_connections, body_*
+    ioloop: IOLoop
+    connections: set[Connection]  # the open ones
+    budget: ByteBudget  # max_buffered_bytes
+    telemetry: Any  # outcomes
+    dispatcher: Any  # cancel(pending) when the client has left
+    access_log: logging.Logger | None
+    counters: ConnectionCounters
+
+    def log_refusal(self, message: str, *args: Any) -> None:
+        """Log why a request or a connection was refused or reset, rate-limited (a flood of
+        bad requests must not become a flood of log lines)."""
+
+    def submit(self, conn: Connection, request: Request) -> None:
+        """A whole request was read: queue it for a worker (``conn.deliver`` answers it)."""
+
+    def settle(self) -> None:
+        """Requests were cancelled: revoke those handed ahead to a worker."""
+
+    def wake_starved(self, conns: list[Connection]) -> None:
+        """Budget bytes were freed: read these connections again, in turn."""
+
+    def refuse_connection(self, sock: socket.socket) -> None:
+        """Past ``max_connections``: reset this new connection."""
+
+    def log_access(
+        self,
+        waiter: tuple[Connection, Request],
+        outcome: str,
+        bytes_out: int,
+        queued: float | None,
+        handler: float | None,
+        total: float,
+        worker: int | str | None,
+    ) -> None:
+        """One access-log line (``access_log``)."""
+
+
+class IOLoop:
+    """One epoll, registered in the eventlet hub; runs ``fd -> callback(events)``."""
+
+    def __init__(self, hub: Any, after_round: Callable[[], None]) -> None:
+        self.epoll = select.epoll()
+        self.callbacks: dict[int, Callable[[int], None]] = {}
+        self.after_round = after_round
+        self.busy = False  # in a round: after_round will run
+        self.hub = hub
+        self._listener = watch_fd(hub, self.epoll.fileno(), self._ready)
+
+    def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
+        self.callbacks[fd] = callback
+        self.epoll.register(fd, events)
+
+    def modify(self, fd: int, events: int) -> None:
+        self.epoll.modify(fd, events)
+
+    def forget(self, fd: int) -> None:
+        """Drop a callback whose fd is being closed (the close removes it from the epoll)."""
+        self.callbacks.pop(fd, None)
+
+    def unregister(self, fd: int) -> None:
+        if self.callbacks.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def _ready(self, _fd: int) -> None:
+        self.busy = True
+        for fd, events in self.epoll.poll(0, 1024):
+            callback = self.callbacks.get(fd)
+            if callback is not None:
+                try:
+                    callback(events)
+                except Exception:
+                    log.exception("Error on fd %s; carrying on", fd)
+                    abort = getattr(getattr(callback, "__self__", None), "abort", None)
+                    if abort is not None:
+                        abort()  # a connection in an unknown state: reset, never hang
+        self.busy = False
+        self.after_round()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self.hub.remove(self._listener)
+            self._listener = None
+        self.epoll.close()
+
+
+class Acceptor:
+    """Accepts connections in batches while the listening socket is readable."""
+
+    def __init__(self, sock: socket.socket, loop: IOLoop, front: FrontEnd) -> None:
+        self.sock, self.loop, self.front = sock, loop, front
+        self.family = int(sock.family)
+        sock.setblocking(False)
+        loop.register(sock.fileno(), select.EPOLLIN, self.on_events)
+        self.paused = False
+
+    def on_events(self, _events: int) -> int:
+        """Accept up to a batch; return how many were accepted."""
+        for n in range(ACCEPT_BATCH):
+            try:
+                fd, _ = self.sock._accept()  # socket.accept() minus its enum conversions
+                sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+            except BlockingIOError:
+                return n
+            except OSError as exc:  # EMFILE and friends: pause instead of spinning
+                log.error("accept() failed: %s; pausing for 0.1 s", exc)
+                self.pause(0.1)
+                return n
+            if len(self.front.connections) >= self.front.settings.max_connections:
+                self.front.refuse_connection(sock)
+                continue
+            Connection(sock, self.front).start()
+        return ACCEPT_BATCH
+
+    def accept_all(self) -> None:
+        """Take every connection waiting in the kernel's backlog."""
+        while self.sock.fileno() >= 0 and self.on_events(0) == ACCEPT_BATCH:
+            pass
+
+    def pause(self, seconds: float) -> None:
+        if not self.paused:
+            self.paused = True
+            self.loop.modify(self.sock.fileno(), 0)
+            self.loop.hub.schedule_call_global(seconds, self.resume)
+
+    def resume(self) -> None:
+        if self.paused and self.sock.fileno() >= 0:
+            self.paused = False
+            self.loop.modify(self.sock.fileno(), select.EPOLLIN)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.unregister(self.sock.fileno())
+            self.sock.close()
+
+
+def watch_fd(hub: Any, fd: int, callback: Callable[[int], None]) -> Any:
+    """Have eventlet's hub call ``callback(fd)`` whenever ``fd`` is readable; returns the
+    listener, for ``hub.remove``. The callback runs in the hub's greenlet: it must not block."""
+    return hub.add(hub.READ, fd, callback, _ignore, _noop)
+
+
+def _ignore(*_args: Any) -> None:
+    pass
+
+
+def _noop() -> None:
+    pass
+
+
+__all__ = ["Acceptor", "ConnectionCounters", "FrontEnd", "IOLoop", "watch_fd", "ACCEPT_BATCH"]
