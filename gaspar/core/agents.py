@@ -37,6 +37,7 @@ counted and logged (rate-limited); the agent's other messages go on.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import random
@@ -324,3 +325,12 @@ def _cpu(figures: tuple[float, int] | None) -> float | None:
 
 def _rss(figures: tuple[float, int] | None) -> int | None:
     return None if figures is None else figures[1]
+
+
+def send_failed(code: int | None, exc: Any = "") -> str:
+    """Why a send to an agent failed (``code``: its errno), in words an operator can act on."""
+    if code == errno.EHOSTUNREACH:  # ROUTER_MANDATORY: no such peer any more
+        return "its connection closed: the agent exited or was killed, or the network closed it"
+    if code == errno.EAGAIN:
+        return "it stopped reading: its high-water mark was reached"
+    return f"a send to it failed: {exc}"

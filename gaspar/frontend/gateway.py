@@ -22,17 +22,12 @@ and its workers leave the pool. A worker that dies on an agent is reported by th
 (``EXITED``, with its wait status) and costs its one request, as locally. Messages from an
 ended session are counted (``stale``) and dropped, and the agent is told GONE.
 
-**Security.** With ``curve_secret`` the socket is a CURVE server and only the keys in
-``curve_allow`` get in (:mod:`gaspar.ops.curve`; the ZAP handler runs in the front end's hub).
-The front end's reload reads them again (:meth:`Gateway.reload_keys`). Over TCP, loopback
-included, CURVE is required unless ``insecure`` is set (any local user can connect to a
-loopback port); ``ipc://PATH`` binds a Unix socket, mode 0600 in a directory of mode 0700
-that only this user may enter, for agents on the same host. Whatever an agent sends is
-bounded: ``ZMQ_MAXMSGSIZE`` (libzmq drops the connection of a peer that sends a larger
-frame), at most :data:`MAX_FRAMES` frames a message, control messages and HELLOs parsed by
-:mod:`gaspar.core.agents` within their own caps, and worker slots per agent; at most
-:attr:`Gateway.BATCH` messages are read per round, so a flooding agent cannot hold the hub
-from the clients.
+**Bounds.** The port itself (CURVE or ``ipc://``, ``ZMQ_MAXMSGSIZE``) is
+:mod:`gaspar.frontend.remoteport`'s. Here: at most :data:`MAX_FRAMES` frames a message,
+control messages and HELLOs parsed by :mod:`gaspar.core.agents` within their own caps,
+worker slots per agent, and at most :attr:`Gateway.BATCH` messages read per round, so a
+flooding agent cannot hold the hub from the clients. The front end's reload reads the
+allowed keys again (:meth:`Gateway.reload_keys`).
 
 The gateway does socket I/O but no eventlet: the front end calls :meth:`read` when the
 socket is readable (every round of its I/O loop), and :meth:`tick` every 0.1 s.
@@ -40,11 +35,8 @@ socket is readable (every round of its I/O loop), and :meth:`tick` every 0.1 s.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
-import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,8 +56,10 @@ from gaspar.core.agents import (
     parse_control,
     parse_hello,
     seconds,
+    send_failed,
 )
 from gaspar.core.records import Pending, WorkerSlot, draw_limit
+from gaspar.frontend.remoteport import RemotePort, peer_address
 from gaspar.frontend.zmqfast import LARGE as _LARGE
 from gaspar.frontend.zmqfast import MORE_NOW as _MORE_NOW
 from gaspar.frontend.zmqfast import NOW as _NOW
@@ -78,24 +72,10 @@ from gaspar.wire.framing import Kind, Link, Status, pack_id
 
 log = logging.getLogger("gaspar")
 
-_HANDSHAKE_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-)
-_HANDSHAKE_WHY = {  # an AUTH failure is the ZAP handler's refusal: it logs that itself
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "broke the protocol (no CURVE, or another mechanism)",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed (a wrong server key, or it left)",
-}
-
-#: High-water marks of the remote socket: far above the requests the front end keeps in
-#: flight to one agent (workers x (1 + prefetch)), so a message never meets the mark; a send
-#: that still cannot go (EAGAIN) means the agent stopped reading: it is lost.
-HWM = 100_000
 _HELLO = Kind.HELLO.value
 #: A message from an agent has at most this many frames ([rid, wid, head, body]); the rest
 #: of a longer one is read and dropped.
 MAX_FRAMES = 6
-#: The head and routing frames around a body: ZMQ_MAXMSGSIZE is max_message_size plus this.
-FRAME_SLACK = 1024
 
 
 class Gateway:
@@ -124,86 +104,34 @@ class Gateway:
         self._send_work, self._fail, self._relay = send, fail, relay
         self.clock = clock
         self.agents = Agents(settings.agent_liveness, clock, max_workers=settings.max_agent_workers)
-        self.sock: zmq.Socket | None = None
-        self.gatekeeper: Any = None
-        self.monitor: zmq.Socket | None = None
-        self.handshakes_failed = 0
-        self.endpoint = ""
+        self.port = RemotePort(ctx, settings)
+        self.sock: zmq.Socket | None = None  # the port's, once open
         self.lost_requests = 0
         self._next_ping = 0.0
         self._reading = False
         self.malformed = 0
         self.oversize = 0  # control messages or HELLOs past their caps, refused unread
         self.hellos_refused = 0  # past an agent's worker slots
-        self.disconnects = 0  # connections libzmq closed (an agent left, or sent past ZMQ_MAXMSGSIZE)
         self._log_limit = LogLimiter(burst=10, period=60.0)  # refusals and bad messages
         self._suspects: list[tuple[Agent, str]] = []  # sends failed: lose them once read
 
     def open(self) -> str:
-        """Bind the remote socket (and start the ZAP handler first, with CURVE)."""
-        s = self.settings
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.router_mandatory = 1
-        sock.sndhwm = sock.rcvhwm = HWM
-        sock.maxmsgsize = max(s.max_message_size, 256 * 1024) + FRAME_SLACK
-        sock.ipv6 = "[" in s.remote_bind  # tcp://[::1]:PORT
-        # 0MQ's own heartbeats tear down a dead TCP connection, but later than this module
-        # loses a silent agent: a connection that comes back in between carries the GONE
-        # that tells the agent its session ended (and its late replies, to be dropped).
-        sock.heartbeat_ivl = max(1, int(s.heartbeat_interval * 1000))
-        sock.heartbeat_timeout = sock.heartbeat_ttl = int(2 * s.agent_liveness * 1000)
-        try:
-            if s.curve_secret:
-                from gaspar.ops.curve import Gatekeeper, secure_server
+        """Bind the remote port (see :class:`gaspar.frontend.remoteport.RemotePort`)."""
+        endpoint = self.port.open()
+        self.sock = self.port.sock
+        return endpoint
 
-                self.gatekeeper = Gatekeeper(self.ctx, s.curve_allow)
-                self.gatekeeper.start()
-                secure_server(sock, s.curve_secret)
-            try:
-                if s.remote_bind.startswith("ipc://"):
-                    bind_ipc(sock, s.remote_bind)
-                else:
-                    sock.bind(s.remote_bind)
-            except zmq.ZMQError as exc:  # in the words of a socket's bind, for the CLI and the log
-                raise OSError(exc.errno, zmq.strerror(exc.errno), s.remote_bind) from None
-        except BaseException:
-            sock.close(linger=0)
-            self.close()
-            raise
-        self.sock = sock
-        self.endpoint = sock.last_endpoint.decode()
-        # handshakes that fail (a client without CURVE, a wrong server key, a refused key):
-        # counted from libzmq's socket monitor, so an operator sees who knocks and fails
-        self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED)
-        return self.endpoint
+    @property
+    def endpoint(self) -> str:
+        return self.port.endpoint
+
+    @property
+    def gatekeeper(self) -> Any:
+        return self.port.gatekeeper
 
     def fds(self) -> list[tuple[int, Callable[[int], None]]]:
         """The fds to watch, with what to do when one is ready."""
-        fds = [(self.sock.fd, lambda _events: None)]  # read in the front end's round
-        fds.append((self.monitor.fd, lambda _events: self.read_monitor()))
-        if self.gatekeeper is not None:
-            fds.append((self.gatekeeper.zap_socket.fd, lambda _events: self.gatekeeper.handle_ready()))
-        return fds
-
-    def read_monitor(self) -> None:
-        """Count the failed handshakes libzmq reports (a ZAP refusal is counted there too)."""
-        while self.monitor is not None and self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self.disconnects += 1
-                continue
-            if event["event"] & _HANDSHAKE_FAILED:
-                self.handshakes_failed += 1
-                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    continue  # the ZAP handler logged this refusal, with its reason
-                allowed, held = self._log_limit.allow()
-                if allowed:
-                    why = _HANDSHAKE_WHY.get(event["event"], "failed")
-                    log.warning("A peer's handshake on %s %s (%s not logged)", self.endpoint, why, held)
+        return [(self.sock.fd, lambda _events: None), *self.port.fds()]  # the socket: read in the front end's round
 
     # -- to the agents --------------------------------------------------------------------
 
@@ -273,7 +201,7 @@ class Gateway:
         """A send to ``agent`` failed: its connection is gone (or past the high-water mark).
         What it sent before may still wait on the socket (a LEAVE, a last reply): read that
         first, then lose it if it is still live."""
-        self._suspects.append((agent, exc if isinstance(exc, str) else _send_failed(exc)))
+        self._suspects.append((agent, exc if isinstance(exc, str) else send_failed(getattr(exc, "errno", None), exc)))
         if not self._reading:
             self.read()
 
@@ -368,7 +296,7 @@ class Gateway:
         if agent is None:
             allowed, held = self._log_limit.allow()
             if allowed:
-                log.warning("Refused an agent from %s: %s (%s not logged)", _peer(frame), reason, held)
+                log.warning("Refused an agent from %s: %s (%s not logged)", peer_address(frame), reason, held)
             self._control(rid, Link.REFUSE, reason=reason)
             return
         s = self.settings
@@ -384,7 +312,7 @@ class Gateway:
         log.info(
             "Agent %s joined from %s (%s, pid %s; session %s)",
             agent.name,
-            _peer(frame),
+            peer_address(frame),
             agent.host,
             agent.pid,
             agent.session,
@@ -463,7 +391,7 @@ class Gateway:
     def tick(self) -> None:
         """Every 0.1 s: lose agents silent past the liveness limit; ping each one every
         ``heartbeat_interval``."""
-        self.read_monitor()  # its fd wakes the hub only on a change: read it here too
+        self.port.read_monitor()  # its fd wakes the hub only on a change: read it here too
         for agent in self.agents.overdue():
             silent = self.settings.agent_liveness
             self.lose(agent, f"silent for more than {silent}s: its host is partitioned or frozen, or crashed")
@@ -504,34 +432,14 @@ class Gateway:
             self._end(agent, LEFT, "the front end stopped")
 
     def close(self) -> None:
-        if self.monitor is not None:
-            self.sock.disable_monitor()
-            self.monitor.close(linger=0)
-            self.monitor = None
-        if self.sock is not None:
-            self.sock.close(linger=0)
-            self.sock = None
-        if self.gatekeeper is not None:
-            self.gatekeeper.stop()
-            self.gatekeeper = None
+        self.port.close()
+        self.sock = None
 
     def reload_keys(self) -> None:
         """Read ``curve_allow`` again (on the front end's reload): agents whose keys were
         added may join; a live agent whose key was removed or replaced is lost now (what
         ran there fails as ``WorkerLost``) and refused from then on."""
-        if self.gatekeeper is None:
-            return
-        try:
-            added, revoked = self.gatekeeper.reload()
-        except ValueError as exc:  # curve.KeyError_: a file that cannot be read
-            log.error("Kept the allowed agent keys as they were: %s", exc)
-            return
-        log.info(
-            "Read the allowed agent keys again: %s in all; added %s, removed %s",
-            len(self.gatekeeper.names),
-            ", ".join(sorted(added)) or "none",
-            ", ".join(sorted(revoked)) or "none",
-        )
+        revoked = self.port.reload_keys()
         for agent in self.agents.live():
             if agent.user in revoked:
                 self.lose(agent, f"its key {agent.user!r} was removed from curve_allow")
@@ -539,62 +447,16 @@ class Gateway:
     def snapshot(self) -> dict[str, Any]:
         a = self.agents
         return {
-            "endpoint": self.endpoint,
-            "curve": self.gatekeeper is not None,
+            **self.port.snapshot(),
             "agents_live": len(a.by_rid),
             "agents_lost": a.lost_total,
             "joins_refused": a.refused,
-            "handshakes_refused": self.gatekeeper.denied if self.gatekeeper is not None else 0,
-            "keys_allowed": len(self.gatekeeper.names) if self.gatekeeper is not None else 0,
-            "handshakes_failed": self.handshakes_failed,
             "stale_messages": a.stale,
             "malformed_messages": self.malformed,
             "oversize_messages": self.oversize,
             "hellos_refused": self.hellos_refused,
-            "connections_closed": self.disconnects,
             "requests_lost": self.lost_requests,
         }
-
-
-def _send_failed(exc: Exception) -> str:
-    """Why a send to an agent failed, in words an operator can act on."""
-    code = getattr(exc, "errno", None)
-    if code == errno.EHOSTUNREACH:  # ROUTER_MANDATORY: no such peer any more
-        return "its connection closed: the agent exited or was killed, or the network closed it"
-    if code == errno.EAGAIN:
-        return f"it stopped reading: {HWM} messages wait for it"
-    return f"a send to it failed: {exc}"
-
-
-def bind_ipc(sock: zmq.Socket, endpoint: str) -> None:
-    """Bind ``ipc://PATH`` so that only this user can connect: the socket inside a
-    directory of mode 0700 owned by this user (made if missing; refused if anyone else may
-    enter it), and the socket itself 0600. The directory is the boundary, so the instant
-    between bind and chmod exposes nothing."""
-    path = endpoint[len("ipc://") :]
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    st = os.stat(directory)
-    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-        raise OSError(
-            errno.EPERM,
-            f"{directory} must be a directory of this user's with mode 0700 (it is "
-            f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}): any user who may enter it could join",
-            endpoint,
-        )
-    old = os.umask(0o177)
-    try:
-        sock.bind(endpoint)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-
-
-def _peer(frame: Any) -> str:
-    try:
-        return frame.get("Peer-Address")
-    except zmq.ZMQError:
-        return "?"
 
 
 __all__ = ["Gateway"]
