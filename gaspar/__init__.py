@@ -47,8 +47,7 @@ from gaspar.errors import (
     WorkerTimeout,
 )
 from gaspar.process.worker import Consumer, Worker
-
-__version__ = "2.0.0"
+from gaspar.version import __version__
 
 __all__ = [
     "__version__",

@@ -16,11 +16,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gaspar import __version__, apppath
+from gaspar import apppath
 from gaspar.config import Settings
 from gaspar.errors import GasparError
 from gaspar.loading import UsageError, load_config, load_consumer
 from gaspar.ops.logs import FORMATS, configure
+from gaspar.version import __version__
 
 DEFAULT_BIND = "127.0.0.1:10123"
 

@@ -196,7 +196,7 @@ def test_three_thousand_refused_requests_write_tens_of_log_lines_not_thousands(s
         sent += 1
     assert sent == 3000
     assert wait_for(lambda: s.producer.stats()["outcomes"]["bad_request"] == 3000, 10)
-    s.producer._refusal_log.period = 0.5  # end the minute now: the summary of the rest is due
+    s.producer.outcomes.refusal_log.period = 0.5  # end the minute now: the summary of the rest is due
     assert wait_for(lambda: "more refused or reset" in caplog.text, 5), caplog.text[-2000:]
     lines = [r for r in caplog.records if r.name == "gaspar"]
     assert len(lines) < 40, f"{len(lines)} log lines for 3,000 refusals"

@@ -326,7 +326,7 @@ def test_tcp_transport(serve):
 
 def test_ipc_directory_is_private(serve):
     s = serve(handlers.echo)
-    path = s.producer._ipc_dir
+    path = s.producer.ports.ipc_dir
     assert os.stat(path).st_mode & 0o777 == 0o700
 
 

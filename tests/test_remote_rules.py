@@ -230,7 +230,7 @@ def test_an_agent_keeps_a_worker_whose_hello_outran_its_spawned_event(hello_firs
     ],
 )
 def test_an_agent_says_why_its_join_got_no_answer(seen, curve, says):
-    from gaspar.process.agent import join_trouble
+    from gaspar.process.uplink import join_trouble
 
     assert says in join_trouble(seen, curve, "tcp://fe:1")
 

@@ -141,7 +141,7 @@ def test_a_handler_error_is_logged_by_the_server_with_its_traceback(serve, caplo
 def test_handler_errors_cannot_flood_the_log_and_what_was_held_back_is_summed_up(serve, caplog):
     caplog.set_level(logging.ERROR, logger="gaspar")
     s = serve(handlers.boom, processes=1)
-    s.producer._error_log = LogLimiter(burst=10, period=1.0)  # the daemon's 10 a minute, in a second
+    s.producer.outcomes.error_log = LogLimiter(burst=10, period=1.0)  # the daemon's 10 a minute, in a second
     for _ in range(30):
         with pytest.raises(gaspar.HandlerError):
             s.request(b"boom")

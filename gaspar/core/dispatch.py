@@ -110,6 +110,11 @@ class Dispatcher:
             self._drop(queue.pop(True), QUEUE_FULL)  # the oldest: the least likely still wanted
         return req, self._assign()
 
+    @property
+    def unsettled(self) -> bool:
+        """Decisions wait for the caller: requests shed or cancels to send (a read, no change)."""
+        return bool(self._shed or self._cancels)
+
     def take_shed(self) -> list[tuple[Pending, str]]:
         """Requests shed since the last call, with the reason; removed, to be answered."""
         shed, self._shed = self._shed, []

@@ -1,8 +1,7 @@
 """Client connections in the front end, as callbacks on one epoll inside the eventlet hub.
 
-No green thread per connection: connections are callbacks on the front end's one epoll
-(:mod:`gaspar.frontend.hub`); that cut the front end's CPU per one-shot request from about
-380 µs (a green thread, socket, timer and queue each) to the figure in docs/performance.rst.
+No green thread per connection (a green thread, socket, timer and queue each cost more than
+the rest of a request): connections are callbacks on the front end's one epoll (``hub.py``).
 
 Per connection (:class:`Connection`):
 
@@ -28,11 +27,10 @@ Per connection (:class:`Connection`):
   ``max_buffered_bytes`` (:class:`gaspar.core.admission.ByteBudget`: a body past
   ``FIRST_CHUNK`` goes on once the rest of it is admitted); a connection for which nothing
   fits is not read, and is woken in turn as bytes are freed.
-* ``max_connections``: past it, a new connection is reset as soon as it is accepted.
 
 Every callback here runs in the hub's own greenlet, so nothing here may block or switch.
 What a connection needs of the front end is written down as
-:class:`gaspar.frontend.hub.FrontEnd`; this module does not import the Producer.
+:class:`gaspar.frontend.contract.FrontEnd`; this module does not import the Producer.
 """
 
 from __future__ import annotations
@@ -43,10 +41,11 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gaspar.core.admission import BodyClock
 from gaspar.errors import ProtocolError
+from gaspar.frontend.contract import FrontEnd
 from gaspar.wire.framing import (
     REPLY_HEADER,
     Request,
@@ -57,12 +56,19 @@ from gaspar.wire.framing import (
     reply_header,
 )
 
-if TYPE_CHECKING:
-    from gaspar.frontend.hub import FrontEnd
-
 log = logging.getLogger("gaspar")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def linger_reset(sock: socket.socket) -> None:
+    """Make the coming close a reset (SO_LINGER 0): never taken for a clean (empty) reply."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # the socket is already broken: closing it is all there is to do
+
+
 _READ = select.EPOLLIN | select.EPOLLRDHUP
 _WRITE = select.EPOLLOUT
 # Edge-triggered, registered once for reading and writing: no epoll_ctl call to change
@@ -133,7 +139,7 @@ class Connection:
         self.clock = BodyClock(s.body_timeout, s.body_min_rate)
         self.abort_on_close = s.abort_on_close
         self.peer = None
-        if front.access_log is not None:
+        if front.outcomes.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]
             except OSError:
@@ -364,9 +370,7 @@ class Connection:
 
     def fail_now(self, request: Request, kind: str, message: str) -> None:
         """Refuse a request before it runs, and end the connection."""
-        self.front.telemetry.outcome("bad_request")
-        if self.front.access_log is not None:
-            self.front.log_access((self, request), "bad_request", 0, None, None, 0.0, None)
+        self.front.outcomes.bad_request(self, request)
         self.eof = True
         if request.extended:
             self.inflight += 1
@@ -421,15 +425,7 @@ class Connection:
         except OSError:
             pass
         if self.requests:
-            front = self.front
-            front.telemetry.outcome("client_gone", len(self.requests))
-            now = time.monotonic()
-            for pending in self.requests:
-                running = pending.worker is not None and pending.worker.current is pending
-                if front.access_log is not None and not running:  # running ones: at their reply
-                    waited = now - pending.queued_at
-                    front.log_access(pending.waiter, "client_gone", 0, waited, None, waited, None)
-                front.dispatcher.cancel(pending)
+            self.front.outcomes.abandoned(self.requests)
             self.requests.clear()
         self.front.settle()  # revoke what was handed ahead to a worker
         held = self.held
@@ -444,9 +440,6 @@ class Connection:
         """Abortive close: the client sees a reset, never a clean (empty) reply."""
         if self.closed:
             return
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass  # the socket is already broken: closing it is all there is to do
+        linger_reset(self.sock)
         self.out.clear()
         self.close()

@@ -22,15 +22,12 @@ and its workers leave the pool. A worker that dies on an agent is reported by th
 (``EXITED``, with its wait status) and costs its one request, as locally. Messages from an
 ended session are counted (``stale``) and dropped, and the agent is told GONE.
 
-**Bounds.** The port itself (CURVE or ``ipc://``, ``ZMQ_MAXMSGSIZE``) is
-:mod:`gaspar.frontend.remoteport`'s. Here: at most :data:`MAX_FRAMES` frames a message,
-control messages and HELLOs parsed by :mod:`gaspar.core.agents` within their own caps,
-worker slots per agent, and at most :attr:`Gateway.BATCH` messages read per round, so a
-flooding agent cannot hold the hub from the clients. The front end's reload reads the
-allowed keys again (:meth:`Gateway.reload_keys`).
+**Bounds.** The port (CURVE or ``ipc://``, ``ZMQ_MAXMSGSIZE``, the keys read again on a
+reload) is ``remoteport.py``'s. Here: :data:`MAX_FRAMES` frames a message, control messages
+and HELLOs parsed within caps (``gaspar.core.agents``), worker slots per agent, and
+:attr:`Gateway.BATCH` messages read per round: a flooding agent cannot hold the hub.
 
-The gateway does socket I/O but no eventlet: the front end calls :meth:`read` when the
-socket is readable (every round of its I/O loop), and :meth:`tick` every 0.1 s.
+No eventlet here: the front end's rounds call :meth:`read`, its main loop :meth:`tick`.
 """
 
 from __future__ import annotations
@@ -59,14 +56,8 @@ from gaspar.core.agents import (
     send_failed,
 )
 from gaspar.core.records import Pending, WorkerSlot, draw_limit
+from gaspar.frontend import zmqfast
 from gaspar.frontend.remoteport import RemotePort, peer_address
-from gaspar.frontend.zmqfast import LARGE as _LARGE
-from gaspar.frontend.zmqfast import MORE_NOW as _MORE_NOW
-from gaspar.frontend.zmqfast import NOW as _NOW
-from gaspar.frontend.zmqfast import RCVMORE as _RCVMORE
-from gaspar.frontend.zmqfast import get as _get
-from gaspar.frontend.zmqfast import recv as _recv
-from gaspar.frontend.zmqfast import send as _send
 from gaspar.ops.telemetry import LogLimiter
 from gaspar.wire.framing import Kind, Link, Status, pack_id
 
@@ -125,10 +116,6 @@ class Gateway:
     def endpoint(self) -> str:
         return self.port.endpoint
 
-    @property
-    def gatekeeper(self) -> Any:
-        return self.port.gatekeeper
-
     def fds(self) -> list[tuple[int, Callable[[int], None]]]:
         """The fds to watch, with what to do when one is ready."""
         return [(self.sock.fd, lambda _events: None), *self.port.fds()]  # the socket: read in the front end's round
@@ -142,10 +129,10 @@ class Gateway:
             return "it was lost"
         sock = self.sock
         try:
-            _send(sock, worker.agent.rid, _MORE_NOW)
-            _send(sock, worker.wid, _MORE_NOW)
-            _send(sock, head, _MORE_NOW)
-            _send(sock, body, _NOW, len(body) < _LARGE)
+            zmqfast.send(sock, worker.agent.rid, zmqfast.MORE_NOW)
+            zmqfast.send(sock, worker.wid, zmqfast.MORE_NOW)
+            zmqfast.send(sock, head, zmqfast.MORE_NOW)
+            zmqfast.send(sock, body, zmqfast.NOW, len(body) < zmqfast.LARGE)
             return None
         except zmq.ZMQError as exc:
             return f"a send failed: {exc}"
@@ -217,11 +204,11 @@ class Gateway:
         try:
             while n < self.BATCH:
                 try:
-                    frames = [_recv(sock, _NOW)]
+                    frames = [zmqfast.recv(sock, zmqfast.NOW)]
                 except zmq.Again:
                     break
-                while _get(sock, _RCVMORE):
-                    frame = _recv(sock, _NOW, False)
+                while zmqfast.get(sock, zmqfast.RCVMORE):
+                    frame = zmqfast.recv(sock, zmqfast.NOW, False)
                     if len(frames) < MAX_FRAMES:
                         frames.append(frame)
                 n += 1
@@ -278,7 +265,7 @@ class Gateway:
 
     def _on_join(self, rid: bytes, hello: dict[str, Any], frame: Any) -> None:
         user = ""
-        if self.gatekeeper is not None:
+        if self.port.gatekeeper is not None:
             try:
                 user = frame.get("User-Id")
             except zmq.ZMQError:
@@ -286,7 +273,7 @@ class Gateway:
             if not user:  # cannot happen past the ZAP handler; refuse rather than guess
                 self._control(rid, Link.REFUSE, reason="not authenticated")
                 return
-            if not self.gatekeeper.allows(user):  # removed by a reload, on a connection made before
+            if not self.port.gatekeeper.allows(user):  # removed by a reload, on a connection made before
                 _, reason, _ = self.agents.refuse(f"the key {user!r} is no longer allowed")
                 self._control(rid, Link.REFUSE, reason=reason)
                 return

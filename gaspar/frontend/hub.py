@@ -15,69 +15,15 @@ import logging
 import select
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from gaspar.core.admission import ByteBudget
-from gaspar.frontend.connection import Connection
-from gaspar.wire.framing import Request
+from gaspar.frontend.connection import Connection, linger_reset
+from gaspar.frontend.contract import FrontEnd
 
 log = logging.getLogger("gaspar")
 
 ACCEPT_BATCH = 128
-
-
-@dataclass
-class ConnectionCounters:
-    """What the connections count, for ``gaspar stats``' counters."""
-
-    abandoned: int = 0  # clients that left while a request of theirs waited
-    refused_connections: int = 0  # past max_connections
-    idle_resets: int = 0  # stalled past idle_timeout: a request half sent, replies unread, no memory
-    slow_requests: int = 0  # requests arriving slower than body_min_rate
-
-
-class FrontEnd(Protocol):
-    """What the acceptor and a connection use of the front end (the Producer is the one),
-    written down so that neither needs the Producer itself: its settings, its loop and
-    books, and five verbs."""
-
-    settings: Any  # max_message_size, max_pipeline, abort_on_close, max_connections, body_*
-    ioloop: IOLoop
-    connections: set[Connection]  # the open ones
-    budget: ByteBudget  # max_buffered_bytes
-    telemetry: Any  # outcomes
-    dispatcher: Any  # cancel(pending) when the client has left
-    access_log: logging.Logger | None
-    counters: ConnectionCounters
-
-    def log_refusal(self, message: str, *args: Any) -> None:
-        """Log why a request or a connection was refused or reset, rate-limited (a flood of
-        bad requests must not become a flood of log lines)."""
-
-    def submit(self, conn: Connection, request: Request) -> None:
-        """A whole request was read: queue it for a worker (``conn.deliver`` answers it)."""
-
-    def settle(self) -> None:
-        """Requests were cancelled: revoke those handed ahead to a worker."""
-
-    def wake_starved(self, conns: list[Connection]) -> None:
-        """Budget bytes were freed: read these connections again, in turn."""
-
-    def refuse_connection(self, sock: socket.socket) -> None:
-        """Past ``max_connections``: reset this new connection."""
-
-    def log_access(
-        self,
-        waiter: tuple[Connection, Request],
-        outcome: str,
-        bytes_out: int,
-        queued: float | None,
-        handler: float | None,
-        total: float,
-        worker: int | str | None,
-    ) -> None:
-        """One access-log line (``access_log``)."""
 
 
 class IOLoop:
@@ -154,10 +100,18 @@ class Acceptor:
                 self.pause(0.1)
                 return n
             if len(self.front.connections) >= self.front.settings.max_connections:
-                self.front.refuse_connection(sock)
+                self.refuse(sock)
                 continue
             Connection(sock, self.front).start()
         return ACCEPT_BATCH
+
+    def refuse(self, sock: socket.socket) -> None:
+        """Past ``max_connections``: reset a connection as soon as it is accepted."""
+        self.front.counters.refused_connections += 1
+        linger_reset(sock)
+        sock.close()
+        limit = self.front.settings.max_connections
+        self.front.log_refusal("max_connections (%s) reached; resetting new connections", limit)
 
     def accept_all(self) -> None:
         """Take every connection waiting in the kernel's backlog."""
@@ -181,6 +135,30 @@ class Acceptor:
             self.sock.close()
 
 
+class Waker:
+    """Connections waiting for the byte budget that may read now (``ByteBudget.ready``):
+    resumed soon, in order, outside the caller (which is freeing bytes, maybe mid-delivery)."""
+
+    def __init__(self, budget: ByteBudget, hub: Any) -> None:
+        self.budget, self.hub = budget, hub
+        self.waking: set[Connection] = set()
+        self.scheduled = False
+
+    def wake(self, conns: list[Connection]) -> None:
+        if conns:
+            self.waking.update(conns)
+            if not self.scheduled:
+                self.scheduled = True
+                self.hub.schedule_call_global(0, self._resume)
+
+    def _resume(self) -> None:
+        self.scheduled = False
+        for conn in self.budget.ready():
+            if conn in self.waking:
+                conn.resume()
+        self.waking.clear()
+
+
 def watch_fd(hub: Any, fd: int, callback: Callable[[int], None]) -> Any:
     """Have eventlet's hub call ``callback(fd)`` whenever ``fd`` is readable; returns the
     listener, for ``hub.remove``. The callback runs in the hub's greenlet: it must not block."""
@@ -195,4 +173,4 @@ def _noop() -> None:
     pass
 
 
-__all__ = ["Acceptor", "ConnectionCounters", "FrontEnd", "IOLoop", "watch_fd", "ACCEPT_BATCH"]
+__all__ = ["Acceptor", "Waker", "IOLoop", "watch_fd", "ACCEPT_BATCH"]

@@ -92,6 +92,14 @@ class Supervisor:
     def target(self) -> int:
         return self.book.target
 
+    def why_no_workers(self) -> str:
+        """Why the pool has no worker, for a client refused for it and the log."""
+        if self.booting:
+            return f"{len(self.booting)} worker(s) booting"
+        if self.target == 0:
+            return "this front end runs no worker itself (workers 0) and no agent's worker has joined"
+        return "none is running; new ones are being forked"
+
     @property
     def booting(self) -> dict[int, Any]:
         return self.book.booting

@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from gaspar import __version__
+from gaspar.version import __version__
 
 log = logging.getLogger("gaspar")
 
@@ -222,18 +222,4 @@ def make_server(
     return MetricsServer(sock, lambda: generate_latest(registry), CONTENT_TYPE_LATEST, healthy, ready)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The metrics port's listening socket (no SO_REUSEPORT: a taken port is an error)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-__all__ = ["make_server", "make_registry", "listen", "require_prometheus", "INSTALL_HINT"]
+__all__ = ["make_server", "make_registry", "require_prometheus", "INSTALL_HINT"]

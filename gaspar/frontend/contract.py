@@ -1,0 +1,61 @@
+"""What a client connection and the acceptor need of the front end, written down.
+
+The Producer is the one front end; :class:`FrontEnd` says which of its parts a
+:class:`gaspar.frontend.connection.Connection` and the acceptor (``hub.py``) use, so that
+neither imports the Producer, and the connection does not import the loop that calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gaspar.core.admission import ByteBudget
+from gaspar.frontend.outcomes import Outcomes
+from gaspar.wire.framing import Request
+
+
+@dataclass
+class ConnectionCounters:
+    """What the connections count, for ``gaspar stats``' counters."""
+
+    abandoned: int = 0  # clients that left while a request of theirs waited
+    refused_connections: int = 0  # past max_connections
+    idle_resets: int = 0  # stalled past idle_timeout: a request half sent, replies unread, no memory
+    slow_requests: int = 0  # requests arriving slower than body_min_rate
+
+
+class Loop(Protocol):
+    """The I/O loop, as a connection sees it (``gaspar.frontend.hub.IOLoop``)."""
+
+    hub: Any  # eventlet's
+
+    def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None: ...
+
+    def forget(self, fd: int) -> None: ...
+
+
+class FrontEnd(Protocol):
+    """The front end's settings, loop and books, how requests end (``outcomes``), and four
+    verbs. ``conn`` below is a ``Connection``."""
+
+    settings: Any  # max_message_size, max_pipeline, abort_on_close, max_connections, body_*
+    ioloop: Loop
+    connections: set[Any]  # the open ones
+    budget: ByteBudget  # max_buffered_bytes
+    outcomes: Outcomes  # bad requests, clients gone, the access log
+    counters: ConnectionCounters
+
+    def log_refusal(self, message: str, *args: Any) -> None:
+        """Log why a request or a connection was refused or reset, rate-limited (a flood of
+        bad requests must not become a flood of log lines)."""
+
+    def submit(self, conn: Any, request: Request) -> None:
+        """A whole request was read: queue it for a worker (``conn.deliver`` answers it)."""
+
+    def settle(self) -> None:
+        """Requests were cancelled: revoke those handed ahead to a worker."""
+
+    def wake_starved(self, conns: list[Any]) -> None:
+        """Budget bytes were freed: read these connections again, in turn."""

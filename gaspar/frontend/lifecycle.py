@@ -1,0 +1,153 @@
+"""The front end's life: its phases, the loop that runs each turn, its signals and its stop.
+
+::
+
+    STARTING ──(every local worker ready)──▶ SERVING ──(stop)──▶ DRAINING ──▶ STOPPING ──▶ STOPPED
+                                                        graceful: accepted requests finish
+
+The hot path (requests in, replies out) runs in the I/O loop and the router's rounds. What
+runs on a clock is here, in one place, in the manner of gunicorn's arbiter: :func:`run_ticker`
+is the main loop, and :func:`turn` is what it does every 0.1 s.
+
+``front`` is the Producer (``gaspar.frontend.producer``); these functions use its
+dispatcher, router, outcomes, supervisor, gateway and connections, and change only its phase.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # eventlet's deprecation notice; see README
+    import eventlet
+
+from gaspar.ops import sdnotify
+from gaspar.wire.framing import Status
+
+log = logging.getLogger("gaspar")
+
+
+class Phase(enum.IntEnum):
+    """Where the front end is in its life; each phase includes the ones before it, so
+    ``phase >= Phase.DRAINING`` reads "a stop has begun"."""
+
+    STARTING = 0  # opening ports, forking the first workers
+    SERVING = 1
+    DRAINING = 2  # no longer accepting; in a graceful stop, accepted requests finish
+    STOPPING = 3  # failing what is left, stopping the workers
+    STOPPED = 4
+
+
+def run_ticker(front: Any) -> None:
+    """The main loop. Every 10 ms while requests are queued: shed what waited too long.
+    Every 0.1 s (:func:`turn`): shed requests whose client's deadline cannot be met, fail
+    what ran past its timeout and kill its worker, ping the agents and lose the silent ones;
+    every 0.5 s, end connections idle past ``idle_timeout``; and read the ROUTER, as a
+    backstop. An idle daemon wakes ten times a second. How late each wake-up comes is the
+    hub's lag (``gaspar_hub_lag_seconds``)."""
+    rounds, next_slow = 0, time.monotonic() + 0.1
+    lag, dispatcher, router = front.telemetry.hub_lag, front.dispatcher, front.router
+    while True:
+        nap = 0.01 if dispatcher.queued else max(0.0, next_slow - time.monotonic())
+        due = time.monotonic() + nap
+        eventlet.sleep(nap)
+        lag.observe(max(0.0, time.monotonic() - due))  # how late the hub woke us
+        try:
+            slow = time.monotonic() >= next_slow
+            dispatcher.sweep(deadlines=slow)
+            router.settle()
+            if slow:
+                rounds += 1
+                next_slow = time.monotonic() + 0.1
+                turn(front, rounds)
+        except Exception:  # the ticker must outlive any one bad round
+            log.exception("Error in the front end's tick; carrying on")
+
+
+def turn(front: Any, rounds: int) -> None:
+    """What the main loop does every 0.1 s (``rounds``: how many turns so far)."""
+    front.router.round()
+    if front.gateway is not None:
+        front.gateway.tick()
+    now = time.monotonic()
+    if rounds % 5 == 0:  # slow request bodies and idle connections, every 0.5 s
+        idle = front.settings.idle_timeout
+        for conn in list(front.connections):
+            conn.sweep(now, idle)
+    d = front.dispatcher
+    front.stall.sample(now, front.budget.freed, d.counters.started + d.counters.completed)
+    front.outcomes.report(now)
+    answered, killed = d.expire()
+    front.outcomes.expired(answered, killed, front.owner)
+    if killed:
+        front.router.send(d.dispatch())
+        front.manage_workers()
+
+
+def signal_actions(front: Any) -> dict[int, Callable[[], Any]]:
+    """One small action per signal, as gunicorn's arbiter."""
+    return {
+        signal.SIGTERM: lambda: begin_stop(front, True),
+        signal.SIGINT: lambda: begin_stop(front, False),
+        signal.SIGQUIT: lambda: begin_stop(front, False),
+        signal.SIGHUP: front.do_reload,
+        signal.SIGTTIN: lambda: front.do_scale(min(front.target + 1, front.settings.max_workers)),
+        signal.SIGTTOU: lambda: front.do_scale(front.target - 1),
+    }
+
+
+def busy(front: Any) -> bool:
+    """Accepted work remains: a request queued or running, one being read, or a new
+    connection's first request, not read yet (its client is in: it must be served).
+    A persistent connection waiting for more is not busy."""
+    return bool(front.dispatcher.pending) or any(c.busy or c.awaiting_first for c in front.connections)
+
+
+def begin_stop(front: Any, graceful: bool) -> None:
+    """Stop accepting; a graceful stop lets accepted requests finish (up to
+    ``graceful_timeout``); then fail what is left, stop the workers, and end the hub.
+    A fast stop during a graceful one hurries it. Every wait is bounded."""
+    if front.phase >= Phase.DRAINING:
+        if not graceful:
+            front.hurry = True  # a fast stop during a graceful one: finish now
+        return
+    front.phase = Phase.DRAINING
+    how = "graceful" if graceful else "fast"
+    log.info("Stopping (%s)", how)
+    sdnotify.notify(f"STOPPING=1\nSTATUS=Stopping ({how})")
+    if graceful:  # take the connections the kernel accepted for us: their clients are in
+        front.acceptor.accept_all()
+    front.acceptor.close()
+    if graceful:
+        deadline = time.monotonic() + front.settings.graceful_timeout
+        while not front.hurry and time.monotonic() < deadline and busy(front):
+            eventlet.sleep(0.02)
+    front.phase = Phase.STOPPING
+    d = front.dispatcher
+    running = {w.routing_id for w in d.workers.values() if w.current is not None}
+    why = "the server stopped before the request finished"
+    for req in d.fail_all():
+        front.outcomes.fail(req, Status.UNAVAILABLE, "ServerUnavailable", why)
+    if front.gateway is not None:
+        front.gateway.stop()  # every agent's session ends; their workers leave the pool
+    for conn in list(front.connections):
+        # A connection that owes its client nothing is closed; one that owes a reply, an
+        # error or (a plain request's error) a reset keeps its write side until it is paid.
+        if not conn.busy:
+            conn.close()
+        elif conn.partial:
+            conn.abort()
+    front.supervisor.stop(graceful and not front.hurry, running)
+    if front.supervisor.waiting_for():
+        front.supervisor.gone.wait(5.0 if graceful else 2.0)
+    deadline = time.monotonic() + 1.0
+    while front.connections and time.monotonic() < deadline:
+        eventlet.sleep(0.01)  # let connections write their last replies
+    front.phase = Phase.STOPPED
+    front.done.send()

@@ -1,0 +1,240 @@
+"""The front end's 0MQ rounds: requests out to the workers, replies in, on one ROUTER socket.
+
+::
+
+    Dispatcher ──assignments──▶ outbox ──(end of the round)──▶ ROUTER ──▶ workers
+    workers ──[id, head, body]──▶ ROUTER ──▶ round() ──▶ Dispatcher.complete ──▶ Outcomes
+
+A *round* sends everything queued (requests, then cancels, so a worker sees both in order),
+then takes every message waiting on the ROUTER (replies, SKIPPED, HELLOs, broadcast acks)
+and, with agents, a bounded batch of theirs; until neither is left. The I/O loop runs one
+after each batch of client events, so one wake-up of 0MQ's I/O thread carries many
+messages. A worker on another host is reached through the gateway; this host's directly.
+
+0MQ's fd signals only changes: a send processes 0MQ's pending events and may consume the
+signal of a reply that is waiting, so *whoever sends must make sure someone reads*.
+:meth:`Router.send` does (it schedules a round when outside one); code that sends on the
+socket itself must call :meth:`Router.read_soon`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # eventlet's deprecation notice; see README
+    import eventlet.hubs
+
+from gaspar.core.records import Pending, WorkerSlot
+from gaspar.frontend.zmqfast import LARGE, MORE_NOW, NOW, RCVMORE
+from gaspar.frontend.zmqfast import get as _raw_get
+from gaspar.frontend.zmqfast import recv as _raw_recv
+from gaspar.frontend.zmqfast import send as _raw_send
+from gaspar.wire.framing import LIMITS, Kind, Status, pack_id
+
+log = logging.getLogger("gaspar")
+
+_REQUEST = Kind.REQUEST.value
+_AHEAD = Kind.AHEAD.value
+_REPLY = Kind.REPLY.value
+_CANCEL = Kind.CANCEL.value
+_SKIPPED = Kind.SKIPPED.value
+_HELLO = Kind.HELLO.value
+_ACK = Kind.ACK.value
+
+
+def limits(req: Pending) -> bytes:
+    """The client's own limits in a request's head (see ``gaspar.wire.framing.LIMITS``), so its
+    worker can interrupt the handler softly when they pass."""
+    soft = 0 if req.soft_timeout is None else max(1, round(req.soft_timeout * 1000))
+    left = 0
+    if req.client_deadline is not None:
+        left = max(1, min(0xFFFFFFFF, round((req.client_deadline - time.monotonic()) * 1000)))
+    return LIMITS.pack(min(soft, 0xFFFFFFFF), left)
+
+
+class Router:
+    """The ROUTER socket and the rounds over it.
+
+    ``outcomes`` ends requests (``gaspar.frontend.outcomes``); ``supervisor`` owns this
+    host's workers (HELLOs, a worker whose pipe is gone); ``manage_workers`` retires idle
+    workers and sizes the pool. ``gateway`` (agents on other hosts) and ``loop`` (the I/O
+    loop, whose rounds end with ours) are set once they exist.
+    """
+
+    def __init__(self, dispatcher: Any, outcomes: Any, supervisor: Any, manage_workers: Callable[[], None]) -> None:
+        self.dispatcher = dispatcher
+        self.outcomes = outcomes
+        self.supervisor = supervisor
+        self.manage_workers = manage_workers
+        self.gateway: Any = None
+        self.loop: Any = None
+        self.socket: Any = None
+        self._outbox: list[tuple[WorkerSlot, Pending]] = []
+        self._cancel_box: list[tuple[WorkerSlot, Pending]] = []
+        self._in_round = False
+        self._scheduled: Any = None
+
+    def open(self, ctx: zmq.Context, endpoint: str) -> None:
+        """Bind the ROUTER the workers connect to."""
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.linger = 0
+        self.socket.router_mandatory = 1
+        self.socket.bind(endpoint)
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+
+    # -- out --------------------------------------------------------------------------------
+
+    def send(self, assignments: list[tuple[WorkerSlot, Pending]]) -> None:
+        """Queue requests for their workers; they go out in a batch at the end of the round
+        (one wake-up of 0MQ's I/O thread can then carry several)."""
+        self._outbox.extend(assignments)
+        self.read_soon()
+        self.settle()
+
+    def settle(self) -> None:
+        """Act on what the dispatcher decided: answer shed requests (``Overloaded``), and
+        queue cancels for requests handed ahead whose client left or whose deadline passed."""
+        d = self.dispatcher
+        if not d.unsettled:  # the usual case, on the hot path: nothing to do
+            return
+        cancels = d.take_cancels()
+        if cancels:
+            self._cancel_box.extend(cancels)
+            self.read_soon()
+        shed = d.take_shed()
+        if shed:
+            now = time.monotonic()
+            for req, reason in shed:
+                self.outcomes.shed(req, reason, now)
+
+    def read_soon(self) -> None:
+        """Make sure a round runs soon, after a send made outside a round (inside one, the
+        round's end reads)."""
+        if self._scheduled is None and not self._in_round and not self.loop.busy:
+            self._scheduled = eventlet.hubs.get_hub().schedule_call_global(0, self.round)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        sock, send, pending = self.socket, _raw_send, self.dispatcher.pending
+        for worker, req in outbox:
+            if req.worker is not worker or pending.get(req.id) is not req:
+                continue  # since assigned: its worker was lost or died, or it ended (failed, shed)
+            body, head = req.body, (_REQUEST if worker.current is req else _AHEAD) + pack_id(req.id)
+            if req.soft_timeout is not None or req.client_deadline is not None:
+                head += limits(req)
+            if worker.agent is not None:
+                self._send_remote(worker, req, head, body)
+                continue
+            try:
+                send(sock, worker.routing_id, MORE_NOW)
+                send(sock, head, MORE_NOW)
+                send(sock, body, NOW, len(body) < LARGE)
+            except zmq.ZMQError as exc:  # the worker's pipe is gone: it is dying
+                log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
+                self.dispatcher.retire(worker.routing_id, "died")
+                self.supervisor.kill(worker, signal.SIGKILL, "its 0MQ pipe was gone")
+                self._outbox.extend(self.dispatcher.requeue(req))
+        cancels, self._cancel_box = self._cancel_box, []
+        for worker, req in cancels:  # after the request itself: the worker sees both in order
+            if worker.routing_id not in self.dispatcher.workers:
+                continue  # it died: its handed-ahead requests came back already
+            head = _CANCEL + pack_id(req.id)
+            if worker.agent is not None:
+                self.gateway.tell(worker, head)
+                continue
+            try:
+                send(sock, worker.routing_id, MORE_NOW)
+                send(sock, head, NOW)
+            except zmq.ZMQError:
+                pass  # its pipe is gone: it is dying, and its requests come back then
+
+    def _send_remote(self, worker: WorkerSlot, req: Pending, head: bytes, body: Any) -> None:
+        """A request to a worker on another host; if its agent cannot be reached, the
+        request goes back to the head of the queue (it never left) and the agent is lost."""
+        why = self.gateway.send_request(worker, head, body)
+        if why is not None:
+            self._outbox.extend(self.dispatcher.requeue(req))
+            self.gateway.unreachable(worker.agent, why)
+
+    # -- the round --------------------------------------------------------------------------
+
+    def round(self) -> None:
+        """One round of 0MQ work: send what is queued for the workers, then take every
+        message waiting on the ROUTER (replies, HELLOs, broadcast acks), until neither is left.
+        Runs after every round of the I/O loop, when scheduled, and every 0.1 s."""
+        if self._in_round:
+            return
+        self._scheduled = None
+        self._in_round = True
+        sock, recv, get, d = self.socket, _raw_recv, _raw_get, self.dispatcher
+        more_remote = False
+        try:
+            while True:
+                if self._outbox or self._cancel_box:
+                    self._flush()
+                try:
+                    frames = [recv(sock, NOW)]
+                except zmq.Again:
+                    if self.gateway is not None and not more_remote:
+                        n = self.gateway.read()
+                        if n:
+                            # a batch of the agents' messages (it may have queued more to
+                            # send); past a full batch, the rest waits for the next round,
+                            # so a flooding agent cannot hold the hub from the clients
+                            more_remote = n >= self.gateway.BATCH
+                            continue
+                    if not self._outbox and not self._cancel_box:
+                        return
+                    continue
+                # a multipart message arrives whole: its other frames are there already
+                while get(sock, RCVMORE):
+                    frames.append(recv(sock, NOW, False))
+                try:
+                    self.on_message(frames)
+                except Exception:
+                    log.exception("Dropped a malformed message from a worker")
+                if d.unsettled:
+                    self.settle()
+        finally:
+            self._in_round = False
+            if more_remote and self._scheduled is None:
+                self._scheduled = eventlet.hubs.get_hub().schedule_call_global(0, self.round)
+
+    def on_message(self, frames: list[Any]) -> None:
+        """A worker's message, from this host or relayed by an agent: the routing id (bytes),
+        then Frames: a head and a body."""
+        rid, head = frames[0], frames[1].bytes
+        kind = head[:1]
+        d = self.dispatcher
+        if kind == _REPLY or kind == _SKIPPED:
+            req_id = int.from_bytes(head[1:9], "big")
+            if kind == _REPLY:
+                req = d.pending.get(req_id)
+                answered, assignments = d.complete(rid, req_id)
+                mine = req if req is not None and req_id not in d.pending else None  # it was this worker's
+                self.outcomes.replied(mine, answered, head, frames[2])
+            else:  # a revoked request, never started
+                answered, assignments = d.complete(rid, req_id, ran=False)
+                if answered is not None:  # shed while handed ahead (its deadline): answer it now
+                    self.outcomes.shed(answered, answered.revoked or "deadline", time.monotonic())
+            if assignments:
+                self._outbox.extend(assignments)
+            worker = d.workers.get(rid)
+            if worker is not None and worker.retiring:
+                self.manage_workers()
+        elif kind == _HELLO:
+            self.supervisor.on_hello(rid, frames[2].bytes)
+        elif kind == _ACK:
+            if head[9] != Status.OK:
+                log.error("A worker's on_broadcast failed: %s", frames[2].bytes.decode("utf-8", "replace"))

@@ -1,0 +1,56 @@
+"""The front end's state as one dict: what ``gaspar stats``, ``/metrics``, statsd and
+``gaspar top`` read (docs/monitoring.rst documents each field).
+
+Counters are the dispatcher's, the connections' and the telemetry's; the workers' states
+the supervisor's; the agents' the gateway's. Per-process CPU and memory are read now, so a
+snapshot costs a few ``/proc`` reads: the metrics server renders at most once a second.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from gaspar.ops.telemetry import WORKER_STATES, proc_usage
+from gaspar.version import __version__
+
+
+def snapshot(front: Any) -> dict[str, Any]:
+    """``front``: the Producer, started or not."""
+    d, supervisor, gateway, budget = front.dispatcher, front.supervisor, front.gateway, front.budget
+    now, wall = time.monotonic(), time.time()
+    workers, states = supervisor.snapshot(now) if supervisor is not None else ([], dict.fromkeys(WORKER_STATES, 0))
+    usage = proc_usage(os.getpid())
+    return {
+        "pid": os.getpid(),
+        "version": __version__,
+        "uptime": round(wall - front.started_at, 3) if front.started_at else 0.0,
+        "time": round(wall, 3),
+        "target_workers": front.target,
+        "workers": workers,
+        "worker_states": states,
+        "booting": states["booting"],
+        "queued": d.queued,
+        "held": d.held,
+        "running": d.running,
+        "prefetched": d.prefetched,
+        "pending": len(d.pending),
+        "connections": len(front.connections),
+        "restarts": supervisor.restarts if supervisor is not None else 0,
+        "agents": gateway.agents.snapshot() if gateway is not None else [],
+        "remote": gateway.snapshot() if gateway is not None else None,
+        "front_end": {"cpu_seconds": round(usage[0], 3), "rss_bytes": usage[1]} if usage else None,
+        **front.telemetry.snapshot(),
+        "counters": {**vars(d.counters), **vars(front.counters)},
+        "overload": {
+            "standing": d.control.standing,
+            "overloaded": d.control.overloaded,
+            "handler_ms": round(d.control.service * 1000, 3),
+            "buffered_bytes": budget.used,
+            "buffered_peak": budget.peak,
+            "waiting_for_memory": budget.waiting,
+            "committed_bytes": budget.committed,
+            "stalled": front.stalled(now),
+        },
+    }
