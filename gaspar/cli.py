@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gaspar import apppath
-from gaspar.config import Settings
+from gaspar.config import Settings, fewest_workers
 from gaspar.errors import GasparError
 from gaspar.loading import UsageError, load_config, load_consumer
 from gaspar.ops.logs import FORMATS, configure
@@ -289,7 +289,7 @@ def serve(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else workers
     if not isinstance(bind, str):
         raise UsageError(f"bind takes a HOST:PORT string, not {bind!r}")
-    least = 0 if args.remote_bind or options.get("remote_bind") else 1
+    least = fewest_workers(args.remote_bind or options.get("remote_bind"))
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < least):
         raise UsageError(f"--workers must be at least 1 (0 with --remote-bind), not {workers!r}")
     host, port = parse_bind(bind)

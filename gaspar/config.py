@@ -68,6 +68,13 @@ def _check_number(name: str, value: Any, low: float | None, high: float | None) 
         raise ValueError(f"{name} must be {what}, not {value!r}")
 
 
+def fewest_workers(remote_bind: str | None) -> int:
+    """The fewest workers a front end may run itself: 0 only when agents on other hosts
+    may serve (``remote_bind``), else 1. The one rule for ``--workers``, ``Producer``,
+    ``gaspar ctl scale`` and SIGTTOU."""
+    return 0 if remote_bind else 1
+
+
 def default_max_workers() -> int:
     """``max_workers`` when unset: room to scale well past the CPU count, not to fork-bomb."""
     return max(32, 4 * (os.cpu_count() or 1))

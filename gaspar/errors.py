@@ -181,6 +181,25 @@ _BY_STATUS: dict[int, type[RemoteError]] = {
 }
 
 
+def _subclasses(cls: type[RemoteError]) -> list[type[RemoteError]]:
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]
+
+
+def error_class(status: int, kind: str) -> type[RemoteError]:
+    """The one table of error replies. A status names a class (each has ``status``; the
+    server sends ``cls.status`` and ``cls.__name__`` as the body's ``type``), and a kind that
+    names a subclass of it refines it (``Overloaded`` under ``ServerUnavailable``,
+    ``WorkerLost`` under ``WorkerDied``). Any other kind is the remote exception's own type
+    (a handler's ``ValueError``), kept as ``remote_type``."""
+    base = _BY_STATUS.get(status)
+    if base is None:  # a status this client does not know
+        return RemoteError
+    for cls in _subclasses(base):
+        if cls.__name__ == kind:
+            return cls
+    return base
+
+
 def error_from_reply(status: int, body: bytes) -> RemoteError:
     """Build the exception for an error reply's status and JSON body."""
     try:
@@ -189,12 +208,8 @@ def error_from_reply(status: int, body: bytes) -> RemoteError:
             raise ValueError("not an object")
     except ValueError:
         facts = {"type": "Unknown", "message": bytes(body).decode("utf-8", "replace")}
-    cls = _BY_STATUS.get(status, RemoteError)
-    kind = facts.get("type", cls.__name__)
-    if cls is ServerUnavailable and kind == "Overloaded":
-        cls = Overloaded
-    elif cls is WorkerDied and kind == "WorkerLost":
-        cls = WorkerLost
+    kind = facts.get("type", _BY_STATUS.get(status, RemoteError).__name__)
+    cls = error_class(status, kind)
     text = facts.get("message", "")
     if kind == cls.__name__:  # the type is in the traceback already: "gaspar.errors.WorkerLost: ..."
         return cls(text or kind, facts)

@@ -220,7 +220,7 @@ def rogue_agent(serve, tmp_path):
     import zmq
 
     from gaspar.ops.curve import keygen, secure_client
-    from gaspar.wire.framing import Link
+    from gaspar.wire.envelope import Link
 
     allow = tmp_path / "allow"
     allow.mkdir()
@@ -270,7 +270,7 @@ def test_an_agents_two_thousand_hellos_take_one_slot_more_than_announced(rogue_a
     costs one request (until the operator's timeout), not thousands."""
     import json
 
-    from gaspar.wire.framing import Kind
+    from gaspar.wire.envelope import Kind
 
     s, dealer = rogue_agent
 
@@ -305,7 +305,7 @@ def test_an_agents_two_thousand_hellos_take_one_slot_more_than_announced(rogue_a
 def test_an_agents_oversize_frames_and_huge_pongs_are_refused_and_counted(rogue_agent):
     import json
 
-    from gaspar.wire.framing import Link
+    from gaspar.wire.envelope import Link
 
     s, dealer = rogue_agent
     pid0 = os.getpid()

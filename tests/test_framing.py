@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gaspar import errors
+from gaspar.wire.envelope import LIMITS, STATUS, TIMING, Kind, head_id, limits, pack_id, timing
 from gaspar.wire.framing import (
     EXTENDED_HEADER,
     ProtocolError,
@@ -22,10 +23,8 @@ from gaspar.wire.framing import (
     extended_header,
     pack,
     pack_extended,
-    pack_id,
     parse_reply_header,
     reply_header,
-    unpack_id,
 )
 
 BODIES = [b"", b"x", bytes(range(256)), b"\x00" * 70000]
@@ -143,10 +142,15 @@ def test_reply_header_round_trip():
         parse_reply_header(struct.pack("!IIB", 0, 0, 200))
 
 
-def test_request_id_frames():
-    assert unpack_id(pack_id(2**40 + 3)) == 2**40 + 3
-    with pytest.raises(ProtocolError):
-        unpack_id(b"\x01\x02")
+def test_envelope_heads():
+    """The 0MQ head's layout, as the worker writes it and the front end reads it."""
+    head = Kind.REPLY.value + pack_id(2**40 + 3) + bytes([Status.TIMEOUT]) + TIMING.pack(0.25, -1.0)
+    assert head_id(head) == 2**40 + 3 and head[STATUS] == Status.TIMEOUT
+    assert timing(head) == (0.25, -1.0)
+    assert timing(Kind.ACK.value + pack_id(1) + bytes([0])) == (0.0, 0.0)
+    request = Kind.REQUEST.value + pack_id(7)
+    assert head_id(request) == 7 and limits(request) is None
+    assert limits(request + LIMITS.pack(1500, 0)) == (1500, 0)
 
 
 @pytest.mark.parametrize(
@@ -291,3 +295,26 @@ def test_a_length_over_the_limit_is_refused_from_the_length_word_alone():
 def test_timeouts_go_on_the_wire_rounded_to_the_millisecond(seconds, timeout_ms, deadline_ms):
     head = extended_header(0, timeout=seconds, deadline=seconds)
     assert struct.unpack("!IIIII", head)[2::2] == (timeout_ms, deadline_ms)
+
+
+def test_one_table_of_errors():
+    """Status <-> error class <-> kind: every class the server may name comes back as itself,
+    with the status the wire carries; any other kind is a remote exception's own type."""
+    from gaspar import errors
+
+    for cls in (
+        errors.HandlerError,
+        errors.WorkerTimeout,
+        errors.WorkerDied,
+        errors.WorkerLost,
+        errors.BadRequest,
+        errors.ServerUnavailable,
+        errors.Overloaded,
+    ):
+        assert Status(cls.status).name  # a status the wire knows
+        assert errors.error_class(cls.status, cls.__name__) is cls
+        err = errors.error_from_reply(cls.status, error_body(cls.__name__, "why"))
+        assert type(err) is cls and err.remote_type == cls.__name__
+    assert errors.error_class(Status.HANDLER_ERROR, "ValueError") is errors.HandlerError
+    assert errors.error_class(Status.UNAVAILABLE, "WorkerLost") is errors.ServerUnavailable  # not under it
+    assert errors.error_class(99, "Overloaded") is errors.RemoteError

@@ -18,7 +18,7 @@ import zmq
 from conftest import ROOT, wait_for
 
 import gaspar
-from gaspar.wire.framing import Kind, Link
+from gaspar.wire.envelope import Kind, Link
 
 LIVENESS = 2.0
 FAST = {"heartbeat_interval": 0.25, "agent_liveness": LIVENESS}

@@ -84,7 +84,7 @@ def test_the_same_process_joining_again_replaces_its_old_session(book):
     first, _, _ = agents.join(b"r1", hello(instance="i1"))
     second, _, replaced = agents.join(b"r2", hello(instance="i1"))
     assert replaced is first and first.state == REPLACED and second.session == 2
-    assert agents.get(b"r1") is None and agents.is_stale(b"r1") and agents.stale == 1
+    assert agents.get(b"r1") is None and agents.note_stale(b"r1") and agents.stale == 1
     assert agents.lost_total == 1
 
 

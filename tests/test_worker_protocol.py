@@ -10,7 +10,8 @@ import time
 import pytest
 import zmq
 
-from gaspar.process.worker import TIMING, Consumer, Worker, run_worker
+from gaspar.process.worker import Consumer, Worker, run_worker
+from gaspar.wire.envelope import TIMING
 
 
 def handle(message: bytes) -> bytes:

@@ -225,8 +225,9 @@ class Agents:
     def get(self, rid: bytes) -> Agent | None:
         return self.by_rid.get(rid)
 
-    def is_stale(self, rid: bytes) -> bool:
-        """A message from a connection whose session ended (counted: the caller drops it)."""
+    def note_stale(self, rid: bytes) -> bool:
+        """Note a message from ``rid``: True (and counted) when its session ended, for the caller
+        to drop; False for a live session. A verb: it counts."""
         if rid in self.by_rid:
             return False
         self.stale += 1

@@ -16,10 +16,8 @@ round trip through the front end. When more requests are queued than there are w
 no worker will be idle soon anyway, so each busy worker is also handed its *next* request
 to start the moment it replies; while more than workers x 2 are queued, a second one, and
 so on up to ``prefetch`` (default 4). Several requests then ride one wake-up of 0MQ's I/O
-threads: on the bench machine, 64-byte echo at 64 clients went from about 4,900 to 6,500
-req/s and the front end's CPU per request from about 200 to 150 µs with depth 4. A
-prefetched request's timeout starts when its worker starts it; if the worker dies first,
-it goes back to the head of the queue.
+threads (measured in docs/performance.rst). A prefetched request's timeout starts when its
+worker starts it; if the worker dies first, it goes back to the head of the queue.
 With a short queue there is no prefetch, so the fairness above holds where it matters.
 
 **Overload** (rules in ``gaspar.core.overload``). The queue is first in, first out while bursts

@@ -8,7 +8,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gaspar.core.overload import NO_WORKERS
 
@@ -120,4 +120,18 @@ class Counters:
         setattr(self, name, getattr(self, name) + 1)
 
 
-__all__ = ["Assignment", "Counters", "Pending", "WorkerSlot", "draw_limit"]
+class WorkerOwner(Protocol):
+    """Who acts on a worker: the Supervisor for a process on this host, the Gateway for one
+    on another host (``gaspar.frontend.producer.Producer.owner``). The same three verbs, wherever it runs."""
+
+    def kill(self, worker: WorkerSlot, sig: int, why: str, dump: bool = False) -> None:
+        """Signal it (a timeout: SIGKILL, after a stack dump when ``dump``)."""
+
+    def tell_exit(self, worker: WorkerSlot) -> None:
+        """Ask it to exit once the request in hand is done (a reload, a smaller pool)."""
+
+    def broadcast(self, worker: WorkerSlot, message: bytes) -> bool:
+        """Deliver ``message`` to it (``Consumer.on_broadcast``); False if it cannot be reached."""
+
+
+__all__ = ["Assignment", "Counters", "Pending", "WorkerOwner", "WorkerSlot", "draw_limit"]

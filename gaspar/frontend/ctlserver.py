@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gaspar.config import fewest_workers
 from gaspar.errors import GasparError
 from gaspar.ops.ctl import (
     IDLE_TIMEOUT,
@@ -137,7 +138,7 @@ def producer_commands(producer: Any) -> Commands:
         stopping=lambda: p.draining or p.stopping,
         target=lambda: p.target,
         consumer=lambda: p.supervisor.consumer_name(),
-        least=lambda: 0 if p.gateway is not None else 1,
+        least=lambda: fewest_workers(p.settings.remote_bind),
         most=lambda: p.settings.max_workers,
         wait_reload=lambda timeout: _wait_reload(p, timeout),
     )

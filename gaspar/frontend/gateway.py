@@ -56,10 +56,11 @@ from gaspar.core.agents import (
     send_failed,
 )
 from gaspar.core.records import Pending, WorkerSlot, draw_limit
+from gaspar.errors import WorkerDied, WorkerLost
 from gaspar.frontend import zmqfast
 from gaspar.frontend.remoteport import RemotePort, peer_address
 from gaspar.ops.telemetry import LogLimiter
-from gaspar.wire.framing import Kind, Link, Status, pack_id
+from gaspar.wire.envelope import Kind, Link, pack_id
 
 log = logging.getLogger("gaspar")
 
@@ -74,7 +75,7 @@ class Gateway:
 
     Handed what it needs, nothing more: the dispatcher (to add and remove workers), and
     three callables of the front end: ``send(assignments)`` queues requests for workers,
-    ``fail(request, status, type, message, **facts)`` answers a request with an error, and
+    ``fail(request, error_class, message, **facts)`` answers a request with an error, and
     ``relay(frames)`` handles a worker's message ``[key, head, body]`` as a local one's.
     """
 
@@ -248,7 +249,7 @@ class Gateway:
             return self._on_join(rid, parse_control(head)[1], frames[2])
         agent = self.agents.get(rid)
         if agent is None:  # from a session that ended (a late reply among them): never delivered
-            if self.agents.is_stale(rid):
+            if self.agents.note_stale(rid):
                 self._control(rid, Link.GONE, reason="no such session (it ended); join again")
             return
         self.agents.heard(agent)  # any message renews its liveness
@@ -364,7 +365,7 @@ class Gateway:
         if req is not None:
             msg = f"worker {slot.label} (pid {slot.pid} on {agent.host}) {text}"
             facts = {"pid": slot.pid, "exitcode": exitcode, "signal": sig, "agent": agent.name, "host": agent.host}
-            self._fail(req, Status.WORKER_DIED, "WorkerDied", msg, **facts)
+            self._fail(req, WorkerDied, msg, **facts)
         if agent.state == "joined":
             self.telemetry.restarted(slot.label, reason)
         if expected:
@@ -408,7 +409,7 @@ class Gateway:
                 agent.lost += 1
                 self.lost_requests += 1
                 facts = {"pid": slot.pid, "exitcode": None, "signal": None, "agent": agent.name, "host": agent.host}
-                self._fail(req, Status.WORKER_DIED, "WorkerLost", lost, **facts)
+                self._fail(req, WorkerLost, lost, **facts)
         agent.workers.clear()
         self._send_work(self.dispatcher.dispatch())
 

@@ -27,8 +27,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # eventlet's deprecation notice; see README
     import eventlet
 
+from gaspar.errors import ServerUnavailable
 from gaspar.ops import sdnotify
-from gaspar.wire.framing import Status
 
 log = logging.getLogger("gaspar")
 
@@ -133,7 +133,7 @@ def begin_stop(front: Any, graceful: bool) -> None:
     running = {w.routing_id for w in d.workers.values() if w.current is not None}
     why = "the server stopped before the request finished"
     for req in d.fail_all():
-        front.outcomes.fail(req, Status.UNAVAILABLE, "ServerUnavailable", why)
+        front.outcomes.fail(req, ServerUnavailable, why)
     if front.gateway is not None:
         front.gateway.stop()  # every agent's session ends; their workers leave the pool
     for conn in list(front.connections):

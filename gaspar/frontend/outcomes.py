@@ -19,11 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from gaspar.core.overload import NO_WORKERS, REASONS
-from gaspar.core.records import Pending, WorkerSlot
+from gaspar.core.records import Pending, WorkerOwner, WorkerSlot
+from gaspar.errors import RemoteError, WorkerTimeout
 from gaspar.frontend.zmqfast import LARGE
 from gaspar.ops.logs import access_line, log_handler_error, log_held_back
 from gaspar.ops.telemetry import LogLimiter, ShedReport
-from gaspar.process.worker import TIMING
+from gaspar.wire.envelope import STATUS, timing
 from gaspar.wire.framing import Request, Status, error_body, error_for_client
 
 log = logging.getLogger("gaspar")
@@ -67,21 +68,19 @@ class Outcomes:
             self._record(req, head, frame)
         if answered is not None:
             body = frame.bytes if len(frame) < LARGE else frame.buffer
-            if head[9] != Status.OK:  # the log had the traceback; the client, as error_detail says
+            if head[STATUS] != Status.OK:  # the log had the traceback; the client, as error_detail says
                 body = error_for_client(body, self.settings.error_detail)
             conn, request = answered.waiter
             conn.requests.discard(answered)
-            conn.deliver(request, head[9], body)
+            conn.deliver(request, head[STATUS], body)
 
     def _record(self, req: Pending, head: bytes, frame: Any) -> None:
         """A worker's reply to ``req`` (answered or not: its client may be gone)."""
-        wall = cpu = 0.0
-        if len(head) >= 10 + TIMING.size:
-            wall, cpu = TIMING.unpack_from(head, 10)
+        wall, cpu = timing(head)
         now = time.monotonic()
         worker = req.worker
         number = worker.label if worker is not None else 0
-        status = head[9]
+        status = head[STATUS]
         ok = status == Status.OK
         outcome = "ok" if ok else "timeout" if status == Status.TIMEOUT else "error"
         queued = req.started - req.queued_at
@@ -98,19 +97,20 @@ class Outcomes:
 
     # -- failed, shed, refused ----------------------------------------------------------------
 
-    def fail(self, pending: Pending, status: Status, kind: str, msg: str, **facts: Any) -> None:
-        """End a queued or running request with an error (a worker died or timed out, the
-        server stops, no agent can be reached)."""
+    def fail(self, pending: Pending, error: type[RemoteError], msg: str, **facts: Any) -> None:
+        """End a queued or running request with ``error`` (its status and name travel: see
+        ``gaspar.errors.error_class``): a worker died or timed out, the server stops..."""
         conn, request = pending.waiter
         conn.requests.discard(pending)
         now = time.monotonic()
         queued = pending.started - pending.queued_at if pending.started else None
+        status = error.status
         outcome = FAILED.get(status, "unavailable")
         self.telemetry.ended(outcome, queued, now - pending.queued_at)
         if self.access_log is not None:
             number = pending.worker.label if pending.worker is not None else None
             self.log_access(pending.waiter, outcome, 0, queued, None, now - pending.queued_at, number)
-        conn.deliver(request, status, error_body(kind, msg, **facts))
+        conn.deliver(request, status, error_body(error.__name__, msg, **facts))
 
     def shed(self, req: Pending, reason: str, now: float) -> None:
         """A request the dispatcher shed before it ran: ``Overloaded`` with a retry hint,
@@ -160,7 +160,9 @@ class Outcomes:
             self.log_access((conn, request), "unavailable", 0, None, None, 0.0, None)
         conn.deliver(request, Status.UNAVAILABLE, error_body("ServerUnavailable", "the server is stopping"))
 
-    def expired(self, answered: list[Pending], killed: list[Pending], owner: Callable[[WorkerSlot], Any]) -> None:
+    def expired(
+        self, answered: list[Pending], killed: list[Pending], owner: Callable[[WorkerSlot], WorkerOwner]
+    ) -> None:
         """Requests past a limit (``Dispatcher.expire``). ``answered``: past the client's own
         limit, answered now while its worker interrupts the handler and lives on. ``killed``:
         past the operator's ``timeout``, the only limit that kills a worker."""
@@ -173,7 +175,7 @@ class Outcomes:
                 f"worker {worker.label} (pid {worker.pid}) interrupts it and lives on"
             )
             facts = {"timeout": round(limit, 6), "limit": req.expired, "killed": False, "pid": worker.pid}
-            self.fail(req, Status.TIMEOUT, "WorkerTimeout", msg, **facts)
+            self.fail(req, WorkerTimeout, msg, **facts)
         for req in killed:
             worker = req.worker
             log.error(
@@ -188,7 +190,7 @@ class Outcomes:
                 who = f"worker {worker.label} (pid {worker.pid})"
                 msg = f"handler ran past the server's timeout ({req.timeout}s); {who} killed"
                 facts = {"timeout": req.timeout, "limit": "timeout", "killed": True, "pid": worker.pid}
-                self.fail(req, Status.TIMEOUT, "WorkerTimeout", msg, **facts)
+                self.fail(req, WorkerTimeout, msg, **facts)
 
     # -- the operator's lines -----------------------------------------------------------------
 

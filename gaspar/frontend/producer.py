@@ -48,11 +48,11 @@ with warnings.catch_warnings():
     import eventlet.hubs
     from eventlet.event import Event as GreenEvent
 
-from gaspar.config import Settings
+from gaspar.config import Settings, fewest_workers
 from gaspar.core.admission import ByteBudget, Stall
 from gaspar.core.dispatch import Dispatcher
 from gaspar.core.overload import QueueControl
-from gaspar.core.records import WorkerSlot
+from gaspar.core.records import WorkerOwner, WorkerSlot
 from gaspar.errors import GasparError
 from gaspar.frontend.connection import Connection
 from gaspar.frontend.contract import ConnectionCounters
@@ -96,7 +96,7 @@ class Producer:
                 raise TypeError(f"Producer needs a Consumer or a callable, not {type(consumer).__name__}")
             consumer = Consumer(handler=consumer)  # a plain function, as the CLI accepts
         self.settings = Settings(**options)
-        least = 0 if self.settings.remote_bind else 1  # 0: remote workers only
+        least = fewest_workers(self.settings.remote_bind)
         if processes is not None and (
             isinstance(processes, bool) or not isinstance(processes, int) or processes < least
         ):
@@ -333,7 +333,7 @@ class Producer:
             self.supervisor.reload(self)
 
     def do_scale(self, n: int) -> None:
-        self.supervisor.scale(n, least=0 if self.gateway is not None else 1)
+        self.supervisor.scale(n, least=fewest_workers(self.settings.remote_bind))
 
     def do_broadcast(self, message: bytes) -> int:
         sent = 0
@@ -412,7 +412,7 @@ class Producer:
         """How many worker processes this host runs (workers elsewhere are the agents')."""
         return self.supervisor.target if self.supervisor is not None else self.processes
 
-    def owner(self, worker: WorkerSlot) -> Any:
+    def owner(self, worker: WorkerSlot) -> WorkerOwner:
         """Who acts on a worker (kill, tell_exit, broadcast): the supervisor for a local
         process, the gateway for one on another host."""
         return self.supervisor if worker.agent is None else self.gateway

@@ -37,7 +37,8 @@ from gaspar.frontend.zmqfast import LARGE, MORE_NOW, NOW, RCVMORE
 from gaspar.frontend.zmqfast import get as _raw_get
 from gaspar.frontend.zmqfast import recv as _raw_recv
 from gaspar.frontend.zmqfast import send as _raw_send
-from gaspar.wire.framing import LIMITS, Kind, Status, pack_id
+from gaspar.wire.envelope import ID, LIMITS, STATUS, Kind, pack_id
+from gaspar.wire.framing import Status
 
 log = logging.getLogger("gaspar")
 
@@ -51,7 +52,7 @@ _ACK = Kind.ACK.value
 
 
 def limits(req: Pending) -> bytes:
-    """The client's own limits in a request's head (see ``gaspar.wire.framing.LIMITS``), so its
+    """The client's own limits in a request's head (see ``gaspar.wire.envelope.LIMITS``), so its
     worker can interrupt the handler softly when they pass."""
     soft = 0 if req.soft_timeout is None else max(1, round(req.soft_timeout * 1000))
     left = 0
@@ -218,7 +219,7 @@ class Router:
         kind = head[:1]
         d = self.dispatcher
         if kind == _REPLY or kind == _SKIPPED:
-            req_id = int.from_bytes(head[1:9], "big")
+            req_id = int.from_bytes(head[ID], "big")
             if kind == _REPLY:
                 req = d.pending.get(req_id)
                 answered, assignments = d.complete(rid, req_id)
@@ -236,5 +237,5 @@ class Router:
         elif kind == _HELLO:
             self.supervisor.on_hello(rid, frames[2].bytes)
         elif kind == _ACK:
-            if head[9] != Status.OK:
+            if head[STATUS] != Status.OK:
                 log.error("A worker's on_broadcast failed: %s", frames[2].bytes.decode("utf-8", "replace"))

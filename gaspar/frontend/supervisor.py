@@ -46,14 +46,14 @@ import zmq
 
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.core.records import WorkerSlot, draw_limit
-from gaspar.errors import GasparError
+from gaspar.errors import GasparError, WorkerDied
 from gaspar.frontend.hub import watch_fd
 from gaspar.ops import sdnotify
 from gaspar.ops.reloads import Reloads
 from gaspar.ops.telemetry import WORKER_STATES, proc_usage
 from gaspar.process.forks import ForkServer, ForkServers
 from gaspar.process.worker import WORKER_BOOT_ERROR
-from gaspar.wire.framing import Kind, Status, pack_id
+from gaspar.wire.envelope import Kind, pack_id
 
 log = logging.getLogger("gaspar")
 
@@ -227,7 +227,7 @@ class Supervisor:
             req = self.dispatcher.remove_worker(slot.routing_id)
             if req is not None:
                 facts = {"pid": pid, "exitcode": exitcode, "signal": sig}
-                self._fail(req, Status.WORKER_DIED, "WorkerDied", f"worker {number} (pid {pid}) {text}", **facts)
+                self._fail(req, WorkerDied, f"worker {number} (pid {pid}) {text}", **facts)
             self._send(self.dispatcher.dispatch())  # its prefetched request, if any, to an idle worker
             if not self.stopping:
                 self.telemetry.restarted(slot.number, reason)

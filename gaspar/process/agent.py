@@ -61,7 +61,8 @@ from gaspar.process.forkserver import drain
 from gaspar.process.uplink import Uplink
 from gaspar.process.worker import set_proctitle
 from gaspar.version import __version__
-from gaspar.wire.framing import Kind, Link, Status, error_body
+from gaspar.wire.envelope import ID, Kind, Link
+from gaspar.wire.framing import Status, error_body
 
 log = logging.getLogger("gaspar")
 
@@ -173,7 +174,7 @@ class Agent(Uplink):
                 self.connect,
             )
             self.manage_workers()
-            while not self.done():
+            while not self.advance_stop():
                 self.poll_once()
             return self.exit_code
         finally:
@@ -194,7 +195,9 @@ class Agent(Uplink):
             self.workers_sock.bind("tcp://127.0.0.1:*")
         self.forks.current.endpoint = self.workers_sock.last_endpoint.decode()
 
-    def done(self) -> bool:
+    def advance_stop(self) -> bool:
+        """Move a requested stop along (LEAVE, then the wait for running requests, up to
+        ``graceful_timeout``); True once the agent may exit. Not a predicate: it sends."""
         if self.exit_code and self.stop_mode is None:
             self.request_stop("fast")
         if self.stop_mode is None:
@@ -250,7 +253,7 @@ class Agent(Uplink):
         w = self.by_wid.get(wid)
         head = frames[1].bytes
         if w is not None and head[0] in (_REQUEST, _AHEAD):
-            w.requests.add(head[1:9])
+            w.requests.add(head[ID])
         try:
             self.workers_sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
@@ -272,12 +275,12 @@ class Agent(Uplink):
                 continue
             w = self.by_wid.get(wid)
             if w is not None and kind in (_REPLY, _SKIPPED):
-                w.requests.discard(head[1:9])
+                w.requests.discard(head[ID])
             if kind == _REPLY and self.max_reply and len(frames) > 2 and len(frames[2]) > self.max_reply:
                 # the front end drops a connection that sends past its limit: answer for the worker
                 size, limit = len(frames[2]), self.max_reply
                 text = f"the reply of {size} bytes is over the front end's max_message_size ({limit})"
-                frames = [wid, head[:9] + bytes([Status.HANDLER_ERROR]), error_body("ReplyTooLarge", text)]
+                frames = [wid, head[: ID.stop] + bytes([Status.HANDLER_ERROR]), error_body("ReplyTooLarge", text)]
             if self.state in ("joined", "leaving"):  # else no session can carry it: dropped
                 self.send_link(frames)
 

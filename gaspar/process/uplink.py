@@ -2,7 +2,7 @@
 
 A mixin of :class:`gaspar.process.agent.Agent` (the pool's side is there): one DEALER to the
 front end's ``--remote-bind``, the session's state (``idle`` -> ``joining`` -> ``joined``
--> ``leaving``), the control messages (``gaspar.wire.framing.Link``), and, while a JOIN waits,
+-> ``leaving``), the control messages (``gaspar.wire.envelope.Link``), and, while a JOIN waits,
 libzmq's events on the connection, so a join that fails says why (:func:`join_trouble`).
 The rules of a session (back-off, what the front end accepts) are ``gaspar.core.agents``'.
 """
@@ -23,7 +23,7 @@ from gaspar.core.agents import reconnect_delay
 from gaspar.ops import sdnotify
 from gaspar.ops.telemetry import proc_usage
 from gaspar.version import __version__
-from gaspar.wire.framing import Link
+from gaspar.wire.envelope import Link
 
 log = logging.getLogger("gaspar")
 

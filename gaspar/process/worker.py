@@ -4,7 +4,7 @@ A worker is a forked process with plain blocking pyzmq: no eventlet, no threads 
 watchdog. It connects a DEALER socket to the front end's ROUTER, says HELLO (its ready
 signal), then handles one message at a time:
 
-    front end ──[Q, id, payload]──▶ worker ──handle()──▶ [R, id, status, body] ──▶ front end
+    front end ──[Q id, payload]──▶ worker ──handle()──▶ [R id status timing, body] ──▶ front end
 
 The front end hands a worker a request when it is idle and, under overload only, a few
 more ahead (prefetch, sent as ``AHEAD``). Before it starts a request handed ahead, the worker
@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import signal
-import struct
 import sys
 import threading
 import traceback
@@ -45,7 +44,8 @@ from time import perf_counter, thread_time
 from typing import Any
 
 from gaspar.errors import SoftTimeout
-from gaspar.wire.framing import LIMITS, Kind, Status, error_body
+from gaspar.wire.envelope import ID, TIMING, Kind, limits
+from gaspar.wire.framing import Status, error_body
 
 log = logging.getLogger("gaspar")
 
@@ -59,9 +59,6 @@ _LARGE = 64 * 1024  # frames this big are sent without a copy
 #: miss it. Looking costs a system call; on the bench machine, looking before every request
 #: cost 11% of the 64-byte echo's throughput over persistent connections.
 CANCEL_LOOK = 0.0005
-#: After a reply's status byte: the handler's wall time and CPU time (this thread's), seconds;
-#: CPU time -1 when it was not measured (a handler under 1 ms: see run_worker).
-TIMING = struct.Struct("!dd")
 #: The signal the front end (through the fork server) sends for a dump of the stack before
 #: it kills a worker past the operator's timeout.
 DUMP_SIGNAL = signal.SIGUSR2
@@ -229,9 +226,9 @@ def run_worker(
             inbox.append((head, frame, perf_counter()))
             return
         for i, (queued, _, _) in enumerate(inbox):  # not there: it ran already; nothing to do
-            if queued[0] == ahead and queued[1:9] == head[1:9]:
+            if queued[0] == ahead and queued[ID] == head[ID]:
                 del inbox[i]
-                send(sock, skipped + head[1:9], 0)
+                send(sock, skipped + head[ID], 0)
                 break
 
     slow = False  # the last handler ran 1 ms or more: worth measuring its CPU time
@@ -264,11 +261,11 @@ def run_worker(
                     cpu = thread_time() - cpu
                 slow = wall >= 0.001
                 worker.handled += 1
-                send(sock, reply + head[1:9] + status + TIMING.pack(wall, cpu), more)
+                send(sock, reply + head[ID] + status + TIMING.pack(wall, cpu), more)
                 send(sock, body, 0, len(body) < _LARGE)
             elif kind == broadcast:
                 status, body = call_handler(consumer.on_broadcast, frame, broadcast=True)
-                send(sock, ack + head[1:9] + status, more)
+                send(sock, ack + head[ID] + status, more)
                 send(sock, body, 0)
             elif kind == exit_:
                 break
@@ -300,9 +297,10 @@ def client_limit(head: bytes, waited: float) -> tuple[float, str] | None:
     (``handler_timeout`` or ``deadline``), or None: its ``handler_timeout``, or what is left
     of its deadline once the ``waited`` seconds since the request arrived here are taken
     off, whichever comes first."""
-    if len(head) < 9 + LIMITS.size:
+    found = limits(head)
+    if found is None:
         return None
-    soft_ms, deadline_ms = LIMITS.unpack_from(head, 9)
+    soft_ms, deadline_ms = found
     best = None
     if soft_ms:
         best = (soft_ms / 1000.0, "handler_timeout")

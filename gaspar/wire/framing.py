@@ -14,9 +14,8 @@ byte of the body is buffered. The whole protocol, with examples of the bytes, is
   ``DEADLINE`` adds a fifth word, ``deadline_ms``: the client's own time left, so the
   server drops the request rather than run it for nobody (``!IIIII``, 20 bytes).
 
-Between the front end and its workers, messages are 0MQ multipart frames (see ``Kind``):
-a small head frame with the kind and the 8-byte request id, and the payload as a frame of
-its own, never glued onto the id.
+Between the front end and its workers, messages are 0MQ multipart frames: see
+``gaspar.wire.envelope``.
 """
 
 from __future__ import annotations
@@ -35,11 +34,6 @@ PLAIN_HEADER = struct.Struct("!I")
 EXTENDED_HEADER = struct.Struct("!IIII")
 DEADLINE_WORD = struct.Struct("!I")
 REPLY_HEADER = struct.Struct("!IIB")
-REQUEST_ID = struct.Struct("!Q")
-#: After a request's id in its head (front end -> worker): the client's own limits in ms,
-#: 0 for none: its handler_timeout (from the handler's start) and what is left of its
-#: deadline (from the moment the worker receives the request).
-LIMITS = struct.Struct("!II")
 
 EXTENDED = 0x80000000
 LENGTH_MASK = 0x7FFFFFFF
@@ -61,44 +55,6 @@ class Status(enum.IntEnum):
     WORKER_DIED = 3
     BAD_REQUEST = 4
     UNAVAILABLE = 5  # not run: the server is stopping, or shed it (Overloaded)
-
-
-class Kind(bytes, enum.Enum):
-    """The first byte of a message's head frame, between the front end and a worker.
-
-    A message is a head frame (kind, then an 8-byte request id, then for replies a status
-    byte) and a body frame: two frames, so the id is never glued onto the payload.
-    """
-
-    REQUEST = b"Q"  # front end -> worker: [Q id limits, payload] to an idle worker: never cancelled
-    AHEAD = b"P"  # front end -> worker: [P id limits, payload] handed ahead to a busy one: may be cancelled
-    BROADCAST = b"B"  # front end -> worker: [B id, payload]
-    EXIT = b"X"  # front end -> worker: [X] finish what is in hand, then exit
-    CANCEL = b"C"  # front end -> worker: [C id] do not start this handed-ahead request
-    HELLO = b"H"  # worker -> front end: [H, json {pid, number, generation, token}]
-    REPLY = b"R"  # worker -> front end: [R id status, body]
-    ACK = b"A"  # worker -> front end: [A id status, body] for a broadcast
-    SKIPPED = b"S"  # worker -> front end: [S id] a cancelled request, not run
-
-
-class Link(bytes, enum.Enum):
-    """The first byte of a control message between the front end and a remote agent.
-
-    Over the remote link a message is either a worker's own message relayed whole, with the
-    worker's routing id in front (``[wid, head, body]``), or a control message: an empty
-    frame, then the kind's byte and a JSON object (``[b"", kind + json]``).
-    """
-
-    JOIN = b"J"  # agent -> front end: {name, host, instance, pid, workers, version}
-    WELCOME = b"W"  # front end -> agent: {session, heartbeat, liveness}
-    REFUSE = b"N"  # front end -> agent: {reason}; the agent backs off and tries again later
-    PING = b"T"  # front end -> agent: {t}; answered at once with PONG {t}
-    PONG = b"U"  # agent -> front end: {t}, the PING's own value (the round trip)
-    EXITED = b"E"  # agent -> front end: {wid, pid, number, status}: a worker's wait status
-    KILL = b"K"  # front end -> agent: {wid, sig}: signal a worker (a timeout)
-    GONE = b"G"  # front end -> agent: {reason}: no such session (any more); join again
-    LEAVE = b"L"  # agent -> front end: {final}: stopping; retire my workers (front end -> agent: ack)
-    RETIRE = b"R"  # agent -> front end: {wid}: retire this worker once idle (the agent reloads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,13 +349,3 @@ def error_for_client(body: bytes | memoryview, detail: str = "message") -> bytes
     if found is None:
         return body
     return bytes(body[: found.start()]) + b"}"
-
-
-def pack_id(request_id: int) -> bytes:
-    return REQUEST_ID.pack(request_id)
-
-
-def unpack_id(frame: bytes | memoryview) -> int:
-    if len(frame) != REQUEST_ID.size:
-        raise ProtocolError(f"request id frame of {len(frame)} bytes")
-    return REQUEST_ID.unpack(frame)[0]
