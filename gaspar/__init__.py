@@ -29,6 +29,7 @@ if sys.argv[:1] == ["-m"]:  # `python -m gaspar`: the current directory must not
 
 from typing import TYPE_CHECKING, Any
 
+from gaspar.app import App
 from gaspar.config import Settings
 from gaspar.errors import (
     BadRequest,
@@ -37,6 +38,7 @@ from gaspar.errors import (
     ConnectionLost,
     GasparError,
     HandlerError,
+    NoSuchHandler,
     Overloaded,
     ProtocolError,
     RemoteError,
@@ -46,11 +48,14 @@ from gaspar.errors import (
     WorkerLost,
     WorkerTimeout,
 )
+from gaspar.executor import Executor
 from gaspar.process.worker import Consumer, Worker
 from gaspar.version import __version__
 
 __all__ = [
     "__version__",
+    "App",
+    "Executor",
     "Consumer",
     "Producer",
     "Settings",
@@ -62,6 +67,7 @@ __all__ = [
     "WorkerLost",
     "WorkerTimeout",
     "BadRequest",
+    "NoSuchHandler",
     "Overloaded",
     "ServerUnavailable",
     "ConnectFailed",

@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from gaspar.client import DEFAULT_TIMEOUT, as_bytes, parse_address
@@ -34,6 +34,7 @@ from gaspar.errors import (
     error_from_reply,
 )
 from gaspar.retry import RetryBudget, backoff
+from gaspar.wire import calls
 from gaspar.wire.framing import REPLY_HEADER, Status, extended_header, parse_reply_header
 
 __all__ = ["request", "Client"]
@@ -183,8 +184,52 @@ class Client:
         self, message: bytes | str, timeout: float | None = None, handler_timeout: float | None = None
     ) -> bytes:
         """Send one request on the shared connection and await its reply's bytes."""
+        return await self._send(as_bytes(message), timeout, handler_timeout, call=False)
+
+    async def call(
+        self,
+        name: str,
+        *args: Any,
+        timeout: float | None = None,
+        handler_timeout: float | None = None,
+        codec: str = "msgpack",
+        **kwargs: Any,
+    ) -> Any:
+        """Call the handler ``name`` of the server's :class:`gaspar.App` and await its
+        decoded result (as :meth:`gaspar.client.Client.call`)."""
+        body = calls.encode_call(name, args, kwargs, codec)
+        reply = await self._send(body, timeout, handler_timeout, call=True)
+        return calls.decode(calls.codec_id(codec), reply, allow_pickle=codec == "pickle")
+
+    async def stream(
+        self, name: str, *args: Any, timeout: float | None = None, codec: str = "msgpack", **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """Call a generator handler and iterate its items as they arrive (``async for``).
+        ``timeout`` bounds the wait for each item. The stream has a connection of its own;
+        leaving the loop early closes it, which ends the generator in its worker."""
+        if self._closed:
+            raise ClientClosed("this Client is closed; make a new one")
+        body = calls.encode_call(name, args, kwargs, codec)
+        cid, wait = calls.codec_id(codec), self.timeout if timeout is None else timeout
+        reader, writer = await _open(self.address)
+        try:
+            writer.write(extended_header(len(body), keepalive=True, stream=True) + body)
+            await writer.drain()
+            while True:
+                try:
+                    _, status, data = await asyncio.wait_for(_read_reply(reader), wait)
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(f"no item within {wait}s") from None
+                if status == Status.ITEM:
+                    yield calls.decode(cid, data, allow_pickle=codec == "pickle")
+                    continue
+                _result(status, data)
+                return
+        finally:
+            writer.close()
+
+    async def _send(self, message: bytes, timeout: float | None, handler_timeout: float | None, call: bool) -> bytes:
         timeout = self.timeout if timeout is None else timeout
-        message = as_bytes(message)
 
         async def go(left: float | None) -> bytes:
             tag = next(self._tags) & 0xFFFFFFFF
@@ -194,7 +239,7 @@ class Client:
                 self._waiting[tag] = future
                 sent_deadline = left if self.deadline else None
                 head = extended_header(
-                    len(message), tag=tag, keepalive=True, timeout=handler_timeout, deadline=sent_deadline
+                    len(message), tag=tag, keepalive=True, timeout=handler_timeout, deadline=sent_deadline, call=call
                 )
                 writer.write(head + message)
                 await writer.drain()

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from gaspar.errors import (
     ClientClosed,
@@ -44,6 +45,7 @@ from gaspar.errors import (
     error_from_reply,
 )
 from gaspar.retry import RetryBudget, backoff
+from gaspar.wire import calls
 from gaspar.wire.framing import REPLY_HEADER, Status, extended_header, pack, parse_reply_header
 
 __all__ = ["pack", "request", "Client", "parse_address", "DEFAULT_TIMEOUT"]
@@ -148,10 +150,16 @@ def _recv_exact(sock: socket.socket, n: int, deadline: _Deadline) -> bytearray:
     return buf
 
 
-def _read_reply(sock: socket.socket, deadline: _Deadline) -> tuple[int, bytes]:
-    """One framed reply: (tag, body); raises the server's error for an error status."""
+def _read_frame(sock: socket.socket, deadline: _Deadline) -> tuple[int, int, bytes]:
+    """One framed reply: (tag, status, body)."""
     length, tag, status = parse_reply_header(_recv_exact(sock, REPLY_HEADER.size, deadline))
     body = bytes(_recv_exact(sock, length, deadline)) if length else b""
+    return tag, status, body
+
+
+def _read_reply(sock: socket.socket, deadline: _Deadline) -> tuple[int, bytes]:
+    """One framed reply: (tag, body); raises the server's error for an error status."""
+    tag, status, body = _read_frame(sock, deadline)
     if status != Status.OK:
         raise error_from_reply(status, body)
     return tag, body
@@ -237,16 +245,69 @@ class Client:
         """Send one request on a pooled connection and return the reply's bytes; a request
         shed under overload is retried once (see the module docstring). After
         :meth:`close`, raises :class:`~gaspar.errors.ClientClosed`."""
+        return self._once(as_bytes(message), timeout, handler_timeout, call=False)
+
+    def call(
+        self,
+        name: str,
+        *args: Any,
+        timeout: float | None = None,
+        handler_timeout: float | None = None,
+        codec: str = "msgpack",
+        **kwargs: Any,
+    ) -> Any:
+        """Call the handler ``name`` of the server's :class:`gaspar.App` with these
+        arguments and return its decoded result (``codec``: ``msgpack``, or ``pickle`` if
+        the App allows it). Errors as for :meth:`request`, and
+        :class:`~gaspar.errors.NoSuchHandler` or :class:`~gaspar.errors.BadRequest` for a
+        name or arguments the server refused before running anything."""
+        body = calls.encode_call(name, args, kwargs, codec)
+        reply = self._once(body, timeout, handler_timeout, call=True)
+        return calls.decode(calls.codec_id(codec), reply, allow_pickle=codec == "pickle")
+
+    def stream(
+        self, name: str, *args: Any, timeout: float | None = None, codec: str = "msgpack", **kwargs: Any
+    ) -> Iterator[Any]:
+        """Call a generator handler and iterate its items as they arrive. ``timeout``
+        bounds the wait for each item (not the whole stream). The stream has a connection
+        of its own; leaving the loop early closes it, which ends the generator in its
+        worker (``GeneratorExit``) and frees the worker."""
+        body = calls.encode_call(name, args, kwargs, codec)
+        cid = calls.codec_id(codec)
+        wait = self.timeout if timeout is None else timeout
+        limit = _Deadline(wait)
+        sock, _ = self._borrow(limit)
+        done = False
+        try:
+            with _translate(self.address, limit):
+                sock.settimeout(limit.left())
+                sock.sendall(extended_header(len(body), keepalive=True, stream=True) + body)
+            while True:
+                limit = _Deadline(wait)  # each item has the whole timeout
+                with _translate(self.address, limit):
+                    _, status, data = _read_frame(sock, limit)
+                if status == Status.ITEM:
+                    yield calls.decode(cid, data, allow_pickle=codec == "pickle")
+                    continue
+                done = True
+                if status != Status.OK:
+                    raise error_from_reply(status, data)
+                return
+        finally:
+            self._give_back(sock, done)  # a stream left early: its connection is closed
+
+    def _once(self, body: bytes, timeout: float | None, handler_timeout: float | None, call: bool) -> bytes:
+        """One request or call, retried once if shed (see the module docstring)."""
         limit = _Deadline(self.timeout if timeout is None else timeout)
         self._budget.on_request()
         try:
-            return self._pipeline([as_bytes(message)], limit, handler_timeout)[0]
+            return self._pipeline([body], limit, handler_timeout, call)[0]
         except Overloaded as exc:
             delay = self._budget.retry_delay(exc, limit) if self.retry else None
             if delay is None:
                 raise
         time.sleep(delay)
-        return self._pipeline([as_bytes(message)], limit, handler_timeout)[0]
+        return self._pipeline([body], limit, handler_timeout, call)[0]
 
     def pipeline(
         self, messages: Iterable[bytes | str], timeout: float | None = None, handler_timeout: float | None = None
@@ -259,12 +320,14 @@ class Client:
             return []
         return self._pipeline(messages, _Deadline(self.timeout if timeout is None else timeout), handler_timeout)
 
-    def _pipeline(self, messages: list[bytes], deadline: _Deadline, handler_timeout: float | None) -> list[bytes]:
+    def _pipeline(
+        self, messages: list[bytes], deadline: _Deadline, handler_timeout: float | None, call: bool = False
+    ) -> list[bytes]:
         sock, reused = self._borrow(deadline)
         tags = [next(self._tags) & 0xFFFFFFFF for _ in messages]
         left = deadline.remaining() if self.deadline else None
         payload = b"".join(
-            extended_header(len(m), tag=t, keepalive=True, timeout=handler_timeout, deadline=left) + m
+            extended_header(len(m), tag=t, keepalive=True, timeout=handler_timeout, deadline=left, call=call) + m
             for t, m in zip(tags, messages, strict=True)
         )
         replies: dict[int, bytes] = {}

@@ -12,6 +12,7 @@ fault it was::
     │   ├── WorkerTimeout            the handler ran past its timeout; the worker was killed
     │   │                            (also a TimeoutError)
     │   ├── BadRequest               the server refused the request (too large, malformed)
+    │   │   └── NoSuchHandler        a typed call named a handler the App does not have
     │   └── ServerUnavailable        the server did not run the request: it is stopping...
     │       └── Overloaded           ...or it shed the request under overload (.reason,
     │                                .queued_ms, .retry_after_ms, .started: always False)
@@ -121,6 +122,11 @@ class BadRequest(RemoteError):
     """The server refused the request without running it (too large, malformed)."""
 
     status = 4
+
+
+class NoSuchHandler(BadRequest):
+    """A typed call named a handler the server's :class:`gaspar.App` does not have (or the
+    server runs a plain bytes handler, not an App)."""
 
 
 class ServerUnavailable(RemoteError):

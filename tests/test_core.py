@@ -334,6 +334,8 @@ def test_public_api_is_pinned():
     assert sorted(gaspar.__all__) == sorted(
         [
             "__version__",
+            "App",
+            "Executor",
             "Consumer",
             "Producer",
             "Settings",
@@ -345,6 +347,7 @@ def test_public_api_is_pinned():
             "WorkerLost",
             "WorkerTimeout",
             "BadRequest",
+            "NoSuchHandler",
             "Overloaded",
             "ServerUnavailable",
             "ConnectFailed",

@@ -190,7 +190,7 @@ class Dispatcher:
         if ran:
             self.counters.completed += 1
             worker.handled += 1
-            if req.started:
+            if req.started and not req.stream:  # a stream's length says nothing of the load
                 self.control.observe(now - req.started)
         else:
             self._count_skipped(req)
@@ -210,7 +210,8 @@ class Dispatcher:
 
     def cancel(self, req: Pending) -> None:
         """The client is gone: drop a queued request, revoke one handed ahead to a worker
-        (see :meth:`take_cancels`), let a running one finish unheard."""
+        (see :meth:`take_cancels`), end a running stream the same way, and let any other
+        running one finish unheard."""
         if req.cancelled or req.id not in self.pending:
             return
         req.cancelled = True
@@ -220,6 +221,8 @@ class Dispatcher:
             del self.pending[req.id]
         elif req.worker.current is not req and not req.revoked:
             req.revoked = "cancelled"
+            self._cancels.append((req.worker, req))
+        elif req.stream:  # running: its worker closes the generator and is free again
             self._cancels.append((req.worker, req))
 
     def expire(self) -> tuple[list[Pending], list[Pending]]:

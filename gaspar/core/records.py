@@ -86,6 +86,8 @@ class Pending:
     expired: str = ""  # the client's limit that ended its wait ("handler_timeout", "deadline")
     owner: Any = None  # its connection when that may pipeline: one share of the queue each
     held: bool = False  # waiting behind its owner's share, not yet in the queue
+    call: bytes = b""  # a typed call's byte in its head (gaspar.wire.envelope.CALL_AT); b"": bytes
+    stream: bool = False  # a streaming call: its items go out as they come, until its reply
 
 
 Assignment = tuple[WorkerSlot, Pending]

@@ -88,29 +88,9 @@ class Connection:
     """One client connection's state machine. ``deliver`` is what a request's outcome calls."""
 
     __slots__ = (
-        "sock",
-        "fd",
-        "front",
-        "reader",
-        "inflight",
-        "out",
-        "paused",
-        "closed",
-        "eof",
-        "keepalive",
-        "last_active",
-        "requests",
-        "close_after",
-        "budget",
-        "held_reader",
-        "held_bodies",
-        "unsent",
-        "admitted",
-        "starved",
-        "clock",
-        "abort_on_close",
-        "peer",
-    )
+        "sock fd front reader inflight out paused closed eof keepalive last_active "
+        "requests close_after budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed"
+    ).split()
 
     def __init__(self, sock: socket.socket, front: FrontEnd) -> None:
         sock.setblocking(False)
@@ -139,6 +119,7 @@ class Connection:
         self.clock = BodyClock(s.body_timeout, s.body_min_rate)
         self.abort_on_close = s.abort_on_close
         self.peer = None
+        self.owed: list[Any] = []  # streams whose items wait in ``out``: a credit each once written
         if front.outcomes.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]
@@ -334,6 +315,20 @@ class Connection:
                 self.paused = False  # back-pressure released
                 self.on_readable()
 
+    def deliver_item(self, pending: Any, request: Request, body: Any) -> None:
+        """One item of a stream (an ITEM reply; the request's own reply ends it later). Its
+        worker is credited once the item is written: a client that does not read holds its
+        stream's worker after a window of items, and the front end holds no more than that."""
+        if self.closed:
+            return
+        head = reply_header(len(body), request.tag, Status.ITEM)
+        self.out.append(memoryview(head + bytes(body)))
+        n = len(head) + len(body)
+        self.budget.add(n)
+        self.unsent += n
+        self.owed.append(pending)
+        self.flush()
+
     def flush(self) -> None:
         out = self.out
         written = 0
@@ -360,6 +355,9 @@ class Connection:
                     if self.inflight < self.front.settings.max_pipeline:
                         self.paused = False  # the client reads its replies again
                         self.front.ioloop.hub.schedule_call_global(0, self.on_readable)
+        if self.owed and not out and not self.closed:
+            owed, self.owed = self.owed, []
+            self.front.credit(owed)
         if self.close_after:
             self.close()
 

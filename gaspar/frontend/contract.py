@@ -57,5 +57,8 @@ class FrontEnd(Protocol):
     def settle(self) -> None:
         """Requests were cancelled: revoke those handed ahead to a worker."""
 
+    def credit(self, streams: list[Any]) -> None:
+        """Items of these streams (``Pending``) were written: their workers may send more."""
+
     def wake_starved(self, conns: list[Any]) -> None:
         """Budget bytes were freed: read these connections again, in turn."""

@@ -22,7 +22,7 @@ from gaspar.core.overload import NO_WORKERS, REASONS
 from gaspar.core.records import Pending, WorkerOwner, WorkerSlot
 from gaspar.errors import RemoteError, WorkerTimeout
 from gaspar.frontend.zmqfast import LARGE
-from gaspar.ops.logs import access_line, log_handler_error, log_held_back
+from gaspar.ops.logs import access_line, error_report, log_handler_error, log_held_back
 from gaspar.ops.telemetry import LogLimiter, ShedReport
 from gaspar.wire.envelope import STATUS, timing
 from gaspar.wire.framing import Request, Status, error_body, error_for_client
@@ -32,6 +32,9 @@ log = logging.getLogger("gaspar")
 #: A failure's status -> its outcome in the telemetry and the access log.
 FAILED = {Status.TIMEOUT: "timeout", Status.WORKER_DIED: "worker_died", Status.UNAVAILABLE: "unavailable"}
 
+#: A worker's reply status -> its outcome (OK is "ok"; any other, "error": the handler raised).
+_REPLY_OUTCOMES = {Status.TIMEOUT: "timeout", Status.BAD_REQUEST: "bad_request"}
+
 #: Why a request was shed -> what its client is told.
 SHED_TEXT = {
     "queue_delay": "shed after {ms} ms in a standing queue (overloaded)",
@@ -40,6 +43,12 @@ SHED_TEXT = {
     "deadline": "the client's deadline could not be met",
     "cancelled": "the client left",
 }
+
+
+def error_report_text(body: bytes) -> str:
+    """An error body's type and message, for a log line."""
+    report = error_report(body)
+    return f"{report.get('type')}: {report.get('message')}"
 
 
 class Outcomes:
@@ -74,6 +83,11 @@ class Outcomes:
             conn.requests.discard(answered)
             conn.deliver(request, head[STATUS], body)
 
+    def item(self, req: Pending, frame: Any) -> None:
+        """One item of a running stream, for its client; the stream goes on."""
+        conn, request = req.waiter
+        conn.deliver_item(req, request, frame.bytes if len(frame) < LARGE else frame.buffer)
+
     def _record(self, req: Pending, head: bytes, frame: Any) -> None:
         """A worker's reply to ``req`` (answered or not: its client may be gone)."""
         wall, cpu = timing(head)
@@ -82,12 +96,14 @@ class Outcomes:
         number = worker.label if worker is not None else 0
         status = head[STATUS]
         ok = status == Status.OK
-        outcome = "ok" if ok else "timeout" if status == Status.TIMEOUT else "error"
+        outcome = "ok" if ok else _REPLY_OUTCOMES.get(status, "error")
         queued = req.started - req.queued_at
         self.telemetry.replied(
             number, ok, wall, cpu, queued, now - req.queued_at, counted=not req.cancelled, outcome=outcome
         )
-        if outcome == "error":
+        if outcome == "bad_request":  # a call refused in the worker (no such handler, bad arguments)
+            self.log_refusal("Refused a call: %s", error_report_text(frame.bytes))
+        elif outcome == "error":
             label, pid = (worker.label, worker.pid) if worker is not None else (None, None)
             log_handler_error(self.error_log, label, pid, frame.bytes)  # what the client saw, 10 a minute
         if self.access_log is not None:

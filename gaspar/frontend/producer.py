@@ -52,7 +52,7 @@ from gaspar.config import Settings, fewest_workers
 from gaspar.core.admission import ByteBudget, Stall
 from gaspar.core.dispatch import Dispatcher
 from gaspar.core.overload import QueueControl
-from gaspar.core.records import WorkerOwner, WorkerSlot
+from gaspar.core.records import Pending, WorkerOwner, WorkerSlot
 from gaspar.errors import GasparError
 from gaspar.frontend.connection import Connection
 from gaspar.frontend.contract import ConnectionCounters
@@ -362,6 +362,9 @@ class Producer:
             request.timeout,
             conn if conn.keepalive else None,  # a connection that may pipeline: one share of the queue
         )
+        if request.call:
+            pending.call = b"s" if request.stream else b"c"
+            pending.stream = request.stream
         conn.requests.add(pending)
         self.router.send(assignments)
 
@@ -372,6 +375,10 @@ class Producer:
     def log_refusal(self, message: str, *args: Any) -> None:
         """A refused or reset request or connection, rate-limited (``Outcomes.log_refusal``)."""
         self.outcomes.log_refusal(message, *args)
+
+    def credit(self, streams: list[Pending]) -> None:
+        """Items of these streams were written to their clients: their workers may send more."""
+        self.router.credit(streams)
 
     def wake_starved(self, conns: list[Connection]) -> None:
         """Connections that may read again now that budget bytes were freed (``Waker``)."""

@@ -37,7 +37,7 @@ from gaspar.frontend.zmqfast import LARGE, MORE_NOW, NOW, RCVMORE
 from gaspar.frontend.zmqfast import get as _raw_get
 from gaspar.frontend.zmqfast import recv as _raw_recv
 from gaspar.frontend.zmqfast import send as _raw_send
-from gaspar.wire.envelope import ID, LIMITS, STATUS, Kind, pack_id
+from gaspar.wire.envelope import CREDITS, ID, LIMITS, STATUS, Kind, pack_id
 from gaspar.wire.framing import Status
 
 log = logging.getLogger("gaspar")
@@ -49,6 +49,9 @@ _CANCEL = Kind.CANCEL.value
 _SKIPPED = Kind.SKIPPED.value
 _HELLO = Kind.HELLO.value
 _ACK = Kind.ACK.value
+_ITEM = Kind.ITEM.value
+_CREDIT = Kind.CREDIT.value
+_NO_LIMITS = LIMITS.pack(0, 0)
 
 
 def limits(req: Pending) -> bytes:
@@ -80,6 +83,7 @@ class Router:
         self.socket: Any = None
         self._outbox: list[tuple[WorkerSlot, Pending]] = []
         self._cancel_box: list[tuple[WorkerSlot, Pending]] = []
+        self._credit_box: dict[Pending, int] = {}  # streams' items taken by their clients
         self._in_round = False
         self._scheduled: Any = None
 
@@ -134,6 +138,10 @@ class Router:
             body, head = req.body, (_REQUEST if worker.current is req else _AHEAD) + pack_id(req.id)
             if req.soft_timeout is not None or req.client_deadline is not None:
                 head += limits(req)
+                if req.call:
+                    head += req.call
+            elif req.call:  # a typed call: its byte after the limits (none here)
+                head += _NO_LIMITS + req.call
             if worker.agent is not None:
                 self._send_remote(worker, req, head, body)
                 continue
@@ -147,10 +155,15 @@ class Router:
                 self.supervisor.kill(worker, signal.SIGKILL, "its 0MQ pipe was gone")
                 self._outbox.extend(self.dispatcher.requeue(req))
         cancels, self._cancel_box = self._cancel_box, []
-        for worker, req in cancels:  # after the request itself: the worker sees both in order
+        heads = [(worker, _CANCEL + pack_id(req.id)) for worker, req in cancels]
+        if self._credit_box:  # streams' workers may send as many more items as were taken
+            credits, self._credit_box = self._credit_box, {}
+            for req, n in credits.items():
+                if req.worker is not None and req.worker.current is req:
+                    heads.append((req.worker, _CREDIT + pack_id(req.id) + CREDITS.pack(n)))
+        for worker, head in heads:  # after the requests themselves: the worker sees them in order
             if worker.routing_id not in self.dispatcher.workers:
                 continue  # it died: its handed-ahead requests came back already
-            head = _CANCEL + pack_id(req.id)
             if worker.agent is not None:
                 self.gateway.tell(worker, head)
                 continue
@@ -159,6 +172,14 @@ class Router:
                 send(sock, head, NOW)
             except zmq.ZMQError:
                 pass  # its pipe is gone: it is dying, and its requests come back then
+
+    def credit(self, streams: list[Pending]) -> None:
+        """Items of these streams were written to their clients: one credit each, sent in
+        the round (``CREDIT``), so each worker may send that many more."""
+        box = self._credit_box
+        for req in streams:
+            box[req] = box.get(req, 0) + 1
+        self.read_soon()
 
     def _send_remote(self, worker: WorkerSlot, req: Pending, head: bytes, body: Any) -> None:
         """A request to a worker on another host; if its agent cannot be reached, the
@@ -182,7 +203,7 @@ class Router:
         more_remote = False
         try:
             while True:
-                if self._outbox or self._cancel_box:
+                if self._outbox or self._cancel_box or self._credit_box:
                     self._flush()
                 try:
                     frames = [recv(sock, NOW)]
@@ -195,7 +216,7 @@ class Router:
                             # so a flooding agent cannot hold the hub from the clients
                             more_remote = n >= self.gateway.BATCH
                             continue
-                    if not self._outbox and not self._cancel_box:
+                    if not self._outbox and not self._cancel_box and not self._credit_box:
                         return
                     continue
                 # a multipart message arrives whole: its other frames are there already
@@ -234,6 +255,13 @@ class Router:
             worker = d.workers.get(rid)
             if worker is not None and worker.retiring:
                 self.manage_workers()
+        elif kind == _ITEM:  # one item of a running stream
+            req = d.pending.get(int.from_bytes(head[ID], "big"))
+            if req is not None and req.worker is d.workers.get(rid) and req.worker.current is req:
+                if req.timeout is not None:  # the operator's timeout bounds the time between items
+                    req.deadline = time.monotonic() + req.timeout
+                if not req.cancelled:
+                    self.outcomes.item(req, frames[2])
         elif kind == _HELLO:
             self.supervisor.on_hello(rid, frames[2].bytes)
         elif kind == _ACK:

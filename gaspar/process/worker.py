@@ -37,15 +37,13 @@ import os
 import signal
 import sys
 import threading
-import traceback
 from collections import deque
 from collections.abc import Callable
 from time import perf_counter, thread_time
 from typing import Any
 
-from gaspar.errors import SoftTimeout
-from gaspar.wire.envelope import ID, TIMING, Kind, limits
-from gaspar.wire.framing import Status, error_body
+from gaspar.process.running import ITEM, STREAM_WINDOW, Refused, SoftLimit, call_handler, client_limit, run_stream
+from gaspar.wire.envelope import CALL_AT, CREDITS, ID, STREAM, TIMING, Kind
 
 log = logging.getLogger("gaspar")
 
@@ -62,36 +60,6 @@ CANCEL_LOOK = 0.0005
 #: The signal the front end (through the fork server) sends for a dump of the stack before
 #: it kills a worker past the operator's timeout.
 DUMP_SIGNAL = signal.SIGUSR2
-
-
-class SoftLimit:
-    """The client's limit on one handler run, as a one-shot SIGALRM timer that raises
-    :class:`SoftTimeout` in the handler. Armed only around the handler's call, so a late
-    signal never lands in the worker's own loop."""
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.fired = False  # the last armed limit passed: the handler was interrupted
-        self.limit: tuple[float, str] = (0.0, "")
-        signal.signal(signal.SIGALRM, self._fire)
-
-    def arm(self, seconds: float, kind: str) -> None:
-        self.armed, self.fired, self.limit = True, False, (seconds, kind)
-        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-6))
-
-    def disarm(self) -> None:
-        if self.armed:
-            self.armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-
-    def _fire(self, _signum: int, _frame: Any) -> None:
-        if self.armed:
-            self.armed, self.fired = False, True
-            raise SoftTimeout(f"{_describe(*self.limit)} passed; its client is answered as timed out")
-
-
-def _describe(seconds: float, kind: str) -> str:
-    return f"the client's {kind} ({seconds:.3g}s)"
 
 
 class Consumer:
@@ -114,6 +82,18 @@ class Consumer:
 
     def on_broadcast(self, message: bytes) -> None:
         """Called in each live worker by ``Producer.broadcast(message)``; override it."""
+
+    def start(self, pools: set[str] | None = None) -> None:
+        """Called once in each worker after the fork, before its first request (an App
+        runs its pools' setup hooks here)."""
+
+    def call(self, message: Any) -> bytes:
+        """A typed call's reply; only an App (``gaspar.App``) takes them."""
+        raise Refused("NoSuchHandler", "this server runs a bytes handler, not an App: send plain requests")
+
+    def stream(self, message: Any) -> Any:
+        """A streaming call's items; only an App takes them."""
+        return self.call(message)
 
     def reloaded(self) -> Consumer:
         """A consumer built from a fresh import of the module that defines this one.
@@ -202,6 +182,11 @@ def run_worker(
         except Exception:
             log.exception("Worker %s (pid:%s) post_fork hook failed", worker.number, worker.pid)
             return WORKER_BOOT_ERROR
+    try:
+        worker.consumer.start()
+    except Exception:
+        log.exception("Worker %s (pid:%s) setup failed", worker.number, worker.pid)
+        return WORKER_BOOT_ERROR
     ctx = zmq.Context(1)
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 2000
@@ -213,6 +198,8 @@ def run_worker(
     request, ahead = Kind.REQUEST.value[0], Kind.AHEAD.value[0]
     broadcast, exit_, cancel = Kind.BROADCAST.value[0], Kind.EXIT.value[0], Kind.CANCEL.value[0]
     reply, ack, skipped = Kind.REPLY.value, Kind.ACK.value, Kind.SKIPPED.value
+    credit, item_head = Kind.CREDIT.value[0], Kind.ITEM.value
+    streaming: list[Any] = [None, 0, False, b""]  # a running stream: id, credits, cancelled, item head
     # pyzmq's Cython methods with int flags: its Python layer is a real share of a small
     # request's cost (see producer.py)
     send, recv, get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
@@ -222,6 +209,15 @@ def run_worker(
     def receive(flags: int) -> None:
         head = recv(sock, flags)
         frame = recv(sock, 0, False) if get(sock, rcvmore) else None
+        if streaming[0] is not None and head[ID] == streaming[0]:
+            if head[0] == credit:
+                streaming[1] += CREDITS.unpack_from(head, ID.stop)[0]
+                return
+            if head[0] == cancel:  # its client left: end the stream
+                streaming[2] = True
+                return
+        if head[0] == credit:
+            return  # for a stream that has ended
         if head[0] != cancel:
             inbox.append((head, frame, perf_counter()))
             return
@@ -230,6 +226,20 @@ def run_worker(
                 del inbox[i]
                 send(sock, skipped + head[ID], 0)
                 break
+
+    def send_item(data: bytes) -> None:
+        send(sock, streaming[3], more)
+        send(sock, data, 0, len(data) < _LARGE)
+
+    def wait_credit(sent: int) -> bool:
+        """After a stream's item: take what has arrived, and wait while the stream has no
+        credit left (its client has not taken enough items). False: its client left."""
+        streaming[1] -= 1
+        while get(sock, events) & pollin:
+            receive(0)
+        while streaming[1] <= 0 and not streaming[2]:
+            receive(0)
+        return not streaming[2]
 
     slow = False  # the last handler ran 1 ms or more: worth measuring its CPU time
     looked = 0.0  # when the socket was last drained, to empty (perf_counter)
@@ -255,7 +265,15 @@ def run_worker(
                 cpu = thread_time() if slow else -1.0
                 wall = perf_counter()
                 limit = client_limit(head, wall - received)
-                status, body = call_handler(consumer.handle, frame, limit=limit, soft=soft)
+                call = head[CALL_AT] if len(head) > CALL_AT else 0
+                if not call:
+                    status, body = call_handler(consumer.handle, frame.bytes, limit=limit, soft=soft)
+                elif call == STREAM:
+                    streaming[:] = [head[ID], STREAM_WINDOW, False, item_head + head[ID] + ITEM]
+                    status, body = run_stream(consumer.stream, frame.buffer, send_item, wait_credit)
+                    streaming[0] = None
+                else:
+                    status, body = call_handler(consumer.call, frame.buffer, limit=limit, soft=soft)
                 wall = perf_counter() - wall
                 if cpu >= 0:
                     cpu = thread_time() - cpu
@@ -264,7 +282,7 @@ def run_worker(
                 send(sock, reply + head[ID] + status + TIMING.pack(wall, cpu), more)
                 send(sock, body, 0, len(body) < _LARGE)
             elif kind == broadcast:
-                status, body = call_handler(consumer.on_broadcast, frame, broadcast=True)
+                status, body = call_handler(consumer.on_broadcast, frame.bytes, broadcast=True)
                 send(sock, ack + head[ID] + status, more)
                 send(sock, body, 0)
             elif kind == exit_:
@@ -278,75 +296,6 @@ def run_worker(
         sock.close()
         ctx.term()
     return 0
-
-
-_OK = bytes([Status.OK])
-_ERROR = bytes([Status.HANDLER_ERROR])
-_TIMEOUT = bytes([Status.TIMEOUT])
-
-
-def _timeout_body(limit: tuple[float, str], what: str) -> bytes:
-    """A reply saying the client's own limit passed (a WorkerTimeout that killed nothing)."""
-    seconds, kind = limit
-    facts = {"timeout": round(seconds, 6), "limit": kind, "killed": False, "pid": os.getpid()}
-    return error_body("WorkerTimeout", f"{_describe(seconds, kind)} {what}", **facts)
-
-
-def client_limit(head: bytes, waited: float) -> tuple[float, str] | None:
-    """The client's limit on a request's handler from its head, ``(seconds from now, which)``
-    (``handler_timeout`` or ``deadline``), or None: its ``handler_timeout``, or what is left
-    of its deadline once the ``waited`` seconds since the request arrived here are taken
-    off, whichever comes first."""
-    found = limits(head)
-    if found is None:
-        return None
-    soft_ms, deadline_ms = found
-    best = None
-    if soft_ms:
-        best = (soft_ms / 1000.0, "handler_timeout")
-    if deadline_ms:
-        left = deadline_ms / 1000.0 - waited
-        if best is None or left < best[0]:
-            best = (left, "deadline")
-    return best
-
-
-def call_handler(
-    fn: Callable[[Any], Any],
-    frame: Any,
-    broadcast: bool = False,
-    limit: tuple[float, str] | None = None,
-    soft: SoftLimit | None = None,
-) -> tuple[bytes, Any]:
-    """Run ``fn`` on a request frame; return (status byte, body) and never raise. With a
-    ``limit``, the handler is interrupted (``SoftTimeout``) when it passes; one that has
-    passed already is not run at all."""
-    message = frame.bytes  # handlers get bytes, whatever the size (one copy of a large one)
-    try:
-        if limit is None or soft is None:
-            result = fn(message)
-        elif limit[0] <= 0:
-            return _TIMEOUT, _timeout_body(limit, "passed before the handler started; it was not run")
-        else:
-            try:
-                soft.arm(*limit)
-                result = fn(message)
-            finally:
-                soft.disarm()
-        if broadcast:
-            return _OK, b""
-        if isinstance(result, str):
-            return _OK, result.encode("utf-8")
-        if isinstance(result, (bytes, bytearray, memoryview)):
-            return _OK, result
-        raise TypeError(f"handler returned {type(result).__name__}, expected bytes or str")
-    except Exception as exc:
-        if soft is not None:
-            soft.armed = False  # raised in the timer's own disarm: it has fired; never again
-            if soft.fired and isinstance(exc, SoftTimeout):
-                return _TIMEOUT, _timeout_body(soft.limit, "passed; the handler was interrupted, the worker lives on")
-        tb = traceback.format_exc()
-        return _ERROR, error_body(type(exc).__name__, str(exc), traceback=tb)
 
 
 def start_watchdog(parent: int, interval: float = 1.0) -> None:

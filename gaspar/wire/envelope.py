@@ -3,12 +3,15 @@
 A message is a small *head* frame and, for most kinds, a *body* frame: the payload is never
 glued onto the id, so a large one is sent and received without a copy::
 
-    front end -> worker   [Q|P  id(8)  limits(8)?]  [payload]     a request (P: handed ahead)
-                          [C  id(8)]                               cancel a handed-ahead one
+    front end -> worker   [Q|P  id(8)  limits(8)?  call(1)?]  [payload]   a request (P: ahead)
+                          [C  id(8)]                               cancel a handed-ahead one,
+                                                                   or end a running stream
+                          [G  id(8)  n(4)]                         a stream may send n more items
                           [B  id(8)]  [message]                    a broadcast
                           [X]                                      finish, then exit
     worker -> front end   [R  id(8)  status(1)  timing(16)]  [body]  a reply
                           [S  id(8)]                               a cancelled one, not run
+                          [I  id(8)  status(1)]  [item]            one item of a stream
                           [A  id(8)  status(1)]  [body]            a broadcast's ack
                           [H]  [json]                              ready (HELLO)
 
@@ -29,6 +32,13 @@ ID = slice(1, 9)
 STATUS = 9
 #: Where a reply's :data:`TIMING` starts.
 TIMES = 10
+#: A typed call's byte in a request's head, after the limits (zeros when the client set
+#: none): :data:`CALL` or :data:`STREAM`. A head without it carries plain bytes.
+CALL_AT = 17
+CALL = ord("c")
+STREAM = ord("s")
+#: A stream's credits in a CREDIT head, after the id.
+CREDITS = struct.Struct("!I")
 
 REQUEST_ID = struct.Struct("!Q")
 #: After a request's id in its head (front end -> worker): the client's own limits in ms,
@@ -56,6 +66,8 @@ class Kind(bytes, enum.Enum):
     REPLY = b"R"  # worker -> front end: [R id status, body]
     ACK = b"A"  # worker -> front end: [A id status, body] for a broadcast
     SKIPPED = b"S"  # worker -> front end: [S id] a cancelled request, not run
+    ITEM = b"I"  # worker -> front end: [I id status, item] one item of a stream; more follow
+    CREDIT = b"G"  # front end -> worker: [G id n] the stream's client took n items: send n more
 
 
 class Link(bytes, enum.Enum):

@@ -40,7 +40,9 @@ LENGTH_MASK = 0x7FFFFFFF
 FLAG_KEEPALIVE = 0x1
 FLAG_STATS = 0x2
 FLAG_DEADLINE = 0x4  # a u32 deadline_ms follows the 16-byte header
-KNOWN_FLAGS = FLAG_KEEPALIVE | FLAG_STATS | FLAG_DEADLINE
+FLAG_CALL = 0x8  # a typed call: the body names a handler (gaspar.wire.calls)
+FLAG_STREAM = 0x10  # with CALL: the handler's items come back as they are made (ITEM replies)
+KNOWN_FLAGS = FLAG_KEEPALIVE | FLAG_STATS | FLAG_DEADLINE | FLAG_CALL | FLAG_STREAM
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 DIRECT_BODY = 256 * 1024  # bodies this large are received into a buffer of their own
@@ -55,6 +57,7 @@ class Status(enum.IntEnum):
     WORKER_DIED = 3
     BAD_REQUEST = 4
     UNAVAILABLE = 5  # not run: the server is stopping, or shed it (Overloaded)
+    ITEM = 6  # one item of a stream; more follow, and the stream's own reply ends it
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,8 @@ class Request:
     timeout: float | None = None  # seconds asked for by the client; None: server default
     tag: int = 0
     deadline: float | None = None  # seconds the client will wait, from when it was read
+    call: bool = False  # a typed call (gaspar.wire.calls)
+    stream: bool = False  # a call whose items are sent as they come
 
 
 class RequestTooLarge(ProtocolError):
@@ -235,9 +240,13 @@ class RequestReader:
                 timeout=timeout_ms / 1000.0 if timeout_ms else None,
                 tag=tag,
                 deadline=deadline,
+                call=bool(flags & FLAG_CALL),
+                stream=bool(flags & FLAG_STREAM),
             )
             if flags & ~KNOWN_FLAGS:
                 raise ProtocolError(f"unknown request flags {flags & ~KNOWN_FLAGS:#x}")
+            if flags & FLAG_STREAM and not flags & FLAG_CALL:
+                raise ProtocolError("the STREAM flag needs the CALL flag")
         else:
             head, size = Request(b""), PLAIN_HEADER.size
         if length > self.max_message_size:
@@ -254,7 +263,9 @@ class RequestReader:
 
 
 def _with_body(head: Request, body: bytes | memoryview) -> Request:
-    return Request(body, head.extended, head.keepalive, head.stats, head.timeout, head.tag, head.deadline)
+    return Request(
+        body, head.extended, head.keepalive, head.stats, head.timeout, head.tag, head.deadline, head.call, head.stream
+    )
 
 
 def pack(message: bytes) -> bytes:
@@ -272,9 +283,12 @@ def pack_extended(
     timeout: float | None = None,
     stats: bool = False,
     deadline: float | None = None,
+    call: bool = False,
+    stream: bool = False,
 ) -> bytes:
     """The header of an extended request followed by the message."""
-    head = extended_header(len(message), tag=tag, keepalive=keepalive, timeout=timeout, stats=stats, deadline=deadline)
+    flags = {"keepalive": keepalive, "stats": stats, "call": call, "stream": stream}
+    head = extended_header(len(message), tag=tag, timeout=timeout, deadline=deadline, **flags)
     return head + message
 
 
@@ -286,12 +300,15 @@ def extended_header(
     timeout: float | None = None,
     stats: bool = False,
     deadline: float | None = None,
+    call: bool = False,
+    stream: bool = False,
 ) -> bytes:
     """The header of an extended request whose body is ``length`` bytes: 16 bytes, or 20
     with a ``deadline`` (seconds the client will wait for the reply, from now)."""
     if length > LENGTH_MASK:
         raise ValueError("message too long for the wire format")
     flags = (FLAG_KEEPALIVE if keepalive else 0) | (FLAG_STATS if stats else 0)
+    flags |= (FLAG_CALL if call or stream else 0) | (FLAG_STREAM if stream else 0)
     timeout_ms = 0 if timeout is None else max(1, _millis(timeout))
     if deadline is None:
         return EXTENDED_HEADER.pack(EXTENDED | length, flags, timeout_ms, tag & 0xFFFFFFFF)

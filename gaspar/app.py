@@ -1,0 +1,215 @@
+"""Apps: many named handlers served by one daemon, called with typed arguments.
+
+::
+
+    app = gaspar.App()
+
+    @app.handler                       # its name: "thumbnail"
+    def thumbnail(image: bytes, width: int = 128) -> bytes: ...
+
+    @app.handler(workers=1)            # a pool of its own (see below)
+    def embed(texts: list[str]) -> list[list[float]]: ...
+
+    @app.handler
+    def frames(video: bytes):          # a generator: its items stream back as they come
+        yield ...
+
+``gaspar serve mod:app`` serves them all; a client calls one by name
+(``Client(addr).call("thumbnail", data, width=64)``, ``Client.stream("frames", ...)``,
+``gaspar.Executor(addr).submit(thumbnail, data)``). The decorated function is returned as
+it was: it stays callable locally. Arguments and results travel through a codec
+(``gaspar.wire.calls``): msgpack by default, pickle only with ``App(allow_pickle=True)``,
+for trusted clients, since decoding a pickle runs code. A call for an unknown name is
+refused with :class:`gaspar.errors.NoSuchHandler`, arguments that do not bind with
+:class:`gaspar.errors.BadRequest` naming the problem, and a handler that raises gives
+:class:`gaspar.errors.HandlerError` with the remote type, as for bytes handlers.
+
+**Pools.** ``workers=N`` (or ``pool="name"``) names the pool a handler belongs to, and
+``@app.setup("name")`` a hook run once in each worker of that pool after the fork (load a
+model there, not in the front end). Handlers without a pool share ``default``.
+
+An App is a :class:`gaspar.Consumer`: everything a Consumer does (hooks, broadcasts,
+reloads) works the same, and a plain bytes request goes to ``App(default=fn)`` if given.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gaspar.process.running import Refused
+from gaspar.process.worker import Consumer
+from gaspar.wire import calls
+
+DEFAULT_POOL = "default"
+
+
+@dataclass
+class Pool:
+    """A pool of workers: how many (None: the ``--workers`` setting), and its setup hooks."""
+
+    name: str
+    workers: int | None = None
+    setup: list[Callable[[], Any]] = field(default_factory=list)
+
+
+@dataclass
+class Handler:
+    """One named handler: the function, its pool, and whether it streams (a generator)."""
+
+    name: str
+    fn: Callable[..., Any]
+    pool: str
+    stream: bool
+    signature: inspect.Signature | None
+
+
+class App(Consumer):
+    """A registry of named handlers, served by one daemon (``gaspar serve mod:app``)."""
+
+    def __init__(self, *, allow_pickle: bool = False, default: Callable[[bytes], bytes | str] | None = None) -> None:
+        # not Consumer.__init__: its ``handler`` attribute would hide the decorator
+        self.default = default
+        self.module = sys._getframe(1).f_globals.get("__name__", "")  # for reloaded()
+        self.allow_pickle = allow_pickle
+        self.handlers: dict[str, Handler] = {}
+        self.pools: dict[str, Pool] = {DEFAULT_POOL: Pool(DEFAULT_POOL)}
+
+    # -- declaring ---------------------------------------------------------------------------
+
+    def handler(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        pool: str | None = None,
+        workers: int | None = None,
+    ) -> Any:
+        """Register ``fn`` under ``name`` (its ``__name__`` by default); as ``@app.handler``
+        or ``@app.handler(...)``. ``workers=N`` gives it a pool of its own, named after
+        it, of N workers; ``pool=`` puts it in a named pool. Returns ``fn`` unchanged."""
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if not callable(fn):
+                raise TypeError(f"a handler must be callable, not {type(fn).__name__}")
+            key = name or getattr(fn, "__name__", "")
+            try:
+                calls.encode_call(key, (), {})  # a name the wire can carry
+            except ValueError as exc:
+                raise ValueError(f"handler name {key!r}: {exc}") from None
+            if key in self.handlers:
+                raise ValueError(f"a handler named {key!r} is registered already")
+            where = pool or (key if workers is not None else DEFAULT_POOL)
+            self.pool(where, workers=workers)
+            try:
+                signature = inspect.signature(fn)
+            except (TypeError, ValueError):  # some builtins
+                signature = None
+            stream = inspect.isgeneratorfunction(fn)
+            self.handlers[key] = Handler(key, fn, where, stream, signature)
+            try:
+                fn.__gaspar_handler__ = key  # Executor.submit(fn) finds its name here
+            except (AttributeError, TypeError):
+                pass
+            return fn
+
+        return register if fn is None else register(fn)
+
+    def pool(self, name: str, workers: int | None = None) -> Pool:
+        """Declare a pool (or set its size); returns it."""
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"a pool's workers must be at least 1, not {workers!r}")
+        found = self.pools.setdefault(name, Pool(name))
+        if workers is not None:
+            found.workers = workers
+        return found
+
+    def setup(self, pool: str = DEFAULT_POOL) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+        """``@app.setup("embed")``: run this once in each worker of that pool, after the fork."""
+
+        def register(fn: Callable[[], Any]) -> Callable[[], Any]:
+            self.pool(pool).setup.append(fn)
+            return fn
+
+        return register
+
+    # -- in a worker -------------------------------------------------------------------------
+
+    def handle(self, message: bytes) -> bytes | str:
+        """A plain bytes request: for ``App(default=fn)``; refused otherwise."""
+        if self.default is None:
+            raise Refused("NoSuchHandler", "this server runs an App: send typed calls (Client.call), not bytes")
+        return self.default(message)
+
+    def reloaded(self) -> App:
+        """The App of a fresh import of the module that made this one (a reload of a
+        ``Producer(app)`` given as an object; ``gaspar serve mod:app`` imports afresh)."""
+        module = importlib.reload(sys.modules[self.module])
+        for value in vars(module).values():
+            if isinstance(value, App) and set(value.handlers) >= set(self.handlers):
+                return value
+        raise LookupError(f"no App with handlers {sorted(self.handlers)} in {self.module} after a reload")
+
+    def start(self, pools: set[str] | None = None) -> None:
+        """Run the setup hooks of ``pools`` (all: None), once, in this worker."""
+        for pool in self.pools.values():
+            if pools is None or pool.name in pools:
+                for hook in pool.setup:
+                    hook()
+
+    def _prepare(self, message: Any) -> tuple[int, Handler, tuple, dict[str, Any]]:
+        try:
+            codec, name, args, kwargs = calls.decode_call(message, self.allow_pickle)
+        except Exception as exc:  # ProtocolError, or a pickle's own errors
+            raise Refused("BadRequest", str(exc)) from None
+        handler = self.handlers.get(name)
+        if handler is None:
+            known = ", ".join(sorted(self.handlers)) or "none"
+            raise Refused("NoSuchHandler", f"no handler named {name!r} (this app has: {known})")
+        if handler.signature is not None:
+            try:
+                handler.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise Refused("BadRequest", f"{name}(): {exc}") from None
+        return codec, handler, tuple(args), kwargs
+
+    def call(self, message: Any) -> bytes:
+        """A typed call's reply body: the handler's result, encoded."""
+        codec, handler, args, kwargs = self._prepare(message)
+        result = handler.fn(*args, **kwargs)
+        if handler.stream:  # called without streaming: the items as one list
+            result = list(result)
+        return calls.encode(codec, result)
+
+    def stream(self, message: Any) -> Iterator[bytes]:
+        """A streaming call's items, encoded, as the handler makes them (a handler that
+        returns a value instead streams that one item)."""
+        codec, handler, args, kwargs = self._prepare(message)
+        result = handler.fn(*args, **kwargs)
+        items = result if inspect.isgenerator(result) else iter((result,))
+        return _Encoded(items, codec)
+
+
+class _Encoded:
+    """A generator's items, encoded; ``close()`` reaches the generator (``GeneratorExit``)."""
+
+    def __init__(self, items: Iterator[Any], codec: int) -> None:
+        self.items, self.codec = items, codec
+
+    def __iter__(self) -> _Encoded:
+        return self
+
+    def __next__(self) -> bytes:
+        return calls.encode(self.codec, next(self.items))
+
+    def close(self) -> None:
+        close = getattr(self.items, "close", None)
+        if close is not None:
+            close()
+
+
+__all__ = ["App", "Handler", "Pool", "DEFAULT_POOL"]

@@ -1,0 +1,151 @@
+"""Typed calls on the wire, with no I/O: a handler's name, its arguments and its result.
+
+A *call* is an extended request with the ``CALL`` flag (``gaspar.wire.framing``); its body::
+
+    u8 codec ('m' msgpack, 'p' pickle) | u8 N | N bytes: the handler's name (UTF-8)
+    | the codec's encoding of [args (array), kwargs (map, text keys)]
+
+The reply's body (status OK) is the codec's encoding of the result; a stream's items
+(status ``ITEM``) are each encoded the same way. Errors are the JSON error bodies of every
+other request. The name comes first and plain, so the front end routes a call (to its
+handler's pool) without decoding its arguments.
+
+**Codecs.** msgpack (the default) is safe for any client: decoding it runs no code, and
+``bytes`` stay ``bytes`` (msgpack's bin type). Tuples arrive as lists, as in JSON. Pickle
+(protocol 5) carries any Python object, and large ``bytes``, ``bytearray`` and numpy
+buffers travel out of band, after the pickle, and are decoded as views of the received
+body: no copy. Decoding a pickle runs code chosen by whoever wrote it, so a server accepts
+pickle only when its ``App(allow_pickle=True)``: for trusted clients only. Its payload::
+
+    u32 K | K x u64 buffer lengths | u64 pickle length | the pickle | the K buffers
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any
+
+import msgpack
+
+from gaspar.errors import ProtocolError
+
+MSGPACK = ord("m")
+PICKLE = ord("p")
+CODECS = {"msgpack": MSGPACK, "pickle": PICKLE}
+MAX_NAME = 255
+_COUNT = struct.Struct("!I")
+_LENGTH = struct.Struct("!Q")
+#: Buffers smaller than this are kept inside the pickle (out of band costs more than a copy).
+OUT_OF_BAND = 64 * 1024
+
+
+def codec_id(codec: str) -> int:
+    try:
+        return CODECS[codec]
+    except KeyError:
+        raise ValueError(f"codec must be one of {sorted(CODECS)}, not {codec!r}") from None
+
+
+def encode(codec: int, value: Any) -> bytes:
+    """One value (arguments, a result, an item) in ``codec``."""
+    if codec == MSGPACK:
+        try:
+            return msgpack.packb(value, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"cannot send {type(value).__name__} as msgpack: {exc} (use codec='pickle')") from None
+    buffers: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < OUT_OF_BAND:
+            return True  # in band
+        buffers.append(buffer)
+        return False
+
+    data = pickle.dumps(value, protocol=5, buffer_callback=out_of_band)
+    raws = [b.raw() for b in buffers]
+    head = _COUNT.pack(len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws) + _LENGTH.pack(len(data))
+    return b"".join([head, data, *raws])
+
+
+def decode(codec: int, payload: bytes | memoryview, allow_pickle: bool = False) -> Any:
+    """What :func:`encode` made. A pickle is refused unless ``allow_pickle``: it can run code."""
+    if codec == MSGPACK:
+        try:
+            return msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several kinds for bad bytes
+            raise ProtocolError(f"a malformed msgpack payload ({type(exc).__name__}: {exc})") from None
+    if codec != PICKLE:
+        raise ProtocolError(f"unknown codec {codec!r}")
+    if not allow_pickle:
+        raise ProtocolError("this server does not accept pickle (App(allow_pickle=True) is for trusted clients)")
+    view = memoryview(payload).cast("B")
+    try:
+        (count,) = _COUNT.unpack_from(view, 0)
+        at = _COUNT.size
+        if count > (len(view) - at) // _LENGTH.size:
+            raise ValueError("more buffers than bytes")
+        lengths = [_LENGTH.unpack_from(view, at + i * _LENGTH.size)[0] for i in range(count)]
+        at += count * _LENGTH.size
+        (size,) = _LENGTH.unpack_from(view, at)
+        at += _LENGTH.size
+        data, at = view[at : at + size], at + size
+        buffers = []
+        for n in lengths:
+            buffers.append(view[at : at + n])
+            at += n
+        if at != len(view):
+            raise ValueError("lengths do not add up")
+        return pickle.loads(data, buffers=buffers)
+    except (ValueError, struct.error, pickle.UnpicklingError, EOFError) as exc:
+        raise ProtocolError(f"a malformed pickle payload ({exc})") from None
+
+
+def encode_call(name: str, args: tuple, kwargs: dict[str, Any], codec: str = "msgpack") -> bytes:
+    """A call's body."""
+    raw = name.encode("utf-8")
+    if not raw or len(raw) > MAX_NAME:
+        raise ValueError(f"a handler's name is 1 to {MAX_NAME} bytes, not {len(raw)}")
+    cid = codec_id(codec)
+    return bytes([cid, len(raw)]) + raw + encode(cid, [list(args), kwargs])
+
+
+def call_name(body: bytes | memoryview) -> tuple[int, str]:
+    """A call's codec and handler name, from the first bytes of its body (cheap: the front
+    end reads this much to route it)."""
+    if len(body) < 3 or body[0] not in (MSGPACK, PICKLE):
+        raise ProtocolError("not a call: a codec byte, then the handler's name, then the arguments")
+    n = body[1]
+    if n == 0 or len(body) < 2 + n:
+        raise ProtocolError("a call's handler name is cut short")
+    try:
+        return body[0], bytes(body[2 : 2 + n]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("a call's handler name is not UTF-8") from None
+
+
+def decode_call(body: bytes | memoryview, allow_pickle: bool = False) -> tuple[int, str, list, dict[str, Any]]:
+    """``(codec, name, args, kwargs)`` of a call's body; ProtocolError when malformed."""
+    codec, name = call_name(body)
+    decoded = decode(codec, memoryview(body)[2 + body[1] :], allow_pickle)
+    if (
+        not isinstance(decoded, (list, tuple))
+        or len(decoded) != 2
+        or not isinstance(decoded[0], (list, tuple))
+        or not isinstance(decoded[1], dict)
+        or not all(isinstance(k, str) for k in decoded[1])
+    ):
+        raise ProtocolError("a call's arguments are [args, kwargs]: an array and a map with text keys")
+    return codec, name, list(decoded[0]), decoded[1]
+
+
+__all__ = [
+    "MSGPACK",
+    "PICKLE",
+    "codec_id",
+    "encode",
+    "decode",
+    "encode_call",
+    "call_name",
+    "decode_call",
+]

@@ -1,0 +1,270 @@
+"""Apps: named handlers, typed calls and streams, against real daemons and real workers.
+
+The codecs and the registry are tested as plain functions; everything else through a
+running Producer (the ``serve`` fixture) or ``gaspar serve examples.apps:app``, with the
+blocking, asyncio and Executor clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import apps_under_test
+import pytest
+from conftest import wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gaspar
+from gaspar import aio, errors
+from gaspar.client import Client
+from gaspar.wire import calls
+from gaspar.wire.framing import REPLY_HEADER, Status, extended_header, parse_reply_header
+
+# -- the codecs ----------------------------------------------------------------------------
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text() | st.binary(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=40).filter(lambda n: len(n.encode()) <= 255), st.lists(VALUES, max_size=4))
+def test_a_call_round_trips(name, args):
+    body = calls.encode_call(name, tuple(args), {"k": args[:1]})
+    assert calls.call_name(body) == (calls.MSGPACK, name)
+    codec, got_name, got_args, kwargs = calls.decode_call(body)
+    assert (codec, got_name, got_args, kwargs) == (calls.MSGPACK, name, list(args), {"k": args[:1]})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_decode_or_are_refused_cleanly(data):
+    """What a hostile client sends is a call or a ProtocolError (a BadRequest), never a crash."""
+    try:
+        calls.decode_call(data)
+    except errors.ProtocolError:
+        pass
+
+
+def test_pickle_is_refused_unless_allowed_and_its_buffers_are_not_copied():
+    big = bytearray(b"z" * 200_000)
+    body = calls.encode_call("f", (big,), {"small": b"s"}, codec="pickle")
+    with pytest.raises(errors.ProtocolError, match="does not accept pickle"):
+        calls.decode_call(body)
+    _, _, args, kwargs = calls.decode_call(body, allow_pickle=True)
+    assert args[0] == big and kwargs == {"small": b"s"}
+    assert isinstance(args[0], bytearray)
+    view = memoryview(body)
+    _, _, args, _ = calls.decode_call(view, allow_pickle=True)
+    assert args[0] == big  # rebuilt over the body's own buffer (out of band), not from the pickle
+    assert len(body) < 200_000 + 1000
+    with pytest.raises(errors.ProtocolError):
+        calls.decode_call(body[:-10], allow_pickle=True)
+
+
+def test_names_and_arguments_are_checked_before_anything_is_sent():
+    with pytest.raises(ValueError):
+        calls.encode_call("", (), {})
+    with pytest.raises(ValueError):
+        calls.encode_call("x" * 256, (), {})
+    with pytest.raises(TypeError, match="pickle"):
+        calls.encode_call("f", ({1, 2},), {})  # a set is not msgpack
+    with pytest.raises(ValueError, match="codec"):
+        calls.encode_call("f", (), {}, codec="json")
+
+
+# -- the registry --------------------------------------------------------------------------
+
+
+def test_the_registry_keeps_functions_callable_and_named():
+    app = gaspar.App()
+
+    @app.handler
+    def double(x: int) -> int:
+        return 2 * x
+
+    @app.handler(name="triple", workers=2)
+    def three(x):
+        return 3 * x
+
+    @app.handler
+    def items():
+        yield 1
+
+    assert double(4) == 8 and three(2) == 6  # callable locally, unchanged
+    assert double.__gaspar_handler__ == "double" and three.__gaspar_handler__ == "triple"
+    assert app.handlers["triple"].pool == "triple" and app.pools["triple"].workers == 2
+    assert app.handlers["double"].pool == "default" and app.handlers["items"].stream
+    with pytest.raises(ValueError, match="already"):
+        app.handler(name="double")(lambda: None)
+    with pytest.raises(ValueError):
+        app.handler(workers=0)(lambda: None)
+    with pytest.raises(TypeError, match="not a handler"):
+        gaspar.Executor("127.0.0.1:1").submit(len, [])
+
+
+# -- against a daemon ----------------------------------------------------------------------
+
+
+def test_calls_are_typed_and_their_errors_too(serve):
+    s = serve(apps_under_test.app, processes=2)
+    with Client(s.addr, timeout=10) as c:
+        assert c.call("add", 2, b=40) == 42
+        assert c.call("add", 1) == 2
+        assert c.call("echo", b"\x00" * 1000) == b"\x00" * 1000
+        assert isinstance(c.call("whoami"), int)
+        with pytest.raises(errors.NoSuchHandler, match="no handler named 'nope'"):
+            c.call("nope")
+        with pytest.raises(errors.BadRequest, match="add\\(\\).*missing a required argument"):
+            c.call("add")
+        with pytest.raises(errors.BadRequest, match="unexpected keyword argument 'c'"):
+            c.call("add", 1, c=3)
+        with pytest.raises(errors.HandlerError) as info:
+            c.call("add", "a", b=1)
+        assert info.value.remote_type == "TypeError"
+        with pytest.raises(errors.BadRequest, match="pickle"):
+            c.call("roundtrip", 1, codec="pickle")  # this app takes msgpack only
+        with pytest.raises(errors.NoSuchHandler, match="send typed calls"):
+            c.request(b"plain bytes to an App")
+        assert c.call("add", 5) == 6  # the worker lived through all of it
+    counters = s.producer.stats()["outcomes"]
+    assert counters["bad_request"] >= 4 and counters["error"] >= 1
+
+
+def test_a_bytes_daemon_refuses_calls_and_serves_1_0_requests(serve):
+    s = serve(lambda m: m.upper(), processes=1)
+    with Client(s.addr, timeout=10) as c:
+        with pytest.raises(errors.NoSuchHandler, match="not an App"):
+            c.call("anything")
+    assert s.request(b"abc") == b"ABC"
+    with socket.create_connection(tuple(s.producer.server_addr), timeout=10) as raw:  # 1.0, byte for byte
+        raw.sendall(b"\x00\x00\x00\x03xyz")
+        assert raw.recv(100) == b"XYZ"
+
+
+def test_pickle_when_the_app_allows_it(serve):
+    s = serve(apps_under_test.pickled, processes=1)
+    with Client(s.addr, timeout=10) as c:
+        value = {"set": {1, 2}, "tuple": (1, "a"), "big": bytearray(300_000)}
+        assert c.call("roundtrip", value, codec="pickle") == value
+
+
+def test_a_stream_yields_items_as_they_come_then_ends(serve):
+    s = serve(apps_under_test.app, processes=1)
+    with Client(s.addr, timeout=10) as c:
+        assert list(c.stream("count", 5, size=3)) == [bytes([i]) * 3 for i in range(5)]
+        assert list(c.stream("count", 0)) == []
+        got = []
+        with pytest.raises(errors.HandlerError, match="KeyError"):
+            for item in c.stream("fail_after", 3):
+                got.append(item)
+        assert got == [0, 1, 2]  # the items before the error arrived
+        with pytest.raises(errors.NoSuchHandler):
+            list(c.stream("nope"))
+        start = time.monotonic()
+        first = next(iter(c.stream("count", 3, delay=0.5)))
+        assert first == b"\x00" and time.monotonic() - start < 1.4  # not after the whole stream
+        assert c.call("add", 1) == 2
+
+
+def test_an_abandoned_stream_frees_its_worker_within_a_second(serve, tmp_path):
+    s = serve(apps_under_test.app, processes=1)
+    marker = tmp_path / "closed"
+    with Client(s.addr, timeout=10) as c:
+        items = c.stream("forever", size=1024, marker=str(marker))
+        assert next(items) == b"x" * 1024
+        items.close()  # the client leaves: its connection closes
+        left = time.monotonic()
+        assert wait_for(marker.exists, 5, 0.01), "GeneratorExit never reached the handler"
+        assert c.call("add", 1) == 2  # the one worker is free again
+        assert time.monotonic() - left < 1.0
+    assert s.producer.stats()["running"] == 0
+
+
+def test_a_client_that_does_not_read_holds_its_stream_at_a_window(serve):
+    """64 KiB items from a generator that never ends, to a client that reads nothing: the
+    front end holds a window of items, not the stream, and the worker waits."""
+    s = serve(apps_under_test.app, processes=1)
+    body = calls.encode_call("forever", (), {"size": 65536})
+    with socket.create_connection(tuple(s.producer.server_addr), timeout=10) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        raw.sendall(extended_header(len(body), keepalive=True, stream=True) + body)
+        time.sleep(1.5)  # at 64 KiB an item, the generator could have made gigabytes by now
+        overload = s.producer.stats()["overload"]
+        assert overload["buffered_peak"] < 4 * 1024 * 1024, overload
+        head = raw.recv(REPLY_HEADER.size, socket.MSG_WAITALL)
+        length, _, status = parse_reply_header(head)
+        assert status == Status.ITEM and length > 65536 - 100
+    assert wait_for(lambda: s.producer.stats()["running"] == 0, 5), "the worker was not freed"
+
+
+def test_the_timeout_bounds_the_time_between_items(serve):
+    s = serve(apps_under_test.app, processes=1, timeout=1.0)
+    with Client(s.addr, timeout=10) as c:
+        assert len(list(c.stream("count", 6, delay=0.4))) == 6  # 2.4 s in all, 0.4 s apart
+        with pytest.raises(errors.WorkerTimeout):
+            list(c.stream("count", 2, delay=1.5))
+        assert c.call("add", 1) == 2  # a new worker took the killed one's place
+
+
+def test_the_example_app_from_every_client(cli):
+    server = cli("examples.apps:app", "--bind", "127.0.0.1:0", "-w", "2")
+    addr = server.wait_listening()
+    server.wait_ready(2)
+    from examples import apps
+
+    video = bytes(range(256)) * 40
+    with Client(addr, timeout=10) as c:
+        assert c.call("thumbnail", b"abcdefgh", width=4) == b"aceg"
+        assert c.call("stats", [1, 2, 3])["mean"] == 2.0
+        assert b"".join(c.stream("frames", video, size=1000)) == video
+    with gaspar.Executor(addr) as pool:
+        assert pool.submit(apps.thumbnail, b"abcdefgh", width=2).result(10) == b"ae"
+        assert [r["n"] for r in pool.map(apps.stats, [[1], [1, 2], [1, 2, 3]])] == [1, 2, 3]
+        with pytest.raises(errors.HandlerError, match="stats of nothing"):
+            pool.submit("stats", []).result(10)
+
+    async def from_asyncio():
+        async with aio.Client(addr, timeout=10) as c:
+            both = await asyncio.gather(c.call("stats", [4.0]), c.call("thumbnail", b"xy", width=1))
+            chunks = [chunk async for chunk in c.stream("frames", video, size=4096)]
+            with pytest.raises(errors.NoSuchHandler):
+                await c.call("nope")
+            return both, b"".join(chunks)
+
+    (figures, thumb), streamed = asyncio.run(from_asyncio())
+    assert figures["max"] == 4.0 and thumb == b"x" and streamed == video
+
+
+def test_setup_hooks_run_once_in_each_worker(serve, tmp_path):
+    marks = tmp_path / "setup"
+    marks.mkdir()
+    app = gaspar.App()
+
+    @app.setup()
+    def mark():
+        (marks / str(os.getpid())).write_text("")
+
+    @app.handler
+    def me() -> int:
+        return os.getpid()
+
+    s = serve(app, processes=2)
+    pids = set(s.pids())
+    assert wait_for(lambda: {int(p.name) for p in marks.iterdir()} == pids, 5)
+    with Client(s.addr, timeout=10) as c:
+        assert c.call("me") in pids
+
+
+def test_results_msgpack_cannot_carry_and_generators_called_plainly(serve):
+    s = serve(apps_under_test.app, processes=1)
+    with Client(s.addr, timeout=10) as c:
+        with pytest.raises(errors.HandlerError, match="cannot send set as msgpack"):
+            c.call("a_set")
+        assert c.call("count", 2) == [b"\x00", b"\x01"]  # a generator called without streaming: a list
