@@ -194,6 +194,26 @@ class App(Consumer):
         return _Encoded(items, codec)
 
 
+def pool_plan(consumer: Any, sizes: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, str]]:
+    """``(pool sizes, handler -> pool)`` of a consumer: for an App with pools besides the
+    default, each one's size (``sizes``, from ``--pool``/``pools``, wins over the App's
+    ``workers=``; 1 when neither says); ``({}, {})`` for everything else (every worker
+    serves every handler)."""
+    sizes = dict(sizes or {})
+    if not isinstance(consumer, App):
+        if sizes:
+            raise ValueError(f"pools ({', '.join(sorted(sizes))}) need an App (gaspar.App), not a bytes handler")
+        return {}, {}
+    unknown = set(sizes) - set(consumer.pools) - {DEFAULT_POOL}
+    if unknown:
+        raise ValueError(f"no pool named {', '.join(sorted(unknown))} in this App (it has {', '.join(consumer.pools)})")
+    named = [pool for name, pool in consumer.pools.items() if name != DEFAULT_POOL]
+    plan = {pool.name: sizes[pool.name] if pool.name in sizes else pool.workers or 1 for pool in named}
+    if not plan:
+        return {}, {}
+    return plan, {name: h.pool for name, h in consumer.handlers.items()}
+
+
 class _Encoded:
     """A generator's items, encoded; ``close()`` reaches the generator (``GeneratorExit``)."""
 
@@ -212,4 +232,4 @@ class _Encoded:
             close()
 
 
-__all__ = ["App", "Handler", "Pool", "DEFAULT_POOL"]
+__all__ = ["App", "Handler", "Pool", "DEFAULT_POOL", "pool_plan"]

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gaspar import apppath
-from gaspar.config import Settings, fewest_workers
+from gaspar.config import Settings, fewest_workers, pool_size
 from gaspar.errors import GasparError
 from gaspar.loading import UsageError, load_config, load_consumer
 from gaspar.ops.logs import FORMATS, configure
@@ -207,6 +207,14 @@ def add_pool_options(parser: argparse.ArgumentParser) -> None:
     and how to log."""
     parser.add_argument("--workers", "-w", type=int, default=None, help="worker processes (default: the CPU count)")
     parser.add_argument(
+        "--pool",
+        action="append",
+        default=None,
+        metavar="NAME=N",
+        type=pool_size,
+        help="the size of an App's pool (repeat for each); the default pool's is --workers",
+    )
+    parser.add_argument(
         "--config", "-c", metavar="FILE.py", help="a Python file whose top-level names set options, hooks included"
     )
     parser.add_argument("--chdir", metavar="DIR", help="change to DIR before loading the application and its config")
@@ -295,6 +303,8 @@ def serve(args: argparse.Namespace) -> int:
     host, port = parse_bind(bind)
     consumer = load_consumer(args.app)  # before any fork: an import error ends us here
     options.update({f.name: getattr(args, f.name) for f in Settings.cli_fields() if getattr(args, f.name) is not None})
+    if args.pool:
+        options["pools"] = {**(options.get("pools") or {}), **dict(args.pool)}
     if options.get("metrics_bind"):
         from gaspar.ops.metrics import require_prometheus
 
@@ -328,10 +338,13 @@ def agent(args: argparse.Namespace) -> int:
     options.pop("bind", None)
     workers = args.workers if args.workers is not None else options.pop("workers", None)
     options.pop("workers", None)
+    if args.pool:
+        options["pools"] = {**(options.get("pools") or {}), **dict(args.pool)}
     if workers is None:
-        workers = os.cpu_count() or 1
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise UsageError(f"--workers must be at least 1, not {workers!r}")
+        workers = 0 if options.get("pools") else os.cpu_count() or 1  # --pool alone: those pools only
+    least = 0 if options.get("pools") else 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < least:
+        raise UsageError(f"--workers must be at least 1 (0 with --pool), not {workers!r}")
     host, _, port = args.connect.removeprefix("tcp://").rpartition(":")
     ipc = args.connect.startswith("ipc://") and len(args.connect) > len("ipc://")
     if not ipc and (not args.connect.startswith("tcp://") or not host or not port.isdigit()):

@@ -75,6 +75,25 @@ def fewest_workers(remote_bind: str | None) -> int:
     return 0 if remote_bind else 1
 
 
+def check_workers(processes: Any, settings: Settings) -> None:
+    """``processes`` as the Producer takes it: None (one per CPU), or from
+    :func:`fewest_workers` to ``max_workers``."""
+    least = fewest_workers(settings.remote_bind)
+    if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int) or processes < least):
+        more = " (0 only with remote_bind)" if least else ""
+        raise ValueError(f"workers must be at least {least}{more} (None: one per CPU), not {processes!r}")
+    if (processes or 0) > settings.max_workers:
+        raise ValueError(f"workers ({processes}) must be at most max_workers ({settings.max_workers})")
+
+
+def pool_size(text: str) -> tuple[str, int]:
+    """``NAME=N`` of ``--pool``."""
+    name, sep, size = text.partition("=")
+    if not sep or not name or not size.isdigit():
+        raise ValueError(f"--pool takes NAME=N (N: 0 or more; 0: agents on other hosts only), not {text!r}")
+    return name, int(size)
+
+
 def default_max_workers() -> int:
     """``max_workers`` when unset: room to scale well past the CPU count, not to fork-bomb."""
     return max(32, 4 * (os.cpu_count() or 1))
@@ -191,6 +210,12 @@ class Settings:
     agent_liveness: float = _opt(
         3.0, "seconds an agent may stay silent; past it, it is lost: its running requests fail as WorkerLost"
     )
+    pools: dict[str, int] | None = _opt(
+        None,
+        "the sizes of an App's pools, {NAME: N} (--pool NAME=N, repeated); they override the App's workers= "
+        "(default: as the App says)",
+        cli=False,
+    )
     on_starting: Callable[[Any], None] | None = _opt(None, "hook(producer), before the workers are forked", cli=False)
     post_fork: Callable[[Any], None] | None = _opt(None, "hook(worker), in each worker after the fork", cli=False)
     worker_exit: Callable[[Any], None] | None = _opt(None, "hook(worker), in a worker that exits cleanly", cli=False)
@@ -208,6 +233,9 @@ class Settings:
         if self.max_buffered_bytes < self.max_message_size:
             raise ValueError("max_buffered_bytes must be at least max_message_size (one request must fit)")
         self._check_remote()
+        for name, size in (self.pools or {}).items():
+            if not isinstance(name, str) or not name or isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(f"pools maps a pool's name to its size (0 or more), not {name!r}: {size!r}")
         if not self.timeout:
             self.timeout = None
         if not self.idle_timeout:

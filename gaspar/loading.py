@@ -53,6 +53,18 @@ def user_traceback(exc: BaseException, limit: int = 5) -> str:
     return "".join(lines).rstrip("\n")
 
 
+def as_consumer(obj: Any) -> Consumer:
+    """A Consumer from what ``Producer`` and ``gaspar serve`` accept: a Consumer (an App is
+    one), a Consumer subclass, or a plain function ``bytes -> bytes``."""
+    if isinstance(obj, type) and issubclass(obj, Consumer):
+        return obj()
+    if isinstance(obj, Consumer):
+        return obj
+    if not callable(obj):
+        raise TypeError(f"Producer needs a Consumer or a callable, not {type(obj).__name__}")
+    return Consumer(handler=obj)
+
+
 def load_consumer(spec: str) -> Consumer:
     """``module:callable`` -> a Consumer. The callable may be a plain function, a Consumer
     instance or a Consumer subclass (instantiated with no arguments)."""

@@ -66,3 +66,42 @@ def a_set() -> set:
 @pickled.handler
 def roundtrip(value):
     return value
+
+
+# -- pools: an App whose "embed" handlers have a pool of their own -------------------------
+
+pooled = gaspar.App()
+
+
+def _mark(pool: str) -> None:
+    where = os.environ.get("GASPAR_TEST_MARKS")
+    if where:
+        with open(os.path.join(where, f"{pool}-{os.getpid()}"), "w"):
+            pass
+
+
+@pooled.setup("embed")
+def load_model() -> None:
+    _mark("embed")
+
+
+@pooled.setup()
+def load_default() -> None:
+    _mark("default")
+
+
+@pooled.handler(workers=1)
+def embed(seconds: float = 0.0) -> int:
+    if seconds:
+        time.sleep(seconds)
+    return os.getpid()
+
+
+@pooled.handler(pool="embed")
+def embed_too() -> int:
+    return os.getpid()
+
+
+@pooled.handler
+def quick() -> int:
+    return os.getpid()

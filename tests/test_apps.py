@@ -268,3 +268,117 @@ def test_results_msgpack_cannot_carry_and_generators_called_plainly(serve):
         with pytest.raises(errors.HandlerError, match="cannot send set as msgpack"):
             c.call("a_set")
         assert c.call("count", 2) == [b"\x00", b"\x01"]  # a generator called without streaming: a list
+
+
+# -- pools ---------------------------------------------------------------------------------
+
+
+def marks(where) -> dict[str, set[int]]:
+    found: dict[str, set[int]] = {}
+    for p in where.iterdir():
+        pool, _, pid = p.name.partition("-")
+        found.setdefault(pool, set()).add(int(pid))
+    return found
+
+
+def test_a_handler_with_a_pool_of_its_own(serve, tmp_path, monkeypatch):
+    """embed has a pool of 1: its setup ran in exactly one worker, only that worker runs it,
+    and a flood of slow embed calls never takes the default pool's workers."""
+    monkeypatch.setenv("GASPAR_TEST_MARKS", str(tmp_path))
+    s = serve(apps_under_test.pooled, processes=2)
+    stats = s.producer.stats()
+    assert stats["target_workers"] == 3
+    by_pool = {}
+    for w in stats["workers"]:
+        by_pool.setdefault(w["pool"], set()).add(w["pid"])
+    assert len(by_pool["embed"]) == 1 and len(by_pool["default"]) == 2
+    assert wait_for(lambda: marks(tmp_path) == by_pool, 5), marks(tmp_path)
+    with Client(s.addr, timeout=10) as c:
+        assert {c.call("embed") for _ in range(10)} == by_pool["embed"]
+        assert {c.call("embed_too") for _ in range(5)} == by_pool["embed"]
+        assert {c.call("quick") for _ in range(20)} <= by_pool["default"]
+    with gaspar.Executor(s.addr, max_workers=4) as pool:
+        slow = [pool.submit("embed", 1.0) for _ in range(2)]  # 2 s of work for its one worker
+        time.sleep(0.2)
+        start = time.monotonic()
+        assert {pool.submit("quick").result(5) for _ in range(10)} <= by_pool["default"]
+        assert time.monotonic() - start < 0.5  # never behind embed's queue
+        assert {f.result(10) for f in slow} == by_pool["embed"]
+    pools = s.producer.stats()["pools"]
+    assert pools["embed"]["workers"] == 1 and pools["default"]["workers"] == 2
+
+
+def test_pool_sizes_from_the_command_line(cli, tmp_path):
+    server = cli(
+        "apps_under_test:pooled",
+        "--bind",
+        "127.0.0.1:0",
+        "-w",
+        "1",
+        "--pool",
+        "embed=2",
+        env={"GASPAR_TEST_MARKS": str(tmp_path)},
+    )
+    addr = server.wait_listening()
+    server.wait_ready(3)
+    with gaspar.Executor(addr, max_workers=4) as pool:  # at once: both embed workers are used
+        assert len({f.result(10) for f in [pool.submit("embed", 0.3) for _ in range(4)]}) == 2
+    assert sorted(w["pool"] for w in server.stats()["workers"]) == ["default", "embed", "embed"]
+    assert wait_for(lambda: {k: len(v) for k, v in marks(tmp_path).items()} == {"embed": 2, "default": 1}, 5)
+    bad = cli("apps_under_test:pooled", "--bind", "127.0.0.1:0", "--pool", "nope=1")
+    assert bad.wait(20) == 2 and "no pool named nope" in bad.log
+
+
+def test_an_agent_serves_a_pool(serve, agent):
+    """gaspar worker mod:app --pool embed=1: the agent runs that pool only, and the front end
+    routes embed's calls to its worker and the local embed worker, never to others."""
+    s = serve(
+        apps_under_test.pooled,
+        processes=1,
+        remote_bind="tcp://127.0.0.1:*",
+        insecure=True,
+        heartbeat_interval=0.25,
+        agent_liveness=2.0,
+    )
+    a = agent("apps_under_test:pooled", "--connect", s.producer.gateway.endpoint, "--pool", "embed=1", "--name", "gpu1")
+
+    def agent_workers():
+        for info in s.producer.stats()["agents"]:
+            if info["state"] == "joined" and info["workers"]:
+                return info["workers"]
+        return None
+
+    remote = wait_for(agent_workers, 20, 0.05)
+    assert remote and len(remote) == 1, a.log
+    local = {w["pool"]: w["pid"] for w in s.producer.stats()["workers"]}
+    assert set(local) == {"default", "embed"}
+    with gaspar.Executor(s.addr, max_workers=4) as pool:
+        embedded = {f.result(10) for f in [pool.submit("embed", 0.3) for _ in range(4)]}
+        quick = {pool.submit("quick").result(10) for _ in range(10)}
+    assert embedded == {local["embed"], remote[0]["pid"]}
+    assert quick == {local["default"]}
+
+
+def test_a_call_for_a_pool_no_worker_serves_is_refused_at_once(serve):
+    s = serve(apps_under_test.pooled, processes=1, pools={"embed": 0})
+    with Client(s.addr, timeout=10) as c:
+        start = time.monotonic()
+        with pytest.raises(errors.ServerUnavailable, match="no worker serves pool 'embed'"):
+            c.call("embed")
+        assert time.monotonic() - start < 0.5
+        assert isinstance(c.call("quick"), int)  # the default pool serves on
+    assert [w["pool"] for w in s.producer.stats()["workers"]] == ["default"]
+
+
+def test_the_bytes_of_docs_protocol_a_call_from_another_language(serve):
+    """The example in docs/protocol.rst ("Typed calls"), byte for byte."""
+    s = serve(apps_under_test.app, processes=1)
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.rst"), encoding="utf-8").read()
+    assert "6d 03 61 64 64  92 91 02 81 a1 62 28" in doc
+    request = bytes.fromhex("80 00 00 0c  00 00 00 08  00 00 00 00  00 00 00 03  6d 03 61 64 64  92 91 02 81 a1 62 28")
+    with socket.create_connection(tuple(s.producer.server_addr), timeout=10) as raw:
+        raw.sendall(request)
+        reply = b""
+        while chunk := raw.recv(100):
+            reply += chunk
+    assert reply == bytes.fromhex("00 00 00 01  00 00 00 03  00  2a")

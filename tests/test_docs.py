@@ -36,7 +36,7 @@ def test_the_package_requires_its_run_time_dependencies():
     import importlib.metadata
 
     names = {re.split(r"[<>=!~; \[]", r, maxsplit=1)[0].lower() for r in importlib.metadata.requires("gaspar")}
-    assert {"pyzmq", "eventlet"} <= names
+    assert {"pyzmq", "eventlet", "msgpack"} <= names
 
 
 def test_the_docs_build_without_a_warning_and_the_settings_reference_is_complete(tmp_path):

@@ -29,6 +29,7 @@ class W:
     generation: int = 1
     retiring: bool = False
     busy: bool = False
+    pool: str = "default"
 
 
 def booted(book: PoolBook, ready: list[W], pid0: int = 1000) -> list[W]:
@@ -41,7 +42,7 @@ def booted(book: PoolBook, ready: list[W], pid0: int = 1000) -> list[W]:
         book.spawned(boot.token, pid)
         got = book.hello(boot.token, pid)
         assert got is boot
-        ready.append(W(pid, boot.number, boot.generation))
+        ready.append(W(pid, boot.number, boot.generation, pool=boot.pool))
     return ready
 
 
@@ -226,3 +227,33 @@ def test_stopping_forks_nothing_and_a_booting_death_is_no_failure():
     book.stop()
     assert book.plan([]).spawn == [] and book.plan([W(1, 1, busy=True)]).retire == []
     assert not book.exited(9, KILLED).boot_failure
+
+
+# -- pools (an App's handlers with pools of their own) ------------------------------------
+
+
+def test_each_pool_is_brought_to_its_own_size_and_numbers_are_shared():
+    book = PoolBook(2)
+    book.sizes = {"embed": 1}
+    ready = booted(book, [])
+    assert sorted((w.pool, w.number) for w in ready) == [("default", 1), ("default", 2), ("embed", 3)]
+    assert book.total == 3
+    ready[2].retiring = True  # the embed worker goes (max_requests): only embed is refilled
+    ready = booted(book, [w for w in ready if not w.retiring])
+    assert sorted((w.pool, w.number) for w in ready) == [("default", 1), ("default", 2), ("embed", 3)]
+    book.target = 1  # scale acts on the default pool only
+    plan = book.plan(ready)
+    assert [w.pool for w in plan.retire] == ["default"] and not plan.spawn
+
+
+def test_a_pool_that_is_gone_is_retired_and_a_reload_rolls_every_pool():
+    book = PoolBook(1)
+    ready = [W(1001, 1, pool="default"), W(1002, 2, pool="old")]
+    plan = book.plan(ready)
+    assert [w.pid for w in plan.retire] == [1002] and not plan.spawn
+    book.sizes = {"embed": 1}
+    ready = booted(book, [ready[0]])
+    book.reloaded()
+    plan = book.plan(ready)
+    assert sorted(b.pool for b in plan.spawn) == ["default", "embed"]  # one new worker per pool
+    assert not plan.retire  # before any old one goes

@@ -267,13 +267,15 @@ def test_a_control_message_is_capped_then_parsed(message, parsed, refused):
         (b'{"pid": true, "number": 1, "generation": 1}', "malformed"),
         (b'{"pid": 5, "number": 1, "generation": 99999999999}', "malformed"),
         (b"[]", "malformed"),
+        (b'{"pid": 5, "number": 1, "generation": 1, "pool": 7}', "malformed"),
+        (b'{"pid": 5, "number": 1, "generation": 1, "pool": ""}', "malformed"),
         (b"{", "malformed"),
         (b'{"pid": 5, "number": 1, "generation": 1, "x": "' + b"y" * MAX_HELLO + b'"}', "oversize"),
     ],
 )
 def test_a_worker_hello_is_capped_then_checked(payload, refused):
     if refused is None:
-        assert parse_hello(payload) == (5, 1, 1)
+        assert parse_hello(payload) == (5, 1, 1, "default")
     else:
         with pytest.raises(Refused) as exc:
             parse_hello(payload)

@@ -80,8 +80,8 @@ def parse_control(message: bytes) -> tuple[bytes, dict[str, Any]]:
     return message[:1], body
 
 
-def parse_hello(payload: bytes) -> tuple[int, int, int]:
-    """A relayed worker HELLO's ``(pid, number, generation)``, or :class:`Refused`."""
+def parse_hello(payload: bytes) -> tuple[int, int, int, str]:
+    """A relayed worker HELLO's ``(pid, number, generation, pool)``, or :class:`Refused`."""
     if len(payload) > MAX_HELLO:
         raise Refused("oversize", f"a worker HELLO of {len(payload)} bytes (at most {MAX_HELLO})")
     try:
@@ -93,7 +93,10 @@ def parse_hello(payload: bytes) -> tuple[int, int, int]:
     values = [hello.get(k) for k in ("pid", "number", "generation")]
     if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in values):
         raise Refused("malformed", "a worker HELLO needs a pid, a number and a generation (positive integers)")
-    return values[0], values[1], values[2]
+    pool = hello.get("pool", "default")
+    if not isinstance(pool, str) or not 0 < len(pool) <= 255:
+        raise Refused("malformed", "a worker HELLO's pool is a name of 1 to 255 characters")
+    return values[0], values[1], values[2], pool
 
 
 def count(value: Any, low: int, high: int) -> int | None:

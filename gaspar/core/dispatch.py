@@ -41,6 +41,7 @@ The caller sends what these methods return; the clock is injected, so tests driv
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,8 @@ from gaspar.core.records import Assignment, Counters, Pending, WorkerSlot
 
 class Dispatcher:
     """Assigns requests to idle workers and tracks every request until its outcome."""
+
+    routes = False  # one pool: calls are not routed by handler (see gaspar.core.pools)
 
     def __init__(
         self,
@@ -70,7 +73,7 @@ class Dispatcher:
         self._queue = FairQueue(lambda: len(self.workers), lambda: self.control.overloaded, clock)
         self.pending: dict[int, Pending] = {}
         self.counters = Counters()
-        self._next_id = 1
+        self.ids = itertools.count(1)  # request ids (shared by the pools of an App: see pools.py)
         self._shed: list[tuple[Pending, str]] = []
         self._cancels: list[tuple[WorkerSlot, Pending]] = []
 
@@ -92,12 +95,11 @@ class Dispatcher:
         queue each). A request may be shed at once (see :meth:`take_shed`): a deadline
         that cannot be met, or a full queue's oldest."""
         now = self.clock()
-        req = Pending(self._next_id, body, waiter, timeout, queued_at=now)
+        req = Pending(next(self.ids), body, waiter, timeout, queued_at=now)
         if soft_timeout is not None and (timeout is None or soft_timeout < timeout):
             req.soft_timeout = soft_timeout
         if deadline is not None:
             req.client_deadline = now + deadline
-        self._next_id += 1
         self.pending[req.id] = req
         self.counters.submitted += 1
         req.owner = owner

@@ -33,6 +33,10 @@ The rules, each a row of ``tests/test_pool.py``:
   within ``flap_window`` mean waiting ``flap_retry_in`` before forking again; after
   ``flap_max_retry`` such episodes, give up (the daemon exits 3). A ready worker resets it.
 * **Stopping.** Nothing is forked; a worker forked as the stop began is to be killed.
+* **Pools.** An App's handlers may have pools of their own (``gaspar.app``): each pool is
+  brought to its own size by the rules above (a reload rolls each pool one worker at a
+  time); numbers are shared, lowest free across the host. ``target`` is the default pool's
+  size (``--workers``, scale); :attr:`PoolBook.sizes` the other pools'.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 HALT_FLAPPING = 3  # the exit code of a daemon or agent whose workers cannot boot
+DEFAULT_POOL = "default"
 
 
 class FlapPolicy:
@@ -107,6 +112,7 @@ class Ready(Protocol):
     pid: int
     number: int
     generation: int
+    pool: str
 
     @property
     def retiring(self) -> bool: ...
@@ -123,6 +129,7 @@ class Booting:
     number: int
     generation: int
     pid: int | None = None  # once the fork server said "spawned" (or its HELLO came first)
+    pool: str = DEFAULT_POOL
 
 
 @dataclass
@@ -152,7 +159,8 @@ class PoolBook:
     def __init__(
         self, target: int, flap: FlapPolicy | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.target = target
+        self.target = target  # the default pool's size
+        self.sizes: dict[str, int] = {}  # other pools' sizes (an App's)
         self.flap = flap or FlapPolicy()
         self.clock = clock
         self.generation = 1
@@ -231,35 +239,51 @@ class PoolBook:
     def may_fork(self) -> bool:
         return not self.stopping and self.clock() >= self.backoff_until
 
+    @property
+    def total(self) -> int:
+        """Workers of every pool, as sized now."""
+        return self.target + sum(self.sizes.values())
+
     def plan(self, ready: Sequence[Ready]) -> Plan:
         """What to fork and what to retire now, given the ready workers (retiring ones
-        included). Forks are recorded as booting; the shell asks the fork server for them."""
+        included), pool by pool. Forks are recorded as booting; the shell asks the fork
+        server for them."""
         plan = Plan()
         if self.stopping:
             return plan
         live = [w for w in ready if not w.retiring]
-        old = [w for w in live if w.generation < self.generation]
-        if old:  # rolling: one new worker at a time, and an old one out for each that is ready
-            if len(live) > self.target:
-                old.sort(key=lambda w: w.busy)  # idle ones first
-                plan.retire = old[: len(live) - self.target]
-            if len(old) > len(plan.retire) and not self.booting and self.may_fork():
-                plan.spawn.append(self._fork([w for w in live if w not in plan.retire]))
-            return plan
-        missing = self.target - len(live) - len(self.booting)
-        if missing > 0 and self.may_fork():
-            for _ in range(missing):
-                plan.spawn.append(self._fork(live))
-        elif missing < 0:
-            live.sort(key=lambda w: w.busy)
-            plan.retire = live[:-missing]
+        sizes = {DEFAULT_POOL: self.target, **self.sizes}
+        for pool in {w.pool for w in live} - set(sizes):  # a pool that is gone: none of it
+            sizes[pool] = 0
+        for pool, size in sizes.items():
+            self._plan_pool(pool, size, [w for w in live if w.pool == pool], live, plan)
         return plan
 
-    def _fork(self, live: Sequence[Ready]) -> Booting:
+    def _plan_pool(self, pool: str, size: int, live: list[Ready], every: list[Ready], plan: Plan) -> None:
+        booting = [b for b in self.booting.values() if b.pool == pool]
+        old = [w for w in live if w.generation < self.generation]
+        if old:  # rolling: one new worker at a time, and an old one out for each that is ready
+            retire: list[Ready] = []
+            if len(live) > size:
+                old.sort(key=lambda w: w.busy)  # idle ones first
+                retire = old[: len(live) - size]
+                plan.retire += retire
+            if len(old) > len(retire) and not booting and self.may_fork():
+                plan.spawn.append(self._fork([w for w in every if w not in plan.retire], pool))
+            return
+        missing = size - len(live) - len(booting)
+        if missing > 0 and self.may_fork():
+            for _ in range(missing):
+                plan.spawn.append(self._fork(every, pool))
+        elif missing < 0:
+            live.sort(key=lambda w: w.busy)
+            plan.retire += live[:-missing]
+
+    def _fork(self, live: Sequence[Ready], pool: str = DEFAULT_POOL) -> Booting:
         used = {w.number for w in live} | {b.number for b in self.booting.values()}
         number = next(n for n in range(1, len(used) + 2) if n not in used)
         self._tokens += 1
-        boot = self.booting[self._tokens] = Booting(self._tokens, number, self.generation)
+        boot = self.booting[self._tokens] = Booting(self._tokens, number, self.generation, pool=pool)
         return boot
 
     def pids(self) -> list[int]:
@@ -267,4 +291,14 @@ class PoolBook:
         return [b.pid for b in self.booting.values() if b.pid is not None]
 
 
-__all__ = ["Booting", "Exit", "FlapPolicy", "HALT_FLAPPING", "Plan", "PoolBook", "Ready", "describe_exit"]
+__all__ = [
+    "DEFAULT_POOL",
+    "Booting",
+    "Exit",
+    "FlapPolicy",
+    "HALT_FLAPPING",
+    "Plan",
+    "PoolBook",
+    "Ready",
+    "describe_exit",
+]

@@ -32,6 +32,7 @@ class WorkerSlot:
     started: float = 0.0
     agent: Any = None  # the remote agent it lives on (gaspar.core.agents.Agent); None: a local process
     wid: bytes = b""  # a remote worker's own routing id, on its agent's socket
+    pool: str = "default"  # an App's pool: it runs only that pool's handlers
 
     @property
     def busy(self) -> bool:
@@ -88,6 +89,7 @@ class Pending:
     held: bool = False  # waiting behind its owner's share, not yet in the queue
     call: bytes = b""  # a typed call's byte in its head (gaspar.wire.envelope.CALL_AT); b"": bytes
     stream: bool = False  # a streaming call: its items go out as they come, until its reply
+    pool: str = "default"  # the pool whose workers run it (an App's handler's)
 
 
 Assignment = tuple[WorkerSlot, Pending]

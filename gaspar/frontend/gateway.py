@@ -309,7 +309,7 @@ class Gateway:
     def _on_hello(self, agent: Agent, wid: bytes, payload: bytes) -> None:
         if agent.state != "joined" or wid in agent.workers:
             return
-        pid, number, generation = parse_hello(payload)
+        pid, number, generation, pool = parse_hello(payload)
         if len(wid) > 256:
             raise Refused("malformed", f"a worker routing id of {len(wid)} bytes")
         if not self.agents.may_add_worker(agent):
@@ -320,13 +320,8 @@ class Gateway:
                 f"{agent.announced}; max_agent_workers {self.agents.max_workers})",
             )
         s = self.settings
-        slot = WorkerSlot(
-            pid,
-            number,
-            generation,
-            agent.rid + wid,
-            max_requests=draw_limit(s.max_requests, s.max_requests_jitter),
-        )
+        limit = draw_limit(s.max_requests, s.max_requests_jitter)
+        slot = WorkerSlot(pid, number, generation, agent.rid + wid, max_requests=limit, pool=pool)
         slot.agent, slot.wid = agent, wid
         agent.workers[wid] = slot
         log.info("Worker %s ready (pid:%s on %s)", slot.label, slot.pid, agent.host)

@@ -97,8 +97,8 @@ def signal_actions(front: Any) -> dict[int, Callable[[], Any]]:
         signal.SIGINT: lambda: begin_stop(front, False),
         signal.SIGQUIT: lambda: begin_stop(front, False),
         signal.SIGHUP: front.do_reload,
-        signal.SIGTTIN: lambda: front.do_scale(min(front.target + 1, front.settings.max_workers)),
-        signal.SIGTTOU: lambda: front.do_scale(front.target - 1),
+        signal.SIGTTIN: lambda: front.do_scale(min(front.supervisor.book.target + 1, front.settings.max_workers)),
+        signal.SIGTTOU: lambda: front.do_scale(front.supervisor.book.target - 1),
     }
 
 

@@ -169,12 +169,13 @@ class Outcomes:
         if self.access_log is not None:
             self.log_access((conn, request), "bad_request", 0, None, None, 0.0, None)
 
-    def refused_stopping(self, conn: Any, request: Request) -> None:
-        """A request read after the stop began: it never queues."""
+    def refused_stopping(self, conn: Any, request: Request, why: str = "the server is stopping") -> None:
+        """A request refused before it queues: read after the stop began, or a call for a
+        pool that no worker serves."""
         self.telemetry.ended("unavailable", None, 0.0)
         if self.access_log is not None:
             self.log_access((conn, request), "unavailable", 0, None, None, 0.0, None)
-        conn.deliver(request, Status.UNAVAILABLE, error_body("ServerUnavailable", "the server is stopping"))
+        conn.deliver(request, Status.UNAVAILABLE, error_body("ServerUnavailable", why))
 
     def expired(
         self, answered: list[Pending], killed: list[Pending], owner: Callable[[WorkerSlot], WorkerOwner]

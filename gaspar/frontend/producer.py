@@ -48,10 +48,12 @@ with warnings.catch_warnings():
     import eventlet.hubs
     from eventlet.event import Event as GreenEvent
 
-from gaspar.config import Settings, fewest_workers
+from gaspar.app import pool_plan
+from gaspar.config import Settings, check_workers, fewest_workers
 from gaspar.core.admission import ByteBudget, Stall
 from gaspar.core.dispatch import Dispatcher
 from gaspar.core.overload import QueueControl
+from gaspar.core.pools import Pools
 from gaspar.core.records import Pending, WorkerOwner, WorkerSlot
 from gaspar.errors import GasparError
 from gaspar.frontend.connection import Connection
@@ -64,6 +66,7 @@ from gaspar.frontend.ports import Ports
 from gaspar.frontend.router import Router
 from gaspar.frontend.stats import snapshot
 from gaspar.frontend.supervisor import Supervisor
+from gaspar.loading import as_consumer
 from gaspar.ops.telemetry import Telemetry
 from gaspar.process.forks import ForkServer
 from gaspar.process.worker import Consumer
@@ -89,21 +92,9 @@ class Producer:
         host: str = "127.0.0.1",
         **options: Any,
     ) -> None:
-        if isinstance(consumer, type) and issubclass(consumer, Consumer):
-            consumer = consumer()
-        elif not isinstance(consumer, Consumer):
-            if not callable(consumer):
-                raise TypeError(f"Producer needs a Consumer or a callable, not {type(consumer).__name__}")
-            consumer = Consumer(handler=consumer)  # a plain function, as the CLI accepts
+        consumer = as_consumer(consumer)
         self.settings = Settings(**options)
-        least = fewest_workers(self.settings.remote_bind)
-        if processes is not None and (
-            isinstance(processes, bool) or not isinstance(processes, int) or processes < least
-        ):
-            more = " (0 only with remote_bind)" if least else ""
-            raise ValueError(f"workers must be at least {least}{more} (None: one per CPU), not {processes!r}")
-        if (processes or 0) > self.settings.max_workers:
-            raise ValueError(f"workers ({processes}) must be at most max_workers ({self.settings.max_workers})")
+        check_workers(processes, self.settings)
         self.consumer = consumer
         #: The consumer's ``module:attr``, when it was loaded by name (the CLI sets it): a
         #: reload then imports the application afresh, every module, in a new fork server.
@@ -118,8 +109,13 @@ class Producer:
         self.server_addr: tuple[str, int] | None = None
         self.exit_code = 0
         s = self.settings
-        control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=max(1, self.processes))
-        self.dispatcher = Dispatcher(prefetch=s.prefetch, control=control, max_queued=s.max_queued)
+        pool_sizes, handler_pools = pool_plan(consumer, s.pools)  # an App's pools besides the default
+
+        def dispatcher() -> Dispatcher:
+            control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=max(1, self.processes))
+            return Dispatcher(prefetch=s.prefetch, control=control, max_queued=s.max_queued)
+
+        self.dispatcher: Any = Pools(dispatcher, pool_sizes, handler_pools) if pool_sizes else dispatcher()
         self.budget = ByteBudget(s.max_buffered_bytes)
         self.counters = ConnectionCounters()  # abandoned, refused, idle and slow resets
         self.telemetry = Telemetry()
@@ -354,6 +350,10 @@ class Producer:
             self.outcomes.refused_stopping(conn, request)
             return
         # the operator's timeout bounds the handler; the client may only ask for less
+        where = {"pool": self.dispatcher.pool_of(request.body)} if request.call and self.dispatcher.routes else {}
+        if where and not self.dispatcher.serves(where["pool"]):
+            why = f"no worker serves pool {where['pool']!r}: none on this host and no agent's"
+            return self.outcomes.refused_stopping(conn, request, why)
         pending, assignments = self.dispatcher.submit(
             request.body,
             (conn, request),
@@ -361,6 +361,7 @@ class Producer:
             request.deadline,
             request.timeout,
             conn if conn.keepalive else None,  # a connection that may pipeline: one share of the queue
+            **where,
         )
         if request.call:
             pending.call = b"s" if request.stream else b"c"

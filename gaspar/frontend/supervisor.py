@@ -44,6 +44,7 @@ with __import__("warnings").catch_warnings():
 
 import zmq
 
+from gaspar.app import pool_plan
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.core.records import WorkerSlot, draw_limit
 from gaspar.errors import GasparError, WorkerDied
@@ -80,6 +81,7 @@ class Supervisor:
         self._send, self._fail, self._on_ready, self._on_fatal = send, fail, on_ready, on_fatal
         s = settings
         self.book = PoolBook(target, FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry))
+        self.book.sizes = pool_plan(consumer, s.pools)[0]  # an App's pools of their own
         self.reloading: str | None = None  # "importing", then "replacing" until READY=1 (systemd)
         self.reloads = Reloads()  # the outcome of each, for gaspar ctl
         self.restarts = 0
@@ -90,7 +92,8 @@ class Supervisor:
 
     @property
     def target(self) -> int:
-        return self.book.target
+        """Workers of every pool (an App's pools besides the default: ``book.sizes``)."""
+        return self.book.total
 
     def why_no_workers(self) -> str:
         """Why the pool has no worker, for a client refused for it and the log."""
@@ -181,6 +184,7 @@ class Supervisor:
                 {
                     "pid": w.pid,
                     "number": w.number,
+                    "pool": w.pool,
                     "generation": w.generation,
                     "state": state,
                     "handled": w.handled,
@@ -209,7 +213,7 @@ class Supervisor:
             return
         s = self.settings
         limit = draw_limit(s.max_requests, s.max_requests_jitter)
-        slot = WorkerSlot(pid, boot.number, boot.generation, rid, max_requests=limit)
+        slot = WorkerSlot(pid, boot.number, boot.generation, rid, max_requests=limit, pool=boot.pool)
         log.info("Worker %s (pid:%s) ready", slot.number, pid)
         self._send(self.dispatcher.add_worker(slot))
         self.manage()  # a rolling reload: an old worker goes for each new one ready
@@ -274,7 +278,7 @@ class Supervisor:
             if d.retire(w.routing_id, reason):
                 self.tell_exit(w)
         for boot in plan.spawn:
-            self.fork_server.spawn(boot.number, boot.generation, boot.token)
+            self.fork_server.spawn(boot.number, boot.generation, boot.token, boot.pool)
 
     # -- acting on a worker (the gateway has the same three for remote ones) ---------------
 
@@ -345,8 +349,8 @@ class Supervisor:
     def scale(self, n: int, least: int = 1) -> None:
         if n > self.settings.max_workers:
             raise ValueError(f"cannot scale to {n} workers: max_workers is {self.settings.max_workers}")
-        self.book.target = max(least, int(n))
-        log.info("Scaling to %s workers", self.target)
+        self.book.target = max(least, int(n))  # the default pool
+        log.info("Scaling to %s workers", self.book.target)
         self.manage()
 
     # -- systemd ---------------------------------------------------------------------------

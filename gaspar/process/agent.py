@@ -53,6 +53,7 @@ from typing import Any
 
 import zmq
 
+from gaspar.app import pool_plan
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.ops import sdnotify
 from gaspar.ops.ipcdir import make_ipc_dir
@@ -73,10 +74,10 @@ _REPLY, _SKIPPED = Kind.REPLY.value[0], Kind.SKIPPED.value[0]
 class LocalWorker:
     """A ready worker process of this agent (it said HELLO; booting ones are the pool book's)."""
 
-    __slots__ = ("pid", "number", "generation", "wid", "hello", "announced", "requests", "retiring")
+    __slots__ = ("pid", "number", "generation", "wid", "hello", "announced", "requests", "retiring", "pool")
 
-    def __init__(self, pid: int, number: int, generation: int, wid: bytes, hello: bytes) -> None:
-        self.pid, self.number, self.generation = pid, number, generation
+    def __init__(self, pid: int, number: int, generation: int, wid: bytes, hello: bytes, pool: str) -> None:
+        self.pid, self.number, self.generation, self.pool = pid, number, generation, pool
         self.retiring = False  # asked to go once idle (a reload, a smaller pool)
         self.wid, self.hello = wid, hello  # its routing id and HELLO, relayed to the front end
         self.announced = False  # its HELLO went to the front end in this session
@@ -104,8 +105,8 @@ class Agent(Uplink):
     ) -> None:
         if (curve_secret is None) != (curve_server is None):
             raise ValueError("--curve-secret and --curve-server go together (this agent's key, the server's)")
-        if workers < 1:
-            raise ValueError(f"an agent runs at least 1 worker, not {workers}")
+        if workers < 0 or (workers == 0 and not settings.pools):
+            raise ValueError(f"an agent runs at least 1 worker (0 with --pool), not {workers}")
         self.consumer, self.settings, self.spec = consumer, settings, spec
         self.connect = connect
         self.host = socket.gethostname()
@@ -131,6 +132,7 @@ class Agent(Uplink):
         self.exit_code = 0
         flap = FlapPolicy(settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry)
         self.book = PoolBook(workers, flap)  # booting, numbers, generations, flapping
+        self.book.sizes = pool_plan(consumer, settings.pools)[0]  # an App's pools, if --pool says
         self.by_pid: dict[int, LocalWorker] = {}  # ready workers
         self.by_wid: dict[bytes, LocalWorker] = {}
         self.forks: ForkServers | None = None  # the current fork server, a reload's next, old ones
@@ -140,7 +142,7 @@ class Agent(Uplink):
 
     @property
     def target(self) -> int:
-        return self.book.target
+        return self.book.total
 
     # -- the main loop ---------------------------------------------------------------------
 
@@ -290,7 +292,8 @@ class Agent(Uplink):
         boot = self.book.hello(hello["token"], pid)  # it may outrun the fork server's "spawned"
         if boot is None:  # reaped already
             return
-        w = self.by_pid[pid] = self.by_wid[wid] = LocalWorker(pid, boot.number, boot.generation, wid, payload)
+        w = LocalWorker(pid, boot.number, boot.generation, wid, payload, boot.pool)
+        self.by_pid[pid] = self.by_wid[wid] = w
         log.info("Worker %s (pid:%s) ready", w.number, w.pid)
         self.announce(w)
         self.manage_workers()  # a rolling reload: an old worker goes for each new one ready
@@ -396,7 +399,7 @@ class Agent(Uplink):
         for w in plan.retire:
             self.retire(w)
         for boot in plan.spawn:
-            self.forks.current.spawn(boot.number, boot.generation, boot.token)
+            self.forks.current.spawn(boot.number, boot.generation, boot.token, boot.pool)
 
     def running(self) -> int:
         return sum(1 for w in self.by_pid.values() if w.requests)

@@ -137,8 +137,9 @@ class ForkServer:
         except OSError as exc:  # the fork server is gone; its exit is reported elsewhere
             log.error("fork server unreachable: %s", exc)
 
-    def spawn(self, number: int, generation: int, token: int) -> None:
-        self._send(op="spawn", number=number, generation=generation, token=token, endpoint=self.endpoint)
+    def spawn(self, number: int, generation: int, token: int, pool: str = "default") -> None:
+        fields = {"number": number, "generation": generation, "token": token, "pool": pool}
+        self._send(op="spawn", endpoint=self.endpoint, **fields)
 
     def kill(self, pid: int, sig: int, dump: bool = False) -> None:
         """Signal a worker; with ``dump``, first have it write its stack to the log."""

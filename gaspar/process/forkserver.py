@@ -103,7 +103,7 @@ class Server:
     def emit(self, **event: Any) -> None:
         os.write(self.evt, json.dumps(event).encode() + b"\n")
 
-    def do_spawn(self, number: int, generation: int, token: int, endpoint: str) -> None:
+    def do_spawn(self, number: int, generation: int, token: int, endpoint: str, pool: str = "default") -> None:
         pipes = None
         if self.output is not None:
             _flush_std()  # or what this process buffered would be written again by the child
@@ -129,7 +129,7 @@ class Server:
                 signal.set_wakeup_fd(-1)
                 if pipes is not None:
                     self.output.child(pipes)
-                worker = Worker(number, generation, token, self.consumer, self.settings.proc_name)
+                worker = Worker(number, generation, token, self.consumer, self.settings.proc_name, pool)
                 s = self.settings
                 code = run_worker(worker, endpoint, s.post_fork, s.worker_exit, s.worker_nice, stack_w)
             except BaseException:

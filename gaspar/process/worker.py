@@ -128,8 +128,11 @@ class Worker:
     ``state`` is a dict for per-worker things a hook sets up (a connection, a table).
     """
 
-    def __init__(self, number: int, generation: int, token: int, consumer: Consumer, proc_name: str) -> None:
+    def __init__(
+        self, number: int, generation: int, token: int, consumer: Consumer, proc_name: str, pool: str = "default"
+    ) -> None:
         self.number = number
+        self.pool = pool  # an App's pool: the handlers it serves, the setup hooks it runs
         self.generation = generation
         self.token = token  # matches this worker's HELLO to the fork that made it
         self.consumer = consumer
@@ -160,7 +163,8 @@ def run_worker(
     import zmq  # the worker's own context, made after the fork
     import zmq.backend
 
-    set_proctitle(f"{worker.proc_name}: worker {worker.number}")
+    pool = "" if worker.pool == "default" else f" ({worker.pool})"
+    set_proctitle(f"{worker.proc_name}: worker {worker.number}{pool}")
     if nice:
         # Below the front end: on a busy machine its dispatch and socket work run as soon as
         # they are woken instead of queueing behind handlers (bench: fairness p99 and
@@ -183,7 +187,7 @@ def run_worker(
             log.exception("Worker %s (pid:%s) post_fork hook failed", worker.number, worker.pid)
             return WORKER_BOOT_ERROR
     try:
-        worker.consumer.start()
+        worker.consumer.start({worker.pool})
     except Exception:
         log.exception("Worker %s (pid:%s) setup failed", worker.number, worker.pid)
         return WORKER_BOOT_ERROR
@@ -193,6 +197,8 @@ def run_worker(
     sock.routing_id = b"%d:%d" % (worker.pid, worker.generation)
     sock.connect(endpoint)
     hello = {"pid": worker.pid, "number": worker.number, "generation": worker.generation, "token": worker.token}
+    if worker.pool != "default":
+        hello["pool"] = worker.pool
     sock.send_multipart([Kind.HELLO.value, json.dumps(hello).encode()])
     consumer = worker.consumer
     request, ahead = Kind.REQUEST.value[0], Kind.AHEAD.value[0]

@@ -26,8 +26,6 @@ import pickle
 import struct
 from typing import Any
 
-import msgpack
-
 from gaspar.errors import ProtocolError
 
 MSGPACK = ord("m")
@@ -50,6 +48,8 @@ def codec_id(codec: str) -> int:
 def encode(codec: int, value: Any) -> bytes:
     """One value (arguments, a result, an item) in ``codec``."""
     if codec == MSGPACK:
+        import msgpack  # here: importing gaspar needs nothing beyond the standard library
+
         try:
             return msgpack.packb(value, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -71,6 +71,8 @@ def encode(codec: int, value: Any) -> bytes:
 def decode(codec: int, payload: bytes | memoryview, allow_pickle: bool = False) -> Any:
     """What :func:`encode` made. A pickle is refused unless ``allow_pickle``: it can run code."""
     if codec == MSGPACK:
+        import msgpack
+
         try:
             return msgpack.unpackb(payload, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises several kinds for bad bytes
