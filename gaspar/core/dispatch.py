@@ -87,12 +87,14 @@ class Dispatcher:
         deadline: float | None = None,
         soft_timeout: float | None = None,
         owner: Any = None,
+        pool: str = "default",
     ) -> tuple[Pending, list[Assignment]]:
         """Register a request; return it and the assignments to send now. ``timeout``: the
         operator's limit on its handler (its worker is killed past it); ``soft_timeout``:
         the client's, honoured only when shorter; ``deadline``: the seconds its client will
         wait, from now; ``owner``: the connection, when it may pipeline (one share of the
-        queue each). A request may be shed at once (see :meth:`take_shed`): a deadline
+        queue each); ``pool``: kept on the request (the one dispatcher of a pool, see
+        ``gaspar.core.pools``). A request may be shed at once (see :meth:`take_shed`): a deadline
         that cannot be met, or a full queue's oldest."""
         now = self.clock()
         req = Pending(next(self.ids), body, waiter, timeout, queued_at=now)
@@ -102,7 +104,7 @@ class Dispatcher:
             req.client_deadline = now + deadline
         self.pending[req.id] = req
         self.counters.submitted += 1
-        req.owner = owner
+        req.owner, req.pool = owner, pool
         if not self._queue.submit(req):
             return req, []  # held behind its own connection's share
         queue = self._queue

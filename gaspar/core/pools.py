@@ -70,10 +70,18 @@ class Pools:
         except GasparError:
             return DEFAULT_POOL
 
-    def submit(self, *args: Any, pool: str = DEFAULT_POOL, **kwargs: Any) -> tuple[Pending, list[Assignment]]:
-        req, out = self.pool(pool).submit(*args, **kwargs)
-        req.pool = pool
-        return req, out
+    def submit(
+        self,
+        body: Any,
+        waiter: Any,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        soft_timeout: float | None = None,
+        owner: Any = None,
+        pool: str = DEFAULT_POOL,
+    ) -> tuple[Pending, list[Assignment]]:
+        """As ``Dispatcher.submit``, to the dispatcher of ``pool``."""
+        return self.pool(pool).submit(body, waiter, timeout, deadline, soft_timeout, owner, pool)
 
     def complete(self, routing_id: bytes, request_id: int, ran: bool = True) -> tuple[Pending | None, list[Assignment]]:
         worker = self.workers.get(routing_id)

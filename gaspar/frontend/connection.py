@@ -119,7 +119,7 @@ class Connection:
         self.clock = BodyClock(s.body_timeout, s.body_min_rate)
         self.abort_on_close = s.abort_on_close
         self.peer = None
-        self.owed: list[Any] = []  # streams whose items wait in ``out``: a credit each once written
+        self.owed: list[Any] | None = None  # streams whose items wait in ``out``: a credit each once written
         if front.outcomes.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]
@@ -326,6 +326,8 @@ class Connection:
         n = len(head) + len(body)
         self.budget.add(n)
         self.unsent += n
+        if self.owed is None:
+            self.owed = []
         self.owed.append(pending)
         self.flush()
 

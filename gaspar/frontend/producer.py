@@ -53,7 +53,7 @@ from gaspar.config import Settings, check_workers, fewest_workers
 from gaspar.core.admission import ByteBudget, Stall
 from gaspar.core.dispatch import Dispatcher
 from gaspar.core.overload import QueueControl
-from gaspar.core.pools import Pools
+from gaspar.core.pools import DEFAULT_POOL, Pools
 from gaspar.core.records import Pending, WorkerOwner, WorkerSlot
 from gaspar.errors import GasparError
 from gaspar.frontend.connection import Connection
@@ -344,25 +344,19 @@ class Producer:
     def submit(self, conn: Connection, request: Request) -> None:
         """Queue a request for a worker; its outcome is delivered to ``conn``."""
         if request.stats:
-            conn.deliver(request, Status.OK, self.stats_json())
-            return
+            return conn.deliver(request, Status.OK, self.stats_json())
         if self.stopping:
-            self.outcomes.refused_stopping(conn, request)
-            return
+            return self.outcomes.refused_stopping(conn, request)
         # the operator's timeout bounds the handler; the client may only ask for less
-        where = {"pool": self.dispatcher.pool_of(request.body)} if request.call and self.dispatcher.routes else {}
-        if where and not self.dispatcher.serves(where["pool"]):
-            why = f"no worker serves pool {where['pool']!r}: none on this host and no agent's"
-            return self.outcomes.refused_stopping(conn, request, why)
-        pending, assignments = self.dispatcher.submit(
-            request.body,
-            (conn, request),
-            self.settings.timeout,
-            request.deadline,
-            request.timeout,
-            conn if conn.keepalive else None,  # a connection that may pipeline: one share of the queue
-            **where,
-        )
+        pool = DEFAULT_POOL
+        if request.call and self.dispatcher.routes:  # an App's handler with a pool of its own
+            pool = self.dispatcher.pool_of(request.body)
+            if not self.dispatcher.serves(pool):
+                why = f"no worker serves pool {pool!r}: none on this host and no agent's"
+                return self.outcomes.refused_stopping(conn, request, why)
+        owner = conn if conn.keepalive else None  # a connection that may pipeline: one share of the queue
+        r, timeout = request, self.settings.timeout
+        pending, assignments = self.dispatcher.submit(r.body, (conn, r), timeout, r.deadline, r.timeout, owner, pool)
         if request.call:
             pending.call = b"s" if request.stream else b"c"
             pending.stream = request.stream
