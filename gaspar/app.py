@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gaspar.errors import ProtocolError
 from gaspar.process.running import Refused
 from gaspar.process.worker import Consumer
 from gaspar.wire import calls
@@ -136,6 +137,16 @@ class App(Consumer):
             return fn
 
         return register
+
+    def handler_of(self, body: Any) -> str:
+        """In the front end: the handler a call's body names, if this App has it ("": a name
+        it does not know, or a malformed call; its worker says why). Only known names become
+        labels of the figures, so a client cannot grow them."""
+        try:
+            name = calls.call_name(body)[1]
+        except ProtocolError:
+            return ""
+        return name if name in self.handlers else ""
 
     # -- in a worker -------------------------------------------------------------------------
 

@@ -382,3 +382,35 @@ def test_the_bytes_of_docs_protocol_a_call_from_another_language(serve):
         while chunk := raw.recv(100):
             reply += chunk
     assert reply == bytes.fromhex("00 00 00 01  00 00 00 03  00  2a")
+
+
+def test_handlers_and_pools_are_seen_in_stats_metrics_and_statsd(serve):
+    """Calls counted by handler and pool; a client's made-up names never become labels."""
+    from test_metrics import scrape, value
+
+    from gaspar.ops.statsd import format_metrics
+
+    s = serve(apps_under_test.pooled, processes=1, metrics_bind="127.0.0.1:0")
+    with Client(s.addr, timeout=10) as c:
+        for _ in range(3):
+            c.call("embed")
+        c.call("quick")
+        with pytest.raises(errors.NoSuchHandler):
+            c.call("made_up_by_a_client")
+        with pytest.raises(errors.BadRequest):
+            c.call("quick", 1)  # does not bind
+    before = None
+    stats = s.producer.stats()
+    assert stats["handlers"]["embed"]["pool"] == "embed" and stats["handlers"]["embed"]["outcomes"]["ok"] == 3
+    quick = stats["handlers"]["quick"]["outcomes"]
+    assert quick["ok"] == 1 and quick["bad_request"] == 1
+    assert "made_up_by_a_client" not in stats["handlers"]
+    time.sleep(1.1)  # the metrics port renders once a second at most
+    m = scrape(s.producer.metrics_addr)
+    assert value(m, "gaspar_handler_requests_total", handler="embed", pool="embed", outcome="ok") == 3
+    assert value(m, "gaspar_handler_requests_total", handler="quick", pool="default", outcome="bad_request") == 1
+    assert value(m, "gaspar_handler_call_duration_seconds_count", handler="embed", pool="embed") == 3
+    assert value(m, "gaspar_pool_workers", pool="embed") == 1 and value(m, "gaspar_pool_workers", pool="default") == 1
+    assert not any(dict(k).get("handler") == "made_up_by_a_client" for k in m["gaspar_handler_requests_total"])
+    lines = format_metrics(before, stats, "gaspar")
+    assert "gaspar.handler.embed.ok:3|c" in lines and "gaspar.pool.embed.workers:1|g" in lines

@@ -257,8 +257,13 @@ def test_the_readme_scrape_config_and_queries_name_real_metrics(serve):
     [target] = re.findall(r'targets: \["([^"]+)"\]', section)
     assert re.fullmatch(r"[\w.-]+:\d+", target), target
     named = set(re.findall(r"\b(gaspar_[a-z_]+)", section))
-    s = serve(handlers.echo, processes=1, metrics_bind="127.0.0.1:0")
-    assert s.request(b"x") == b"x"
+    import apps_under_test
+
+    from gaspar.client import Client
+
+    s = serve(apps_under_test.pooled, processes=1, metrics_bind="127.0.0.1:0")  # an App: its families too
+    with Client(s.addr, timeout=10) as c:
+        assert isinstance(c.call("quick"), int) and isinstance(c.call("embed"), int)
     status, text = get(s.producer.metrics_addr, "/metrics")
     assert status == 200
     samples = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}

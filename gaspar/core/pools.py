@@ -19,8 +19,6 @@ from typing import Any
 
 from gaspar.core.dispatch import Dispatcher
 from gaspar.core.records import Assignment, Pending, WorkerSlot
-from gaspar.errors import GasparError
-from gaspar.wire.calls import call_name
 
 DEFAULT_POOL = "default"
 
@@ -61,14 +59,6 @@ class Pools:
         """A worker of ``pool`` is ready, or this host runs some (booting or coming back);
         False: none anywhere (``--pool NAME=0`` and no agent's worker has joined)."""
         return bool(self.pool(pool).workers) or self.sizes.get(pool, 1) > 0
-
-    def pool_of(self, body: Any) -> str:
-        """The pool of a call's handler, from its body's first bytes (the default for a name
-        the App does not know, or a malformed call: its worker answers why)."""
-        try:
-            return self.handlers.get(call_name(body)[1], DEFAULT_POOL)
-        except GasparError:
-            return DEFAULT_POOL
 
     def submit(
         self,

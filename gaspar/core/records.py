@@ -90,6 +90,7 @@ class Pending:
     call: bytes = b""  # a typed call's byte in its head (gaspar.wire.envelope.CALL_AT); b"": bytes
     stream: bool = False  # a streaming call: its items go out as they come, until its reply
     pool: str = "default"  # the pool whose workers run it (an App's handler's)
+    handler: str = ""  # a call's handler, when the App has it (for the figures by handler)
 
 
 Assignment = tuple[WorkerSlot, Pending]

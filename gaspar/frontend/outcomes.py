@@ -101,6 +101,8 @@ class Outcomes:
         self.telemetry.replied(
             number, ok, wall, cpu, queued, now - req.queued_at, counted=not req.cancelled, outcome=outcome
         )
+        if req.handler:
+            self.telemetry.call(req.handler, req.pool, "client_gone" if req.cancelled else outcome, wall)
         if outcome == "bad_request":  # a call refused in the worker (no such handler, bad arguments)
             self.log_refusal("Refused a call: %s", error_report_text(frame.bytes))
         elif outcome == "error":
@@ -123,6 +125,8 @@ class Outcomes:
         status = error.status
         outcome = FAILED.get(status, "unavailable")
         self.telemetry.ended(outcome, queued, now - pending.queued_at)
+        if pending.handler:
+            self.telemetry.call(pending.handler, pending.pool, outcome)
         if self.access_log is not None:
             number = pending.worker.label if pending.worker is not None else None
             self.log_access(pending.waiter, outcome, 0, queued, None, now - pending.queued_at, number)
@@ -136,6 +140,8 @@ class Outcomes:
         waited = now - req.queued_at
         outcome = "unavailable" if reason == NO_WORKERS else "shed"
         self.telemetry.ended(outcome, waited, waited)
+        if req.handler:
+            self.telemetry.call(req.handler, req.pool, outcome)
         if self.access_log is not None:
             self.log_access(req.waiter, outcome, 0, waited, None, waited, None)
         d = self.dispatcher

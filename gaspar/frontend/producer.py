@@ -348,9 +348,9 @@ class Producer:
         if self.stopping:
             return self.outcomes.refused_stopping(conn, request)
         # the operator's timeout bounds the handler; the client may only ask for less
-        pool = DEFAULT_POOL
-        if request.call and self.dispatcher.routes:  # an App's handler with a pool of its own
-            pool = self.dispatcher.pool_of(request.body)
+        pool, handler = DEFAULT_POOL, self.consumer.handler_of(request.body) if request.call else ""
+        if handler and self.dispatcher.routes:  # an App's handler with a pool of its own
+            pool = self.dispatcher.handlers.get(handler, DEFAULT_POOL)
             if not self.dispatcher.serves(pool):
                 why = f"no worker serves pool {pool!r}: none on this host and no agent's"
                 return self.outcomes.refused_stopping(conn, request, why)
@@ -358,8 +358,7 @@ class Producer:
         r, timeout = request, self.settings.timeout
         pending, assignments = self.dispatcher.submit(r.body, (conn, r), timeout, r.deadline, r.timeout, owner, pool)
         if request.call:
-            pending.call = b"s" if request.stream else b"c"
-            pending.stream = request.stream
+            pending.call, pending.stream, pending.handler = b"s" if request.stream else b"c", request.stream, handler
         conn.requests.add(pending)
         self.router.send(assignments)
 

@@ -112,9 +112,49 @@ class GasparCollector:
         yield rss
         yield handled
         yield from _agent_metrics(st)
+        yield from _app_metrics(st)
         info = InfoMetricFamily("gaspar_build", "gaspar's version.")
         info.add_metric([], {"version": __version__})
         yield info
+
+
+def _app_metrics(st: dict[str, Any]) -> Any:
+    """An App's handlers (calls by outcome, run times) and pools (workers, queued, running);
+    nothing for a bytes handler. Handler names are the App's own: a client cannot add one."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    handlers = st.get("handlers") or {}
+    if handlers:
+        calls = CounterMetricFamily(
+            "gaspar_handler_requests",
+            "Calls to each handler of the App, by how they ended.",
+            labels=["handler", "pool", "outcome"],
+        )
+        runs = HistogramMetricFamily(
+            "gaspar_handler_call_duration_seconds", "Seconds each handler ran (wall time).", labels=["handler", "pool"]
+        )
+        for name, h in sorted(handlers.items()):
+            for outcome, n in h["outcomes"].items():
+                if n:
+                    calls.add_metric([name, h["pool"], outcome], n)
+            d = h["duration_seconds"]
+            runs.add_metric([name, h["pool"]], [(_le(le), n) for le, n in d["buckets"]], d["sum"])
+        yield calls
+        yield runs
+    pools = st.get("pools") or {}
+    if pools:
+        families = {
+            key: GaugeMetricFamily(f"gaspar_pool_{key}", doc, labels=["pool"])
+            for key, doc in (
+                ("workers", "Ready workers of each pool (this host's and agents')."),
+                ("queued", "Calls waiting for a worker of each pool."),
+                ("running", "Calls running in each pool."),
+            )
+        }
+        for name, figures in sorted(pools.items()):
+            for key, family in families.items():
+                family.add_metric([name], figures[key])
+        yield from families.values()
 
 
 def _agent_metrics(st: dict[str, Any]) -> Any:

@@ -108,6 +108,13 @@ def format_metrics(prev: dict[str, Any] | None, stats: dict[str, Any], prefix: s
     for reason, n in stats["restarts_by_reason"].items():
         counter(f"worker_restarts.{reason}", n, before.get("restarts_by_reason", {}).get(reason, 0))
 
+    for name, h in (stats.get("handlers") or {}).items():
+        then = before.get("handlers", {}).get(name, {}).get("outcomes", {})
+        for outcome, n in h["outcomes"].items():
+            counter(f"handler.{name}.{outcome}", n, then.get(outcome, 0))
+    for name, figures in (stats.get("pools") or {}).items():
+        for key in ("workers", "queued", "running"):
+            gauge(f"pool.{name}.{key}", figures[key])
     gauge("queue_length", stats["queued"])
     gauge("in_flight", stats["pending"])
     gauge("connections", stats["connections"])

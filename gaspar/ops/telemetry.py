@@ -128,6 +128,18 @@ class WorkerFigures:
         }
 
 
+class HandlerFigures:
+    """What one App handler's calls came to: outcomes, and its run times."""
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.duration = Histogram()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"pool": self.pool, "outcomes": dict(self.outcomes), "duration_seconds": self.duration.snapshot()}
+
+
 class Telemetry:
     """The front end's figures. Called from the hub thread only."""
 
@@ -139,6 +151,16 @@ class Telemetry:
         self.request = Histogram()
         self.hub_lag = Histogram()
         self.workers: dict[int, WorkerFigures] = {}
+        self.handlers: dict[str, HandlerFigures] = {}  # an App's, by name (its registry: bounded)
+
+    def call(self, handler: str, pool: str, outcome: str, wall: float | None = None) -> None:
+        """A call to an App's ``handler`` ended so (``wall``: its run time, if it ran)."""
+        h = self.handlers.get(handler)
+        if h is None:
+            h = self.handlers[handler] = HandlerFigures(pool)
+        h.outcomes[outcome] += 1
+        if wall is not None:
+            h.duration.observe(wall)
 
     def outcome(self, name: str, n: int = 1) -> None:
         self.outcomes[name] += n
@@ -194,6 +216,7 @@ class Telemetry:
         return {
             "outcomes": dict(self.outcomes),
             "restarts_by_reason": dict(self.restarts),
+            "handlers": {name: h.snapshot() for name, h in self.handlers.items()},
             "histograms": {
                 "queue_wait_seconds": self.queue_wait.snapshot(),
                 "handler_duration_seconds": self.handler.snapshot(),

@@ -87,6 +87,10 @@ class Consumer:
         """Called once in each worker after the fork, before its first request (an App
         runs its pools' setup hooks here)."""
 
+    def handler_of(self, body: Any) -> str:
+        """In the front end: the handler a call's body names, if this consumer has it."""
+        return ""
+
     def call(self, message: Any) -> bytes:
         """A typed call's reply; only an App (``gaspar.App``) takes them."""
         raise Refused("NoSuchHandler", "this server runs a bytes handler, not an App: send plain requests")
