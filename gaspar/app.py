@@ -56,6 +56,7 @@ class Pool:
     name: str
     workers: int | None = None
     setup: list[Callable[[], Any]] = field(default_factory=list)
+    max_memory: int | None = None  # resident bytes past which its workers are recycled
 
 
 @dataclass
@@ -120,13 +121,16 @@ class App(Consumer):
 
         return register if fn is None else register(fn)
 
-    def pool(self, name: str, workers: int | None = None) -> Pool:
-        """Declare a pool (or set its size); returns it."""
+    def pool(self, name: str, workers: int | None = None, max_memory: int | None = None) -> Pool:
+        """Declare a pool (or set its size, or its workers' memory limit in bytes, which
+        wins over ``max_worker_memory``); returns it."""
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ValueError(f"a pool's workers must be at least 1, not {workers!r}")
         found = self.pools.setdefault(name, Pool(name))
         if workers is not None:
             found.workers = workers
+        if max_memory is not None:
+            found.max_memory = max_memory
         return found
 
     def setup(self, pool: str = DEFAULT_POOL) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
@@ -205,6 +209,13 @@ class App(Consumer):
         return _Encoded(items, codec)
 
 
+def memory_limits(consumer: Any) -> dict[str, int]:
+    """An App's pools' own memory limits (``app.pool(name, max_memory=...)``)."""
+    if not isinstance(consumer, App):
+        return {}
+    return {name: pool.max_memory for name, pool in consumer.pools.items() if pool.max_memory}
+
+
 def pool_plan(consumer: Any, sizes: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, str]]:
     """``(pool sizes, handler -> pool)`` of a consumer: for an App with pools besides the
     default, each one's size (``sizes``, from ``--pool``/``pools``, wins over the App's
@@ -243,4 +254,4 @@ class _Encoded:
             close()
 
 
-__all__ = ["App", "Handler", "Pool", "DEFAULT_POOL", "pool_plan"]
+__all__ = ["App", "Handler", "Pool", "DEFAULT_POOL", "memory_limits", "pool_plan"]

@@ -244,6 +244,7 @@ AGENT_SETTINGS = (
     "capture_output",
     "heartbeat_interval",
     "agent_liveness",
+    "max_worker_memory",
 )
 
 

@@ -30,6 +30,7 @@ _LIMITS: dict[str, tuple[float | None, float | None]] = {
     "body_min_rate": (0, None),  # 0: off
     "max_message_size": (1, None),
     "max_requests": (0, None),  # 0: never
+    "max_worker_memory": (0, None),  # 0: never
     "max_requests_jitter": (0, None),
     "max_pipeline": (1, None),
     "queue_timeout": (0, None),  # 0: no limit
@@ -124,6 +125,11 @@ class Settings:
     )
     max_message_size: int = _opt(DEFAULT_MAX_MESSAGE_SIZE, "largest request body, in bytes; larger ones are refused")
     max_requests: int = _opt(0, "recycle a worker after it has handled this many requests (0: never)")
+    max_worker_memory: int = _opt(
+        0,
+        "bytes of resident memory past which a worker is recycled, after its current request (0: never; "
+        "Celery's max_memory_per_child)",
+    )
     max_requests_jitter: int = _opt(
         0, "add a random 0..N to max_requests per worker, so workers do not all recycle at once"
     )

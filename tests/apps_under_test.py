@@ -105,3 +105,15 @@ def embed_too() -> int:
 @pooled.handler
 def quick() -> int:
     return os.getpid()
+
+
+# -- memory: a handler that grows its worker ----------------------------------------------
+
+HOARD: list[bytes] = []
+
+
+@app.handler
+def hoard(mib: int) -> int:
+    """Keep ``mib`` MiB more in this worker (touched, so it is resident); its pid."""
+    HOARD.append(b"\x01" * (mib << 20))
+    return os.getpid()

@@ -414,3 +414,47 @@ def test_handlers_and_pools_are_seen_in_stats_metrics_and_statsd(serve):
     assert not any(dict(k).get("handler") == "made_up_by_a_client" for k in m["gaspar_handler_requests_total"])
     lines = format_metrics(before, stats, "gaspar")
     assert "gaspar.handler.embed.ok:3|c" in lines and "gaspar.pool.embed.workers:1|g" in lines
+
+
+def test_a_worker_past_max_worker_memory_is_recycled_after_its_request(serve):
+    """40 MiB more a call, a limit 100 MiB over the worker's start: within a few calls it is
+    replaced, every call answered, and the restart counted as memory."""
+    from gaspar.ops.telemetry import resident_bytes
+
+    probe = serve(apps_under_test.app, processes=1)
+    start = resident_bytes(probe.producer.worker_pids()[0])
+    s = serve(apps_under_test.app, processes=1, max_worker_memory=start + (100 << 20))
+    pids = []
+    with Client(s.addr, timeout=20) as c:
+        for _ in range(12):
+            pids.append(c.call("hoard", 40))  # none fails
+            time.sleep(0.15)
+    assert len(set(pids)) >= 2, pids  # recycled at least once
+    stats = s.producer.stats()
+    assert stats["restarts_by_reason"]["memory"] >= 1
+    assert stats["outcomes"]["ok"] == 12 and stats["outcomes"]["error"] == 0
+
+
+def test_an_agents_worker_past_max_worker_memory_is_recycled_too(serve, agent):
+    s = serve(
+        apps_under_test.app,
+        processes=0,
+        remote_bind="tcp://127.0.0.1:*",
+        insecure=True,
+        heartbeat_interval=0.25,
+        agent_liveness=2.0,
+    )
+    endpoint = s.producer.gateway.endpoint
+    a = agent("apps_under_test:app", "--connect", endpoint, "-w", "1", "--max-worker-memory", str(150 << 20))
+
+    def joined():
+        return any(x["state"] == "joined" and x["workers"] for x in s.producer.stats()["agents"])
+
+    assert wait_for(joined, 20, 0.05), a.log
+    pids = []
+    with Client(s.addr, timeout=20) as c:
+        for _ in range(12):
+            pids.append(c.call("hoard", 40))
+            time.sleep(0.3)
+    assert len(set(pids)) >= 2, (pids, a.log)
+    assert s.producer.stats()["restarts_by_reason"]["memory"] >= 1

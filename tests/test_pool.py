@@ -257,3 +257,13 @@ def test_a_pool_that_is_gone_is_retired_and_a_reload_rolls_every_pool():
     plan = book.plan(ready)
     assert sorted(b.pool for b in plan.spawn) == ["default", "embed"]  # one new worker per pool
     assert not plan.retire  # before any old one goes
+
+
+def test_workers_past_their_memory_limit_are_named_with_their_pool_limit():
+    book = PoolBook(2)
+    book.max_memory, book.memory = 100, {"embed": 1000}
+    ready = [W(1, 1), W(2, 2, pool="embed"), W(3, 3, retiring=True), W(4, 4)]
+    rss = {1: 150, 2: 500, 3: 900, 4: None}
+    assert [(w.pid, used, limit) for w, used, limit in book.over_memory(ready, rss.get)] == [(1, 150, 100)]
+    book.max_memory = 0
+    assert book.over_memory(ready, rss.get) == []  # only embed has a limit, and it is under it

@@ -161,6 +161,8 @@ class PoolBook:
     ) -> None:
         self.target = target  # the default pool's size
         self.sizes: dict[str, int] = {}  # other pools' sizes (an App's)
+        self.max_memory = 0  # resident bytes past which a worker is recycled (0: never)
+        self.memory: dict[str, int] = {}  # a pool's own limit, over max_memory
         self.flap = flap or FlapPolicy()
         self.clock = clock
         self.generation = 1
@@ -285,6 +287,19 @@ class PoolBook:
         self._tokens += 1
         boot = self.booting[self._tokens] = Booting(self._tokens, number, self.generation, pool=pool)
         return boot
+
+    def over_memory(self, ready: Sequence[Ready], rss: Callable[[int], int | None]) -> list[tuple[Ready, int, int]]:
+        """Ready workers past their pool's memory limit, with their resident bytes and the
+        limit: to retire now, so each is replaced at once and leaves after its request
+        (Celery's ``max_memory_per_child``, uWSGI's ``reload-on-rss``). ``rss(pid)`` reads one."""
+        out = []
+        for w in ready:
+            limit = self.memory.get(w.pool, self.max_memory)
+            if limit and not w.retiring:
+                used = rss(w.pid)
+                if used is not None and used > limit:
+                    out.append((w, used, limit))
+        return out
 
     def pids(self) -> list[int]:
         """The pids of booting workers known so far."""

@@ -335,7 +335,8 @@ class Gateway:
             self._on_exited(agent, body)
         elif kind == Link.RETIRE.value:  # the agent reloads: this one goes once it is idle
             slot = agent.workers.get(str(body.get("wid", ""))[:256].encode())
-            if slot is not None and self.dispatcher.retire(slot.routing_id, "reload"):
+            why = "memory" if body.get("why") == "memory" else "reload"
+            if slot is not None and self.dispatcher.retire(slot.routing_id, why):
                 self.tell_exit(slot)
         elif kind == Link.LEAVE.value:
             if body.get("final"):

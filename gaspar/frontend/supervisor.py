@@ -44,14 +44,14 @@ with __import__("warnings").catch_warnings():
 
 import zmq
 
-from gaspar.app import pool_plan
+from gaspar.app import memory_limits, pool_plan
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.core.records import WorkerSlot, draw_limit
 from gaspar.errors import GasparError, WorkerDied
 from gaspar.frontend.hub import watch_fd
 from gaspar.ops import sdnotify
 from gaspar.ops.reloads import Reloads
-from gaspar.ops.telemetry import WORKER_STATES, proc_usage
+from gaspar.ops.telemetry import WORKER_STATES, proc_usage, resident_bytes
 from gaspar.process.forks import ForkServer, ForkServers
 from gaspar.process.worker import WORKER_BOOT_ERROR
 from gaspar.wire.envelope import Kind, pack_id
@@ -82,6 +82,7 @@ class Supervisor:
         s = settings
         self.book = PoolBook(target, FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry))
         self.book.sizes = pool_plan(consumer, s.pools)[0]  # an App's pools of their own
+        self.book.max_memory, self.book.memory = s.max_worker_memory, memory_limits(consumer)
         self.reloading: str | None = None  # "importing", then "replacing" until READY=1 (systemd)
         self.reloads = Reloads()  # the outcome of each, for gaspar ctl
         self.restarts = 0
@@ -279,6 +280,23 @@ class Supervisor:
                 self.tell_exit(w)
         for boot in plan.spawn:
             self.fork_server.spawn(boot.number, boot.generation, boot.token, boot.pool)
+
+    def check_memory(self) -> None:
+        """Recycle workers past their memory limit: each is replaced at once and leaves
+        after its request (every second, from the main loop)."""
+        if not (self.book.max_memory or self.book.memory) or self.stopping:
+            return
+        for w, used, limit in self.book.over_memory(self.local_workers(), resident_bytes):
+            mib = (round(used / 2**20), round(limit / 2**20))
+            log.info(
+                "Worker %s (pid:%s) holds %s MiB, past %s MiB: replaced; it leaves after its request",
+                w.label,
+                w.pid,
+                *mib,
+            )
+            if self.dispatcher.retire(w.routing_id, "memory"):
+                self.tell_exit(w)
+        self.manage()
 
     # -- acting on a worker (the gateway has the same three for remote ones) ---------------
 

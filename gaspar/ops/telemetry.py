@@ -27,7 +27,7 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 #: How a request ended, each a label value of ``gaspar_requests_total``.
 OUTCOMES = ("ok", "error", "timeout", "worker_died", "bad_request", "shed", "client_gone", "unavailable")
 #: Why a worker process ended, each a label value of ``gaspar_worker_restarts_total``.
-RESTART_REASONS = ("died", "timeout", "max_requests", "reload", "scale")
+RESTART_REASONS = ("died", "timeout", "max_requests", "memory", "reload", "scale")
 WORKER_STATES = ("booting", "idle", "busy", "retiring")
 RECENT = 512  # handler times kept per worker, for its p99 in `gaspar top`
 
@@ -329,6 +329,12 @@ def _tally(now: dict[str, int], then: dict[str, int]) -> str:
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident memory (one small read of /proc), None if it is gone."""
+    usage = proc_usage(pid)
+    return usage[1] if usage is not None else None
 
 
 def proc_usage(pid: int) -> tuple[float, int, float] | None:

@@ -53,10 +53,11 @@ from typing import Any
 
 import zmq
 
-from gaspar.app import pool_plan
+from gaspar.app import memory_limits, pool_plan
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.ops import sdnotify
 from gaspar.ops.ipcdir import make_ipc_dir
+from gaspar.ops.telemetry import resident_bytes
 from gaspar.process.forks import ForkServer, ForkServers
 from gaspar.process.forkserver import drain
 from gaspar.process.uplink import Uplink
@@ -133,6 +134,8 @@ class Agent(Uplink):
         flap = FlapPolicy(settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry)
         self.book = PoolBook(workers, flap)  # booting, numbers, generations, flapping
         self.book.sizes = pool_plan(consumer, settings.pools)[0]  # an App's pools, if --pool says
+        self.book.max_memory, self.book.memory = settings.max_worker_memory, memory_limits(consumer)
+        self.next_memory_check = 0.0
         self.by_pid: dict[int, LocalWorker] = {}  # ready workers
         self.by_wid: dict[bytes, LocalWorker] = {}
         self.forks: ForkServers | None = None  # the current fork server, a reload's next, old ones
@@ -241,6 +244,7 @@ class Agent(Uplink):
         if self.link is not None and self.link in ready:
             self.read_link()
         self.keep_alive()
+        self.check_memory()
         if len(self.by_pid) + len(self.book.booting) < self.target:
             self.manage_workers()  # a back-off that ended
 
@@ -348,12 +352,24 @@ class Agent(Uplink):
         log.info("Reloaded; replacing the workers one by one (generation %s)", generation)
         self.manage_workers()
 
-    def retire(self, w: LocalWorker) -> None:
+    def check_memory(self) -> None:
+        """Once a second: workers past their memory limit are retired (the front end lets
+        each finish its request) and replaced (``max_worker_memory``, as the front end's)."""
+        now = time.monotonic()
+        if now < self.next_memory_check or not (self.book.max_memory or self.book.memory):
+            return
+        self.next_memory_check = now + 1.0
+        for w, used, limit in self.book.over_memory(list(self.by_pid.values()), resident_bytes):
+            log.info("Worker %s (pid:%s) holds %s MiB, past %s MiB: replaced", w.number, w.pid, used >> 20, limit >> 20)
+            self.retire(w, "memory")
+            self.manage_workers()
+
+    def retire(self, w: LocalWorker, why: str = "reload") -> None:
         """Have a worker leave once idle: retired by the front end (so no request is lost),
         or, with no session, told to exit at once (nothing can be sent to it meanwhile)."""
         w.retiring = True
         if w.announced and self.state == "joined":
-            self.send_control(Link.RETIRE, wid=w.wid.decode())
+            self.send_control(Link.RETIRE, wid=w.wid.decode(), why=why)
         else:
             try:
                 self.workers_sock.send_multipart([w.wid, Kind.EXIT.value], zmq.NOBLOCK)
