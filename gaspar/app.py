@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gaspar.core.autoscale import parse_range
 from gaspar.errors import ProtocolError
 from gaspar.process.running import Refused
 from gaspar.process.worker import Consumer
@@ -54,7 +55,7 @@ class Pool:
     """A pool of workers: how many (None: the ``--workers`` setting), and its setup hooks."""
 
     name: str
-    workers: int | None = None
+    workers: int | str | None = None  # N, or "MIN:MAX": it sizes itself (gaspar.core.autoscale)
     setup: list[Callable[[], Any]] = field(default_factory=list)
     max_memory: int | None = None  # resident bytes past which its workers are recycled
 
@@ -89,7 +90,7 @@ class App(Consumer):
         *,
         name: str | None = None,
         pool: str | None = None,
-        workers: int | None = None,
+        workers: int | str | None = None,
     ) -> Any:
         """Register ``fn`` under ``name`` (its ``__name__`` by default); as ``@app.handler``
         or ``@app.handler(...)``. ``workers=N`` gives it a pool of its own, named after
@@ -121,10 +122,11 @@ class App(Consumer):
 
         return register if fn is None else register(fn)
 
-    def pool(self, name: str, workers: int | None = None, max_memory: int | None = None) -> Pool:
-        """Declare a pool (or set its size, or its workers' memory limit in bytes, which
-        wins over ``max_worker_memory``); returns it."""
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+    def pool(self, name: str, workers: int | str | None = None, max_memory: int | None = None) -> Pool:
+        """Declare a pool (or set its size, ``N`` or ``"MIN:MAX"`` to size itself by its
+        queue delay, or its workers' memory limit in bytes, which wins over
+        ``max_worker_memory``); returns it."""
+        if workers is not None and parse_range(workers)[1] < 1:  # N or MIN:MAX
             raise ValueError(f"a pool's workers must be at least 1, not {workers!r}")
         found = self.pools.setdefault(name, Pool(name))
         if workers is not None:
@@ -209,31 +211,40 @@ class App(Consumer):
         return _Encoded(items, codec)
 
 
-def memory_limits(consumer: Any) -> dict[str, int]:
-    """An App's pools' own memory limits (``app.pool(name, max_memory=...)``)."""
-    if not isinstance(consumer, App):
-        return {}
-    return {name: pool.max_memory for name, pool in consumer.pools.items() if pool.max_memory}
+@dataclass
+class PoolPlan:
+    """What a consumer's pools come to: each pool's starting size (the default pool's is
+    ``--workers``, not here), the ranges of those that size themselves (``MIN:MAX``), each
+    handler's pool, and each pool's own memory limit. Empty for a bytes handler and for an
+    App whose handlers all share the default pool: every worker then serves everything."""
+
+    sizes: dict[str, int] = field(default_factory=dict)
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    handlers: dict[str, str] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)
 
 
-def pool_plan(consumer: Any, sizes: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, str]]:
-    """``(pool sizes, handler -> pool)`` of a consumer: for an App with pools besides the
-    default, each one's size (``sizes``, from ``--pool``/``pools``, wins over the App's
-    ``workers=``; 1 when neither says); ``({}, {})`` for everything else (every worker
-    serves every handler)."""
+def pool_plan(consumer: Any, sizes: dict[str, int | str] | None = None) -> PoolPlan:
+    """The :class:`PoolPlan` of a consumer; ``sizes`` (``--pool NAME=N|MIN:MAX``, the
+    ``pools`` setting) win over the App's ``workers=`` (1 when neither says)."""
     sizes = dict(sizes or {})
     if not isinstance(consumer, App):
         if sizes:
             raise ValueError(f"pools ({', '.join(sorted(sizes))}) need an App (gaspar.App), not a bytes handler")
-        return {}, {}
+        return PoolPlan()
     unknown = set(sizes) - set(consumer.pools) - {DEFAULT_POOL}
     if unknown:
         raise ValueError(f"no pool named {', '.join(sorted(unknown))} in this App (it has {', '.join(consumer.pools)})")
-    named = [pool for name, pool in consumer.pools.items() if name != DEFAULT_POOL]
-    plan = {pool.name: sizes[pool.name] if pool.name in sizes else pool.workers or 1 for pool in named}
-    if not plan:
-        return {}, {}
-    return plan, {name: h.pool for name, h in consumer.handlers.items()}
+    plan = PoolPlan(memory={name: p.max_memory for name, p in consumer.pools.items() if p.max_memory})
+    for name, pool in consumer.pools.items():
+        if name != DEFAULT_POOL:
+            low, high = parse_range(sizes[name] if name in sizes else pool.workers or 1)
+            plan.sizes[name] = low
+            if low != high:
+                plan.ranges[name] = (low, high)
+    if plan.sizes:
+        plan.handlers = {name: h.pool for name, h in consumer.handlers.items()}
+    return plan
 
 
 class _Encoded:
@@ -254,4 +265,4 @@ class _Encoded:
             close()
 
 
-__all__ = ["App", "Handler", "Pool", "DEFAULT_POOL", "memory_limits", "pool_plan"]
+__all__ = ["App", "Handler", "Pool", "PoolPlan", "DEFAULT_POOL", "pool_plan"]

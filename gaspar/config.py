@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gaspar.core.autoscale import parse_range
 from gaspar.wire.framing import DEFAULT_MAX_MESSAGE_SIZE, ERROR_DETAILS
 
 
@@ -31,6 +32,9 @@ _LIMITS: dict[str, tuple[float | None, float | None]] = {
     "max_message_size": (1, None),
     "max_requests": (0, None),  # 0: never
     "max_worker_memory": (0, None),  # 0: never
+    "scale_up_wait": (0, None),
+    "scale_up_after": (0, None),
+    "scale_down_idle": (0, None),
     "max_requests_jitter": (0, None),
     "max_pipeline": (1, None),
     "queue_timeout": (0, None),  # 0: no limit
@@ -87,12 +91,13 @@ def check_workers(processes: Any, settings: Settings) -> None:
         raise ValueError(f"workers ({processes}) must be at most max_workers ({settings.max_workers})")
 
 
-def pool_size(text: str) -> tuple[str, int]:
-    """``NAME=N`` of ``--pool``."""
+def pool_size(text: str) -> tuple[str, int | str]:
+    """``NAME=N`` or ``NAME=MIN:MAX`` of ``--pool``."""
     name, sep, size = text.partition("=")
-    if not sep or not name or not size.isdigit():
-        raise ValueError(f"--pool takes NAME=N (N: 0 or more; 0: agents on other hosts only), not {text!r}")
-    return name, int(size)
+    if not sep or not name:
+        raise ValueError(f"--pool takes NAME=N or NAME=MIN:MAX (0: agents on other hosts only), not {text!r}")
+    parse_range(size if ":" in size else int(size) if size.isdigit() else size)
+    return name, int(size) if size.isdigit() else size
 
 
 def default_max_workers() -> int:
@@ -150,6 +155,13 @@ class Settings:
         0.1,
         "seconds a queue must stand and keep growing to count as overload: then newest first, shed past "
         "queue_target (at least ten handler runs per worker)",
+    )
+    scale_up_wait: float = _opt(
+        0.05, "a pool of MIN:MAX workers grows while its oldest queued call has waited longer than this (seconds)"
+    )
+    scale_up_after: float = _opt(0.5, "...for this many seconds running; then one worker more, up to MAX")
+    scale_down_idle: float = _opt(
+        30.0, "a pool of MIN:MAX workers shrinks by one after some of its workers were idle this long, down to MIN"
     )
     max_queued: int = _opt(10000, "requests waiting at most; past it the oldest is shed (0: no limit)")
     max_buffered_bytes: int = _opt(
@@ -240,8 +252,9 @@ class Settings:
             raise ValueError("max_buffered_bytes must be at least max_message_size (one request must fit)")
         self._check_remote()
         for name, size in (self.pools or {}).items():
-            if not isinstance(name, str) or not name or isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise ValueError(f"pools maps a pool's name to its size (0 or more), not {name!r}: {size!r}")
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"pools maps a pool's name to its size, not {name!r}")
+            parse_range(size)  # N or "MIN:MAX"
         if not self.timeout:
             self.timeout = None
         if not self.idle_timeout:

@@ -117,3 +117,20 @@ def hoard(mib: int) -> int:
     """Keep ``mib`` MiB more in this worker (touched, so it is resident); its pid."""
     HOARD.append(b"\x01" * (mib << 20))
     return os.getpid()
+
+
+# -- autoscaling: a pool of 1 to 3 workers ------------------------------------------------
+
+scaled = gaspar.App()
+
+
+@scaled.handler(pool="work")
+def work(seconds: float) -> int:
+    """Busy for ``seconds`` (CPU): one worker's capacity is 1/seconds calls a second."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return os.getpid()
+
+
+scaled.pool("work", workers="1:3")

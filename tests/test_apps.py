@@ -458,3 +458,59 @@ def test_an_agents_worker_past_max_worker_memory_is_recycled_too(serve, agent):
             time.sleep(0.3)
     assert len(set(pids)) >= 2, (pids, a.log)
     assert s.producer.stats()["restarts_by_reason"]["memory"] >= 1
+
+
+def test_a_pool_grows_under_a_load_step_and_shrinks_when_idle_without_flapping(serve):
+    """work has 1:3 workers. 0.2x of one worker's capacity: it stays at 1. 1.5x: it grows, one
+    worker at a time; a call is answered or, while it grows, shed (Overloaded), never failed.
+    Idle: back to 1, and never back and forth."""
+    import threading
+
+    s = serve(
+        apps_under_test.scaled,
+        processes=1,
+        scale_up_wait=0.05,
+        scale_up_after=0.3,
+        scale_down_idle=1.0,
+        queue_timeout=10,
+    )
+
+    def work_workers() -> int:
+        return sum(1 for w in s.producer.stats()["workers"] if w["pool"] == "work" and w["state"] != "retiring")
+
+    def call(results: list) -> None:
+        try:
+            results.append(Client(s.addr, timeout=20).call("work", 0.05))
+        except errors.GasparError as exc:
+            results.append(exc)
+
+    def load(rate: float, seconds: float, results: list) -> None:
+        """Open loop: ``rate`` calls of 50 ms a second, each in a thread of its own."""
+        threads = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t = threading.Thread(target=call, args=(results,))
+            t.start()
+            threads.append(t)
+            time.sleep(1 / rate)
+        for t in threads:
+            t.join(30)
+
+    results: list = []
+    load(4, 2.0, results)  # 0.2x of one worker (20 calls/s)
+    assert work_workers() == 1
+    sizes = []
+    watcher = threading.Thread(target=lambda: [sizes.append(work_workers()) or time.sleep(0.2) for _ in range(40)])
+    watcher.start()
+    load(30, 4.0, results)  # 1.5x: one worker cannot keep up
+    grown = max(sizes)
+    watcher.join(30)
+    assert grown >= 2, sizes
+    assert wait_for(lambda: work_workers() == 1, 10, 0.2), "it did not shrink back"
+    steps = [b - a for a, b in zip(sizes, sizes[1:], strict=False) if b != a]
+    assert all(abs(step) == 1 for step in steps), sizes  # one worker at a time
+    assert len(results) >= 120
+    assert all(isinstance(r, (int, errors.Overloaded)) for r in results), {type(r) for r in results}
+    assert sum(isinstance(r, int) for r in results) >= 0.9 * len(results)
+    outcomes = s.producer.stats()["outcomes"]
+    assert outcomes["error"] == outcomes["worker_died"] == outcomes["timeout"] == 0

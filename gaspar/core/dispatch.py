@@ -327,6 +327,10 @@ class Dispatcher:
         """Retiring workers with nothing in hand: the ones to tell to exit."""
         return [w for w in self.workers.values() if w.retiring and w.current is None and not w.ahead]
 
+    def queue_delay(self, now: float) -> float:
+        """How long the oldest queued request has waited (0: none is queued)."""
+        return now - self._queue.oldest.queued_at if self._queue else 0.0
+
     @property
     def idle_count(self) -> int:
         return len(self._idle)

@@ -76,6 +76,7 @@ def turn(front: Any, rounds: int) -> None:
     if front.gateway is not None:
         front.gateway.tick()
     now = time.monotonic()
+    front.supervisor.autoscale()  # pools of MIN:MAX workers
     if rounds % 10 == 0:  # workers past their memory limit, every second
         front.supervisor.check_memory()
     if rounds % 5 == 0:  # slow request bodies and idle connections, every 0.5 s

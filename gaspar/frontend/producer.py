@@ -109,13 +109,13 @@ class Producer:
         self.server_addr: tuple[str, int] | None = None
         self.exit_code = 0
         s = self.settings
-        pool_sizes, handler_pools = pool_plan(consumer, s.pools)  # an App's pools besides the default
+        plan = pool_plan(consumer, s.pools)  # an App's pools besides the default
 
         def dispatcher() -> Dispatcher:
             control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=max(1, self.processes))
             return Dispatcher(prefetch=s.prefetch, control=control, max_queued=s.max_queued)
 
-        self.dispatcher: Any = Pools(dispatcher, pool_sizes, handler_pools) if pool_sizes else dispatcher()
+        self.dispatcher: Any = Pools(dispatcher, plan.sizes, plan.handlers) if plan.sizes else dispatcher()
         self.budget = ByteBudget(s.max_buffered_bytes)
         self.counters = ConnectionCounters()  # abandoned, refused, idle and slow resets
         self.telemetry = Telemetry()

@@ -16,11 +16,42 @@ from gaspar.ops.telemetry import WORKER_STATES, proc_usage
 from gaspar.version import __version__
 
 
+def local_workers(supervisor: Any, telemetry: Any, now: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Each of this host's workers as ``gaspar stats`` shows it (CPU and memory read now),
+    and how many are in each state."""
+    workers = []
+    for w in sorted(supervisor.local_workers() if supervisor is not None else (), key=lambda w: w.number):
+        state = "retiring" if w.retiring else "busy" if w.current is not None else "idle"
+        usage = proc_usage(w.pid)
+        workers.append(
+            {
+                "pid": w.pid,
+                "number": w.number,
+                "pool": w.pool,
+                "generation": w.generation,
+                "state": state,
+                "handled": w.handled,
+                "busy": w.current is not None,
+                "retiring": w.retiring,
+                "prefetched": len(w.ahead),
+                "age_seconds": round(now - w.started, 3),
+                "cpu_seconds": round(usage[0], 3) if usage else None,
+                "rss_bytes": usage[1] if usage else None,
+                **telemetry.worker(w.number).snapshot(),
+            }
+        )
+    states = dict.fromkeys(WORKER_STATES, 0)
+    for w in workers:
+        states[w["state"]] += 1
+    states["booting"] = len(supervisor.booting) if supervisor is not None else 0
+    return workers, states
+
+
 def snapshot(front: Any) -> dict[str, Any]:
     """``front``: the Producer, started or not."""
     d, supervisor, gateway, budget = front.dispatcher, front.supervisor, front.gateway, front.budget
     now, wall = time.monotonic(), time.time()
-    workers, states = supervisor.snapshot(now) if supervisor is not None else ([], dict.fromkeys(WORKER_STATES, 0))
+    workers, states = local_workers(supervisor, front.telemetry, now)
     usage = proc_usage(os.getpid())
     return {
         "pid": os.getpid(),

@@ -44,14 +44,15 @@ with __import__("warnings").catch_warnings():
 
 import zmq
 
-from gaspar.app import memory_limits, pool_plan
+from gaspar.app import pool_plan
+from gaspar.core.autoscale import Autoscaler
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.core.records import WorkerSlot, draw_limit
 from gaspar.errors import GasparError, WorkerDied
 from gaspar.frontend.hub import watch_fd
 from gaspar.ops import sdnotify
 from gaspar.ops.reloads import Reloads
-from gaspar.ops.telemetry import WORKER_STATES, proc_usage, resident_bytes
+from gaspar.ops.telemetry import resident_bytes
 from gaspar.process.forks import ForkServer, ForkServers
 from gaspar.process.worker import WORKER_BOOT_ERROR
 from gaspar.wire.envelope import Kind, pack_id
@@ -81,8 +82,12 @@ class Supervisor:
         self._send, self._fail, self._on_ready, self._on_fatal = send, fail, on_ready, on_fatal
         s = settings
         self.book = PoolBook(target, FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry))
-        self.book.sizes = pool_plan(consumer, s.pools)[0]  # an App's pools of their own
-        self.book.max_memory, self.book.memory = s.max_worker_memory, memory_limits(consumer)
+        plan = pool_plan(consumer, s.pools)  # an App's pools of their own
+        self.book.sizes, self.book.max_memory, self.book.memory = plan.sizes, s.max_worker_memory, plan.memory
+        self.autoscalers = {
+            pool: Autoscaler(low, high, s.scale_up_wait, s.scale_up_after, s.scale_down_idle)
+            for pool, (low, high) in plan.ranges.items()
+        }
         self.reloading: str | None = None  # "importing", then "replacing" until READY=1 (systemd)
         self.reloads = Reloads()  # the outcome of each, for gaspar ctl
         self.restarts = 0
@@ -174,36 +179,6 @@ class Supervisor:
     def consumer_name(self) -> str:
         return self.fork_server.consumer_name()
 
-    def snapshot(self, now: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        """Each local worker as ``gaspar stats`` shows it (CPU and memory read now), and how
-        many are in each state (docs/monitoring.rst documents the fields)."""
-        workers = []
-        for w in sorted(self.local_workers(), key=lambda w: w.number):
-            state = "retiring" if w.retiring else "busy" if w.current is not None else "idle"
-            usage = proc_usage(w.pid)
-            workers.append(
-                {
-                    "pid": w.pid,
-                    "number": w.number,
-                    "pool": w.pool,
-                    "generation": w.generation,
-                    "state": state,
-                    "handled": w.handled,
-                    "busy": w.current is not None,
-                    "retiring": w.retiring,
-                    "prefetched": len(w.ahead),
-                    "age_seconds": round(now - w.started, 3),
-                    "cpu_seconds": round(usage[0], 3) if usage else None,
-                    "rss_bytes": usage[1] if usage else None,
-                    **self.telemetry.worker(w.number).snapshot(),
-                }
-            )
-        states = dict.fromkeys(WORKER_STATES, 0)
-        for w in workers:
-            states[w["state"]] += 1
-        states["booting"] = len(self.booting)
-        return workers, states
-
     # -- a worker's life -------------------------------------------------------------------
 
     def on_hello(self, rid: bytes, payload: bytes) -> None:
@@ -280,6 +255,28 @@ class Supervisor:
                 self.tell_exit(w)
         for boot in plan.spawn:
             self.fork_server.spawn(boot.number, boot.generation, boot.token, boot.pool)
+
+    def autoscale(self) -> None:
+        """Pools of ``MIN:MAX`` workers: one step at a time toward what their queue delay
+        asks (every tick of the main loop; ``gaspar.core.autoscale``)."""
+        if not self.autoscalers or self.stopping:
+            return
+        now, d = time.monotonic(), self.dispatcher
+        for pool, scaler in self.autoscalers.items():
+            lane = d.pool(pool)
+            size = self.book.sizes[pool]
+            new = scaler.decide(size, lane.queue_delay(now), lane.idle_count, self.book.may_fork())
+            if new != size:
+                log.info(
+                    "Pool %s: %s -> %s workers (its queue delay, MIN:MAX %s:%s)",
+                    pool,
+                    size,
+                    new,
+                    scaler.low,
+                    scaler.high,
+                )
+                self.book.sizes[pool] = new
+                self.manage()
 
     def check_memory(self) -> None:
         """Recycle workers past their memory limit: each is replaced at once and leaves

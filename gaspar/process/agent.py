@@ -53,7 +53,7 @@ from typing import Any
 
 import zmq
 
-from gaspar.app import memory_limits, pool_plan
+from gaspar.app import pool_plan
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.ops import sdnotify
 from gaspar.ops.ipcdir import make_ipc_dir
@@ -133,8 +133,8 @@ class Agent(Uplink):
         self.exit_code = 0
         flap = FlapPolicy(settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry)
         self.book = PoolBook(workers, flap)  # booting, numbers, generations, flapping
-        self.book.sizes = pool_plan(consumer, settings.pools)[0]  # an App's pools, if --pool says
-        self.book.max_memory, self.book.memory = settings.max_worker_memory, memory_limits(consumer)
+        plan = pool_plan(consumer, settings.pools)  # an App's pools, if --pool says
+        self.book.sizes, self.book.max_memory, self.book.memory = plan.sizes, settings.max_worker_memory, plan.memory
         self.next_memory_check = 0.0
         self.by_pid: dict[int, LocalWorker] = {}  # ready workers
         self.by_wid: dict[bytes, LocalWorker] = {}
