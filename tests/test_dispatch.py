@@ -500,3 +500,17 @@ class ShareMachine(RuleBasedStateMachine):
 
 TestShareMachine = ShareMachine.TestCase
 TestShareMachine.settings = hyp_settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_the_queue_delay_counts_requests_held_behind_their_connections_share():
+    """What a pool's autoscaler reads: the longest wait, queued or held (one pipelining
+    connection's requests are mostly held, and they wait all the same)."""
+    clock = Clock()
+    d = Dispatcher(clock, prefetch=0)
+    assert d.queue_delay(clock()) == 0.0
+    d.add_worker(worker(1))
+    for i in range(6):
+        d.submit(b"%d" % i, "c", owner="conn")
+    assert d.held > 0
+    clock.now += 0.3
+    assert d.queue_delay(clock()) == pytest.approx(0.3)

@@ -960,7 +960,9 @@ def test_a_worker_killed_for_the_timeout_leaves_its_stack_in_the_log(cli, how):
     assert wait_for(lambda: "was running, before it was killed" in server.log, 5), server.log
     assert wait_for(lambda: f"in {name}" in server.log, 5), server.log
     assert "after 0.5s: the timeout setting" in server.log
+    gone = "killed by SIGKILL because its handler ran past the timeout setting (0.5s)"
+    assert wait_for(lambda: gone in server.log, 5), server.log  # the exit is logged once reaped
     dump = server.log.index("was running, before it was killed")
-    killed = server.log.index("killed by SIGKILL because its handler ran past the timeout setting (0.5s)")
+    killed = server.log.index(gone)
     assert dump < killed  # the stack first, then the kill
     server.wait_ready(1)

@@ -328,8 +328,10 @@ class Dispatcher:
         return [w for w in self.workers.values() if w.retiring and w.current is None and not w.ahead]
 
     def queue_delay(self, now: float) -> float:
-        """How long the oldest queued request has waited (0: none is queued)."""
-        return now - self._queue.oldest.queued_at if self._queue else 0.0
+        """How long the longest-waiting request has waited, queued or held behind its
+        connection's share (0: none waits): what a pool's users feel."""
+        arrived = self._queue.oldest_arrival()
+        return 0.0 if arrived is None else now - arrived
 
     @property
     def idle_count(self) -> int:

@@ -54,6 +54,14 @@ class FairQueue:
         """Requests waiting behind their own owner's share of the queue."""
         return sum(len(h) for h in self._held.values())
 
+    def oldest_arrival(self) -> float | None:
+        """When the longest-waiting request arrived, queued or held behind its owner's
+        share (each owner's held ones are first in, first out); None when none waits."""
+        times = [held[0].queued_at for held in self._held.values() if held]
+        if self._queue:
+            times.append(self.oldest.queued_at)
+        return min(times, default=None)
+
     def held_requests(self) -> list[Any]:
         return [req for held in self._held.values() for req in held]
 
