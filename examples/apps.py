@@ -1,7 +1,8 @@
-"""An app of three handlers, served by one daemon: ``gaspar serve examples.apps:app``.
+"""The app of issue 16, three handlers served by one daemon: ``gaspar serve examples.apps:app``.
 
 * ``thumbnail``: bytes in, bytes out (a "resize": every n-th byte, to stay dependency-free);
-* ``stats``: typed arguments and a typed result (a list of numbers in, a dict out);
+* ``embed``: typed arguments and result, in a pool of its own of one worker, whose setup
+  hook loads the "model" once in that worker only (a real one would be gigabytes);
 * ``frames``: a generator: its items stream back to the client as they are made.
 
 Call them from any client::
@@ -9,31 +10,34 @@ Call them from any client::
     from gaspar.client import Client
     c = Client("127.0.0.1:8000")
     c.call("thumbnail", image, width=64)        # -> bytes
-    c.call("stats", [1, 2, 3])                  # -> {"n": 3, "mean": 2.0, ...}
+    c.call("embed", ["a text", "another"])      # -> [[...], [...]]
     for frame in c.stream("frames", video, size=1024):
         ...
 
 or ``await aio.Client(addr).call(...)``, ``async for x in aio.Client(addr).stream(...)``,
-and ``gaspar.Executor(addr).submit(stats, [1, 2, 3])``.
+and ``gaspar.Executor(addr).submit(embed, ["a text"])``. An agent on another host can serve
+the embed pool: ``gaspar worker examples.apps:app --pool embed=1 --connect tcp://FRONT:PORT``.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 
 import gaspar
 
 app = gaspar.App()
 
-#: The pids of this process's setup hook runs (one per worker that ran it).
-LOADED: list[int] = []
+#: The "model": loaded by the embed pool's setup hook, in its worker only.
+MODEL: dict[str, float] = {}
 
 
-@app.setup()
-def load() -> None:
-    """Once in each worker, after the fork (a model would be loaded here)."""
-    LOADED.append(os.getpid())
+@app.setup("embed")
+def load_model() -> None:
+    """Once in each worker of the embed pool, after the fork (not in the front end)."""
+    MODEL.update({chr(c): (c % 7) / 7 for c in range(32, 127)})
+    where = os.environ.get("GASPAR_EXAMPLE_MARKS")  # for the tests: which processes loaded it
+    if where:
+        open(os.path.join(where, str(os.getpid())), "w").close()
 
 
 @app.handler
@@ -43,12 +47,16 @@ def thumbnail(image: bytes, width: int = 128) -> bytes:
     return image[::step][:width]
 
 
-@app.handler
-def stats(values: list[float]) -> dict[str, float]:
-    """Figures of a list of numbers."""
-    if not values:
-        raise ValueError("stats of nothing")
-    return {"n": len(values), "mean": statistics.fmean(values), "max": max(values), "pid": os.getpid()}
+@app.handler(workers=1)
+def embed(texts: list[str]) -> list[list[float]]:
+    """A vector per text: three figures from the loaded model."""
+    if not MODEL:
+        raise RuntimeError("the model is not loaded in this worker")
+    out = []
+    for text in texts:
+        weights = [MODEL.get(ch, 0.0) for ch in text] or [0.0]
+        out.append([len(text), sum(weights) / len(weights), float(os.getpid())])
+    return out
 
 
 @app.handler

@@ -213,33 +213,41 @@ def test_the_timeout_bounds_the_time_between_items(serve):
         assert c.call("add", 1) == 2  # a new worker took the killed one's place
 
 
-def test_the_example_app_from_every_client(cli):
-    server = cli("examples.apps:app", "--bind", "127.0.0.1:0", "-w", "2")
+def test_the_example_app_from_every_client(cli, tmp_path):
+    """examples/apps.py (issue 16's three handlers) from gaspar serve: embed in a pool of its
+    own of one worker, whose setup ran in that worker only; every client calls all three."""
+    server = cli("examples.apps:app", "--bind", "127.0.0.1:0", "-w", "2", env={"GASPAR_EXAMPLE_MARKS": str(tmp_path)})
     addr = server.wait_listening()
-    server.wait_ready(2)
+    server.wait_ready(3)
     from examples import apps
 
+    workers = server.stats()["workers"]
+    embed_pids = {w["pid"] for w in workers if w["pool"] == "embed"}
+    assert len(embed_pids) == 1 and len(workers) == 3
+    assert wait_for(lambda: {int(p.name) for p in tmp_path.iterdir()} == embed_pids, 5)  # its setup: there only
     video = bytes(range(256)) * 40
     with Client(addr, timeout=10) as c:
         assert c.call("thumbnail", b"abcdefgh", width=4) == b"aceg"
-        assert c.call("stats", [1, 2, 3])["mean"] == 2.0
+        [vector] = c.call("embed", ["hello"])
+        assert vector[0] == 5 and vector[2] in embed_pids
         assert b"".join(c.stream("frames", video, size=1000)) == video
     with gaspar.Executor(addr) as pool:
         assert pool.submit(apps.thumbnail, b"abcdefgh", width=2).result(10) == b"ae"
-        assert [r["n"] for r in pool.map(apps.stats, [[1], [1, 2], [1, 2, 3]])] == [1, 2, 3]
-        with pytest.raises(errors.HandlerError, match="stats of nothing"):
-            pool.submit("stats", []).result(10)
+        assert [len(r) for r in pool.map(apps.embed, [["a"], ["a", "b"], ["a", "b", "c"]])] == [1, 2, 3]
+        assert [len(x) for x in pool.submit(apps.frames, b"abcde", size=2).result(10)] == [2, 2, 1]
+        with pytest.raises(errors.BadRequest, match="embed"):
+            pool.submit("embed").result(10)
 
     async def from_asyncio():
         async with aio.Client(addr, timeout=10) as c:
-            both = await asyncio.gather(c.call("stats", [4.0]), c.call("thumbnail", b"xy", width=1))
+            both = await asyncio.gather(c.call("embed", ["xy"]), c.call("thumbnail", b"xy", width=1))
             chunks = [chunk async for chunk in c.stream("frames", video, size=4096)]
             with pytest.raises(errors.NoSuchHandler):
                 await c.call("nope")
             return both, b"".join(chunks)
 
-    (figures, thumb), streamed = asyncio.run(from_asyncio())
-    assert figures["max"] == 4.0 and thumb == b"x" and streamed == video
+    ([vector], thumb), streamed = asyncio.run(from_asyncio())
+    assert vector[2] in embed_pids and thumb == b"x" and streamed == video
 
 
 def test_setup_hooks_run_once_in_each_worker(serve, tmp_path):
@@ -514,3 +522,37 @@ def test_a_pool_grows_under_a_load_step_and_shrinks_when_idle_without_flapping(s
     assert sum(isinstance(r, int) for r in results) >= 0.9 * len(results)
     outcomes = s.producer.stats()["outcomes"]
     assert outcomes["error"] == outcomes["worker_died"] == outcomes["timeout"] == 0
+
+
+def test_the_example_apps_embed_pool_served_by_an_agent(serve, agent, tmp_path, monkeypatch):
+    """examples/apps.py with --pool embed=0 here: only an agent's worker (--pool embed=1)
+    serves embed, its setup ran there alone, and the rest runs here."""
+    from examples import apps
+
+    monkeypatch.setenv("GASPAR_EXAMPLE_MARKS", str(tmp_path))
+    s = serve(
+        apps.app,
+        processes=1,
+        pools={"embed": 0},
+        remote_bind="tcp://127.0.0.1:*",
+        insecure=True,
+        heartbeat_interval=0.25,
+        agent_liveness=2.0,
+    )
+    with Client(s.addr, timeout=10) as c, pytest.raises(errors.ServerUnavailable, match="pool 'embed'"):
+        c.call("embed", ["x"])  # no worker for it yet, anywhere
+    a = agent("examples.apps:app", "--connect", s.producer.gateway.endpoint, "--pool", "embed=1", "--name", "gpu1")
+
+    def remote():
+        for info in s.producer.stats()["agents"]:
+            if info["state"] == "joined" and info["workers"]:
+                return info["workers"]
+        return None
+
+    workers = wait_for(remote, 20, 0.05)
+    assert workers and len(workers) == 1, a.log
+    with Client(s.addr, timeout=10) as c:
+        [vector] = c.call("embed", ["hello"])
+        assert int(vector[2]) == workers[0]["pid"]
+        assert c.call("thumbnail", b"abcd", width=2) == b"ac"
+    assert {int(p.name) for p in tmp_path.iterdir()} == {workers[0]["pid"]}
