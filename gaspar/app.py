@@ -187,17 +187,26 @@ class App(Consumer):
         if handler is None:
             known = ", ".join(sorted(self.handlers)) or "none"
             raise Refused("NoSuchHandler", f"no handler named {name!r} (this app has: {known})")
-        if handler.signature is not None:
-            try:
-                handler.signature.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise Refused("BadRequest", f"{name}(): {exc}") from None
         return codec, handler, tuple(args), kwargs
+
+    def _invoke(self, handler: Handler, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Call the handler. Arguments that do not bind make Python raise TypeError before
+        its body runs: then (only then, it costs microseconds) the signature says whether
+        it was the call's arguments (BadRequest, naming them) or the handler's own error."""
+        try:
+            return handler.fn(*args, **kwargs)
+        except TypeError as exc:
+            if handler.signature is not None:
+                try:
+                    handler.signature.bind(*args, **kwargs)
+                except TypeError as bad:
+                    raise Refused("BadRequest", f"{handler.name}(): {bad}") from None
+            raise exc
 
     def call(self, message: Any) -> bytes:
         """A typed call's reply body: the handler's result, encoded."""
         codec, handler, args, kwargs = self._prepare(message)
-        result = handler.fn(*args, **kwargs)
+        result = self._invoke(handler, args, kwargs)
         if handler.stream:  # called without streaming: the items as one list
             result = list(result)
         return calls.encode(codec, result)
@@ -206,7 +215,7 @@ class App(Consumer):
         """A streaming call's items, encoded, as the handler makes them (a handler that
         returns a value instead streams that one item)."""
         codec, handler, args, kwargs = self._prepare(message)
-        result = handler.fn(*args, **kwargs)
+        result = self._invoke(handler, args, kwargs)
         items = result if inspect.isgenerator(result) else iter((result,))
         return _Encoded(items, codec)
 
