@@ -108,7 +108,7 @@ class Dispatcher:
         if not self._queue.submit(req):
             return req, []  # held behind its own connection's share
         queue = self._queue
-        if self.max_queued and len(queue) > self.max_queued:
+        if self.max_queued and len(queue.items) > self.max_queued:
             self._drop(queue.pop(True), QUEUE_FULL)  # the oldest: the least likely still wanted
         return req, self._assign()
 
@@ -159,9 +159,9 @@ class Dispatcher:
         """Tell the overload control how the queue stands: its oldest request's wait. With
         no worker at all the queue is not served, not overloaded: it waits for one (up to
         queue_timeout), as when every worker died or no agent has joined yet."""
-        queue = self._queue
-        waited = now - queue.oldest.queued_at if queue and self.workers else 0.0
-        self.control.check(now, waited, len(queue))
+        items = self._queue.items
+        waited = now - items[0].queued_at if items and self.workers else 0.0
+        self.control.check(now, waited, len(items))
 
     def complete(self, routing_id: bytes, request_id: int, ran: bool = True) -> tuple[Pending | None, list[Assignment]]:
         """A worker replied (``ran``) or skipped a revoked request. Return the request (None
@@ -339,7 +339,7 @@ class Dispatcher:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue.items)
 
     @property
     def held(self) -> int:
@@ -361,13 +361,14 @@ class Dispatcher:
     def _assign(self) -> list[Assignment]:
         out: list[Assignment] = []
         queue = self._queue
-        if not queue:
+        items = queue.items
+        if not items:
             return out
         now = self.clock()
         control = self.control
         lifo = control.overloaded  # newest first
         limit, reason = control.limit()
-        while queue and self._idle:
+        while items and self._idle:
             req = self._take(queue, lifo, now, limit, reason)
             if req is None:
                 break
@@ -377,7 +378,7 @@ class Dispatcher:
             self._start(req, now)
             out.append((worker, req))
         n, depth = len(self.workers), self.prefetch
-        if depth and len(queue) > n:
+        if depth and len(items) > n:
             # a busy worker takes its k-th request ahead only while more than n x k are
             # queued, up to `prefetch`; 0MQ then carries several requests per wake-up of its
             # I/O threads
@@ -386,7 +387,7 @@ class Dispatcher:
                 if worker.current is None or worker.retiring:
                     continue
                 while (
-                    len(ahead) < depth and len(queue) > n * (len(ahead) + 1) and control.may_hand_ahead(len(ahead) + 1)
+                    len(ahead) < depth and len(items) > n * (len(ahead) + 1) and control.may_hand_ahead(len(ahead) + 1)
                 ):
                     if worker.max_requests and worker.handled + len(ahead) + 1 >= worker.max_requests:
                         break  # it retires after the requests in hand
@@ -401,8 +402,8 @@ class Dispatcher:
 
     def _take(self, queue: FairQueue, lifo: bool, now: float, limit: float | None, reason: str) -> Pending | None:
         """The next request to hand out, shedding on the way those that are past use."""
-        control = self.control
-        while queue:
+        control, items = self.control, queue.items
+        while items:
             req = queue.pop(not lifo)
             if limit is not None and now - req.queued_at > limit:
                 self._drop(req, reason)

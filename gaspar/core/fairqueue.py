@@ -33,21 +33,24 @@ class FairQueue:
 
     def __init__(self, share: Callable[[], int], newest_first: Callable[[], bool], clock: Callable[[], float]) -> None:
         self.share, self.newest_first, self.clock = share, newest_first, clock
-        self._queue: deque[Any] = deque()
+        #: The queued requests, oldest end first (held ones are not here): the dispatcher's
+        #: hot paths test and count this deque itself, not the object (a Python ``__len__``
+        #: call each, about a dozen a request).
+        self.items: deque[Any] = deque()
         self._in_queue: dict[Any, int] = {}  # owner -> its requests in the queue
         self._held: dict[Any, deque[Any]] = {}  # owner -> its requests past its share
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self.items)
 
     def __iter__(self) -> Iterator[Any]:
         """The queued requests, oldest end first (held ones are not in the queue)."""
-        return iter(self._queue)
+        return iter(self.items)
 
     @property
     def oldest(self) -> Any:
         """The request at the oldest end (the queue must not be empty)."""
-        return self._queue[0]
+        return self.items[0]
 
     @property
     def held(self) -> int:
@@ -58,7 +61,7 @@ class FairQueue:
         """When the longest-waiting request arrived, queued or held behind its owner's
         share (each owner's held ones are first in, first out); None when none waits."""
         times = [held[0].queued_at for held in self._held.values() if held]
-        if self._queue:
+        if self.items:
             times.append(self.oldest.queued_at)
         return min(times, default=None)
 
@@ -82,15 +85,15 @@ class FairQueue:
         """Into the queue: at the newest end, or at the oldest (``first``: first in line
         again, e.g. a request its worker never started)."""
         if first:
-            self._queue.appendleft(req)
+            self.items.appendleft(req)
         else:
-            self._queue.append(req)
+            self.items.append(req)
         if req.owner is not None:
             self._in_queue[req.owner] = self._in_queue.get(req.owner, 0) + 1
 
     def pop(self, oldest: bool) -> Any:
         """Take the request at the oldest end, or at the newest."""
-        req = self._queue.popleft() if oldest else self._queue.pop()
+        req = self.items.popleft() if oldest else self.items.pop()
         if req.owner is not None:
             self._left(req.owner)
         return req
@@ -103,12 +106,12 @@ class FairQueue:
             if not held:
                 del self._held[req.owner]
             return
-        self._queue.remove(req)
+        self.items.remove(req)
         if req.owner is not None:
             self._left(req.owner)
 
     def clear(self) -> None:
-        self._queue.clear()
+        self.items.clear()
         self._in_queue.clear()
         self._held.clear()
 
@@ -125,8 +128,8 @@ class FairQueue:
             if not held:
                 del self._held[owner]
             req.held = False
-            if self.newest_first() and self._queue:  # served last, shed first
-                req.queued_at = self._queue[0].queued_at
+            if self.newest_first() and self.items:  # served last, shed first
+                req.queued_at = self.items[0].queued_at
                 self.put(req, first=True)
             else:
                 req.queued_at = self.clock()

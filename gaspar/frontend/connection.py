@@ -366,7 +366,9 @@ class Connection:
     def _free(self, n: int) -> None:
         """``n`` bytes counted in the budget are no longer held."""
         if n:
-            self.front.wake_starved(self.budget.release(n))
+            woken = self.budget.release(n)
+            if woken:  # connections waiting for the budget: rarely any
+                self.front.wake_starved(woken)
 
     def fail_now(self, request: Request, kind: str, message: str) -> None:
         """Refuse a request before it runs, and end the connection."""
@@ -434,7 +436,8 @@ class Connection:
         wake = self.budget.forget(self)
         if held:
             wake = self.budget.release(held)
-        self.front.wake_starved(wake)
+        if wake:
+            self.front.wake_starved(wake)
 
     def abort(self) -> None:
         """Abortive close: the client sees a reset, never a clean (empty) reply."""
