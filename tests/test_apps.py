@@ -556,3 +556,32 @@ def test_the_example_apps_embed_pool_served_by_an_agent(serve, agent, tmp_path, 
         assert int(vector[2]) == workers[0]["pid"]
         assert c.call("thumbnail", b"abcd", width=2) == b"ac"
     assert {int(p.name) for p in tmp_path.iterdir()} == {workers[0]["pid"]}
+
+
+def test_the_access_log_names_a_calls_handler(serve, tmp_path):
+    path = tmp_path / "access.log"
+    s = serve(apps_under_test.pooled, processes=1, access_log=str(path))
+    with Client(s.addr, timeout=10) as c:
+        c.call("embed")
+        c.call("quick")
+    lines = wait_for(lambda: (lambda t: t if len(t) >= 2 else None)(path.read_text().splitlines()), 5)
+    assert lines and lines[0].endswith(" call=embed") and lines[1].endswith(" call=quick"), lines
+    assert " ok in=" in lines[0] and "worker=" in lines[0]
+
+
+def test_gaspar_top_shows_pools_and_handlers(serve):
+    from gaspar.ops import top
+
+    s = serve(apps_under_test.pooled, processes=1)
+    before = s.producer.stats()
+    with Client(s.addr, timeout=10) as c:
+        for _ in range(4):
+            c.call("embed")
+    after = s.producer.stats()
+    frame = top.render(before, after, 2.0, 60, address=s.addr)
+    assert all(len(line) <= 60 for line in frame), frame
+    text = "\n".join(frame)
+    assert "pools:" in text and "handlers:" in text
+    [embed] = [line for line in frame if line.startswith("embed (embed)")]
+    assert "calls/s 2.0" in embed and "ok 4" in embed, embed
+    assert "handlers:" not in "\n".join(top.render(None, serve(lambda m: m, processes=1).producer.stats(), 1.0, 80))

@@ -111,7 +111,7 @@ class Outcomes:
         if self.access_log is not None:
             if req.cancelled:
                 outcome = "client_gone"
-            self.log_access(req.waiter, outcome, len(frame), queued, wall, now - req.queued_at, number)
+            self.log_access(req.waiter, outcome, len(frame), queued, wall, now - req.queued_at, number, req.handler)
 
     # -- failed, shed, refused ----------------------------------------------------------------
 
@@ -129,7 +129,7 @@ class Outcomes:
             self.telemetry.call(pending.handler, pending.pool, outcome)
         if self.access_log is not None:
             number = pending.worker.label if pending.worker is not None else None
-            self.log_access(pending.waiter, outcome, 0, queued, None, now - pending.queued_at, number)
+            self.log_access(pending.waiter, outcome, 0, queued, None, now - pending.queued_at, number, pending.handler)
         conn.deliver(request, status, error_body(error.__name__, msg, **facts))
 
     def shed(self, req: Pending, reason: str, now: float) -> None:
@@ -143,7 +143,7 @@ class Outcomes:
         if req.handler:
             self.telemetry.call(req.handler, req.pool, outcome)
         if self.access_log is not None:
-            self.log_access(req.waiter, outcome, 0, waited, None, waited, None)
+            self.log_access(req.waiter, outcome, 0, waited, None, waited, None, req.handler)
         d = self.dispatcher
         queued_ms = round(waited * 1000, 1)
         if reason == NO_WORKERS:  # not an overload: there was nothing to run it
@@ -165,7 +165,7 @@ class Outcomes:
             running = pending.worker is not None and pending.worker.current is pending
             if self.access_log is not None and not running:  # running ones: at their reply
                 waited = now - pending.queued_at
-                self.log_access(pending.waiter, "client_gone", 0, waited, None, waited, None)
+                self.log_access(pending.waiter, "client_gone", 0, waited, None, waited, None, pending.handler)
             self.dispatcher.cancel(pending)
 
     def bad_request(self, conn: Any, request: Request) -> None:
@@ -226,10 +226,12 @@ class Outcomes:
         handler: float | None,
         total: float,
         worker: int | str | None,
+        call: str = "",
     ) -> None:
-        """One access-log line for a request (``access_log``)."""
+        """One access-log line for a request (``access_log``; ``call``: a typed call's handler)."""
         conn, request = waiter
-        access_line(self.access_log, conn.peer, outcome, len(request.body), bytes_out, queued, handler, total, worker)
+        body = len(request.body)
+        access_line(self.access_log, conn.peer, outcome, body, bytes_out, queued, handler, total, worker, call)
 
     def log_refusal(self, message: str, *args: Any) -> None:
         """A refused or reset request or connection, at most 10 lines a minute; the rest

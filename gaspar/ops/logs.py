@@ -198,8 +198,10 @@ def access_line(
     handler: float | None,
     total: float,
     worker: int | str | None,
+    call: str = "",
 ) -> None:
-    """One access-log line for a request: who, how big, how long, how it ended, which worker.
+    """One access-log line for a request: who, how big, how long, how it ended, which worker,
+    and for a typed call its handler (`` call=NAME`` at the end; ``call`` in JSON).
 
     A fact that does not apply (no queue wait, no handler run, no worker) is ``-`` in the
     text and ``null`` in JSON's fields."""
@@ -217,12 +219,14 @@ def access_line(
     for key in ("queue_ms", "handler_ms", "total_ms"):
         if fields[key] is not None:
             shown[key] = f"{fields[key]}ms"
-    logger.info(
+    text = (
         "%(peer)s %(outcome)s in=%(bytes_in)sB out=%(bytes_out)sB queue=%(queue_ms)s "
-        "handler=%(handler_ms)s total=%(total_ms)s worker=%(worker)s",
-        shown,
-        extra=fields,
+        "handler=%(handler_ms)s total=%(total_ms)s worker=%(worker)s"
     )
+    if call:
+        fields["call"] = shown["call"] = call
+        text += " call=%(call)s"
+    logger.info(text, shown, extra=fields)
 
 
 #: An error report (a handler error's JSON body) larger than this is not parsed for the log;

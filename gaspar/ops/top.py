@@ -241,7 +241,38 @@ def render(
     cols = fit_columns(width)
     rows = worker_rows(prev, stats, elapsed)
     table = [table_header(width), *(_row(r, cols, width) for r in rows)] if rows else ["(no local workers)"]
-    return [*header(prev, stats, elapsed, width, address), "", *table, *agent_lines(stats, width, prev, elapsed)]
+    agents = agent_lines(stats, width, prev, elapsed)
+    return [*header(prev, stats, elapsed, width, address), "", *table, *agents, *app_lines(stats, width, prev, elapsed)]
+
+
+def app_lines(stats: Stats, width: int, prev: Stats | None = None, elapsed: float = 0.0) -> list[str]:
+    """An App's pools (workers, queued, running) and handlers (calls a second, errors, the
+    p99 of their run time), a line each; nothing for a bytes handler."""
+    pools, handlers = stats.get("pools") or {}, stats.get("handlers") or {}
+    lines = []
+    if pools:
+        lines += ["", "pools:"]
+        for name, p in sorted(pools.items()):
+            chunks = [name, f"workers {p['workers']}", f"queued {p['queued']}", f"running {p['running']}"]
+            lines += _wrap([*chunks, "OVERLOADED"] if p.get("overloaded") else chunks, width)
+    if handlers:
+        lines += ["", "handlers:"]
+        before = (prev or {}).get("handlers") or {}
+        for name, h in sorted(handlers.items()):
+            total = sum(h["outcomes"].values())
+            then = sum((before.get(name) or {}).get("outcomes", {}).values()) if prev is not None else None
+            per_s = rate(then, total, elapsed)
+            p99 = h["duration_seconds"].get("p99")
+            chunks = [
+                f"{name} ({h['pool']})",
+                f"calls/s {number(per_s, 6) if per_s is not None else '-'}",
+                f"ok {h['outcomes'].get('ok', 0)}",
+                f"errors {h['outcomes'].get('error', 0)}",
+                f"refused {h['outcomes'].get('bad_request', 0)}",
+                f"p99 {'-' if p99 is None else f'{p99 * 1000:.1f}ms'}",
+            ]
+            lines += _wrap(chunks, width)
+    return lines
 
 
 def agent_lines(stats: Stats, width: int, prev: Stats | None = None, elapsed: float = 0.0) -> list[str]:
