@@ -51,3 +51,23 @@ def work(seconds: float) -> int:
 
 
 app.pool("work", workers="1:3")
+
+
+# -- gunicorn's dirty arbiter, the same handler (bench/apps.py's comparison) ----------------
+
+try:
+    from gunicorn.dirty import DirtyApp
+except ImportError:  # gunicorn without dirty arbiters: that row reports n/a
+    DirtyApp = object
+
+
+class ScoreDirtyApp(DirtyApp):
+    """``score`` as a dirty arbiter's action (its arguments and result travel as JSON)."""
+
+    def score(self, doc: dict) -> dict:
+        return score(doc)
+
+
+def wsgi(environ, start_response):  # gunicorn needs an app to serve beside its dirty arbiter
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]

@@ -16,8 +16,9 @@ comparison, from an asyncio caller (``gaspar.aio.Client``, one pipelined connect
 * **autoscaling**: pool ``work`` (1:3 workers) at 0.2x of one worker's capacity, then 1.5x:
   seconds until it has grown, p99 and shed calls during the step.
 
-gunicorn's dirty arbiter runs only inside gunicorn; its comparison is bench/webapp.py's
-(through a web app), not a row here.
+* **against gunicorn's dirty arbiter**: the same ``score`` as a dirty app's action, 2 dirty
+  workers of a ``gunicorn --dirty-app`` (found by its socket), called with
+  ``DirtyClient.execute_async`` from 16 clients (one carries one request at a time).
 The table goes to stdout and bench/apps.txt, the numbers to bench/apps.json.
 """
 
@@ -125,6 +126,51 @@ async def against_ppe(addr: str, seconds: float) -> dict:
     }
 
 
+async def against_dirty(seconds: float) -> dict:
+    """gunicorn's dirty arbiter with 2 dirty workers, the same ``score``, 16 in flight from
+    this asyncio caller (16 DirtyClients: one carries one request at a time)."""
+    import glob
+
+    try:
+        from gunicorn.dirty import DirtyClient
+    except ImportError as exc:
+        return {"row": "dirty arbiter", "error": f"gunicorn without dirty arbiters ({exc})"}
+    before = set(glob.glob("/tmp/gunicorn-dirty-*/arbiter.sock"))
+    argv = [sys.executable, "-m", "gunicorn", "bench.app_handlers:wsgi", "-b", f"127.0.0.1:{free_port()}", "-w", "1"]
+    argv += ["--dirty-app", "bench.app_handlers:ScoreDirtyApp", "--dirty-workers", "2", "--dirty-timeout", "60"]
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=repo_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        sock = None
+        deadline = time.monotonic() + 30
+        while sock is None and time.monotonic() < deadline:
+            found = set(glob.glob("/tmp/gunicorn-dirty-*/arbiter.sock")) - before
+            sock = next(iter(found), None)
+            await asyncio.sleep(0.1)
+        if sock is None:
+            return {"row": "dirty arbiter", "error": "its socket did not appear"}
+        await asyncio.sleep(1.0)  # its workers start
+        clients: asyncio.Queue = asyncio.Queue()
+        for _ in range(16):
+            clients.put_nowait(DirtyClient(sock, timeout=30))
+
+        async def call() -> None:
+            c = await clients.get()
+            try:
+                await c.execute_async("bench.app_handlers:ScoreDirtyApp", "score", DOC)
+            finally:
+                clients.put_nowait(c)
+
+        await call()
+        per_s, lat = await rate(call, 16, seconds)
+        while not clients.empty():
+            await clients.get_nowait().close_async()
+        return {"row": "dirty arbiter", "dirty": per_s, "dirty_p99_ms": p99(lat) * 1000}
+    finally:
+        kill_group(proc)
+
+
 async def streaming(addr: str, daemon_pid: int) -> dict:
     async with aio.Client(addr, timeout=60) as c:
         t = time.perf_counter()
@@ -217,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = asyncio.run(overhead(addr, rounds, seconds))
         log("against ProcessPoolExecutor")
         ppe = asyncio.run(against_ppe(addr, seconds * 2))
+        log("against gunicorn's dirty arbiter")
+        dirty = asyncio.run(against_dirty(seconds * 2))
         log("streaming")
         stream = asyncio.run(streaming(addr, proc.pid))
     finally:
@@ -230,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{ppe['row']:42} gaspar {ppe['gaspar']:6.0f}/s  ProcessPoolExecutor {ppe['ppe']:6.0f}/s  "
         f"ratio {ppe['ratio']:.2f}  p99 {ppe['gaspar_p99_ms']:.1f} / {ppe['ppe_p99_ms']:.1f} ms"
     )
+    if "dirty" in dirty:
+        lines.append(
+            f"{'  the same, gunicorn 27 dirty arbiter (2)':42} {dirty['dirty']:6.0f}/s  gaspar/dirty "
+            f"{ppe['gaspar'] / dirty['dirty']:.2f}  p99 {dirty['dirty_p99_ms']:.1f} ms"
+        )
+    else:
+        lines.append(f"{'  the same, gunicorn dirty arbiter':42} n/a: {dirty['error']}")
     lines.append(
         f"{stream['row']:42} {stream['items_per_s']:9.0f} items/s; slow reader: front end RSS "
         f"{stream['rss_before_kb'] / 1024:.1f} -> peak {stream['rss_peak_slow_kb'] / 1024:.1f} MiB"
@@ -239,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         f"before, {scale['p99_ms_step']:.1f} ms in the step; {scale['shed']} shed of "
         f"{scale['shed'] + scale['answered']}"
     )
-    publish("apps", "\n".join(lines) + "\n", [], {"overhead": rows, "ppe": ppe, "stream": stream, "autoscale": scale})
+    doc = {"overhead": rows, "ppe": ppe, "dirty": dirty, "stream": stream, "autoscale": scale}
+    publish("apps", "\n".join(lines) + "\n", [], doc)
     return 0
 
 
