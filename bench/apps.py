@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -136,6 +138,7 @@ async def against_dirty(seconds: float) -> dict:
     except ImportError as exc:
         return {"row": "dirty arbiter", "error": f"gunicorn without dirty arbiters ({exc})"}
     before = set(glob.glob("/tmp/gunicorn-dirty-*/arbiter.sock"))
+    pidfiles = set(glob.glob("/tmp/gunicorn-dirty-*.pid"))
     argv = [sys.executable, "-m", "gunicorn", "bench.app_handlers:wsgi", "-b", f"127.0.0.1:{free_port()}", "-w", "1"]
     argv += ["--dirty-app", "bench.app_handlers:ScoreDirtyApp", "--dirty-workers", "2", "--dirty-timeout", "60"]
     proc = subprocess.Popen(
@@ -169,6 +172,10 @@ async def against_dirty(seconds: float) -> dict:
         return {"row": "dirty arbiter", "dirty": per_s, "dirty_p99_ms": p99(lat) * 1000}
     finally:
         kill_group(proc)
+        for made in set(glob.glob("/tmp/gunicorn-dirty-*/arbiter.sock")) - before:  # SIGKILL left them
+            shutil.rmtree(os.path.dirname(made), ignore_errors=True)
+        for made in set(glob.glob("/tmp/gunicorn-dirty-*.pid")) - pidfiles:
+            os.unlink(made)
 
 
 async def streaming(addr: str, daemon_pid: int) -> dict:
