@@ -232,6 +232,12 @@ class PoolPlan:
     handlers: dict[str, str] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def most(self) -> dict[str, int]:
+        """The most workers each pool may have on this host: its size, or its MAX when it
+        sizes itself (a pool of ``0:N`` has none at first, and grows for its first call)."""
+        return {pool: self.ranges.get(pool, (size, size))[1] for pool, size in self.sizes.items()}
+
 
 def pool_plan(consumer: Any, sizes: dict[str, int | str] | None = None) -> PoolPlan:
     """The :class:`PoolPlan` of a consumer; ``sizes`` (``--pool NAME=N|MIN:MAX``, the

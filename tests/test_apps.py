@@ -585,3 +585,13 @@ def test_gaspar_top_shows_pools_and_handlers(serve):
     [embed] = [line for line in frame if line.startswith("embed (embed)")]
     assert "calls/s 2.0" in embed and "ok 4" in embed, embed
     assert "handlers:" not in "\n".join(top.render(None, serve(lambda m: m, processes=1).producer.stats(), 1.0, 80))
+
+
+def test_a_pool_of_zero_to_n_workers_grows_for_its_first_call(serve):
+    """work=0:1 on this host: no worker at the start, yet a call is not refused as "no
+    worker serves it": it waits, the pool grows, and the call is answered."""
+    s = serve(apps_under_test.scaled, processes=1, pools={"work": "0:1"}, scale_up_after=0.2)
+    assert [w["pool"] for w in s.producer.stats()["workers"]] == ["default"]
+    with Client(s.addr, timeout=10) as c:
+        assert isinstance(c.call("work", 0.001), int)
+    assert sorted(w["pool"] for w in s.producer.stats()["workers"]) == ["default", "work"]

@@ -14,7 +14,7 @@ plain Dispatcher: this costs the hot path nothing unless there are pools.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from gaspar.core.dispatch import Dispatcher
@@ -29,17 +29,18 @@ class Pools:
     routes = True  # a plain Dispatcher has ``routes = False``: every call to its one pool
 
     def __init__(
-        self, make: Callable[[], Dispatcher], names: Iterable[str], handlers: dict[str, str] | None = None
+        self, make: Callable[[], Dispatcher], local: dict[str, int], handlers: dict[str, str] | None = None
     ) -> None:
+        """``local``: the most workers each pool may have on this host (0: agents' only)."""
         self._make = make
         self.handlers = handlers or {}  # a handler's name -> its pool
-        self.sizes = dict(names) if isinstance(names, dict) else {}  # this host's workers per pool
+        self.local = dict(local)
         self.by_pool: dict[str, Dispatcher] = {}
         first = self._add(DEFAULT_POOL)
         self.pending, self.counters, self.ids = first.pending, first.counters, first.ids
         self.control, self.prefetch, self.max_queued = first.control, first.prefetch, first.max_queued
         self.workers: dict[bytes, WorkerSlot] = {}  # every pool's, by routing id
-        for name in names:
+        for name in self.local:
             self.pool(name)
 
     def _add(self, name: str) -> Dispatcher:
@@ -56,9 +57,10 @@ class Pools:
     # -- requests -----------------------------------------------------------------------------
 
     def serves(self, pool: str) -> bool:
-        """A worker of ``pool`` is ready, or this host runs some (booting or coming back);
-        False: none anywhere (``--pool NAME=0`` and no agent's worker has joined)."""
-        return bool(self.pool(pool).workers) or self.sizes.get(pool, 1) > 0
+        """A worker of ``pool`` is ready, or this host may run some (booting, coming back, or
+        a pool that grows for its calls); False: none anywhere (``--pool NAME=0`` and no
+        agent's worker has joined)."""
+        return bool(self.pool(pool).workers) or self.local.get(pool, 1) > 0
 
     def submit(
         self,

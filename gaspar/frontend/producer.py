@@ -115,7 +115,7 @@ class Producer:
             control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=max(1, self.processes))
             return Dispatcher(prefetch=s.prefetch, control=control, max_queued=s.max_queued)
 
-        self.dispatcher: Any = Pools(dispatcher, plan.sizes, plan.handlers) if plan.sizes else dispatcher()
+        self.dispatcher: Any = Pools(dispatcher, plan.most, plan.handlers) if plan.sizes else dispatcher()
         self.budget = ByteBudget(s.max_buffered_bytes)
         self.counters = ConnectionCounters()  # abandoned, refused, idle and slow resets
         self.telemetry = Telemetry()
