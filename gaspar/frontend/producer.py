@@ -109,7 +109,7 @@ class Producer:
         self.server_addr: tuple[str, int] | None = None
         self.exit_code = 0
         s = self.settings
-        plan = pool_plan(consumer, s.pools)  # an App's pools besides the default
+        self.pool_plan = plan = pool_plan(consumer, s.pools)  # an App's pools besides the default
 
         def dispatcher() -> Dispatcher:
             control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=max(1, self.processes))
@@ -211,6 +211,7 @@ class Producer:
             self.dispatcher,
             self.telemetry,
             self.processes,
+            plan=self.pool_plan,
             send=self.router.send,
             fail=self.outcomes.fail,
             on_ready=self._on_pool_ready,

@@ -44,7 +44,7 @@ with __import__("warnings").catch_warnings():
 
 import zmq
 
-from gaspar.app import pool_plan
+from gaspar.app import PoolPlan
 from gaspar.core.autoscale import Autoscaler
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.core.records import WorkerSlot, draw_limit
@@ -61,7 +61,8 @@ log = logging.getLogger("gaspar")
 
 
 class Supervisor:
-    """``target`` worker processes of ``consumer`` on this host."""
+    """``target`` worker processes of ``consumer`` on this host, and as many as ``plan`` (the
+    front end's :class:`gaspar.app.PoolPlan`) gives an App's pools of their own."""
 
     def __init__(
         self,
@@ -72,6 +73,7 @@ class Supervisor:
         telemetry: Any,
         target: int,
         *,
+        plan: PoolPlan,
         send: Callable[[list[Any]], None],
         fail: Callable[..., None],
         on_ready: Callable[[], None],
@@ -82,7 +84,6 @@ class Supervisor:
         self._send, self._fail, self._on_ready, self._on_fatal = send, fail, on_ready, on_fatal
         s = settings
         self.book = PoolBook(target, FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry))
-        plan = pool_plan(consumer, s.pools)  # an App's pools of their own
         self.book.sizes, self.book.max_memory, self.book.memory = plan.sizes, s.max_worker_memory, plan.memory
         self.autoscalers = {
             pool: Autoscaler(low, high, s.scale_up_wait, s.scale_up_after, s.scale_down_idle)
