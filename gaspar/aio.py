@@ -199,7 +199,7 @@ class Client:
         decoded result (as :meth:`gaspar.client.Client.call`)."""
         body = calls.encode_call(name, args, kwargs, codec)
         reply = await self._send(body, timeout, handler_timeout, call=True)
-        return calls.decode(calls.codec_id(codec), reply, allow_pickle=codec == "pickle")
+        return calls.decode_result(codec, reply)
 
     async def stream(
         self, name: str, *args: Any, timeout: float | None = None, codec: str = "msgpack", **kwargs: Any
@@ -210,7 +210,7 @@ class Client:
         if self._closed:
             raise ClientClosed("this Client is closed; make a new one")
         body = calls.encode_call(name, args, kwargs, codec)
-        cid, wait = calls.codec_id(codec), self.timeout if timeout is None else timeout
+        wait = self.timeout if timeout is None else timeout
         reader, writer = await _open(self.address)
         try:
             writer.write(extended_header(len(body), keepalive=True, stream=True) + body)
@@ -221,7 +221,7 @@ class Client:
                 except asyncio.TimeoutError:
                     raise RequestTimeout(f"no item within {wait}s") from None
                 if status == Status.ITEM:
-                    yield calls.decode(cid, data, allow_pickle=codec == "pickle")
+                    yield calls.decode_result(codec, data)
                     continue
                 _result(status, data)
                 return

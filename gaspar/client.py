@@ -263,7 +263,7 @@ class Client:
         name or arguments the server refused before running anything."""
         body = calls.encode_call(name, args, kwargs, codec)
         reply = self._once(body, timeout, handler_timeout, call=True)
-        return calls.decode(calls.codec_id(codec), reply, allow_pickle=codec == "pickle")
+        return calls.decode_result(codec, reply)
 
     def stream(
         self, name: str, *args: Any, timeout: float | None = None, codec: str = "msgpack", **kwargs: Any
@@ -273,7 +273,6 @@ class Client:
         of its own; leaving the loop early closes it, which ends the generator in its
         worker (``GeneratorExit``) and frees the worker."""
         body = calls.encode_call(name, args, kwargs, codec)
-        cid = calls.codec_id(codec)
         wait = self.timeout if timeout is None else timeout
         limit = _Deadline(wait)
         sock, _ = self._borrow(limit)
@@ -287,7 +286,7 @@ class Client:
                 with _translate(self.address, limit):
                     _, status, data = _read_frame(sock, limit)
                 if status == Status.ITEM:
-                    yield calls.decode(cid, data, allow_pickle=codec == "pickle")
+                    yield calls.decode_result(codec, data)
                     continue
                 done = True
                 if status != Status.OK:

@@ -103,6 +103,12 @@ def decode(codec: int, payload: bytes | memoryview, allow_pickle: bool = False) 
         raise ProtocolError(f"a malformed pickle payload ({exc})") from None
 
 
+def decode_result(codec: str, payload: bytes | memoryview) -> Any:
+    """A client's decoding of a result or a stream's item, in the codec it called with: a
+    pickle is taken from the server only when the client itself asked for pickle."""
+    return decode(codec_id(codec), payload, allow_pickle=codec == "pickle")
+
+
 def encode_call(name: str, args: tuple, kwargs: dict[str, Any], codec: str = "msgpack") -> bytes:
     """A call's body."""
     raw = name.encode("utf-8")
@@ -147,6 +153,7 @@ __all__ = [
     "codec_id",
     "encode",
     "decode",
+    "decode_result",
     "encode_call",
     "call_name",
     "decode_call",
