@@ -145,21 +145,19 @@ def call_handler(
 
 
 def run_stream(
-    start: Callable[[Any], Any], message: Any, send_item: Callable[[bytes], None], wait: Callable[[int], bool]
+    start: Callable[[Any], Any], message: Any, send_item: Callable[[bytes], None], wait: Callable[[], bool]
 ) -> tuple[bytes, Any]:
     """Run a streaming call: each item goes out with ``send_item`` as it is made, and
-    ``wait(n)`` after it says whether to go on (it holds the stream while its client has
+    ``wait()`` after it says whether to go on (it holds the stream while its client has
     not taken enough: the window). Returns the final reply, ``(status, body)``: OK with an
     empty body once the items end, or the error. A stream whose client left is closed
     (``GeneratorExit`` in the handler) and its reply goes nowhere."""
     items = None
-    sent = 0
     try:
         items = start(message)
         for data in items:
             send_item(data)
-            sent += 1
-            if not wait(sent):
+            if not wait():
                 break
         return _OK, b""
     except Refused as exc:

@@ -241,7 +241,7 @@ def run_worker(
         send(sock, streaming[3], more)
         send(sock, data, 0, len(data) < _LARGE)
 
-    def wait_credit(sent: int) -> bool:
+    def wait_credit() -> bool:
         """After a stream's item: take what has arrived, and wait while the stream has no
         credit left (its client has not taken enough items). False: its client left."""
         streaming[1] -= 1
