@@ -175,7 +175,7 @@ class Outcomes:
         if self.access_log is not None:
             self.log_access((conn, request), "bad_request", 0, None, None, 0.0, None)
 
-    def refused_stopping(self, conn: Any, request: Request, why: str = "the server is stopping") -> None:
+    def refused(self, conn: Any, request: Request, why: str = "the server is stopping") -> None:
         """A request refused before it queues: read after the stop began, or a call for a
         pool that no worker serves."""
         self.telemetry.ended("unavailable", None, 0.0)

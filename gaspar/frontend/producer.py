@@ -347,14 +347,14 @@ class Producer:
         if request.stats:
             return conn.deliver(request, Status.OK, self.stats_json())
         if self.stopping:
-            return self.outcomes.refused_stopping(conn, request)
+            return self.outcomes.refused(conn, request)
         # the operator's timeout bounds the handler; the client may only ask for less
         pool, handler = DEFAULT_POOL, self.consumer.handler_of(request.body) if request.call else ""
         if handler and self.dispatcher.routes:  # an App's handler with a pool of its own
             pool = self.dispatcher.handlers.get(handler, DEFAULT_POOL)
             if not self.dispatcher.serves(pool):
                 why = f"no worker serves pool {pool!r}: none on this host and no agent's"
-                return self.outcomes.refused_stopping(conn, request, why)
+                return self.outcomes.refused(conn, request, why)
         owner = conn if conn.keepalive else None  # a connection that may pipeline: one share of the queue
         r, timeout = request, self.settings.timeout
         pending, assignments = self.dispatcher.submit(r.body, (conn, r), timeout, r.deadline, r.timeout, owner, pool)
