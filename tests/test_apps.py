@@ -17,6 +17,7 @@ import pytest
 from conftest import wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_remote import FAST, joined
 
 import gaspar
 from gaspar import aio, errors
@@ -281,6 +282,11 @@ def test_results_msgpack_cannot_carry_and_generators_called_plainly(serve):
 # -- pools ---------------------------------------------------------------------------------
 
 
+def serve_for_agents(serve, app, processes: int, **options):
+    """A front end agents join over loopback (no CURVE), with test_remote's quick liveness."""
+    return serve(app, processes=processes, remote_bind="tcp://127.0.0.1:*", insecure=True, **FAST, **options)
+
+
 def marks(where) -> dict[str, set[int]]:
     found: dict[str, set[int]] = {}
     for p in where.iterdir():
@@ -340,24 +346,11 @@ def test_pool_sizes_from_the_command_line(cli, tmp_path):
 def test_an_agent_serves_a_pool(serve, agent):
     """gaspar worker mod:app --pool embed=1: the agent runs that pool only, and the front end
     routes embed's calls to its worker and the local embed worker, never to others."""
-    s = serve(
-        apps_under_test.pooled,
-        processes=1,
-        remote_bind="tcp://127.0.0.1:*",
-        insecure=True,
-        heartbeat_interval=0.25,
-        agent_liveness=2.0,
-    )
+    s = serve_for_agents(serve, apps_under_test.pooled, 1)
     a = agent("apps_under_test:pooled", "--connect", s.producer.gateway.endpoint, "--pool", "embed=1", "--name", "gpu1")
-
-    def agent_workers():
-        for info in s.producer.stats()["agents"]:
-            if info["state"] == "joined" and info["workers"]:
-                return info["workers"]
-        return None
-
-    remote = wait_for(agent_workers, 20, 0.05)
-    assert remote and len(remote) == 1, a.log
+    info = joined(s, "gpu1", 1)
+    assert info and len(info["workers"]) == 1, a.log
+    remote = info["workers"]
     local = {w["pool"]: w["pid"] for w in s.producer.stats()["workers"]}
     assert set(local) == {"default", "embed"}
     with gaspar.Executor(s.addr, max_workers=4) as pool:
@@ -444,21 +437,10 @@ def test_a_worker_past_max_worker_memory_is_recycled_after_its_request(serve):
 
 
 def test_an_agents_worker_past_max_worker_memory_is_recycled_too(serve, agent):
-    s = serve(
-        apps_under_test.app,
-        processes=0,
-        remote_bind="tcp://127.0.0.1:*",
-        insecure=True,
-        heartbeat_interval=0.25,
-        agent_liveness=2.0,
-    )
+    s = serve_for_agents(serve, apps_under_test.app, 0)
     endpoint = s.producer.gateway.endpoint
     a = agent("apps_under_test:app", "--connect", endpoint, "-w", "1", "--max-worker-memory", str(150 << 20))
-
-    def joined():
-        return any(x["state"] == "joined" and x["workers"] for x in s.producer.stats()["agents"])
-
-    assert wait_for(joined, 20, 0.05), a.log
+    assert joined(s, None, 1), a.log
     pids = []
     with Client(s.addr, timeout=20) as c:
         for _ in range(12):
@@ -530,27 +512,14 @@ def test_the_example_apps_embed_pool_served_by_an_agent(serve, agent, tmp_path, 
     from examples import apps
 
     monkeypatch.setenv("GASPAR_EXAMPLE_MARKS", str(tmp_path))
-    s = serve(
-        apps.app,
-        processes=1,
-        pools={"embed": 0},
-        remote_bind="tcp://127.0.0.1:*",
-        insecure=True,
-        heartbeat_interval=0.25,
-        agent_liveness=2.0,
-    )
+    s = serve_for_agents(serve, apps.app, 1, pools={"embed": 0})
     with Client(s.addr, timeout=10) as c, pytest.raises(errors.ServerUnavailable, match="pool 'embed'"):
         c.call("embed", ["x"])  # no worker for it yet, anywhere
     a = agent("examples.apps:app", "--connect", s.producer.gateway.endpoint, "--pool", "embed=1", "--name", "gpu1")
 
-    def remote():
-        for info in s.producer.stats()["agents"]:
-            if info["state"] == "joined" and info["workers"]:
-                return info["workers"]
-        return None
-
-    workers = wait_for(remote, 20, 0.05)
-    assert workers and len(workers) == 1, a.log
+    info = joined(s, "gpu1", 1)
+    assert info and len(info["workers"]) == 1, a.log
+    workers = info["workers"]
     with Client(s.addr, timeout=10) as c:
         [vector] = c.call("embed", ["hello"])
         assert int(vector[2]) == workers[0]["pid"]
