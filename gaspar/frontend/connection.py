@@ -47,7 +47,6 @@ from gaspar.core.admission import BodyClock
 from gaspar.errors import ProtocolError
 from gaspar.frontend.contract import FrontEnd
 from gaspar.wire.framing import (
-    REPLY_HEADER,
     Request,
     RequestReader,
     RequestTooLarge,
@@ -294,19 +293,13 @@ class Connection:
         self.held_bodies -= n
         self._free(n)  # the request is done with
         if request.extended:
-            head = reply_header(len(body), request.tag, status)
-            if len(body) < 65536:
-                self.out.append(memoryview(head + bytes(body)))
-            else:
-                self.out.append(memoryview(head))
-                self.out.append(memoryview(body))
+            self._queue_framed(request, status, body)
         elif status == Status.OK:
             self.out.append(memoryview(body))
+            self.budget.add(len(body))
+            self.unsent += len(body)
         else:
             return self.abort()  # a plain client learns of an error by a reset
-        n = len(body) + (REPLY_HEADER.size if request.extended else 0)
-        self.budget.add(n)
-        self.unsent += n
         if self.eof and self.inflight == 0:
             self.close_after = True
         self.flush()
@@ -321,15 +314,24 @@ class Connection:
         stream's worker after a window of items, and the front end holds no more than that."""
         if self.closed:
             return
-        head = reply_header(len(body), request.tag, Status.ITEM)
-        self.out.append(memoryview(head + bytes(body)))
-        n = len(head) + len(body)
-        self.budget.add(n)
-        self.unsent += n
+        self._queue_framed(request, Status.ITEM, body)
         if self.owed is None:
             self.owed = []
         self.owed.append(pending)
         self.flush()
+
+    def _queue_framed(self, request: Request, status: int, body: Any) -> None:
+        """A framed reply (or a stream's item) into the output, counted in the budget; a
+        large body is queued as it is, not copied behind its header."""
+        head = reply_header(len(body), request.tag, status)
+        if len(body) < 65536:
+            self.out.append(memoryview(head + bytes(body)))
+        else:
+            self.out.append(memoryview(head))
+            self.out.append(memoryview(body))
+        n = len(head) + len(body)
+        self.budget.add(n)
+        self.unsent += n
 
     def flush(self) -> None:
         out = self.out
