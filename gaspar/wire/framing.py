@@ -46,6 +46,9 @@ KNOWN_FLAGS = FLAG_KEEPALIVE | FLAG_STATS | FLAG_DEADLINE | FLAG_CALL | FLAG_STR
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 DIRECT_BODY = 256 * 1024  # bodies this large are received into a buffer of their own
+# Private, not mmap's default MAP_SHARED: a shared anonymous mapping is shmem, and each of
+# its pages costs a page-cache insert when first written and a removal when unmapped.
+_PRIVATE = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 
 
 class Status(enum.IntEnum):
@@ -128,7 +131,7 @@ class RequestReader:
 
     def _make_body(self) -> None:
         size = self._head_size
-        self._body = mmap.mmap(-1, self._length)
+        self._body = mmap.mmap(-1, self._length, flags=_PRIVATE)
         got = len(self._buf) - size
         self._body[:got] = self._buf[size:]
         self._filled = got
