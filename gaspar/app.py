@@ -247,7 +247,9 @@ def pool_plan(consumer: Any, sizes: dict[str, int | str] | None = None) -> PoolP
         if sizes:
             raise ValueError(f"pools ({', '.join(sorted(sizes))}) need an App (gaspar.App), not a bytes handler")
         return PoolPlan()
-    unknown = set(sizes) - set(consumer.pools) - {DEFAULT_POOL}
+    if DEFAULT_POOL in sizes:
+        raise ValueError(f"the {DEFAULT_POOL} pool's size is workers (--workers N or MIN:MAX), not a pool's setting")
+    unknown = set(sizes) - set(consumer.pools)
     if unknown:
         raise ValueError(f"no pool named {', '.join(sorted(unknown))} in this App (it has {', '.join(consumer.pools)})")
     plan = PoolPlan(memory={name: p.max_memory for name, p in consumer.pools.items() if p.max_memory})

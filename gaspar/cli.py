@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gaspar import apppath
-from gaspar.config import Settings, fewest_workers, pool_size
+from gaspar.config import AGENT_FIXED, Settings, fewest_workers, pool_size, workers_option
+from gaspar.core.autoscale import parse_range
 from gaspar.errors import GasparError
 from gaspar.loading import UsageError, load_config, load_consumer
 from gaspar.ops.logs import FORMATS, configure
@@ -205,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_pool_options(parser: argparse.ArgumentParser) -> None:
     """What ``serve`` and ``worker`` (an agent) both take: the pool's size, a config file,
     and how to log."""
-    parser.add_argument("--workers", "-w", type=int, default=None, help="worker processes (default: the CPU count)")
+    parser.add_argument(
+        "--workers", "-w", type=workers_option, metavar="N|MIN:MAX", help="worker processes (default: the CPU count)"
+    )
     parser.add_argument(
         "--pool",
         action="append",
@@ -232,19 +235,9 @@ def add_pool_options(parser: argparse.ArgumentParser) -> None:
 
 
 #: The settings that mean something to an agent (the rest are the front end's).
-AGENT_SETTINGS = (
-    "graceful_timeout",
-    "worker_nice",
-    "transport",
-    "flap_attempts",
-    "flap_window",
-    "flap_retry_in",
-    "flap_max_retry",
-    "proc_name",
-    "capture_output",
-    "heartbeat_interval",
-    "agent_liveness",
-    "max_worker_memory",
+AGENT_SETTINGS = tuple(
+    "graceful_timeout worker_nice transport flap_attempts flap_window flap_retry_in "
+    "flap_max_retry proc_name capture_output heartbeat_interval agent_liveness max_worker_memory".split()
 )
 
 
@@ -299,7 +292,11 @@ def serve(args: argparse.Namespace) -> int:
     if not isinstance(bind, str):
         raise UsageError(f"bind takes a HOST:PORT string, not {bind!r}")
     least = fewest_workers(args.remote_bind or options.get("remote_bind"))
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < least):
+    try:
+        low = workers if type(workers) is int else parse_range(workers)[0] if workers is not None else least
+    except ValueError:
+        raise UsageError(f"--workers takes N or MIN:MAX, not {workers!r}") from None
+    if low < least:
         raise UsageError(f"--workers must be at least 1 (0 with --remote-bind), not {workers!r}")
     host, port = parse_bind(bind)
     consumer = load_consumer(args.app)  # before any fork: an import error ends us here
@@ -344,6 +341,8 @@ def agent(args: argparse.Namespace) -> int:
     if workers is None:
         workers = 0 if options.get("pools") else os.cpu_count() or 1  # --pool alone: those pools only
     least = 0 if options.get("pools") else 1
+    if isinstance(workers, str):
+        raise UsageError(f"an agent's --workers is a number N, not {workers!r}: {AGENT_FIXED}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < least:
         raise UsageError(f"--workers must be at least 1 (0 with --pool), not {workers!r}")
     host, _, port = args.connect.removeprefix("tcp://").rpartition(":")

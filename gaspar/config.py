@@ -80,15 +80,33 @@ def fewest_workers(remote_bind: str | None) -> int:
     return 0 if remote_bind else 1
 
 
-def check_workers(processes: Any, settings: Settings) -> None:
-    """``processes`` as the Producer takes it: None (one per CPU), or from
+#: Why an agent's pools do not size themselves: the queue that says so is the front end's.
+AGENT_FIXED = "a pool sizes itself (MIN:MAX) on the front end's own host, which holds its queue"
+
+
+def check_workers(processes: Any, settings: Settings) -> tuple[int, int]:
+    """``processes`` as the Producer takes it, as ``(MIN, MAX)``: None (one per CPU), N, or
+    ``"MIN:MAX"`` (the default pool sizes itself, as an App's pools can), each from
     :func:`fewest_workers` to ``max_workers``."""
     least = fewest_workers(settings.remote_bind)
-    if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int) or processes < least):
+    if processes is None:
+        n = min(os.cpu_count() or 1, settings.max_workers)
+        return n, n
+    try:
+        low, high = parse_range(processes)
+    except ValueError:
+        low = high = -1
+    if low < least:
         more = " (0 only with remote_bind)" if least else ""
-        raise ValueError(f"workers must be at least {least}{more} (None: one per CPU), not {processes!r}")
-    if (processes or 0) > settings.max_workers:
+        raise ValueError(f"workers must be at least {least}{more}, N or MIN:MAX (None: one per CPU), not {processes!r}")
+    if high > settings.max_workers:
         raise ValueError(f"workers ({processes}) must be at most max_workers ({settings.max_workers})")
+    return low, high
+
+
+def workers_option(text: str) -> int | str:
+    """``--workers N`` or ``--workers MIN:MAX``, as the Producer takes it."""
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def pool_size(text: str) -> tuple[str, int | str]:

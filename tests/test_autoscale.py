@@ -15,12 +15,14 @@ class Clock:
         return self.now
 
 
-def run(scaler: Autoscaler, clock: Clock, size: int, seconds: float, delay: float, idle: int, may_fork=True):
+def run(
+    scaler: Autoscaler, clock: Clock, size: int, seconds: float, delay: float, idle: int, may_fork=True, shedding=False
+):
     """Tick every 0.1 s for ``seconds``; the sizes it went through."""
     sizes = [size]
     for _ in range(round(seconds * 10)):
         clock.now += 0.1
-        size = scaler.decide(size, delay, idle, may_fork)
+        size = scaler.decide(size, delay, idle, may_fork, shedding)
         if size != sizes[-1]:
             sizes.append(size)
     return sizes
@@ -46,6 +48,16 @@ def test_it_grows_one_at_a_time_while_requests_wait_and_never_past_max():
     assert run(s, clock, 1, 0.4, delay=0.2, idle=0) == [1]  # not for a blip
     assert run(s, clock, 1, 10, delay=0.2, idle=0) == [1, 2, 3]  # then one a step, up to max
     assert run(s, clock, 3, 1.0, delay=0.01, idle=0) == [3]  # waits under the target: no growth
+
+
+def test_shedding_counts_as_waiting_however_short_the_delay():
+    """Overload control sheds what waits past its target, so under a flood the delay can stay
+    under the autoscaler's: the pool still grows, and does not shrink while it sheds."""
+    clock = Clock()
+    s = Autoscaler(1, 3, target=0.05, grow_after=0.5, idle_after=1, cooldown=1.0, clock=clock)
+    assert run(s, clock, 1, 0.4, delay=0.01, idle=0, shedding=True) == [1]  # not for a blip
+    assert run(s, clock, 1, 3, delay=0.01, idle=0, shedding=True) == [1, 2, 3]
+    assert run(s, clock, 3, 5, delay=0.0, idle=1, shedding=True) == [3]  # idle workers, yet shedding
 
 
 def test_it_shrinks_after_idle_time_down_to_min():

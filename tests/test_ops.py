@@ -95,6 +95,10 @@ def test_gaspar_cmd_args_with_a_bad_quote_is_a_usage_error():
     [
         (["--workers", "0"], "--workers must be at least 1 (0 with --remote-bind), not 0"),
         (["--workers", "-3"], "--workers must be at least 1 (0 with --remote-bind), not -3"),
+        (["--workers", "0:2"], "--workers must be at least 1 (0 with --remote-bind), not '0:2'"),
+        (["--workers", "3:2"], "--workers takes N or MIN:MAX, not '3:2'"),
+        (["--workers", "many"], "--workers takes N or MIN:MAX, not 'many'"),
+        (["--workers", "1:99", "--max-workers", "8"], "workers (1:99) must be at most max_workers (8)"),
         (["--timeout", "-1"], "timeout must be 0 or more, not -1.0"),
         (["--graceful-timeout", "-0.5"], "graceful_timeout must be 0 or more, not -0.5"),
         (["--max-requests", "-1"], "max_requests must be 0 or more, not -1"),

@@ -531,6 +531,7 @@ def test_a_taken_remote_port_and_bad_agent_arguments_are_one_line_errors():
         (["--connect", "tcp://127.0.0.1:1", "--curve-secret", "x"], "go together"),
         (["--connect", "tcp://127.0.0.1:1", "--curve-secret", "/nope", "--curve-server", "/nope"], "cannot read"),
         (["--connect", "tcp://127.0.0.1:1", "--workers", "0"], "--workers must be at least 1"),
+        (["--connect", "tcp://127.0.0.1:1", "--workers", "1:3"], "an agent's --workers is a number N, not '1:3'"),
     ]:
         out = subprocess.run(
             [sys.executable, "-m", "gaspar", "worker", "gaspar.demo:echo", *args],

@@ -759,6 +759,35 @@ def test_sigttin_and_sigttou_scale_under_load(cli):
     assert server.log.count("Scaling to") == 4
 
 
+def test_workers_min_max_sizes_a_bytes_handlers_pool_by_its_queue(cli):
+    """``-w 1:3`` on a 1.0 bytes handler: its one pool sizes itself. Ten clients back to back
+    on 20 ms requests queue behind one worker: it grows one worker at a time to 3; idle, it
+    shrinks back to 1; no request fails (one shed while it grows is an Overloaded)."""
+    server = cli(
+        "handlers:spin_ms", "--bind", "127.0.0.1:0", "-w", "1:3", "--scale-up-after", "0.3", "--scale-down-idle", "1"
+    )
+    server.wait_ready(1)
+    assert server.stats()["autoscale"] == {"default": {"size": 1, "min": 1, "max": 3}}
+    sizes: list[int] = []
+
+    def size() -> int:
+        sizes.append(server.stats()["autoscale"]["default"]["size"])
+        return sizes[-1]
+
+    load = Load(server.addr, b"20", threads=10)
+    assert wait_for(lambda: size() == 3, 15, 0.1), sizes
+    assert len(server.wait_ready(3)) == 3
+    load.wait_more(20)
+    load.stop()
+    assert wait_for(lambda: size() == 1, 15, 0.1), sizes
+    assert len(server.wait_ready(1)) == 1 and len(server.stats()["workers"]) == 1
+    changes = [b - a for a, b in zip(sizes, sizes[1:], strict=False) if b != a]
+    assert changes == [1, 1, -1, -1], sizes  # one at a time, and never back and forth
+    assert all(isinstance(e, gaspar.Overloaded) for e in load.errors), load.errors
+    assert len(load.replies) >= 20
+    assert server.log.count("Pool default: ") == 4, server.log
+
+
 # -- the same from Python ---------------------------------------------------------------------------
 
 

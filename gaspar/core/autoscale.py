@@ -6,7 +6,9 @@ delay* (how long the oldest queued request has waited), rather than by CPU:
 
 * **Grow** by one worker when requests have waited longer than ``target`` for ``grow_after``
   seconds running, up to ``high``, and only while the pool book may fork (a pool that is
-  flapping, or has given up, does not grow: the flapping policy wins).
+  flapping, or has given up, does not grow: the flapping policy wins). A pool whose overload
+  control is shedding counts as waiting: shedding keeps the delay short, so the delay alone
+  would never say that the pool is too small; it grows before it sheds for long.
 * **Shrink** by one worker when some workers have been idle, with nothing queued, for
   ``idle_after`` seconds running, down to ``low``.
 * After any change, nothing for ``cooldown`` seconds, and each step needs its condition to
@@ -58,15 +60,16 @@ class Autoscaler:
         self.idle_since: float | None = None  # some worker idle, nothing queued, since
         self.changed = -float("inf")
 
-    def decide(self, size: int, delay: float, idle: int, may_fork: bool = True) -> int:
+    def decide(self, size: int, delay: float, idle: int, may_fork: bool = True, shedding: bool = False) -> int:
         """The pool's size now: ``size`` as it is, ``delay`` the oldest queued request's
-        wait (0: nothing queued), ``idle`` its idle workers, ``may_fork`` the pool book's."""
+        wait (0: nothing queued), ``idle`` its idle workers, ``may_fork`` the pool book's,
+        ``shedding`` its overload control's (it stands, and sheds)."""
         now = self.clock()
-        if delay > self.target:
+        if delay > self.target or shedding:
             self.waiting_since = now if self.waiting_since is None else self.waiting_since
         else:
             self.waiting_since = None
-        if idle > 0 and delay == 0:
+        if idle > 0 and delay == 0 and not shedding:
             self.idle_since = now if self.idle_since is None else self.idle_since
         else:
             self.idle_since = None

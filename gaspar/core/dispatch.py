@@ -31,10 +31,8 @@ answers ``SKIPPED`` instead of running it (or, if it had started, its reply is d
 **One connection, one share** (:mod:`gaspar.core.fairqueue`): a persistent connection holds at
 most as many places in the queue as there are workers; its other requests wait behind its own.
 
-**No leaks.** Every outcome removes the entry: a reply (``complete``), a worker's death
-(``remove_worker``), a timeout (``expire``), a vanished client (``cancel``), a shed
-(``take_shed``), a stop (``fail_all``). A reply for an unknown id is counted and dropped, never matched to another
-request. After any number of requests the map holds only the ones in flight.
+**No leaks.** Every outcome removes the entry: ``complete``, ``remove_worker``, ``expire``,
+``cancel``, ``take_shed``, ``fail_all``. A reply for an unknown id is counted and dropped.
 
 The caller sends what these methods return; the clock is injected, so tests drive time.
 """
@@ -107,9 +105,8 @@ class Dispatcher:
         req.owner, req.pool = owner, pool
         if not self._queue.submit(req):
             return req, []  # held behind its own connection's share
-        queue = self._queue
-        if self.max_queued and len(queue.items) > self.max_queued:
-            self._drop(queue.pop(True), QUEUE_FULL)  # the oldest: the least likely still wanted
+        if self.max_queued and len(self._queue.items) > self.max_queued:
+            self._drop(self._queue.pop(True), QUEUE_FULL)  # the oldest: the least likely still wanted
         return req, self._assign()
 
     @property
@@ -328,10 +325,14 @@ class Dispatcher:
         return [w for w in self.workers.values() if w.retiring and w.current is None and not w.ahead]
 
     def queue_delay(self, now: float) -> float:
-        """How long the longest-waiting request has waited, queued or held behind its
-        connection's share (0: none waits): what a pool's users feel."""
-        arrived = self._queue.oldest_arrival()
-        return 0.0 if arrived is None else now - arrived
+        """How long the longest-waiting request has waited, queued, held behind its
+        connection's share or handed ahead to a busy worker (0: none waits): what a pool's
+        users feel, and what sizes a pool of MIN:MAX workers."""
+        times = [w.ahead[0].queued_at for w in self.workers.values() if w.ahead]
+        queued = self._queue.oldest_arrival()
+        if queued is not None:
+            times.append(queued)
+        return now - min(times, default=now)
 
     @property
     def idle_count(self) -> int:

@@ -246,6 +246,17 @@ class PoolBook:
         """Workers of every pool, as sized now."""
         return self.target + sum(self.sizes.values())
 
+    def size(self, pool: str) -> int:
+        """How many workers ``pool`` should have on this host (the default pool: ``target``)."""
+        return self.target if pool == DEFAULT_POOL else self.sizes[pool]
+
+    def resize(self, pool: str, n: int) -> None:
+        """Set ``pool``'s size; :meth:`plan` then forks or retires toward it."""
+        if pool == DEFAULT_POOL:
+            self.target = n
+        else:
+            self.sizes[pool] = n
+
     def plan(self, ready: Sequence[Ready]) -> Plan:
         """What to fork and what to retire now, given the ready workers (retiring ones
         included), pool by pool. Forks are recorded as booting; the shell asks the fork

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
-import os
 import select
 import signal
 import threading
@@ -77,7 +76,8 @@ log = logging.getLogger("gaspar")
 
 
 class Producer:
-    """Listens on ``host:port`` and runs each request on one of ``processes`` workers.
+    """Listens on ``host:port`` and runs each request on one of ``processes`` workers
+    (None: one per CPU; ``"MIN:MAX"``: as many as the queue asks, in that range).
 
     ``consumer`` is a Consumer, a Consumer subclass or a plain function (wrapped in
     ``Consumer(handler=...)``). ``options`` are the names of :class:`gaspar.config.Settings`
@@ -88,13 +88,13 @@ class Producer:
         self,
         consumer: Consumer | Callable[[bytes], bytes | str],
         port: int,
-        processes: int | None = None,
+        processes: int | str | None = None,
         host: str = "127.0.0.1",
         **options: Any,
     ) -> None:
         consumer = as_consumer(consumer)
         self.settings = Settings(**options)
-        check_workers(processes, self.settings)
+        low, high = check_workers(processes, self.settings)  # "MIN:MAX": the default pool sizes itself
         self.consumer = consumer
         #: The consumer's ``module:attr``, when it was loaded by name (the CLI sets it): a
         #: reload then imports the application afresh, every module, in a new fork server.
@@ -102,7 +102,7 @@ class Producer:
         self.app_spec: str | None = None
         self.host = host
         self.port = port
-        self.processes = processes if processes is not None else min(os.cpu_count() or 1, self.settings.max_workers)
+        self.processes = low  # the default pool's size at the start
         self.supervisor: Supervisor | None = None  # made by start(), in the hub's thread
         self.running = threading.Event()
         self.stopped = threading.Event()
@@ -110,6 +110,8 @@ class Producer:
         self.exit_code = 0
         s = self.settings
         self.pool_plan = plan = pool_plan(consumer, s.pools)  # an App's pools besides the default
+        if high != low:
+            plan.ranges[DEFAULT_POOL] = (low, high)
 
         def dispatcher() -> Dispatcher:
             control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=max(1, self.processes))

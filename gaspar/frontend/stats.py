@@ -70,6 +70,7 @@ def snapshot(front: Any) -> dict[str, Any]:
         "connections": len(front.connections),
         "restarts": supervisor.restarts if supervisor is not None else 0,
         "pools": d.snapshot() if d.routes else {},
+        "autoscale": supervisor.scaling() if supervisor is not None else {},
         "agents": gateway.agents.snapshot() if gateway is not None else [],
         "remote": gateway.snapshot() if gateway is not None else None,
         "front_end": {"cpu_seconds": round(usage[0], 3), "rss_bytes": usage[1]} if usage else None,

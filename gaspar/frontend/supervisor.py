@@ -264,9 +264,11 @@ class Supervisor:
             return
         now, d = time.monotonic(), self.dispatcher
         for pool, scaler in self.autoscalers.items():
-            lane = d.pool(pool)
-            size = self.book.sizes[pool]
-            new = scaler.decide(size, lane.queue_delay(now), lane.idle_count, self.book.may_fork())
+            lane = d.pool(pool) if d.routes else d  # the default pool of a front end with one
+            size = self.book.size(pool)
+            new = scaler.decide(
+                size, lane.queue_delay(now), lane.idle_count, self.book.may_fork(), lane.control.overloaded
+            )
             if new != size:
                 log.info(
                     "Pool %s: %s -> %s workers (its queue delay, MIN:MAX %s:%s)",
@@ -276,8 +278,14 @@ class Supervisor:
                     scaler.low,
                     scaler.high,
                 )
-                self.book.sizes[pool] = new
+                self.book.resize(pool, new)
                 self.manage()
+
+    def scaling(self) -> dict[str, dict[str, int]]:
+        """Each self-sizing pool's size now and its range, for stats."""
+        return {
+            pool: {"size": self.book.size(pool), "min": a.low, "max": a.high} for pool, a in self.autoscalers.items()
+        }
 
     def check_memory(self) -> None:
         """Recycle workers past their memory limit: each is replaced at once and leaves

@@ -54,6 +54,7 @@ from typing import Any
 import zmq
 
 from gaspar.app import pool_plan
+from gaspar.config import AGENT_FIXED
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.ops import sdnotify
 from gaspar.ops.ipcdir import make_ipc_dir
@@ -134,6 +135,9 @@ class Agent(Uplink):
         flap = FlapPolicy(settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry)
         self.book = PoolBook(workers, flap)  # booting, numbers, generations, flapping
         plan = pool_plan(consumer, settings.pools)  # an App's pools, if --pool says
+        if plan.ranges:
+            pools = ", ".join(f"{name}={low}:{high}" for name, (low, high) in plan.ranges.items())
+            raise ValueError(f"an agent's pools have a fixed size, --pool NAME=N, not {pools}: {AGENT_FIXED}")
         self.book.sizes, self.book.max_memory, self.book.memory = plan.sizes, settings.max_worker_memory, plan.memory
         self.next_memory_check = 0.0
         self.by_pid: dict[int, LocalWorker] = {}  # ready workers
