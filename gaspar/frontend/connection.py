@@ -1,9 +1,6 @@
-"""Client connections in the front end, as callbacks on one epoll inside the eventlet hub.
-
-No green thread per connection (a green thread, socket, timer and queue each cost more than
-the rest of a request): connections are callbacks on the front end's one epoll (``hub.py``).
-
-Per connection (:class:`Connection`):
+"""Client connections in the front end: callbacks on one epoll inside the eventlet hub
+(``hub.py``), no green thread each (a green thread, socket, timer and queue each cost more
+than the rest of a request). Per connection (:class:`Connection`):
 
 * A plain (gaspar 1.0) request gets its reply bytes and a normal close, or, on any error,
   an abortive close (SO_LINGER 0: the client's read fails with a reset). Bytes sent just
@@ -11,7 +8,7 @@ Per connection (:class:`Connection`):
 * An extended request gets a framed reply (status, tag, body). With KEEPALIVE the
   connection stays open and may carry several requests at once (pipelining, up to
   ``max_pipeline``; past that it is not read until replies go out); replies are written as
-  they complete, each with its request's tag.
+  they complete, each with its request's tag, those of one 0MQ round in one system call.
 * ``idle_timeout`` bounds how long a connection may be silent while a request is awaited
   or half-read, while it waits for memory, or while its replies wait to be read by the
   client; it does not apply while the client waits for its own replies. A client that
@@ -29,33 +26,23 @@ Per connection (:class:`Connection`):
   fits is not read, and is woken in turn as bytes are freed.
 
 Every callback here runs in the hub's own greenlet, so nothing here may block or switch.
-What a connection needs of the front end is written down as
-:class:`gaspar.frontend.contract.FrontEnd`; this module does not import the Producer.
+What a connection needs of the front end is :class:`gaspar.frontend.contract.FrontEnd`.
 """
 
 from __future__ import annotations
 
-import logging
 import select
 import socket
 import struct
 import time
 from collections import deque
+from itertools import islice
 from typing import Any
 
 from gaspar.core.admission import BodyClock
 from gaspar.errors import ProtocolError
 from gaspar.frontend.contract import FrontEnd
-from gaspar.wire.framing import (
-    Request,
-    RequestReader,
-    RequestTooLarge,
-    Status,
-    error_body,
-    reply_header,
-)
-
-log = logging.getLogger("gaspar")
+from gaspar.wire.framing import Request, RequestReader, RequestTooLarge, Status, error_body, reply_header
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -75,20 +62,20 @@ _WRITE = select.EPOLLOUT
 _CONN_EVENTS = _READ | _WRITE | select.EPOLLET
 RECV_SIZE = 64 * 1024  # one read of a small request
 #: A body longer than this is *admitted* once this much of it has arrived: the rest of it is
-#: committed in the budget (ByteBudget.admit), so that it can finish. A client that declares
-#: a large body and trickles holds only what it sent.
+#: committed in the budget (ByteBudget.admit). A client that trickles holds what it sent.
 FIRST_CHUNK = 64 * 1024
-#: A persistent connection whose client leaves more than this many reply bytes unread is not
-#: read (no new requests from it) until it reads them; idle_timeout ends it if it never does.
+#: A client that leaves more than this many reply bytes unread is not read until it reads
+#: them; idle_timeout ends it if it never does.
 MAX_UNSENT = 1024 * 1024
+GATHER = 256  # replies written by one sendmsg at most (Linux takes 1,024 buffers)
 
 
 class Connection:
     """One client connection's state machine. ``deliver`` is what a request's outcome calls."""
 
     __slots__ = (
-        "sock fd front reader inflight out paused closed eof keepalive last_active "
-        "requests close_after budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed"
+        "sock fd front reader inflight out paused closed eof keepalive last_active requests close_after "
+        "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty"
     ).split()
 
     def __init__(self, sock: socket.socket, front: FrontEnd) -> None:
@@ -118,7 +105,8 @@ class Connection:
         self.clock = BodyClock(s.body_timeout, s.body_min_rate)
         self.abort_on_close = s.abort_on_close
         self.peer = None
-        self.owed: list[Any] | None = None  # streams whose items wait in ``out``: a credit each once written
+        self.owed: list[Any] = []  # streams whose items wait in ``out``: a credit each once written
+        self.dirty = False  # replies delivered, to write at the end of the round (write_soon)
         if front.outcomes.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]
@@ -302,27 +290,28 @@ class Connection:
             return self.abort()  # a plain client learns of an error by a reset
         if self.eof and self.inflight == 0:
             self.close_after = True
-        self.flush()
-        if self.paused and not self.closed and self.inflight < self.front.settings.max_pipeline:
-            if self.unsent <= MAX_UNSENT:
-                self.paused = False  # back-pressure released
-                self.on_readable()
+        if not self.dirty:
+            self.dirty = True
+            self.front.write_soon(self)
+
+    def write(self) -> None:
+        """Write what was delivered: at the end of the 0MQ round that delivered it, so the
+        round's replies to one pipelining client go out in one system call."""
+        self.dirty = False
+        if not self.closed:
+            self.flush()
 
     def deliver_item(self, pending: Any, request: Request, body: Any) -> None:
-        """One item of a stream (an ITEM reply; the request's own reply ends it later). Its
-        worker is credited once the item is written: a client that does not read holds its
-        stream's worker after a window of items, and the front end holds no more than that."""
+        """One item of a stream (ITEM; its own reply ends it). Its worker is credited once it
+        is written: a client that does not read holds its worker, not the front end's memory."""
         if self.closed:
             return
         self._queue_framed(request, Status.ITEM, body)
-        if self.owed is None:
-            self.owed = []
         self.owed.append(pending)
         self.flush()
 
     def _queue_framed(self, request: Request, status: int, body: Any) -> None:
-        """A framed reply (or a stream's item) into the output, counted in the budget; a
-        large body is queued as it is, not copied behind its header."""
+        """A framed reply or item into the output, counted; a large body is not copied."""
         head = reply_header(len(body), request.tag, status)
         if len(body) < 65536:
             self.out.append(memoryview(head + bytes(body)))
@@ -334,17 +323,26 @@ class Connection:
         self.unsent += n
 
     def flush(self) -> None:
-        out = self.out
+        out, sock = self.out, self.sock
         written = 0
+        # the last reply before a close: MSG_MORE holds it for the close, whose FIN then
+        # rides the same segment (one trip through loopback's softirq, not two)
+        more = socket.MSG_MORE if self.close_after else 0
         try:
             while out:
-                chunk = out[0]
-                sent = self.sock.send(chunk)
+                if len(out) == 1:
+                    chunks = (out[0],)
+                    sent = sock.send(out[0], more)
+                else:  # a round's replies to this connection, in one system call
+                    chunks = tuple(islice(out, GATHER))
+                    sent = sock.sendmsg(chunks, (), more)
                 written += sent
-                if sent == len(chunk):
-                    out.popleft()
-                else:
-                    out[0] = chunk[sent:]
+                left = sent
+                while out and len(out[0]) <= left:
+                    left -= len(out.popleft())
+                if left:
+                    out[0] = out[0][left:]
+                if sent < sum(map(len, chunks)):
                     return  # EPOLLOUT (edge) calls flush again
         except BlockingIOError:
             return
@@ -355,10 +353,10 @@ class Connection:
                 self.last_active = time.monotonic()
                 self.unsent -= written
                 self._free(written)
-                if self.paused and not self.closed and self.unsent <= MAX_UNSENT and not self.out:
-                    if self.inflight < self.front.settings.max_pipeline:
-                        self.paused = False  # the client reads its replies again
-                        self.front.ioloop.hub.schedule_call_global(0, self.on_readable)
+            if self.paused and not self.closed and self.unsent <= MAX_UNSENT:
+                if self.inflight < self.front.settings.max_pipeline:
+                    self.paused = False  # back-pressure released: read again, soon
+                    self.front.ioloop.hub.schedule_call_global(0, self.on_readable)
         if self.owed and not out and not self.closed:
             owed, self.owed = self.owed, []
             self.front.credit(owed)

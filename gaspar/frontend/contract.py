@@ -37,7 +37,7 @@ class Loop(Protocol):
 
 
 class FrontEnd(Protocol):
-    """The front end's settings, loop and books, how requests end (``outcomes``), and four
+    """The front end's settings, loop and books, how requests end (``outcomes``), and five
     verbs. ``conn`` below is a ``Connection``."""
 
     settings: Any  # max_message_size, max_pipeline, abort_on_close, max_connections, body_*
@@ -62,3 +62,7 @@ class FrontEnd(Protocol):
 
     def wake_starved(self, conns: list[Any]) -> None:
         """Budget bytes were freed: read these connections again, in turn."""
+
+    def write_soon(self, conn: Any) -> None:
+        """Replies were delivered to ``conn``: ``conn.write()`` at the end of the 0MQ round
+        that delivered them (at once outside a round)."""

@@ -208,7 +208,9 @@ class Gateway:
                     frames = [zmqfast.recv(sock, zmqfast.NOW)]
                 except zmq.Again:
                     break
-                while zmqfast.get(sock, zmqfast.RCVMORE):
+                frame = zmqfast.recv(sock, zmqfast.NOW, False)  # a routing id is never alone
+                frames.append(frame)
+                while frame.more:  # (the socket's RCVMORE costs an enum lookup in pyzmq)
                     frame = zmqfast.recv(sock, zmqfast.NOW, False)
                     if len(frames) < MAX_FRAMES:
                         frames.append(frame)

@@ -377,6 +377,10 @@ class Producer:
         """Items of these streams were written to their clients: their workers may send more."""
         self.router.credit(streams)
 
+    def write_soon(self, conn: Connection) -> None:
+        """Replies to ``conn`` go out at the end of the 0MQ round (``Router.write_soon``)."""
+        self.router.write_soon(conn)
+
     def wake_starved(self, conns: list[Connection]) -> None:
         """Connections that may read again now that budget bytes were freed (``Waker``)."""
         self.waker.wake(conns)

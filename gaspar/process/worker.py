@@ -213,12 +213,15 @@ def run_worker(
     # pyzmq's Cython methods with int flags: its Python layer is a real share of a small
     # request's cost (see producer.py)
     send, recv, get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
-    more, rcvmore, events, pollin = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+    more, events, pollin = int(zmq.SNDMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+    # the kinds a body frame follows (gaspar.wire.envelope); asking the socket instead
+    # (RCVMORE) costs pyzmq's SocketOption enum lookup, about a microsecond a message
+    bodied = frozenset((request, ahead, broadcast))
     inbox: deque[tuple[bytes, Any, float]] = deque()  # received, not handled yet (handed ahead)
 
     def receive(flags: int) -> None:
         head = recv(sock, flags)
-        frame = recv(sock, 0, False) if get(sock, rcvmore) else None
+        frame = recv(sock, 0, False) if head[0] in bodied else None
         if streaming[0] is not None and head[ID] == streaming[0]:
             if head[0] == credit:
                 streaming[1] += CREDITS.unpack_from(head, ID.stop)[0]
