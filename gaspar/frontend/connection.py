@@ -31,6 +31,7 @@ What a connection needs of the front end is :class:`gaspar.frontend.contract.Fro
 
 from __future__ import annotations
 
+import _socket
 import select
 import socket
 import struct
@@ -47,7 +48,7 @@ from gaspar.wire.framing import Request, RequestReader, RequestTooLarge, Status,
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def linger_reset(sock: socket.socket) -> None:
+def linger_reset(sock: _socket.socket) -> None:
     """Make the coming close a reset (SO_LINGER 0): never taken for a clean (empty) reply."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -78,7 +79,7 @@ class Connection:
         "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty"
     ).split()
 
-    def __init__(self, sock: socket.socket, front: FrontEnd) -> None:
+    def __init__(self, sock: _socket.socket, front: FrontEnd) -> None:
         sock.setblocking(False)
         s = front.settings
         self.sock = sock

@@ -11,6 +11,7 @@ hub's own greenlet, so nothing here may block or switch.
 
 from __future__ import annotations
 
+import _socket
 import logging
 import select
 import socket
@@ -92,7 +93,9 @@ class Acceptor:
         for n in range(ACCEPT_BATCH):
             try:
                 fd, _ = self.sock._accept()  # socket.accept() minus its enum conversions
-                sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+                # the C socket type: socket.socket's Python __init__ and close() cost more
+                # than they give a connection that only sends, receives and closes
+                sock = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
             except BlockingIOError:
                 return n
             except OSError as exc:  # EMFILE and friends: pause instead of spinning
@@ -105,7 +108,7 @@ class Acceptor:
             Connection(sock, self.front).start()
         return ACCEPT_BATCH
 
-    def refuse(self, sock: socket.socket) -> None:
+    def refuse(self, sock: _socket.socket) -> None:
         """Past ``max_connections``: reset a connection as soon as it is accepted."""
         self.front.counters.refused_connections += 1
         linger_reset(sock)
