@@ -252,7 +252,8 @@ def test_the_readme_scrape_config_and_queries_name_real_metrics(serve):
 
     from conftest import ROOT
 
-    page = open(os.path.join(ROOT, "docs", "monitoring.rst"), encoding="utf-8").read()
+    with open(os.path.join(ROOT, "docs", "monitoring.rst"), encoding="utf-8") as f:
+        page = f.read()
     section = page[page.index("\nPrometheus\n") : page.index("\nstatsd\n")]
     [target] = re.findall(r'targets: \["([^"]+)"\]', section)
     assert re.fullmatch(r"[\w.-]+:\d+", target), target
