@@ -184,7 +184,7 @@ class Client:
         self, message: bytes | str, timeout: float | None = None, handler_timeout: float | None = None
     ) -> bytes:
         """Send one request on the shared connection and await its reply's bytes."""
-        return await self._send(as_bytes(message), timeout, handler_timeout, call=False)
+        return await self._send((as_bytes(message),), timeout, handler_timeout, call=False)
 
     async def call(
         self,
@@ -197,8 +197,7 @@ class Client:
     ) -> Any:
         """Call the handler ``name`` of the server's :class:`gaspar.App` and await its
         decoded result (as :meth:`gaspar.client.Client.call`)."""
-        body = calls.encode_call(name, args, kwargs, codec)
-        reply = await self._send(body, timeout, handler_timeout, call=True)
+        reply = await self._send(calls.call_parts(name, args, kwargs, codec), timeout, handler_timeout, call=True)
         return calls.decode_result(codec, reply)
 
     async def stream(
@@ -228,7 +227,11 @@ class Client:
         finally:
             writer.close()
 
-    async def _send(self, message: bytes, timeout: float | None, handler_timeout: float | None, call: bool) -> bytes:
+    async def _send(
+        self, parts: tuple[bytes, ...], timeout: float | None, handler_timeout: float | None, call: bool
+    ) -> bytes:
+        """One request (its body in ``parts``, written behind its header in one go)."""
+        size = sum(map(len, parts))
         timeout = self.timeout if timeout is None else timeout
 
         async def go(left: float | None) -> bytes:
@@ -239,9 +242,9 @@ class Client:
                 self._waiting[tag] = future
                 sent_deadline = left if self.deadline else None
                 head = extended_header(
-                    len(message), tag=tag, keepalive=True, timeout=handler_timeout, deadline=sent_deadline, call=call
+                    size, tag=tag, keepalive=True, timeout=handler_timeout, deadline=sent_deadline, call=call
                 )
-                writer.write(head + message)
+                writer.writelines((head, *parts))
                 await writer.drain()
                 status, body = await future
                 return _result(status, body)

@@ -245,7 +245,7 @@ class Client:
         """Send one request on a pooled connection and return the reply's bytes; a request
         shed under overload is retried once (see the module docstring). After
         :meth:`close`, raises :class:`~gaspar.errors.ClientClosed`."""
-        return self._once(as_bytes(message), timeout, handler_timeout, call=False)
+        return self._once((as_bytes(message),), timeout, handler_timeout, call=False)
 
     def call(
         self,
@@ -261,8 +261,7 @@ class Client:
         the App allows it). Errors as for :meth:`request`, and
         :class:`~gaspar.errors.NoSuchHandler` or :class:`~gaspar.errors.BadRequest` for a
         name or arguments the server refused before running anything."""
-        body = calls.encode_call(name, args, kwargs, codec)
-        reply = self._once(body, timeout, handler_timeout, call=True)
+        reply = self._once(calls.call_parts(name, args, kwargs, codec), timeout, handler_timeout, call=True)
         return calls.decode_result(codec, reply)
 
     def stream(
@@ -295,7 +294,7 @@ class Client:
         finally:
             self._give_back(sock, done)  # a stream left early: its connection is closed
 
-    def _once(self, body: bytes, timeout: float | None, handler_timeout: float | None, call: bool) -> bytes:
+    def _once(self, body: tuple[bytes, ...], timeout: float | None, handler_timeout: float | None, call: bool) -> bytes:
         """One request or call, retried once if shed (see the module docstring)."""
         limit = _Deadline(self.timeout if timeout is None else timeout)
         self._budget.on_request()
@@ -314,21 +313,24 @@ class Client:
         """Send every message on one connection before reading, and return the replies in
         the messages' order. The server runs them concurrently, on as many workers as are
         idle. An error reply raises (the other replies are lost with it); nothing is retried."""
-        messages = [as_bytes(m) for m in messages]
+        messages = [(as_bytes(m),) for m in messages]
         if not messages:
             return []
         return self._pipeline(messages, _Deadline(self.timeout if timeout is None else timeout), handler_timeout)
 
     def _pipeline(
-        self, messages: list[bytes], deadline: _Deadline, handler_timeout: float | None, call: bool = False
+        self, messages: list[tuple[bytes, ...]], deadline: _Deadline, handler_timeout: float | None, call: bool = False
     ) -> list[bytes]:
+        """Each message's body in parts, all written behind their headers in one join."""
         sock, reused = self._borrow(deadline)
         tags = [next(self._tags) & 0xFFFFFFFF for _ in messages]
         left = deadline.remaining() if self.deadline else None
-        payload = b"".join(
-            extended_header(len(m), tag=t, keepalive=True, timeout=handler_timeout, deadline=left, call=call) + m
-            for t, m in zip(tags, messages, strict=True)
-        )
+        chunks: list[bytes] = []
+        for tag, parts in zip(tags, messages, strict=True):
+            size = sum(map(len, parts))
+            head = extended_header(size, tag=tag, keepalive=True, timeout=handler_timeout, deadline=left, call=call)
+            chunks += (head, *parts)
+        payload = b"".join(chunks)
         replies: dict[int, bytes] = {}
         ok = False
         try:

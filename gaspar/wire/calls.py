@@ -111,11 +111,17 @@ def decode_result(codec: str, payload: bytes | memoryview) -> Any:
 
 def encode_call(name: str, args: tuple, kwargs: dict[str, Any], codec: str = "msgpack") -> bytes:
     """A call's body."""
+    return b"".join(call_parts(name, args, kwargs, codec))
+
+
+def call_parts(name: str, args: tuple, kwargs: dict[str, Any], codec: str = "msgpack") -> tuple[bytes, bytes]:
+    """A call's body in two parts, its name and its arguments, for a client to write behind
+    its header in one join: a large argument is then copied once less."""
     raw = name.encode("utf-8")
     if not raw or len(raw) > MAX_NAME:
         raise ValueError(f"a handler's name is 1 to {MAX_NAME} bytes, not {len(raw)}")
     cid = codec_id(codec)
-    return bytes([cid, len(raw)]) + raw + encode(cid, [list(args), kwargs])
+    return bytes([cid, len(raw)]) + raw, encode(cid, [list(args), kwargs])
 
 
 def call_name(body: bytes | memoryview) -> tuple[int, str]:
@@ -155,6 +161,7 @@ __all__ = [
     "decode",
     "decode_result",
     "encode_call",
+    "call_parts",
     "call_name",
     "decode_call",
 ]
