@@ -207,7 +207,11 @@ def add_pool_options(parser: argparse.ArgumentParser) -> None:
     """What ``serve`` and ``worker`` (an agent) both take: the pool's size, a config file,
     and how to log."""
     parser.add_argument(
-        "--workers", "-w", type=workers_option, metavar="N|MIN:MAX", help="worker processes (default: the CPU count)"
+        "--workers",
+        "-w",
+        type=workers_option,
+        metavar="N|MIN:MAX",
+        help="worker processes (default: the CPU count); MIN:MAX: as the queue asks",
     )
     parser.add_argument(
         "--pool",
