@@ -262,7 +262,8 @@ def test_the_readme_scrape_config_and_queries_name_real_metrics(serve):
 
     from gaspar.client import Client
 
-    s = serve(apps_under_test.pooled, processes=1, metrics_bind="127.0.0.1:0")  # an App: its families too
+    # an App, and a default pool that sizes itself: their families too
+    s = serve(apps_under_test.pooled, processes="1:2", metrics_bind="127.0.0.1:0")
     with Client(s.addr, timeout=10) as c:
         assert isinstance(c.call("quick"), int) and isinstance(c.call("embed"), int)
     status, text = get(s.producer.metrics_addr, "/metrics")

@@ -767,7 +767,14 @@ def test_workers_min_max_sizes_a_bytes_handlers_pool_by_its_queue(cli):
         "handlers:spin_ms", "--bind", "127.0.0.1:0", "-w", "1:3", "--scale-up-after", "0.3", "--scale-down-idle", "1"
     )
     server.wait_ready(1)
-    assert server.stats()["autoscale"] == {"default": {"size": 1, "min": 1, "max": 3}}
+    stats = server.stats()
+    assert stats["autoscale"] == {"default": {"size": 1, "min": 1, "max": 3}}
+    from gaspar.ops import statsd, top
+
+    assert "default 1 in 1:3" in "\n".join(top.render(None, stats, 1.0, 120))  # seen by an operator
+    assert {"gaspar.autoscale.default.size:1|g", "gaspar.autoscale.default.max:3|g"} <= set(
+        statsd.format_metrics(None, stats, "gaspar")
+    )
     sizes: list[int] = []
 
     def size() -> int:

@@ -155,6 +155,17 @@ def _app_metrics(st: dict[str, Any]) -> Any:
             for key, family in families.items():
                 family.add_metric([name], figures[key])
         yield from families.values()
+    scaling = st.get("autoscale") or {}
+    if scaling:
+        sizes = GaugeMetricFamily(
+            "gaspar_autoscale_workers",
+            "Pools that size themselves (MIN:MAX): the size decided now, and its bounds.",
+            labels=["pool", "bound"],
+        )
+        for name, figures in sorted(scaling.items()):
+            for bound in ("size", "min", "max"):
+                sizes.add_metric([name, bound], figures[bound])
+        yield sizes
 
 
 def _agent_metrics(st: dict[str, Any]) -> Any:

@@ -112,6 +112,9 @@ def format_metrics(prev: dict[str, Any] | None, stats: dict[str, Any], prefix: s
         then = before.get("handlers", {}).get(name, {}).get("outcomes", {})
         for outcome, n in h["outcomes"].items():
             counter(f"handler.{name}.{outcome}", n, then.get(outcome, 0))
+    for name, figures in (stats.get("autoscale") or {}).items():
+        for bound in ("size", "min", "max"):
+            gauge(f"autoscale.{name}.{bound}", figures[bound])
     for name, figures in (stats.get("pools") or {}).items():
         for key in ("workers", "queued", "running"):
             gauge(f"pool.{name}.{key}", figures[key])

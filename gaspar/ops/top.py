@@ -197,6 +197,10 @@ def header(prev: Stats | None, stats: Stats, elapsed: float, width: int, address
             f"workers {live} of {stats.get('target_workers', '-')}",
             *(f"{s} {states.get(s, 0)}" for s in ("booting", "idle", "busy", "retiring")),
             f"restarts {stats.get('restarts', 0)}",
+            *(
+                f"{pool} {a['size']} in {a['min']}:{a['max']}"
+                for pool, a in sorted((stats.get("autoscale") or {}).items())
+            ),
         ],
         [
             f"queued {stats.get('queued', 0)}",
