@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gaspar import apppath
-from gaspar.config import AGENT_FIXED, Settings, fewest_workers, pool_size, workers_option
+from gaspar.config import Settings, fewest_workers, pool_size, workers_option
 from gaspar.core.autoscale import parse_range
 from gaspar.errors import GasparError
 from gaspar.loading import UsageError, load_config, load_consumer
@@ -345,9 +345,11 @@ def agent(args: argparse.Namespace) -> int:
     if workers is None:
         workers = 0 if options.get("pools") else os.cpu_count() or 1  # --pool alone: those pools only
     least = 0 if options.get("pools") else 1
-    if isinstance(workers, str):
-        raise UsageError(f"an agent's --workers is a number N, not {workers!r}: {AGENT_FIXED}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < least:
+    try:
+        most = workers if type(workers) is int else parse_range(workers)[1]
+    except ValueError:
+        raise UsageError(f"--workers takes N or MIN:MAX, not {workers!r}") from None
+    if most < least:
         raise UsageError(f"--workers must be at least 1 (0 with --pool), not {workers!r}")
     host, _, port = args.connect.removeprefix("tcp://").rpartition(":")
     ipc = args.connect.startswith("ipc://") and len(args.connect) > len("ipc://")

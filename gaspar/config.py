@@ -80,10 +80,6 @@ def fewest_workers(remote_bind: str | None) -> int:
     return 0 if remote_bind else 1
 
 
-#: Why an agent's pools do not size themselves: the queue that says so is the front end's.
-AGENT_FIXED = "a pool sizes itself (MIN:MAX) on the front end's own host, which holds its queue"
-
-
 def check_workers(processes: Any, settings: Settings) -> tuple[int, int]:
     """``processes`` as the Producer takes it, as ``(MIN, MAX)``: None (one per CPU), N, or
     ``"MIN:MAX"`` (the default pool sizes itself, as an App's pools can), each from

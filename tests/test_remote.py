@@ -94,6 +94,39 @@ def test_requests_are_answered_by_the_remote_pool(serve, agent):
     assert reply.split(b":", 1)[1] == big and reply_pid(reply) in remote_pids
 
 
+def test_an_agents_workers_min_max_grow_with_the_front_ends_queue_and_shrink_when_idle(serve, agent):
+    """gaspar worker handlers:where --workers 1:2 (a 1.0 bytes handler): the front end,
+    which holds the queue, tells the agent to grow under a closed loop, and to shrink after."""
+    import threading
+
+    s = front(serve, scale_up_after=0.3, scale_down_idle=1.0, queue_timeout=10)
+    a = start_agent(agent, s, "a1", "1:2")
+    info = joined(s, "a1", 1)
+    assert info and info["autoscale"] == {"default": {"size": 1, "min": 1, "max": 2}}, a.log
+    replies: list[bytes] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                replies.append(s.request(b"sleep:0.05"))
+            except gaspar.Overloaded:
+                pass
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        assert joined(s, "a1", 2), (s.producer.stats()["agents"], a.log)
+        assert wait_for(lambda: len({reply_pid(r) for r in list(replies)}) == 2, 10, 0.05), "both workers serve"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert wait_for(lambda: joined(s, "a1", 1)["autoscale"]["default"]["size"] == 1, 15), a.log
+    assert "Pool default: 2 -> 1 workers" in a.log
+
+
 def test_local_and_remote_workers_both_serve_at_once(serve, agent):
     s = front(serve, processes=1)
     start_agent(agent, s, "a1", 2)
@@ -531,7 +564,7 @@ def test_a_taken_remote_port_and_bad_agent_arguments_are_one_line_errors():
         (["--connect", "tcp://127.0.0.1:1", "--curve-secret", "x"], "go together"),
         (["--connect", "tcp://127.0.0.1:1", "--curve-secret", "/nope", "--curve-server", "/nope"], "cannot read"),
         (["--connect", "tcp://127.0.0.1:1", "--workers", "0"], "--workers must be at least 1"),
-        (["--connect", "tcp://127.0.0.1:1", "--workers", "1:3"], "an agent's --workers is a number N, not '1:3'"),
+        (["--connect", "tcp://127.0.0.1:1", "--workers", "3:1"], "--workers takes N or MIN:MAX, not '3:1'"),
     ]:
         out = subprocess.run(
             [sys.executable, "-m", "gaspar", "worker", "gaspar.demo:echo", *args],

@@ -58,6 +58,14 @@ def book():
         (hello(workers=True), "", "announces its workers"),
         (hello(workers=1025), "", "max_agent_workers"),
         (hello(workers=1024), "", None),
+        (hello(ranges={"work": [1, 2]}, sizes={"work": 1}), "", None),
+        (hello(ranges={"work": [0, 3]}), "", "ranges"),  # MAX past the workers it announced
+        (hello(ranges={"work": [2, 1]}), "", "ranges"),
+        (hello(ranges={"work": [1]}), "", "ranges"),
+        (hello(ranges={"work": "1:2"}), "", "ranges"),
+        (hello(ranges={"": [1, 2]}), "", "ranges"),
+        (hello(ranges=[["work", 1, 2]]), "", "ranges"),
+        (hello(ranges={f"p{i}": [0, 1] for i in range(17)}), "", "ranges"),
     ],
 )
 def test_join_accepts_or_refuses_with_a_reason(book, message, user, refused):
@@ -69,6 +77,17 @@ def test_join_accepts_or_refuses_with_a_reason(book, message, user, refused):
         assert agent.user == user
     else:
         assert agent is None and refused in reason and agents.refused == 1
+
+
+@pytest.mark.parametrize(
+    "sizes, expected", [({"work": 2}, 2), ({}, 1), ({"work": 9}, 1), ({"work": "2"}, 1), ({"work": 0}, 1)]
+)
+def test_a_joins_pool_sizes_start_where_the_agent_is_and_stay_in_its_range(book, sizes, expected):
+    agents, _ = book
+    agent, _, _ = agents.join(b"r1", hello(workers=3, ranges={"work": [1, 3]}, sizes=sizes))
+    assert agent.ranges == {"work": (1, 3)} and agent.sizes == {"work": expected}
+    [row] = agents.snapshot()
+    assert row["autoscale"] == {"work": {"size": expected, "min": 1, "max": 3}}
 
 
 def test_a_name_held_by_another_live_agent_is_refused(book):

@@ -51,6 +51,7 @@ from typing import Any
 JOINED, LEAVING, LOST, LEFT, REPLACED = "joined", "leaving", "lost", "left", "replaced"
 LIVE = (JOINED, LEAVING)
 MAX_NAME = 64
+MAX_POOLS = 16  # pools of MIN:MAX workers one agent may announce
 #: The largest control message (JOIN, PONG, EXITED...) decoded, in bytes: a PONG for 1,024
 #: workers is about 40 KiB. Larger ones are refused unread.
 MAX_CONTROL = 256 * 1024
@@ -106,6 +107,23 @@ def count(value: Any, low: int, high: int) -> int | None:
     return None
 
 
+def parse_ranges(value: Any, most: int) -> dict[str, tuple[int, int]] | None:
+    """A JOIN's pools of ``MIN:MAX`` workers, ``{pool: [MIN, MAX]}``; None when malformed."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_POOLS:
+        return None
+    ranges = {}
+    for pool, pair in value.items():
+        if not isinstance(pool, str) or not 0 < len(pool) <= MAX_NAME or not isinstance(pair, list) or len(pair) != 2:
+            return None
+        low, high = count(pair[0], 0, most), count(pair[1], 1, most)
+        if low is None or high is None or low > high:
+            return None
+        ranges[pool] = (low, high)
+    return ranges
+
+
 def seconds(value: Any) -> float | None:
     """``value`` if it is a finite number (a ping's timestamp), else None."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -145,7 +163,9 @@ class Agent:
     ended_at: float | None = None
     why: str = ""  # why the session ended
     usage: dict[int, tuple[float, int]] = field(default_factory=dict)  # pid -> (cpu s, rss), its last pong
-    announced: int = 1  # the workers its JOIN said it runs
+    announced: int = 1  # the workers its JOIN said it runs (at most)
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # its pools of MIN:MAX workers
+    sizes: dict[str, int] = field(default_factory=dict)  # their sizes now (the front end decides)
 
     @property
     def live(self) -> bool:
@@ -187,6 +207,10 @@ class Agents:
         announced = count(hello.get("workers"), 1, self.max_workers)
         if announced is None:
             return self.refuse(f"a JOIN announces its workers, from 1 to {self.max_workers} (max_agent_workers)")
+        ranges = parse_ranges(hello.get("ranges"), announced)
+        if ranges is None:
+            return self.refuse(f"a JOIN's ranges are {{pool: [MIN, MAX]}}, {MAX_POOLS} at most, within its workers")
+        sizes = hello.get("sizes") if isinstance(hello.get("sizes"), dict) else {}
         replaced = self.by_rid.get(rid)
         holder = next((a for a in self.by_rid.values() if a.name == name), None)
         if holder is not None and holder is not replaced:
@@ -207,6 +231,8 @@ class Agents:
             last_heard=now,
             user=user,
             announced=announced,
+            ranges=ranges,
+            sizes={p: min(max(count(sizes.get(p), 0, high) or low, low), high) for p, (low, high) in ranges.items()},
         )
         if replaced is not None:
             self.end(replaced, REPLACED, "the agent joined again as a new session")
@@ -297,6 +323,7 @@ class Agents:
                     "lost": a.lost,
                     "cpu_seconds": _cpu(a.usage.get(a.pid)),
                     "rss_bytes": _rss(a.usage.get(a.pid)),
+                    "autoscale": {p: {"size": a.sizes[p], "min": lo, "max": hi} for p, (lo, hi) in a.ranges.items()},
                     "workers": [
                         {
                             "pid": w.pid,

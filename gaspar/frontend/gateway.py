@@ -59,6 +59,7 @@ from gaspar.core.records import Pending, WorkerSlot, draw_limit
 from gaspar.errors import WorkerDied, WorkerLost
 from gaspar.frontend import zmqfast
 from gaspar.frontend.remoteport import RemotePort, peer_address
+from gaspar.frontend.remotescale import RemoteScaling
 from gaspar.ops.telemetry import LogLimiter
 from gaspar.wire.envelope import Kind, Link, pack_id
 
@@ -106,6 +107,7 @@ class Gateway:
         self.hellos_refused = 0  # past an agent's worker slots
         self._log_limit = LogLimiter(burst=10, period=60.0)  # refusals and bad messages
         self._suspects: list[tuple[Agent, str]] = []  # sends failed: lose them once read
+        self.scaling = RemoteScaling(settings, dispatcher, self._control)  # agents' MIN:MAX pools
 
     def open(self) -> str:
         """Bind the remote port (see :class:`gaspar.frontend.remoteport.RemotePort`)."""

@@ -75,6 +75,7 @@ def turn(front: Any, rounds: int) -> None:
     front.router.round()
     if front.gateway is not None:
         front.gateway.tick()
+        front.gateway.scaling.tick(front.gateway.agents.live())  # agents' pools of MIN:MAX workers
     now = time.monotonic()
     front.supervisor.autoscale()  # pools of MIN:MAX workers
     if rounds % 10 == 0:  # workers past their memory limit, every second

@@ -53,8 +53,8 @@ from typing import Any
 
 import zmq
 
-from gaspar.app import pool_plan
-from gaspar.config import AGENT_FIXED
+from gaspar.app import DEFAULT_POOL, pool_plan
+from gaspar.core.autoscale import parse_range
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.ops import sdnotify
 from gaspar.ops.ipcdir import make_ipc_dir
@@ -98,7 +98,7 @@ class Agent(Uplink):
         consumer: Any,
         settings: Any,
         connect: str,
-        workers: int,
+        workers: int | str,
         name: str | None = None,
         spec: str | None = None,
         curve_secret: str | None = None,
@@ -107,7 +107,8 @@ class Agent(Uplink):
     ) -> None:
         if (curve_secret is None) != (curve_server is None):
             raise ValueError("--curve-secret and --curve-server go together (this agent's key, the server's)")
-        if workers < 0 or (workers == 0 and not settings.pools):
+        low, high = parse_range(workers)  # N, or MIN:MAX: the front end sizes it by its queue
+        if high == 0 and not settings.pools:
             raise ValueError(f"an agent runs at least 1 worker (0 with --pool), not {workers}")
         self.consumer, self.settings, self.spec = consumer, settings, spec
         self.connect = connect
@@ -133,11 +134,9 @@ class Agent(Uplink):
         self.leave_acked = False  # the front end answered our LEAVE: it sends no more requests
         self.exit_code = 0
         flap = FlapPolicy(settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry)
-        self.book = PoolBook(workers, flap)  # booting, numbers, generations, flapping
+        self.book = PoolBook(low, flap)  # booting, numbers, generations, flapping
         plan = pool_plan(consumer, settings.pools)  # an App's pools, if --pool says
-        if plan.ranges:
-            pools = ", ".join(f"{name}={low}:{high}" for name, (low, high) in plan.ranges.items())
-            raise ValueError(f"an agent's pools have a fixed size, --pool NAME=N, not {pools}: {AGENT_FIXED}")
+        self.ranges = {**plan.ranges, **({DEFAULT_POOL: (low, high)} if high != low else {})}  # see uplink.resize
         self.book.sizes, self.book.max_memory, self.book.memory = plan.sizes, settings.max_worker_memory, plan.memory
         self.next_memory_check = 0.0
         self.by_pid: dict[int, LocalWorker] = {}  # ready workers

@@ -93,7 +93,11 @@ class Uplink:
         self.link, self.state, self.last_heard = link, "joining", time.monotonic()
         self.attempt += 1
         hello = {"name": self.name, "host": self.host, "instance": self.instance, "pid": os.getpid()}
-        self.send_control(Link.JOIN, workers=self.target, version=__version__, **hello)
+        # the most it may run (its pools of MIN:MAX workers at MAX), and those pools as they are
+        most = self.target + sum(high - self.book.size(p) for p, (_, high) in self.ranges.items())
+        ranges = {pool: list(bounds) for pool, bounds in self.ranges.items()}
+        sizes = {pool: self.book.size(pool) for pool in self.ranges}
+        self.send_control(Link.JOIN, workers=most, ranges=ranges, sizes=sizes, version=__version__, **hello)
 
     def lose(self, why: str) -> None:
         """The session is over: kill what was running, drop the connection, join again later."""
@@ -173,10 +177,24 @@ class Uplink:
             self.lose(f"the front end ended the session: {body.get('reason')}")
         elif kind == Link.LEAVE.value:
             self.leave_acked = True
+        elif kind == Link.SIZE.value:
+            self.resize(body.get("pool"), body.get("size"))
         elif kind == Link.KILL.value:
             w = self.by_wid.get(body.get("wid", "").encode())
             if w is not None:
                 self.kill(w, int(body.get("sig", signal.SIGKILL)), dump=bool(body.get("dump")))
+
+    def resize(self, pool: Any, size: Any) -> None:
+        """SIZE from the front end, for a pool of MIN:MAX workers: kept within its range (the
+        front end decides from the pool's queue, which it holds; the range is this agent's)."""
+        if pool not in self.ranges or not isinstance(size, int) or isinstance(size, bool):
+            return
+        low, high = self.ranges[pool]
+        size, now = min(max(size, low), high), self.book.size(pool)
+        if size != now:
+            log.info("Pool %s: %s -> %s workers (the front end's queue, MIN:MAX %s:%s)", pool, now, size, low, high)
+            self.book.resize(pool, size)
+            self.manage_workers()
 
     def usage(self) -> dict[str, list[float]]:
         """CPU seconds and resident bytes of this agent and each of its workers, read from

@@ -78,7 +78,7 @@ class Link(bytes, enum.Enum):
     frame, then the kind's byte and a JSON object (``[b"", kind + json]``).
     """
 
-    JOIN = b"J"  # agent -> front end: {name, host, instance, pid, workers, version}
+    JOIN = b"J"  # agent -> front end: {name, host, instance, pid, workers, version, ranges, sizes}
     WELCOME = b"W"  # front end -> agent: {session, heartbeat, liveness}
     REFUSE = b"N"  # front end -> agent: {reason}; the agent backs off and tries again later
     PING = b"T"  # front end -> agent: {t}; answered at once with PONG {t}
@@ -88,6 +88,7 @@ class Link(bytes, enum.Enum):
     GONE = b"G"  # front end -> agent: {reason}: no such session (any more); join again
     LEAVE = b"L"  # agent -> front end: {final}: stopping; retire my workers (front end -> agent: ack)
     RETIRE = b"R"  # agent -> front end: {wid}: retire this worker once idle (the agent reloads)
+    SIZE = b"Z"  # front end -> agent: {pool, size}: a pool of MIN:MAX workers, sized by its queue
 
 
 def pack_id(request_id: int) -> bytes:
