@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def parse_range(value: int | str | tuple[int, int]) -> tuple[int, int]:
@@ -59,6 +60,16 @@ class Autoscaler:
         self.waiting_since: float | None = None  # requests have waited past target since
         self.idle_since: float | None = None  # some worker idle, nothing queued, since
         self.changed = -float("inf")
+
+    @classmethod
+    def of(cls, low: int, high: int, settings: Any) -> Autoscaler:
+        """One with the daemon's ``scale_up_wait``, ``scale_up_after`` and ``scale_down_idle``."""
+        return cls(low, high, settings.scale_up_wait, settings.scale_up_after, settings.scale_down_idle)
+
+    def follow(self, size: int, lane: Any, may_fork: bool = True) -> int:
+        """:meth:`decide` from the pool's dispatcher (``lane``): its queue delay, its idle
+        workers, and whether its overload control sheds."""
+        return self.decide(size, lane.queue_delay(self.clock()), lane.idle_count, may_fork, lane.control.overloaded)
 
     def decide(self, size: int, delay: float, idle: int, may_fork: bool = True, shedding: bool = False) -> int:
         """The pool's size now: ``size`` as it is, ``delay`` the oldest queued request's

@@ -166,4 +166,9 @@ class Pools:
         }
 
 
-__all__ = ["Pools", "DEFAULT_POOL"]
+def lane(dispatcher: Any, pool: str) -> Dispatcher:
+    """The dispatcher of ``pool``: a plain Dispatcher is its one pool (the default)."""
+    return dispatcher.pool(pool) if dispatcher.routes else dispatcher
+
+
+__all__ = ["Pools", "DEFAULT_POOL", "lane"]

@@ -12,13 +12,12 @@ announced (it never takes a size outside it).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from gaspar.core.agents import JOINED, Agent
 from gaspar.core.autoscale import Autoscaler
-from gaspar.core.pools import DEFAULT_POOL
+from gaspar.core.pools import DEFAULT_POOL, lane
 from gaspar.wire.envelope import Link
 
 log = logging.getLogger("gaspar")
@@ -33,7 +32,7 @@ class RemoteScaling:
 
     def tick(self, agents: Iterable[Agent]) -> None:
         """Every turn of the main loop: at most one step for each live agent's pool."""
-        s, d, now = self.settings, self.dispatcher, time.monotonic()
+        d = self.dispatcher
         seen = set()
         for agent in agents:
             if agent.state != JOINED:
@@ -45,11 +44,9 @@ class RemoteScaling:
                 seen.add(key)
                 scaler = self.scalers.get(key)
                 if scaler is None:
-                    scaler = Autoscaler(low, high, s.scale_up_wait, s.scale_up_after, s.scale_down_idle)
-                    self.scalers[key] = scaler
-                lane = d.pool(pool) if d.routes else d
+                    scaler = self.scalers[key] = Autoscaler.of(low, high, self.settings)
                 size = agent.sizes[pool]
-                new = scaler.decide(size, lane.queue_delay(now), lane.idle_count, True, lane.control.overloaded)
+                new = scaler.follow(size, lane(d, pool))
                 if new != size and self.tell(agent, Link.SIZE, pool=pool, size=new):
                     agent.sizes[pool] = new
                     log.info(

@@ -47,6 +47,7 @@ import zmq
 from gaspar.app import PoolPlan
 from gaspar.core.autoscale import Autoscaler
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
+from gaspar.core.pools import lane
 from gaspar.core.records import WorkerSlot, draw_limit
 from gaspar.errors import GasparError, WorkerDied
 from gaspar.frontend.hub import watch_fd
@@ -85,10 +86,7 @@ class Supervisor:
         s = settings
         self.book = PoolBook(target, FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry))
         self.book.sizes, self.book.max_memory, self.book.memory = plan.sizes, s.max_worker_memory, plan.memory
-        self.autoscalers = {
-            pool: Autoscaler(low, high, s.scale_up_wait, s.scale_up_after, s.scale_down_idle)
-            for pool, (low, high) in plan.ranges.items()
-        }
+        self.autoscalers = {pool: Autoscaler.of(low, high, s) for pool, (low, high) in plan.ranges.items()}
         self.reloading: str | None = None  # "importing", then "replacing" until READY=1 (systemd)
         self.reloads = Reloads()  # the outcome of each, for gaspar ctl
         self.restarts = 0
@@ -262,13 +260,9 @@ class Supervisor:
         asks (every tick of the main loop; ``gaspar.core.autoscale``)."""
         if not self.autoscalers or self.stopping:
             return
-        now, d = time.monotonic(), self.dispatcher
         for pool, scaler in self.autoscalers.items():
-            lane = d.pool(pool) if d.routes else d  # the default pool of a front end with one
             size = self.book.size(pool)
-            new = scaler.decide(
-                size, lane.queue_delay(now), lane.idle_count, self.book.may_fork(), lane.control.overloaded
-            )
+            new = scaler.follow(size, lane(self.dispatcher, pool), self.book.may_fork())
             if new != size:
                 log.info(
                     "Pool %s: %s -> %s workers (its queue delay, MIN:MAX %s:%s)",
