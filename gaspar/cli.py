@@ -17,8 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gaspar import apppath
-from gaspar.config import Settings, fewest_workers, pool_size, workers_option
-from gaspar.core.autoscale import parse_range
+from gaspar.config import Settings, fewest_workers, pool_size, workers_bounds, workers_option
 from gaspar.errors import GasparError
 from gaspar.loading import UsageError, load_config, load_consumer
 from gaspar.ops.logs import FORMATS, configure
@@ -297,7 +296,7 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(f"bind takes a HOST:PORT string, not {bind!r}")
     least = fewest_workers(args.remote_bind or options.get("remote_bind"))
     try:
-        low = workers if type(workers) is int else parse_range(workers)[0] if workers is not None else least
+        low = workers_bounds(workers)[0] if workers is not None else least
     except ValueError:
         raise UsageError(f"--workers takes N or MIN:MAX, not {workers!r}") from None
     if low < least:
@@ -346,7 +345,7 @@ def agent(args: argparse.Namespace) -> int:
         workers = 0 if options.get("pools") else os.cpu_count() or 1  # --pool alone: those pools only
     least = 0 if options.get("pools") else 1
     try:
-        most = workers if type(workers) is int else parse_range(workers)[1]
+        most = workers_bounds(workers)[1]
     except ValueError:
         raise UsageError(f"--workers takes N or MIN:MAX, not {workers!r}") from None
     if most < least:

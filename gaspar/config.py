@@ -89,7 +89,7 @@ def check_workers(processes: Any, settings: Settings) -> tuple[int, int]:
         n = min(os.cpu_count() or 1, settings.max_workers)
         return n, n
     try:
-        low, high = parse_range(processes)
+        low, high = workers_bounds(processes)
     except ValueError:
         low = high = -1
     if low < least:
@@ -98,6 +98,12 @@ def check_workers(processes: Any, settings: Settings) -> tuple[int, int]:
     if high > settings.max_workers:
         raise ValueError(f"workers ({processes}) must be at most max_workers ({settings.max_workers})")
     return low, high
+
+
+def workers_bounds(workers: Any) -> tuple[int, int]:
+    """``workers``, N or ``"MIN:MAX"``, as ``(MIN, MAX)``; any whole number passes as it
+    is (a negative one too: the caller's "at least" says what is wrong); ValueError else."""
+    return (workers, workers) if type(workers) is int else parse_range(workers)
 
 
 def workers_option(text: str) -> int | str:
