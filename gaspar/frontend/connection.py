@@ -282,11 +282,9 @@ class Connection:
         self.held_bodies -= n
         self._free(n)  # the request is done with
         if request.extended:
-            self._queue_framed(request, status, body)
+            self._queue(reply_header(len(body), request.tag, status), body)
         elif status == Status.OK:
-            self.out.append(memoryview(body))
-            self.budget.add(len(body))
-            self.unsent += len(body)
+            self._queue(b"", body)
         else:
             return self.abort()  # a plain client learns of an error by a reset
         if self.eof and self.inflight == 0:
@@ -307,17 +305,18 @@ class Connection:
         is written: a client that does not read holds its worker, not the front end's memory."""
         if self.closed:
             return
-        self._queue_framed(request, Status.ITEM, body)
+        self._queue(reply_header(len(body), request.tag, Status.ITEM), body)
         self.owed.append(pending)
         self.flush()
 
-    def _queue_framed(self, request: Request, status: int, body: Any) -> None:
-        """A framed reply or item into the output, counted; a large body is not copied."""
-        head = reply_header(len(body), request.tag, status)
+    def _queue(self, head: bytes, body: Any) -> None:
+        """A reply (its framing ``head``, or none for a plain one) or an item into the
+        output, counted in the budget; a large body is queued as it is, not copied."""
         if len(body) < 65536:
-            self.out.append(memoryview(head + bytes(body)))
+            self.out.append(memoryview(head + bytes(body) if head else body))
         else:
-            self.out.append(memoryview(head))
+            if head:
+                self.out.append(memoryview(head))
             self.out.append(memoryview(body))
         n = len(head) + len(body)
         self.budget.add(n)
