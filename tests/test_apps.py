@@ -43,6 +43,27 @@ def test_a_call_round_trips(name, args):
     assert (codec, got_name, got_args, kwargs) == (calls.MSGPACK, name, list(args), {"k": args[:1]})
 
 
+LARGE = st.sampled_from([b"a" * calls.OUT_OF_BAND, bytearray(b"b" * 70_000), b"c" * 200_000])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(VALUES | LARGE, max_size=20),
+    st.dictionaries(st.text(max_size=8), VALUES | LARGE, max_size=18),
+)
+def test_arguments_in_parts_are_msgpacks_own_bytes_and_large_ones_are_not_copied(args, kwargs):
+    """A client writes a large bytes argument as its own part (no copy to encode it); the
+    parts joined are exactly what msgpack writes, so any msgpack decoder reads them."""
+    import msgpack
+
+    parts = calls.encode_arguments(tuple(args), kwargs)
+    assert b"".join(parts) == msgpack.packb([args, kwargs], use_bin_type=True)
+    large = [v for v in [*args, *kwargs.values()] if type(v) in (bytes, bytearray) and len(v) >= calls.OUT_OF_BAND]
+    for value in large:
+        assert any(part is value for part in parts)
+    assert calls.encode(calls.MSGPACK, b"r" * 100_000) == msgpack.packb(b"r" * 100_000, use_bin_type=True)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=64))
 def test_any_bytes_decode_or_are_refused_cleanly(data):

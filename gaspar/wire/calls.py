@@ -34,6 +34,9 @@ CODECS = {"msgpack": MSGPACK, "pickle": PICKLE}
 MAX_NAME = 255
 _COUNT = struct.Struct("!I")
 _LENGTH = struct.Struct("!Q")
+_BIN32 = struct.Struct("!BI")
+_HEAD16 = struct.Struct("!BH")
+_HEAD32 = struct.Struct("!BI")
 #: Buffers smaller than this are kept inside the pickle (out of band costs more than a copy).
 OUT_OF_BAND = 64 * 1024
 
@@ -48,12 +51,9 @@ def codec_id(codec: str) -> int:
 def encode(codec: int, value: Any) -> bytes:
     """One value (arguments, a result, an item) in ``codec``."""
     if codec == MSGPACK:
-        import msgpack  # here: importing gaspar needs nothing beyond the standard library
-
-        try:
-            return msgpack.packb(value, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"cannot send {type(value).__name__} as msgpack: {exc} (use codec='pickle')") from None
+        if _large(value):  # a large bytes result: its bin header and itself, one copy
+            return b"".join(_bin(value))
+        return _packb(value)
     buffers: list[pickle.PickleBuffer] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -66,6 +66,51 @@ def encode(codec: int, value: Any) -> bytes:
     raws = [b.raw() for b in buffers]
     head = _COUNT.pack(len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws) + _LENGTH.pack(len(data))
     return b"".join([head, data, *raws])
+
+
+def _packb(value: Any) -> bytes:
+    import msgpack  # here: importing gaspar needs nothing beyond the standard library
+
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"cannot send {type(value).__name__} as msgpack: {exc} (use codec='pickle')") from None
+
+
+def _large(value: Any) -> bool:
+    return type(value) in (bytes, bytearray) and len(value) >= OUT_OF_BAND
+
+
+def _bin(value: bytes | bytearray) -> tuple[bytes, bytes | bytearray]:
+    """msgpack's bin 32 (what msgpack itself writes for 64 KiB or more), as its header and
+    the value itself: written out as parts, the value is not copied to be encoded."""
+    return _BIN32.pack(0xC6, len(value)), value
+
+
+def _header(count: int, fix: int, code16: int) -> bytes:
+    """msgpack's array (fix 0x90, 0xdc) or map (fix 0x80, 0xde) header, its shortest form."""
+    if count < 16:
+        return bytes([fix | count])
+    if count < 0x10000:
+        return _HEAD16.pack(code16, count)
+    return _HEAD32.pack(code16 + 1, count)
+
+
+def encode_arguments(args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+    """``[args, kwargs]`` in msgpack, as parts to be written one after the other: the same
+    bytes as ``packb``, but a ``bytes`` argument (or keyword value) of 64 KiB or more is its
+    own part, not copied into the encoding (msgpack would copy it twice)."""
+    values = [*args, *kwargs.values()]
+    if not any(_large(v) for v in values):
+        return [_packb([list(args), kwargs])]
+    parts: list[Any] = [b"\x92", _header(len(args), 0x90, 0xDC)]
+    for arg in args:
+        parts.extend(_bin(arg) if _large(arg) else (_packb(arg),))
+    parts.append(_header(len(kwargs), 0x80, 0xDE))
+    for key, value in kwargs.items():
+        parts.append(_packb(key))
+        parts.extend(_bin(value) if _large(value) else (_packb(value),))
+    return parts
 
 
 def decode(codec: int, payload: bytes | memoryview, allow_pickle: bool = False) -> Any:
@@ -114,14 +159,15 @@ def encode_call(name: str, args: tuple, kwargs: dict[str, Any], codec: str = "ms
     return b"".join(call_parts(name, args, kwargs, codec))
 
 
-def call_parts(name: str, args: tuple, kwargs: dict[str, Any], codec: str = "msgpack") -> tuple[bytes, bytes]:
-    """A call's body in two parts, its name and its arguments, for a client to write behind
-    its header in one join: a large argument is then copied once less."""
+def call_parts(name: str, args: tuple, kwargs: dict[str, Any], codec: str = "msgpack") -> tuple[Any, ...]:
+    """A call's body in parts, its name and its arguments (``encode_arguments``), for a
+    client to write behind its header in one join: a large argument is copied only there."""
     raw = name.encode("utf-8")
     if not raw or len(raw) > MAX_NAME:
         raise ValueError(f"a handler's name is 1 to {MAX_NAME} bytes, not {len(raw)}")
     cid = codec_id(codec)
-    return bytes([cid, len(raw)]) + raw, encode(cid, [list(args), kwargs])
+    arguments = encode_arguments(args, kwargs) if cid == MSGPACK else [encode(cid, [list(args), kwargs])]
+    return (bytes([cid, len(raw)]) + raw, *arguments)
 
 
 def call_name(body: bytes | memoryview) -> tuple[int, str]:
@@ -158,6 +204,7 @@ __all__ = [
     "PICKLE",
     "codec_id",
     "encode",
+    "encode_arguments",
     "decode",
     "decode_result",
     "encode_call",
