@@ -33,7 +33,7 @@ with warnings.catch_warnings():
     import eventlet.hubs
 
 from gaspar.core.records import Pending, WorkerSlot
-from gaspar.frontend.zmqfast import LARGE, MORE_NOW, NOW
+from gaspar.frontend.zmqfast import EVENTS, LARGE, MORE_NOW, NOW, POLLIN, get
 from gaspar.frontend.zmqfast import recv as _raw_recv
 from gaspar.frontend.zmqfast import send as _raw_send
 from gaspar.wire.envelope import CREDITS, ID, LIMITS, STATUS, Kind, pack_id
@@ -231,6 +231,11 @@ class Router:
                             continue
                     if self._to_write:  # writing may read more requests: the loop goes on
                         self._write()
+                        if not self._outbox and not self._cancel_box and not self._credit_box:
+                            # nothing to send: only a message that came meanwhile would need
+                            # another recv, and EVENTS says so for less than a zmq.Again
+                            if not get(sock, EVENTS) & POLLIN:
+                                return
                     elif not self._outbox and not self._cancel_box and not self._credit_box:
                         return
                     continue
