@@ -247,6 +247,60 @@ def test_unknown_flags_get_a_framed_bad_request(serve):
         assert status == 4 and "flags" in json.loads(sock.recv(length, socket.MSG_WAITALL))["message"]
 
 
+def test_while_every_worker_is_busy_new_connections_are_held_at_most_hold(serve, monkeypatch):
+    """Saturated (every worker busy, requests waiting), the front end stops watching its
+    listening socket and takes new connections at the start of each round of its loop, or
+    after HOLD: a client arriving then is read and answered (a bad request needs no worker)
+    within HOLD, not at the next reply; once nothing waits, the socket is watched again."""
+    from gaspar.frontend import hub
+
+    monkeypatch.setattr(hub, "HOLD", 0.5)  # long enough to be seen from here
+    s = serve(handlers.sleepy, processes=1)
+    host, port = s.addr.rsplit(":", 1)
+    answers: list[object] = []
+
+    def ask() -> None:
+        try:
+            answers.append(s.request(b"2", timeout=20))
+        except gaspar.GasparError as exc:
+            answers.append(exc)
+
+    busy = [threading.Thread(target=ask) for _ in range(2)]
+    for t in busy:
+        t.start()
+    assert wait_for(s.producer.saturated, 5), "one request runs, one waits"
+
+    def bad_request() -> float:
+        started = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(struct.pack("!IIII", 0x80000000, 0x40, 0, 9))  # unknown flags: BadRequest
+            length, _, status = parse_reply_header(sock.recv(9, socket.MSG_WAITALL))
+            assert status == 4 and "flags" in json.loads(sock.recv(length, socket.MSG_WAITALL))["message"]
+        return time.monotonic() - started
+
+    assert wait_for(lambda: not s.producer.acceptor.held, 5)
+    assert bad_request() < 0.4  # the socket was watched: taken at once; then accepts are held
+    assert wait_for(lambda: s.producer.acceptor.held, 0.3)
+    waited = bad_request()
+    assert 0.1 < waited < 1.2, waited  # held until HOLD ended, not until the reply 2 s away
+    for t in busy:
+        t.join(20)
+    assert answers == [b"2", b"2"]
+    assert wait_for(lambda: not s.producer.acceptor.held, 5)
+    assert s.request(b"0", timeout=10) == b"0"
+    busy = [threading.Thread(target=ask) for _ in range(2)]
+    for t in busy:
+        t.start()
+    assert wait_for(s.producer.saturated, 5)
+    bad_request()
+    assert wait_for(lambda: s.producer.acceptor.held, 0.3)
+    s.producer.stop(timeout=15)  # while held: the stop takes what is in the backlog and ends
+    assert s.producer.stopped.is_set()
+    for t in busy:
+        t.join(20)
+    assert len(answers) == 4
+
+
 def test_a_client_that_leaves_before_its_reply_leaks_nothing(serve):
     s = serve(handlers.sleepy, processes=1)
     host, port = s.addr.rsplit(":", 1)

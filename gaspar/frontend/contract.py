@@ -37,7 +37,7 @@ class Loop(Protocol):
 
 
 class FrontEnd(Protocol):
-    """The front end's settings, loop and books, how requests end (``outcomes``), and five
+    """The front end's settings, loop and books, how requests end (``outcomes``), and six
     verbs. ``conn`` below is a ``Connection``."""
 
     settings: Any  # max_message_size, max_pipeline, abort_on_close, max_connections, body_*
@@ -50,6 +50,9 @@ class FrontEnd(Protocol):
     def log_refusal(self, message: str, *args: Any) -> None:
         """Log why a request or a connection was refused or reset, rate-limited (a flood of
         bad requests must not become a flood of log lines)."""
+
+    def saturated(self) -> bool:
+        """Every worker is busy and requests already wait: a new request would only queue."""
 
     def submit(self, conn: Any, request: Request) -> None:
         """A whole request was read: queue it for a worker (``conn.deliver`` answers it)."""

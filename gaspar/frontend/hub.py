@@ -7,6 +7,14 @@ write, close, all non-blocking. :class:`Acceptor` takes connections in batches o
 :data:`ACCEPT_BATCH` while the listening socket is readable (pausing 0.1 s on EMFILE rather
 than spinning), and resets one past ``max_connections`` at once. Everything here runs in the
 hub's own greenlet, so nothing here may block or switch.
+
+**Held accepts.** While every worker is busy and requests already wait (``saturated``), a
+new connection's request could only join the queue. The acceptor then stops watching the
+listening socket and takes new connections at the start of each round of the loop instead
+(a reply from a worker starts one), or after :data:`HOLD` at the latest: a wake-up of the
+front end a connection fewer, which at 1 ms handlers is about a tenth of its CPU a request.
+A connection waits in the kernel's backlog no longer than that; once a worker is idle, or
+nothing waits, the socket is watched again.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from gaspar.frontend.contract import FrontEnd
 log = logging.getLogger("gaspar")
 
 ACCEPT_BATCH = 128
+#: The longest a new connection waits in the backlog while accepts are held (seconds).
+HOLD = 0.002
 
 
 class IOLoop:
@@ -36,6 +46,7 @@ class IOLoop:
         self.after_round = after_round
         self.busy = False  # in a round: after_round will run
         self.hub = hub
+        self.acceptor: Acceptor | None = None  # set by the Acceptor: it may hold its accepts
         self._listener = watch_fd(hub, self.epoll.fileno(), self._ready)
 
     def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
@@ -58,6 +69,9 @@ class IOLoop:
 
     def _ready(self, _fd: int) -> None:
         self.busy = True
+        acceptor = self.acceptor
+        if acceptor is not None and acceptor.held:
+            acceptor.on_events(0)  # first: their requests may go out in this round
         for fd, events in self.epoll.poll(0, 1024):
             callback = self.callbacks.get(fd)
             if callback is not None:
@@ -70,6 +84,8 @@ class IOLoop:
                         abort()  # a connection in an unknown state: reset, never hang
         self.busy = False
         self.after_round()
+        if acceptor is not None:
+            acceptor.follow()
 
     def close(self) -> None:
         if self._listener is not None:
@@ -86,7 +102,9 @@ class Acceptor:
         self.family = int(sock.family)
         sock.setblocking(False)
         loop.register(sock.fileno(), select.EPOLLIN, self.on_events)
-        self.paused = False
+        self.paused = False  # EMFILE and friends
+        self.held = False  # saturated: accepting at the start of each round (see above)
+        loop.acceptor = self
 
     def on_events(self, _events: int) -> int:
         """Accept up to a batch; return how many were accepted."""
@@ -130,9 +148,28 @@ class Acceptor:
     def resume(self) -> None:
         if self.paused and self.sock.fileno() >= 0:
             self.paused = False
-            self.loop.modify(self.sock.fileno(), select.EPOLLIN)
+            if not self.held:
+                self.loop.modify(self.sock.fileno(), select.EPOLLIN)
+
+    def follow(self) -> None:
+        """After a round of the loop: hold accepts while the front end is saturated, watch
+        the listening socket again once it is not."""
+        if self.front.saturated():
+            if not self.held and not self.paused and self.sock.fileno() >= 0:
+                self.held = True
+                self.loop.modify(self.sock.fileno(), 0)
+                self.loop.hub.schedule_call_global(HOLD, self.release)
+        elif self.held:
+            self.release()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            if not self.paused and self.sock.fileno() >= 0:
+                self.loop.modify(self.sock.fileno(), select.EPOLLIN)
 
     def close(self) -> None:
+        self.held = False  # nothing to take at the start of a round any more
         if self.sock.fileno() >= 0:
             self.loop.unregister(self.sock.fileno())
             self.sock.close()
@@ -176,4 +213,4 @@ def _noop() -> None:
     pass
 
 
-__all__ = ["Acceptor", "Waker", "IOLoop", "watch_fd", "ACCEPT_BATCH"]
+__all__ = ["Acceptor", "Waker", "IOLoop", "watch_fd", "ACCEPT_BATCH", "HOLD"]

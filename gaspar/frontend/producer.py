@@ -365,6 +365,9 @@ class Producer:
         conn.requests.add(pending)
         self.router.send(assignments)
 
+    def saturated(self) -> bool:
+        return not self.dispatcher.idle_count and self.dispatcher.queued > 0
+
     def settle(self) -> None:
         """Act on the dispatcher's decisions: shed requests answered, cancels queued."""
         self.router.settle()
@@ -396,15 +399,13 @@ class Producer:
         return not self.stopping
 
     def ready(self) -> bool:
-        """Worth sending requests to: a worker is ready, no stop has begun, and requests
-        are moving (not stalled: see :meth:`stalled`)."""
+        """Worth sending requests to: a worker is ready, not stopping, not :meth:`stalled`."""
         if self.draining or self.stopping or not any(not w.retiring for w in self.dispatcher.workers.values()):
             return False
         return self.stalled(time.monotonic()) is None
 
     def stalled(self, now: float) -> str | None:
-        """Why no request has made progress for a while though work waits (``memory``,
-        ``workers``), or None (``gaspar.core.admission.Stall``)."""
+        """Why work waits without progress (``memory``, ``workers``; ``admission.Stall``), or None."""
         d = self.dispatcher
         return self.stall.reason(now, self.budget.waiting, d.queued, d.control.service)
 
@@ -421,8 +422,7 @@ class Producer:
         return self.supervisor.target if self.supervisor is not None else self.processes
 
     def owner(self, worker: WorkerSlot) -> WorkerOwner:
-        """Who acts on a worker (kill, tell_exit, broadcast): the supervisor for a local
-        process, the gateway for one on another host."""
+        """Who acts on a worker (kill, tell_exit, broadcast): the supervisor or the gateway."""
         return self.supervisor if worker.agent is None else self.gateway
 
     def manage_workers(self) -> None:
