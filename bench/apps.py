@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{stream['row']:42} {stream['items_per_s']:9.0f} items/s; slow reader: front end RSS "
         f"{stream['rss_before_kb'] / 1024:.1f} -> peak {stream['rss_peak_slow_kb'] / 1024:.1f} MiB"
     )
+    grown = "never" if scale["grown_after_s"] is None else f"after {scale['grown_after_s']:.2f} s"
     lines.append(
-        f"{scale['row']:42} grown after {scale['grown_after_s']} s; p99 {scale['p99_ms_before']:.1f} ms "
+        f"{scale['row']:42} grown {grown}; p99 {scale['p99_ms_before']:.1f} ms "
         f"before, {scale['p99_ms_step']:.1f} ms in the step; {scale['shed']} shed of "
         f"{scale['shed'] + scale['answered']}"
     )
