@@ -159,6 +159,27 @@ def test_calls_are_typed_and_their_errors_too(serve):
     assert counters["bad_request"] >= 4 and counters["error"] >= 1
 
 
+def test_large_bytes_arguments_and_results_travel_as_parts_and_arrive_whole(serve):
+    """A bytes argument (or keyword value) of 64 KiB or more is written as its own part, and
+    a large result joined to its bin header once: what arrives is the same bytes, from the
+    sync client, the asyncio one and the Executor."""
+    s = serve(apps_under_test.app, processes=1)
+    big = bytes(range(256)) * 1024 + b"end"  # 256 KiB and a tail: any shift would show
+    with Client(s.addr, timeout=20) as c:
+        assert c.call("echo", big) == big
+        assert c.call("echo", data=bytearray(big)) == big
+        assert c.call("echo", big[: calls.OUT_OF_BAND]) == big[: calls.OUT_OF_BAND]
+
+    async def from_asyncio() -> None:
+        async with aio.Client(s.addr, timeout=20) as c:
+            assert await c.call("echo", big) == big
+            assert await c.call("echo", data=big) == big
+
+    asyncio.run(from_asyncio())
+    with gaspar.Executor(s.addr) as executor:
+        assert list(executor.map("echo", [big, b"small"])) == [big, b"small"]
+
+
 def test_a_bytes_daemon_refuses_calls_and_serves_1_0_requests(serve):
     s = serve(lambda m: m.upper(), processes=1)
     with Client(s.addr, timeout=10) as c:
