@@ -34,9 +34,8 @@ CODECS = {"msgpack": MSGPACK, "pickle": PICKLE}
 MAX_NAME = 255
 _COUNT = struct.Struct("!I")
 _LENGTH = struct.Struct("!Q")
-_BIN32 = struct.Struct("!BI")
-_HEAD16 = struct.Struct("!BH")
-_HEAD32 = struct.Struct("!BI")
+_HEAD16 = struct.Struct("!BH")  # a msgpack type byte and a 16-bit length
+_HEAD32 = struct.Struct("!BI")  # ... and a 32-bit length
 #: Buffers smaller than this are kept inside the pickle (out of band costs more than a copy).
 OUT_OF_BAND = 64 * 1024
 
@@ -78,13 +77,14 @@ def _packb(value: Any) -> bytes:
 
 
 def _large(value: Any) -> bool:
-    return type(value) in (bytes, bytearray) and len(value) >= OUT_OF_BAND
+    """A bytes value worth writing as its own part (past 4 GiB msgpack refuses it itself)."""
+    return type(value) in (bytes, bytearray) and OUT_OF_BAND <= len(value) <= 0xFFFFFFFF
 
 
 def _bin(value: bytes | bytearray) -> tuple[bytes, bytes | bytearray]:
     """msgpack's bin 32 (what msgpack itself writes for 64 KiB or more), as its header and
     the value itself: written out as parts, the value is not copied to be encoded."""
-    return _BIN32.pack(0xC6, len(value)), value
+    return _HEAD32.pack(0xC6, len(value)), value
 
 
 def _header(count: int, fix: int, code16: int) -> bytes:
