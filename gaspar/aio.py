@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -70,6 +71,21 @@ def _result(status: int, body: bytes) -> bytes:
 _budget = RetryBudget()  # for request(): one per process (asyncio is one thread)
 
 
+if sys.version_info >= (3, 11):
+
+    async def _within(awaitable: Awaitable[bytes], seconds: float | None) -> bytes:
+        """``awaitable`` in this task, cancelled past ``seconds`` (asyncio.TimeoutError):
+        one timer, where ``wait_for`` makes a task, a future and a timer for every request
+        (about a fifth of a small call's CPU in the client)."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10 has no asyncio.timeout
+
+    async def _within(awaitable: Awaitable[bytes], seconds: float | None) -> bytes:
+        return await asyncio.wait_for(awaitable, seconds)
+
+
 async def _with_retry(
     send: Callable[[float | None], Awaitable[bytes]], timeout: float | None, budget: RetryBudget, retry: bool
 ) -> bytes:
@@ -85,7 +101,7 @@ async def _with_retry(
         if remaining is not None and remaining <= 0:
             raise RequestTimeout(f"no reply within {timeout}s")
         try:
-            return await asyncio.wait_for(send(remaining), remaining)
+            return await _within(send(remaining), remaining)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no reply within {timeout}s") from None
 

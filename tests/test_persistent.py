@@ -103,6 +103,30 @@ def test_aio_request_and_client(serve):
     assert s.producer.stats()["counters"]["completed"] >= 5
 
 
+def test_aio_timeouts_and_cancels_are_told_apart(serve):
+    """A request's own timeout is RequestTimeout; the caller cancelling its task (or its own
+    asyncio.wait_for running out) is a CancelledError or TimeoutError, never mistaken for
+    ours; either way the shared connection serves the next request."""
+    s = serve(handlers.sleepy, processes=2)
+
+    async def main():
+        async with aio.Client(s.addr, timeout=10) as c:
+            with pytest.raises(gaspar.RequestTimeout):
+                await c.request(b"1", timeout=0.2)
+            task = asyncio.ensure_future(c.request(b"1"))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            with pytest.raises(asyncio.TimeoutError) as info:
+                await asyncio.wait_for(c.request(b"1"), 0.2)
+            assert not isinstance(info.value, gaspar.RequestTimeout)
+            assert await c.request(b"0") == b"0"
+            assert not c._waiting  # nothing left behind by the ones that ended early
+
+    asyncio.run(main())
+
+
 def test_aio_errors(serve):
     s = serve(handlers.boom)
 
