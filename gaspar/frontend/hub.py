@@ -146,10 +146,9 @@ class Acceptor:
             self.loop.hub.schedule_call_global(seconds, self.resume)
 
     def resume(self) -> None:
-        if self.paused and self.sock.fileno() >= 0:
+        if self.paused:
             self.paused = False
-            if not self.held:
-                self.loop.modify(self.sock.fileno(), select.EPOLLIN)
+            self._watch()
 
     def follow(self) -> None:
         """After a round of the loop: hold accepts while the front end is saturated, watch
@@ -165,8 +164,12 @@ class Acceptor:
     def release(self) -> None:
         if self.held:
             self.held = False
-            if not self.paused and self.sock.fileno() >= 0:
-                self.loop.modify(self.sock.fileno(), select.EPOLLIN)
+            self._watch()
+
+    def _watch(self) -> None:
+        """Watch the listening socket again, unless accepts are still paused or held."""
+        if not self.paused and not self.held and self.sock.fileno() >= 0:
+            self.loop.modify(self.sock.fileno(), select.EPOLLIN)
 
     def close(self) -> None:
         self.held = False  # nothing to take at the start of a round any more

@@ -173,6 +173,10 @@ class Router:
             except zmq.ZMQError:
                 pass  # its pipe is gone: it is dying, and its requests come back then
 
+    def _sending(self) -> bool:
+        """Requests, cancels or credits wait to go out to the workers."""
+        return bool(self._outbox or self._cancel_box or self._credit_box)
+
     def write_soon(self, conn: Any) -> None:
         """A connection has replies to write: at the end of this round, all of them in one
         system call; outside a round (a shed, a stats reply), at once."""
@@ -216,7 +220,7 @@ class Router:
         more_remote = False
         try:
             while True:
-                if self._outbox or self._cancel_box or self._credit_box:
+                if self._sending():
                     self._flush()
                 try:
                     rid = recv(sock, NOW)
@@ -231,12 +235,11 @@ class Router:
                             continue
                     if self._to_write:  # writing may read more requests: the loop goes on
                         self._write()
-                        if not self._outbox and not self._cancel_box and not self._credit_box:
-                            # nothing to send: only a message that came meanwhile would need
-                            # another recv, and EVENTS says so for less than a zmq.Again
-                            if not get(sock, EVENTS) & POLLIN:
-                                return
-                    elif not self._outbox and not self._cancel_box and not self._credit_box:
+                        # nothing to send: only a message that came meanwhile would need
+                        # another recv, and EVENTS says so for less than a zmq.Again
+                        if not self._sending() and not get(sock, EVENTS) & POLLIN:
+                            return
+                    elif not self._sending():
                         return
                     continue
                 # a multipart message arrives whole: its other frames are there already. A

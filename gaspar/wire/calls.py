@@ -87,6 +87,11 @@ def _bin(value: bytes | bytearray) -> tuple[bytes, bytes | bytearray]:
     return _HEAD32.pack(0xC6, len(value)), value
 
 
+def _value(value: Any) -> tuple[Any, ...]:
+    """One value's parts: a large bytes value as its bin header and itself, else msgpack's."""
+    return _bin(value) if _large(value) else (_packb(value),)
+
+
 def _header(count: int, fix: int, code16: int) -> bytes:
     """msgpack's array (fix 0x90, 0xdc) or map (fix 0x80, 0xde) header, its shortest form."""
     if count < 16:
@@ -105,11 +110,11 @@ def encode_arguments(args: tuple, kwargs: dict[str, Any]) -> list[Any]:
         return [_packb([list(args), kwargs])]
     parts: list[Any] = [b"\x92", _header(len(args), 0x90, 0xDC)]
     for arg in args:
-        parts.extend(_bin(arg) if _large(arg) else (_packb(arg),))
+        parts += _value(arg)
     parts.append(_header(len(kwargs), 0x80, 0xDE))
     for key, value in kwargs.items():
         parts.append(_packb(key))
-        parts.extend(_bin(value) if _large(value) else (_packb(value),))
+        parts += _value(value)
     return parts
 
 
