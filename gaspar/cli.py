@@ -284,6 +284,14 @@ def raise_fd_limit(want: int = 65536) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def workers_given(workers: Any) -> tuple[int, int]:
+    """``--workers`` (or a config file's) as ``(MIN, MAX)``; UsageError unless N or MIN:MAX."""
+    try:
+        return workers_bounds(workers)
+    except ValueError:
+        raise UsageError(f"--workers takes N or MIN:MAX, not {workers!r}") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     configure(args.log_level, args.log_format, sys.stderr)
     raise_fd_limit()
@@ -295,10 +303,7 @@ def serve(args: argparse.Namespace) -> int:
     if not isinstance(bind, str):
         raise UsageError(f"bind takes a HOST:PORT string, not {bind!r}")
     least = fewest_workers(args.remote_bind or options.get("remote_bind"))
-    try:
-        low = workers_bounds(workers)[0] if workers is not None else least
-    except ValueError:
-        raise UsageError(f"--workers takes N or MIN:MAX, not {workers!r}") from None
+    low = workers_given(workers)[0] if workers is not None else least
     if low < least:
         raise UsageError(f"--workers must be at least 1 (0 with --remote-bind), not {workers!r}")
     host, port = parse_bind(bind)
@@ -344,11 +349,7 @@ def agent(args: argparse.Namespace) -> int:
     if workers is None:
         workers = 0 if options.get("pools") else os.cpu_count() or 1  # --pool alone: those pools only
     least = 0 if options.get("pools") else 1
-    try:
-        most = workers_bounds(workers)[1]
-    except ValueError:
-        raise UsageError(f"--workers takes N or MIN:MAX, not {workers!r}") from None
-    if most < least:
+    if workers_given(workers)[1] < least:
         raise UsageError(f"--workers must be at least 1 (0 with --pool), not {workers!r}")
     host, _, port = args.connect.removeprefix("tcp://").rpartition(":")
     ipc = args.connect.startswith("ipc://") and len(args.connect) > len("ipc://")

@@ -232,7 +232,7 @@ class Agents:
             user=user,
             announced=announced,
             ranges=ranges,
-            sizes={p: min(max(count(sizes.get(p), 0, high) or low, low), high) for p, (low, high) in ranges.items()},
+            sizes={p: count(sizes.get(p), low, high) or low for p, (low, high) in ranges.items()},  # else MIN
         )
         if replaced is not None:
             self.end(replaced, REPLACED, "the agent joined again as a new session")
