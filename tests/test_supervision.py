@@ -531,6 +531,47 @@ def test_after_a_reload_a_killed_front_end_leaves_nothing_behind(cli, tmp_path):
     assert gone, f"left behind: {[p for p in family if alive(p)]}"
 
 
+def test_the_fork_server_forks_alone_and_without_warnings(cli, tmp_path):
+    """A child forked from a multi-threaded process may deadlock on a lock another thread
+    held: the fork server runs no thread of its own (its parent watch is in its loop).
+    Python 3.12+ warns at such a fork, and miscounts a process whose name has a space
+    ("gaspar: fork server"); eventlet warns at any. With every warning shown, a start, a
+    worker's re-fork and a reload's fresh fork server say none of them."""
+    (tmp_path / "quiet.py").write_text("def handle(m):\n    return m\n")
+    env = dict(cli_env(tmp_path), PYTHONWARNINGS="always::DeprecationWarning")
+    server = cli("quiet:handle", "--bind", "127.0.0.1:0", "-w", "2", env=env)
+    workers = server.wait_ready(2)
+    (fork_server,) = children_of(server.proc.pid)
+    assert os.listdir(f"/proc/{fork_server}/task") == [str(fork_server)]
+    os.kill(workers[0], signal.SIGKILL)
+    assert wait_for(lambda: workers[0] not in server.wait_ready(2), 10), server.log
+    server.signal(signal.SIGHUP)  # a fresh interpreter's fork server forks the next generation
+    assert wait_for(lambda: not set(workers) & set(server.wait_ready(2)), 15), server.log
+    assert wait_for(lambda: len(children_of(server.proc.pid)) == 1, 10)  # the old one has gone
+    (fork_server,) = children_of(server.proc.pid)
+    assert os.listdir(f"/proc/{fork_server}/task") == [str(fork_server)]
+    assert client.request(server.addr, b"hi", timeout=5) == b"hi"
+    assert "multi-threaded" not in server.log and "fork() is a bad idea" not in server.log, server.log
+    assert "threads" not in server.log
+
+
+def test_an_application_thread_in_the_fork_server_is_logged_once(cli, tmp_path):
+    """An application that starts a thread at import starts it in a reload's fork server
+    (a fresh interpreter imports it): forking workers from there is the hazard above, so
+    the log says so, once, and Python's own warning (3.12+) is left as it is."""
+    (tmp_path / "threaded.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n"
+        "def handle(m):\n    return m\n"
+    )
+    server = cli("threaded:handle", "--bind", "127.0.0.1:0", "-w", "2", env=cli_env(tmp_path))
+    workers = server.wait_ready(2)
+    server.signal(signal.SIGHUP)
+    assert wait_for(lambda: not set(workers) & set(server.wait_ready(2)), 15), server.log
+    assert server.log.count("The fork server runs 2 threads") == 1, server.log
+    assert client.request(server.addr, b"hi", timeout=5) == b"hi"
+
+
 def test_fork_server_killed_stops_the_daemon(cli):
     server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "2")
     workers = server.wait_ready(2)

@@ -38,7 +38,7 @@ import time
 from typing import Any
 
 from gaspar.apppath import fresh_interpreter
-from gaspar.process.forkserver import Server, flush_and_exit
+from gaspar.process.forkserver import Server, flush_and_exit, fork_alone
 from gaspar.process.worker import Consumer
 
 log = logging.getLogger("gaspar")
@@ -98,7 +98,7 @@ class ForkServer:
         cmd_r, cmd_w = os.pipe()
         evt_r, evt_w = os.pipe()
         parent = os.getpid()
-        pid = os.fork()
+        pid = fork_alone()
         if pid == 0:  # the fork server
             code = 1
             try:

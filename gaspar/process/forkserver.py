@@ -2,9 +2,20 @@
 entry point in a fresh interpreter, which a reload starts (:func:`main`).
 
 The fork server knows which pids are still its unreaped children, so a kill never reaches a
-recycled pid. It dies with its parent (``PR_SET_PDEATHSIG`` and a parent-pid watchdog), and
-its workers die with it the same way: a SIGKILLed front end leaves no process behind. With
-``capture_output`` it also holds the read ends of a pipe per worker and stream (made before
+recycled pid. It dies with its parent (``PR_SET_PDEATHSIG``, and a look at its parent's pid each
+turn of its loop, at least once a second), and its workers die with it the same way
+(theirs is a watchdog thread): a SIGKILLed front end leaves no process behind.
+
+**No thread.** The fork server runs no thread of its own, so it never forks while
+multi-threaded (a child of a multi-threaded process may deadlock on a lock that another
+thread held at the fork). Python 3.12+ warns at such a fork, and also when a process's
+name has a space in it (it miscounts the threads in ``/proc/self/stat`` then: "gaspar:
+fork server" with setproctitle). So the fork server counts its threads itself
+(``/proc/self/task``): it logs a warning, once, if the application started one, and
+silences Python's (and eventlet's: the first fork server inherits its parent's imports,
+not its hub) only while it has none.
+
+With ``capture_output`` the fork server also holds the read ends of a pipe per worker and stream (made before
 the fork, fds 1 and 2 in the worker) and logs their lines in the same loop that forks and
 reaps (:class:`gaspar.process.capture.OutputCapture`): its stderr is the daemon's, and it has no hub
 that must never block.
@@ -32,10 +43,11 @@ import selectors
 import signal
 import sys
 import time
+import warnings
 from typing import Any
 
 from gaspar.process.capture import OutputCapture
-from gaspar.process.worker import DUMP_SIGNAL, Consumer, Worker, run_worker, set_proctitle, start_watchdog
+from gaspar.process.worker import DUMP_SIGNAL, Consumer, Worker, run_worker, set_parent_death_signal, set_proctitle
 
 log = logging.getLogger("gaspar")
 
@@ -52,10 +64,13 @@ class Server:
         self._buf = b""
         self.output: OutputCapture | None = None  # the workers' stdout and stderr, if captured
         self.retiring = False  # told to retire: exit once no child is left
+        self.threads_told = False  # the log said the application started threads here
 
     def run(self) -> int:
         set_proctitle(f"{self.settings.proc_name}: fork server")
-        start_watchdog(self.parent)
+        set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != self.parent:  # the parent died before the signal was armed
+            os._exit(1)
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         self.wake_r, wake_w = os.pipe()
@@ -72,6 +87,8 @@ class Server:
             self.output = OutputCapture(self.selector)
         while True:
             events = self.selector.select(1.0)
+            if os.getppid() != self.parent:  # a backstop to PR_SET_PDEATHSIG
+                os._exit(1)
             ready = {key.fd for key, _ in events}
             if self.wake_r in ready:
                 drain(self.wake_r)
@@ -112,8 +129,16 @@ class Server:
             except OSError as exc:
                 log.error("Worker %s: cannot capture its output (%s); it writes to ours", number, exc)
         stack_r, stack_w = os.pipe()  # the worker's stack, when asked for before a kill
+        threads = thread_count()
+        if threads > 1 and not self.threads_told:
+            self.threads_told = True
+            log.warning(
+                "The fork server runs %d threads (started by the application's import?): a "
+                "worker forked while another thread holds a lock may deadlock on it",
+                threads,
+            )
         try:
-            pid = os.fork()
+            pid = fork_alone()
         except BaseException:
             if pipes is not None:
                 self.output.abandon(pipes)
@@ -308,6 +333,30 @@ def _import(module: str, qualname: str) -> Any:
     from gaspar.process.worker import _resolve
 
     return _resolve(importlib.import_module(module), qualname)
+
+
+def thread_count() -> int:
+    """The threads of this process, C ones too (Python's ``threading`` sees its own only)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # no /proc: what Python knows
+        import threading
+
+        return threading.active_count()
+
+
+def fork_alone() -> int:
+    """``os.fork()`` in a process that should run one thread (the front end before its
+    first 0MQ socket, the fork server). While it does, Python's warning about forking a
+    multi-threaded process (3.12+, which miscounts a process whose name has a space in it)
+    and eventlet's about forking at all (no hub runs here yet) are silenced; with more
+    threads they stand."""
+    if thread_count() > 1:
+        return os.fork()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
+        warnings.filterwarnings("ignore", r"Using fork\(\) is a bad idea", DeprecationWarning)
+        return os.fork()
 
 
 def main(argv: list[str]) -> int:
