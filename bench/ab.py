@@ -1,6 +1,6 @@
 """gaspar against an older commit of itself, on the hot-path rows, interleaved.
 
-    python bench/ab.py --base 51adbde [--rounds 5] [--seconds 2]
+    python bench/ab.py --base 51adbde [--rounds 5] [--seconds 2] [--rows 0,2]
 
 The base commit's tree is exported (``git archive``) into a temporary directory (``--new``:
 the new side's too; ``--new`` equal to ``--base`` measures the noise, A/A); each side's
@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", help="a commit for the new side too (default: this checkout; --new = --base: A/A)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run")
+    ap.add_argument("--rows", help="the rows to run, by number from 0 (default: all), e.g. 0,2")
     args = ap.parse_args(argv)
+    rows = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
     raise_nofile()
     build_loadgen()
     base_id, new_id = rev_parse(args.base), rev_parse(args.new or "HEAD")
@@ -117,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, tree in sides.items():
             found = where_gaspar(tree)
             assert found == str(tree / "gaspar"), f"{name} side imports gaspar from {found}, not {tree}"
-        runs: dict[str, dict[str, list[dict]]] = {row: {"base": [], "new": []} for row, *_ in ROWS}
+        runs: dict[str, dict[str, list[dict]]] = {row: {"base": [], "new": []} for row, *_ in rows}
         for r in range(args.rounds):
             order = ["base", "new"] if r % 2 == 0 else ["new", "base"]
-            for row, handler, clients, opts in ROWS:
+            for row, handler, clients, opts in rows:
                 for name in order:
                     d = one_run(sides[name], handler, clients, opts, args.seconds)
                     runs[row][name].append(d)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(json.dumps(machine()))
         lines.append(f"{'row':46} {'metric':16} {'base':>9} {'new':>9} {'new/base':>9} {'range':>13}")
         table = []
-        for row, *_ in ROWS:
+        for row, *_ in rows:
             for key, label in (
                 ("throughput", "req/s"),
                 ("p99_us", "p99 us"),
