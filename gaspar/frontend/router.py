@@ -5,15 +5,11 @@
     Dispatcher ──assignments──▶ outbox ──(end of the round)──▶ ROUTER ──▶ workers
     workers ──[id, head, body]──▶ ROUTER ──▶ round() ──▶ Dispatcher.complete ──▶ Outcomes
 
-A *round* takes every message waiting on the ROUTER (replies, SKIPPED, HELLOs, broadcast
-acks) as a batch, then sends everything queued (requests, then cancels, so a worker sees
-both in order): the new clients' requests and those the batch's replies freed, together.
-With agents it also takes a bounded batch of theirs; until nothing is left either way. The
-I/O loop runs one after each batch of client events, so one wake-up of 0MQ's I/O thread
-carries many messages: a send to a pipe it has emptied wakes it (an eventfd write, then a
-context switch), and sending after each reply woke it about once a reply. A request for an
-idle worker does not wait for the batch: it goes out first. A worker on another host is
-reached through the gateway; this host's directly.
+A *round* sends everything queued (requests, then cancels, so a worker sees both in order),
+then takes every message waiting on the ROUTER (replies, SKIPPED, HELLOs, broadcast acks)
+and, with agents, a bounded batch of theirs; until neither is left. The I/O loop runs one
+after each batch of client events, so one wake-up of 0MQ's I/O thread carries many
+messages. A worker on another host is reached through the gateway; this host's directly.
 
 0MQ's fd signals only changes: a send processes 0MQ's pending events and may consume the
 signal of a reply that is waiting, so *whoever sends must make sure someone reads*.
@@ -85,7 +81,6 @@ class Router:
         self.loop: Any = None
         self.socket: Any = None
         self._outbox: list[tuple[WorkerSlot, Pending]] = []
-        self._urgent = False  # the outbox has a request for an idle worker: send it first
         self._cancel_box: list[tuple[WorkerSlot, Pending]] = []
         self._credit_box: dict[Pending, int] = {}  # streams' items taken by their clients
         self._to_write: list[Any] = []  # connections with replies delivered in this round
@@ -108,18 +103,9 @@ class Router:
     def send(self, assignments: list[tuple[WorkerSlot, Pending]]) -> None:
         """Queue requests for their workers; they go out in a batch at the end of the round
         (one wake-up of 0MQ's I/O thread can then carry several)."""
-        self._queue(assignments)
+        self._outbox.extend(assignments)
         self.read_soon()
         self.settle()
-
-    def _queue(self, assignments: list[tuple[WorkerSlot, Pending]]) -> None:
-        """Into the outbox; one for an idle worker (the first, if any: see
-        ``Dispatcher._assign``) makes the outbox urgent."""
-        if assignments:
-            self._outbox.extend(assignments)
-            worker, req = assignments[0]
-            if worker.current is req:
-                self._urgent = True
 
     def settle(self) -> None:
         """Act on what the dispatcher decided: answer shed requests (``Overloaded``), and
@@ -145,7 +131,6 @@ class Router:
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
-        self._urgent = False
         sock, send, pending = self.socket, _raw_send, self.dispatcher.pending
         for worker, req in outbox:
             if req.worker is not worker or pending.get(req.id) is not req:
@@ -168,7 +153,7 @@ class Router:
                 log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
                 self.dispatcher.retire(worker.routing_id, "died")
                 self.supervisor.kill(worker, signal.SIGKILL, "its 0MQ pipe was gone")
-                self._queue(self.dispatcher.requeue(req))
+                self._outbox.extend(self.dispatcher.requeue(req))
         cancels, self._cancel_box = self._cancel_box, []
         heads = [(worker, _CANCEL + pack_id(req.id)) for worker, req in cancels]
         if self._credit_box:  # streams' workers may send as many more items as were taken
@@ -218,7 +203,7 @@ class Router:
         request goes back to the head of the queue (it never left) and the agent is lost."""
         why = self.gateway.send_request(worker, head, body)
         if why is not None:
-            self._queue(self.dispatcher.requeue(req))
+            self._outbox.extend(self.dispatcher.requeue(req))
             self.gateway.unreachable(worker.agent, why)
 
     # -- the round --------------------------------------------------------------------------
@@ -226,76 +211,57 @@ class Router:
     def round(self) -> None:
         """One round of 0MQ work: send what is queued for the workers, then take every
         message waiting on the ROUTER (replies, HELLOs, broadcast acks), until neither is left.
-        Runs after every round of the I/O loop, when scheduled, and every 0.1 s. The
-        messages waiting are taken as a batch, and the requests they free go out after it,
-        together; a reply that leaves a worker idle ends the batch early (see above)."""
+        Runs after every round of the I/O loop, when scheduled, and every 0.1 s."""
         if self._in_round:
             return
         self._scheduled = None
         self._in_round = True
-        sock = self.socket
+        sock, recv, d = self.socket, _raw_recv, self.dispatcher
         more_remote = False
         try:
             while True:
-                if self._urgent:
-                    self._flush()
-                if self._take_waiting(sock):
-                    continue  # an idle worker's request goes out first
                 if self._sending():
                     self._flush()
-                    # a send may take the signal of a message that came meanwhile: ask
-                    # (EVENTS costs less than a receive that finds nothing)
-                    if get(sock, EVENTS) & POLLIN:
-                        continue
-                # nothing waits on the ROUTER now
-                if self.gateway is not None and not more_remote:
-                    n = self.gateway.read()
-                    if n:
-                        # a batch of the agents' messages (it may have queued more to
-                        # send); past a full batch, the rest waits for the next round,
-                        # so a flooding agent cannot hold the hub from the clients
-                        more_remote = n >= self.gateway.BATCH
-                        continue
-                if self._to_write:  # writing may read more requests: the loop goes on
-                    self._write()
-                    # nothing to send: only a message that came meanwhile would need
-                    # another recv, and EVENTS says so for less than a zmq.Again
-                    if not self._sending() and not get(sock, EVENTS) & POLLIN:
+                try:
+                    rid = recv(sock, NOW)
+                except zmq.Again:
+                    if self.gateway is not None and not more_remote:
+                        n = self.gateway.read()
+                        if n:
+                            # a batch of the agents' messages (it may have queued more to
+                            # send); past a full batch, the rest waits for the next round,
+                            # so a flooding agent cannot hold the hub from the clients
+                            more_remote = n >= self.gateway.BATCH
+                            continue
+                    if self._to_write:  # writing may read more requests: the loop goes on
+                        self._write()
+                        # nothing to send: only a message that came meanwhile would need
+                        # another recv, and EVENTS says so for less than a zmq.Again
+                        if not self._sending() and not get(sock, EVENTS) & POLLIN:
+                            return
+                    elif not self._sending():
                         return
-                elif not self._sending():
-                    return
+                    continue
+                # a multipart message arrives whole: its other frames are there already. A
+                # frame says whether more follow (``more``); asking the socket (RCVMORE) would
+                # cost pyzmq's SocketOption enum lookup, about a microsecond, each time
+                frame = recv(sock, NOW, False)  # a routing id is never alone
+                frames = [rid, frame]
+                while frame.more:
+                    frame = recv(sock, NOW, False)
+                    frames.append(frame)
+                try:
+                    self.on_message(frames)
+                except Exception:
+                    log.exception("Dropped a malformed message from a worker")
+                if d.unsettled:
+                    self.settle()
         finally:
             self._in_round = False
             if self._to_write:  # left by an exception: written now, not lost
                 self._write()
             if more_remote and self._scheduled is None:
                 self._scheduled = eventlet.hubs.get_hub().schedule_call_global(0, self.round)
-
-    def _take_waiting(self, sock: Any) -> bool:
-        """Take the messages waiting on the ROUTER until none is left (False), or until one
-        has left a worker idle with a request to run (True: send it first)."""
-        recv, d = _raw_recv, self.dispatcher
-        while True:
-            try:
-                rid = recv(sock, NOW)
-            except zmq.Again:
-                return False
-            # a multipart message arrives whole: its other frames are there already. A
-            # frame says whether more follow (``more``); asking the socket (RCVMORE) would
-            # cost pyzmq's SocketOption enum lookup, about a microsecond, each time
-            frame = recv(sock, NOW, False)  # a routing id is never alone
-            frames = [rid, frame]
-            while frame.more:
-                frame = recv(sock, NOW, False)
-                frames.append(frame)
-            try:
-                self.on_message(frames)
-            except Exception:
-                log.exception("Dropped a malformed message from a worker")
-            if d.unsettled:
-                self.settle()
-            if self._urgent:
-                return True
 
     def on_message(self, frames: list[Any]) -> None:
         """A worker's message, from this host or relayed by an agent: the routing id (bytes),
@@ -315,7 +281,7 @@ class Router:
                 if answered is not None:  # shed while handed ahead (its deadline): answer it now
                     self.outcomes.shed(answered, answered.revoked or "deadline", time.monotonic())
             if assignments:
-                self._queue(assignments)
+                self._outbox.extend(assignments)
             worker = d.workers.get(rid)
             if worker is not None and worker.retiring:
                 self.manage_workers()
