@@ -196,7 +196,7 @@ class Settings:
         "Producer.scale); unset: 4 x the CPU count, at least 32",
     )
     prefetch: int = _opt(
-        4,
+        8,
         "requests handed ahead to a busy worker, only while more than workers x depth are queued (0: never)",
     )
     backlog: int = _opt(2048, "the listening socket's accept queue")

@@ -124,7 +124,8 @@ def test_an_agents_workers_min_max_grow_with_the_front_ends_queue_and_shrink_whe
         for t in threads:
             t.join(30)
     assert wait_for(lambda: joined(s, "a1", 1)["autoscale"]["default"]["size"] == 1, 15), a.log
-    assert "Pool default: 2 -> 1 workers" in a.log
+    # the front end shows the size it sent; the agent logs it once it has the SIZE
+    assert wait_for(lambda: "Pool default: 2 -> 1 workers" in a.log, 5), a.log
 
 
 def test_local_and_remote_workers_both_serve_at_once(serve, agent):

@@ -12,13 +12,13 @@ holds up nothing but its own worker. This is the "ROUTER with ready credits" pat
 plain PUSH socket would round-robin blindly into busy workers' queues.
 
 **Prefetch (under overload only).** Between two requests a worker would sit idle for a
-round trip through the front end. When more requests are queued than there are workers,
-no worker will be idle soon anyway, so each busy worker is also handed its *next* request
-to start the moment it replies; while more than workers x 2 are queued, a second one, and
-so on up to ``prefetch`` (default 4). Several requests then ride one wake-up of 0MQ's I/O
-threads (measured in docs/performance.rst). A prefetched request's timeout starts when its
-worker starts it; if the worker dies first, it goes back to the head of the queue.
-With a short queue there is no prefetch, so the fairness above holds where it matters.
+round trip through the front end. With more requests queued than workers, each busy
+worker is also handed its *next* request, to start the moment it replies; with more than
+workers x 2, a second, and so on up to ``prefetch`` (default 8) while that many runs fit in
+the queue's target; many ride one wake-up of 0MQ's I/O threads (docs/performance.rst). A
+prefetched request's timeout starts when its worker starts it; if the worker dies first,
+it goes back to the head of the queue. With a short queue there is no prefetch, so the
+fairness above holds where it matters.
 
 **Overload** (rules in ``gaspar.core.overload``). The queue is first in, first out while bursts
 come and go; once it has stood for an interval it is served newest first, and requests that
