@@ -15,9 +15,9 @@ fork server" with setproctitle). So the fork server counts its threads itself
 silences Python's (and eventlet's: the first fork server inherits its parent's imports,
 not its hub) only while it has none.
 
-With ``capture_output`` the fork server also holds the read ends of a pipe per worker and stream (made before
-the fork, fds 1 and 2 in the worker) and logs their lines in the same loop that forks and
-reaps (:class:`gaspar.process.capture.OutputCapture`): its stderr is the daemon's, and it has no hub
+With ``capture_output`` the fork server also holds the read ends of a pipe per worker and
+stream (made before the fork, fds 1 and 2 in the worker) and logs their lines in the same
+loop that forks and reaps (:class:`gaspar.process.capture.OutputCapture`): its stderr is the daemon's, and it has no hub
 that must never block.
 
 **In a fresh interpreter.** A fresh interpreter inherits no Python object, so its parent
@@ -47,7 +47,7 @@ import warnings
 from typing import Any
 
 from gaspar.process.capture import OutputCapture
-from gaspar.process.worker import DUMP_SIGNAL, Consumer, Worker, run_worker, set_parent_death_signal, set_proctitle
+from gaspar.process.worker import DUMP_SIGNAL, Consumer, Worker, die_with_parent, run_worker, set_proctitle
 
 log = logging.getLogger("gaspar")
 
@@ -68,9 +68,7 @@ class Server:
 
     def run(self) -> int:
         set_proctitle(f"{self.settings.proc_name}: fork server")
-        set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != self.parent:  # the parent died before the signal was armed
-            os._exit(1)
+        die_with_parent(self.parent)  # and the loop below looks, as a worker's watchdog does
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         self.wake_r, wake_w = os.pipe()
@@ -138,7 +136,7 @@ class Server:
                 threads,
             )
         try:
-            pid = fork_alone()
+            pid = fork_alone(threads)
         except BaseException:
             if pipes is not None:
                 self.output.abandon(pipes)
@@ -345,13 +343,13 @@ def thread_count() -> int:
         return threading.active_count()
 
 
-def fork_alone() -> int:
+def fork_alone(threads: int | None = None) -> int:
     """``os.fork()`` in a process that should run one thread (the front end before its
     first 0MQ socket, the fork server). While it does, Python's warning about forking a
     multi-threaded process (3.12+, which miscounts a process whose name has a space in it)
     and eventlet's about forking at all (no hub runs here yet) are silenced; with more
-    threads they stand."""
-    if thread_count() > 1:
+    threads they stand. ``threads``: the count, if the caller has just taken it."""
+    if (thread_count() if threads is None else threads) > 1:
         return os.fork()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
@@ -366,11 +364,8 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     from gaspar.ops.logs import configure
-    from gaspar.process.worker import set_parent_death_signal
 
-    set_parent_death_signal(signal.SIGKILL)  # during the import too
-    if os.getppid() != parent:
-        return 1
+    die_with_parent(parent)  # during the import too
     configure(options["log"]["level"], options["log"]["format"], sys.stderr)
     from gaspar.apppath import adopt
 

@@ -311,11 +311,17 @@ def run_worker(
     return 0
 
 
-def start_watchdog(parent: int, interval: float = 1.0) -> None:
-    """Exit this process when its parent is gone (a backstop to PR_SET_PDEATHSIG)."""
+def die_with_parent(parent: int) -> None:
+    """Be killed when ``parent`` dies (PR_SET_PDEATHSIG); exit now if it died already."""
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
+
+
+def start_watchdog(parent: int, interval: float = 1.0) -> None:
+    """Exit this process when its parent is gone: :func:`die_with_parent`, and a thread
+    that looks every ``interval`` seconds (a backstop to PR_SET_PDEATHSIG)."""
+    die_with_parent(parent)
 
     def watch() -> None:
         while True:
