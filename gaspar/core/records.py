@@ -60,7 +60,7 @@ def draw_limit(max_requests: int, jitter: int, rng: Callable[[int, int], int] = 
     return max_requests + rng(0, jitter) if max_requests else 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Pending:
     """A request queued or running. ``waiter`` is the caller's; it is never called here.
 

@@ -63,9 +63,13 @@ class Status(enum.IntEnum):
     ITEM = 6  # one item of a stream; more follow, and the stream's own reply ends it
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
-    """One parsed request. ``body`` may be a view into the reader's buffer."""
+    """One parsed request. ``body`` may be a view into the reader's buffer.
+
+    Made from its header, then given its body once the body is whole; not changed after
+    that. Not a frozen dataclass: a frozen one's ``__init__`` sets each field through
+    ``object.__setattr__``, about five times the cost, on every request's hot path."""
 
     body: bytes | memoryview
     extended: bool = False
@@ -198,7 +202,8 @@ class RequestReader:
                 return None
             body_buf, self._body, self._filled, self._head = self._body, None, 0, None
             self._direct = False
-            return _with_body(head, memoryview(body_buf))
+            head.body = memoryview(body_buf)
+            return head
         end = self._head_size + self._length
         if len(self._buf) < end:
             return None
@@ -210,7 +215,8 @@ class RequestReader:
             body = bytes(self._buf[self._head_size : end])
             del self._buf[:end]
         self._head = None
-        return _with_body(head, body)
+        head.body = body  # the header's Request is the reader's own until now: no copy of it
+        return head
 
     def _parse_header(self) -> bool:
         buf = self._buf
@@ -263,12 +269,6 @@ class RequestReader:
     def declared(self) -> int:
         """The body length of the request in progress once its header is parsed, else 0."""
         return self._length if self._head is not None else 0
-
-
-def _with_body(head: Request, body: bytes | memoryview) -> Request:
-    return Request(
-        body, head.extended, head.keepalive, head.stats, head.timeout, head.tag, head.deadline, head.call, head.stream
-    )
 
 
 def pack(message: bytes) -> bytes:
