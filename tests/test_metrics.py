@@ -6,8 +6,10 @@ handler exceptions, a worker killed mid-request, the histograms' counts, each wo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -21,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import gaspar
 from gaspar.frontend.metrics_http import RENDER_EVERY
 from gaspar.ops.telemetry import OUTCOMES, RESTART_REASONS
+from gaspar.wire.framing import extended_header, pack, parse_reply_header
 
 
 def get(addr, path: str) -> tuple[int, str]:
@@ -278,3 +281,51 @@ def test_the_readme_scrape_config_and_queries_name_real_metrics(serve):
     ):  # PromQL and the target: balanced, no stray spaces
         assert query.count("(") == query.count(")") and query.count("{") == query.count("}"), query
         assert not re.search(r"[a-z]  [a-z]", query), query
+
+
+def test_the_accept_backlog_counts_connections_the_front_end_has_not_taken(cli):
+    """Connections the kernel has completed while the front end could not take them (it
+    is stopped with SIGSTOP) wait in the listening socket's accept queue, before any
+    queue the overload control sees: ``gaspar stats`` and /metrics show how many, and the
+    limit from --backlog. A stats request that is first in line sees the 300 behind it;
+    then every one of them is served, and the queue is empty again."""
+    server = cli(
+        "handlers:echo", "--bind", "127.0.0.1:0", "--workers", "1", "--backlog", "512", "--metrics-bind", "127.0.0.1:0"
+    )
+    server.wait_ready(1)
+    line = wait_for(lambda: next((x for x in server.lines if "Metrics at: http://" in x), None), 10)
+    metrics_addr = line.rsplit("http://", 1)[1].split("/")[0].rsplit(":", 1)
+    metrics_addr = (metrics_addr[0], int(metrics_addr[1]))
+    with open("/proc/sys/net/core/somaxconn") as f:
+        limit = min(512, int(f.read()))  # the kernel caps what listen() asks for
+    n = min(300, limit - 20)
+    idle = server.stats()["overload"]
+    assert idle["accept_backlog"] == 0 and idle["accept_backlog_limit"] == limit
+    host, port = server.addr.rsplit(":", 1)
+    waiting: list[socket.socket] = []
+    server.signal(signal.SIGSTOP)
+    try:
+        asker = socket.create_connection((host, int(port)), timeout=10)
+        asker.sendall(extended_header(0, stats=True))
+        for i in range(n):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(pack(b"late %d" % i))
+            waiting.append(sock)
+    finally:
+        server.signal(signal.SIGCONT)
+    try:
+        length, _, status = parse_reply_header(asker.recv(9, socket.MSG_WAITALL))
+        seen = json.loads(asker.recv(length, socket.MSG_WAITALL))["overload"]
+        assert status == 0
+        assert n * 0.8 <= seen["accept_backlog"] <= n, seen
+        assert seen["accept_backlog_limit"] == limit
+        for i, sock in enumerate(waiting):  # nothing was lost in the kernel's queue
+            reply = b"".join(iter(lambda sock=sock: sock.recv(4096), b""))
+            assert reply == b"late %d" % i
+    finally:
+        asker.close()
+        for sock in waiting:
+            sock.close()
+    time.sleep(RENDER_EVERY)
+    assert value(scrape(metrics_addr), "gaspar_accept_backlog") == 0
+    assert server.stats()["overload"]["accept_backlog"] == 0

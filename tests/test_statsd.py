@@ -140,7 +140,7 @@ def test_gauges():
         connections=7,
         target_workers=4,
         worker_states={"booting": 1, "idle": 0, "busy": 2, "retiring": 1},
-        overload={"overloaded": True, "buffered_bytes": 12345},
+        overload={"overloaded": True, "buffered_bytes": 12345, "accept_backlog": 77},
     )
     m = parse(format_metrics(snap(), now, "gaspar"))
     expect = {
@@ -154,6 +154,7 @@ def test_gauges():
         "workers.retiring": 1,
         "buffered_bytes": 12345,
         "overloaded": 1,
+        "accept_backlog": 77,
         "front_end.rss_bytes": 50_000,
     }
     for name, value in expect.items():

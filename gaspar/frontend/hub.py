@@ -23,6 +23,7 @@ import _socket
 import logging
 import select
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,9 @@ from gaspar.frontend.contract import FrontEnd
 log = logging.getLogger("gaspar")
 
 ACCEPT_BATCH = 128
+#: Linux's ``struct tcp_info`` up to ``tcpi_sacked``: for a listening socket, ``tcpi_unacked``
+#: is its accept queue's length now and ``tcpi_sacked`` the queue's limit.
+_TCP_INFO = struct.Struct("8B6I")
 #: The longest a new connection waits in the backlog while accepts are held (seconds).
 HOLD = 0.002
 
@@ -125,6 +129,25 @@ class Acceptor:
                 continue
             Connection(sock, self.front).start()
         return ACCEPT_BATCH
+
+    def backlog(self) -> tuple[int, int] | None:
+        """``(waiting, limit)``: connections the kernel has completed that wait in the
+        listening socket's accept queue, and the queue's limit (``backlog``). None where
+        the kernel does not say (not Linux) or the socket is closed.
+
+        The queue the overload control does not see: a connection waits there before its
+        request is read. It stays near 0 while the front end keeps up; when the front end
+        itself is the bottleneck (handlers of microseconds, tens of thousands of new
+        connections a second), clients wait there, and once it is full the kernel drops
+        their SYNs (a client's connect then takes a second or more)."""
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+        except (OSError, AttributeError):
+            return None
+        if len(info) < _TCP_INFO.size:
+            return None
+        fields = _TCP_INFO.unpack(info)
+        return fields[12], fields[13]
 
     def refuse(self, sock: _socket.socket) -> None:
         """Past ``max_connections``: reset a connection as soon as it is accepted."""

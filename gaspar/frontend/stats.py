@@ -53,6 +53,7 @@ def snapshot(front: Any) -> dict[str, Any]:
     now, wall = time.monotonic(), time.time()
     workers, states = local_workers(supervisor, front.telemetry, now)
     usage = proc_usage(os.getpid())
+    backlog = front.acceptor.backlog() if front.acceptor is not None else None
     return {
         "pid": os.getpid(),
         "version": __version__,
@@ -85,5 +86,7 @@ def snapshot(front: Any) -> dict[str, Any]:
             "waiting_for_memory": budget.waiting,
             "committed_bytes": budget.committed,
             "stalled": front.stalled(now),
+            "accept_backlog": backlog[0] if backlog else 0,
+            "accept_backlog_limit": backlog[1] if backlog else None,
         },
     }

@@ -78,6 +78,11 @@ class GasparCollector:
         yield _gauge(
             "gaspar_overloaded", "1 while the queue is shed past its target.", int(st["overload"]["overloaded"])
         )
+        yield _gauge(
+            "gaspar_accept_backlog",
+            "Connections waiting in the kernel's accept queue, not yet taken by the front end.",
+            st["overload"].get("accept_backlog", 0),
+        )
         stalled = GaugeMetricFamily(
             "gaspar_stalled", "1 while work waits and no request moves, by why (/readyz says 503).", labels=["reason"]
         )

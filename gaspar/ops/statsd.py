@@ -126,6 +126,7 @@ def format_metrics(prev: dict[str, Any] | None, stats: dict[str, Any], prefix: s
     gauge("workers_desired", stats["target_workers"])
     gauge("buffered_bytes", stats["overload"]["buffered_bytes"])
     gauge("overloaded", int(bool(stats["overload"]["overloaded"])))
+    gauge("accept_backlog", stats["overload"].get("accept_backlog", 0))
     was = {w["number"]: w for w in before.get("workers", ())}
     for w in stats["workers"]:
         if w.get("cpu_seconds") is None:
