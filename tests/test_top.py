@@ -239,6 +239,14 @@ def test_overload_shows_in_the_first_line():
     assert "OVERLOADED" in top.render(None, stats(overloaded=True), 0.0, 80)[0]
 
 
+def test_an_accept_backlog_shows_in_the_header_only_when_there_is_one():
+    waiting = stats()
+    waiting["overload"]["accept_backlog"] = 812
+    assert any("accept backlog 812" in line for line in top.render(None, waiting, 0.0, 80))
+    for idle in (stats(), {**stats(), "overload": {"overloaded": False, "accept_backlog": 0}}):
+        assert not any("backlog" in line for line in top.render(None, idle, 0.0, 80))
+
+
 def test_an_unreachable_server_says_so_in_the_header():
     error = "ConnectFailed: cannot connect to 127.0.0.1:9: [Errno 111] Connection refused"
     for width in (80, 30):

@@ -175,6 +175,7 @@ def header(prev: Stats | None, stats: Stats, elapsed: float, width: int, address
     before = prev or {}
     states, outcomes = stats.get("worker_states") or {}, stats.get("outcomes") or {}
     overloaded = (stats.get("overload") or {}).get("overloaded")
+    backlog = (stats.get("overload") or {}).get("accept_backlog")
     hist, before_hist = stats.get("histograms") or {}, before.get("histograms") or {}
     req50, req99 = quantiles(prev and before_hist.get("request_duration_seconds"), hist.get("request_duration_seconds"))
     wait50, wait99 = quantiles(prev and before_hist.get("queue_wait_seconds"), hist.get("queue_wait_seconds"))
@@ -218,6 +219,7 @@ def header(prev: Stats | None, stats: Stats, elapsed: float, width: int, address
         [
             f"front end cpu {number(None if front_cpu is None else front_cpu * 100, 6)}%",
             f"rss {human_mib(front.get('rss_bytes'))}",
+            *([f"accept backlog {backlog}"] if backlog else []),  # only when it falls behind
         ],
     ]
     return [line for chunks in lines for line in _wrap(chunks, width)]
