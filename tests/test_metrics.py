@@ -305,6 +305,7 @@ def test_the_accept_backlog_counts_connections_the_front_end_has_not_taken(cli):
     waiting: list[socket.socket] = []
     server.signal(signal.SIGSTOP)
     try:
+        assert wait_for(lambda: _state(server.proc.pid) == "T", 5)  # stopped before anyone connects
         asker = socket.create_connection((host, int(port)), timeout=10)
         asker.sendall(extended_header(0, stats=True))
         for i in range(n):
@@ -329,3 +330,9 @@ def test_the_accept_backlog_counts_connections_the_front_end_has_not_taken(cli):
     time.sleep(RENDER_EVERY)
     assert value(scrape(metrics_addr), "gaspar_accept_backlog") == 0
     assert server.stats()["overload"]["accept_backlog"] == 0
+
+
+def _state(pid: int) -> str:
+    """The process's state letter from /proc (T: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
