@@ -78,3 +78,20 @@ def test_a_request_handed_ahead_and_cancelled_is_skipped_never_run(worker):
     router.send_multipart([rid, b"X"])
     proc.join(5)
     assert proc.exitcode == 0
+
+
+def test_several_requests_in_one_message_run_in_order_and_each_gets_its_reply(worker):
+    """The front end sends a pipelining client's requests for one worker as one multipart
+    message (gaspar.frontend.router): head and body, head and body... The worker reads them
+    two by two; a cancel in a message of its own still finds one of them not yet run."""
+    router, rid, proc = worker
+    router.send_multipart([rid, b"Q" + rid_of(1), b"sleep0.3", b"P" + rid_of(2), b"two", b"P" + rid_of(3), b"three"])
+    router.send_multipart([rid, b"C" + rid_of(2)])
+    router.send_multipart([rid, b"P" + rid_of(4), b"four", b"P" + rid_of(5), b"five"])
+    replies = [router.recv_multipart()[1:] for _ in range(5)]
+    heads = [r[0][:9] for r in replies]
+    assert heads == [b"R" + rid_of(1), b"S" + rid_of(2), b"R" + rid_of(3), b"R" + rid_of(4), b"R" + rid_of(5)]
+    assert [r[1] for r in replies if r[0][:1] == b"R"] == [b"sleep0.3", b"three", b"four", b"five"]
+    router.send_multipart([rid, b"X"])
+    proc.join(5)
+    assert proc.exitcode == 0

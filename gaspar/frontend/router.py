@@ -11,6 +11,15 @@ and, with agents, a bounded batch of theirs; until neither is left. The I/O loop
 after each batch of client events, so one wake-up of 0MQ's I/O thread carries many
 messages. A worker on another host is reached through the gateway; this host's directly.
 
+**Pipelining clients' replies are taken in runs.** A reply to a persistent connection's
+request that only frees requests to hand ahead to busy local workers (each still has one to
+run) leaves them queued for up to :data:`HOLD_REPLIES` more such replies; then they go out
+together, each worker's as one multipart message (its worker reads the frames two by two
+either way): one wake-up of the 0MQ I/O threads at both ends for all of them, not one each.
+Anything else sends at once: a request for an idle worker, a one-shot client's reply (taking
+those in runs sheds more under a standing queue of one-shot connections: docs/performance.rst),
+and the end of what is waiting.
+
 0MQ's fd signals only changes: a send processes 0MQ's pending events and may consume the
 signal of a reply that is waiting, so *whoever sends must make sure someone reads*.
 :meth:`Router.send` does (it schedules a round when outside one); code that sends on the
@@ -51,6 +60,8 @@ _ACK = Kind.ACK.value
 _ITEM = Kind.ITEM.value
 _CREDIT = Kind.CREDIT.value
 _NO_LIMITS = LIMITS.pack(0, 0)
+#: At most this many replies in a row may leave the requests they freed for the next ones.
+HOLD_REPLIES = 8
 
 
 def limits(req: Pending) -> bytes:
@@ -85,6 +96,7 @@ class Router:
         self._credit_box: dict[Pending, int] = {}  # streams' items taken by their clients
         self._to_write: list[Any] = []  # connections with replies delivered in this round
         self._in_round = False
+        self._may_wait = False  # the last message's assignments may wait (see round)
         self._scheduled: Any = None
 
     def open(self, ctx: zmq.Context, endpoint: str) -> None:
@@ -132,6 +144,8 @@ class Router:
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
         sock, send, pending = self.socket, _raw_send, self.dispatcher.pending
+        first: tuple[WorkerSlot, Pending, bytes, Any] | None = None  # the only local one so far
+        groups: dict[WorkerSlot, list[tuple[Pending, bytes, Any]]] | None = None
         for worker, req in outbox:
             if req.worker is not worker or pending.get(req.id) is not req:
                 continue  # since assigned: its worker was lost or died, or it ended (failed, shed)
@@ -144,16 +158,25 @@ class Router:
                 head += _NO_LIMITS + req.call
             if worker.agent is not None:
                 self._send_remote(worker, req, head, body)
-                continue
+            elif first is None and groups is None:
+                first = (worker, req, head, body)
+            else:
+                if groups is None:
+                    groups = {first[0]: [first[1:]]}
+                groups.setdefault(worker, []).append((req, head, body))
+        if groups is not None:
+            for worker, group in groups.items():
+                self._send_local(worker, group)
+        elif first is not None:  # the usual case outside pipelining: one request
+            worker, req, head, body = first
             try:
                 send(sock, worker.routing_id, MORE_NOW)
                 send(sock, head, MORE_NOW)
                 send(sock, body, NOW, len(body) < LARGE)
-            except zmq.ZMQError as exc:  # the worker's pipe is gone: it is dying
-                log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
-                self.dispatcher.retire(worker.routing_id, "died")
-                self.supervisor.kill(worker, signal.SIGKILL, "its 0MQ pipe was gone")
-                self._outbox.extend(self.dispatcher.requeue(req))
+            except zmq.ZMQError as exc:
+                self._unreachable(worker, [req], exc)
+        if not (self._cancel_box or self._credit_box):
+            return
         cancels, self._cancel_box = self._cancel_box, []
         heads = [(worker, _CANCEL + pack_id(req.id)) for worker, req in cancels]
         if self._credit_box:  # streams' workers may send as many more items as were taken
@@ -172,6 +195,27 @@ class Router:
                 send(sock, head, NOW)
             except zmq.ZMQError:
                 pass  # its pipe is gone: it is dying, and its requests come back then
+
+    def _send_local(self, worker: WorkerSlot, group: list[tuple[Pending, bytes, Any]]) -> None:
+        """Requests to one of this host's workers as one multipart message: one wake-up of
+        the 0MQ I/O threads for all of them (the worker reads its frames two by two)."""
+        sock, send, last = self.socket, _raw_send, len(group) - 1
+        try:
+            send(sock, worker.routing_id, MORE_NOW)
+            for i, (_, head, body) in enumerate(group):
+                send(sock, head, MORE_NOW)
+                send(sock, body, NOW if i == last else MORE_NOW, len(body) < LARGE)
+        except zmq.ZMQError as exc:
+            self._unreachable(worker, [req for req, _, _ in group], exc)
+
+    def _unreachable(self, worker: WorkerSlot, reqs: list[Pending], exc: Exception) -> None:
+        """A local worker's pipe is gone: it is dying. Its requests just sent go back to the
+        head of the queue, in their order."""
+        log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
+        self.dispatcher.retire(worker.routing_id, "died")
+        self.supervisor.kill(worker, signal.SIGKILL, "its 0MQ pipe was gone")
+        for req in reversed(reqs):
+            self._outbox.extend(self.dispatcher.requeue(req))
 
     def _sending(self) -> bool:
         """Requests, cancels or credits wait to go out to the workers."""
@@ -218,13 +262,15 @@ class Router:
         self._in_round = True
         sock, recv, d = self.socket, _raw_recv, self.dispatcher
         more_remote = False
+        hold = 0  # replies taken since the last send whose freed requests may wait for more
         try:
             while True:
-                if self._sending():
+                if self._sending() and not hold:
                     self._flush()
                 try:
                     rid = recv(sock, NOW)
                 except zmq.Again:
+                    hold = 0
                     if self.gateway is not None and not more_remote:
                         n = self.gateway.read()
                         if n:
@@ -250,10 +296,12 @@ class Router:
                 while frame.more:
                     frame = recv(sock, NOW, False)
                     frames.append(frame)
+                self._may_wait = False
                 try:
                     self.on_message(frames)
                 except Exception:
                     log.exception("Dropped a malformed message from a worker")
+                hold = hold + 1 if self._may_wait and hold < HOLD_REPLIES else 0
                 if d.unsettled:
                     self.settle()
         finally:
@@ -282,6 +330,14 @@ class Router:
                     self.outcomes.shed(answered, answered.revoked or "deadline", time.monotonic())
             if assignments:
                 self._outbox.extend(assignments)
+                # a pipelining client's reply freed requests handed ahead to busy local
+                # workers: they may wait for the next replies, and go out together
+                self._may_wait = (
+                    kind == _REPLY
+                    and req is not None
+                    and req.owner is not None
+                    and all(w.current is not r and w.agent is None for w, r in assignments)
+                )
             worker = d.workers.get(rid)
             if worker is not None and worker.retiring:
                 self.manage_workers()
