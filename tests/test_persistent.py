@@ -8,6 +8,7 @@ import time
 
 import handlers
 import pytest
+from conftest import wait_for
 
 import gaspar
 from gaspar import aio, client
@@ -158,3 +159,32 @@ def test_stats_over_the_wire(serve):
     stats = __import__("json").loads(client.request(s.addr, b"", timeout=10, stats=True))
     assert stats["counters"]["completed"] >= 1
     assert sorted(w["pid"] for w in stats["workers"]) == s.pids()
+
+
+def test_many_pipelining_connections_get_every_reply_right(serve):
+    """Sixteen connections pipelining forty requests each keep requests handed ahead to both
+    workers, so replies are taken in runs and each worker's freed requests go out as one
+    0MQ message (gaspar.frontend.router): every reply still matches its request, bodies of
+    every size included (over 64 KiB: sent without a copy)."""
+    s = serve(handlers.echo, processes=2)
+    host, port = s.addr.rsplit(":", 1)
+    socks = [socket.create_connection((host, int(port)), timeout=20) for _ in range(16)]
+
+    def body(c: int, t: int) -> bytes:
+        return b"c%02dt%02d-" % (c, t) + b"x" * ((c * 40 + t) * 7919 % (70 * 1024 if t % 13 == 0 else 300))
+
+    try:
+        for c, sock in enumerate(socks):
+            heads = [extended_header(len(body(c, t)), tag=t, keepalive=True) for t in range(40)]
+            sock.sendall(b"".join(head + body(c, t) for t, head in enumerate(heads)))
+        for c, sock in enumerate(socks):
+            got = {}
+            for _ in range(40):
+                length, tag, status = parse_reply_header(sock.recv(9, socket.MSG_WAITALL))
+                got[tag] = sock.recv(length, socket.MSG_WAITALL) if length else b""
+                assert status == 0
+            assert got == {t: body(c, t) for t in range(40)}
+    finally:
+        for sock in socks:
+            sock.close()
+    assert wait_for(lambda: s.producer.stats()["pending"] == 0, 5)
