@@ -180,11 +180,22 @@ def test_many_pipelining_connections_get_every_reply_right(serve):
         for c, sock in enumerate(socks):
             got = {}
             for _ in range(40):
-                length, tag, status = parse_reply_header(sock.recv(9, socket.MSG_WAITALL))
-                got[tag] = sock.recv(length, socket.MSG_WAITALL) if length else b""
+                length, tag, status = parse_reply_header(recv_exactly(sock, 9))
+                got[tag] = recv_exactly(sock, length)
                 assert status == 0
             assert got == {t: body(c, t) for t in range(40)}
     finally:
         for sock in socks:
             sock.close()
     assert wait_for(lambda: s.producer.stats()["pending"] == 0, 5)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes: a socket with a timeout is non-blocking underneath, so MSG_WAITALL may
+    return fewer once a large reply arrives in pieces."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, f"the server closed after {len(data)} of {n} bytes"
+        data += chunk
+    return bytes(data)
