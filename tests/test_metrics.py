@@ -141,10 +141,7 @@ def test_healthz_and_readyz_and_readyz_flips_to_503_during_a_stop(serve):
 def test_cli_metrics_bind_logs_its_address_and_a_missing_library_is_a_usage_error(cli, tmp_path):
     server = cli("handlers:echo", "--bind", "127.0.0.1:0", "--workers", "1", "--metrics-bind", "127.0.0.1:0")
     server.wait_ready(1)
-    line = wait_for(lambda: next((x for x in server.lines if "Metrics at: http://" in x), None), 10)
-    assert line, server.log
-    host, port = line.rsplit("http://", 1)[1].split("/")[0].rsplit(":", 1)
-    assert get((host, int(port)), "/readyz")[0] == 200
+    assert get(metrics_address(server), "/readyz")[0] == 200
     blocker = tmp_path / "prometheus_client.py"
     blocker.write_text("raise ImportError('hidden by the test')\n")
     missing = cli(
@@ -153,6 +150,14 @@ def test_cli_metrics_bind_logs_its_address_and_a_missing_library_is_a_usage_erro
     assert missing.wait(20) == 2
     assert "metrics need prometheus_client: pip install prometheus_client" in missing.log
     assert "gaspar[metrics]" not in missing.log  # gaspar 2 is not on the index: that would install 1.0
+
+
+def metrics_address(server) -> tuple[str, int]:
+    """The metrics port a CLI server logged ("Metrics at: http://HOST:PORT/metrics")."""
+    line = wait_for(lambda: next((x for x in server.lines if "Metrics at: http://" in x), None), 10)
+    assert line, server.log
+    host, port = line.rsplit("http://", 1)[1].split("/")[0].rsplit(":", 1)
+    return host, int(port)
 
 
 def _path(first) -> str:
@@ -293,9 +298,7 @@ def test_the_accept_backlog_counts_connections_the_front_end_has_not_taken(cli):
         "handlers:echo", "--bind", "127.0.0.1:0", "--workers", "1", "--backlog", "512", "--metrics-bind", "127.0.0.1:0"
     )
     server.wait_ready(1)
-    line = wait_for(lambda: next((x for x in server.lines if "Metrics at: http://" in x), None), 10)
-    metrics_addr = line.rsplit("http://", 1)[1].split("/")[0].rsplit(":", 1)
-    metrics_addr = (metrics_addr[0], int(metrics_addr[1]))
+    metrics_addr = metrics_address(server)
     with open("/proc/sys/net/core/somaxconn") as f:
         limit = min(512, int(f.read()))  # the kernel caps what listen() asks for
     n = min(300, limit - 20)

@@ -96,7 +96,6 @@ class Router:
         self._credit_box: dict[Pending, int] = {}  # streams' items taken by their clients
         self._to_write: list[Any] = []  # connections with replies delivered in this round
         self._in_round = False
-        self._may_wait = False  # the last message's assignments may wait (see round)
         self._scheduled: Any = None
 
     def open(self, ctx: zmq.Context, endpoint: str) -> None:
@@ -296,12 +295,12 @@ class Router:
                 while frame.more:
                     frame = recv(sock, NOW, False)
                     frames.append(frame)
-                self._may_wait = False
+                may_wait = False
                 try:
-                    self.on_message(frames)
+                    may_wait = self.on_message(frames)
                 except Exception:
                     log.exception("Dropped a malformed message from a worker")
-                hold = hold + 1 if self._may_wait and hold < HOLD_REPLIES else 0
+                hold = hold + 1 if may_wait and hold < HOLD_REPLIES else 0
                 if d.unsettled:
                     self.settle()
         finally:
@@ -311,12 +310,14 @@ class Router:
             if more_remote and self._scheduled is None:
                 self._scheduled = eventlet.hubs.get_hub().schedule_call_global(0, self.round)
 
-    def on_message(self, frames: list[Any]) -> None:
+    def on_message(self, frames: list[Any]) -> bool:
         """A worker's message, from this host or relayed by an agent: the routing id (bytes),
-        then Frames: a head and a body."""
+        then Frames: a head and a body. True: the requests it freed may wait for the next
+        replies (see :meth:`round`)."""
         rid, head = frames[0], frames[1].bytes
         kind = head[:1]
         d = self.dispatcher
+        may_wait = False
         if kind == _REPLY or kind == _SKIPPED:
             req_id = int.from_bytes(head[ID], "big")
             if kind == _REPLY:
@@ -332,7 +333,7 @@ class Router:
                 self._outbox.extend(assignments)
                 # a pipelining client's reply freed requests handed ahead to busy local
                 # workers: they may wait for the next replies, and go out together
-                self._may_wait = (
+                may_wait = (
                     kind == _REPLY
                     and req is not None
                     and req.owner is not None
@@ -353,3 +354,4 @@ class Router:
         elif kind == _ACK:
             if head[STATUS] != Status.OK:
                 log.error("A worker's on_broadcast failed: %s", frames[2].bytes.decode("utf-8", "replace"))
+        return may_wait

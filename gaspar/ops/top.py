@@ -174,8 +174,8 @@ def worker_rows(prev: Stats | None, stats: Stats, elapsed: float) -> list[dict[s
 def header(prev: Stats | None, stats: Stats, elapsed: float, width: int, address: str) -> list[str]:
     before = prev or {}
     states, outcomes = stats.get("worker_states") or {}, stats.get("outcomes") or {}
-    overloaded = (stats.get("overload") or {}).get("overloaded")
-    backlog = (stats.get("overload") or {}).get("accept_backlog")
+    overload = stats.get("overload") or {}
+    overloaded, backlog = overload.get("overloaded"), overload.get("accept_backlog")
     hist, before_hist = stats.get("histograms") or {}, before.get("histograms") or {}
     req50, req99 = quantiles(prev and before_hist.get("request_duration_seconds"), hist.get("request_duration_seconds"))
     wait50, wait99 = quantiles(prev and before_hist.get("queue_wait_seconds"), hist.get("queue_wait_seconds"))
