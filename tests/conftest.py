@@ -295,3 +295,22 @@ def agent():
     for proc in started:
         proc.kill()
     remove_stale()  # the private ipc directories of the agents SIGKILLed here
+
+
+class CpuHog:
+    """A process that spins on one CPU until it is killed (``with``): whatever else is
+    pinned to that CPU then waits for it about half the time it is ready to run."""
+
+    def __init__(self, cpu: int) -> None:
+        code = f"import os, sys\nos.sched_setaffinity(0, {{{cpu}}})\nprint('ready', flush=True)\nwhile True: pass"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        assert self.proc.stdout.readline() == b"ready\n"  # pinned and spinning
+        self.pid = self.proc.pid
+
+    def __enter__(self) -> CpuHog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc.stdout.close()

@@ -509,7 +509,7 @@ def test_handlers_and_pools_are_seen_in_stats_metrics_and_statsd(serve):
 def test_a_worker_past_max_worker_memory_is_recycled_after_its_request(serve):
     """40 MiB more a call, a limit 100 MiB over the worker's start: within a few calls it is
     replaced, every call answered, and the restart counted as memory."""
-    from gaspar.ops.telemetry import resident_bytes
+    from gaspar.ops.procstat import resident_bytes
 
     probe = serve(apps_under_test.app, processes=1)
     start = resident_bytes(probe.producer.worker_pids()[0])

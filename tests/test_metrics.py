@@ -17,10 +17,11 @@ import urllib.request
 
 import handlers
 import pytest
-from conftest import wait_for
+from conftest import CpuHog, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import gaspar
+from gaspar import client
 from gaspar.frontend.metrics_http import RENDER_EVERY
 from gaspar.ops.telemetry import OUTCOMES, RESTART_REASONS
 from gaspar.wire.framing import extended_header, pack, parse_reply_header
@@ -339,3 +340,34 @@ def _state(pid: int) -> str:
     """The process's state letter from /proc (T: stopped)."""
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="Linux's schedstat")
+def test_cpu_wait_shows_a_worker_and_the_front_end_waiting_behind_a_cpu_hog(cli):
+    """A process that spins on one CPU shares it with the worker while it runs a 600 ms
+    request, then with the front end's threads while requests stream in: each was ready to
+    run but had no CPU, and ``gaspar stats`` and /metrics count it (the worker's main
+    thread; the front end over all its threads)."""
+    server = cli("handlers:spin_ms", "--bind", "127.0.0.1:0", "--workers", "1", "--metrics-bind", "127.0.0.1:0")
+    server.wait_ready(1)
+    metrics_addr = metrics_address(server)
+    st = server.stats()
+    worker, front = st["workers"][0], st["front_end"]
+    cpu = min(os.sched_getaffinity(0))
+    with CpuHog(cpu):
+        os.sched_setaffinity(worker["pid"], {cpu})  # its main thread, which runs the handler
+        assert client.request(server.addr, b"600", timeout=10) == b"600"
+        mid = server.stats()
+        for tid in os.listdir(f"/proc/{server.proc.pid}/task"):
+            os.sched_setaffinity(int(tid), {cpu})
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            assert client.request(server.addr, b"0", timeout=10) == b"0"
+    after = server.stats()
+    assert mid["workers"][0]["cpu_wait_seconds"] - worker["cpu_wait_seconds"] >= 0.1  # about 0.3 s
+    assert after["front_end"]["cpu_wait_seconds"] - mid["front_end"]["cpu_wait_seconds"] >= 0.015  # about 0.06 s
+    time.sleep(RENDER_EVERY)
+    m = scrape(metrics_addr)
+    assert value(m, "gaspar_worker_cpu_wait_seconds_total", worker="1") >= mid["workers"][0]["cpu_wait_seconds"]
+    assert value(m, "gaspar_front_end_cpu_wait_seconds_total") >= after["front_end"]["cpu_wait_seconds"]
+    assert front["cpu_wait_seconds"] >= 0

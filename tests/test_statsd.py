@@ -55,7 +55,13 @@ def snap(
         "queued": 0,
         "pending": 0,
         "connections": 0,
-        "front_end": {"cpu_seconds": front[0], "rss_bytes": front[1]} if front else None,
+        "front_end": {
+            "cpu_seconds": front[0],
+            "rss_bytes": front[1],
+            "cpu_wait_seconds": front[2] if len(front) > 2 else None,
+        }
+        if front
+        else None,
         "outcomes": dict.fromkeys(OUTCOMES, 0) | (outcomes or {}),
         "restarts_by_reason": dict.fromkeys(RESTART_REASONS, 0) | (restarts or {}),
         "histograms": {
@@ -163,10 +169,10 @@ def test_gauges():
 
 
 def test_cpu_percent_per_worker_over_the_interval():
-    prev = snap(time=1000.0, front=(2.0, 9), workers=[worker(1, 11, 1.0), worker(2, 12, 3.0), worker(3, 13, 1.0)])
+    prev = snap(time=1000.0, front=(2.0, 9, 0.5), workers=[worker(1, 11, 1.0), worker(2, 12, 3.0), worker(3, 13, 1.0)])
     now = snap(
         time=1002.0,
-        front=(2.5, 9),
+        front=(2.5, 9, 0.9),  # ready but without a CPU 0.4 s of the 2
         workers=[
             worker(1, 11, 1.5, rss=4096),  # 0.5 s of CPU in 2 s
             worker(2, 22, 0.25, age=0.5),  # replaced during the interval: over its life
@@ -181,6 +187,8 @@ def test_cpu_percent_per_worker_over_the_interval():
     assert m["gaspar.worker.4.cpu_percent"] == (10.0, "g")
     assert not any(name.startswith("gaspar.worker.3.") for name in m)
     assert m["gaspar.front_end.cpu_percent"] == (25.0, "g")
+    assert m["gaspar.front_end.cpu_wait_percent"] == (20.0, "g")
+    assert "gaspar.front_end.cpu_wait_percent" not in parse(format_metrics(snap(), snap(time=1002.0), "gaspar"))
 
 
 def test_front_end_cpu_needs_two_snapshots_and_a_clock_that_moved():

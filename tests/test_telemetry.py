@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
+from conftest import CpuHog
 
-from gaspar.ops.telemetry import BUCKETS, OUTCOMES, RESTART_REASONS, Histogram, Telemetry, proc_usage
+from gaspar.ops.procstat import CpuWaits, cpu_wait, proc_usage
+from gaspar.ops.telemetry import BUCKETS, OUTCOMES, RESTART_REASONS, Histogram, Telemetry
 
 
 def test_histogram_buckets_are_cumulative_and_end_with_inf():
@@ -71,6 +75,39 @@ def test_proc_usage_of_this_process_and_of_one_that_is_gone():
     cpu, rss, started = proc_usage(os.getpid())
     assert cpu > 0 and rss > 1 << 20 and started > 1e9
     assert proc_usage(2**22 + 12345) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="Linux's schedstat")
+def test_cpu_wait_is_the_time_ready_to_run_without_a_cpu_and_a_threads_share_outlives_it():
+    """A thread and a spinning process pinned to one CPU each wait for it about half the
+    time; the process's wait, over all its threads, keeps the ended thread's share."""
+    cpu = min(os.sched_getaffinity(0))
+    waits = CpuWaits()
+    before = waits.read(os.getpid())
+
+    spun, counted = threading.Event(), threading.Event()
+
+    def spin(seconds: float) -> None:
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+        spun.set()
+        counted.wait(10)  # alive until read: a thread seen by no read is not counted
+
+    with CpuHog(cpu) as hog:
+        hog_before = cpu_wait(hog.pid)
+        spinner = threading.Thread(target=spin, args=(0.6,))
+        spinner.start()
+        assert spun.wait(10)
+        during = waits.read(os.getpid())
+        hog_after = cpu_wait(hog.pid)
+        counted.set()
+        spinner.join(10)
+    assert during - before >= 0.1, (before, during)  # about 0.3 s
+    assert hog_after - hog_before >= 0.1, (hog_before, hog_after)
+    assert waits.read(os.getpid()) >= during  # the spinning thread has ended: still counted
+    assert cpu_wait(hog.pid) is None and CpuWaits().read(hog.pid) is None  # gone
 
 
 def test_a_histogram_comes_back_from_its_snapshot_and_two_give_what_came_between():

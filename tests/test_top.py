@@ -428,3 +428,12 @@ def test_top_in_a_real_terminal(cli, tmux, tmp_path):
         stop.set()
         for t in threads:
             t.join(10)
+
+
+def test_the_front_ends_wait_for_a_cpu_shows_only_when_it_waits():
+    before, after = stats(), stats()
+    before["front_end"]["cpu_wait_seconds"], after["front_end"]["cpu_wait_seconds"] = 3.0, 3.4
+    assert "waits for a cpu 20%" in header_text(top.render(before, after, 2.0, 80))
+    after["front_end"]["cpu_wait_seconds"] = 3.01  # 0.5%: noise, not shown
+    assert "waits" not in header_text(top.render(before, after, 2.0, 80))
+    assert "waits" not in header_text(top.render(stats(), stats(), 2.0, 80))  # not Linux: no field

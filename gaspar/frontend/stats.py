@@ -12,8 +12,13 @@ import os
 import time
 from typing import Any
 
-from gaspar.ops.telemetry import WORKER_STATES, proc_usage
+from gaspar.ops.procstat import CpuWaits, cpu_wait, proc_usage
+from gaspar.ops.telemetry import WORKER_STATES
 from gaspar.version import __version__
+
+#: The front end's own wait for a CPU, over all its threads: one per process (a figure of the
+#: process, whichever Producer in it asks).
+_FRONT_WAITS = CpuWaits()
 
 
 def local_workers(supervisor: Any, telemetry: Any, now: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -22,7 +27,7 @@ def local_workers(supervisor: Any, telemetry: Any, now: float) -> tuple[list[dic
     workers = []
     for w in sorted(supervisor.local_workers() if supervisor is not None else (), key=lambda w: w.number):
         state = "retiring" if w.retiring else "busy" if w.current is not None else "idle"
-        usage = proc_usage(w.pid)
+        usage, wait = proc_usage(w.pid), cpu_wait(w.pid)
         workers.append(
             {
                 "pid": w.pid,
@@ -37,6 +42,7 @@ def local_workers(supervisor: Any, telemetry: Any, now: float) -> tuple[list[dic
                 "age_seconds": round(now - w.started, 3),
                 "cpu_seconds": round(usage[0], 3) if usage else None,
                 "rss_bytes": usage[1] if usage else None,
+                "cpu_wait_seconds": _r(wait) if usage else None,
                 **telemetry.worker(w.number).snapshot(),
             }
         )
@@ -52,7 +58,7 @@ def snapshot(front: Any) -> dict[str, Any]:
     d, supervisor, gateway, budget = front.dispatcher, front.supervisor, front.gateway, front.budget
     now, wall = time.monotonic(), time.time()
     workers, states = local_workers(supervisor, front.telemetry, now)
-    usage = proc_usage(os.getpid())
+    usage, wait = proc_usage(os.getpid()), _FRONT_WAITS.read(os.getpid())
     backlog = front.acceptor.backlog() if front.acceptor is not None else None
     return {
         "pid": os.getpid(),
@@ -74,7 +80,7 @@ def snapshot(front: Any) -> dict[str, Any]:
         "autoscale": supervisor.scaling() if supervisor is not None else {},
         "agents": gateway.agents.snapshot() if gateway is not None else [],
         "remote": gateway.snapshot() if gateway is not None else None,
-        "front_end": {"cpu_seconds": round(usage[0], 3), "rss_bytes": usage[1]} if usage else None,
+        "front_end": _front_end(usage, wait),
         **front.telemetry.snapshot(),
         "counters": {**vars(d.counters), **vars(front.counters)},
         "overload": {
@@ -90,3 +96,14 @@ def snapshot(front: Any) -> dict[str, Any]:
             "accept_backlog_limit": backlog[1] if backlog else None,
         },
     }
+
+
+def _front_end(usage: tuple[float, int, float] | None, wait: float | None) -> dict[str, Any] | None:
+    """The front end's own CPU, memory and wait for a CPU (all its threads)."""
+    if usage is None:
+        return None
+    return {"cpu_seconds": round(usage[0], 3), "rss_bytes": usage[1], "cpu_wait_seconds": _r(wait)}
+
+
+def _r(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)

@@ -52,8 +52,8 @@ from gaspar.core.records import WorkerSlot, draw_limit
 from gaspar.errors import GasparError, WorkerDied
 from gaspar.frontend.hub import watch_fd
 from gaspar.ops import sdnotify
+from gaspar.ops.procstat import resident_bytes
 from gaspar.ops.reloads import Reloads
-from gaspar.ops.telemetry import resident_bytes
 from gaspar.process.forks import ForkServer, ForkServers
 from gaspar.process.worker import WORKER_BOOT_ERROR
 from gaspar.wire.envelope import Kind, pack_id

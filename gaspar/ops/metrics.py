@@ -83,6 +83,13 @@ class GasparCollector:
             "Connections waiting in the kernel's accept queue, not yet taken by the front end.",
             st["overload"].get("accept_backlog", 0),
         )
+        front_wait = (st.get("front_end") or {}).get("cpu_wait_seconds")
+        if front_wait is not None:  # Linux
+            yield CounterMetricFamily(
+                "gaspar_front_end_cpu_wait_seconds",
+                "Seconds the front end's threads were ready to run but waited for a CPU.",
+                value=front_wait,
+            )
         stalled = GaugeMetricFamily(
             "gaspar_stalled", "1 while work waits and no request moves, by why (/readyz says 503).", labels=["reason"]
         )
@@ -107,13 +114,21 @@ class GasparCollector:
         handled = CounterMetricFamily(
             "gaspar_worker_requests", "Replies from each worker number since the start.", labels=["worker"]
         )
+        wait = CounterMetricFamily(
+            "gaspar_worker_cpu_wait_seconds",
+            "Seconds each live worker's main thread was ready to run but waited for a CPU.",
+            labels=["worker"],
+        )
         for w in st["workers"]:
             label = [str(w["number"])]
             if w["cpu_seconds"] is not None:
                 cpu.add_metric(label, w["cpu_seconds"])
                 rss.add_metric(label, w["rss_bytes"])
+            if w.get("cpu_wait_seconds") is not None:
+                wait.add_metric(label, w["cpu_wait_seconds"])
             handled.add_metric(label, w["requests"])
         yield cpu
+        yield wait
         yield rss
         yield handled
         yield from _agent_metrics(st)

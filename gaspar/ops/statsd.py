@@ -29,12 +29,13 @@ What statsd receives (``P`` is the sanitized prefix, ``gaspar`` by default):
 * gauges: ``P.queue_length``, ``P.in_flight``, ``P.connections``, ``P.workers.<state>``,
   ``P.workers_desired``, ``P.buffered_bytes``, ``P.overloaded`` (0 or 1),
   ``P.worker.<n>.rss_bytes``, ``P.worker.<n>.cpu_percent``, ``P.front_end.rss_bytes``,
-  ``P.front_end.cpu_percent``; with agents on other hosts, ``P.agents.live`` and
-  ``P.agent.<name>.workers`` / ``.busy`` / ``.rss_bytes`` (the agent's and its workers'
-  resident memory, as reported with its last pong; and counters ``P.agents.<event>``: agents_lost,
-  requests_lost, joins_refused, handshakes_failed, stale_messages). CPU percent is of one
-  core, over the interval (a worker born during it: over its life); the front end's needs
-  two snapshots of the same pid.
+  ``P.front_end.cpu_percent``, ``P.front_end.cpu_wait_percent`` (Linux: the time its
+  threads were ready to run but had no CPU); with agents on other hosts, ``P.agents.live``
+  and ``P.agent.<name>.workers`` / ``.busy`` / ``.rss_bytes`` (the agent's and its
+  workers' resident memory, as reported with its last pong; and counters
+  ``P.agents.<event>``: agents_lost, requests_lost, joins_refused, handshakes_failed,
+  stale_messages). CPU percent is of one core, over the interval (a worker born during it:
+  over its life); the front end's needs two snapshots of the same pid.
 * timings of the interval, as gauges in milliseconds, for ``queue_wait_ms``,
   ``handler_ms`` and ``request_ms``: ``.mean`` (from the sums and counts) and ``.p50``,
   ``.p99`` (estimated from the histogram's bucket increases, linear within a bucket, as
@@ -151,6 +152,9 @@ def format_metrics(prev: dict[str, Any] | None, stats: dict[str, Any], prefix: s
         gauge("front_end.rss_bytes", front["rss_bytes"])
         if front_was and elapsed:
             gauge("front_end.cpu_percent", _percent(front["cpu_seconds"] - front_was["cpu_seconds"], elapsed))
+            wait, wait_was = front.get("cpu_wait_seconds"), front_was.get("cpu_wait_seconds")
+            if wait is not None and wait_was is not None:  # Linux: time it was ready but had no CPU
+                gauge("front_end.cpu_wait_percent", _percent(wait - wait_was, elapsed))
 
     for hist, name in TIMINGS.items():
         h = interval_histogram(before.get("histograms", {}).get(hist), stats["histograms"][hist])

@@ -5,7 +5,7 @@ The front end aggregates everything itself (no multiprocess files, no per-pid st
 disk): each worker sends its handler's wall and CPU time back with every reply, and the
 front end records, per request, its outcome, how long it queued, how long its handler ran
 and how long the whole request took; per worker, what it handled. Per-process CPU and
-memory are read when asked (:func:`proc_usage`), not sampled in the background.
+memory are read when asked (:mod:`gaspar.ops.procstat`), not sampled in the background.
 
 Every figure here is a plain number or a :class:`Histogram` with fixed buckets (1 ms to
 5 min), cheap enough to update on the hot path (a bisect and two additions).
@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -327,59 +326,6 @@ def _tally(now: dict[str, int], then: dict[str, int]) -> str:
     return f"{total} request{'s' if total != 1 else ''} ({parts})"
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def resident_bytes(pid: int) -> int | None:
-    """A process's resident memory (one small read of /proc), None if it is gone."""
-    usage = proc_usage(pid)
-    return usage[1] if usage is not None else None
-
-
-def proc_usage(pid: int) -> tuple[float, int, float] | None:
-    """``(cpu seconds, resident bytes, start time as a Unix timestamp)`` of a process, from
-    /proc (psutil where there is no /proc); None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            resident = int(f.read().split()[1]) * _PAGE
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return _psutil_usage(pid)
-    cpu = (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
-    started = _boot_time() + int(fields[19]) / _CLK_TCK
-    return cpu, resident, started
-
-
-def _psutil_usage(pid: int) -> tuple[float, int, float] | None:
-    try:
-        import psutil
-    except ImportError:
-        return None
-    try:
-        p = psutil.Process(pid)
-        t = p.cpu_times()
-        return t.user + t.system, p.memory_info().rss, p.create_time()
-    except psutil.Error:
-        return None
-
-
-_BOOT: list[float] = []
-
-
-def _boot_time() -> float:
-    if not _BOOT:
-        try:
-            with open("/proc/stat") as f:
-                _BOOT.append(float(next(line for line in f if line.startswith("btime")).split()[1]))
-        except (OSError, StopIteration):
-            _BOOT.append(time.time() - time.monotonic())
-    return _BOOT[0]
-
-
 def _le(bound: float) -> float | str:
     return "+Inf" if bound == float("inf") else bound
 
@@ -394,7 +340,6 @@ __all__ = [
     "Telemetry",
     "Histogram",
     "WorkerFigures",
-    "proc_usage",
     "BUCKETS",
     "OUTCOMES",
     "RESTART_REASONS",

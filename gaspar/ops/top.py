@@ -121,8 +121,7 @@ def _row(cells: dict[str, str], cols: list[Column], width: int) -> str:
 
 
 def _wrap(chunks: list[str], width: int, sep: str = "  ") -> list[str]:
-    """Chunks joined by ``sep`` on as few lines as fit ``width`` (a chunk is never split
-    unless it alone is too wide)."""
+    """Chunks joined by ``sep`` on as few lines as fit ``width`` (a chunk alone too wide is cut)."""
     lines: list[str] = []
     line = ""
     for chunk in chunks:
@@ -181,6 +180,7 @@ def header(prev: Stats | None, stats: Stats, elapsed: float, width: int, address
     wait50, wait99 = quantiles(prev and before_hist.get("queue_wait_seconds"), hist.get("queue_wait_seconds"))
     front, before_front = stats.get("front_end") or {}, before.get("front_end") or {}
     front_cpu = rate(before_front.get("cpu_seconds"), front.get("cpu_seconds"), elapsed)
+    front_wait = rate(before_front.get("cpu_wait_seconds"), front.get("cpu_wait_seconds"), elapsed) or 0
     req_rate = rate(replies(prev), replies(stats), elapsed) if prev else None
     shed_rate = rate((before.get("outcomes") or {}).get("shed"), outcomes.get("shed"), elapsed)
     clock = time.strftime("%H:%M:%S", time.localtime(stats["time"])) if stats.get("time") else "-"
@@ -219,6 +219,7 @@ def header(prev: Stats | None, stats: Stats, elapsed: float, width: int, address
         [
             f"front end cpu {number(None if front_cpu is None else front_cpu * 100, 6)}%",
             f"rss {human_mib(front.get('rss_bytes'))}",
+            *([f"waits for a cpu {front_wait * 100:.0f}%"] if front_wait >= 0.01 else []),  # behind its workers
             *([f"accept backlog {backlog}"] if backlog else []),  # only when it falls behind
         ],
     ]
@@ -267,11 +268,10 @@ def app_lines(stats: Stats, width: int, prev: Stats | None = None, elapsed: floa
         for name, h in sorted(handlers.items()):
             total = sum(h["outcomes"].values())
             then = sum((before.get(name) or {}).get("outcomes", {}).values()) if prev is not None else None
-            per_s = rate(then, total, elapsed)
             p99 = h["duration_seconds"].get("p99")
             chunks = [
                 f"{name} ({h['pool']})",
-                f"calls/s {number(per_s, 6) if per_s is not None else '-'}",
+                f"calls/s {number(rate(then, total, elapsed), 6)}",
                 f"ok {h['outcomes'].get('ok', 0)}",
                 f"errors {h['outcomes'].get('error', 0)}",
                 f"refused {h['outcomes'].get('bad_request', 0)}",

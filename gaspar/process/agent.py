@@ -58,7 +58,7 @@ from gaspar.core.autoscale import parse_range
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
 from gaspar.ops import sdnotify
 from gaspar.ops.ipcdir import make_ipc_dir
-from gaspar.ops.telemetry import resident_bytes
+from gaspar.ops.procstat import resident_bytes
 from gaspar.process.forks import ForkServer, ForkServers
 from gaspar.process.forkserver import drain
 from gaspar.process.uplink import Uplink

@@ -21,7 +21,7 @@ import zmq.utils.monitor
 
 from gaspar.core.agents import reconnect_delay
 from gaspar.ops import sdnotify
-from gaspar.ops.telemetry import proc_usage
+from gaspar.ops.procstat import proc_usage
 from gaspar.version import __version__
 from gaspar.wire.envelope import Link
 
