@@ -466,11 +466,13 @@ def test_agents_show_in_metrics_top_and_stats(serve, agent):
     a1 = wait_for(lambda: next((a for a in s.producer.stats()["agents"] if reported(a)), None), 5)
     assert a1 and a1["rss_bytes"] > 1_000_000 and a1["cpu_seconds"] > 0, a1
     assert all(w["rss_bytes"] > 1_000_000 and w["cpu_seconds"] >= 0 for w in a1["workers"]), a1["workers"]
+    assert a1["cpu_wait_seconds"] >= 0 and all(w["cpu_wait_seconds"] >= 0 for w in a1["workers"]), a1
     m = scrape(s.producer.metrics_addr)  # parsed by prometheus_client's own parser
     for w in a1["workers"]:
         number = str(w["number"])
         assert value(m, "gaspar_agent_worker_resident_memory_bytes", agent="a1", worker=number) > 1_000_000
         assert value(m, "gaspar_agent_worker_cpu_seconds_total", agent="a1", worker=number) >= 0
+        assert value(m, "gaspar_agent_worker_cpu_wait_seconds_total", agent="a1", worker=number) >= 0
     assert value(m, "gaspar_agent_resident_memory_bytes", agent="a1") > 1_000_000
     assert value(m, "gaspar_agents", state="joined") == 1
     assert value(m, "gaspar_agents", state="lost") == 0

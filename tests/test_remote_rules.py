@@ -181,6 +181,22 @@ def test_a_pong_carries_the_usage_of_the_agent_and_its_known_workers_only(book):
     assert a.usage == {}
 
 
+def test_a_pong_carries_the_cpu_waits_of_the_agent_and_its_known_workers_only(book):
+    agents, clock = book
+    a, _, _ = agents.join(b"r1", hello())  # pid 7
+    a.workers[b"w1"] = WorkerSlot(4242, 1, 1, b"r1w1")
+    agents.pong(a, clock.now, None, {"7": 0.25, "4242": 3.5, "999": 1.0, "4243": True, "x": 1.0})
+    assert a.waits == {7: 0.25, 4242: 3.5}
+    (row,) = agents.snapshot()
+    assert row["cpu_wait_seconds"] == 0.25 and row["workers"][0]["cpu_wait_seconds"] == 3.5
+    for insane in (-1, "1", float("nan"), float("inf"), [1.0], None):
+        agents.pong(a, clock.now, None, {"4242": insane})
+        assert a.waits == {}, insane  # a pong replaces the figures: none sane, none shown
+    agents.pong(a, clock.now, None, {"4242": 1.0})
+    agents.pong(a, clock.now, {"4242": [1.0, 2]})  # an older agent's pong, or not Linux: they stay
+    assert a.waits == {4242: 1.0}
+
+
 @pytest.mark.parametrize("attempt", [0, 1, 2, 3, 4, 5, 10, 100])
 @pytest.mark.parametrize("draw", [0.0, 0.5, 0.999])
 def test_reconnect_delay_doubles_jitters_and_is_capped(attempt, draw):

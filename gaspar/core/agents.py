@@ -163,6 +163,7 @@ class Agent:
     ended_at: float | None = None
     why: str = ""  # why the session ended
     usage: dict[int, tuple[float, int]] = field(default_factory=dict)  # pid -> (cpu s, rss), its last pong
+    waits: dict[int, float] = field(default_factory=dict)  # pid -> seconds waited for a CPU, its last pong
     announced: int = 1  # the workers its JOIN said it runs (at most)
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # its pools of MIN:MAX workers
     sizes: dict[str, int] = field(default_factory=dict)  # their sizes now (the front end decides)
@@ -265,9 +266,10 @@ class Agents:
     def heard(self, agent: Agent, now: float | None = None) -> None:
         agent.last_heard = self.clock() if now is None else now
 
-    def pong(self, agent: Agent, sent: float, usage: Any = None) -> None:
+    def pong(self, agent: Agent, sent: float, usage: Any = None, waits: Any = None) -> None:
         """An answer to a ping sent at ``sent``; ``usage`` maps pids (as text) to
-        ``[cpu seconds, resident bytes]``: kept for the agent and its known workers only."""
+        ``[cpu seconds, resident bytes]``, ``waits`` to seconds waited for a CPU: kept for
+        the agent and its known workers only."""
         now = self.clock()
         agent.last_heard = now
         if 0 <= now - sent <= self.liveness:  # an answer to a ping of ours, not nonsense
@@ -280,6 +282,12 @@ class Agents:
                 figures = usage.get(str(pid))
                 if figures is not None and _figures(figures):
                     agent.usage[pid] = (float(figures[0]), int(figures[1]))
+        if isinstance(waits, dict):
+            agent.waits = {}
+            for pid in (agent.pid, *(w.pid for w in agent.workers.values())):
+                wait = waits.get(str(pid))
+                if _number(wait):
+                    agent.waits[pid] = float(wait)
 
     def overdue(self) -> list[Agent]:
         """Live sessions silent for longer than ``liveness``: to end as lost."""
@@ -323,6 +331,7 @@ class Agents:
                     "lost": a.lost,
                     "cpu_seconds": _cpu(a.usage.get(a.pid)),
                     "rss_bytes": _rss(a.usage.get(a.pid)),
+                    "cpu_wait_seconds": a.waits.get(a.pid),
                     "autoscale": {p: {"size": a.sizes[p], "min": lo, "max": hi} for p, (lo, hi) in a.ranges.items()},
                     "workers": [
                         {
@@ -333,6 +342,7 @@ class Agents:
                             "prefetched": len(w.ahead),
                             "cpu_seconds": _cpu(a.usage.get(w.pid)),
                             "rss_bytes": _rss(a.usage.get(w.pid)),
+                            "cpu_wait_seconds": a.waits.get(w.pid),
                         }
                         for w in workers
                     ],
@@ -343,11 +353,12 @@ class Agents:
 
 def _figures(value: Any) -> bool:
     """``[cpu seconds, resident bytes]`` as an agent reports them, and sane."""
-    return (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e15 for v in value)
-    )
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) for v in value)
+
+
+def _number(value: Any) -> bool:
+    """A figure an agent reports, and sane: a number, not a bool, 0 or more, finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e15
 
 
 def _cpu(figures: tuple[float, int] | None) -> float | None:

@@ -334,7 +334,7 @@ class Gateway:
     def _on_control(self, agent: Agent, kind: bytes, body: dict[str, Any]) -> None:
         if kind == Link.PONG.value:
             t = seconds(body.get("t"))
-            self.agents.pong(agent, -1.0 if t is None else t, body.get("usage"))
+            self.agents.pong(agent, -1.0 if t is None else t, body.get("usage"), body.get("waits"))
         elif kind == Link.EXITED.value:
             self._on_exited(agent, body)
         elif kind == Link.RETIRE.value:  # the agent reloads: this one goes once it is idle

@@ -218,6 +218,11 @@ def _agent_metrics(st: dict[str, Any]) -> Any:
         "Resident memory of each live agent's workers.",
         labels=["agent", "worker"],
     )
+    wait = CounterMetricFamily(
+        "gaspar_agent_worker_cpu_wait_seconds",
+        "Seconds each live agent's workers waited for a CPU on its host.",
+        labels=["agent", "worker"],
+    )
     own = GaugeMetricFamily(
         "gaspar_agent_resident_memory_bytes", "Resident memory of each live agent's own process.", labels=["agent"]
     )
@@ -232,10 +237,13 @@ def _agent_metrics(st: dict[str, Any]) -> Any:
             if w.get("cpu_seconds") is not None:
                 cpu.add_metric([a["name"], str(w["number"])], w["cpu_seconds"])
                 rss.add_metric([a["name"], str(w["number"])], w["rss_bytes"])
+            if w.get("cpu_wait_seconds") is not None:
+                wait.add_metric([a["name"], str(w["number"])], w["cpu_wait_seconds"])
     yield workers
     yield busy
     yield rtt
     yield cpu
+    yield wait
     yield rss
     yield own
     events = CounterMetricFamily(

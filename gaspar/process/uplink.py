@@ -21,7 +21,7 @@ import zmq.utils.monitor
 
 from gaspar.core.agents import reconnect_delay
 from gaspar.ops import sdnotify
-from gaspar.ops.procstat import proc_usage
+from gaspar.ops.procstat import cpu_wait, proc_usage
 from gaspar.version import __version__
 from gaspar.wire.envelope import Link
 
@@ -159,7 +159,7 @@ class Uplink:
     def on_control(self, message: bytes) -> None:
         kind, body = message[:1], json.loads(message[1:] or b"{}")
         if kind == Link.PING.value:
-            self.send_control(Link.PONG, t=body.get("t"), usage=self.usage())
+            self.send_control(Link.PONG, t=body.get("t"), usage=self.usage(), waits=self.waits())
         elif kind == Link.WELCOME.value and self.state == "joining":
             self.state, self.session, self.attempt = "joined", body["session"], 0
             self.stop_monitor()  # it only explains a join that fails
@@ -204,6 +204,17 @@ class Uplink:
             found = proc_usage(pid)
             if found is not None:
                 figures[str(pid)] = [round(found[0], 3), found[1]]
+        return figures
+
+    def waits(self) -> dict[str, float]:
+        """Seconds the main thread of this agent and of each of its workers was ready to run
+        but had no CPU (Linux): its host's cores are oversubscribed when these grow. A field
+        of its own in the PONG, so a front end that does not know it ignores it."""
+        figures = {}
+        for pid in (os.getpid(), *self.by_pid, *self.book.pids()):
+            found = cpu_wait(pid)
+            if found is not None:
+                figures[str(pid)] = round(found, 3)
         return figures
 
     def send_control(self, kind: Link, **body: Any) -> None:
