@@ -274,20 +274,12 @@ class Agents:
         agent.last_heard = now
         if 0 <= now - sent <= self.liveness:  # an answer to a ping of ours, not nonsense
             agent.rtt = now - sent
-        if isinstance(usage, dict):
-            # the agent's own pids only, looked up one by one: a usage field of any size
-            # costs at most one lookup per pid we know
-            agent.usage = {}
-            for pid in (agent.pid, *(w.pid for w in agent.workers.values())):
-                figures = usage.get(str(pid))
-                if figures is not None and _figures(figures):
-                    agent.usage[pid] = (float(figures[0]), int(figures[1]))
-        if isinstance(waits, dict):
-            agent.waits = {}
-            for pid in (agent.pid, *(w.pid for w in agent.workers.values())):
-                wait = waits.get(str(pid))
-                if _number(wait):
-                    agent.waits[pid] = float(wait)
+        figures = _own(agent, usage, _figures)
+        if figures is not None:  # a pong replaces the figures; one without them leaves the last
+            agent.usage = {pid: (float(f[0]), int(f[1])) for pid, f in figures.items()}
+        seconds = _own(agent, waits, _number)
+        if seconds is not None:
+            agent.waits = {pid: float(w) for pid, w in seconds.items()}
 
     def overdue(self) -> list[Agent]:
         """Live sessions silent for longer than ``liveness``: to end as lost."""
@@ -349,6 +341,20 @@ class Agents:
                 }
             )
         return rows
+
+
+def _own(agent: Agent, values: Any, sane: Callable[[Any], bool]) -> dict[int, Any] | None:
+    """The sane ones of a pong's ``values`` (pid as text -> value) for the agent's own pids;
+    None if it is not a map. Looked up one by one: a field of any size costs at most one
+    lookup per pid we know."""
+    if not isinstance(values, dict):
+        return None
+    found = {}
+    for pid in (agent.pid, *(w.pid for w in agent.workers.values())):
+        value = values.get(str(pid))
+        if value is not None and sane(value):
+            found[pid] = value
+    return found
 
 
 def _figures(value: Any) -> bool:

@@ -159,7 +159,8 @@ class Uplink:
     def on_control(self, message: bytes) -> None:
         kind, body = message[:1], json.loads(message[1:] or b"{}")
         if kind == Link.PING.value:
-            self.send_control(Link.PONG, t=body.get("t"), usage=self.usage(), waits=self.waits())
+            usage, waits = self.figures()
+            self.send_control(Link.PONG, t=body.get("t"), usage=usage, waits=waits)
         elif kind == Link.WELCOME.value and self.state == "joining":
             self.state, self.session, self.attempt = "joined", body["session"], 0
             self.stop_monitor()  # it only explains a join that fails
@@ -196,26 +197,20 @@ class Uplink:
             self.book.resize(pool, size)
             self.manage_workers()
 
-    def usage(self) -> dict[str, list[float]]:
-        """CPU seconds and resident bytes of this agent and each of its workers, read from
-        /proc now (a few small reads per ping): the front end shows them."""
-        figures = {}
+    def figures(self) -> tuple[dict[str, list[float]], dict[str, float]]:
+        """This agent's and each of its workers' CPU seconds and resident bytes, and the
+        seconds its main thread was ready to run but had no CPU (Linux: the host's cores
+        are oversubscribed when these grow), read from /proc now (a few small reads per
+        ping): the front end shows them. The waits are a PONG field of their own, so a
+        front end that does not know them ignores them."""
+        usage, waits = {}, {}
         for pid in (os.getpid(), *self.by_pid, *self.book.pids()):
-            found = proc_usage(pid)
+            found, wait = proc_usage(pid), cpu_wait(pid)
             if found is not None:
-                figures[str(pid)] = [round(found[0], 3), found[1]]
-        return figures
-
-    def waits(self) -> dict[str, float]:
-        """Seconds the main thread of this agent and of each of its workers was ready to run
-        but had no CPU (Linux): its host's cores are oversubscribed when these grow. A field
-        of its own in the PONG, so a front end that does not know it ignores it."""
-        figures = {}
-        for pid in (os.getpid(), *self.by_pid, *self.book.pids()):
-            found = cpu_wait(pid)
-            if found is not None:
-                figures[str(pid)] = round(found, 3)
-        return figures
+                usage[str(pid)] = [round(found[0], 3), found[1]]
+            if wait is not None:
+                waits[str(pid)] = round(wait, 3)
+        return usage, waits
 
     def send_control(self, kind: Link, **body: Any) -> None:
         self.send_link([b"", kind.value + json.dumps(body).encode()])
