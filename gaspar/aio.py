@@ -102,6 +102,8 @@ async def _with_retry(
             raise RequestTimeout(f"no reply within {timeout}s")
         try:
             return await _within(send(remaining), remaining)
+        except GasparError:
+            raise  # the server's answer: a WorkerTimeout is a TimeoutError too, keep it
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no reply within {timeout}s") from None
 

@@ -12,6 +12,7 @@ Signals go to a real ``gaspar serve`` subprocess while threads keep requests run
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
@@ -28,7 +29,7 @@ import pytest
 from conftest import ROOT, alive, children_of, descendants, wait_for
 
 import gaspar
-from gaspar import client
+from gaspar import aio, client
 from gaspar.wire.framing import extended_header
 
 # -- helpers -------------------------------------------------------------------------------
@@ -302,6 +303,26 @@ def test_a_shorter_client_handler_timeout_answers_at_once_and_kills_nothing(serv
     facts = hung.error.facts
     assert facts["timeout"] == 0.5 and facts["limit"] == "handler_timeout" and facts["killed"] is False
     assert other.join().error is None and other.result.endswith(b":1.5")
+
+    async def aio_calls() -> list[BaseException]:  # both asyncio clients say the same
+        errors = []
+        try:
+            await aio.request(server.addr, b"60", handler_timeout=0.5, timeout=20)
+        except gaspar.GasparError as exc:
+            errors.append(exc)
+        async with aio.Client(server.addr, timeout=20) as c:
+            try:
+                await c.request(b"60", handler_timeout=0.5)
+            except gaspar.GasparError as exc:
+                errors.append(exc)
+        return errors
+
+    t0 = time.monotonic()
+    errors = asyncio.run(aio_calls())
+    assert time.monotonic() - t0 < 6.0 and len(errors) == 2
+    for err in errors:
+        assert isinstance(err, gaspar.WorkerTimeout), repr(err)
+        assert err.facts["limit"] == "handler_timeout" and err.facts["killed"] is False
     assert sorted(wait_full(server, 2)) == sorted(before)  # no worker was killed
     assert server.producer.stats()["restarts"] == 0
     assert_no_leaks(server)
@@ -316,6 +337,13 @@ def test_a_client_handler_timeout_is_capped_at_the_server_timeout(serve):
         server.request(b"60", handler_timeout=30, timeout=20)
     assert 0.9 < time.monotonic() - t0 < 3.0
     assert info.value.facts["limit"] == "timeout" and info.value.facts["killed"] is True
+    wait_full(server, 1)
+    # the asyncio client gives the same error, not its own RequestTimeout (WorkerTimeout
+    # is a TimeoutError too, as asyncio's own timeout is since Python 3.11)
+    t0 = time.monotonic()
+    with pytest.raises(gaspar.WorkerTimeout) as info:
+        asyncio.run(aio.request(server.addr, b"60", handler_timeout=30, timeout=20))
+    assert 0.9 < time.monotonic() - t0 < 3.0 and info.value.facts["limit"] == "timeout"
     wait_full(server, 1)
     sock = socket.create_connection(tuple(server.producer.server_addr), timeout=10)
     with sock:
