@@ -8,6 +8,7 @@ attack and the rule that answers it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import select
@@ -21,7 +22,10 @@ from attackkit import Probe, back_to, fds, rss
 from conftest import wait_for
 
 import gaspar
-from gaspar.wire.framing import extended_header
+import gaspar.aio
+import gaspar.client
+from gaspar.frontend.linger import LINGER, MAX_LINGERING
+from gaspar.wire.framing import extended_header, parse_reply_header
 
 # -- slow and hostile clients on the main port ---------------------------------------------------
 #
@@ -120,6 +124,67 @@ def test_a_pipeline_that_never_reads_its_replies_is_closed_within_idle_timeout(s
     assert stats["counters"]["idle_resets"] == 1, str(stats["counters"])
     assert wait_for(lambda: s.producer.stats()["overload"]["buffered_bytes"] == 0, 5)
     end_fds, end_rss = back_to(pid, base_fds, base_rss, rss_slack=96 << 20)
+    assert end_fds <= base_fds + 2, (end_fds, base_fds)
+
+
+def test_a_body_over_the_limit_gets_its_bad_request_not_a_reset(serve):
+    """A client sending a whole request over max_message_size, its body much larger than the
+    sockets' buffers, reads the refusal it is owed (the front end shuts its side and drops
+    the rest as it comes, instead of a close that resets and loses the refusal), with each
+    client; the lingering sockets are closed once their clients are done."""
+    s = serve(handlers.echo, processes=1, max_message_size=1 << 20)
+    pid = os.getpid()
+    base_fds, base_rss = fds(pid), rss(pid)
+    for size in (200 << 10, 24 << 20):
+        body = b"x" * ((1 << 20) + size)
+        calls = {
+            "request": lambda body=body: gaspar.client.request(s.addr, body, timeout=10),
+            "Client": lambda body=body: gaspar.client.Client(s.addr, timeout=10).request(body),
+            "aio": lambda body=body: asyncio.run(gaspar.aio.request(s.addr, body, timeout=10)),
+        }
+        for name, call in calls.items():
+            t0 = time.monotonic()
+            with pytest.raises(gaspar.BadRequest, match="over max_message_size") as info:
+                call()
+            assert time.monotonic() - t0 < LINGER, (name, size)
+            assert "RequestTooLarge" in str(info.value), (name, size)
+    assert s.request(b"after") == b"after"
+    end_fds, _ = back_to(pid, base_fds, base_rss, rss_slack=64 << 20, timeout=LINGER + 3)
+    assert end_fds <= base_fds + 2 and len(s.producer.ioloop.lingering) == 0
+
+
+def test_a_hundred_refused_clients_that_hold_on_linger_at_most_64_and_two_seconds(serve):
+    """A hundred connections send a header over the limit and then neither send nor close:
+    at most MAX_LINGERING of their sockets linger at once (the rest are closed at once),
+    each for LINGER seconds at most; everyone else is served meanwhile."""
+    s = serve(handlers.echo, processes=2, max_message_size=1 << 20)
+    pid = os.getpid()
+    base_fds, base_rss = fds(pid), rss(pid)
+    hostile, most = [], 0
+    with Probe(s.addr, interval=0.05, timeout=5) as probe:
+        t0 = time.monotonic()
+        for tag in range(100):
+            sock = _connect(s.addr)
+            sock.sendall(extended_header(64 << 20, tag=tag) + b"x" * 1000)
+            hostile.append(sock)
+            most = max(most, len(s.producer.ioloop.lingering))
+        while len(s.producer.ioloop.lingering) and time.monotonic() - t0 < LINGER + 3:
+            most = max(most, len(s.producer.ioloop.lingering))
+            time.sleep(0.02)
+        ended = time.monotonic() - t0
+    assert 0 < most <= MAX_LINGERING, most
+    assert len(s.producer.ioloop.lingering) == 0 and ended < LINGER + 1.5, ended
+    refused = 0
+    for sock in hostile:  # each was refused first (those that lingered, cleanly)
+        sock.settimeout(5)
+        try:
+            refused += parse_reply_header(sock.recv(9, socket.MSG_WAITALL))[2] == 4
+        except OSError:
+            pass  # closed at once (past MAX_LINGERING): a reset may overtake the refusal
+        sock.close()
+    assert refused >= MAX_LINGERING, refused
+    assert probe.quantile(0.99) < 1.0 and not probe.failures, probe.summary()
+    end_fds, _ = back_to(pid, base_fds, base_rss)
     assert end_fds <= base_fds + 2, (end_fds, base_fds)
 
 

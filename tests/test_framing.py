@@ -13,7 +13,10 @@ from gaspar import errors
 from gaspar.wire.envelope import LIMITS, STATUS, TIMING, Kind, head_id, limits, pack_id, timing
 from gaspar.wire.framing import (
     EXTENDED_HEADER,
+    FLAG_KEEPALIVE,
+    FLAG_STREAM,
     ProtocolError,
+    RefusedHeader,
     Request,
     RequestReader,
     RequestTooLarge,
@@ -122,11 +125,16 @@ def test_exactly_the_limit_is_accepted():
     assert len(req.body) == 100
 
 
-def test_unknown_flags_are_a_protocol_error():
-    reader = RequestReader()
-    reader.feed(EXTENDED_HEADER.pack(0x80000000, 0x80, 0, 0))
-    with pytest.raises(ProtocolError, match="unknown request flags"):
-        reader.next_request()
+def test_unknown_flags_are_a_protocol_error_that_keeps_the_tag():
+    """The whole header arrived: its refusal is tagged, so a pipelining client can tell
+    which of its requests it answers."""
+    for flags, match in ((0x80, "unknown request flags 0x80"), (FLAG_STREAM, "STREAM flag needs the CALL flag")):
+        reader = RequestReader()
+        reader.feed(EXTENDED_HEADER.pack(0x80000000, flags | FLAG_KEEPALIVE, 0, 7))
+        with pytest.raises(ProtocolError, match=match) as info:
+            reader.next_request()
+        assert isinstance(info.value, RefusedHeader)
+        assert info.value.request.extended and info.value.request.tag == 7
 
 
 def test_zero_length_plain_request_is_valid():

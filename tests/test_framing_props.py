@@ -45,6 +45,8 @@ DIRECT = framing.DIRECT_BODY
 KNOWN_FLAGS = getattr(framing, "KNOWN_FLAGS", framing.FLAG_KEEPALIVE | framing.FLAG_STATS)
 FLAG_BITS = [1 << i for i in range(32) if KNOWN_FLAGS >> i & 1]
 # The largest header: 16 bytes, and one word more with FLAG_DEADLINE (when framing has it).
+#: A refusal that carries its header's facts (RequestTooLarge is one).
+RefusedHeader = getattr(framing, "RefusedHeader", RequestTooLarge)
 HEADER_MAX = framing.EXTENDED_HEADER.size + (4 if getattr(framing, "FLAG_DEADLINE", 0) else 0)
 HAS_DEADLINE = "deadline" in inspect.signature(extended_header).parameters
 SMALL_STREAM = 4096  # fed one byte at a time only up to this size (it is slow past it)
@@ -86,10 +88,10 @@ class Outcome:
 
 def refusal(error: ProtocolError | None) -> tuple | None:
     """What the server's refusal would say: the error's type and text and, for a request
-    over the limit, the header's facts it frames the error reply with (its tag...)."""
+    over the limit or a refused header, the header's facts it frames the error reply with (its tag...)."""
     if error is None:
         return None
-    return type(error).__name__, str(error), facts(error.request) if isinstance(error, RequestTooLarge) else None
+    return type(error).__name__, str(error), facts(error.request) if isinstance(error, RefusedHeader) else None
 
 
 def read(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 
 import handlers
@@ -68,6 +69,26 @@ def test_raw_pipelining_on_one_socket(serve):
         assert got == {t: b"m%02d" % t for t in range(20)}
         sock.shutdown(socket.SHUT_WR)
         assert sock.recv(10) == b""  # the server closes once it has answered everything
+
+
+def test_a_refused_header_is_answered_with_its_own_tag(serve):
+    """A pipelining client whose request has an unknown flag (or STREAM without CALL) gets
+    status 4 under that request's tag, after the replies to the requests before it, and
+    then the connection ends."""
+    s = serve(handlers.echo)
+    host, port = s.addr.rsplit(":", 1)
+    for flags, why in ((0x20, b"unknown request flags 0x20"), (0x10, b"STREAM flag needs the CALL flag")):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            bad = struct.pack("!IIII", 0x80000000 | 3, flags | 0x1, 0, 7) + b"bad"
+            sock.sendall(extended_header(2, tag=1, keepalive=True) + b"ok" + bad)
+            got = {}
+            for _ in range(2):
+                length, tag, status = parse_reply_header(recv_exactly(sock, 9))
+                got[tag] = (status, recv_exactly(sock, length))
+            assert got[1] == (0, b"ok")
+            assert got[7][0] == 4 and why in got[7][1] and b"ProtocolError" in got[7][1], got
+            assert sock.recv(10) == b""  # and the server closed it
+    assert wait_for(lambda: s.producer.stats()["pending"] == 0, 5)
 
 
 def test_error_reply_on_a_persistent_connection_keeps_it_usable(serve):

@@ -34,7 +34,6 @@ from __future__ import annotations
 import _socket
 import select
 import socket
-import struct
 import time
 from collections import deque
 from itertools import islice
@@ -43,18 +42,8 @@ from typing import Any
 from gaspar.core.admission import BodyClock
 from gaspar.errors import ProtocolError
 from gaspar.frontend.contract import FrontEnd
-from gaspar.wire.framing import Request, RequestReader, RequestTooLarge, Status, error_body, reply_header
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def linger_reset(sock: _socket.socket) -> None:
-    """Make the coming close a reset (SO_LINGER 0): never taken for a clean (empty) reply."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass  # the socket is already broken: closing it is all there is to do
-
+from gaspar.frontend.linger import linger_reset
+from gaspar.wire.framing import RefusedHeader, Request, RequestReader, RequestTooLarge, Status, error_body, reply_header
 
 _READ = select.EPOLLIN | select.EPOLLRDHUP
 _WRITE = select.EPOLLOUT
@@ -76,7 +65,7 @@ class Connection:
 
     __slots__ = (
         "sock fd front reader inflight out paused closed eof keepalive last_active requests close_after "
-        "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty"
+        "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty drain"
     ).split()
 
     def __init__(self, sock: _socket.socket, front: FrontEnd) -> None:
@@ -108,6 +97,7 @@ class Connection:
         self.peer = None
         self.owed: list[Any] = []  # streams whose items wait in ``out``: a credit each once written
         self.dirty = False  # replies delivered, to write at the end of the round (write_soon)
+        self.drain = 0  # a refused request's bytes to read and drop before the close (linger.py)
         if front.outcomes.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]
@@ -229,13 +219,12 @@ class Connection:
             before = reader.buffered
             try:
                 request = reader.next_request()
-            except RequestTooLarge as exc:
-                self.front.log_refusal("Refused a request: %s", exc)
-                self.fail_now(exc.request, "RequestTooLarge", str(exc))
-                return False
             except ProtocolError as exc:
-                self.front.log_refusal("Refused a malformed request: %s", exc)
-                self.fail_now(Request(b"", extended=reader.extended), "ProtocolError", str(exc))
+                big = isinstance(exc, RequestTooLarge)
+                self.front.log_refusal("Refused a request: %s" if big else "Refused a malformed request: %s", exc)
+                head, n = (exc.request, exc.length) if isinstance(exc, RefusedHeader) else (Request(b""), 0)
+                head.extended = head.extended or reader.extended
+                self.fail_now(head, "RequestTooLarge" if big else "ProtocolError", str(exc), n)
                 return False
             if request is None:
                 if reader.in_progress and self.clock.start is None:
@@ -370,14 +359,15 @@ class Connection:
             if woken:  # connections waiting for the budget: rarely any
                 self.front.wake_starved(woken)
 
-    def fail_now(self, request: Request, kind: str, message: str) -> None:
-        """Refuse a request before it runs, and end the connection."""
+    def fail_now(self, request: Request, kind: str, message: str, declared: int = 0) -> None:
+        """Refuse a request before it runs (its body of ``declared`` bytes unread), and end
+        the connection: read no more, close once the requests read before it are answered too
+        (a pipelining client loses none), and let its client send the rest meanwhile."""
         self.front.outcomes.bad_request(self, request)
         self.eof = True
         if request.extended:
-            self.inflight += 1
+            self.drain, self.inflight = declared, self.inflight + 1
             self.deliver(request, Status.BAD_REQUEST, error_body(kind, message))
-            self.close_after = True
             self.flush()
         else:
             self.abort()
@@ -423,7 +413,10 @@ class Connection:
         self.front.ioloop.forget(self.fd)
         self.front.connections.discard(self)
         try:
-            self.sock.close()
+            if self.drain:
+                self.front.ioloop.lingering.close(self.sock, self.drain)
+            else:
+                self.sock.close()
         except OSError:
             pass
         if self.requests:
@@ -445,4 +438,5 @@ class Connection:
             return
         linger_reset(self.sock)
         self.out.clear()
+        self.drain = 0
         self.close()

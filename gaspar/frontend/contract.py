@@ -30,6 +30,7 @@ class Loop(Protocol):
     """The I/O loop, as a connection sees it (``gaspar.frontend.hub.IOLoop``)."""
 
     hub: Any  # eventlet's
+    lingering: Any  # gaspar.frontend.linger.Lingering: sockets closing after a refused request
 
     def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None: ...
 

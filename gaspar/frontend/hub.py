@@ -28,8 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 from gaspar.core.admission import ByteBudget
-from gaspar.frontend.connection import Connection, linger_reset
+from gaspar.frontend.connection import Connection
 from gaspar.frontend.contract import FrontEnd
+from gaspar.frontend.linger import Lingering, linger_reset
 
 log = logging.getLogger("gaspar")
 
@@ -52,6 +53,7 @@ class IOLoop:
         self.hub = hub
         self.acceptor: Acceptor | None = None  # set by the Acceptor: it may hold its accepts
         self._listener = watch_fd(hub, self.epoll.fileno(), self._ready)
+        self.lingering = Lingering(self)  # sockets closing after a refused request
 
     def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
         self.callbacks[fd] = callback
@@ -92,6 +94,7 @@ class IOLoop:
             acceptor.follow()
 
     def close(self) -> None:
+        self.lingering.close_all()
         if self._listener is not None:
             self.hub.remove(self._listener)
             self._listener = None

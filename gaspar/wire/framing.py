@@ -82,14 +82,22 @@ class Request:
     stream: bool = False  # a call whose items are sent as they come
 
 
-class RequestTooLarge(ProtocolError):
+class RefusedHeader(ProtocolError):
+    """A whole header that is refused (unknown flags, STREAM without CALL); it carries what
+    the header said, so the reply is framed and tagged for the request it answers."""
+
+    def __init__(self, message: str, request: Request, length: int) -> None:
+        super().__init__(message)
+        self.request = request
+        self.length = length  # the body it declared (not read)
+
+
+class RequestTooLarge(RefusedHeader):
     """The declared length is over the limit; the body was not read."""
 
     def __init__(self, length: int, limit: int, request: Request) -> None:
-        super().__init__(f"request of {length} bytes is over max_message_size ({limit})")
-        self.length = length
+        super().__init__(f"request of {length} bytes is over max_message_size ({limit})", request, length)
         self.limit = limit
-        self.request = request  # the header's facts, so the reply can be framed and tagged
 
 
 class RequestReader:
@@ -253,9 +261,9 @@ class RequestReader:
                 stream=bool(flags & FLAG_STREAM),
             )
             if flags & ~KNOWN_FLAGS:
-                raise ProtocolError(f"unknown request flags {flags & ~KNOWN_FLAGS:#x}")
+                raise RefusedHeader(f"unknown request flags {flags & ~KNOWN_FLAGS:#x}", head, length)
             if flags & FLAG_STREAM and not flags & FLAG_CALL:
-                raise ProtocolError("the STREAM flag needs the CALL flag")
+                raise RefusedHeader("the STREAM flag needs the CALL flag", head, length)
         else:
             head, size = Request(b""), PLAIN_HEADER.size
         if length > self.max_message_size:
