@@ -8,13 +8,18 @@ blocking, asyncio and Executor clients.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import apps_under_test
 import pytest
-from conftest import wait_for
+from conftest import ROOT, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_remote import FAST, joined
@@ -291,6 +296,17 @@ def test_the_example_app_from_every_client(cli, tmp_path):
 
     ([vector], thumb), streamed = asyncio.run(from_asyncio())
     assert vector[2] in embed_pids and thumb == b"x" and streamed == video
+
+    # docs/apps.rst's "Calling" block, as written (its address made this server's), as a script
+    text = (Path(ROOT) / "docs" / "apps.rst").read_text()
+    block = text[text.index("    import asyncio\n") : text.index("Code written for ``ProcessPoolExecutor``")]
+    script = tmp_path / "calling.py"
+    tail = "\nimport json\nprint(len(small), len(future.result()), json.dumps(sizes))\n"
+    script.write_text(textwrap.dedent(block).replace("127.0.0.1:8000", addr) + tail)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    small, thumb, sizes = out.stdout.split(" ", 2)
+    assert small == thumb == "64" and [len(v) for v in json.loads(sizes)] == [2, 1]
 
 
 def test_setup_hooks_run_once_in_each_worker(serve, tmp_path):
