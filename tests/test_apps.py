@@ -102,6 +102,13 @@ def test_names_and_arguments_are_checked_before_anything_is_sent():
         calls.encode_call("x" * 256, (), {})
     with pytest.raises(TypeError, match="pickle"):
         calls.encode_call("f", ({1, 2},), {})  # a set is not msgpack
+    with pytest.raises(TypeError, match="can not serialize 'set' object") as info:
+        calls.encode_call("f", ([1, {2}],), {})  # the type that msgpack refused, not its container
+    assert "list" not in str(info.value)
+    with pytest.raises(errors.ProtocolError, match="name is empty"):
+        calls.call_name(bytes([calls.MSGPACK, 0, 0x90]))
+    with pytest.raises(errors.ProtocolError, match="cut short"):
+        calls.call_name(bytes([calls.MSGPACK, 9]) + b"abc")
     with pytest.raises(ValueError, match="codec"):
         calls.encode_call("f", (), {}, codec="json")
 
@@ -332,7 +339,7 @@ def test_setup_hooks_run_once_in_each_worker(serve, tmp_path):
 def test_results_msgpack_cannot_carry_and_generators_called_plainly(serve):
     s = serve(apps_under_test.app, processes=1)
     with Client(s.addr, timeout=10) as c:
-        with pytest.raises(errors.HandlerError, match="cannot send set as msgpack"):
+        with pytest.raises(errors.HandlerError, match="can not serialize 'set' object"):
             c.call("a_set")
         assert c.call("count", 2) == [b"\x00", b"\x01"]  # a generator called without streaming: a list
 

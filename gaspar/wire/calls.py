@@ -73,7 +73,8 @@ def _packb(value: Any) -> bytes:
     try:
         return msgpack.packb(value, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(f"cannot send {type(value).__name__} as msgpack: {exc} (use codec='pickle')") from None
+        # msgpack names the type it could not pack in its message, not where it was found
+        raise TypeError(f"cannot send this value as msgpack: {exc} (use codec='pickle')") from None
 
 
 def _large(value: Any) -> bool:
@@ -181,7 +182,9 @@ def call_name(body: bytes | memoryview) -> tuple[int, str]:
     if len(body) < 3 or body[0] not in (MSGPACK, PICKLE):
         raise ProtocolError("not a call: a codec byte, then the handler's name, then the arguments")
     n = body[1]
-    if n == 0 or len(body) < 2 + n:
+    if n == 0:
+        raise ProtocolError("a call's handler name is empty")
+    if len(body) < 2 + n:
         raise ProtocolError("a call's handler name is cut short")
     try:
         return body[0], bytes(body[2 : 2 + n]).decode("utf-8")
