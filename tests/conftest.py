@@ -8,8 +8,10 @@ in their own process group and are SIGKILLed as a group at teardown.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -160,13 +162,20 @@ class LoggedProcess:
 class CliServer(LoggedProcess):
     """A ``python -m gaspar serve`` subprocess, its log collected line by line."""
 
-    def __init__(self, args: list[str], env: dict | None = None, cwd: str = ROOT):
+    def __init__(self, args: list[str], env: dict | None = None, cwd: str = ROOT, nofile: int | None = None):
         cmd = [sys.executable, "-m", "gaspar", "serve", *args]
         full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
         full_env.update(env or {})
+        limit = None if nofile is None else functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, (nofile,) * 2)
         self._collect(
             subprocess.Popen(
-                cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                cwd=cwd,
+                env=full_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=limit,  # its fd limit, soft and hard
             )
         )
         self.addr: str | None = None
@@ -230,8 +239,8 @@ def cli():
     """``cli(args...)`` -> a CliServer; killed with its whole process group at teardown."""
     servers: list[CliServer] = []
 
-    def start(*args: str, env: dict | None = None, cwd: str = ROOT) -> CliServer:
-        server = CliServer(list(args), env, str(cwd))
+    def start(*args: str, env: dict | None = None, cwd: str = ROOT, nofile: int | None = None) -> CliServer:
+        server = CliServer(list(args), env, str(cwd), nofile)
         servers.append(server)
         return server
 

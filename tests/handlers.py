@@ -38,6 +38,11 @@ def sleepy(message: bytes) -> bytes:
     return message
 
 
+def big(message: bytes) -> bytes:
+    """b'big N' (N in ASCII): a reply of N bytes; anything else echoes."""
+    return b"r" * int(message[4:]) if message.startswith(b"big ") else message
+
+
 def die(message: bytes) -> bytes:
     """b'die' ends the worker process with os._exit(7); anything else echoes."""
     if message == b"die":

@@ -11,9 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import resource
 import select
 import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
 
 import handlers
@@ -24,7 +29,9 @@ from conftest import wait_for
 import gaspar
 import gaspar.aio
 import gaspar.client
+from gaspar.frontend.hub import FD_MARGIN
 from gaspar.frontend.linger import LINGER, MAX_LINGERING
+from gaspar.frontend.sweep import PRESSURE_GRACE
 from gaspar.wire.framing import extended_header, parse_reply_header
 
 # -- slow and hostile clients on the main port ---------------------------------------------------
@@ -127,6 +134,47 @@ def test_a_pipeline_that_never_reads_its_replies_is_closed_within_idle_timeout(s
     assert end_fds <= base_fds + 2, (end_fds, base_fds)
 
 
+def test_large_bodies_that_trickle_cannot_hold_the_budget_from_the_ones_waiting(serve):
+    """Two connections have 3 MiB bodies admitted (their rest committed: most of an 8 MiB
+    budget), then trickle at 4 KiB/s, above body_min_rate: a 2 MiB request then waits for
+    admission behind them, so they must arrive at 256 x body_min_rate; they are reset once
+    body_timeout has passed, and the 2 MiB request is answered, within seconds, not hours."""
+    mib = 1 << 20
+    s = serve(
+        handlers.echo,
+        processes=1,
+        max_buffered_bytes=8 * mib,
+        max_message_size=4 * mib,
+        body_timeout=2.0,
+        body_min_rate=1024,
+    )
+    slow = []
+    for _ in range(2):
+        sock = _connect(s.addr)
+        sock.sendall(struct.pack("!I", 3 * mib) + b"s" * (70 << 10))
+        slow.append(sock)
+    assert wait_for(lambda: s.producer.budget.committed > 5 * mib, 5)
+    stop = time.monotonic() + 8
+
+    def trickle() -> None:
+        while time.monotonic() < stop and slow:
+            for sock in list(slow):
+                try:
+                    sock.send(b"s" * 2048)
+                except OSError:
+                    slow.remove(sock)  # reset
+            time.sleep(0.5)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    body = os.urandom(2 * mib)
+    t0 = time.monotonic()
+    assert s.request(body, timeout=10) == body
+    took = time.monotonic() - t0
+    assert took < 2.0 + 2.5, took  # body_timeout's grace, then the next sweep
+    assert wait_for(lambda: not slow, 5), "the trickling bodies were not reset"
+    assert s.producer.stats()["counters"]["slow_requests"] == 2
+
+
 def test_a_body_over_the_limit_gets_its_bad_request_not_a_reset(serve):
     """A client sending a whole request over max_message_size, its body much larger than the
     sockets' buffers, reads the refusal it is owed (the front end shuts its side and drops
@@ -160,32 +208,170 @@ def test_a_hundred_refused_clients_that_hold_on_linger_at_most_64_and_two_second
     s = serve(handlers.echo, processes=2, max_message_size=1 << 20)
     pid = os.getpid()
     base_fds, base_rss = fds(pid), rss(pid)
-    hostile, most = [], 0
+    hostile, refused = [], 0
+    lingering = s.producer.ioloop.lingering
     with Probe(s.addr, interval=0.05, timeout=5) as probe:
         t0 = time.monotonic()
         for tag in range(100):
             sock = _connect(s.addr)
             sock.sendall(extended_header(64 << 20, tag=tag) + b"x" * 1000)
             hostile.append(sock)
-            most = max(most, len(s.producer.ioloop.lingering))
-        while len(s.producer.ioloop.lingering) and time.monotonic() - t0 < LINGER + 3:
-            most = max(most, len(s.producer.ioloop.lingering))
-            time.sleep(0.02)
+            assert len(lingering) <= MAX_LINGERING
+        for sock in hostile:  # each is refused first (those that linger, cleanly)
+            sock.settimeout(5)
+            try:
+                refused += parse_reply_header(sock.recv(9, socket.MSG_WAITALL))[2] == 4
+            except OSError:
+                pass  # closed at once (past MAX_LINGERING): a reset may overtake the refusal
+        most = len(lingering)  # the clients hold on: those lingering still do
+        assert wait_for(lambda: not lingering, LINGER + 3, 0.02)
         ended = time.monotonic() - t0
-    assert 0 < most <= MAX_LINGERING, most
-    assert len(s.producer.ioloop.lingering) == 0 and ended < LINGER + 1.5, ended
-    refused = 0
-    for sock in hostile:  # each was refused first (those that lingered, cleanly)
-        sock.settimeout(5)
-        try:
-            refused += parse_reply_header(sock.recv(9, socket.MSG_WAITALL))[2] == 4
-        except OSError:
-            pass  # closed at once (past MAX_LINGERING): a reset may overtake the refusal
-        sock.close()
-    assert refused >= MAX_LINGERING, refused
+        for sock in hostile:
+            sock.close()
+    assert 0 < most <= MAX_LINGERING and refused >= most, (most, refused)
+    assert ended < LINGER + 1.5, ended
     assert probe.quantile(0.99) < 1.0 and not probe.failures, probe.summary()
     end_fds, _ = back_to(pid, base_fds, base_rss)
     assert end_fds <= base_fds + 2, (end_fds, base_fds)
+
+
+def test_max_pipeline_holds_however_many_requests_arrive_in_one_read(serve):
+    """400 pipelined requests in one burst (one read takes thousands of small ones): never
+    more than max_pipeline of them in flight at once, the rest wait unparsed in the
+    connection's buffer, and every one is answered, under its own tag."""
+    s = serve(handlers.sleepy, processes=2, max_pipeline=8)
+    sock = _connect(s.addr)
+    sock.sendall(b"".join(extended_header(5, tag=t, keepalive=True) + b"0.005" for t in range(400)))
+    most, got = 0, set()
+    sock.settimeout(10)
+    while len(got) < 400:
+        most = max(most, s.producer.stats()["pending"])
+        length, tag, status = parse_reply_header(sock.recv(9, socket.MSG_WAITALL))
+        assert status == 0 and sock.recv(length, socket.MSG_WAITALL) == b"0.005"
+        got.add(tag)
+    sock.close()
+    assert got == set(range(400)) and 0 < most <= 8, most
+
+
+def test_clients_that_never_read_large_replies_hold_a_few_each_and_are_reset_under_pressure(serve):
+    """Thirty connections pipeline requests for 1 MB replies and never read one: each stops
+    having its requests run once a MiB of replies waits for it (a few replies each, not all
+    sixteen), and once the budget is short they are reset after PRESSURE_GRACE seconds, not
+    after idle_timeout; meanwhile everyone else waits no longer than that."""
+    mib = 1 << 20
+    s = serve(handlers.big, processes=2, max_buffered_bytes=64 * mib, max_message_size=8 * mib, idle_timeout=60)
+    pid = os.getpid()
+    base_fds, base_rss = fds(pid), rss(pid)
+    hogs = []
+    with Probe(s.addr, interval=0.05, timeout=5) as probe:
+        t0 = time.monotonic()
+        for _ in range(30):
+            hog = socket.socket()
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.connect(tuple(s.producer.server_addr))
+            hog.sendall(b"".join(extended_header(11, tag=t, keepalive=True) + b"big 1000000" for t in range(16)))
+            hogs.append(hog)
+        assert all(_reset(hog, PRESSURE_GRACE + 5) for hog in hogs)
+        ended = time.monotonic() - t0
+    for hog in hogs:
+        hog.close()
+    stats = s.producer.stats()
+    assert ended < PRESSURE_GRACE + 4, ended  # not idle_timeout's minute
+    assert stats["counters"]["idle_resets"] == 30, stats["counters"]
+    assert stats["counters"]["completed"] <= 30 * 10, stats["counters"]  # a few replies each, not 16
+    # a request that arrives while the budget is full waits for the reset, no longer
+    assert probe.quantile(0.99) < PRESSURE_GRACE + 1.0 and not probe.failures, probe.summary()
+    end_fds, _ = back_to(pid, base_fds, base_rss, rss_slack=160 << 20)
+    assert end_fds <= base_fds + 2, (end_fds, base_fds)
+
+
+def test_an_fd_limit_below_max_connections_is_said_at_start_and_the_rest_are_reset(cli):
+    """A daemon whose fd limit (400) cannot hold max_connections (10,000) says so when it
+    starts and resets connections past what the limit leaves, at once, instead of leaving
+    them hanging in the kernel's backlog; once they go, it serves again."""
+    server = cli("handlers:echo", "--bind", "127.0.0.1:0", "-w", "1", nofile=400)
+    server.wait_ready(1)
+    match = wait_for(lambda: re.search(r"leaves room for (\d+) client connections", server.log), 5)
+    assert match, server.log
+    room = int(match.group(1))
+    assert 16 <= room < 400 - FD_MARGIN
+    held, reset = [], 0
+    for _ in range(room + 40):
+        sock = _connect(server.addr)
+        held.append(sock)
+    t0 = time.monotonic()
+    for sock in held:
+        sock.settimeout(0.05)
+        try:
+            reset += sock.recv(1) == b""
+        except ConnectionResetError:
+            reset += 1
+        except TimeoutError:
+            pass  # held open: one of the room
+    assert 40 <= reset <= 42 and time.monotonic() - t0 < 10, reset  # the listener's own connect, give or take
+    with pytest.raises(gaspar.ConnectionLost):
+        gaspar.client.request(server.addr, b"x", timeout=5)  # reset at once, not hanging
+    for sock in held:
+        sock.close()
+    assert wait_for(lambda: _answers(server.addr), 10)
+    assert server.stats()["counters"]["refused_connections"] >= 40
+
+
+def _answers(addr: str) -> bool:
+    try:
+        return gaspar.client.request(addr, b"hi", timeout=2) == b"hi"
+    except gaspar.GasparError:
+        return False
+
+
+def test_out_of_descriptors_a_connection_is_reset_not_left_hanging(serve):
+    """Descriptors run out under the front end (the limit lowered after its start): it
+    spends its spare one to accept and reset each new connection, and serves again once
+    descriptors are back."""
+    s, PIPE = serve(handlers.echo, processes=1), subprocess.PIPE
+    code = (
+        "import socket, sys\n"
+        "host, port = sys.argv[1].rsplit(':', 1)\n"
+        "sys.stdin.readline()\n"  # until the limit is lowered
+        "n = 0\n"
+        "for _ in range(20):\n"
+        "    try:\n"
+        "        s = socket.create_connection((host, int(port)), timeout=5)\n"
+        "        s.settimeout(1)\n"
+        "        n += s.recv(1) == b''\n"
+        "    except ConnectionResetError:\n"
+        "        n += 1\n"
+        "    except TimeoutError:\n"
+        "        pass\n"  # accepted: a descriptor came free meanwhile (a /proc read ended...)
+        "print(n)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, s.addr], stdin=PIPE, stdout=PIPE, stderr=PIPE, text=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # this process (the front end's) may use no descriptor more: none free below the limit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 1, hard))
+    fill = []
+    try:
+        while True:
+            fill.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()  # not closed: that would free a descriptor
+        out = proc.stdout.readline()
+        proc.wait(30)
+    finally:
+        for fd in fill:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        proc.kill()
+        proc.wait(5)
+        err = proc.stderr.read()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
+    assert proc.returncode == 0 and int(out) >= 15, (out, err)  # reset at once, not left hanging
+    assert s.producer.stats()["counters"]["refused_connections"] >= 15
+    assert wait_for(lambda: _answers(s.addr), 5)
 
 
 def test_a_connection_waiting_for_memory_has_a_bounded_life_and_readyz_says_why(serve):

@@ -352,6 +352,18 @@ def busy_two_workers(clock: Clock) -> tuple[Dispatcher, list]:
     return d, running
 
 
+def run_down(d: Dispatcher, running: list) -> list[bytes]:
+    """Complete what runs, one reply at a time, until nothing starts: the bodies started."""
+    order, busy = [], list(running)
+    while busy:
+        req = busy.pop(0)
+        _, assigned = d.complete(req.worker.routing_id, req.id)
+        for _, nxt in assigned:
+            order.append(nxt.body)
+            busy.append(nxt)
+    return order
+
+
 def test_a_pipelining_connection_holds_one_share_and_a_newcomer_waits_behind_it_only():
     clock = Clock()
     d, running = busy_two_workers(clock)
@@ -360,18 +372,43 @@ def test_a_pipelining_connection_holds_one_share_and_a_newcomer_waits_behind_it_
     assert d.queued == 2 and d.held == 48  # two workers: two places in the queue
     probe, _ = d.submit(b"probe", "probe")  # a plain client: no owner
     assert d.queued == 3
-    order = []
-    # run the queue down, one reply at a time, noting what starts
-    busy = list(running)
-    while busy:
-        req = busy.pop(0)
-        _, assigned = d.complete(req.worker.routing_id, req.id)
-        for _, nxt in assigned:
-            order.append(nxt.body)
-            busy.append(nxt)
+    order = run_down(d, running)
     assert order.index(b"probe") == 2  # behind the two hog requests queued before it, no more
     assert order == [b"h0", b"h1", b"probe"] + [b"h%d" % i for i in range(2, 50)]  # the hog keeps its order
     assert d.queued == 0 and d.held == 0 and not d.pending and not d._queue._in_queue and not d._queue._held
+
+
+def test_a_connection_that_does_not_read_its_replies_is_paused_and_its_requests_wait():
+    """Paused (its client leaves replies unread), a connection keeps what is in the queue
+    and running, but none more of its requests joins the queue, while another connection's
+    are served; resumed, its held ones join again, up to its share; paused and gone, it
+    leaves nothing behind."""
+    clock = Clock()
+    d, running = busy_two_workers(clock)
+    for i in range(6):
+        d.submit(b"a%d" % i, "a", owner="A")
+    assert d.queued == 2 and d.held == 4
+    assert d.hold("A", True) is False
+    d.submit(b"a6", "a", owner="A")  # a new one while paused: held, though A's share is full anyway
+    for i in range(3):
+        d.submit(b"b%d" % i, "b", owner="B")
+    order = run_down(d, running)
+    assert order == [b"a0", b"a1", b"b0", b"b1", b"b2"]  # A's queued two ran; its held ones wait
+    assert d.queued == 0 and d.held == 5 and d.idle_count == 2
+    assert d.hold("A", False) is True  # it reads again: two join the queue (its share)...
+    assigned = d.dispatch()
+    assert [r.body for _, r in assigned] == [b"a2", b"a3"]
+    assert d.queued == 2 and d.held == 1  # as they left the queue, two more joined it
+    d.hold("A", True)
+    nxt = [d.complete(w.routing_id, r.id)[1] for w, r in assigned]  # those two in the queue still run...
+    assert [r.body for a in nxt for _, r in a] == [b"a4", b"a5"]
+    for [(w, r)] in nxt:
+        assert d.complete(w.routing_id, r.id)[1] == []  # ...then none more while paused
+    assert d.held == 1 and d.queued == 0 and d.idle_count == 2
+    for req in [r for r in d.pending.values() if r.owner == "A"]:
+        d.cancel(req)  # the connection is gone
+    assert d.hold("A", False) is False
+    assert not d.pending and not d._queue._held and not d._queue._paused and not d._queue._in_queue
 
 
 def test_alone_a_pipelining_connection_keeps_every_worker_busy():

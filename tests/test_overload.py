@@ -458,6 +458,42 @@ def test_byte_budget_counts_bytes_as_they_arrive_and_reads_never_pass_the_limit(
     assert b.room("c") == 5 and b.room("a") == 5 and b.waiting == 0
 
 
+def test_byte_budget_says_when_to_give_memory_back_once_a_burst_is_over():
+    b = ByteBudget(1000)
+    assert not b.trim_due(100)  # nothing freed yet
+    b.add(300)
+    b.release(200)
+    assert not b.trim_due(100)  # 100 bytes still held: not over
+    b.release(100)
+    assert b.trim_due(100)  # 300 freed, nothing held
+    assert not b.trim_due(100)  # once per burst
+    b.add(50)
+    b.release(50)
+    assert not b.trim_due(100)  # a small one does not count
+    b.add(60)
+    b.release(60)
+    assert b.trim_due(100)  # 110 freed since the last
+
+
+def test_byte_budget_names_admitted_bodies_too_slow_for_those_waiting_behind_them():
+    """Only while a body waits for admission, and only after the grace: an admitted body
+    that arrived slower than the rate on average since its admission is a laggard."""
+    now = [0.0]
+    b = ByteBudget(1000, reserve=100, clock=lambda: now[0])
+    assert b.admit("slow", 400) and b.admit("fast", 400)
+    now[0] = 5.0
+    b.arrived("slow", 40)  # 8 bytes/s
+    b.arrived("fast", 300)  # 60 bytes/s
+    assert b.laggards(now[0], rate=50, grace=2) == []  # nobody waits
+    assert not b.admit("next", 300)  # 800 committed, 100 reserved: it waits
+    assert b.laggards(now[0], rate=50, grace=10) == []  # within the grace
+    assert b.laggards(now[0], rate=50, grace=2) == ["slow"]
+    assert b.laggards(now[0], rate=0, grace=2) == []  # off
+    b.forget("slow")  # reset: its commitment freed, the waiting body goes in
+    assert b.ready() == ["next"] and b.admit("next", 300)
+    assert b.laggards(now[0], rate=50, grace=2) == [] and "slow" not in b._since
+
+
 def test_byte_budget_admits_a_body_only_when_the_rest_of_it_fits():
     b = ByteBudget(100, reserve=10)
     b.arrived("x", 20)  # first chunks, counted as they came

@@ -32,20 +32,24 @@ class ByteBudget:
       admitted in arrival order within ``limit - reserve``, so at least ``reserve`` bytes
       (an eighth of the limit) stay for small requests: a small request is never stuck
       behind large ones. A body is committed only after its first chunk arrived: a client
-      that declares 64 MiB and trickles holds what it sent, not what it declared.
+      that declares 64 MiB and trickles holds what it sent, not what it declared. While
+      others wait for admission, an admitted body must keep arriving fast (:meth:`laggards`).
     * Waiters (for room, or for admission) go in arrival order; :meth:`release` returns the
       ones that may try again. Each call of :meth:`room` gives one read's worth to the head
       of the line, so readers take turns.
     """
 
-    def __init__(self, limit: int, reserve: int | None = None) -> None:
+    def __init__(self, limit: int, reserve: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
+        self.clock = clock
         self.reserve = limit // 8 if reserve is None else reserve
         self.used = 0
         self.peak = 0
         self.freed = 0  # bytes freed since the start (a stall is a long time without)
         self.committed = 0  # bytes still to come of admitted bodies
+        self._trimmed_at = 0  # ``freed`` when trim_due last said yes
         self._admitted: dict[Hashable, int] = {}  # who -> bytes of its body still to come
+        self._since: dict[Hashable, tuple[float, int]] = {}  # who -> when admitted, bytes then to come
         self._room: dict[Hashable, None] = {}  # waiting for room to read, in order
         self._admit: dict[Hashable, int] = {}  # waiting for admission, in order, with the bytes
 
@@ -81,6 +85,7 @@ class ByteBudget:
         if remaining <= room - (self.reserve if self.committed else 0):
             self._admit.pop(who, None)
             self._admitted[who] = remaining
+            self._since[who] = (self.clock(), remaining)
             self.committed += remaining
             return True
         self._admit[who] = remaining
@@ -98,10 +103,26 @@ class ByteBudget:
     def settle(self, who: Hashable) -> list[Hashable]:
         """``who``'s body is whole (or abandoned): what is left of its commitment is freed."""
         left = self._admitted.pop(who, None)
+        self._since.pop(who, None)
         if left:
             self.committed -= left
             return self.ready()
         return []
+
+    def laggards(self, now: float, rate: float, grace: float) -> list[Hashable]:
+        """While bodies wait for admission: the admitted ones arriving slower than ``rate``
+        bytes a second on average since their admission (after ``grace`` seconds), to be
+        reset. A commitment keeps up to the whole budget from everyone else, so it must keep
+        moving much faster than ``body_min_rate``, which alone would let eight clients hold
+        a 512 MiB budget for hours at 2 KiB/s each. No one waiting: none (``rate`` 0: off)."""
+        if not self._admit or not rate:
+            return []
+        out = []
+        for who, (since, size) in self._since.items():
+            elapsed = now - since
+            if elapsed > grace and size - self._admitted[who] < rate * elapsed:
+                out.append(who)
+        return out
 
     def add(self, n: int) -> None:
         self.used += n
@@ -136,9 +157,19 @@ class ByteBudget:
         """``who`` is gone (its connection closed): out of every line, commitment freed."""
         self._room.pop(who, None)
         self._admit.pop(who, None)
+        self._since.pop(who, None)
         left = self._admitted.pop(who, 0)
         self.committed -= left
         return self.ready()
+
+    def trim_due(self, every: int) -> bool:
+        """True when nothing is held and ``every`` bytes or more were freed since the last
+        True: the moment to hand the allocator's free memory back to the system (a flood of
+        large bodies or replies leaves the process's RSS at its peak otherwise)."""
+        if self.used or self.freed - self._trimmed_at < every:
+            return False
+        self._trimmed_at = self.freed
+        return True
 
     @property
     def waiting(self) -> int:

@@ -109,6 +109,11 @@ class Dispatcher:
             self._drop(self._queue.pop(True), QUEUE_FULL)  # the oldest: the least likely still wanted
         return req, self._assign()
 
+    def hold(self, owner: Any, on: bool) -> bool:
+        """``owner`` stopped (``on``) or resumed reading its replies (``FairQueue.pause``);
+        True when requests of it joined the queue (the caller dispatches)."""
+        return self._queue.resume(owner) if not on else self._queue.pause(owner) or False
+
     @property
     def unsettled(self) -> bool:
         """Decisions wait for the caller: requests shed or cancels to send (a read, no change)."""
@@ -289,9 +294,8 @@ class Dispatcher:
     def add_worker(self, worker: WorkerSlot) -> list[Assignment]:
         """A worker said it is ready: it joins the idle set and may take queued work."""
         worker.started = self.clock()
-        self.workers[worker.routing_id] = worker
+        self.workers[worker.routing_id] = self._idle[worker.routing_id] = worker
         self.control.workers = len(self.workers)
-        self._idle[worker.routing_id] = worker
         return self._assign()
 
     def remove_worker(self, routing_id: bytes) -> Pending | None:
@@ -316,8 +320,7 @@ class Dispatcher:
         worker = self.workers.get(routing_id)
         if worker is None:
             return False
-        worker.retiring = True
-        worker.retire_reason = worker.retire_reason or reason
+        worker.retiring, worker.retire_reason = True, worker.retire_reason or reason
         return self._idle.pop(routing_id, None) is not None or worker.current is None
 
     def retiring_idle(self) -> list[WorkerSlot]:
@@ -328,10 +331,8 @@ class Dispatcher:
         """How long the longest-waiting request has waited, queued, held behind its
         connection's share or handed ahead to a busy worker (0: none waits): what a pool's
         users feel, and what sizes a pool of MIN:MAX workers."""
-        times = [w.ahead[0].queued_at for w in self.workers.values() if w.ahead]
         queued = self._queue.oldest_arrival()
-        if queued is not None:
-            times.append(queued)
+        times = [w.ahead[0].queued_at for w in self.workers.values() if w.ahead] + ([] if queued is None else [queued])
         return now - min(times, default=now)
 
     @property
@@ -426,8 +427,7 @@ class Dispatcher:
         self._cancels.append((req.worker, req))
 
     def _start(self, req: Pending, now: float | None = None) -> None:
-        now = self.clock() if now is None else now
-        req.started = now
+        req.started = now = self.clock() if now is None else now
         self.counters.started += 1
         req.deadline = None if req.timeout is None else now + req.timeout
         answer_by = None if req.soft_timeout is None else now + req.soft_timeout

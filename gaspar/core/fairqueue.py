@@ -10,6 +10,10 @@ thousand requests costs everyone else about one handler run, as HTTP/2 servers b
 connection's concurrent streams; alone, it still keeps every worker busy. A held request's
 wait in the queue counts from when it joined it: a client queueing behind itself is not
 overload. Requests without an owner (one per connection) are never held.
+
+**An owner that does not read its replies is paused** (:meth:`pause`): none more of its
+requests joins the queue (those in it stay) until :meth:`resume`, so a client that pipelines
+requests for large replies and never reads them holds its share's replies, not all of them.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class FairQueue:
         self.items: deque[Any] = deque()
         self._in_queue: dict[Any, int] = {}  # owner -> its requests in the queue
         self._held: dict[Any, deque[Any]] = {}  # owner -> its requests past its share
+        self._paused: set[Any] = set()  # owners whose held requests do not join the queue
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,7 +76,9 @@ class FairQueue:
     def submit(self, req: Queued) -> bool:
         """A new request: into the queue (True), or held behind its owner's share (False)."""
         owner = req.owner
-        if owner is not None and self._in_queue.get(owner, 0) >= max(1, self.share()):
+        if owner is not None and (
+            self._in_queue.get(owner, 0) >= max(1, self.share()) or (self._paused and owner in self._paused)
+        ):
             req.held = True
             held = self._held.get(owner)
             if held is None:
@@ -110,10 +117,25 @@ class FairQueue:
         if req.owner is not None:
             self._left(req.owner)
 
+    def pause(self, owner: Any) -> None:
+        """``owner`` does not read its replies: its held requests stay held."""
+        self._paused.add(owner)
+
+    def resume(self, owner: Any) -> bool:
+        """``owner`` reads again (or is gone): its held requests take its free places in the
+        queue; True when any joined it."""
+        self._paused.discard(owner)
+        joined = False
+        while owner in self._held and self._in_queue.get(owner, 0) < max(1, self.share()):
+            self._join(owner)
+            joined = True
+        return joined
+
     def clear(self) -> None:
         self.items.clear()
         self._in_queue.clear()
         self._held.clear()
+        self._paused.clear()
 
     def _left(self, owner: Any) -> None:
         """One of ``owner``'s requests left the queue: its next held one takes the place."""
@@ -122,18 +144,22 @@ class FairQueue:
             self._in_queue[owner] = n
         else:
             del self._in_queue[owner]
-        held = self._held.get(owner)
-        if held and n < max(1, self.share()):
-            req = held.popleft()
-            if not held:
-                del self._held[owner]
-            req.held = False
-            if self.newest_first() and self.items:  # served last, shed first
-                req.queued_at = self.items[0].queued_at
-                self.put(req, first=True)
-            else:
-                req.queued_at = self.clock()
-                self.put(req)
+        if owner in self._held and n < max(1, self.share()) and owner not in self._paused:
+            self._join(owner)
+
+    def _join(self, owner: Any) -> None:
+        """``owner``'s next held request joins the queue."""
+        held = self._held[owner]
+        req = held.popleft()
+        if not held:
+            del self._held[owner]
+        req.held = False
+        if self.newest_first() and self.items:  # served last, shed first
+            req.queued_at = self.items[0].queued_at
+            self.put(req, first=True)
+        else:
+            req.queued_at = self.clock()
+            self.put(req)
 
 
 __all__ = ["FairQueue", "Queued"]

@@ -104,6 +104,9 @@ class Pools:
     def dispatch(self) -> list[Assignment]:
         return [a for d in self.by_pool.values() for a in d.dispatch()]
 
+    def hold(self, owner: Any, on: bool) -> bool:
+        return any([d.hold(owner, on) for d in self.by_pool.values()])  # each pool's, not the first's
+
     @property
     def unsettled(self) -> bool:
         return any(d.unsettled for d in self.by_pool.values())

@@ -13,9 +13,10 @@ than the rest of a request). Per connection (:class:`Connection`):
   or half-read, while it waits for memory, or while its replies wait to be read by the
   client; it does not apply while the client waits for its own replies. A client that
   leaves more than ``MAX_UNSENT`` bytes of replies unread is not read (no new requests)
-  until it reads them. A request that has begun to arrive must keep arriving
-  (``body_timeout``, ``body_min_rate``: ``gaspar.core.admission.BodyClock``), or it is reset. A
-  sweep checks both every 0.5 s.
+  and none of its waiting requests goes to a worker (``FrontEnd.hold``) until it reads them;
+  under memory pressure it is reset sooner (``gaspar.frontend.sweep``). A request that has
+  begun to arrive must keep arriving (``body_timeout``, ``body_min_rate``:
+  ``gaspar.core.admission.BodyClock``), or it is reset. A sweep checks both every 0.5 s.
 * **A client that leaves** (a reset, or with ``abort_on_close`` a FIN, seen as EPOLLRDHUP
   while its requests wait) is dropped at once: the connection is reset and its requests
   cancelled, so a queued or handed-ahead one never reaches a handler (a running one
@@ -43,6 +44,7 @@ from gaspar.core.admission import BodyClock
 from gaspar.errors import ProtocolError
 from gaspar.frontend.contract import FrontEnd
 from gaspar.frontend.linger import linger_reset
+from gaspar.frontend.sweep import too_slow
 from gaspar.wire.framing import RefusedHeader, Request, RequestReader, RequestTooLarge, Status, error_body, reply_header
 
 _READ = select.EPOLLIN | select.EPOLLRDHUP
@@ -65,7 +67,7 @@ class Connection:
 
     __slots__ = (
         "sock fd front reader inflight out paused closed eof keepalive last_active requests close_after "
-        "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty drain"
+        "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty drain holding"
     ).split()
 
     def __init__(self, sock: _socket.socket, front: FrontEnd) -> None:
@@ -98,6 +100,7 @@ class Connection:
         self.owed: list[Any] = []  # streams whose items wait in ``out``: a credit each once written
         self.dirty = False  # replies delivered, to write at the end of the round (write_soon)
         self.drain = 0  # a refused request's bytes to read and drop before the close (linger.py)
+        self.holding = False  # over MAX_UNSENT: none more of its requests goes to a worker
         if front.outcomes.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]
@@ -185,7 +188,7 @@ class Connection:
                 reader.feed(data)
             self._count_reader()
             if not self.clock.arrived(now, n, reader.remaining):
-                return self.too_slow()
+                return too_slow(self)
             if not self._take_requests() or self.closed:
                 return
 
@@ -216,6 +219,9 @@ class Connection:
         """Submit every whole request buffered; False once no more are to be read."""
         reader = self.reader
         while True:
+            if self.keepalive and self.inflight >= self.front.settings.max_pipeline:
+                self.paused = True  # the rest waits in the reader until replies go out
+                return False
             before = reader.buffered
             try:
                 request = reader.next_request()
@@ -278,6 +284,9 @@ class Connection:
             return self.abort()  # a plain client learns of an error by a reset
         if self.eof and self.inflight == 0:
             self.close_after = True
+        elif self.unsent > MAX_UNSENT and self.keepalive and not self.holding:
+            self.holding = True  # its client does not read: its other requests wait for it
+            self.front.hold(self, True)
         if not self.dirty:
             self.dirty = True
             self.front.write_soon(self)
@@ -342,15 +351,23 @@ class Connection:
                 self.last_active = time.monotonic()
                 self.unsent -= written
                 self._free(written)
-            if self.paused and not self.closed and self.unsent <= MAX_UNSENT:
-                if self.inflight < self.front.settings.max_pipeline:
+            if self.unsent <= MAX_UNSENT and not self.closed:
+                if self.holding:
+                    self.holding = False
+                    self.front.hold(self, False)
+                if self.paused and self.inflight < self.front.settings.max_pipeline:
                     self.paused = False  # back-pressure released: read again, soon
-                    self.front.ioloop.hub.schedule_call_global(0, self.on_readable)
+                    self.front.ioloop.hub.schedule_call_global(0, self._unpause)
         if self.owed and not out and not self.closed:
             owed, self.owed = self.owed, []
             self.front.credit(owed)
         if self.close_after:
             self.close()
+
+    def _unpause(self) -> None:
+        """Take the requests already read first (the socket may have nothing new), then read."""
+        if not self.closed and not self.paused and self._take_requests() and not self.closed:
+            self.on_readable()
 
     def _free(self, n: int) -> None:
         """``n`` bytes counted in the budget are no longer held."""
@@ -374,38 +391,6 @@ class Connection:
 
     # -- ending -------------------------------------------------------------------------
 
-    def sweep(self, now: float, idle_timeout: float | None) -> None:
-        """Called by the front end's sweep: reset a request arriving too slowly (the body
-        rate), and end a connection silent past ``idle_timeout``: one waiting for its
-        request's rest, for the budget, or for its client to read its replies. Only a
-        connection whose client waits for us (requests in flight, nothing else pending) is
-        exempt: its requests' own limits apply."""
-        if self.clock.too_slow(now, self.reader.remaining):
-            return self.too_slow()
-        if not idle_timeout:
-            return
-        if self.inflight > 0 and not self.out and not self.starved and not self.reader.in_progress:
-            return
-        if now - self.last_active < idle_timeout:
-            return
-        if self.reader.in_progress or self.out or self.starved:
-            self.front.log_refusal("Reset a connection stalled for %ss (idle_timeout)", idle_timeout)
-            self.front.counters.idle_resets += 1
-            self.abort()
-        else:
-            self.close()
-
-    def too_slow(self) -> None:
-        """The request in progress arrives slower than body_min_rate: reset."""
-        s = self.front.settings
-        self.front.log_refusal(
-            "Reset a connection whose request arrived slower than %s bytes/s over %ss (body_min_rate)",
-            s.body_min_rate,
-            s.body_timeout,
-        )
-        self.front.counters.slow_requests += 1
-        self.abort()
-
     def close(self) -> None:
         if self.closed:
             return
@@ -422,6 +407,9 @@ class Connection:
         if self.requests:
             self.front.outcomes.abandoned(self.requests)
             self.requests.clear()
+        if self.holding:
+            self.holding = False
+            self.front.hold(self, False)  # out of the queue's paused owners
         self.front.settle()  # revoke what was handed ahead to a worker
         held = self.held
         self.held_reader = self.held_bodies = self.unsent = 0

@@ -38,7 +38,7 @@ class Loop(Protocol):
 
 
 class FrontEnd(Protocol):
-    """The front end's settings, loop and books, how requests end (``outcomes``), and six
+    """The front end's settings, loop and books, how requests end (``outcomes``), and seven
     verbs. ``conn`` below is a ``Connection``."""
 
     settings: Any  # max_message_size, max_pipeline, abort_on_close, max_connections, body_*
@@ -63,6 +63,10 @@ class FrontEnd(Protocol):
 
     def credit(self, streams: list[Any]) -> None:
         """Items of these streams (``Pending``) were written: their workers may send more."""
+
+    def hold(self, conn: Any, on: bool) -> None:
+        """``conn`` stopped (``on``) or resumed reading its replies (over ``MAX_UNSENT``
+        unsent): none more of its requests goes to a worker meanwhile."""
 
     def wake_starved(self, conns: list[Any]) -> None:
         """Budget bytes were freed: read these connections again, in turn."""

@@ -4,9 +4,16 @@ The hot path does not use a green thread per connection. :class:`IOLoop` is a
 ``select.epoll`` whose own file descriptor is registered once with the eventlet hub; when it
 is readable, one callback handles every ready socket in a batch: accept, read, submit,
 write, close, all non-blocking. :class:`Acceptor` takes connections in batches of
-:data:`ACCEPT_BATCH` while the listening socket is readable (pausing 0.1 s on EMFILE rather
-than spinning), and resets one past ``max_connections`` at once. Everything here runs in the
-hub's own greenlet, so nothing here may block or switch.
+:data:`ACCEPT_BATCH` while the listening socket is readable, and resets one past
+``max_connections`` at once. Everything here runs in the hub's own greenlet, so nothing here
+may block or switch.
+
+**Descriptors.** ``max_connections`` is lowered, with a warning at the start, to what the
+process's fd limit leaves (less :data:`FD_MARGIN` for 0MQ, the workers' pipes, lingering and
+metrics sockets), so a flood of connections is reset at accept like any past the limit. If
+descriptors run out anyway (another part of the process, a lower limit set later), the
+acceptor spends a spare descriptor it keeps to accept and reset one connection after another
+(as libuv and nginx do) instead of leaving their clients hanging in the kernel's backlog.
 
 **Held accepts.** While every worker is busy and requests already wait (``saturated``), a
 new connection's request could only join the queue. The acceptor then stops watching the
@@ -20,7 +27,9 @@ nothing waits, the socket is watched again.
 from __future__ import annotations
 
 import _socket
+import errno
 import logging
+import os
 import select
 import socket
 import struct
@@ -40,6 +49,34 @@ ACCEPT_BATCH = 128
 _TCP_INFO = struct.Struct("8B6I")
 #: The longest a new connection waits in the backlog while accepts are held (seconds).
 HOLD = 0.002
+#: Descriptors kept for everything but client connections: 0MQ's sockets and pipes, the
+#: workers' and fork server's pipes, lingering and metrics sockets, log files.
+FD_MARGIN = 256
+
+
+def fd_room(max_connections: int, margin: int = FD_MARGIN) -> int:
+    """How many client connections the fd limit leaves room for, at most ``max_connections``
+    (the soft limit less the descriptors open now and ``margin``; at least 16)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        in_use = len(os.listdir("/proc/self/fd"))
+    except (ImportError, OSError):
+        return max_connections
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    room = max(16, soft - in_use - margin)
+    if room < max_connections:
+        log.warning(
+            "The fd limit (%s) leaves room for %s client connections, fewer than max_connections (%s): "
+            "new connections past %s are reset. Raise it (ulimit -n, systemd's LimitNOFILE=) to serve more.",
+            soft,
+            room,
+            max_connections,
+            room,
+        )
+    return min(room, max_connections)
 
 
 class IOLoop:
@@ -109,7 +146,9 @@ class Acceptor:
         self.family = int(sock.family)
         sock.setblocking(False)
         loop.register(sock.fileno(), select.EPOLLIN, self.on_events)
-        self.paused = False  # EMFILE and friends
+        self.max_connections = fd_room(front.settings.max_connections)
+        self.paused = False  # out of descriptors, and no spare one to answer with
+        self._spare = _spare_fd()  # spent to accept and reset a connection when none is left
         self.held = False  # saturated: accepting at the start of each round (see above)
         loop.acceptor = self
 
@@ -123,11 +162,15 @@ class Acceptor:
                 sock = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
             except BlockingIOError:
                 return n
-            except OSError as exc:  # EMFILE and friends: pause instead of spinning
-                log.error("accept() failed: %s; pausing for 0.1 s", exc)
-                self.pause(0.1)
+            except OSError as exc:  # EMFILE and friends
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._spare >= 0:
+                    if self._reset_one():
+                        continue
+                    return n  # nothing was waiting (the kernel says EMFILE before it looks)
+                self.front.log_refusal("accept() failed: %s; pausing for 0.1 s", exc)
+                self.pause(0.1)  # instead of spinning
                 return n
-            if len(self.front.connections) >= self.front.settings.max_connections:
+            if len(self.front.connections) >= self.max_connections:
                 self.refuse(sock)
                 continue
             Connection(sock, self.front).start()
@@ -157,8 +200,24 @@ class Acceptor:
         self.front.counters.refused_connections += 1
         linger_reset(sock)
         sock.close()
-        limit = self.front.settings.max_connections
-        self.front.log_refusal("max_connections (%s) reached; resetting new connections", limit)
+        self.front.log_refusal("max_connections (%s) reached; resetting new connections", self.max_connections)
+
+    def _reset_one(self) -> bool:
+        """Out of descriptors: free the spare, accept and reset one connection with it, take
+        the spare again. False when nothing was waiting."""
+        os.close(self._spare)
+        try:
+            fd, _ = self.sock._accept()
+        except OSError:
+            self._spare = _spare_fd()
+            return False
+        sock = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+        linger_reset(sock)
+        sock.close()
+        self._spare = _spare_fd()  # its descriptor again
+        self.front.counters.refused_connections += 1
+        self.front.log_refusal("Out of file descriptors; resetting new connections (raise the fd limit)")
+        return True
 
     def accept_all(self) -> None:
         """Take every connection waiting in the kernel's backlog."""
@@ -202,6 +261,17 @@ class Acceptor:
         if self.sock.fileno() >= 0:
             self.loop.unregister(self.sock.fileno())
             self.sock.close()
+        if self._spare >= 0:
+            os.close(self._spare)
+            self._spare = -1
+
+
+def _spare_fd() -> int:
+    """A descriptor kept to be given up when none is left (-1 if none could be had)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 class Waker:

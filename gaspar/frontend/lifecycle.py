@@ -28,9 +28,15 @@ with warnings.catch_warnings():
     import eventlet
 
 from gaspar.errors import ServerUnavailable
+from gaspar.frontend.sweep import sweep
 from gaspar.ops import sdnotify
+from gaspar.ops.procstat import give_back_memory
 
 log = logging.getLogger("gaspar")
+
+#: Memory freed (bytes of requests and replies) after which an idle front end gives the
+#: allocator's free pages back to the system.
+TRIM_EVERY = 64 << 20
 
 
 class Phase(enum.IntEnum):
@@ -80,10 +86,10 @@ def turn(front: Any, rounds: int) -> None:
     front.supervisor.autoscale()  # pools of MIN:MAX workers
     if rounds % 10 == 0:  # workers past their memory limit, every second
         front.supervisor.check_memory()
+    if rounds % 100 == 0 and front.budget.trim_due(TRIM_EVERY):  # every 10 s, after a burst
+        give_back_memory()
     if rounds % 5 == 0:  # slow request bodies and idle connections, every 0.5 s
-        idle = front.settings.idle_timeout
-        for conn in list(front.connections):
-            conn.sweep(now, idle)
+        sweep(list(front.connections), now, front.settings, front.budget)
     d = front.dispatcher
     front.stall.sample(now, front.budget.freed, d.counters.started + d.counters.completed)
     front.outcomes.report(now)

@@ -53,7 +53,7 @@ from gaspar.core.admission import ByteBudget, Stall
 from gaspar.core.dispatch import Dispatcher
 from gaspar.core.overload import QueueControl
 from gaspar.core.pools import DEFAULT_POOL, Pools
-from gaspar.core.records import Pending, WorkerOwner, WorkerSlot
+from gaspar.core.records import WorkerOwner, WorkerSlot
 from gaspar.errors import GasparError
 from gaspar.frontend.connection import Connection
 from gaspar.frontend.contract import ConnectionCounters
@@ -128,6 +128,9 @@ class Producer:
         self._failure: BaseException | None = None
         # what the hub thread opens (``_setup``) and closes (``_teardown``); None until then
         self.router = Router(self.dispatcher, self.outcomes, None, self.manage_workers)
+        # FrontEnd's verbs that are the router's: stream credits, replies written at the end
+        # of the round, a connection that stopped or resumed reading its replies
+        self.credit, self.write_soon, self.hold = self.router.credit, self.router.write_soon, self.router.hold
         self.connections: set[Connection] = set()
         self.phase = Phase.STARTING
         self.hurry = False  # a fast stop came during a graceful one
@@ -375,14 +378,6 @@ class Producer:
     def log_refusal(self, message: str, *args: Any) -> None:
         """A refused or reset request or connection, rate-limited (``Outcomes.log_refusal``)."""
         self.outcomes.log_refusal(message, *args)
-
-    def credit(self, streams: list[Pending]) -> None:
-        """Items of these streams were written to their clients: their workers may send more."""
-        self.router.credit(streams)
-
-    def write_soon(self, conn: Connection) -> None:
-        """Replies to ``conn`` go out at the end of the 0MQ round (``Router.write_soon``)."""
-        self.router.write_soon(conn)
 
     def wake_starved(self, conns: list[Connection]) -> None:
         """Connections that may read again now that budget bytes were freed (``Waker``)."""

@@ -241,6 +241,12 @@ class Router:
             box[req] = box.get(req, 0) + 1
         self.read_soon()
 
+    def hold(self, conn: Any, on: bool) -> None:
+        """``conn`` stopped (``on``) or resumed reading its replies: its held requests wait,
+        or join the queue again and go to workers (``FairQueue.pause``)."""
+        if self.dispatcher.hold(conn, on):
+            self.send(self.dispatcher.dispatch())
+
     def _send_remote(self, worker: WorkerSlot, req: Pending, head: bytes, body: Any) -> None:
         """A request to a worker on another host; if its agent cannot be reached, the
         request goes back to the head of the queue (it never left) and the agent is lost."""

@@ -1,13 +1,15 @@
 """What the kernel says about a process, read when asked (``/proc``; psutil where there is
 none): its CPU seconds, resident memory and start time, and how long its threads waited for
 a CPU. The front end's stats, the agents' pongs and the memory limits read these; nothing
-here is sampled in the background.
+here is sampled in the background. And one thing it does: :func:`give_back_memory`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
+from typing import Any
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -111,3 +113,20 @@ def _boot_time() -> float:
 
 
 __all__ = ["proc_usage", "resident_bytes", "cpu_wait", "CpuWaits"]
+
+
+def give_back_memory() -> None:
+    """Return the C allocator's free memory to the system (glibc's ``malloc_trim``): after
+    a burst of large buffers, free pages stay mapped, and resident, until the next ones
+    reuse them. Nothing where there is no glibc."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim: Any = None

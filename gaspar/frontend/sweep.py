@@ -1,0 +1,74 @@
+"""Which client connections to end, checked by the front end's sweep every 0.5 s (and the
+body rate as bytes arrive): rules over a :class:`gaspar.frontend.connection.Connection`'s
+state, with the clock passed in.
+
+* **A request arriving too slowly** (``body_timeout``, ``body_min_rate``): reset.
+* **Silent past** ``idle_timeout``: a connection waiting for its request's rest, for the
+  byte budget, or for its client to read its replies is reset; one awaiting its next request
+  is closed. A connection whose client waits for us (requests in flight, nothing else
+  pending) is exempt: its requests' own limits apply.
+* **A large body holding the budget from others**: while a body waits for admission, an
+  admitted one (its rest committed, up to 64 MiB of the budget) must arrive at
+  :data:`ADMITTED_RATE_FACTOR` times ``body_min_rate`` on average since its admission (256
+  KiB/s by default, after ``body_timeout`` seconds), or it is reset: ``body_min_rate`` alone
+  would let eight clients hold a 512 MiB budget for hours at 2 KiB/s each, and every
+  request over 64 KiB wait that long.
+* **Under memory pressure** (connections wait for the byte budget): a connection whose
+  client has left replies unread for :data:`PRESSURE_GRACE` seconds is reset at once, not
+  after ``idle_timeout``: the operator's memory is for the clients that read, and a client
+  that pipelines requests for large replies and never reads them must not stall everyone
+  else for a minute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Under memory pressure, replies unread this long (seconds) end their connection.
+PRESSURE_GRACE = 1.0
+#: While bodies wait for admission, an admitted one must arrive this many times faster than
+#: ``body_min_rate``.
+ADMITTED_RATE_FACTOR = 256
+
+
+def sweep(conns: list[Any], now: float, settings: Any, budget: Any) -> None:
+    """Apply the rules above to each connection (``budget``: the front end's ByteBudget)."""
+    rate = settings.body_min_rate * ADMITTED_RATE_FACTOR
+    for conn in budget.laggards(now, rate, settings.body_timeout):
+        if not conn.closed:
+            too_slow(conn, f"its large body arrived slower than {rate:.0f} bytes/s while others waited for memory")
+    pressure, idle_timeout = budget.waiting > 0, settings.idle_timeout
+    for conn in conns:
+        if not conn.closed:
+            _sweep(conn, now, idle_timeout, pressure)
+
+
+def _sweep(conn: Any, now: float, idle_timeout: float | None, pressure: bool) -> None:
+    if conn.clock.too_slow(now, conn.reader.remaining):
+        return too_slow(conn)
+    quiet = now - conn.last_active
+    if pressure and conn.out and not conn.starved and quiet >= PRESSURE_GRACE:
+        conn.front.log_refusal("Reset a connection whose replies went unread for %.0fs under memory pressure", quiet)
+        conn.front.counters.idle_resets += 1
+        return conn.abort()
+    if not idle_timeout:
+        return
+    if conn.inflight > 0 and not conn.out and not conn.starved and not conn.reader.in_progress:
+        return
+    if quiet < idle_timeout:
+        return
+    if conn.reader.in_progress or conn.out or conn.starved:
+        conn.front.log_refusal("Reset a connection stalled for %ss (idle_timeout)", idle_timeout)
+        conn.front.counters.idle_resets += 1
+        conn.abort()
+    else:
+        conn.close()
+
+
+def too_slow(conn: Any, why: str = "") -> None:
+    """The request in progress arrives too slowly (slower than body_min_rate): reset."""
+    s = conn.front.settings
+    why = why or f"its request arrived slower than {s.body_min_rate} bytes/s over {s.body_timeout}s (body_min_rate)"
+    conn.front.log_refusal("Reset a connection: %s", why)
+    conn.front.counters.slow_requests += 1
+    conn.abort()
