@@ -297,9 +297,35 @@ def test_a_deadline_that_cannot_be_met_is_shed_before_it_runs():
     running = d.submit(b"running", None)[0]
     short = d.submit(b"s", None, deadline=0.1)[0]
     fine = d.submit(b"f", None, deadline=5.0)[0]
+    d.sweep(deadlines=True)  # the front end's, every 0.1 s: while it waits
+    assert d.take_shed() == [(short, DEADLINE)]
     _, more = d.complete(w1.routing_id, running.id)
     assert more == [(w1, fine)]
-    assert d.take_shed() == [(short, DEADLINE)]
+
+
+def test_slow_runs_do_not_make_every_short_deadline_hopeless_on_an_idle_pool():
+    """A client that chose slow inputs took the typical run to 14 s; the pool is idle again.
+    A request with a 3 s deadline is run (it would be interrupted at its deadline anyway),
+    not refused as hopeless, and the runs bring the typical run back down; queued behind
+    a busy worker, the same request is shed as hopeless."""
+    clock = Clock()
+    d, (w1,) = dispatcher(clock, workers=1)
+    d.control.observe(14.0)
+    req, assigned = d.submit(b"quick", None, deadline=3.0)
+    assert assigned == [(w1, req)] and d.take_shed() == []
+    clock.now += 0.002
+    for _ in range(20):
+        _, more = d.complete(w1.routing_id, w1.current.id)
+        assert more == []
+        req, assigned = d.submit(b"quick", None, deadline=3.0)
+        assert assigned == [(w1, req)]
+        clock.now += 0.002
+    assert d.control.service < 3.0  # it learns from the runs
+    d.control.observe(14.0)
+    d.control.observe(14.0)
+    queued = d.submit(b"queued", None, deadline=3.0)[0]  # w1 is busy: it waits
+    d.sweep(deadlines=True)
+    assert d.take_shed() == [(queued, DEADLINE)]
 
 
 def test_a_cancelled_request_handed_ahead_is_revoked_and_skipped():

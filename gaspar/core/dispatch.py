@@ -362,8 +362,7 @@ class Dispatcher:
 
     def _assign(self) -> list[Assignment]:
         out: list[Assignment] = []
-        queue = self._queue
-        items = queue.items
+        items = self._queue.items
         if not items:
             return out
         now = self.clock()
@@ -371,7 +370,7 @@ class Dispatcher:
         lifo = control.overloaded  # newest first
         limit, reason = control.limit()
         while items and self._idle:
-            req = self._take(queue, lifo, now, limit, reason)
+            req = self._take(lifo, now, limit, reason, True)
             if req is None:
                 break
             _, worker = self._idle.popitem()
@@ -393,7 +392,7 @@ class Dispatcher:
                 ):
                     if worker.max_requests and worker.handled + len(ahead) + 1 >= worker.max_requests:
                         break  # it retires after the requests in hand
-                    req = self._take(queue, lifo, now, limit, reason)
+                    req = self._take(lifo, now, limit, reason, False)
                     if req is None:
                         break
                     req.worker, req.deadline, req.answer_by = worker, None, None
@@ -402,14 +401,15 @@ class Dispatcher:
         self._check(now)
         return out
 
-    def _take(self, queue: FairQueue, lifo: bool, now: float, limit: float | None, reason: str) -> Pending | None:
-        """The next request to hand out, shedding on the way those that are past use."""
-        control, items = self.control, queue.items
-        while items:
+    def _take(self, lifo: bool, now: float, limit: float | None, why: str, idle: bool) -> Pending | None:
+        """The next request to hand out, shedding on the way those past use (to an ``idle``
+        worker, a deadline only once passed: it keeps the typical run fed; see overload.rst)."""
+        control, queue = self.control, self._queue
+        while queue.items:
             req = queue.pop(not lifo)
             if limit is not None and now - req.queued_at > limit:
-                self._drop(req, reason)
-            elif req.client_deadline is not None and control.hopeless(now, req.client_deadline):
+                self._drop(req, why)
+            elif (d := req.client_deadline) is not None and (d <= now if idle else control.hopeless(now, d)):
                 self._drop(req, DEADLINE)
             else:
                 return req
