@@ -22,7 +22,8 @@ code runs, from the current directory if there is a ``runpy.py`` there: use the 
 command or ``python -P -m gaspar``, which never search it first. An application module named
 like a standard or installed module (``test.py``, ``email.py``) is now shadowed by that one:
 :func:`shadow_hint` says so in the import error. This module imports only ``os`` and ``sys``,
-which every interpreter has loaded before it runs any code of ours.
+which every interpreter has loaded before it runs any code of ours (and ``importlib.util``
+when an import has failed).
 """
 
 import os
@@ -122,9 +123,22 @@ def shadow_hint(module_name: str, module: object) -> str:
     top = module_name.partition(".")[0]
     here = [os.path.join(os.getcwd(), top + ".py"), os.path.join(os.getcwd(), top, "__init__.py")]
     mine = next((p for p in here if os.path.exists(p)), None)
-    found = getattr(sys.modules.get(top), "__file__", None) or "a built-in module"
-    if mine is None or (found != "a built-in module" and os.path.exists(found) and os.path.samefile(found, mine)):
+    if mine is None:
         return ""
+    if top in sys.modules:
+        found = getattr(sys.modules[top], "__file__", None) or "a built-in module"
+    else:  # its import failed (a syntax error, an exception in it): which one was it?
+        import importlib.util  # at an error only: by now the standard library comes first
+
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            return ""
+        if spec is None:
+            return ""
+        found = spec.origin if spec.origin and os.path.isabs(spec.origin) else "a built-in module"
+    if found != "a built-in module" and os.path.exists(found) and os.path.samefile(found, mine):
+        return ""  # the application's own module: whatever failed, it was not shadowed
     return (
         f" ({mine} is shadowed by {found}: the application's directory is searched after the standard "
         "library and installed packages; rename the module)"

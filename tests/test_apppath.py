@@ -120,6 +120,17 @@ def test_an_application_module_shadowed_by_the_standard_library_says_so(tmp_path
     assert done.returncode == 2 and "--chdir" in done.stderr and "No such file" in done.stderr, done.stderr
 
 
+def test_an_application_module_that_fails_to_import_is_not_called_shadowed(tmp_path):
+    """A syntax error or an exception at import in the application's own module is said as
+    it is, with no advice to rename a module that nothing shadows."""
+    (tmp_path / "zz_broken_syntax.py").write_text("def handle(m):\n    return m\ndef broken(:\n")
+    (tmp_path / "zz_raises.py").write_text("raise RuntimeError('boom at import')\n")
+    for name, said in (("zz_broken_syntax", "SyntaxError"), ("zz_raises", "RuntimeError: boom at import")):
+        done = gaspar_cmd("serve", f"{name}:handle", "--bind", "127.0.0.1:0", cwd=tmp_path)
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+        assert "shadowed" not in done.stderr and "rename" not in done.stderr, done.stderr
+
+
 # -- pure ----------------------------------------------------------------------------------
 
 

@@ -523,6 +523,9 @@ def test_handlers_and_pools_are_seen_in_stats_metrics_and_statsd(serve):
     assert value(m, "gaspar_handler_requests_total", handler="embed", pool="embed", outcome="ok") == 3
     assert value(m, "gaspar_handler_requests_total", handler="quick", pool="default", outcome="bad_request") == 1
     assert value(m, "gaspar_handler_call_duration_seconds_count", handler="embed", pool="embed") == 3
+    # every handler's series exist from the start, at 0: one never called, an outcome never seen
+    assert value(m, "gaspar_handler_requests_total", handler="embed_too", pool="embed", outcome="ok") == 0
+    assert value(m, "gaspar_handler_requests_total", handler="embed", pool="embed", outcome="error") == 0
     assert value(m, "gaspar_pool_workers", pool="embed") == 1 and value(m, "gaspar_pool_workers", pool="default") == 1
     assert not any(dict(k).get("handler") == "made_up_by_a_client" for k in m["gaspar_handler_requests_total"])
     lines = format_metrics(before, stats, "gaspar")

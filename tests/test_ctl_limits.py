@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -147,6 +148,10 @@ def test_reload_waits_for_the_outcome_and_status_shows_it(daemon, tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("gaspar ctl: reload failed, the old workers stay: cannot import 'app'"), done.stderr
     assert "SyntaxError" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "shadowed" not in done.stderr  # its own module: nothing to rename
+    # the log shows where, on lines of their own (continuation lines, not escaped \n)
+    assert wait_for(lambda: re.search(r"app\.py\", line 2\n {4}", server.log), 5), server.log[-2000:]
+    assert "line 2\\n" not in server.log
     status = gaspar_ctl(path, "status").stdout
     assert "last reload " in status and ": failed: cannot import 'app': SyntaxError" in status, status
     reply = json.loads(gaspar_ctl(path, "--json", "status").stdout)["result"]["reloads"]

@@ -267,7 +267,7 @@ def test_a_remote_worker_that_dies_costs_one_request_and_is_replaced(serve, agen
 
 def test_a_remote_handler_past_its_timeout_is_killed_and_replaced(serve, agent):
     s = front(serve, timeout=1)
-    start_agent(agent, s, "a1", 1)
+    a = start_agent(agent, s, "a1", 1)
     first = joined(s, "a1", 1)["workers"][0]["pid"]
     with pytest.raises(gaspar.WorkerTimeout):
         s.request(b"sleep:5:slow")
@@ -275,6 +275,9 @@ def test_a_remote_handler_past_its_timeout_is_killed_and_replaced(serve, agent):
     assert wait_for(lambda: (joined(s, "a1", 1) or {}).get("workers", [{}])[0].get("pid") not in (None, first), 10)
     assert reply_pid(s.request(b"fine")) != first
     assert s.producer.stats()["agents"][0]["state"] == "joined" and again
+    # the agent's log says why its worker was killed: the front end's reason, not a guess
+    assert wait_for(lambda: f"(pid:{first}) killed by SIGKILL because" in a.log, 5), a.log
+    assert "Perhaps out of memory" not in a.log
 
 
 def test_an_agent_leaves_gracefully_on_sigterm(serve, agent):

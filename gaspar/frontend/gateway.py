@@ -160,7 +160,7 @@ class Gateway:
         ``dump``, the agent logs its stack first, on its host."""
         if worker.agent.live:
             worker.kill_reason = why  # for its exit's log line
-            self._control(worker.agent, Link.KILL, wid=worker.wid.decode(), sig=int(sig), dump=dump)
+            self._control(worker.agent, Link.KILL, wid=worker.wid.decode(), sig=int(sig), dump=dump, why=why)
 
     def tell_exit(self, worker: WorkerSlot) -> None:
         """Ask an idle remote worker to exit cleanly (its agent forks a replacement)."""

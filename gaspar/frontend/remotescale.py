@@ -50,11 +50,12 @@ class RemoteScaling:
                 if new != size and self.tell(agent, Link.SIZE, pool=pool, size=new):
                     agent.sizes[pool] = new
                     log.info(
-                        "Agent %s, pool %s: %s -> %s workers (its queue delay, MIN:MAX %s:%s)",
+                        "Agent %s, pool %s: %s -> %s workers (%s, MIN:MAX %s:%s)",
                         agent.name,
                         pool,
                         size,
                         new,
+                        "for its queue delay" if new > size else "its workers idle",
                         low,
                         high,
                     )

@@ -265,10 +265,11 @@ class Supervisor:
             new = scaler.follow(size, lane(self.dispatcher, pool), self.book.may_fork())
             if new != size:
                 log.info(
-                    "Pool %s: %s -> %s workers (its queue delay, MIN:MAX %s:%s)",
+                    "Pool %s: %s -> %s workers (%s, MIN:MAX %s:%s)",
                     pool,
                     size,
                     new,
+                    "for its queue delay" if new > size else "its workers idle",
                     scaler.low,
                     scaler.high,
                 )

@@ -154,9 +154,8 @@ def _app_metrics(st: dict[str, Any]) -> Any:
             "gaspar_handler_call_duration_seconds", "Seconds each handler ran (wall time).", labels=["handler", "pool"]
         )
         for name, h in sorted(handlers.items()):
-            for outcome, n in h["outcomes"].items():
-                if n:
-                    calls.add_metric([name, h["pool"], outcome], n)
+            for outcome, n in h["outcomes"].items():  # every one, from the start at 0
+                calls.add_metric([name, h["pool"], outcome], n)
             d = h["duration_seconds"]
             runs.add_metric([name, h["pool"]], [(_le(le), n) for le, n in d["buckets"]], d["sum"])
         yield calls

@@ -142,7 +142,8 @@ class HandlerFigures:
 class Telemetry:
     """The front end's figures. Called from the hub thread only."""
 
-    def __init__(self) -> None:
+    def __init__(self, handlers: dict[str, str] | None = None) -> None:
+        """``handlers``: an App's, name -> pool, whose figures exist from the start, at 0."""
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.restarts = dict.fromkeys(RESTART_REASONS, 0)
         self.queue_wait = Histogram()
@@ -150,7 +151,8 @@ class Telemetry:
         self.request = Histogram()
         self.hub_lag = Histogram()
         self.workers: dict[int, WorkerFigures] = {}
-        self.handlers: dict[str, HandlerFigures] = {}  # an App's, by name (its registry: bounded)
+        # an App's, by name (its registry: bounded)
+        self.handlers = {name: HandlerFigures(pool) for name, pool in (handlers or {}).items()}
 
     def call(self, handler: str, pool: str, outcome: str, wall: float | None = None) -> None:
         """A call to an App's ``handler`` ended so (``wall``: its run time, if it ran)."""

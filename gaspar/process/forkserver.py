@@ -318,8 +318,8 @@ def _load(options: dict[str, Any]) -> tuple[Any, Any]:
     try:
         consumer = load_consumer(options["spec"])
     except UsageError as exc:
-        if exc.detail:
-            log.error("%s", exc.detail)
+        if exc.detail:  # the application's traceback: a message of its own, so that its
+            log.error(exc.detail)  # lines are continuation lines, not one escaped line
         raise
     hooks = {name: _import(*hook.split(":", 1)) for name, hook in options["hooks"].items()}
     return consumer, Settings(**options["settings"], **hooks)

@@ -114,7 +114,7 @@ class Uplink:
         self.next_join, self.state = time.monotonic() + delay, "idle"
         level = logging.WARNING if self.session or killed else logging.INFO
         log.log(
-            level, "Lost the front end (%s); killed %s running handler(s); joining again in %.1fs", why, killed, delay
+            level, "Lost the front end (%s); killed %s running handler(s); joining again in %.2fs", why, killed, delay
         )
 
     def read_monitor(self) -> set[int]:
@@ -182,7 +182,8 @@ class Uplink:
             self.resize(body.get("pool"), body.get("size"))
         elif kind == Link.KILL.value:
             w = self.by_wid.get(body.get("wid", "").encode())
-            if w is not None:
+            if w is not None:  # its exit is logged with the front end's reason (a timeout...)
+                self.book.killing(w.pid, str(body.get("why") or "the front end asked")[:200])
                 self.kill(w, int(body.get("sig", signal.SIGKILL)), dump=bool(body.get("dump")))
 
     def resize(self, pool: Any, size: Any) -> None:
