@@ -163,7 +163,7 @@ class Dispatcher:
         queue_timeout), as when every worker died or no agent has joined yet."""
         items = self._queue.items
         waited = now - items[0].queued_at if items and self.workers else 0.0
-        self.control.check(now, waited, len(items))
+        self.control.check(now, waited, len(items) + self._queue.held)  # those behind their own too
 
     def complete(self, routing_id: bytes, request_id: int, ran: bool = True) -> tuple[Pending | None, list[Assignment]]:
         """A worker replied (``ran``) or skipped a revoked request. Return the request (None

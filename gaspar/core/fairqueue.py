@@ -44,6 +44,7 @@ class FairQueue:
         self._in_queue: dict[Any, int] = {}  # owner -> its requests in the queue
         self._held: dict[Any, deque[Any]] = {}  # owner -> its requests past its share
         self._paused: set[Any] = set()  # owners whose held requests do not join the queue
+        self._n_held = 0  # the held requests, counted as they come and go (read at every check)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -60,7 +61,7 @@ class FairQueue:
     @property
     def held(self) -> int:
         """Requests waiting behind their own owner's share of the queue."""
-        return sum(len(h) for h in self._held.values())
+        return self._n_held
 
     def oldest_arrival(self) -> float | None:
         """When the longest-waiting request arrived, queued or held behind its owner's
@@ -84,6 +85,7 @@ class FairQueue:
             if held is None:
                 held = self._held[owner] = deque()
             held.append(req)
+            self._n_held += 1
             return False
         self.put(req)
         return True
@@ -110,6 +112,7 @@ class FairQueue:
         if req.held:
             held = self._held[req.owner]
             held.remove(req)
+            self._n_held -= 1
             if not held:
                 del self._held[req.owner]
             return
@@ -135,6 +138,7 @@ class FairQueue:
         self.items.clear()
         self._in_queue.clear()
         self._held.clear()
+        self._n_held = 0
         self._paused.clear()
 
     def _left(self, owner: Any) -> None:
@@ -151,6 +155,7 @@ class FairQueue:
         """``owner``'s next held request joins the queue."""
         held = self._held[owner]
         req = held.popleft()
+        self._n_held -= 1
         if not held:
             del self._held[owner]
         req.held = False
