@@ -44,7 +44,9 @@ class FairQueue:
         self._in_queue: dict[Any, int] = {}  # owner -> its requests in the queue
         self._held: dict[Any, deque[Any]] = {}  # owner -> its requests past its share
         self._paused: set[Any] = set()  # owners whose held requests do not join the queue
-        self._n_held = 0  # the held requests, counted as they come and go (read at every check)
+        #: Requests waiting behind their own owner's share of the queue (a count kept as they come
+        #: and go: the overload control reads it at every check).
+        self.held = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -57,11 +59,6 @@ class FairQueue:
     def oldest(self) -> Any:
         """The request at the oldest end (the queue must not be empty)."""
         return self.items[0]
-
-    @property
-    def held(self) -> int:
-        """Requests waiting behind their own owner's share of the queue."""
-        return self._n_held
 
     def oldest_arrival(self) -> float | None:
         """When the longest-waiting request arrived, queued or held behind its owner's
@@ -85,7 +82,7 @@ class FairQueue:
             if held is None:
                 held = self._held[owner] = deque()
             held.append(req)
-            self._n_held += 1
+            self.held += 1
             return False
         self.put(req)
         return True
@@ -112,7 +109,7 @@ class FairQueue:
         if req.held:
             held = self._held[req.owner]
             held.remove(req)
-            self._n_held -= 1
+            self.held -= 1
             if not held:
                 del self._held[req.owner]
             return
@@ -138,7 +135,7 @@ class FairQueue:
         self.items.clear()
         self._in_queue.clear()
         self._held.clear()
-        self._n_held = 0
+        self.held = 0
         self._paused.clear()
 
     def _left(self, owner: Any) -> None:
@@ -155,7 +152,7 @@ class FairQueue:
         """``owner``'s next held request joins the queue."""
         held = self._held[owner]
         req = held.popleft()
-        self._n_held -= 1
+        self.held -= 1
         if not held:
             del self._held[owner]
         req.held = False

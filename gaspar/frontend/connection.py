@@ -217,9 +217,9 @@ class Connection:
 
     def _take_requests(self) -> bool:
         """Submit every whole request buffered; False once no more are to be read."""
-        reader = self.reader
+        reader, pipeline = self.reader, self.front.settings.max_pipeline
         while True:
-            if self.keepalive and self.inflight >= self.front.settings.max_pipeline:
+            if self.keepalive and self.inflight >= pipeline:
                 self.paused = True  # the rest waits in the reader until replies go out
                 return False
             before = reader.buffered
@@ -351,7 +351,7 @@ class Connection:
                 self.last_active = time.monotonic()
                 self.unsent -= written
                 self._free(written)
-            if self.unsent <= MAX_UNSENT and not self.closed:
+            if (self.paused or self.holding) and self.unsent <= MAX_UNSENT and not self.closed:
                 if self.holding:
                     self.holding = False
                     self.front.hold(self, False)
