@@ -374,6 +374,43 @@ def test_out_of_descriptors_a_connection_is_reset_not_left_hanging(serve):
     assert wait_for(lambda: _answers(s.addr), 5)
 
 
+def test_a_client_reading_a_large_reply_slowly_is_not_taken_for_one_that_does_not_read(serve):
+    """A client reads a 16 MB reply at about 400 KB/s for longer than idle_timeout, while
+    six others never read theirs and an 8 MB upload waits for memory: the front end writes
+    to it only now and then (the kernel's send buffer holds MBs), but the buffer drains, so
+    it is reading: the six are reset under pressure, it is not, and the upload goes in."""
+    mib = 1 << 20
+    s = serve(handlers.big, processes=2, max_buffered_bytes=32 * mib, max_message_size=16 * mib, idle_timeout=3)
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    reader.connect(tuple(s.producer.server_addr))
+    reader.sendall(extended_header(12, tag=1, keepalive=True) + b"big 16000000")
+    hogs = []
+    for _ in range(6):
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.connect(tuple(s.producer.server_addr))
+        hog.sendall(b"".join(extended_header(11, tag=t, keepalive=True) + b"big 4000000" for t in range(8)))
+        hogs.append(hog)
+    upload: dict = {}
+    body = b"u" * (8 * mib)
+    threading.Timer(1.0, lambda: upload.setdefault("reply", s.request(body, timeout=15))).start()
+    got, t0 = 0, time.monotonic()
+    reader.settimeout(5)
+    while time.monotonic() - t0 < 5.0:  # past idle_timeout, with memory short meanwhile
+        data = reader.recv(40000)
+        assert data, f"reset after {got} bytes, {time.monotonic() - t0:.1f}s"
+        got += len(data)
+        time.sleep(0.1)
+    assert got > 1 * mib, got
+    assert all(_reset(hog, 5) for hog in hogs)
+    assert wait_for(lambda: upload.get("reply") == body, 10)
+    assert s.producer.stats()["counters"]["idle_resets"] == 6
+    reader.close()
+    for hog in hogs:
+        hog.close()
+
+
 def test_a_connection_waiting_for_memory_has_a_bounded_life_and_readyz_says_why(serve):
     """The budget is full of bodies whose handlers hang: a connection waiting for memory
     is ended by idle_timeout, and meanwhile the daemon says it is stalled (not ready) and

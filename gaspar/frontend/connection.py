@@ -67,7 +67,7 @@ class Connection:
 
     __slots__ = (
         "sock fd front reader inflight out paused closed eof keepalive last_active requests close_after "
-        "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty drain holding"
+        "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty drain holding outq"
     ).split()
 
     def __init__(self, sock: _socket.socket, front: FrontEnd) -> None:
@@ -101,6 +101,7 @@ class Connection:
         self.dirty = False  # replies delivered, to write at the end of the round (write_soon)
         self.drain = 0  # a refused request's bytes to read and drop before the close (linger.py)
         self.holding = False  # over MAX_UNSENT: none more of its requests goes to a worker
+        self.outq: tuple[int, float] | None = None  # the kernel's unsent bytes at the last sweep, when
         if front.outcomes.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]

@@ -4,7 +4,9 @@ state, with the clock passed in.
 
 * **A request arriving too slowly** (``body_timeout``, ``body_min_rate``): reset.
 * **Silent past** ``idle_timeout``: a connection waiting for its request's rest, for the
-  byte budget, or for its client to read its replies is reset; one awaiting its next request
+  byte budget, or for its client to read its replies is reset (a client draining the
+  kernel's send buffer at ``body_min_rate`` or faster is reading, though the front end
+  has not written to it); one awaiting its next request
   is closed. A connection whose client waits for us (requests in flight, nothing else
   pending) is exempt: its requests' own limits apply.
 * **A large body holding the budget from others**: while a body waits for admission, an
@@ -22,6 +24,9 @@ state, with the clock passed in.
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
 from typing import Any
 
 #: Under memory pressure, replies unread this long (seconds) end their connection.
@@ -46,6 +51,10 @@ def sweep(conns: list[Any], now: float, settings: Any, budget: Any) -> None:
 def _sweep(conn: Any, now: float, idle_timeout: float | None, pressure: bool) -> None:
     if conn.clock.too_slow(now, conn.reader.remaining):
         return too_slow(conn)
+    if conn.out:
+        _reading(conn, now)
+    else:
+        conn.outq = None
     quiet = now - conn.last_active
     if pressure and conn.out and not conn.starved and quiet >= PRESSURE_GRACE:
         conn.front.log_refusal("Reset a connection whose replies went unread for %.0fs under memory pressure", quiet)
@@ -63,6 +72,22 @@ def _sweep(conn: Any, now: float, idle_timeout: float | None, pressure: bool) ->
         conn.abort()
     else:
         conn.close()
+
+
+def _reading(conn: Any, now: float) -> None:
+    """Replies wait to be written: is the client reading? The front end writes again only
+    once the kernel's send buffer (up to MBs on loopback) has room for a large chunk, so its
+    own writes say little; the buffer shrinking since the last sweep at ``body_min_rate`` or
+    faster says the client reads, and counts as activity."""
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(conn.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return
+    seen, conn.outq = conn.outq, (queued, now)
+    if seen is not None:
+        read = seen[0] - queued
+        if read > 0 and read >= conn.front.settings.body_min_rate * (now - seen[1]):
+            conn.last_active = now
 
 
 def too_slow(conn: Any, why: str = "") -> None:
