@@ -253,6 +253,16 @@ def test_max_pipeline_holds_however_many_requests_arrive_in_one_read(serve):
     assert got == set(range(400)) and 0 < most <= 8, most
 
 
+def _never_reads(s, message: bytes, n: int) -> socket.socket:
+    """A connection that pipelines ``n`` KEEPALIVE ``message``s and will never read a reply
+    (a 4 KiB receive buffer)."""
+    hog = socket.socket()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect(tuple(s.producer.server_addr))
+    hog.sendall(b"".join(extended_header(len(message), tag=t, keepalive=True) + message for t in range(n)))
+    return hog
+
+
 def test_clients_that_never_read_large_replies_hold_a_few_each_and_are_reset_under_pressure(serve):
     """Thirty connections pipeline requests for 1 MB replies and never read one: each stops
     having its requests run once a MiB of replies waits for it (a few replies each, not all
@@ -262,15 +272,9 @@ def test_clients_that_never_read_large_replies_hold_a_few_each_and_are_reset_und
     s = serve(handlers.big, processes=2, max_buffered_bytes=64 * mib, max_message_size=8 * mib, idle_timeout=60)
     pid = os.getpid()
     base_fds, base_rss = fds(pid), rss(pid)
-    hogs = []
     with Probe(s.addr, interval=0.05, timeout=5) as probe:
         t0 = time.monotonic()
-        for _ in range(30):
-            hog = socket.socket()
-            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            hog.connect(tuple(s.producer.server_addr))
-            hog.sendall(b"".join(extended_header(11, tag=t, keepalive=True) + b"big 1000000" for t in range(16)))
-            hogs.append(hog)
+        hogs = [_never_reads(s, b"big 1000000", 16) for _ in range(30)]
         assert all(_reset(hog, PRESSURE_GRACE + 5) for hog in hogs)
         ended = time.monotonic() - t0
     for hog in hogs:
@@ -385,13 +389,7 @@ def test_a_client_reading_a_large_reply_slowly_is_not_taken_for_one_that_does_no
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     reader.connect(tuple(s.producer.server_addr))
     reader.sendall(extended_header(12, tag=1, keepalive=True) + b"big 16000000")
-    hogs = []
-    for _ in range(6):
-        hog = socket.socket()
-        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        hog.connect(tuple(s.producer.server_addr))
-        hog.sendall(b"".join(extended_header(11, tag=t, keepalive=True) + b"big 4000000" for t in range(8)))
-        hogs.append(hog)
+    hogs = [_never_reads(s, b"big 4000000", 8) for _ in range(6)]
     upload: dict = {}
     body = b"u" * (8 * mib)
     threading.Timer(1.0, lambda: upload.setdefault("reply", s.request(body, timeout=15))).start()
