@@ -112,7 +112,7 @@ class Dispatcher:
     def hold(self, owner: Any, on: bool) -> bool:
         """``owner`` stopped (``on``) or resumed reading its replies (``FairQueue.pause``);
         True when requests of it joined the queue (the caller dispatches)."""
-        return self._queue.resume(owner) if not on else self._queue.pause(owner) or False
+        return self._queue.pause(owner) if on else self._queue.resume(owner)
 
     @property
     def unsettled(self) -> bool:

@@ -117,9 +117,11 @@ class FairQueue:
         if req.owner is not None:
             self._left(req.owner)
 
-    def pause(self, owner: Any) -> None:
-        """``owner`` does not read its replies: its held requests stay held."""
+    def pause(self, owner: Any) -> bool:
+        """``owner`` does not read its replies: its held requests stay held (False: none
+        joins the queue, as :meth:`resume` says when one does)."""
         self._paused.add(owner)
+        return False
 
     def resume(self, owner: Any) -> bool:
         """``owner`` reads again (or is gone): its held requests take its free places in the

@@ -101,7 +101,7 @@ class Connection:
         self.dirty = False  # replies delivered, to write at the end of the round (write_soon)
         self.drain = 0  # a refused request's bytes to read and drop before the close (linger.py)
         self.holding = False  # over MAX_UNSENT: none more of its requests goes to a worker
-        self.outq: tuple[int, float] | None = None  # the kernel's unsent bytes at the last sweep, when
+        self.outq: tuple[int, float] | None = None  # (the kernel's unsent bytes, when): the last sweep's
         if front.outcomes.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]
@@ -229,8 +229,8 @@ class Connection:
             except ProtocolError as exc:
                 big = isinstance(exc, RequestTooLarge)
                 self.front.log_refusal("Refused a request: %s" if big else "Refused a malformed request: %s", exc)
-                head, n = (exc.request, exc.length) if isinstance(exc, RefusedHeader) else (Request(b""), 0)
-                head.extended = head.extended or reader.extended
+                refused = isinstance(exc, RefusedHeader)
+                head, n = (exc.request, exc.length) if refused else (Request(b"", extended=reader.extended), 0)
                 self.fail_now(head, "RequestTooLarge" if big else "ProtocolError", str(exc), n)
                 return False
             if request is None:
@@ -286,8 +286,7 @@ class Connection:
         if self.eof and self.inflight == 0:
             self.close_after = True
         elif self.unsent > MAX_UNSENT and self.keepalive and not self.holding:
-            self.holding = True  # its client does not read: its other requests wait for it
-            self.front.hold(self, True)
+            self._hold(True)  # its client does not read: its other requests wait for it
         if not self.dirty:
             self.dirty = True
             self.front.write_soon(self)
@@ -354,8 +353,7 @@ class Connection:
                 self._free(written)
             if (self.paused or self.holding) and self.unsent <= MAX_UNSENT and not self.closed:
                 if self.holding:
-                    self.holding = False
-                    self.front.hold(self, False)
+                    self._hold(False)
                 if self.paused and self.inflight < self.front.settings.max_pipeline:
                     self.paused = False  # back-pressure released: read again, soon
                     self.front.ioloop.hub.schedule_call_global(0, self._unpause)
@@ -364,6 +362,11 @@ class Connection:
             self.front.credit(owed)
         if self.close_after:
             self.close()
+
+    def _hold(self, on: bool) -> None:
+        """Its client stopped (``on``) or resumed reading its replies (``FrontEnd.hold``)."""
+        self.holding = on
+        self.front.hold(self, on)
 
     def _unpause(self) -> None:
         """Take the requests already read first (the socket may have nothing new), then read."""
@@ -409,8 +412,7 @@ class Connection:
             self.front.outcomes.abandoned(self.requests)
             self.requests.clear()
         if self.holding:
-            self.holding = False
-            self.front.hold(self, False)  # out of the queue's paused owners
+            self._hold(False)  # out of the queue's paused owners
         self.front.settle()  # revoke what was handed ahead to a worker
         held = self.held
         self.held_reader = self.held_bodies = self.unsent = 0

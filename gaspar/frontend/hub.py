@@ -171,7 +171,7 @@ class Acceptor:
                 self.pause(0.1)  # instead of spinning
                 return n
             if len(self.front.connections) >= self.max_connections:
-                self.refuse(sock)
+                self.refuse(sock, "max_connections (%s) reached; resetting new connections", self.max_connections)
                 continue
             Connection(sock, self.front).start()
         return ACCEPT_BATCH
@@ -195,12 +195,13 @@ class Acceptor:
         fields = _TCP_INFO.unpack(info)
         return fields[12], fields[13]
 
-    def refuse(self, sock: _socket.socket) -> None:
-        """Past ``max_connections``: reset a connection as soon as it is accepted."""
+    def refuse(self, sock: _socket.socket, why: str, *args: Any) -> None:
+        """Reset a connection as soon as it is accepted (past ``max_connections``, or out of
+        descriptors), counted and logged (rate-limited) with ``why``."""
         self.front.counters.refused_connections += 1
         linger_reset(sock)
         sock.close()
-        self.front.log_refusal("max_connections (%s) reached; resetting new connections", self.max_connections)
+        self.front.log_refusal(why, *args)
 
     def _reset_one(self) -> bool:
         """Out of descriptors: free the spare, accept and reset one connection with it, take
@@ -212,11 +213,8 @@ class Acceptor:
             self._spare = _spare_fd()
             return False
         sock = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
-        linger_reset(sock)
-        sock.close()
+        self.refuse(sock, "Out of file descriptors; resetting new connections (raise the fd limit)")
         self._spare = _spare_fd()  # its descriptor again
-        self.front.counters.refused_connections += 1
-        self.front.log_refusal("Out of file descriptors; resetting new connections (raise the fd limit)")
         return True
 
     def accept_all(self) -> None:

@@ -66,7 +66,7 @@ class Lingering:
             return
         try:
             sock.shutdown(socket.SHUT_WR)  # what was written goes out, then the FIN
-            self.loop.epoll.modify(fd, _EVENTS)  # level-triggered reads from now on
+            self.loop.modify(fd, _EVENTS)  # level-triggered reads from now on
         except OSError:
             sock.close()  # the client is gone already
             return

@@ -5,10 +5,10 @@ state, with the clock passed in.
 * **A request arriving too slowly** (``body_timeout``, ``body_min_rate``): reset.
 * **Silent past** ``idle_timeout``: a connection waiting for its request's rest, for the
   byte budget, or for its client to read its replies is reset (a client draining the
-  kernel's send buffer at ``body_min_rate`` or faster is reading, though the front end
-  has not written to it); one awaiting its next request
-  is closed. A connection whose client waits for us (requests in flight, nothing else
-  pending) is exempt: its requests' own limits apply.
+  kernel's send buffer at ``body_min_rate`` or faster is reading, though the front end has
+  not written to it); one awaiting its next request is closed. A connection whose client
+  waits for us (requests in flight, nothing else pending) is exempt: its requests' own
+  limits apply.
 * **A large body holding the budget from others**: while a body waits for admission, an
   admitted one (its rest committed, up to 64 MiB of the budget) must arrive at
   :data:`ADMITTED_RATE_FACTOR` times ``body_min_rate`` on average since its admission (256
@@ -57,9 +57,7 @@ def _sweep(conn: Any, now: float, idle_timeout: float | None, pressure: bool) ->
         conn.outq = None
     quiet = now - conn.last_active
     if pressure and conn.out and not conn.starved and quiet >= PRESSURE_GRACE:
-        conn.front.log_refusal("Reset a connection whose replies went unread for %.0fs under memory pressure", quiet)
-        conn.front.counters.idle_resets += 1
-        return conn.abort()
+        return _stalled(conn, "Reset a connection whose replies went unread for %.0fs under memory pressure", quiet)
     if not idle_timeout:
         return
     if conn.inflight > 0 and not conn.out and not conn.starved and not conn.reader.in_progress:
@@ -67,11 +65,16 @@ def _sweep(conn: Any, now: float, idle_timeout: float | None, pressure: bool) ->
     if quiet < idle_timeout:
         return
     if conn.reader.in_progress or conn.out or conn.starved:
-        conn.front.log_refusal("Reset a connection stalled for %ss (idle_timeout)", idle_timeout)
-        conn.front.counters.idle_resets += 1
-        conn.abort()
+        _stalled(conn, "Reset a connection stalled for %ss (idle_timeout)", idle_timeout)
     else:
         conn.close()
+
+
+def _stalled(conn: Any, why: str, arg: float) -> None:
+    """Reset a connection that stalled (``idle_resets``), logged (rate-limited) with ``why``."""
+    conn.front.log_refusal(why, arg)
+    conn.front.counters.idle_resets += 1
+    conn.abort()
 
 
 def _reading(conn: Any, now: float) -> None:

@@ -112,7 +112,7 @@ def _boot_time() -> float:
     return _BOOT[0]
 
 
-__all__ = ["proc_usage", "resident_bytes", "cpu_wait", "CpuWaits"]
+_trim: Any = None  # glibc's malloc_trim once looked up; False where there is none
 
 
 def give_back_memory() -> None:
@@ -129,4 +129,4 @@ def give_back_memory() -> None:
         _trim(0)
 
 
-_trim: Any = None
+__all__ = ["proc_usage", "resident_bytes", "cpu_wait", "CpuWaits", "give_back_memory"]
