@@ -263,30 +263,64 @@ def _never_reads(s, message: bytes, n: int) -> socket.socket:
     return hog
 
 
-def test_clients_that_never_read_large_replies_hold_a_few_each_and_are_reset_under_pressure(serve):
+def test_clients_that_never_read_large_replies_hold_a_few_each_within_the_memory_limit(serve):
     """Thirty connections pipeline requests for 1 MB replies and never read one: each stops
     having its requests run once a MiB of replies waits for it (a few replies each, not all
-    sixteen), and once the budget is short they are reset after PRESSURE_GRACE seconds, not
-    after idle_timeout; meanwhile everyone else waits no longer than that."""
-    mib = 1 << 20
-    s = serve(handlers.big, processes=2, max_buffered_bytes=64 * mib, max_message_size=8 * mib, idle_timeout=60)
+    sixteen); no more start once unsent replies hold the budget (less its reserve), and
+    whoever then waits for memory makes them reset after PRESSURE_GRACE seconds, the rest at
+    idle_timeout. Meanwhile everyone else is served, and the budget holds (give or take the
+    replies already handed to workers)."""
+    mib, idle = 1 << 20, 3.0
+    s = serve(handlers.big, processes=2, max_buffered_bytes=64 * mib, max_message_size=8 * mib, idle_timeout=idle)
     pid = os.getpid()
     base_fds, base_rss = fds(pid), rss(pid)
     with Probe(s.addr, interval=0.05, timeout=5) as probe:
         t0 = time.monotonic()
         hogs = [_never_reads(s, b"big 1000000", 16) for _ in range(30)]
-        assert all(_reset(hog, PRESSURE_GRACE + 5) for hog in hogs)
+        assert all(_reset(hog, idle + 5) for hog in hogs)
         ended = time.monotonic() - t0
     for hog in hogs:
         hog.close()
     stats = s.producer.stats()
-    assert ended < PRESSURE_GRACE + 4, ended  # not idle_timeout's minute
+    assert ended < idle + 3, ended
     assert stats["counters"]["idle_resets"] == 30, stats["counters"]
     assert stats["counters"]["completed"] <= 30 * 10, stats["counters"]  # a few replies each, not 16
-    # a request that arrives while the budget is full waits for the reset, no longer
+    assert stats["overload"]["buffered_peak"] <= 64 * mib + 2 * 9 * 1_000_000, stats["overload"]
     assert probe.quantile(0.99) < PRESSURE_GRACE + 1.0 and not probe.failures, probe.summary()
     end_fds, _ = back_to(pid, base_fds, base_rss, rss_slack=160 << 20)
     assert end_fds <= base_fds + 2, (end_fds, base_fds)
+
+
+def test_small_requests_for_large_replies_never_read_cannot_take_memory_past_the_limit(serve):
+    """Sixty one-shot connections each send 11 bytes for a 4 MB reply and never read: a reply
+    is never refused (its handler ran), so before, the front end held nearly all of them
+    (240 MB against a 16 MiB limit) until idle_timeout. Now once unsent replies hold the
+    limit less its reserve no request starts: the non-readers are reset under memory
+    pressure, the rest shed at queue_timeout or ended at idle_timeout, and only the replies
+    already handed to the worker overshoot."""
+    mib, reply, idle = 1 << 20, 4_000_000, 3.0
+    s = serve(
+        handlers.big, processes=1, prefetch=1, max_buffered_bytes=16 * mib, max_message_size=mib, idle_timeout=idle
+    )
+    t0 = time.monotonic()
+    hogs = []
+    for _ in range(60):
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.connect(tuple(s.producer.server_addr))
+        hog.sendall(struct.pack("!I", 11) + b"big %d" % reply)
+        hogs.append(hog)
+    assert all(_reset(hog, idle + 8) is not None for hog in hogs)
+    ended = time.monotonic() - t0
+    for hog in hogs:
+        hog.close()
+    assert wait_for(lambda: s.request(b"after") == b"after", 5)
+    stats = s.producer.stats()
+    overload = stats["overload"]
+    assert overload["buffered_peak"] <= 16 * mib + 3 * reply, overload  # limit + the worker's two in hand
+    assert stats["counters"]["idle_resets"] >= 3, stats["counters"]  # the pressure rule, at least once
+    assert not overload["replies_hold_memory"] and overload["unsent_reply_bytes"] == 0, overload
+    assert ended < idle + 6, ended
 
 
 def test_an_fd_limit_below_max_connections_is_said_at_start_and_the_rest_are_reset(cli):

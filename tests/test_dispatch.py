@@ -51,6 +51,37 @@ def test_a_request_goes_only_to_an_idle_worker():
     assert more == [(busy_short, r3)]  # the first worker to free up takes it
 
 
+class Memory:
+    over = False
+
+
+def test_no_request_starts_while_unsent_replies_hold_the_memory():
+    """Replies are never refused, so the dispatcher keeps more from being made: while the
+    budget is ``over`` nothing starts or is handed ahead; ``dispatch`` starts them after."""
+    memory, clock = Memory(), Clock()
+    control = QueueControl(queue_timeout=10.0, target=0.005, interval=0.1, clock=clock)
+    d = Dispatcher(clock, prefetch=2, control=control, memory=memory)
+    w1 = worker(1)
+    d.add_worker(w1)
+    _, [(w, _)] = d.submit(b"a", "c1")
+    memory.over = True
+    r2, a2 = d.submit(b"b", "c2")
+    r3, a3 = d.submit(b"c", "c3")
+    assert a2 == a3 == [] and d.queued == 2 and not w1.ahead  # not even handed ahead
+    done, more = d.complete(w1.routing_id, w1.current.id)
+    assert done is not None and more == [] and d.idle_count == 1  # idle, and still nothing
+    clock.now += 3.0  # longer than any queue target: that wait was for memory, not the queue's
+    d.sweep(deadlines=True)
+    assert not d.control.standing and d.take_shed() == []
+    memory.over = False
+    assert d.dispatch(waited_for_memory=True) == [(w1, r2)] and d.queued == 1
+    d.sweep(deadlines=True)  # r3 has waited 3 s, but for memory: not a standing queue
+    assert not d.control.standing and d.take_shed() == []
+    clock.now += 7.5  # queue_timeout (10 s) counts every wait, though
+    d.sweep()
+    assert d.take_shed() == [(r3, "queue_timeout")]
+
+
 def test_unknown_and_wrong_worker_replies_are_dropped():
     d, w1, w2 = two_workers()
     r, [(w, _)] = d.submit(b"x", "c")

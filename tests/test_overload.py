@@ -510,6 +510,26 @@ def test_byte_budget_counts_bytes_as_they_arrive_and_reads_never_pass_the_limit(
     assert b.room("c") == 5 and b.room("a") == 5 and b.waiting == 0
 
 
+def test_byte_budget_is_over_while_unsent_replies_hold_the_limit_less_its_reserve():
+    b = ByteBudget(100, reserve=10)
+    b.arrived("a", 50)  # request bytes never make it over, however many
+    b.arrived("b", 50)
+    assert not b.over and b.room("c") == 0 and b.pressed  # c waits: pressure
+    b.release(100)
+    assert b.ready() == ["c"]
+    b.forget("c")
+    assert not b.pressed
+    b.reply(89)
+    assert not b.over and not b.pressed
+    b.reply(1)  # 90 of 100 unsent: no request may start (Dispatcher(memory=))
+    assert b.over and b.pressed and b.replies == 90 and b.used == 90
+    assert b.release(5, replies=5) == [] and not b.over  # written to a client
+    b.reply(20)
+    assert b.over and b.used == 105  # counted, never refused
+    b.release(105, replies=105)  # the connections were reset
+    assert b.used == 0 and b.replies == 0 and not b.over
+
+
 def test_byte_budget_says_when_to_give_memory_back_once_a_burst_is_over():
     b = ByteBudget(1000)
     assert not b.trim_due(100)  # nothing freed yet

@@ -24,7 +24,12 @@ class ByteBudget:
 
     * ``used``: request bytes read (a request in progress, bodies in flight) and reply
       bytes not yet sent. A reader may read only what fits (:meth:`room`), so reads never
-      take ``used`` past the limit; replies are counted but never refused (:meth:`add`).
+      take ``used`` past the limit; a reply is counted but never refused (:meth:`reply`):
+      its worker has run. Instead, while unsent replies alone hold the limit less the
+      reserve (:attr:`over`), no request goes to a worker (``Dispatcher(memory=)``), so
+      clients that never read the replies they asked for (a small request for a large
+      reply, on many connections) cannot take the front end past the limit by more than
+      the replies already being made.
     * **Large bodies are admitted.** A body longer than one read may go on past its first
       chunk only once :meth:`admit` has *committed* the rest of it: admitted bodies are
       sure to complete (their remaining bytes are kept free for them), so many large
@@ -44,6 +49,7 @@ class ByteBudget:
         self.clock = clock
         self.reserve = limit // 8 if reserve is None else reserve
         self.used = 0
+        self.replies = 0  # of ``used``: reply bytes not yet sent
         self.peak = 0
         self.freed = 0  # bytes freed since the start (a stall is a long time without)
         self.committed = 0  # bytes still to come of admitted bodies
@@ -129,7 +135,20 @@ class ByteBudget:
         if self.used > self.peak:
             self.peak = self.used
 
-    def release(self, n: int) -> list[Hashable]:
+    def reply(self, n: int) -> None:
+        """A reply (or a stream's item) of ``n`` bytes to send: counted, never refused."""
+        self.replies += n
+        self.add(n)
+
+    @property
+    def over(self) -> bool:
+        """Unsent replies hold the budget less its reserve: start no more requests until
+        clients read them, or are reset for not reading (memory pressure)."""
+        return self.replies >= self.limit - self.reserve
+
+    def release(self, n: int, replies: int = 0) -> list[Hashable]:
+        """``n`` bytes are no longer held, ``replies`` of them unsent reply bytes."""
+        self.replies = max(0, self.replies - replies)
         self.used = max(0, self.used - n)
         self.freed += n
         return self.ready() if self._room or self._admit else []
@@ -175,6 +194,11 @@ class ByteBudget:
     def waiting(self) -> int:
         """Connections waiting for memory (for room, or for their body's admission)."""
         return len(self._room) + len(self._admit)
+
+    @property
+    def pressed(self) -> bool:
+        """Memory pressure: connections wait for memory, or requests for replies to go."""
+        return bool(self._room or self._admit) or self.over
 
 
 class BodyClock:
@@ -241,9 +265,9 @@ class BodyClock:
 class Stall:
     """No request made progress for a while, though work waits: the daemon cannot serve
     (``/readyz`` says 503, ``gaspar_stalled{reason}`` says why). ``memory``: connections wait
-    for the byte budget and no byte of it was freed; ``workers``: requests are queued and no
-    worker started or finished one. The time allowed follows the handlers: at least
-    ``after`` seconds, and three handler runs."""
+    for the byte budget, or requests for unsent replies to go, and no byte of it was freed;
+    ``workers``: requests are queued and no worker started or finished one. The time
+    allowed follows the handlers: at least ``after`` seconds, and three handler runs."""
 
     REASONS = ("memory", "workers")
 
@@ -270,7 +294,7 @@ class Stall:
             self.worked_at = now
         self._last = (freed, worked)
 
-    def reason(self, now: float, waiting_for_memory: int, queued: int, service: float = 0.0) -> str | None:
+    def reason(self, now: float, waiting_for_memory: int | bool, queued: int, service: float = 0.0) -> str | None:
         """Why the daemon is stalled now, or None."""
         allowed = max(self.after, 3 * service)
         if waiting_for_memory and now - self.freed_at > allowed:

@@ -28,6 +28,10 @@ A vanished client's request is dropped from the queue; one already handed ahead 
 is *revoked*: the caller sends the worker a cancel (:meth:`take_cancels`), and the worker
 answers ``SKIPPED`` instead of running it (or, if it had started, its reply is dropped).
 
+**Memory.** While unsent replies hold the front end's byte budget (``memory``, a ByteBudget
+that is ``over``), no request starts: they wait in the queue (not overload: queue_timeout and
+deadlines apply) until clients read or are reset for not reading; then the caller dispatches.
+
 **One connection, one share** (:mod:`gaspar.core.fairqueue`): a persistent connection holds at
 most as many places in the queue as there are workers; its other requests wait behind its own.
 
@@ -44,6 +48,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gaspar.core.admission import ByteBudget
 from gaspar.core.fairqueue import FairQueue
 from gaspar.core.overload import DEADLINE, NO_WORKERS, QUEUE_FULL, QueueControl
 from gaspar.core.records import Assignment, Counters, Pending, WorkerSlot
@@ -60,12 +65,14 @@ class Dispatcher:
         prefetch: int = 1,
         control: QueueControl | None = None,
         max_queued: int = 0,
+        memory: ByteBudget | None = None,
     ) -> None:
-        self.clock = clock
+        self.clock, self.memory = clock, memory or ByteBudget(1 << 62)  # none starts while it is over
         self.prefetch = prefetch
         self.control = control or QueueControl(queue_timeout=None, target=0.0, interval=float("inf"), clock=clock)
         self.control.oldest_run = self._oldest_run
         self.max_queued = max_queued  # 0: no cap
+        self._memory_back = 0.0  # when replies last stopped holding the memory (see _check)
         self.workers: dict[bytes, WorkerSlot] = {}
         self._idle: dict[bytes, WorkerSlot] = {}  # insertion-ordered set
         self._queue = FairQueue(lambda: len(self.workers), lambda: self.control.overloaded, clock)
@@ -159,24 +166,22 @@ class Dispatcher:
 
     def _check(self, now: float) -> None:
         """Tell the overload control how the queue stands: its oldest request's wait. With
-        no worker at all the queue is not served, not overloaded: it waits for one (up to
-        queue_timeout), as when every worker died or no agent has joined yet."""
+        no worker at all, or no memory for replies, the queue is not served, not overloaded:
+        it waits (up to queue_timeout), as when every worker died or no agent joined yet; a
+        wait for memory does not count as the queue's once it is over either."""
         items = self._queue.items
-        waited = now - items[0].queued_at if items and self.workers else 0.0
+        waited = now - max(items[0].queued_at, self._memory_back) if items and self.workers else 0.0
+        waited = 0.0 if self.memory.over else waited
         self.control.check(now, waited, len(items) + self._queue.held)  # those behind their own too
 
     def complete(self, routing_id: bytes, request_id: int, ran: bool = True) -> tuple[Pending | None, list[Assignment]]:
         """A worker replied (``ran``) or skipped a revoked request. Return the request (None
-        if unknown, or its client is gone) and new work.
-
-        A worker that reached its ``max_requests`` is marked retiring instead of idle; the
-        caller then tells it to exit (see :meth:`retiring_idle`).
-        """
+        if unknown, or its client is gone) and new work. A worker that reached its
+        ``max_requests`` is marked retiring instead of idle (see :meth:`retiring_idle`)."""
         worker = self.workers.get(routing_id)
         req = self.pending.get(request_id)
         if not ran and worker is not None and req is not None and req in worker.ahead:
-            # Skipped before its turn: the worker took a cancel for a request further back
-            # in its inbox while the one before still waits. Its running request goes on.
+            # skipped before its turn (a cancel for one further back in its inbox): its running one goes on
             worker.ahead.remove(req)
             del self.pending[request_id]
             self._count_skipped(req)
@@ -232,15 +237,13 @@ class Dispatcher:
             self._cancels.append((req.worker, req))
 
     def expire(self) -> tuple[list[Pending], list[Pending]]:
-        """Running requests past a limit: ``(answered, killed)``.
-
-        ``answered``: past the client's own limit (``soft_timeout`` or its deadline): the
-        caller answers each at once (``expired`` says which limit); the request stays its
-        worker's until the worker replies (its handler is interrupted there, softly) and
-        that reply is dropped. ``killed``: past the operator's ``timeout``: removed, its
-        worker marked retiring; the caller kills ``req.worker`` and answers the request
-        unless it was answered already (``cancelled``).
-        """
+        """Running requests past a limit: ``(answered, killed)``. ``answered``: past the
+        client's own limit (``soft_timeout`` or its deadline): the caller answers each at
+        once (``expired`` says which limit); the request stays its worker's until the worker
+        replies (its handler is interrupted there, softly) and that reply is dropped.
+        ``killed``: past the operator's ``timeout``: removed, its worker marked retiring; the
+        caller kills ``req.worker`` and answers the request unless it was answered already
+        (``cancelled``)."""
         now = self.clock()
         answered, killed = [], []
         for worker in self.workers.values():
@@ -356,15 +359,18 @@ class Dispatcher:
     def prefetched(self) -> int:
         return sum(len(w.ahead) for w in self.workers.values())
 
-    def dispatch(self) -> list[Assignment]:
-        """Assignments possible now (after a worker left and its queued work came back)."""
+    def dispatch(self, waited_for_memory: bool = False) -> list[Assignment]:
+        """Assignments possible now (after a worker left and its queued work came back; after
+        replies held the memory: a wait ``queue_timeout`` counts, the overload control not)."""
+        if waited_for_memory:
+            self._memory_back = self.clock()
         return self._assign()
 
     def _assign(self) -> list[Assignment]:
         out: list[Assignment] = []
         items = self._queue.items
-        if not items:
-            return out
+        if not items or self.memory.over:
+            return out  # replies unsent hold the memory: the caller dispatches once they go
         now = self.clock()
         control = self.control
         lifo = control.overloaded  # newest first
@@ -427,15 +433,8 @@ class Dispatcher:
         self._cancels.append((req.worker, req))
 
     def _start(self, req: Pending, now: float | None = None) -> None:
-        req.started = now = self.clock() if now is None else now
         self.counters.started += 1
-        req.deadline = None if req.timeout is None else now + req.timeout
-        answer_by = None if req.soft_timeout is None else now + req.soft_timeout
-        if req.client_deadline is not None and (answer_by is None or req.client_deadline < answer_by):
-            answer_by = req.client_deadline  # past it, nobody reads the reply
-        if answer_by is not None and req.deadline is not None and answer_by >= req.deadline:
-            answer_by = None  # the operator's limit comes first
-        req.answer_by = answer_by
+        req.begin(self.clock() if now is None else now)
 
     def _unprefetch(self, worker: WorkerSlot) -> None:
         while worker.ahead:

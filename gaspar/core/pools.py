@@ -101,8 +101,8 @@ class Pools:
     def fail_all(self) -> list[Pending]:
         return [req for d in self.by_pool.values() for req in d.fail_all()]
 
-    def dispatch(self) -> list[Assignment]:
-        return [a for d in self.by_pool.values() for a in d.dispatch()]
+    def dispatch(self, waited_for_memory: bool = False) -> list[Assignment]:
+        return [a for d in self.by_pool.values() for a in d.dispatch(waited_for_memory)]
 
     def hold(self, owner: Any, on: bool) -> bool:
         return any([d.hold(owner, on) for d in self.by_pool.values()])  # each pool's, not the first's

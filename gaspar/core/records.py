@@ -92,6 +92,17 @@ class Pending:
     pool: str = "default"  # the pool whose workers run it (an App's handler's)
     handler: str = ""  # a call's handler, when the App has it (for the figures by handler)
 
+    def begin(self, now: float) -> None:
+        """Its worker starts it at ``now``: the operator's limit and the client's count from here."""
+        self.started = now
+        self.deadline = None if self.timeout is None else now + self.timeout
+        answer_by = None if self.soft_timeout is None else now + self.soft_timeout
+        if self.client_deadline is not None and (answer_by is None or self.client_deadline < answer_by):
+            answer_by = self.client_deadline  # past it, nobody reads the reply
+        if answer_by is not None and self.deadline is not None and answer_by >= self.deadline:
+            answer_by = None  # the operator's limit comes first
+        self.answer_by = answer_by
+
 
 Assignment = tuple[WorkerSlot, Pending]
 

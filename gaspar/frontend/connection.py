@@ -317,7 +317,7 @@ class Connection:
                 self.out.append(memoryview(head))
             self.out.append(memoryview(body))
         n = len(head) + len(body)
-        self.budget.add(n)
+        self.budget.reply(n)
         self.unsent += n
 
     def flush(self) -> None:
@@ -350,7 +350,7 @@ class Connection:
             if written:
                 self.last_active = time.monotonic()
                 self.unsent -= written
-                self._free(written)
+                self._free(written, written)
             if (self.paused or self.holding) and self.unsent <= MAX_UNSENT and not self.closed:
                 if self.holding:
                     self._hold(False)
@@ -373,10 +373,10 @@ class Connection:
         if not self.closed and not self.paused and self._take_requests() and not self.closed:
             self.on_readable()
 
-    def _free(self, n: int) -> None:
-        """``n`` bytes counted in the budget are no longer held."""
+    def _free(self, n: int, replies: int = 0) -> None:
+        """``n`` bytes counted in the budget are no longer held (``replies`` of them unsent)."""
         if n:
-            woken = self.budget.release(n)
+            woken = self.budget.release(n, replies)
             if woken:  # connections waiting for the budget: rarely any
                 self.front.wake_starved(woken)
 
@@ -414,12 +414,12 @@ class Connection:
         if self.holding:
             self._hold(False)  # out of the queue's paused owners
         self.front.settle()  # revoke what was handed ahead to a worker
-        held = self.held
+        held, unsent = self.held, self.unsent
         self.held_reader = self.held_bodies = self.unsent = 0
         self.admitted = False
         wake = self.budget.forget(self)
         if held:
-            wake = self.budget.release(held)
+            wake = self.budget.release(held, unsent)
         if wake:
             self.front.wake_starved(wake)
 

@@ -30,6 +30,7 @@ with warnings.catch_warnings():
 from gaspar.errors import ServerUnavailable
 from gaspar.frontend.sweep import sweep
 from gaspar.ops import sdnotify
+from gaspar.ops.humanize import human_mib
 from gaspar.ops.procstat import give_back_memory
 
 log = logging.getLogger("gaspar")
@@ -57,7 +58,7 @@ def run_ticker(front: Any) -> None:
     every 0.5 s, end connections idle past ``idle_timeout``; and read the ROUTER, as a
     backstop. An idle daemon wakes ten times a second. How late each wake-up comes is the
     hub's lag (``gaspar_hub_lag_seconds``)."""
-    rounds, next_slow = 0, time.monotonic() + 0.1
+    rounds, next_slow, gated = 0, time.monotonic() + 0.1, False
     lag, dispatcher, router = front.telemetry.hub_lag, front.dispatcher, front.router
     while True:
         nap = 0.01 if dispatcher.queued else max(0.0, next_slow - time.monotonic())
@@ -66,6 +67,8 @@ def run_ticker(front: Any) -> None:
         lag.observe(max(0.0, time.monotonic() - due))  # how late the hub woke us
         try:
             slow = time.monotonic() >= next_slow
+            if gated or front.budget.over:  # before the sweep, which would shed that wait
+                gated = replies_gate(front, gated)
             dispatcher.sweep(deadlines=slow)
             router.settle()
             if slow:
@@ -74,6 +77,24 @@ def run_ticker(front: Any) -> None:
                 turn(front, rounds)
         except Exception:  # the ticker must outlive any one bad round
             log.exception("Error in the front end's tick; carrying on")
+
+
+def replies_gate(front: Any, gated: bool) -> bool:
+    """While unsent replies hold the byte budget (``ByteBudget.over``) no request starts
+    (the dispatcher's rule); say so when it begins, and dispatch once they went (read by
+    their clients, or dropped with the connections that did not read them)."""
+    budget = front.budget
+    if budget.over and not gated:
+        log.warning(
+            "Unsent replies hold %s of max_buffered_bytes (%s): no request starts until clients read "
+            "them or are reset for not reading",
+            human_mib(budget.replies),
+            human_mib(budget.limit),
+        )
+    elif gated and not budget.over:
+        log.info("Unsent replies down to %s: requests start again", human_mib(budget.replies))
+        front.router.send(front.dispatcher.dispatch(waited_for_memory=True))
+    return budget.over
 
 
 def turn(front: Any, rounds: int) -> None:

@@ -113,12 +113,13 @@ class Producer:
         if high != low:
             plan.ranges[DEFAULT_POOL] = (low, high)
 
+        self.budget = ByteBudget(s.max_buffered_bytes)
+
         def dispatcher() -> Dispatcher:
             control = QueueControl(s.queue_timeout, s.queue_target, s.queue_interval, workers=max(1, self.processes))
-            return Dispatcher(prefetch=s.prefetch, control=control, max_queued=s.max_queued)
+            return Dispatcher(prefetch=s.prefetch, control=control, max_queued=s.max_queued, memory=self.budget)
 
         self.dispatcher: Any = Pools(dispatcher, plan.most, plan.handlers) if plan.sizes else dispatcher()
-        self.budget = ByteBudget(s.max_buffered_bytes)
         self.counters = ConnectionCounters()  # abandoned, refused, idle and slow resets
         self.telemetry = Telemetry({h: plan.handlers.get(h, DEFAULT_POOL) for h in getattr(consumer, "handlers", ())})
         self.outcomes = Outcomes(s, self.dispatcher, self.telemetry, lambda: self.supervisor.why_no_workers())
@@ -402,7 +403,7 @@ class Producer:
     def stalled(self, now: float) -> str | None:
         """Why work waits without progress (``memory``, ``workers``; ``admission.Stall``), or None."""
         d = self.dispatcher
-        return self.stall.reason(now, self.budget.waiting, d.queued, d.control.service)
+        return self.stall.reason(now, self.budget.pressed, d.queued, d.control.service)
 
     # -- the pool -----------------------------------------------------------------------------
 

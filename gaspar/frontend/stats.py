@@ -91,6 +91,8 @@ def snapshot(front: Any) -> dict[str, Any]:
             "buffered_peak": budget.peak,
             "waiting_for_memory": budget.waiting,
             "committed_bytes": budget.committed,
+            "unsent_reply_bytes": budget.replies,
+            "replies_hold_memory": budget.over,
             "stalled": front.stalled(now),
             "accept_backlog": backlog[0] if backlog else 0,
             "accept_backlog_limit": backlog[1] if backlog else None,

@@ -15,7 +15,8 @@ state, with the clock passed in.
   KiB/s by default, after ``body_timeout`` seconds), or it is reset: ``body_min_rate`` alone
   would let eight clients hold a 512 MiB budget for hours at 2 KiB/s each, and every
   request over 64 KiB wait that long.
-* **Under memory pressure** (connections wait for the byte budget): a connection whose
+* **Under memory pressure** (connections wait for the byte budget, or unsent replies hold
+  it and requests wait for them to go: ``ByteBudget.pressed``): a connection whose
   client has left replies unread for :data:`PRESSURE_GRACE` seconds is reset at once, not
   after ``idle_timeout``: the operator's memory is for the clients that read, and a client
   that pipelines requests for large replies and never reads them must not stall everyone
@@ -42,7 +43,7 @@ def sweep(conns: list[Any], now: float, settings: Any, budget: Any) -> None:
     for conn in budget.laggards(now, rate, settings.body_timeout):
         if not conn.closed:
             too_slow(conn, f"its large body arrived slower than {rate:.0f} bytes/s while others waited for memory")
-    pressure, idle_timeout = budget.waiting > 0, settings.idle_timeout
+    pressure, idle_timeout = budget.pressed, settings.idle_timeout
     for conn in conns:
         if not conn.closed:
             _sweep(conn, now, idle_timeout, pressure)
