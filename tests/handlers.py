@@ -71,15 +71,15 @@ class Stateful(gaspar.Consumer):
 def faulty(message: bytes) -> bytes:
     """A fault on demand, for the supervision tests; otherwise sleep and reply with the pid.
 
-    b'segfault' dereferences NULL, b'exit' calls os._exit(7), b'sigkill' kills its own
-    process (what the OOM killer does), b'abort' calls abort(); anything else is seconds to
-    sleep (ASCII), and the reply is ``b'<pid>:<message>'``.
+    b'segfault' dereferences NULL (b'segfault-traced' too, its stack logged), b'exit' calls
+    os._exit(7), b'sigkill' kills its own process (what the OOM killer does), b'abort' calls
+    abort(); anything else is seconds to sleep (ASCII), and the reply is ``b'<pid>:<message>'``.
     """
     if message in (b"segfault", b"abort"):
         import faulthandler
 
         faulthandler.disable()  # a real crash, without a traceback dump in the test's output
-    if message == b"segfault":
+    if message in (b"segfault", b"segfault-traced"):  # -traced: the worker's faulthandler logs it
         import ctypes
 
         ctypes.string_at(0)

@@ -257,6 +257,28 @@ def test_queued_requests_survive_a_death(serve):
     assert_no_leaks(server)
 
 
+def test_a_request_handed_ahead_that_kills_its_worker_takes_only_itself(serve):
+    """A worker replies to its request and at once starts the one handed ahead to it, which
+    ends the process with os._exit: the reply just sent still reaches its client (the
+    handler's os._exit lets the replies already sent leave first; the supervisor takes the
+    worker's last replies before the news of its death), the killer alone is answered
+    WorkerDied, and it is not run again on another worker. (A fatal signal right at the
+    start gets no such promise: see README's fault table.)"""
+    server = serve(handlers.faulty, processes=1)
+    wait_full(server, 1)
+    for _ in range(3):
+        first = Call(server.addr, b"0.3")
+        busy_pids(server, 1)
+        killer = Call(server.addr, b"exit")
+        third = Call(server.addr, b"0")  # two queued, one worker: the killer is handed ahead
+        assert wait_for(lambda: server.producer.stats()["prefetched"] >= 1, 5)
+        assert first.join().error is None, repr(first.error)  # its reply, not WorkerDied
+        assert isinstance(killer.join().error, gaspar.WorkerDied), repr(killer.error)
+        assert third.join().error is None, repr(third.error)
+        wait_full(server, 1)
+    assert server.producer.stats()["counters"]["worker_deaths"] == 3  # never a second victim
+
+
 def test_deaths_after_boot_are_not_flapping(serve):
     """Workers that die once ready are replaced every time; only boot failures count."""
     server = serve(handlers.faulty, processes=2, flap_attempts=2, flap_max_retry=0)
@@ -1048,6 +1070,20 @@ def test_workers_run_below_the_front_end(serve):
     with open(f"/proc/{pid}/stat") as f:
         worker_nice = int(f.read().rsplit(")", 1)[1].split()[16])
     assert worker_nice == os.nice(0) + 7
+
+
+def test_a_worker_that_crashes_leaves_its_stack_in_the_log(cli):
+    """A handler that dies of a fatal signal (here a segfault in C) leaves its stack in the
+    log (faulthandler in the worker, read by the fork server when it reaps the worker)."""
+    server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "1")
+    server.wait_ready(1)
+    with pytest.raises(gaspar.WorkerDied):
+        client.request(server.addr, b"segfault-traced", timeout=10)
+    assert wait_for(lambda: "crashed in:" in server.log, 5), server.log
+    assert wait_for(lambda: "in faulty" in server.log, 5), server.log
+    assert wait_for(lambda: "killed by SIGSEGV" in server.log, 5), server.log
+    assert server.log.index("crashed in:") < server.log.index("killed by SIGSEGV")  # stack, then the exit
+    server.wait_ready(1)
 
 
 @pytest.mark.parametrize("how", ["sleep", "spin"])

@@ -219,6 +219,7 @@ class Producer:
             self.processes,
             plan=self.pool_plan,
             send=self.router.send,
+            take=self.router.round,
             fail=self.outcomes.fail,
             on_ready=self._on_pool_ready,
             on_fatal=self._on_fatal,

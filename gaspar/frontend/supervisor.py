@@ -76,6 +76,7 @@ class Supervisor:
         *,
         plan: PoolPlan,
         send: Callable[[list[Any]], None],
+        take: Callable[[], None] = lambda: None,
         fail: Callable[..., None],
         on_ready: Callable[[], None],
         on_fatal: Callable[[int, BaseException | None], None],
@@ -83,6 +84,7 @@ class Supervisor:
         self.consumer, self.app_spec, self.settings = consumer, app_spec, settings
         self.dispatcher, self.telemetry = dispatcher, telemetry
         self._send, self._fail, self._on_ready, self._on_fatal = send, fail, on_ready, on_fatal
+        self._take = take  # the router's round: take every message waiting from the workers
         s = settings
         self.book = PoolBook(target, FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry))
         self.book.sizes, self.book.max_memory, self.book.memory = plan.sizes, s.max_worker_memory, plan.memory
@@ -203,6 +205,9 @@ class Supervisor:
         slot = next((w for w in self.local_workers() if w.pid == pid), None)
         if slot is not None:
             expected, reason = slot.exit_meaning(exitcode)
+            # its last replies first: a reply sent just before it died answers its request,
+            # and the request it had started next is the one that dies with it
+            self._take()
             req = self.dispatcher.remove_worker(slot.routing_id)
             if req is not None:
                 facts = {"pid": pid, "exitcode": exitcode, "signal": sig}

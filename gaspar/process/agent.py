@@ -388,6 +388,7 @@ class Agent(Uplink):
         out = self.book.exited(pid, status)
         w = self.by_pid.pop(pid, None)
         if w is not None:
+            self.read_workers()  # its last replies go out before the news of its death
             self.by_wid.pop(w.wid, None)
             if w.announced:
                 self.send_control(Link.EXITED, wid=w.wid.decode(), pid=pid, number=number, status=status)

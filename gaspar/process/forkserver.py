@@ -240,7 +240,7 @@ class Server:
             if not pid:
                 return
             number = self.children.pop(pid, None)
-            self._forget_stack(pid)
+            self._forget_stack(pid, number)
             if self.output is not None:  # its last lines before the news of its exit
                 self.output.close(pid)
             if not report:
@@ -251,9 +251,14 @@ class Server:
                 if exc.errno != errno.EPIPE:
                     raise
 
-    def _forget_stack(self, pid: int) -> None:
+    def _forget_stack(self, pid: int, number: int | None = None) -> None:
+        """Close an exited worker's stack pipe; what is in it is a crash's stack (a fatal
+        signal: ``faulthandler.enable`` in the worker), logged."""
         fd = self.stacks.pop(pid, None)
         if fd is not None:
+            text = drain(fd, 65536).decode("utf-8", "replace").rstrip()
+            if text:
+                log.error("Worker %s (pid:%s) crashed in:\n%s", number, pid, text)
             os.close(fd)
 
     def shutdown(self, grace: float = 2.0) -> int:
@@ -288,13 +293,17 @@ class Server:
         return 0
 
 
-def drain(fd: int) -> None:
-    """Read a non-blocking pipe (a wake-up pipe) until it is empty."""
+def drain(fd: int, keep: int = 0) -> bytes:
+    """Read a non-blocking pipe (a wake-up pipe) until it is empty; return the first
+    ``keep`` bytes read."""
+    kept = b""
     try:
-        while os.read(fd, 4096):
-            pass
+        while data := os.read(fd, 4096):
+            if len(kept) < keep:
+                kept += data
     except BlockingIOError:
         pass
+    return kept[:keep]
 
 
 def _flush_std() -> None:

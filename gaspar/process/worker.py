@@ -12,7 +12,8 @@ takes every message that has arrived, so a ``CANCEL`` for it is seen in time: th
 answered ``SKIPPED`` and never reaches the handler (its client left, or its deadline
 passed). A handler's exception becomes an error reply and the worker carries on; a
 handler that kills the process (``os._exit``, a segfault) costs only its own request: the
-front end fails it and has the worker replaced.
+front end fails it and has the worker replaced. ``os._exit`` first lets the replies already
+sent leave (:func:`flushing_exit`), and a crash's stack is logged (``faulthandler``).
 
 **Limits.** A request's head carries the client's own limits: its ``handler_timeout`` (from
 the handler's start) and what was left of its deadline (from the request's arrival here).
@@ -183,6 +184,7 @@ def run_worker(
         import faulthandler
 
         faulthandler.register(DUMP_SIGNAL, file=stack_fd, all_threads=True, chain=False)
+        faulthandler.enable(file=stack_fd, all_threads=True)  # a crash's stack, logged at its exit
     soft = SoftLimit()
     if post_fork is not None:
         try:
@@ -204,6 +206,8 @@ def run_worker(
     if worker.pool != "default":
         hello["pool"] = worker.pool
     sock.send_multipart([Kind.HELLO.value, json.dumps(hello).encode()])
+    real_exit = os._exit
+    os._exit = flushing_exit(sock, ctx, real_exit)
     consumer = worker.consumer
     request, ahead = Kind.REQUEST.value[0], Kind.AHEAD.value[0]
     broadcast, exit_, cancel = Kind.BROADCAST.value[0], Kind.EXIT.value[0], Kind.CANCEL.value[0]
@@ -306,9 +310,31 @@ def run_worker(
                 worker_exit(worker)
             except Exception:
                 log.exception("Worker %s (pid:%s) worker_exit hook failed", worker.number, worker.pid)
+        os._exit = real_exit
         sock.close()
         ctx.term()
     return 0
+
+
+def flushing_exit(sock: Any, ctx: Any, real_exit: Callable[[int], Any]) -> Callable[[int], Any]:
+    """``os._exit`` for a handler that ends its worker at once: first the replies already
+    sent leave (1 s at most). A worker starts a request handed ahead right after sending
+    the reply before it, which waits a moment in 0MQ's queue for its I/O thread; a handler
+    dying at once would take that reply with it, and the front end would answer that
+    request, which ran, WorkerDied too. Only from the worker's main thread (a 0MQ socket
+    is not thread-safe) and not in a process the handler forked."""
+    pid = os.getpid()
+
+    def _exit(code: int) -> Any:
+        if os.getpid() == pid and threading.current_thread() is threading.main_thread():
+            try:
+                sock.close(linger=1000)
+                ctx.term()
+            except Exception:  # dying anyway
+                pass
+        real_exit(code)
+
+    return _exit
 
 
 def die_with_parent(parent: int) -> None:
