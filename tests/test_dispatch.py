@@ -82,6 +82,30 @@ def test_no_request_starts_while_unsent_replies_hold_the_memory():
     assert d.take_shed() == [(r3, "queue_timeout")]
 
 
+def test_nothing_is_handed_ahead_to_wait_behind_a_stream():
+    """A stream runs as long as its client reads: a request handed ahead behind one would
+    wait that long (QA: 38 s) while other workers free up. So a worker running a stream is
+    handed nothing ahead, and a stream handed ahead is the last in its worker's line."""
+    d = Dispatcher(Clock(), prefetch=4)
+    w1 = worker(1)
+    d.add_worker(w1)
+    s, [(w, _)] = d.submit(b"stream", "c0")
+    s.stream = True  # the front end marks a call's kind as it submits it
+    for i in range(6):
+        assert d.submit(b"q%d" % i, "c")[1] == []
+    assert not w1.ahead and d.queued == 6  # behind the running stream: none
+    d.complete(w1.routing_id, s.id)  # the stream ended: w1 takes q0, and some ahead
+    assert w1.current.body == b"q0" and len(w1.ahead) >= 1
+    d2 = Dispatcher(Clock(), prefetch=4)
+    w2 = worker(2)
+    d2.add_worker(w2)
+    d2.submit(b"long", "c0")
+    s2, _ = d2.submit(b"stream", "c1")
+    s2.stream = True
+    queued = [d2.submit(b"q%d" % i, "c")[0] for i in range(6)]
+    assert w2.ahead[-1] is s2 and not any(r in w2.ahead for r in queued)  # nothing after it
+
+
 def test_unknown_and_wrong_worker_replies_are_dropped():
     d, w1, w2 = two_workers()
     r, [(w, _)] = d.submit(b"x", "c")

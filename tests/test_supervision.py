@@ -941,6 +941,43 @@ def test_graceful_stop_from_python_finishes_queued_requests(serve):
     assert not [p for p in pids if wait_for(lambda p=p: not alive(p), 5) is False]
 
 
+def test_graceful_stop_answers_new_requests_on_persistent_connections_unavailable(serve):
+    """Clients that keep sending on persistent connections do not hold a graceful stop
+    for all of graceful_timeout (QA: 13-22 s): what they had sent before the stop is
+    answered, and a request they send after it, never run, is answered ServerUnavailable
+    (retry is safe), so the stop ends once the accepted work is done."""
+    server = serve(handlers.faulty, processes=2, graceful_timeout=20)
+    wait_full(server, 2)
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def closed_loop() -> None:
+        with client.Client(server.addr, timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    c.request(b"0.05")
+                    outcomes.append("ok")
+                except gaspar.ServerUnavailable:
+                    outcomes.append("unavailable")
+                    return
+                except gaspar.GasparError as exc:
+                    outcomes.append(type(exc).__name__)
+                    return
+
+    threads = [threading.Thread(target=closed_loop, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: len(outcomes) >= 20, 10)
+    t0 = time.monotonic()
+    server.producer.stop(graceful=True, timeout=25)
+    took = time.monotonic() - t0
+    stop.set()
+    for t in threads:
+        t.join(5)
+    assert took < 3.0, took  # not graceful_timeout's 20 s
+    assert outcomes.count("unavailable") == 4 and set(outcomes) == {"ok", "unavailable"}, outcomes
+
+
 def test_graceful_stop_serves_connections_waiting_in_the_backlog(serve):
     """Connections the kernel accepted before the stop are served, not reset.
 

@@ -391,11 +391,11 @@ class Dispatcher:
             # I/O threads
             for worker in self.workers.values():
                 ahead = worker.ahead
-                if worker.current is None or worker.retiring:
-                    continue
+                if worker.current is None or worker.retiring or worker.current.stream:
+                    continue  # nothing waits behind a stream: it runs as long as its client reads
                 while (
                     len(ahead) < depth and len(items) > n * (len(ahead) + 1) and control.may_hand_ahead(len(ahead) + 1)
-                ):
+                ) and not (ahead and ahead[-1].stream):
                     if worker.max_requests and worker.handled + len(ahead) + 1 >= worker.max_requests:
                         break  # it retires after the requests in hand
                     req = self._take(lifo, now, limit, reason, False)

@@ -246,13 +246,17 @@ class Connection:
             if self.admitted:
                 self.admitted = False
                 self.front.wake_starved(self.budget.settle(self))
-            if request.keepalive and not self.keepalive:
+            again = self.keepalive  # not its connection's first request
+            if request.keepalive and not again:
                 self.keepalive = True
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.inflight += 1
             if not request.keepalive:
                 self.eof = True  # its last request: read no more
-            self.front.submit(self, request)
+            if again and self.front.draining:  # a stop began: accepted work is done, this is new
+                self.front.outcomes.refused(self, request)
+            else:
+                self.front.submit(self, request)
             if self.eof:
                 return False
 
