@@ -48,6 +48,13 @@ from gaspar.process.worker import Consumer
 from gaspar.wire import calls
 
 DEFAULT_POOL = "default"
+#: A generator called with ``call`` (not ``stream``) sends its items as one list: at most this
+#: many bytes of them (the default max_message_size), or the call fails (``ReplyTooLarge``).
+MAX_LISTED = 64 << 20
+
+
+class ReplyTooLarge(Exception):
+    """A generator called with ``call`` made more than :data:`MAX_LISTED` bytes of items."""
 
 
 @dataclass
@@ -208,7 +215,7 @@ class App(Consumer):
         codec, handler, args, kwargs = self._prepare(message)
         result = self._invoke(handler, args, kwargs)
         if handler.stream:  # called without streaming: the items as one list
-            result = list(result)
+            return _listed(handler.name, result, codec)
         return calls.encode(codec, result)
 
     def stream(self, message: Any) -> Iterator[bytes]:
@@ -218,6 +225,26 @@ class App(Consumer):
         result = self._invoke(handler, args, kwargs)
         items = result if inspect.isgenerator(result) else iter((result,))
         return _Encoded(items, codec)
+
+
+def _listed(name: str, items: Iterator[Any], codec: int) -> bytes:
+    """A generator's items as one encoded list, encoded as they come (the objects are not
+    kept for msgpack), and at most :data:`MAX_LISTED` bytes of them: an endless generator
+    called with ``call`` would otherwise take its worker's memory without bound."""
+    parts, kept, size = [], [], 0
+    for item in items:
+        data = calls.encode(codec, item)
+        size += len(data)
+        if size > MAX_LISTED:
+            getattr(items, "close", lambda: None)()
+            raise ReplyTooLarge(f"{name}() made more than {MAX_LISTED} bytes of items: call it with stream")
+        if codec == calls.MSGPACK:
+            parts.append(data)
+        else:
+            kept.append(item)
+    if codec != calls.MSGPACK:
+        return calls.encode(codec, kept)
+    return calls.list_header(len(parts)) + b"".join(parts)
 
 
 @dataclass

@@ -342,6 +342,15 @@ def test_results_msgpack_cannot_carry_and_generators_called_plainly(serve):
         with pytest.raises(errors.HandlerError, match="can not serialize 'set' object"):
             c.call("a_set")
         assert c.call("count", 2) == [b"\x00", b"\x01"]  # a generator called without streaming: a list
+        assert c.call("count", 20, size=100) == [bytes([i]) * 100 for i in range(20)]  # 16 items and more
+        # an endless one: refused past 64 MiB of items, not the worker's memory without end (QA: 2.3 GiB in 5 s)
+        (pid,) = s.pids()
+        with pytest.raises(errors.HandlerError, match="ReplyTooLarge.*call it with stream"):
+            c.call("forever", size=1 << 20)
+        with open(f"/proc/{pid}/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) << 10
+        assert hwm < 400 << 20, hwm
+        assert c.call("count", 1) == [b"\x00"]  # the same worker, well
 
 
 # -- pools ---------------------------------------------------------------------------------

@@ -93,6 +93,11 @@ def _value(value: Any) -> tuple[Any, ...]:
     return _bin(value) if _large(value) else (_packb(value),)
 
 
+def list_header(count: int) -> bytes:
+    """A msgpack array's header, for ``count`` items encoded one by one behind it."""
+    return _header(count, 0x90, 0xDC)
+
+
 def _header(count: int, fix: int, code16: int) -> bytes:
     """msgpack's array (fix 0x90, 0xdc) or map (fix 0x80, 0xde) header, its shortest form."""
     if count < 16:
