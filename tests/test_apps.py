@@ -287,6 +287,32 @@ def test_a_client_that_does_not_read_holds_its_stream_at_a_window(serve):
     assert wait_for(lambda: s.producer.stats()["running"] == 0, 5), "the worker was not freed"
 
 
+def test_a_stream_its_client_does_not_read_is_ended_past_the_timeout_not_its_worker(serve, tmp_path):
+    """A client that starts an endless stream and reads nothing holds its worker waiting for
+    room; past the operator's timeout that is not the handler's fault: the stream is ended
+    (GeneratorExit reaches it) and its worker takes other calls, not SIGKILLed (QA: six
+    kills in 20 s from two such clients)."""
+    s = serve(apps_under_test.app, processes=1, timeout=1.0)
+    (pid,) = s.pids()
+    marker = tmp_path / "closed"
+    body = calls.encode_call("forever", (), {"size": 65536, "marker": str(marker)})
+    with socket.create_connection(tuple(s.producer.server_addr), timeout=10) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        raw.sendall(extended_header(len(body), keepalive=True, stream=True) + body)
+        assert wait_for(marker.exists, 5, 0.05), "GeneratorExit never reached the handler"
+        with Client(s.addr, timeout=10) as c:
+            assert c.call("whoami") == pid  # the same worker, free again
+        stats = s.producer.stats()
+        assert stats["restarts"] == 0 and stats["counters"]["timeouts"] == 0, stats["counters"]
+        raw.settimeout(5)
+        got = b""
+        while (end := got.find(b"stream ended")) < 0:  # after its items, the client finds why
+            chunk = raw.recv(1 << 20)
+            assert chunk, "closed without saying why"
+            got += chunk
+        assert b"WorkerTimeout" in got[: end + 20]
+
+
 def test_the_timeout_bounds_the_time_between_items(serve):
     s = serve(apps_under_test.app, processes=1, timeout=1.0)
     with Client(s.addr, timeout=10) as c:

@@ -28,7 +28,7 @@ with warnings.catch_warnings():
     import eventlet
 
 from gaspar.errors import ServerUnavailable
-from gaspar.frontend.sweep import sweep
+from gaspar.frontend.sweep import stalled_streams, sweep
 from gaspar.ops import sdnotify
 from gaspar.ops.humanize import human_mib
 from gaspar.ops.procstat import give_back_memory
@@ -114,6 +114,7 @@ def turn(front: Any, rounds: int) -> None:
     d = front.dispatcher
     front.stall.sample(now, front.budget.freed, d.counters.started + d.counters.completed)
     front.outcomes.report(now)
+    stalled_streams(front, now)  # before expire, which would kill their workers
     answered, killed = d.expire()
     front.outcomes.expired(answered, killed, front.owner)
     if killed:

@@ -21,6 +21,8 @@ state, with the clock passed in.
   after ``idle_timeout``: the operator's memory is for the clients that read, and a client
   that pipelines requests for large replies and never reads them must not stall everyone
   else for a minute.
+* **A stream its client does not read** (:func:`stalled_streams`): ended when its worker has
+  waited for room for the operator's ``timeout``, never its worker killed for it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import fcntl
 import struct
 import termios
 from typing import Any
+
+from gaspar.errors import WorkerTimeout
+from gaspar.process.running import STREAM_WINDOW
 
 #: Under memory pressure, replies unread this long (seconds) end their connection.
 PRESSURE_GRACE = 1.0
@@ -101,3 +106,25 @@ def too_slow(conn: Any, why: str = "") -> None:
     conn.front.log_refusal("Reset a connection: %s", why)
     conn.front.counters.slow_requests += 1
     conn.abort()
+
+
+def stalled_streams(front: Any, now: float) -> None:
+    """Streams past the operator's timeout (the time between two items) because their
+    worker waits for room: the front end holds a whole window of items its client has not
+    read. Not the handler's fault, so not a worker killed (``Dispatcher.expire`` would):
+    the stream is ended (CANCEL: ``GeneratorExit`` at its ``yield``, ``finally`` blocks run,
+    the worker takes other calls) and its client finds ``WorkerTimeout`` (``killed`` false)
+    after the items, should it read them."""
+    d = front.dispatcher
+    for worker in list(d.workers.values()):
+        req = worker.current
+        if req is None or not req.stream or req.cancelled or req.deadline is None or now < req.deadline:
+            continue
+        conn = req.waiter[0]
+        if conn.owed.count(req) < STREAM_WINDOW:
+            continue  # the handler had room to send: its own slowness, and the timeout's to end
+        msg = f"its client left {STREAM_WINDOW} items unread past the timeout setting ({req.timeout}s); stream ended"
+        front.outcomes.fail(req, WorkerTimeout, msg, timeout=req.timeout, limit="timeout", killed=False, pid=worker.pid)
+        req.deadline = None
+        d.cancel(req)
+    front.router.settle()
