@@ -161,6 +161,23 @@ class App(Consumer):
             return ""
         return name if name in self.handlers else ""
 
+    def refusal(self, body: Any) -> tuple[str, str] | None:
+        """In the front end: ``(kind, message)`` for a call to a name this App does not
+        have, answered at once instead of queueing for a worker to refuse (under load it
+        would wait, and be shed as Overloaded: "retry" for a call that can never run);
+        None otherwise (a malformed call, or a codec refused, is its worker's to explain)."""
+        try:
+            codec, name = calls.call_name(body)
+        except ProtocolError:
+            return None
+        if name in self.handlers or (codec == calls.PICKLE and not self.allow_pickle):
+            return None
+        return "NoSuchHandler", self._unknown(name)
+
+    def _unknown(self, name: str) -> str:
+        known = ", ".join(sorted(self.handlers)) or "none"
+        return f"no handler named {name!r} (this app has: {known})"
+
     # -- in a worker -------------------------------------------------------------------------
 
     def handle(self, message: bytes) -> bytes | str:
@@ -192,8 +209,7 @@ class App(Consumer):
             raise Refused("BadRequest", str(exc)) from None
         handler = self.handlers.get(name)
         if handler is None:
-            known = ", ".join(sorted(self.handlers)) or "none"
-            raise Refused("NoSuchHandler", f"no handler named {name!r} (this app has: {known})")
+            raise Refused("NoSuchHandler", self._unknown(name))
         return codec, handler, tuple(args), kwargs
 
     def _invoke(self, handler: Handler, args: tuple, kwargs: dict[str, Any]) -> Any:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -172,6 +173,23 @@ def test_the_registry_keeps_functions_callable_and_named():
 
 
 # -- against a daemon ----------------------------------------------------------------------
+
+
+def test_a_call_to_an_unknown_name_is_refused_at_once_even_when_every_worker_is_busy(serve):
+    """The front end knows the App's names: a call to another is answered NoSuchHandler at
+    once, not queued behind busy workers to be shed as Overloaded ("retry") for a call
+    that can never run (QA: 20,519 of 22,000 under a closed loop)."""
+    s = serve(apps_under_test.app, processes=1, queue_timeout=0.5)
+    with Client(s.addr, timeout=10) as c, Client(s.addr, timeout=10) as other:
+        busy = threading.Thread(target=lambda: other.call("pause", 1.5), daemon=True)
+        busy.start()
+        assert wait_for(lambda: s.producer.stats()["running"] == 1, 5)
+        t0 = time.monotonic()
+        with pytest.raises(errors.NoSuchHandler, match="no handler named 'nope'"):
+            c.call("nope")
+        assert time.monotonic() - t0 < 0.3
+        busy.join(5)
+    assert s.producer.stats()["counters"]["submitted"] == 1  # only the pause ever queued
 
 
 def test_calls_are_typed_and_their_errors_too(serve):

@@ -92,6 +92,10 @@ class Consumer:
         """In the front end: the handler a call's body names, if this consumer has it."""
         return ""
 
+    def refusal(self, body: Any) -> tuple[str, str] | None:
+        """In the front end: ``(kind, message)`` for a call refused before it queues."""
+        return None
+
     def call(self, message: Any) -> bytes:
         """A typed call's reply; only an App (``gaspar.App``) takes them."""
         raise Refused("NoSuchHandler", "this server runs a bytes handler, not an App: send plain requests")
