@@ -382,7 +382,7 @@ class Gateway:
         self.port.read_monitor()  # its fd wakes the hub only on a change: read it here too
         for agent in self.agents.overdue():
             silent = self.settings.agent_liveness
-            self.lose(agent, f"silent for more than {silent}s: its host is partitioned or frozen, or crashed")
+            self.lose(agent, f"silent {silent}s: host partitioned, frozen or crashed, or a big message on a slow link")
         now = self.clock()
         if now >= self._next_ping:
             self._next_ping = now + self.settings.heartbeat_interval
