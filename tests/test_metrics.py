@@ -60,6 +60,10 @@ def test_metrics_match_what_the_daemon_did(serve):
         assert value(before, "gaspar_worker_restarts_total", reason=reason) == 0
     assert value(before, "gaspar_build_info", version=gaspar.__version__) == 1
     assert value(before, "gaspar_workers_desired") == 2 and value(before, "gaspar_workers", state="idle") == 2
+    # the one pool of a bytes handler has its pool series too, as monitoring.rst lists them
+    assert value(before, "gaspar_pool_workers", pool="default") == 2
+    assert value(before, "gaspar_pool_queued", pool="default") == 0
+    assert value(before, "gaspar_pool_running", pool="default") == 0
 
     ok, errors = [0], [0]
     lock = threading.Lock()

@@ -139,8 +139,9 @@ class GasparCollector:
 
 
 def _app_metrics(st: dict[str, Any]) -> Any:
-    """An App's handlers (calls by outcome, run times) and pools (workers, queued, running);
-    nothing for a bytes handler. Handler names are the App's own: a client cannot add one."""
+    """An App's handlers (calls by outcome, run times) and pools (workers, queued, running:
+    the default pool alone for a bytes handler). Handler names are the App's own: a client
+    cannot add one."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     handlers = st.get("handlers") or {}
@@ -160,7 +161,10 @@ def _app_metrics(st: dict[str, Any]) -> Any:
             runs.add_metric([name, h["pool"]], [(_le(le), n) for le, n in d["buckets"]], d["sum"])
         yield calls
         yield runs
-    pools = st.get("pools") or {}
+    states = st.get("worker_states") or {}
+    ready = sum(n for state, n in states.items() if state != "booting")
+    # an App whose handlers share the default pool, or a bytes handler: that one pool
+    pools = st.get("pools") or {"default": {"workers": ready, "queued": st["queued"], "running": st["running"]}}
     if pools:
         families = {
             key: GaugeMetricFamily(f"gaspar_pool_{key}", doc, labels=["pool"])
