@@ -749,6 +749,10 @@ def test_gaspar_top_shows_pools_and_handlers(serve):
     assert "pools:" in text and "handlers:" in text
     [embed] = [line for line in frame if line.startswith("embed (embed)")]
     assert "calls/s 2.0" in embed and "ok 4" in embed, embed
+    # errors: it ran (raised, timed out, died with its worker); refused: it never ran
+    after["handlers"]["embed"]["outcomes"].update(error=1, timeout=1, worker_died=2, bad_request=1, shed=3)
+    [embed] = [line for line in top.render(before, after, 2.0, 100) if line.startswith("embed (embed)")]
+    assert "errors 4" in embed and "refused 4" in embed, embed
     assert "handlers:" not in "\n".join(top.render(None, serve(lambda m: m, processes=1).producer.stats(), 1.0, 80))
 
 

@@ -253,10 +253,10 @@ def render(
 
 
 def app_lines(stats: Stats, width: int, prev: Stats | None = None, elapsed: float = 0.0) -> list[str]:
-    """An App's pools (workers, queued, running) and handlers (calls a second, errors, the
-    p99 of their run time), a line each; nothing for a bytes handler."""
-    pools, handlers = stats.get("pools") or {}, stats.get("handlers") or {}
-    lines = []
+    """An App's pools and handlers (calls a second, errors, refused, the p99 of their run
+    time), a line each; nothing for a bytes handler."""
+    pools, handlers, lines = stats.get("pools") or {}, stats.get("handlers") or {}, []
+    failed, refused = ("error", "timeout", "worker_died"), ("bad_request", "shed", "unavailable")  # ran; never
     if pools:
         lines += ["", "pools:"]
         for name, p in sorted(pools.items()):
@@ -268,13 +268,13 @@ def app_lines(stats: Stats, width: int, prev: Stats | None = None, elapsed: floa
         for name, h in sorted(handlers.items()):
             total = sum(h["outcomes"].values())
             then = sum((before.get(name) or {}).get("outcomes", {}).values()) if prev is not None else None
-            p99 = h["duration_seconds"].get("p99")
+            p99, out = h["duration_seconds"].get("p99"), h["outcomes"]
             chunks = [
                 f"{name} ({h['pool']})",
                 f"calls/s {number(rate(then, total, elapsed), 6)}",
-                f"ok {h['outcomes'].get('ok', 0)}",
-                f"errors {h['outcomes'].get('error', 0)}",
-                f"refused {h['outcomes'].get('bad_request', 0)}",
+                f"ok {out.get('ok', 0)}",
+                f"errors {sum(out.get(k, 0) for k in failed)}",
+                f"refused {sum(out.get(k, 0) for k in refused)}",
                 f"p99 {'-' if p99 is None else f'{p99 * 1000:.1f}ms'}",
             ]
             lines += _wrap(chunks, width)
