@@ -17,6 +17,7 @@ import collections
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -205,6 +206,27 @@ def test_worker_death_fails_only_its_request(serve, how, message, exitcode, sig,
     assert server.request(b"0").split(b":")[1] == b"0"  # the next request works
     assert_no_leaks(server)
     assert server.producer.stats()["restarts"] == 1
+
+
+def test_a_handler_that_kills_its_worker_on_every_call_does_not_flood_the_log(serve, caplog):
+    """Each death costs three lines (booting, ready, died): a client sending a request that
+    kills its worker, again and again, made 600 lines a second (QA). They are limited to 120
+    a minute, the rest counted and summed up once the minute is over."""
+    server = serve(handlers.faulty, processes=2)
+    wait_full(server, 2)
+    caplog.set_level(logging.INFO, logger="gaspar")
+    deadline = time.monotonic() + 20
+    while server.producer.stats()["counters"]["worker_deaths"] < 60 and time.monotonic() < deadline:
+        try:
+            client.request(server.addr, b"exit", timeout=5, retry=False)
+        except gaspar.GasparError:
+            pass
+    deaths = server.producer.stats()["counters"]["worker_deaths"]
+    assert deaths >= 60, deaths
+    line = re.compile(r"(Booting worker|Worker \d+ \(pid:\d+\) (ready|exited))")
+    churn = [r for r in caplog.records if line.match(r.getMessage())]
+    assert 100 <= len(churn) <= 120, (len(churn), deaths)  # not 3 x deaths
+    assert server.request(b"0").endswith(b":0")
 
 
 def test_pool_is_full_again_within_a_second(serve):

@@ -316,6 +316,14 @@ class PoolBook:
         """The pids of booting workers known so far."""
         return [b.pid for b in self.booting.values() if b.pid is not None]
 
+    def why_none(self) -> str:
+        """Why the pool has no worker, for a client refused for it and the log."""
+        if self.booting:
+            return f"{len(self.booting)} worker(s) booting"
+        if self.total == 0:
+            return "this front end runs no worker itself (workers 0) and no agent's worker has joined"
+        return "none is running; new ones are being forked"
+
 
 __all__ = [
     "DEFAULT_POOL",

@@ -31,6 +31,7 @@ from gaspar.errors import ServerUnavailable
 from gaspar.frontend.sweep import stalled_streams, sweep
 from gaspar.ops import sdnotify
 from gaspar.ops.humanize import human_mib
+from gaspar.ops.logs import log_held_back
 from gaspar.ops.procstat import give_back_memory
 
 log = logging.getLogger("gaspar")
@@ -114,6 +115,7 @@ def turn(front: Any, rounds: int) -> None:
     d = front.dispatcher
     front.stall.sample(now, front.budget.freed, d.counters.started + d.counters.completed)
     front.outcomes.report(now)
+    log_held_back(front.supervisor.churn, "worker boot, ready and exit lines", logging.INFO)
     stalled_streams(front, now)  # before expire, which would kill their workers
     answered, killed = d.expire()
     front.outcomes.expired(answered, killed, front.owner)

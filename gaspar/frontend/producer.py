@@ -122,7 +122,7 @@ class Producer:
         self.dispatcher: Any = Pools(dispatcher, plan.most, plan.handlers) if plan.sizes else dispatcher()
         self.counters = ConnectionCounters()  # abandoned, refused, idle and slow resets
         self.telemetry = Telemetry({h: plan.handlers.get(h, DEFAULT_POOL) for h in getattr(consumer, "handlers", ())})
-        self.outcomes = Outcomes(s, self.dispatcher, self.telemetry, lambda: self.supervisor.why_no_workers())
+        self.outcomes = Outcomes(s, self.dispatcher, self.telemetry, lambda: self.supervisor.book.why_none())
         self.stall = Stall()
         self._control = Control()
         self._thread: threading.Thread | None = None

@@ -54,6 +54,7 @@ from gaspar.frontend.hub import watch_fd
 from gaspar.ops import sdnotify
 from gaspar.ops.procstat import resident_bytes
 from gaspar.ops.reloads import Reloads
+from gaspar.ops.telemetry import LogLimiter
 from gaspar.process.forks import ForkServer, ForkServers
 from gaspar.process.worker import WORKER_BOOT_ERROR
 from gaspar.wire.envelope import Kind, pack_id
@@ -96,19 +97,18 @@ class Supervisor:
         self.router: Any = None  # the front end's ROUTER, once bound (see attach)
         self.forks: ForkServers | None = None  # the current fork server, a reload's next, old ones
         self.gone = GreenEvent()  # once stopping: every worker has exited
+        self.churn = LogLimiter(burst=120, period=60.0)  # workers' boot, ready and exit lines
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        """A worker's boot, ready or exit line: 120 a minute at most, the rest summed up (a crash loop's flood)."""
+        allowed, held = self.churn.allow()
+        if allowed:
+            log.log(level, message + (f" ({held} more worker lines not logged)" if held else ""), *args)
 
     @property
     def target(self) -> int:
         """Workers of every pool (an App's pools besides the default: ``book.sizes``)."""
         return self.book.total
-
-    def why_no_workers(self) -> str:
-        """Why the pool has no worker, for a client refused for it and the log."""
-        if self.booting:
-            return f"{len(self.booting)} worker(s) booting"
-        if self.target == 0:
-            return "this front end runs no worker itself (workers 0) and no agent's worker has joined"
-        return "none is running; new ones are being forked"
 
     @property
     def booting(self) -> dict[int, Any]:
@@ -191,7 +191,7 @@ class Supervisor:
         s = self.settings
         limit = draw_limit(s.max_requests, s.max_requests_jitter)
         slot = WorkerSlot(pid, boot.number, boot.generation, rid, max_requests=limit, pool=boot.pool)
-        log.info("Worker %s (pid:%s) ready", slot.number, pid)
+        self.log(logging.INFO, "Worker %s (pid:%s) ready", slot.number, pid)
         self._send(self.dispatcher.add_worker(slot))
         self.manage()  # a rolling reload: an old worker goes for each new one ready
         if self.ready_count() >= self.target:
@@ -218,10 +218,10 @@ class Supervisor:
             if self.reloading == "replacing":  # an old worker scaled away may be the last one
                 self.notify_if_reloaded()
             if expected or self.stopping:
-                log.info("Worker %s (pid:%s) exited", number, pid)
+                self.log(logging.INFO, "Worker %s (pid:%s) exited", number, pid)
             else:
                 self.restarts += 1
-                log.error("Worker %s (pid:%s) %s", number, pid, text)
+                self.log(logging.ERROR, "Worker %s (pid:%s) %s", number, pid, text)
         elif out.boot_failure:
             why = "its post_fork hook failed" if exitcode == WORKER_BOOT_ERROR else text
             log.error("Worker %s (pid:%s) died before it was ready: %s", number, pid, why)
@@ -441,7 +441,7 @@ class Supervisor:
     def _handle_event(self, event: dict[str, Any], fs: ForkServer) -> None:
         kind = event["ev"]
         if kind == "spawned":
-            log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
+            self.log(logging.INFO, "Booting worker %s (pid:%s)", event["number"], event["pid"])
             if self.book.spawned(event["token"], event["pid"]):  # forked just as we stopped
                 self.kill_pid(event["pid"], signal.SIGKILL, "the daemon is stopping")
         elif kind == "exited":
