@@ -193,6 +193,7 @@ def test_a_lost_agent_costs_only_its_running_request(serve, agent, fault):
         a.signal(signal.SIGCONT)
         info = joined(s, "a1", 1, session_above=1)
         assert info, a.log
+        assert "because its request's session ended" in a.log and "Perhaps out of memory" not in a.log, a.log
         pids = {reply_pid(s.request(b"again%d" % i)) for i in range(10)}
         assert pids & {w["pid"] for w in info["workers"]} or pids <= set(s.pids())
 

@@ -379,9 +379,9 @@ class Agent(Uplink):
             except zmq.ZMQError:
                 self.kill(w, signal.SIGTERM)
 
-    def kill(self, w: LocalWorker, sig: int, dump: bool = False) -> None:
-        """Signal a worker through the fork server that forked it (``dump``: log its stack
-        first)."""
+    def kill(self, w: LocalWorker, sig: int, dump: bool = False, why: str = "") -> None:
+        """Signal a worker through its fork server (``dump``: log its stack; ``why``: logged at its exit)."""
+        self.book.killing(w.pid, why)  # "": none of ours, the exit line guesses
         self.forks.kill(w.pid, sig, dump)
 
     def on_exit(self, pid: int, number: int, status: int) -> None:

@@ -107,7 +107,7 @@ class Uplink:
             w.retiring = False  # a reload's RETIRE went to the old session: asked again later
             if w.requests:
                 w.requests.clear()
-                self.kill(w, signal.SIGKILL)
+                self.kill(w, signal.SIGKILL, why=f"its request's session ended ({why}); the front end answered it")
                 killed += 1
         self.drop_link(linger=0)
         delay = reconnect_delay(self.attempt, cap=self.reconnect_max)
@@ -183,8 +183,8 @@ class Uplink:
         elif kind == Link.KILL.value:
             w = self.by_wid.get(body.get("wid", "").encode())
             if w is not None:  # its exit is logged with the front end's reason (a timeout...)
-                self.book.killing(w.pid, str(body.get("why") or "the front end asked")[:200])
-                self.kill(w, int(body.get("sig", signal.SIGKILL)), dump=bool(body.get("dump")))
+                why = str(body.get("why") or "the front end asked")[:200]
+                self.kill(w, int(body.get("sig", signal.SIGKILL)), dump=bool(body.get("dump")), why=why)
 
     def resize(self, pool: Any, size: Any) -> None:
         """SIZE from the front end, for a pool of MIN:MAX workers: kept within its range (the
