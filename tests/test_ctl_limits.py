@@ -1,6 +1,7 @@
 """The control socket's bounds and ``gaspar ctl reload``'s outcome, over the real socket:
-a line of 1 MiB at most, 16 connections at most, ``scale`` up to ``max_workers``, a reload
-that is waited for (exit 1 with the reason when it failed) and shown by ``status``."""
+a line of 1 MiB at most, 16 connections at most, each line whole within 5 s, refusals logged
+10 a minute, ``scale`` up to ``max_workers``, a reload that is waited for (exit 1 with the
+reason when it failed) and shown by ``status``."""
 
 from __future__ import annotations
 
@@ -97,6 +98,98 @@ def test_at_most_16_connections_at_once(daemon):
     held.pop().close()
     assert wait_for(lambda: _status_ok(path), 5)
     for s in held:
+        s.close()
+
+
+def _hold(path: str) -> list[socket.socket]:
+    """All MAX_CONNECTIONS slots, each served once (so counted, and past its first deadline)."""
+    held = [connect(path) for _ in range(ctl.MAX_CONNECTIONS)]
+    for s in held:
+        s.sendall(b'{"cmd": "status"}\n')
+        assert json.loads(s.makefile("rb").readline())["ok"] is True
+    return held
+
+
+def test_refused_connections_are_logged_10_a_minute_and_counted(daemon):
+    """QA: a connect/close loop against 16 held connections logged 66,667 warnings in 5 s."""
+    server, path = daemon(1)
+    held = _hold(path)
+    knocks, end = 0, time.monotonic() + 2.0
+    while time.monotonic() < end:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(1)
+        try:
+            s.connect(path)
+            knocks += 1
+        except OSError:  # a full backlog
+            pass
+        finally:
+            s.close()
+    assert knocks > 100, knocks
+    held.pop().close()
+    assert wait_for(lambda: _status_ok(path), 5)
+    assert wait_for(lambda: server.log.count("Control: refused a connection") >= 10, 5), server.log[-2000:]
+    time.sleep(0.5)  # anything more would have come by now
+    assert server.log.count("Control: refused a connection") == 10, server.log.count("Control: refused")
+    refused = ctl.call(path, {"cmd": "status"})["result"]["control"]["refused"]
+    assert refused["too_many"] >= knocks * 0.9 and refused["too_slow"] == 0, (refused, knocks)
+    for s in held:
+        s.close()
+
+
+def _trickle(sock: socket.socket, stop: threading.Event) -> None:
+    while not stop.wait(0.5):  # a byte every half second, never a newline
+        try:
+            sock.sendall(b"{")
+        except OSError:
+            return
+
+
+def test_silent_or_trickling_connections_are_closed_after_5_s(daemon):
+    """QA: 16 silent connections (or ones sending a byte a second) locked gaspar ctl out for
+    as long as they stayed. Now each must send its line whole within 5 s of connecting; a
+    connection answered once may still wait (IDLE_TIMEOUT) before its next request."""
+    server, path = daemon(1)
+    served = connect(path)
+    served.sendall(b'{"cmd": "status"}\n')
+    served_file = served.makefile("rb")
+    assert json.loads(served_file.readline())["ok"] is True
+    started = time.monotonic()
+    silent = [connect(path) for _ in range(11)]
+    trickling = [connect(path) for _ in range(4)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=_trickle, args=(s, stop), daemon=True) for s in trickling]
+    for t in threads:
+        t.start()
+    try:
+        busy = ctl.call(path, {"cmd": "status"})  # all 16 are taken
+        assert busy["ok"] is False and "too many control connections" in busy["error"], busy
+        error = {"ok": False, "error": "no whole request line within 5s; closing the connection"}
+        for s in silent + trickling:  # each read bounded by its 10 s socket timeout
+            f = s.makefile("rb")
+            assert json.loads(f.readline()) == error
+            assert time.monotonic() - started > ctl.REQUEST_TIMEOUT - 1  # not before its time
+            try:
+                assert f.read() == b""  # closed
+            except ConnectionResetError:  # a trickler's bytes after the close
+                pass
+        assert time.monotonic() - started < ctl.REQUEST_TIMEOUT + ctl.LINGER + 4
+        # gaspar ctl gets in again, once the refused ones have lingered (LINGER)
+        assert wait_for(lambda: _status_ok(path), ctl.LINGER + 3, 0.25), server.log[-2000:]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+    # the connection answered before is still served, its silence since then allowed
+    served.sendall(b'{"cmd": "status"}\n')
+    control = json.loads(served_file.readline())["result"]["control"]
+    assert control["refused"]["too_slow"] == 15 and control["refused"]["line_too_long"] == 0, control
+    # logged 10 a minute, all refusals together: the busy one, then 9 of the 15 slow ones
+    assert wait_for(lambda: server.log.count("Control: refused") >= 10, 5), server.log[-2000:]
+    time.sleep(0.5)  # anything more would have come by now
+    assert server.log.count("Control: refused") == 10, server.log[-2000:]
+    assert server.log.count("no whole request line within 5s") == 9
+    for s in [served, *silent, *trickling]:
         s.close()
 
 

@@ -1,6 +1,13 @@
 """The control socket's server, in the front end's hub: green threads, one per connection, a
 command run in the thread that owns the supervisor's state, with no lock. The protocol, where
 the socket lives and its bounds are :mod:`gaspar.ops.ctl`'s (this module is its server side).
+
+A connection is refused (answered with an error, then closed) when :data:`MAX_CONNECTIONS`
+are open, when a request line is too long, or when it is not whole in time
+(:data:`REQUEST_TIMEOUT`: an ``eventlet.Timeout`` over the whole line, so a trickle does not
+extend it). Each refusal is counted (``status``'s ``control``) and logged through
+``Commands.log_refusal``: in a daemon, the data path's limiter (10 lines a minute, the rest
+summed up by the ticker), so a connect/close loop cannot flood the log.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from gaspar.ops.ctl import (
     LINGER,
     MAX_CONNECTIONS,
     MAX_LINE,
+    REQUEST_TIMEOUT,
     CtlError,
     _encode,
     _private_dir,
@@ -102,10 +110,12 @@ class Commands:
     least: Callable[[], int] = lambda: 1  # the fewest local workers: 0 with agents on other hosts
     most: Callable[[], int] = lambda: 1 << 30  # max_workers
     wait_reload: Callable[[float], Any] = lambda timeout: None  # the reload under way, once settled
+    log_refusal: Callable[..., None] = log.warning  # a refused connection; a daemon rate-limits it
 
 
 def _stats_with_reloads(p: Any) -> dict[str, Any]:
-    return {**p._stats(), "reloads": p.supervisor.reloads.snapshot()}
+    control = p.control_server.snapshot() if p.control_server is not None else None
+    return {**p._stats(), "reloads": p.supervisor.reloads.snapshot(), "control": control}
 
 
 def _wait_reload(p: Any, timeout: float) -> dict[str, Any] | None:
@@ -141,6 +151,7 @@ def producer_commands(producer: Any) -> Commands:
         least=lambda: fewest_workers(p.settings.remote_bind),
         most=lambda: p.settings.max_workers,
         wait_reload=lambda timeout: _wait_reload(p, timeout),
+        log_refusal=p.outcomes.log_refusal,
     )
 
 
@@ -191,6 +202,15 @@ class ControlServer:
         st = os.stat(path)
         self._ident = (st.st_dev, st.st_ino)  # removed at close only if it is still ours
         self._conns: set[Any] = set()
+        self.refused = {"too_many": 0, "line_too_long": 0, "too_slow": 0}  # connections, by why
+
+    def snapshot(self) -> dict[str, Any]:
+        """For ``status``: the connections open, and those refused since the start, by why."""
+        return {"connections": len(self._conns), "refused": dict(self.refused)}
+
+    def _refused(self, why: str, commands: Commands, message: str, *args: Any) -> None:
+        self.refused[why] += 1
+        commands.log_refusal(message, *args)
 
     @classmethod
     def open(cls, setting: str | None, port: int) -> ControlServer | None:
@@ -202,6 +222,8 @@ class ControlServer:
         return cls(bind(path), path)
 
     def serve(self, commands: Commands) -> None:
+        import time
+
         import eventlet
         from eventlet.greenio import GreenSocket
 
@@ -216,13 +238,18 @@ class ControlServer:
                 eventlet.sleep(0.1)
                 continue
             if len(self._conns) >= MAX_CONNECTIONS:
-                log.warning("Control: refused a connection%s: %s are open already", _peer(conn), MAX_CONNECTIONS)
+                message = "Control: refused a connection%s: %s are open already"
+                self._refused("too_many", commands, message, _peer(conn), MAX_CONNECTIONS)
                 error = f"too many control connections ({MAX_CONNECTIONS} are open); try again later"
                 eventlet.spawn_n(_refuse, conn, error)
                 continue
-            self._conns.add(eventlet.spawn(self._client, conn, commands))
+            self._conns.add(eventlet.spawn(self._client, conn, commands, time.monotonic() + REQUEST_TIMEOUT))
 
-    def _client(self, conn: Any, commands: Commands) -> None:
+    def _client(self, conn: Any, commands: Commands, deadline: float) -> None:
+        """Serve one connection: each request line whole by ``deadline`` (the first: from
+        the accept; each later one: from its first byte), silence up to IDLE_TIMEOUT between."""
+        import time
+
         import eventlet
 
         conn.settimeout(IDLE_TIMEOUT)
@@ -230,15 +257,25 @@ class ControlServer:
         try:
             reader = conn.makefile("rb")
             while True:
-                line = reader.readline(MAX_LINE + 1)
+                line = _read_line(reader, deadline)
+                if line is None:
+                    message = "Control: refused%s: no whole request line within %ss"
+                    self._refused("too_slow", commands, message, peer, f"{REQUEST_TIMEOUT:g}")
+                    _refuse(conn, f"no whole request line within {REQUEST_TIMEOUT:g}s; closing the connection")
+                    return
                 if not line:
                     return
                 if len(line) > MAX_LINE:
-                    log.warning("Control: refused%s: a request line longer than %s bytes", peer, MAX_LINE)
+                    message = "Control: refused%s: a request line longer than %s bytes"
+                    self._refused("line_too_long", commands, message, peer, MAX_LINE)
                     _refuse(conn, f"a request line is at most {MAX_LINE} bytes; closing the connection")
                     return
-                if line.strip():
-                    conn.sendall(_encode(answer(line, commands, peer)))
+                if not line.strip():
+                    continue  # a blank line: the same deadline
+                conn.sendall(_encode(answer(line, commands, peer)))
+                if not reader.peek(1):  # silent up to IDLE_TIMEOUT, then the next line's first byte
+                    return
+                deadline = time.monotonic() + REQUEST_TIMEOUT
         except (OSError, TimeoutError):
             return
         finally:
@@ -255,6 +292,24 @@ class ControlServer:
                 os.unlink(self.path)
         except OSError:
             pass
+
+
+def _read_line(reader: Any, deadline: float) -> bytes | None:
+    """The next line, at most MAX_LINE + 1 bytes (b"" at the end); None if it is not whole
+    by ``deadline`` (monotonic), however its bytes trickle in."""
+    import time
+
+    import eventlet
+
+    timer = eventlet.Timeout(max(deadline - time.monotonic(), 0.0))
+    try:
+        return reader.readline(MAX_LINE + 1)
+    except eventlet.Timeout as exc:
+        if exc is not timer:
+            raise
+        return None
+    finally:
+        timer.cancel()
 
 
 def _peer(conn: Any) -> str:

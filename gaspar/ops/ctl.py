@@ -28,12 +28,20 @@ daemon that died is replaced; one that a live daemon answers on fails the start.
 **Bounds.** A request line is at most :data:`MAX_LINE` (1 MiB): a longer one is answered
 with an error and its connection closed, after its bytes are read and dropped (for a
 second at most), never buffered. At most :data:`MAX_CONNECTIONS` connections are served at
-once; one more is answered with an error and closed. ``scale`` stops at ``max_workers``.
+once; one more is answered with an error and closed. A connection must send its first
+request line whole within :data:`REQUEST_TIMEOUT` (5 s) of connecting, and each later one
+within 5 s of its first byte (a byte at a time does not extend it; blank lines do not
+count); else it is answered with an error and closed. Between requests, after a reply, it may
+stay silent for :data:`IDLE_TIMEOUT`. These refusals are logged at most 10 a minute (the
+data path's limiter; the rest are summed up) and counted in ``status``'s ``control``.
+``scale`` stops at ``max_workers``.
 
 **Honest limits.** Anyone who can connect can stop the daemon: the file's mode (0600) is
 the only access control, so root and the daemon's user can. A scale, or a reload not asked
 to wait, is begun, not finished, when the reply comes (``status`` shows progress and the
-last reload's outcome). Two daemons on the same port but different addresses share
+last reload's outcome). A client answered once may keep its connection silent for
+:data:`IDLE_TIMEOUT`, so 16 such clients (the daemon's own user or root) still lock ``gaspar
+ctl`` out for that long. Two daemons on the same port but different addresses share
 the default path: the second must be given its own ``--control-socket``.
 """
 
@@ -55,7 +63,8 @@ log = logging.getLogger("gaspar")
 
 MAX_LINE = 1024 * 1024  # a request line, a broadcast's message (base64'd or not) included
 MAX_CONNECTIONS = 16  # control connections served at once
-IDLE_TIMEOUT = 300.0  # seconds a control connection may stay silent
+IDLE_TIMEOUT = 300.0  # seconds a control connection may stay silent after a reply
+REQUEST_TIMEOUT = 5.0  # seconds for a whole request line: from connect, or from its first byte
 MAX_WAIT = 3600.0  # seconds a reload's outcome may be waited for
 LINGER = 1.0  # seconds a refused connection's input is read and dropped before it is closed
 RELOAD_WAIT = 60.0  # seconds gaspar ctl reload waits for the outcome, unless --timeout says
