@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -222,8 +223,6 @@ class ControlServer:
         return cls(bind(path), path)
 
     def serve(self, commands: Commands) -> None:
-        import time
-
         import eventlet
         from eventlet.greenio import GreenSocket
 
@@ -248,8 +247,6 @@ class ControlServer:
     def _client(self, conn: Any, commands: Commands, deadline: float) -> None:
         """Serve one connection: each request line whole by ``deadline`` (the first: from
         the accept; each later one: from its first byte), silence up to IDLE_TIMEOUT between."""
-        import time
-
         import eventlet
 
         conn.settimeout(IDLE_TIMEOUT)
@@ -297,8 +294,6 @@ class ControlServer:
 def _read_line(reader: Any, deadline: float) -> bytes | None:
     """The next line, at most MAX_LINE + 1 bytes (b"" at the end); None if it is not whole
     by ``deadline`` (monotonic), however its bytes trickle in."""
-    import time
-
     import eventlet
 
     timer = eventlet.Timeout(max(deadline - time.monotonic(), 0.0))
@@ -326,8 +321,6 @@ def _peer(conn: Any) -> str:
 def _refuse(conn: Any, error: str) -> None:
     """Answer ``error`` and close, reading (and dropping) what the peer still sends for up
     to :data:`LINGER` seconds first, so that it reads the answer rather than a reset."""
-    import time
-
     try:
         conn.settimeout(LINGER)
         conn.sendall(_encode({"ok": False, "error": error}))
