@@ -50,6 +50,10 @@ class ByteBudget:
         self.reserve = limit // 8 if reserve is None else reserve
         self.used = 0
         self.replies = 0  # of ``used``: reply bytes not yet sent
+        #: Unsent replies hold the budget less its reserve: start no more requests until
+        #: clients read them, or are reset for not reading (memory pressure). An attribute,
+        #: kept by :meth:`reply` and :meth:`release`: the dispatcher reads it per request.
+        self.over = False
         self.peak = 0
         self.freed = 0  # bytes freed since the start (a stall is a long time without)
         self.committed = 0  # bytes still to come of admitted bodies
@@ -138,17 +142,14 @@ class ByteBudget:
     def reply(self, n: int) -> None:
         """A reply (or a stream's item) of ``n`` bytes to send: counted, never refused."""
         self.replies += n
+        self.over = self.replies >= self.limit - self.reserve
         self.add(n)
-
-    @property
-    def over(self) -> bool:
-        """Unsent replies hold the budget less its reserve: start no more requests until
-        clients read them, or are reset for not reading (memory pressure)."""
-        return self.replies >= self.limit - self.reserve
 
     def release(self, n: int, replies: int = 0) -> list[Hashable]:
         """``n`` bytes are no longer held, ``replies`` of them unsent reply bytes."""
-        self.replies = max(0, self.replies - replies)
+        if replies:
+            self.replies = max(0, self.replies - replies)
+            self.over = self.replies >= self.limit - self.reserve
         self.used = max(0, self.used - n)
         self.freed += n
         return self.ready() if self._room or self._admit else []

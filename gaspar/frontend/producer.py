@@ -306,14 +306,14 @@ class Producer:
     # -- the phases, the main loop, signals ------------------------------------------------
 
     @property
-    def draining(self) -> bool:
-        """A stop has begun: no longer accepting (``gaspar.frontend.lifecycle.Phase``)."""
-        return self.phase >= Phase.DRAINING
+    def phase(self) -> Phase:
+        """Where it is in its life (``lifecycle.Phase``); setting it sets what is read per request,
+        as plain attributes: ``draining`` (a stop has begun) and ``stopping`` (past draining)."""
+        return self._phase
 
-    @property
-    def stopping(self) -> bool:
-        """Past draining: failing what is left and stopping the workers."""
-        return self.phase >= Phase.STOPPING
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        self._phase, self.draining, self.stopping = phase, phase >= Phase.DRAINING, phase >= Phase.STOPPING
 
     def tick(self) -> None:
         """The main loop (``gaspar.frontend.lifecycle.run_ticker``)."""
