@@ -132,7 +132,8 @@ class Settings:
     timeout: float | None = _opt(
         30.0,
         "seconds a handler may run; past it the request fails and the worker is killed, its stack logged first "
-        "(0: never); a client may ask for less (handler_timeout), never more",
+        "(0: never); a client may ask for less (handler_timeout), never more. It also bounds a reload's import "
+        "of the new code (at least 10 s; 60 s with 0)",
     )
     graceful_timeout: float = _opt(30.0, "seconds a graceful stop waits for accepted requests to finish")
     idle_timeout: float | None = _opt(

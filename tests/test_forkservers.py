@@ -6,6 +6,8 @@ they were asked (a fork server's pipes and processes play no part in them)."""
 from __future__ import annotations
 
 import signal
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +21,7 @@ class Stand:
         self.name, self.spec, self.pid = name, spec, hash(name) % 10_000
         self.children: set[int] = set()
         self.start_error = start_error
+        self.settings = SimpleNamespace(timeout=30.0)
         self.asked: list[tuple] = []
 
     def successor(self) -> Stand:
@@ -39,6 +42,9 @@ class Stand:
 
     def retire(self) -> None:
         self.asked.append(("retire",))
+
+    def abandon(self) -> None:
+        self.asked.append(("abandon",))
 
     def close(self) -> None:
         self.asked.append(("close",))
@@ -118,3 +124,26 @@ def test_a_second_reload_waits_for_the_first():
     forks.settle(False, fresh)
     again, _ = forks.start_next()
     assert again is not None and forks.next is again
+
+
+def test_a_fresh_fork_server_still_importing_past_its_bound_is_abandoned_once():
+    """A hung import: past the bound (the ``timeout`` setting, at least 10 s) the next fork
+    server is SIGKILLed and the owner is told why; settled as failed, nothing more is due,
+    and a new reload may begin."""
+    forks = ForkServers(Stand("first"))
+    before = time.monotonic()
+    fresh, _ = forks.start_next()
+    assert forks.next_due - before >= 30.0
+    assert forks.overdue(forks.next_due - 0.001) is None and ("abandon",) not in fresh.asked
+    late = forks.overdue(forks.next_due)
+    assert late is not None and late[0] is fresh and ("abandon",) in fresh.asked
+    assert "had not imported app:handler after 30s" in late[1]
+    forks.settle(False, fresh)  # the owner's on_reloaded(False, why, fresh)
+    assert forks.next is None and forks.overdue(forks.next_due + 60) is None
+    assert forks.start_next()[0] is not None  # the next reload is taken
+
+
+def test_a_reload_in_place_is_never_overdue():
+    forks = ForkServers(Stand("first", spec=None))
+    assert forks.start_next() == (None, None)
+    assert forks.overdue(time.monotonic() + 3600) is None

@@ -108,6 +108,7 @@ def turn(front: Any, rounds: int) -> None:
     front.supervisor.autoscale()  # pools of MIN:MAX workers
     if rounds % 10 == 0:  # workers past their memory limit, every second
         front.supervisor.check_memory()
+        front.supervisor.check_import()  # a reload's import that hangs
     if rounds % 100 == 0 and front.budget.trim_due(TRIM_EVERY):  # every 10 s, after a burst
         give_back_memory()
     if rounds % 5 == 0:  # slow request bodies and idle connections, every 0.5 s

@@ -23,7 +23,9 @@ What each fault costs:
   worker is SIGKILLed (:meth:`kill`);
 * a worker that dies before it is ready counts towards flapping: back off, then give up;
 * ``max_requests``, a reload or a scale-down retire a worker only once it is idle, and a
-  replacement is forked first, so no request fails.
+  replacement is forked first, so no request fails;
+* a reload whose code does not import, or hangs importing past its bound (``timeout``, at
+  least 10 s: :func:`gaspar.process.forks.import_bound`), fails; the old workers serve on.
 """
 
 from __future__ import annotations
@@ -265,19 +267,12 @@ class Supervisor:
         asks (every tick of the main loop; ``gaspar.core.autoscale``)."""
         if not self.autoscalers or self.stopping:
             return
-        for pool, scaler in self.autoscalers.items():
+        for pool, a in self.autoscalers.items():
             size = self.book.size(pool)
-            new = scaler.follow(size, lane(self.dispatcher, pool), self.book.may_fork())
+            new = a.follow(size, lane(self.dispatcher, pool), self.book.may_fork())
             if new != size:
-                log.info(
-                    "Pool %s: %s -> %s workers (%s, MIN:MAX %s:%s)",
-                    pool,
-                    size,
-                    new,
-                    "for its queue delay" if new > size else "its workers idle",
-                    scaler.low,
-                    scaler.high,
-                )
+                why = "for its queue delay" if new > size else "its workers idle"
+                log.info("Pool %s: %s -> %s workers (%s, MIN:MAX %s:%s)", pool, size, new, why, a.low, a.high)
                 self.book.resize(pool, new)
                 self.manage()
 
@@ -293,13 +288,8 @@ class Supervisor:
         if not (self.book.max_memory or self.book.memory) or self.stopping:
             return
         for w, used, limit in self.book.over_memory(self.local_workers(), resident_bytes):
-            mib = (round(used / 2**20), round(limit / 2**20))
-            log.info(
-                "Worker %s (pid:%s) holds %s MiB, past %s MiB: replaced; it leaves after its request",
-                w.label,
-                w.pid,
-                *mib,
-            )
+            facts = (w.label, w.pid, round(used / 2**20), round(limit / 2**20))
+            log.info("Worker %s (pid:%s) holds %s MiB, past %s MiB: replaced; it leaves after its request", *facts)
             if self.dispatcher.retire(w.routing_id, "memory"):
                 self.tell_exit(w)
         self.manage()
@@ -369,6 +359,14 @@ class Supervisor:
         generation = self.book.reloaded()
         log.info("Reloaded; replacing the workers one by one (generation %s)", generation)
         self.manage()
+        self.notify_if_reloaded()  # settled at once when no worker here is to be replaced (workers 0)
+
+    def check_import(self) -> None:
+        """A reload's fork server still importing past its bound is killed: the reload failed
+        (every second, from the main loop)."""
+        late = self.forks.overdue(time.monotonic()) if self.forks is not None else None
+        if late is not None:
+            self.on_reloaded(False, late[1], late[0])
 
     def scale(self, n: int, least: int = 1) -> None:
         if n > self.settings.max_workers:

@@ -4,10 +4,11 @@ A reload (SIGHUP, ``gaspar ctl reload``, ``Producer.reload()``) is *begun*, then
 once:
 
 * **failed**, with the reason: the application no longer imports (the error), the fresh
-  fork server could not start or died before it said, or the daemon stopped first; the old
-  workers stay;
+  fork server could not start, died before it said, or had not said within its import
+  bound (then it is killed), or the daemon stopped first; the old workers stay;
 * **ok** once every worker runs the new code (all of the new generation, as many as the
-  target), which is also when systemd hears ``READY=1`` again.
+  target: at once when the front end runs none itself), which is also when systemd hears
+  ``READY=1`` again.
 
 A reload asked for while one is importing is not begun (the supervisor ignores it); its
 asker is told about the one under way. One begun while the last is still replacing workers

@@ -173,14 +173,8 @@ class Agent(Uplink):
         set_proctitle(f"{self.settings.proc_name}: agent {self.name} for {self.connect}")
         try:
             self.open_workers_socket()
-            log.info(
-                "Agent %s (gaspar %s, pid:%s) with %s workers for %s",
-                self.name,
-                __version__,
-                os.getpid(),
-                self.target,
-                self.connect,
-            )
+            facts = (self.name, __version__, os.getpid(), self.target, self.connect)
+            log.info("Agent %s (gaspar %s, pid:%s) with %s workers for %s", *facts)
             self.manage_workers()
             while not self.advance_stop():
                 self.poll_once()
@@ -248,6 +242,9 @@ class Agent(Uplink):
             self.read_link()
         self.keep_alive()
         self.check_memory()
+        late = self.forks.overdue(time.monotonic()) if self.forks is not None else None
+        if late is not None:  # a reload's import that hangs: killed, the reload failed
+            self.on_reloaded(False, late[1], late[0])
         if len(self.by_pid) + len(self.book.booting) < self.target:
             self.manage_workers()  # a back-off that ended
 

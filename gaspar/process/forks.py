@@ -12,7 +12,11 @@ A reload, when the consumer was named ``module:attr`` (the CLI's way), starts a 
 server in a fresh interpreter (:meth:`ForkServer.successor`, with :func:`fresh_options`):
 it imports the application afresh, every module of it, and says ``reloaded`` (or that the
 import failed, and exits). The front end then forks the new generation from it, and tells
-the old one to ``retire``: it exits once its last worker is gone. A consumer given as a
+the old one to ``retire``: it exits once its last worker is gone. An import that has not
+reported within :func:`import_bound` (the ``timeout`` setting, at least 10 s; 60 s when
+``timeout`` is 0) is given up: the owner asks :meth:`ForkServers.overdue` from its loop,
+which kills that fork server, and the reload fails; the old fork server and its workers
+carry on, and the next reload is taken. A consumer given as a
 Python object cannot be named for a fresh interpreter; nor can hooks that are not
 importable by name (a config file's, a lambda): then a reload re-imports the handler's own
 module in the running fork server (:meth:`gaspar.process.worker.Consumer.reloaded`), and
@@ -44,6 +48,11 @@ from gaspar.process.worker import Consumer
 log = logging.getLogger("gaspar")
 
 
+#: A fresh fork server's import is never bounded below this (an interpreter's start, a heavy
+#: application), nor above :data:`IMPORT_BOUND_NEVER` when ``timeout`` is 0 (never).
+IMPORT_BOUND_MIN = 10.0
+IMPORT_BOUND_NEVER = 60.0
+
 #: The settings a fork server and its workers use; the rest belong to the front end.
 WORKER_SETTINGS = ("proc_name", "worker_nice", "capture_output")
 HOOKS = ("post_fork", "worker_exit")
@@ -62,6 +71,14 @@ def hook_name(fn: Any) -> str | None:
     except AttributeError:
         return None
     return f"{module}:{qualname}" if found is fn else None
+
+
+def import_bound(settings: Any) -> float:
+    """Seconds a reload's fresh fork server may take to import the application: the
+    ``timeout`` setting (gunicorn's bounds a worker's boot too), at least 10 s; 60 s when it
+    is 0 (handlers may run forever; an import may not)."""
+    timeout = getattr(settings, "timeout", None)
+    return max(float(timeout), IMPORT_BOUND_MIN) if timeout else IMPORT_BOUND_NEVER
 
 
 class ForkServer:
@@ -152,6 +169,15 @@ class ForkServer:
         """Fork nothing more; exit once the last worker is gone."""
         self._send(op="retire")
 
+    def abandon(self) -> None:
+        """SIGKILL this fork server (one stuck importing: it has no worker yet). Its pipe
+        closes, and :meth:`close` reaps it; until then the pid is still its own."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def consumer_name(self) -> str:
         if self.spec:
             return self.spec
@@ -208,6 +234,7 @@ class ForkServers:
     def __init__(self, current: ForkServer) -> None:
         self.current = current
         self.next: ForkServer | None = None
+        self.next_due = 0.0  # time.monotonic() by which ``next`` must have said it imported
         self.old: list[ForkServer] = []
 
     def all(self) -> list[ForkServer]:
@@ -236,8 +263,22 @@ class ForkServers:
             fresh.start()
         except OSError as exc:
             return None, f"cannot start a fork server: {exc}"
-        self.next = fresh
+        self.next, self.next_due = fresh, time.monotonic() + import_bound(fresh.settings)
         return fresh, None
+
+    def overdue(self, now: float) -> tuple[ForkServer, str] | None:
+        """The next fork server, still importing past its bound: SIGKILLed, and why the reload
+        failed (the owner settles it as failed: ``settle(False, fs)``; its exit follows).
+        None while nothing is overdue."""
+        fs = self.next
+        if fs is None or now < self.next_due:
+            return None
+        bound = import_bound(fs.settings)
+        fs.abandon()
+        return fs, (
+            f"the new fork server (pid:{fs.pid}) had not imported {fs.spec} after {bound:g}s "
+            "(an import that hangs?); killed it"
+        )
 
     def settle(self, ok: bool, fs: ForkServer | None) -> None:
         """``fs`` said whether the application imported: the next one that did becomes the
@@ -285,4 +326,4 @@ def fresh_options(spec: str, settings: Any) -> dict[str, Any]:
     }
 
 
-__all__ = ["ForkServer", "ForkServers", "fresh_options", "hook_name"]
+__all__ = ["ForkServer", "ForkServers", "fresh_options", "hook_name", "import_bound"]

@@ -375,6 +375,7 @@ def main(argv: list[str]) -> int:
     from gaspar.ops.logs import configure
 
     die_with_parent(parent)  # during the import too
+    set_proctitle(f"{options['settings']['proc_name']}: fork server (importing)")  # not python -c {json}
     configure(options["log"]["level"], options["log"]["format"], sys.stderr)
     from gaspar.apppath import adopt
 

@@ -1,0 +1,98 @@
+"""Every reload ends, as ``gaspar ctl reload`` promises: one whose new code hangs at import
+fails once its fork server is past the import bound (killed; the old workers serve; the
+next reload is taken), and one of a front end with no worker of its own (``--workers 0``)
+is done as soon as the new code has imported; an agent's hung import is bounded alike.
+Real daemons, real fork servers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+from conftest import alive, wait_for
+from test_ctl_limits import APP, gaspar_ctl
+from test_remote import AGENT_FAST, front, joined
+
+from gaspar import client
+from gaspar.process.forks import IMPORT_BOUND_MIN, IMPORT_BOUND_NEVER, import_bound
+
+HANGS = "import time\ntime.sleep(10**6)  # a network call that never answers\n" + APP
+
+
+def start(cli, tmp_path, *args: str):
+    """``app:handle`` from ``tmp_path`` with a control socket; the server and its path."""
+    (tmp_path / "app.py").write_text(APP.format(version="v1"))
+    path = str(tmp_path / "ctl.sock")
+    server = cli("app:handle", "--bind", "127.0.0.1:0", "--control-socket", path, *args, cwd=tmp_path)
+    return server, path
+
+
+def test_a_reload_whose_import_hangs_fails_at_the_bound_and_the_next_one_is_taken(cli, tmp_path):
+    server, path = start(cli, tmp_path, "-w", "1", "--timeout", "1")  # the bound: 10 s, its floor
+    server.wait_ready(1)
+    (tmp_path / "app.py").write_text(HANGS.format(version="v2"))
+    done = gaspar_ctl(path, "--timeout", "15", "reload", timeout=20)
+    assert done.returncode == 1, (done.stdout, done.stderr, server.log[-2000:])
+    m = re.match(r"gaspar ctl: reload failed, the old workers stay: the new fork server \(pid:(\d+)\)", done.stderr)
+    assert m and "had not imported app:handle after 10s" in done.stderr, done.stderr
+    assert wait_for(lambda: not alive(int(m.group(1))), 5)  # killed, and reaped
+    assert "Reload failed; keeping the current workers: the new fork server" in server.log
+    status = gaspar_ctl(path, "status").stdout
+    assert "under way" not in status and ": failed: the new fork server" in status, status
+    assert client.request(server.addr, b"x", timeout=5) == b"v1:x"  # the old worker serves
+
+    (tmp_path / "app.py").write_text(APP.format(version="v3"))  # fixed: the next reload is taken
+    done = gaspar_ctl(path, "--timeout", "15", "reload", timeout=20)
+    assert done.returncode == 0, (done.stderr, server.log[-2000:])
+    assert "generation 2" in done.stdout and "already under way" not in server.log
+    assert client.request(server.addr, b"x", timeout=5) == b"v3:x"
+
+
+def test_a_reload_with_no_worker_here_ends_once_the_new_code_imports(cli, tmp_path):
+    agents = tmp_path / "agents"
+    agents.mkdir(mode=0o700)
+    server, path = start(cli, tmp_path, "-w", "0", "--remote-bind", f"ipc://{agents}/a.sock")
+    server.wait_listening()
+    assert wait_for(lambda: os.path.exists(path), 10)
+    (tmp_path / "app.py").write_text(APP.format(version="v2"))
+    done = gaspar_ctl(path, "--timeout", "10", "reload", timeout=15)
+    assert done.returncode == 0, (done.stderr, server.log[-2000:])
+    assert done.stdout.startswith("reloaded app:handle: every worker runs the new code (generation 2"), done.stdout
+    status = gaspar_ctl(path, "status").stdout
+    assert "under way" not in status and "last reload " in status and ": ok" in status, status
+    done = gaspar_ctl(path, "--timeout", "10", "reload", timeout=15)  # and the next one
+    assert done.returncode == 0 and "generation 3" in done.stdout, (done.stdout, done.stderr)
+
+
+def test_the_import_bound_is_the_timeout_setting_within_limits():
+    class S:
+        timeout: float | None = 30.0
+
+    assert import_bound(S()) == 30.0
+    S.timeout = 1.0
+    assert import_bound(S()) == IMPORT_BOUND_MIN == 10.0
+    for never in (0, None):
+        S.timeout = never
+        assert import_bound(S()) == IMPORT_BOUND_NEVER == 60.0
+
+
+def test_an_agent_whose_reload_hangs_at_import_gives_it_up_and_takes_the_next(serve, agent, tmp_path):
+    """The agent's pool shares the fork servers' hand-over (ForkServers), so the same bound."""
+    app = tmp_path / "agentapp.py"
+    app.write_text(APP.format(version="v1"))
+    (tmp_path / "conf.py").write_text("timeout = 1\n")  # the bound: 10 s, its floor
+    s = front(serve)
+    args = ("--connect", s.remote, "--workers", "1", "--name", "a1", "--config", str(tmp_path / "conf.py"))
+    a = agent("agentapp:handle", *args, *AGENT_FAST, path=(str(tmp_path),))
+    assert joined(s, "a1", 1), a.log
+    assert s.request(b"x") == b"v1:x"
+    app.write_text(HANGS.format(version="v2"))
+    a.signal(signal.SIGHUP)
+    assert wait_for(lambda: "Reload failed" in a.log, 15), a.log[-2000:]
+    assert "had not imported agentapp:handle after 10s (an import that hangs?); killed it" in a.log
+    assert s.request(b"x") == b"v1:x"  # the old worker serves
+    app.write_text(APP.format(version="v3"))
+    a.signal(signal.SIGHUP)
+    assert wait_for(lambda: s.request(b"x") == b"v3:x", 15), a.log[-2000:]
+    assert "already under way" not in a.log
