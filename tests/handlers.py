@@ -186,3 +186,15 @@ def where(message: bytes) -> bytes:
         while time.monotonic() < end:
             pass
     return b"%d:%s" % (os.getpid(), message)
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no words")
+
+
+def unprintable(message: bytes) -> bytes:
+    """Raises an exception whose ``__str__`` raises; b'pid' answers the worker's pid."""
+    if message == b"pid":
+        return b"%d" % os.getpid()
+    raise _Unprintable()

@@ -229,6 +229,17 @@ def test_a_handler_that_kills_its_worker_on_every_call_does_not_flood_the_log(se
     assert server.request(b"0").endswith(b":0")
 
 
+def test_an_exception_whose_str_raises_is_an_error_reply_not_a_dead_worker(serve):
+    """QA: a handler raising an exception whose __str__ raises killed its worker, every call."""
+    server = serve(handlers.unprintable, processes=1)
+    pid = server.request(b"pid")
+    for _ in range(3):
+        with pytest.raises(gaspar.HandlerError, match="_Unprintable.*str\\(\\) of the exception failed"):
+            server.request(b"x")
+    assert server.request(b"pid") == pid
+    assert server.producer.stats()["counters"]["worker_deaths"] == 0
+
+
 def test_pool_is_full_again_within_a_second(serve):
     server = serve(handlers.faulty, processes=2)
     (victim, survivor) = wait_full(server, 2)

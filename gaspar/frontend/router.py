@@ -210,7 +210,8 @@ class Router:
     def _unreachable(self, worker: WorkerSlot, reqs: list[Pending], exc: Exception) -> None:
         """A local worker's pipe is gone: it is dying. Its requests just sent go back to the
         head of the queue, in their order."""
-        log.warning("Worker %s (pid:%s) unreachable (%s)", worker.number, worker.pid, exc)
+        why = "its 0MQ pipe is gone: it is dying (%s); its requests go to another worker"
+        self.supervisor.log(logging.WARNING, "Worker %s (pid:%s) " + why, worker.number, worker.pid, exc)
         self.dispatcher.retire(worker.routing_id, "died")
         self.supervisor.kill(worker, signal.SIGKILL, "its 0MQ pipe was gone")
         for req in reversed(reqs):

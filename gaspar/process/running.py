@@ -141,7 +141,16 @@ def call_handler(
             if soft.fired and isinstance(exc, SoftTimeout):
                 return _TIMEOUT, _timeout_body(soft.limit, "passed; the handler was interrupted, the worker lives on")
         tb = traceback.format_exc()
-        return _ERROR, error_body(type(exc).__name__, str(exc), traceback=tb)
+        return _ERROR, error_body(type(exc).__name__, describe(exc), traceback=tb)
+
+
+def describe(exc: BaseException) -> str:
+    """``str(exc)``, or what says it failed: a handler's exception whose ``__str__`` raises
+    must be its error reply, not the end of its worker."""
+    try:
+        return str(exc)
+    except Exception as failed:
+        return f"<str() of the exception failed: {type(failed).__name__}>"
 
 
 def run_stream(
@@ -163,7 +172,7 @@ def run_stream(
     except Refused as exc:
         return _BAD, error_body(exc.kind, exc.message)
     except Exception as exc:
-        return _ERROR, error_body(type(exc).__name__, str(exc), traceback=traceback.format_exc())
+        return _ERROR, error_body(type(exc).__name__, describe(exc), traceback=traceback.format_exc())
     finally:
         close = getattr(items, "close", None)
         if close is not None:
