@@ -27,7 +27,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # eventlet's deprecation notice; see README
     import eventlet
 
-from gaspar.errors import ServerUnavailable
+from gaspar.errors import ServerUnavailable, WorkerDied
 from gaspar.frontend.sweep import stalled_streams, sweep
 from gaspar.ops import sdnotify
 from gaspar.ops.humanize import human_mib
@@ -166,9 +166,12 @@ def begin_stop(front: Any, graceful: bool) -> None:
     front.phase = Phase.STOPPING
     d = front.dispatcher
     running = {w.routing_id for w in d.workers.values() if w.current is not None}
-    why = "the server stopped before the request finished"
-    for req in d.fail_all():
-        front.outcomes.fail(req, ServerUnavailable, why)
+    ran = "the server stopped while its handler ran (it may have run; its worker is stopped)"
+    for req in d.fail_all():  # ServerUnavailable says "never ran": only for those that did not start
+        if req.started and req.worker is not None:
+            front.outcomes.fail(req, WorkerDied, ran, pid=req.worker.pid, exitcode=None, signal=None)
+        else:
+            front.outcomes.fail(req, ServerUnavailable, "the server stopped before the request started")
     if front.gateway is not None:
         front.gateway.stop()  # every agent's session ends; their workers leave the pool
     for conn in list(front.connections):
