@@ -107,6 +107,17 @@ def test_the_same_process_joining_again_replaces_its_old_session(book):
     assert agents.lost_total == 1
 
 
+def test_a_peer_without_a_session_is_told_gone_once_a_second_however_much_it_sends(book):
+    """Each message from a peer with no session is counted; it is answered GONE once a
+    second at most, so a flood costs a count each, not an answer each."""
+    agents, clock = book
+    told = [agents.note_stale(b"flood") for _ in range(1000)]
+    assert told[0] and not any(told[1:]) and agents.stale == 1000
+    assert agents.note_stale(b"other")  # each peer its own second
+    clock.now += 1.0
+    assert agents.note_stale(b"flood") and not agents.note_stale(b"flood")
+
+
 def test_a_join_on_the_same_connection_is_a_new_session(book):
     agents, _ = book
     first, _, _ = agents.join(b"r1", hello())
