@@ -1155,6 +1155,10 @@ def test_a_worker_that_crashes_leaves_its_stack_in_the_log(cli):
         client.request(server.addr, b"segfault-traced", timeout=10)
     assert wait_for(lambda: "crashed in:" in server.log, 5), server.log
     assert wait_for(lambda: "in faulty" in server.log, 5), server.log
+    lines = server.log.splitlines()
+    at = next(i for i, line in enumerate(lines) if "crashed in:" in line)
+    stack = lines[at + 1 : at + 4]  # the stack's own lines, as the log's continuation lines
+    assert len(stack) == 3 and all(line.startswith("    ") and "\\n" not in line for line in stack), stack
     assert wait_for(lambda: "killed by SIGSEGV" in server.log, 5), server.log
     assert server.log.index("crashed in:") < server.log.index("killed by SIGSEGV")  # stack, then the exit
     server.wait_ready(1)

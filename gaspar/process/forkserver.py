@@ -211,7 +211,9 @@ class Server:
         number = self.children.get(pid)
         text = b"".join(chunks).decode("utf-8", "replace").rstrip()
         if text:
-            log.error("Worker %s (pid:%s) was running, before it was killed:\n%s", number, pid, text)
+            # the stack in the message itself, not an argument: its lines become the text log's
+            # indented continuation lines, as a handler's traceback (an argument's are escaped)
+            log.error(f"Worker {number} (pid:{pid}) was running, before it was killed:\n{text}")
         else:
             why = "frozen, or stuck in the kernel"
             log.error("Worker %s (pid:%s) wrote no stack within %ss (%s)", number, pid, wait, why)
@@ -258,7 +260,7 @@ class Server:
         if fd is not None:
             text = drain(fd, 65536).decode("utf-8", "replace").rstrip()
             if text:
-                log.error("Worker %s (pid:%s) crashed in:\n%s", number, pid, text)
+                log.error(f"Worker {number} (pid:{pid}) crashed in:\n{text}")  # lines as above
             os.close(fd)
 
     def shutdown(self, grace: float = 2.0) -> int:
