@@ -1161,6 +1161,12 @@ def test_a_worker_that_crashes_leaves_its_stack_in_the_log(cli):
     assert len(stack) == 3 and all(line.startswith("    ") and "\\n" not in line for line in stack), stack
     assert wait_for(lambda: "killed by SIGSEGV" in server.log, 5), server.log
     assert server.log.index("crashed in:") < server.log.index("killed by SIGSEGV")  # stack, then the exit
+    for _ in range(14):  # a crash loop: ten stacks a minute at most, not one each (QA: 12 MB in 30 s)
+        server.wait_ready(1)
+        with pytest.raises(gaspar.WorkerDied):
+            client.request(server.addr, b"segfault-traced", timeout=10)
+    time.sleep(0.5)
+    assert server.log.count("crashed in:") == 10, server.log.count("crashed in:")
     server.wait_ready(1)
 
 

@@ -46,6 +46,7 @@ import time
 import warnings
 from typing import Any
 
+from gaspar.ops.telemetry import LogLimiter
 from gaspar.process.capture import OutputCapture
 from gaspar.process.worker import DUMP_SIGNAL, Consumer, Worker, die_with_parent, run_worker, set_proctitle
 
@@ -61,6 +62,7 @@ class Server:
         self.parent = parent
         self.children: dict[int, int] = {}  # pid -> worker number
         self.stacks: dict[int, int] = {}  # pid -> read end of the pipe its stack dump goes to
+        self.crash_log = LogLimiter(burst=10, period=60.0)  # crashes' stacks: a crash loop's flood
         self._buf = b""
         self.output: OutputCapture | None = None  # the workers' stdout and stderr, if captured
         self.retiring = False  # told to retire: exit once no child is left
@@ -259,8 +261,10 @@ class Server:
         fd = self.stacks.pop(pid, None)
         if fd is not None:
             text = drain(fd, 65536).decode("utf-8", "replace").rstrip()
-            if text:
-                log.error(f"Worker {number} (pid:{pid}) crashed in:\n{text}")  # lines as above
+            allowed, held = self.crash_log.allow() if text else (False, 0)
+            if allowed:  # 10 a minute: a request that segfaults its worker, again and again
+                more = f" ({held} more crash stacks not logged)" if held else ""
+                log.error(f"Worker {number} (pid:{pid}) crashed{more} in:\n{text}")  # lines as above
             os.close(fd)
 
     def shutdown(self, grace: float = 2.0) -> int:
