@@ -80,34 +80,6 @@ def test_any_bytes_decode_or_are_refused_cleanly(data):
         pass
 
 
-def test_msgpack_decodes_with_the_collector_off_and_puts_it_back(monkeypatch):
-    """A payload of many small containers is decoded with the garbage collector off (it
-    would walk them again and again), and the collector's state is as it was after, when
-    the payload is malformed too."""
-    import gc
-
-    import msgpack
-
-    seen, unpackb = [], msgpack.unpackb
-
-    def watched(*args, **kwargs):
-        seen.append(gc.isenabled())
-        return unpackb(*args, **kwargs)
-
-    monkeypatch.setattr(msgpack, "unpackb", watched)
-    bomb = b"\xdd" + (100_000).to_bytes(4, "big") + b"\x80" * 100_000
-    assert len(calls.decode(calls.MSGPACK, bomb)) == 100_000 and gc.isenabled()
-    with pytest.raises(errors.ProtocolError):
-        calls.decode(calls.MSGPACK, bomb[:-10])
-    assert gc.isenabled() and seen == [False, False]
-    gc.disable()
-    try:
-        calls.decode(calls.MSGPACK, bomb)
-        assert not gc.isenabled()  # off stays off
-    finally:
-        gc.enable()
-
-
 def test_pickle_is_refused_unless_allowed_and_its_buffers_are_not_copied():
     big = bytearray(b"z" * 200_000)
     body = calls.encode_call("f", (big,), {"small": b"s"}, codec="pickle")
