@@ -170,8 +170,8 @@ class Dispatcher:
         it waits (up to queue_timeout), as when every worker died or no agent joined yet; a
         wait for memory does not count as the queue's once it is over either."""
         items = self._queue.items
-        waited = now - max(items[0].queued_at, self._memory_back) if items and self.workers else 0.0
-        waited = 0.0 if self.memory.over else waited
+        served = items and self.workers and not self.memory.over
+        waited = now - max(items[0].queued_at, self._memory_back) if served else 0.0
         self.control.check(now, waited, len(items) + self._queue.held)  # those behind their own too
 
     def complete(self, routing_id: bytes, request_id: int, ran: bool = True) -> tuple[Pending | None, list[Assignment]]:

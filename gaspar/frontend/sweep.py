@@ -115,7 +115,7 @@ def stalled_streams(front: Any, now: float) -> None:
     the stream is ended (CANCEL: ``GeneratorExit`` at its ``yield``, ``finally`` blocks run,
     the worker takes other calls) and its client finds ``WorkerTimeout`` (``killed`` false)
     after the items, should it read them."""
-    d = front.dispatcher
+    d, ended = front.dispatcher, False
     for worker in list(d.workers.values()):
         req = worker.current
         if req is None or not req.stream or req.cancelled or req.deadline is None or now < req.deadline:
@@ -127,4 +127,6 @@ def stalled_streams(front: Any, now: float) -> None:
         front.outcomes.fail(req, WorkerTimeout, msg, timeout=req.timeout, limit="timeout", killed=False, pid=worker.pid)
         req.deadline = None
         d.cancel(req)
-    front.router.settle()
+        ended = True
+    if ended:  # the cancels go to the workers now
+        front.router.settle()

@@ -125,6 +125,7 @@ class Agent(Uplink):
         self.session = 0
         self.attempt = 0  # joins since the last WELCOME: the back-off grows with it
         self.next_join = 0.0
+        self.last_lost: str | None = None  # why the last session ended (a new reason is a WARNING)
         self.last_heard = 0.0
         self.link: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None  # libzmq's events on the link, while joining

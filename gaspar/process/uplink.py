@@ -114,7 +114,7 @@ class Uplink:
         self.next_join, self.state = time.monotonic() + delay, "idle"
         # a WARNING when it matters: a session or handlers lost, or a new reason to fail to join
         # (an agent that never joined said why at INFO only: silent at --log-level warning)
-        fresh, self.last_lost = why != getattr(self, "last_lost", None), why
+        fresh, self.last_lost = why != self.last_lost, why
         level = logging.WARNING if self.session or killed or fresh else logging.INFO
         log.log(
             level, "Lost the front end (%s); killed %s running handler(s); joining again in %.2fs", why, killed, delay
