@@ -53,17 +53,54 @@ class Stand:
         return self.name
 
 
-def test_a_reload_that_imports_hands_over_and_retires_the_old_one():
+def test_a_reload_that_imports_hands_over_and_retires_the_old_one_once_the_new_code_boots():
     first = Stand("a")
     forks = ForkServers(first)
     fresh, error = forks.start_next()
     assert error is None and fresh is forks.next and ("start",) in fresh.asked
     assert forks.all() == [first, fresh]
     forks.settle(True, fresh)
-    assert forks.current is fresh and forks.next is None and forks.old == [first]
+    assert forks.current is fresh and forks.next is None and forks.standby is first
+    assert ("retire",) not in first.asked  # not until a worker of the new code is ready
+    forks.proven()
+    assert forks.standby is None and forks.old == [first]
     assert ("retire",) in first.asked and ("retire",) not in fresh.asked
     assert forks.gone(first) is None  # its last worker gone, it exits
     assert forks.all() == [fresh] and ("close",) in first.asked
+
+
+def test_a_reload_whose_workers_cannot_boot_goes_back_to_the_standby():
+    first = Stand("a")
+    forks = ForkServers(first)
+    fresh, _ = forks.start_next()
+    forks.settle(True, fresh)
+    fresh.children.add(77)  # a new worker still booting
+    why = forks.rollback("they failed", [77])
+    assert why == "they failed; back to the old code"
+    assert forks.current is first and forks.standby is None and forks.old == [fresh]
+    assert ("kill", 77, signal.SIGKILL) in fresh.asked  # through the fork server that forked it
+    assert ("retire",) in fresh.asked and ("retire",) not in first.asked
+
+
+def test_a_second_reload_before_the_first_boots_keeps_the_proven_standby():
+    first = Stand("a")
+    forks = ForkServers(first)
+    second, _ = forks.start_next()
+    forks.settle(True, second)
+    third, _ = forks.start_next()
+    forks.settle(True, third)
+    assert forks.current is third and forks.standby is first and forks.old == [second]
+    assert ("retire",) in second.asked
+    forks.rollback("x", [])
+    assert forks.current is first and forks.old == [second, third]
+
+
+def test_a_reload_in_place_has_nothing_to_go_back_to():
+    first = Stand("a", spec=None)
+    forks = ForkServers(first)
+    assert forks.start_next() == (None, None)
+    assert "new ones run the reloaded module" in forks.rollback("x", [])
+    assert forks.current is first
 
 
 def test_a_reload_that_fails_to_import_keeps_the_current_one():

@@ -135,7 +135,7 @@ def test_a_hello_that_outruns_spawned_still_finds_its_fork():
     book = PoolBook(1)
     [boot] = book.plan([]).spawn
     assert book.hello(boot.token, 4242) is boot  # HELLO first
-    assert book.spawned(boot.token, 4242) is False  # then spawned: nothing more happens
+    assert book.spawned(boot.token, 4242) == ""  # then spawned: nothing more happens
     assert book.booting == {} and book.plan([W(4242, 1)]).spawn == []
     # and its later exit is a ready worker's, not a boot failure
     out = book.exited(4242, exit_status(1))
@@ -149,7 +149,7 @@ def test_a_hello_from_an_unknown_fork_or_while_stopping_is_not_taken():
     book.spawned(a.token, 11)
     assert book.stop() == [11]  # booting pids, to kill
     assert book.hello(b.token, 12) is None
-    assert book.spawned(a.token, 11) is True  # forked as the stop began: kill it
+    assert book.spawned(a.token, 11) == "the daemon is stopping"  # forked as the stop began: kill it
 
 
 def test_dying_before_hello_is_a_boot_failure_and_a_ready_exit_is_not():
@@ -218,6 +218,83 @@ def test_a_ready_worker_resets_flapping():
     [boot] = book.plan([]).spawn  # (target 1, nothing ready passed: one more fork)
     book.spawned(boot.token, 3)
     assert book.exited(3, exit_status(1)).flap == "respawn"
+
+
+# -- a reload whose workers cannot boot -----------------------------------------------------
+
+
+def fail_boots(book: PoolBook, ready: list[W], n: int, pid0: int) -> list:
+    """Fork what the book plans and have each die before its HELLO, ``n`` times."""
+    outs = []
+    for i in range(n):
+        [boot] = book.plan(ready).spawn
+        book.spawned(boot.token, pid0 + i)
+        outs.append(book.exited(pid0 + i, exit_status(1)))
+    return outs
+
+
+def test_a_reload_whose_workers_cannot_boot_goes_back_and_never_gives_up_the_daemon():
+    """QA: a reload to code whose setup raised flapped, gave up and stopped a serving daemon
+    (exit 3). Its new generation is given up instead: the old workers stay."""
+    clock = Clock()
+    book = PoolBook(2, FlapPolicy(5, 10.0, 1.0, 0), clock)  # max_retry 0: one episode gives up
+    ready = booted(book, [])
+    assert book.proven == 1  # its first start proved generation 1
+    assert book.reloaded() == 2
+    outs = fail_boots(book, ready, 5, 500)
+    assert [o.boot_failure for o in outs] == [True] * 5
+    assert [o.flap for o in outs] == [""] * 5 and not book.given_up  # no flapping verdict
+    assert [bool(o.rollback) for o in outs] == [False] * 4 + [True]
+    assert "failed to boot 5 times" in outs[-1].rollback and "exited with code 1" in outs[-1].rollback
+    assert book.generation == 1  # back: the old workers are current again
+    plan = book.plan(ready)
+    assert plan.spawn == [] and plan.retire == []  # nothing replaced, nothing forked
+    # the next reload starts afresh, and its code may boot
+    assert book.reloaded() == 2
+    assert len(fail_boots(book, ready, 4, 600)) == 4 and book.generation == 2
+    [boot] = book.plan(ready).spawn
+    book.spawned(boot.token, 700)
+    assert book.hello(boot.token, 700).proves  # the first ready worker of the new code
+    assert book.unproven_failures == 0 and book.proven == 2
+
+
+def test_slow_boot_failures_of_a_reload_count_without_a_window():
+    clock = Clock()
+    book = PoolBook(1, FlapPolicy(3, 10.0, 1.0, 3), clock)
+    ready = booted(book, [])
+    book.reloaded()
+    outs = []
+    for i in range(3):  # a setup that fails after 20 s each time
+        clock.now += 20.0
+        outs += fail_boots(book, ready, 1, 800 + i)
+    assert outs[-1].rollback and book.generation == 1
+
+
+def test_a_given_up_reload_kills_its_workers_still_booting():
+    book = PoolBook(3, FlapPolicy(2, 10.0, 1.0, 3))
+    booted(book, [])
+    book.reloaded()
+    ready: list[W] = []  # every old worker died meanwhile: three new forks at once
+    a, b, c = book.plan(ready).spawn
+    assert a.generation == b.generation == c.generation == 2
+    book.spawned(a.token, 901)
+    book.spawned(b.token, 902)  # c is not spawned yet
+    assert not book.exited(901, exit_status(1)).rollback
+    [d] = book.plan(ready).spawn  # a's replacement
+    book.spawned(d.token, 903)
+    out = book.exited(903, exit_status(1))
+    assert out.rollback and out.abandoned == [902]  # to kill; c has no pid yet
+    assert "because its reload was given up" in book.exited(902, KILLED).text
+    assert book.spawned(c.token, 904) == "its reload was given up"  # killed when it comes
+    assert not book.exited(904, KILLED).boot_failure
+    assert book.booting == {} and book.generation == 1
+    assert [(x.number, x.generation) for x in book.plan(ready).spawn] == [(1, 1), (2, 1), (3, 1)]  # the old code
+
+
+def test_the_first_start_still_flaps_and_gives_up():
+    book = PoolBook(1, FlapPolicy(2, 10.0, 1.0, 0))
+    outs = fail_boots(book, [], 2, 10)
+    assert [o.flap for o in outs] == ["respawn", "give up"] and not outs[-1].rollback
 
 
 def test_stopping_forks_nothing_and_a_booting_death_is_no_failure():

@@ -96,3 +96,54 @@ def test_an_agent_whose_reload_hangs_at_import_gives_it_up_and_takes_the_next(se
     a.signal(signal.SIGHUP)
     assert wait_for(lambda: s.request(b"x") == b"v3:x", 15), a.log[-2000:]
     assert "already under way" not in a.log
+
+
+BOOT_FAILS = (
+    "import gaspar\n\n"
+    "def echo(m):\n    return b'{version}:' + m\n\n"
+    "handle = gaspar.App(default=echo)\n\n"
+    "@handle.setup()\n"
+    "def connect():\n    raise RuntimeError('the database is down')  # in every new worker\n"
+)
+
+
+def test_a_reload_whose_workers_cannot_boot_fails_and_the_old_workers_serve_on(cli, tmp_path):
+    """QA: such a reload flapped, gave up, and stopped a daemon that was serving (exit 3).
+    Its new workers' failures now fail the reload: back to the old fork server, nothing lost."""
+    server, path = start(cli, tmp_path, "-w", "2")
+    server.wait_ready(2)
+    pids = {w["pid"] for w in server.stats()["workers"]}
+    (tmp_path / "app.py").write_text(BOOT_FAILS.format(version="v2"))
+    done = gaspar_ctl(path, "--timeout", "30", "reload", timeout=40)
+    assert done.returncode == 1, (done.stdout, done.stderr, server.log[-3000:])
+    assert "reload failed, the old workers stay: the new code's workers failed to boot 5 times" in done.stderr
+    assert "back to the old code" in done.stderr, done.stderr
+    assert server.proc.poll() is None and "giving up" not in server.log
+    assert {w["pid"] for w in server.stats()["workers"]} == pids  # the same old workers
+    assert [client.request(server.addr, b"x", timeout=5) for _ in range(4)] == [b"v1:x"] * 4
+    status = gaspar_ctl(path, "status").stdout
+    assert ": failed: the new code's workers failed to boot" in status, status
+    os.kill(sorted(pids)[0], signal.SIGKILL)  # a replacement comes from the old code
+    assert wait_for(lambda: len(server.stats()["workers"]) == 2, 10), server.log[-2000:]
+    assert client.request(server.addr, b"y", timeout=5) == b"v1:y"
+
+    (tmp_path / "app.py").write_text(APP.format(version="v3"))  # fixed: the next reload works
+    done = gaspar_ctl(path, "--timeout", "30", "reload", timeout=40)
+    assert done.returncode == 0, (done.stderr, server.log[-3000:])
+    assert client.request(server.addr, b"x", timeout=5) == b"v3:x"
+    assert server.proc.poll() is None
+
+
+def test_an_agent_whose_reload_cannot_boot_goes_back_and_serves_on(serve, agent, tmp_path):
+    app = tmp_path / "agentboot.py"
+    app.write_text(APP.format(version="v1"))
+    s = front(serve)
+    args = ("--connect", s.remote, "--workers", "1", "--name", "a1")
+    a = agent("agentboot:handle", *args, *AGENT_FAST, path=(str(tmp_path),))
+    assert joined(s, "a1", 1), a.log
+    app.write_text(BOOT_FAILS.format(version="v2"))
+    a.signal(signal.SIGHUP)
+    assert wait_for(lambda: "Reload failed" in a.log, 20), a.log[-2000:]
+    assert "the new code's workers failed to boot 5 times" in a.log and "back to the old code" in a.log
+    assert a.proc.poll() is None and "giving up" not in a.log
+    assert [s.request(b"x") for _ in range(3)] == [b"v1:x"] * 3

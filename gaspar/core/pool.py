@@ -32,6 +32,12 @@ The rules, each a row of ``tests/test_pool.py``:
 * **Flapping.** A worker that dies before its HELLO is a boot failure: ``flap_attempts``
   within ``flap_window`` mean waiting ``flap_retry_in`` before forking again; after
   ``flap_max_retry`` such episodes, give up (the daemon exits 3). A ready worker resets it.
+* **A reload whose workers cannot boot.** A new generation is *proven* once one of its
+  workers is ready. Until then, ``flap_attempts`` boot failures of its workers (counted
+  without a window: a slow ``setup`` fails slowly) give the generation up instead of
+  counting as flapping: the book goes back to the proven one, its workers keep serving,
+  and the shell goes back to the old fork server and fails the reload
+  (:attr:`Exit.rollback`). Giving up the daemon stays for workers that never booted.
 * **Stopping.** Nothing is forked; a worker forked as the stop began is to be killed.
 * **Pools.** An App's handlers may have pools of their own (``gaspar.app``): each pool is
   brought to its own size by the rules above (a reload rolls each pool one worker at a
@@ -48,7 +54,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 HALT_FLAPPING = 3  # the exit code of a daemon or agent whose workers cannot boot
 DEFAULT_POOL = "default"
@@ -70,6 +76,11 @@ class FlapPolicy:
         self.failures: deque[float] = deque()
         self.episodes = 0
 
+    @classmethod
+    def of(cls, settings: Any) -> FlapPolicy:
+        """The policy a daemon's or an agent's ``flap_*`` settings ask for."""
+        return cls(settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry)
+
     def boot_failed(self, now: float) -> tuple[str, float]:
         """Record a worker that died before it was ready; say what to do next."""
         self.failures.append(now)
@@ -82,6 +93,11 @@ class FlapPolicy:
         if self.episodes > self.max_retry:
             return self.GIVE_UP, 0.0
         return self.BACKOFF, self.retry_in
+
+    def gave_up(self) -> str:
+        """The log's line when giving up."""
+        times = f"{self.attempts} times within {self.window}s, {self.max_retry + 1} times over"
+        return f"Workers failed to boot {times}; giving up"
 
     def booted(self) -> None:
         """A worker became ready: the start is not hopeless."""
@@ -130,6 +146,7 @@ class Booting:
     generation: int
     pid: int | None = None  # once the fork server said "spawned" (or its HELLO came first)
     pool: str = DEFAULT_POOL
+    proves: bool = False  # its HELLO was its generation's first: the reload's code boots
 
 
 @dataclass
@@ -151,6 +168,8 @@ class Exit:
     boot_failure: bool = False  # ...and that counts towards flapping
     flap: str = ""  # then FlapPolicy's verdict: respawn, backoff or give up
     backoff: float = 0.0  # seconds before the next fork (backoff)
+    rollback: str = ""  # a reload's new generation is given up: why (see PoolBook.rollback)
+    abandoned: list[int] = field(default_factory=list)  # its booting workers' pids, to kill
 
 
 class PoolBook:
@@ -166,23 +185,30 @@ class PoolBook:
         self.flap = flap or FlapPolicy()
         self.clock = clock
         self.generation = 1
+        self.proven = 0  # the last generation one of whose workers was ready (0: none yet)
+        self.unproven_failures = 0  # boot failures of a newer generation than that
         self.booting: dict[int, Booting] = {}  # token -> its fork
         self.backoff_until = 0.0  # no fork before this (math.inf: given up)
         self.stopping = False
         self._tokens = 0
         self._by_pid: dict[int, int] = {}  # a booting worker's pid -> its token
         self._killed: dict[int, str] = {}  # pid -> why we signalled it
+        self._abandoned: set[int] = set()  # tokens of forks given up before they were spawned
 
     # -- events ---------------------------------------------------------------------------
 
-    def spawned(self, token: int, pid: int) -> bool:
-        """The fork server forked ``token`` as ``pid``. True if it is to be killed at once
-        (the stop began after the fork was asked)."""
+    def spawned(self, token: int, pid: int) -> str:
+        """The fork server forked ``token`` as ``pid``. Why it is to be killed at once, if it
+        is (the stop began, or its reload was given up, after the fork was asked): else ""."""
         boot = self.booting.get(token)
         if boot is not None and boot.pid is None:
             boot.pid = pid
             self._by_pid[pid] = token
-        return self.stopping
+        if token in self._abandoned:
+            self._abandoned.discard(token)
+            self._killed[pid] = "its reload was given up"
+            return self._killed[pid]
+        return "the daemon is stopping" if self.stopping else ""
 
     def hello(self, token: int, pid: int) -> Booting | None:
         """A worker said it is ready: its fork (None if it is not to join: its fork is
@@ -193,6 +219,9 @@ class PoolBook:
             return None
         boot.pid = pid
         self.flap.booted()
+        if boot.generation == self.generation and self.proven < self.generation:
+            boot.proves = self.proven > 0  # a reload's code boots (the first start's: no news)
+            self.proven, self.unproven_failures = self.generation, 0
         return boot
 
     def killing(self, pid: int, why: str) -> None:
@@ -213,6 +242,11 @@ class PoolBook:
         if out.booting is None or self.stopping:
             return out
         out.boot_failure = True
+        if out.booting.generation > self.proven > 0:  # a reload's code, never seen booting
+            self.unproven_failures += 1
+            if self.unproven_failures >= self.flap.attempts:
+                out.rollback, out.abandoned = self.rollback(out.text)
+            return out
         if self.given_up:  # nothing more to decide
             return out
         out.flap, out.backoff = self.flap.boot_failed(self.clock())
@@ -225,7 +259,28 @@ class PoolBook:
     def reloaded(self) -> int:
         """The new code imported: a new generation, to replace the workers one by one."""
         self.generation += 1
+        self.unproven_failures = 0
         return self.generation
+
+    def rollback(self, last: str) -> tuple[str, list[int]]:
+        """Give up the generations newer than the proven one (their workers fail to boot;
+        ``last``: how the last one died): back to the proven one, whose workers are then no
+        longer old. Returns why, and the pids of their workers still booting, to kill (a
+        fork not yet spawned is killed when it is, see :meth:`spawned`)."""
+        failures, self.unproven_failures = self.unproven_failures, 0
+        pids = []
+        for token, boot in list(self.booting.items()):
+            if boot.generation > self.proven:
+                del self.booting[token]
+                if boot.pid is None:
+                    self._abandoned.add(token)
+                else:
+                    self._by_pid.pop(boot.pid, None)
+                    self._killed[boot.pid] = "its reload was given up"
+                    pids.append(boot.pid)
+        self.generation = self.proven
+        why = f"the new code's workers failed to boot {failures} times, none was ready (the last {last})"
+        return why, pids
 
     def stop(self) -> list[int]:
         """The pool stops: nothing more is forked. The pids of booting workers, to kill."""

@@ -89,7 +89,7 @@ class Supervisor:
         self._send, self._fail, self._on_ready, self._on_fatal = send, fail, on_ready, on_fatal
         self._take = take  # the router's round: take every message waiting from the workers
         s = settings
-        self.book = PoolBook(target, FlapPolicy(s.flap_attempts, s.flap_window, s.flap_retry_in, s.flap_max_retry))
+        self.book = PoolBook(target, FlapPolicy.of(s))
         self.book.sizes, self.book.max_memory, self.book.memory = plan.sizes, s.max_worker_memory, plan.memory
         self.autoscalers = {pool: Autoscaler.of(low, high, s) for pool, (low, high) in plan.ranges.items()}
         self.reloading: str | None = None  # "importing", then "replacing" until READY=1 (systemd)
@@ -194,6 +194,8 @@ class Supervisor:
         limit = draw_limit(s.max_requests, s.max_requests_jitter)
         slot = WorkerSlot(pid, boot.number, boot.generation, rid, max_requests=limit, pool=boot.pool)
         self.log(logging.INFO, "Worker %s (pid:%s) ready", slot.number, pid)
+        if boot.proves:  # the reload's code boots: the old fork server may go
+            self.forks.proven()
         self._send(self.dispatcher.add_worker(slot))
         self.manage()  # a rolling reload: an old worker goes for each new one ready
         if self.ready_count() >= self.target:
@@ -233,14 +235,10 @@ class Supervisor:
         self._check_gone()
 
     def on_boot_failure(self, out: Exit) -> None:
-        if out.flap == FlapPolicy.GIVE_UP:
-            f = self.book.flap
-            log.critical(
-                "Workers failed to boot %s times within %ss, %s times over; giving up",
-                f.attempts,
-                f.window,
-                f.max_retry + 1,
-            )
+        if out.rollback:  # a reload's workers cannot boot: it fails, the old workers stay
+            self.on_reloaded(False, self.forks.rollback(out.rollback, out.abandoned))
+        elif out.flap == FlapPolicy.GIVE_UP:
+            log.critical(self.book.flap.gave_up())
             self._on_fatal(HALT_FLAPPING, GasparError("workers keep failing to boot; gave up (see the log)"))
         elif out.flap == FlapPolicy.BACKOFF:
             log.warning("Workers are flapping; waiting %ss before the next fork", out.backoff)
@@ -347,8 +345,9 @@ class Supervisor:
             self.watch_fork_server(fresh)
 
     def on_reloaded(self, ok: bool, error: str | None, fs: ForkServer | None = None) -> None:
-        """The fork server ``fs`` imported the new code (``ok``) or could not. A fresh one
-        that did becomes the current one, and the old one retires."""
+        """The fork server ``fs`` imported the new code (``ok``) or could not (or, ``fs``
+        None, the new code's workers cannot boot). A fresh one that did becomes the current
+        one, and the old one stands by until a new worker is ready."""
         self.forks.settle(ok, fs)
         self.reloading = "replacing"
         if not ok:
@@ -364,9 +363,8 @@ class Supervisor:
     def check_import(self) -> None:
         """A reload's fork server still importing past its bound is killed: the reload failed
         (every second, from the main loop)."""
-        late = self.forks.overdue(time.monotonic()) if self.forks is not None else None
-        if late is not None:
-            self.on_reloaded(False, late[1], late[0])
+        if self.forks is not None:
+            self.forks.check_import(self.on_reloaded)
 
     def scale(self, n: int, least: int = 1) -> None:
         if n > self.settings.max_workers:
@@ -440,8 +438,9 @@ class Supervisor:
         kind = event["ev"]
         if kind == "spawned":
             self.log(logging.INFO, "Booting worker %s (pid:%s)", event["number"], event["pid"])
-            if self.book.spawned(event["token"], event["pid"]):  # forked just as we stopped
-                self.kill_pid(event["pid"], signal.SIGKILL, "the daemon is stopping")
+            why = self.book.spawned(event["token"], event["pid"])  # forked just as we stopped...
+            if why:
+                self.kill_pid(event["pid"], signal.SIGKILL, why)
         elif kind == "exited":
             self.on_exit(event["pid"], event["number"], event["status"])
         elif kind == "reloaded":

@@ -134,8 +134,7 @@ class Agent(Uplink):
         self.leave_deadline = math.inf
         self.leave_acked = False  # the front end answered our LEAVE: it sends no more requests
         self.exit_code = 0
-        flap = FlapPolicy(settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry)
-        self.book = PoolBook(low, flap)  # booting, numbers, generations, flapping
+        self.book = PoolBook(low, FlapPolicy.of(settings))  # booting, numbers, generations, flapping
         plan = pool_plan(consumer, settings.pools)  # an App's pools, if --pool says
         self.ranges = {**plan.ranges, **({DEFAULT_POOL: (low, high)} if high != low else {})}  # see uplink.resize
         self.book.sizes, self.book.max_memory, self.book.memory = plan.sizes, settings.max_worker_memory, plan.memory
@@ -243,9 +242,8 @@ class Agent(Uplink):
             self.read_link()
         self.keep_alive()
         self.check_memory()
-        late = self.forks.overdue(time.monotonic()) if self.forks is not None else None
-        if late is not None:  # a reload's import that hangs: killed, the reload failed
-            self.on_reloaded(False, late[1], late[0])
+        if self.forks is not None:  # a reload's import that hangs: killed, the reload failed
+            self.forks.check_import(self.on_reloaded)
         if len(self.by_pid) + len(self.book.booting) < self.target:
             self.manage_workers()  # a back-off that ended
 
@@ -300,6 +298,8 @@ class Agent(Uplink):
         w = LocalWorker(pid, boot.number, boot.generation, wid, payload, boot.pool)
         self.by_pid[pid] = self.by_wid[wid] = w
         log.info("Worker %s (pid:%s) ready", w.number, w.pid)
+        if boot.proves:  # the reload's code boots: the old fork server may go
+            self.forks.proven()
         self.announce(w)
         self.manage_workers()  # a rolling reload: an old worker goes for each new one ready
 
@@ -321,7 +321,8 @@ class Agent(Uplink):
         for event in events:
             if event["ev"] == "spawned":
                 log.info("Booting worker %s (pid:%s)", event["number"], event["pid"])
-                self.book.spawned(event["token"], event["pid"])
+                if self.book.spawned(event["token"], event["pid"]):  # stopping, or its reload given up
+                    self.forks.kill(event["pid"], signal.SIGKILL)
             elif event["ev"] == "exited":
                 self.on_exit(event["pid"], event["number"], event["status"])
             elif event["ev"] == "reloaded":
@@ -401,9 +402,10 @@ class Agent(Uplink):
             self.on_boot_failure(out)
 
     def on_boot_failure(self, out: Exit) -> None:
-        if out.flap == FlapPolicy.GIVE_UP:
-            f = self.book.flap
-            log.critical("Workers failed to boot %s times within %ss, over and over; giving up", f.attempts, f.window)
+        if out.rollback:  # a reload's workers cannot boot: it fails, the old workers stay
+            self.on_reloaded(False, self.forks.rollback(out.rollback, out.abandoned), None)
+        elif out.flap == FlapPolicy.GIVE_UP:
+            log.critical(self.book.flap.gave_up())
             self.exit_code = HALT_FLAPPING
         elif out.flap == FlapPolicy.BACKOFF:
             log.warning("Workers are flapping; waiting %ss before the next fork", out.backoff)

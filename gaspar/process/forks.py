@@ -227,18 +227,21 @@ class ForkServer:
 
 class ForkServers:
     """The fork servers of one pool: the ``current`` one forks new workers; ``next`` is the
-    one a reload started, until it says whether the application imported; ``old`` ones
-    are retiring and exit once their last worker is gone (a refused one at once). Nothing
-    here waits: the owner reads their events and calls :meth:`settle` and :meth:`gone`."""
+    one a reload started, until it says whether the application imported; ``standby`` is
+    the one before a reload's, kept until a worker of the new code is ready (:meth:`proven`)
+    so that a reload whose workers cannot boot goes back to it (:meth:`rollback`); ``old``
+    ones are retiring and exit once their last worker is gone (a refused one at once).
+    Nothing here waits: the owner reads their events and calls :meth:`settle` and :meth:`gone`."""
 
     def __init__(self, current: ForkServer) -> None:
         self.current = current
         self.next: ForkServer | None = None
         self.next_due = 0.0  # time.monotonic() by which ``next`` must have said it imported
+        self.standby: ForkServer | None = None
         self.old: list[ForkServer] = []
 
     def all(self) -> list[ForkServer]:
-        return [fs for fs in (self.current, self.next, *self.old) if fs is not None]
+        return [fs for fs in (self.current, self.next, self.standby, *self.old) if fs is not None]
 
     def kill(self, pid: int, sig: int, dump: bool = False) -> None:
         """Signal a worker through the fork server that forked it (it knows its children,
@@ -280,15 +283,47 @@ class ForkServers:
             "(an import that hangs?); killed it"
         )
 
+    def check_import(self, on_reloaded: Any) -> None:
+        """Give up the next fork server's import if it is :meth:`overdue`: then
+        ``on_reloaded(False, why, fs)`` (the owner's, as for a failed import)."""
+        late = self.overdue(time.monotonic())
+        if late is not None:
+            on_reloaded(False, late[1], late[0])
+
     def settle(self, ok: bool, fs: ForkServer | None) -> None:
         """``fs`` said whether the application imported: the next one that did becomes the
-        current one, which retires; one that did not is kept only until it exits."""
+        current one, and the current one the standby (or retires, when an older one, whose
+        code is known to boot, is the standby already); one that did not is kept only until
+        it exits."""
         if fs is not None and fs is self.next:
             self.next = None
             if ok:
                 self.current, fs = fs, self.current
+                if self.standby is None:
+                    self.standby = fs
+                    return
                 fs.retire()
             self.old.append(fs)
+
+    def proven(self) -> None:
+        """A worker of the current fork server's code is ready: the standby retires."""
+        if self.standby is not None:
+            self.standby.retire()
+            self.old.append(self.standby)
+            self.standby = None
+
+    def rollback(self, why: str, pids: list[int]) -> str:
+        """The current fork server's workers cannot boot: kill those still booting
+        (``pids``), go back to the standby, and retire the current one. Returns ``why``,
+        with what happened, as the reload's failure."""
+        for pid in pids:
+            self.kill(pid, signal.SIGKILL)
+        if self.standby is None:  # the code was re-imported in place: nothing to go back to
+            return f"{why}; the old workers stay, but new ones run the reloaded module"
+        self.current.retire()
+        self.old.append(self.current)
+        self.current, self.standby = self.standby, None
+        return f"{why}; back to the old code"
 
     def gone(self, fs: ForkServer) -> str | None:
         """``fs``, not the current one, exited: forgotten and reaped. Returns why the reload
@@ -297,6 +332,8 @@ class ForkServers:
         if fs is self.next:
             self.next = None
             failed = f"the new fork server (pid:{fs.pid}) exited before it was ready"
+        if fs is self.standby:
+            self.standby = None
         if fs in self.old:
             self.old.remove(fs)
         fs.close()
