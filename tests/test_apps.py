@@ -277,7 +277,25 @@ def test_a_client_that_does_not_read_holds_its_stream_at_a_window(serve):
     assert wait_for(lambda: s.producer.stats()["running"] == 0, 5), "the worker was not freed"
 
 
-def test_a_stream_its_client_does_not_read_is_ended_past_the_timeout_not_its_worker(serve, tmp_path):
+def test_large_items_not_read_are_held_one_at_a_time_not_a_window_of_them(serve):
+    """The window is bytes too (STREAM_BYTES): QA's two clients not reading 16 MB items took
+    a 64 MiB front end to 544 MB, 16 items each. An item past the byte window goes alone."""
+    s = serve(apps_under_test.app, processes=1, max_buffered_bytes=64 << 20)
+    body = calls.encode_call("forever", (), {"size": 4 << 20})
+    with socket.create_connection(tuple(s.producer.server_addr), timeout=10) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        raw.sendall(extended_header(len(body), keepalive=True, stream=True) + body)
+        assert wait_for(lambda: s.producer.stats()["overload"]["buffered_peak"] >= 4 << 20, 5)
+        time.sleep(1.0)  # time for a window of 16 such items, were it one
+        overload = s.producer.stats()["overload"]
+        assert overload["buffered_peak"] < 9 << 20, overload  # one item, and the next in transit at most
+        head = raw.recv(REPLY_HEADER.size, socket.MSG_WAITALL)
+        assert parse_reply_header(head)[2] == Status.ITEM
+    assert wait_for(lambda: s.producer.stats()["running"] == 0, 5), "the worker was not freed"
+
+
+@pytest.mark.parametrize("size", [65536, 4 << 20], ids=["a window of items", "one item past the byte window"])
+def test_a_stream_its_client_does_not_read_is_ended_past_the_timeout_not_its_worker(serve, tmp_path, size):
     """A client that starts an endless stream and reads nothing holds its worker waiting for
     room; past the operator's timeout that is not the handler's fault: the stream is ended
     (GeneratorExit reaches it) and its worker takes other calls, not SIGKILLed (QA: six
@@ -285,7 +303,7 @@ def test_a_stream_its_client_does_not_read_is_ended_past_the_timeout_not_its_wor
     s = serve(apps_under_test.app, processes=1, timeout=1.0)
     (pid,) = s.pids()
     marker = tmp_path / "closed"
-    body = calls.encode_call("forever", (), {"size": 65536, "marker": str(marker)})
+    body = calls.encode_call("forever", (), {"size": size, "marker": str(marker)})
     with socket.create_connection(tuple(s.producer.server_addr), timeout=10) as raw:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         raw.sendall(extended_header(len(body), keepalive=True, stream=True) + body)

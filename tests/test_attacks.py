@@ -446,6 +446,45 @@ def test_a_client_reading_a_large_reply_slowly_is_not_taken_for_one_that_does_no
         hog.close()
 
 
+def test_clients_reading_large_replies_at_a_trickle_cannot_hold_the_memory_from_everyone(serve):
+    """QA: a client reading its 32 MB items at 24 KB/s (above body_min_rate, so "reading")
+    held the memory, and so every other client's requests (none starts while replies hold
+    it), for as long as it read. Under memory pressure replies must now be taken at
+    body_min_rate x PRESSED_READ_FACTOR (64 KiB/s): the two trickling readers are reset, and
+    a client waiting meanwhile is answered in seconds, not shed at queue_timeout."""
+    mib = 1 << 20
+    s = serve(handlers.big, processes=2, max_buffered_bytes=64 * mib, max_message_size=40 * mib, queue_timeout=10)
+    ends: list = []
+
+    def trickle() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(tuple(s.producer.server_addr))
+        sock.sendall(extended_header(12, tag=1, keepalive=True) + b"big 36000000")
+        sock.settimeout(10)
+        t0, got = time.monotonic(), 0
+        try:
+            while time.monotonic() - t0 < 15 and (data := sock.recv(6000)):
+                got += len(data)
+                time.sleep(0.25)  # 24 KB/s
+        except OSError as exc:
+            ends.append((type(exc).__name__, got, time.monotonic() - t0))
+        sock.close()
+
+    readers = [threading.Thread(target=trickle, daemon=True) for _ in range(2)]
+    for t in readers:
+        t.start()
+    assert wait_for(lambda: s.producer.stats()["overload"]["replies_hold_memory"], 10), s.producer.stats()["overload"]
+    t0 = time.monotonic()
+    assert s.request(b"waiting", timeout=15) == b"waiting"
+    waited = time.monotonic() - t0
+    for t in readers:
+        t.join(20)
+    assert [e[0] for e in ends] == ["ConnectionResetError"] * 2, ends
+    assert waited < 5.0, (waited, ends)
+    assert s.producer.stats()["counters"]["idle_resets"] >= 2
+
+
 def test_a_connection_waiting_for_memory_has_a_bounded_life_and_readyz_says_why(serve):
     """The budget is full of bodies whose handlers hang: a connection waiting for memory
     is ended by idle_timeout, and meanwhile the daemon says it is stalled (not ready) and

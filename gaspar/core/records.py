@@ -89,6 +89,7 @@ class Pending:
     held: bool = False  # waiting behind its owner's share, not yet in the queue
     call: bytes = b""  # a typed call's byte in its head (gaspar.wire.envelope.CALL_AT); b"": bytes
     stream: bool = False  # a streaming call: its items go out as they come, until its reply
+    unread: int = 0  # a stream's: bytes of its items written to its connection, not yet taken
     pool: str = "default"  # the pool whose workers run it (an App's handler's)
     handler: str = ""  # a call's handler, when the App has it (for the figures by handler)
 

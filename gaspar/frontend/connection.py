@@ -67,7 +67,8 @@ class Connection:
 
     __slots__ = (
         "sock fd front reader inflight out paused closed eof keepalive last_active requests close_after "
-        "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty drain holding outq"
+        "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty drain holding "
+        "outq sent slow_since"
     ).split()
 
     def __init__(self, sock: _socket.socket, front: FrontEnd) -> None:
@@ -101,7 +102,9 @@ class Connection:
         self.dirty = False  # replies delivered, to write at the end of the round (write_soon)
         self.drain = 0  # a refused request's bytes to read and drop before the close (linger.py)
         self.holding = False  # over MAX_UNSENT: none more of its requests goes to a worker
-        self.outq: tuple[int, float] | None = None  # (the kernel's unsent bytes, when): the last sweep's
+        self.outq: tuple[int, float, int] | None = None  # the last sweep's: kernel's unsent bytes, when, sent
+        self.sent = 0  # bytes written to the socket, ever
+        self.slow_since = 0.0  # under memory pressure: taking its replies too slowly since (sweep.py)
         if front.outcomes.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]
@@ -309,6 +312,7 @@ class Connection:
             return
         self._queue(reply_header(len(body), request.tag, Status.ITEM), body)
         self.owed.append(pending)
+        pending.unread += len(body)
         self.flush()
 
     def _queue(self, head: bytes, body: Any) -> None:
@@ -354,6 +358,7 @@ class Connection:
             if written:
                 self.last_active = time.monotonic()
                 self.unsent -= written
+                self.sent += written
                 self._free(written, written)
             if (self.paused or self.holding) and self.unsent <= MAX_UNSENT and not self.closed:
                 if self.holding:

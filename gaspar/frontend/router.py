@@ -240,6 +240,7 @@ class Router:
         box = self._credit_box
         for req in streams:
             box[req] = box.get(req, 0) + 1
+            req.unread = 0
         self.read_soon()
 
     def hold(self, conn: Any, on: bool) -> None:

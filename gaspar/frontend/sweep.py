@@ -21,6 +21,11 @@ state, with the clock passed in.
   after ``idle_timeout``: the operator's memory is for the clients that read, and a client
   that pipelines requests for large replies and never reads them must not stall everyone
   else for a minute.
+* **Under memory pressure, replies must be taken fast enough.** A client that reads, but
+  slower than ``body_min_rate`` x :data:`PRESSED_READ_FACTOR` (64 KiB/s by default),
+  for :data:`PRESSURE_GRACE` seconds while holding replies is reset too: one reading large
+  replies at 24 KB/s would otherwise hold the memory, and with it every other client's
+  requests (none starts while replies hold it), for as long as it reads.
 * **A stream its client does not read** (:func:`stalled_streams`): ended when its worker has
   waited for room for the operator's ``timeout``, never its worker killed for it.
 """
@@ -33,13 +38,16 @@ import termios
 from typing import Any
 
 from gaspar.errors import WorkerTimeout
-from gaspar.process.running import STREAM_WINDOW
+from gaspar.process.running import STREAM_BYTES, STREAM_WINDOW
 
 #: Under memory pressure, replies unread this long (seconds) end their connection.
 PRESSURE_GRACE = 1.0
 #: While bodies wait for admission, an admitted one must arrive this many times faster than
 #: ``body_min_rate``.
 ADMITTED_RATE_FACTOR = 256
+#: Under memory pressure, a client holding replies must take them this many times faster
+#: than ``body_min_rate`` (a 512 kbit/s link), or be reset after PRESSURE_GRACE.
+PRESSED_READ_FACTOR = 64
 
 
 def sweep(conns: list[Any], now: float, settings: Any, budget: Any) -> None:
@@ -58,12 +66,17 @@ def _sweep(conn: Any, now: float, idle_timeout: float | None, pressure: bool) ->
     if conn.clock.too_slow(now, conn.reader.remaining):
         return too_slow(conn)
     if conn.out:
-        _reading(conn, now)
+        _reading(conn, now, pressure)
     else:
-        conn.outq = None
+        conn.outq, conn.slow_since = None, 0.0
     quiet = now - conn.last_active
-    if pressure and conn.out and not conn.starved and quiet >= PRESSURE_GRACE:
-        return _stalled(conn, "Reset a connection whose replies went unread for %.0fs under memory pressure", quiet)
+    if pressure and conn.out and not conn.starved:
+        if quiet >= PRESSURE_GRACE:
+            return _stalled(conn, "Reset a connection whose replies went unread for %.0fs under memory pressure", quiet)
+        if conn.slow_since and now - conn.slow_since >= PRESSURE_GRACE:
+            rate = conn.front.settings.body_min_rate * PRESSED_READ_FACTOR
+            why = "Reset a connection taking its replies slower than %.0f bytes/s under memory pressure"
+            return _stalled(conn, why, rate)
     if not idle_timeout:
         return
     if conn.inflight > 0 and not conn.out and not conn.starved and not conn.reader.in_progress:
@@ -83,20 +96,26 @@ def _stalled(conn: Any, why: str, arg: float) -> None:
     conn.abort()
 
 
-def _reading(conn: Any, now: float) -> None:
+def _reading(conn: Any, now: float, pressure: bool) -> None:
     """Replies wait to be written: is the client reading? The front end writes again only
     once the kernel's send buffer (up to MBs on loopback) has room for a large chunk, so its
-    own writes say little; the buffer shrinking since the last sweep at ``body_min_rate`` or
-    faster says the client reads, and counts as activity."""
+    own writes say little; what the client took since the last sweep (the buffer shrinking,
+    plus what was written) at ``body_min_rate`` or faster says it reads, and counts as
+    activity. Under memory pressure, slower than ``PRESSED_READ_FACTOR`` times that is slow."""
     try:
         queued = struct.unpack("i", fcntl.ioctl(conn.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except OSError:
         return
-    seen, conn.outq = conn.outq, (queued, now)
-    if seen is not None:
-        read = seen[0] - queued
-        if read > 0 and read >= conn.front.settings.body_min_rate * (now - seen[1]):
-            conn.last_active = now
+    seen, conn.outq = conn.outq, (queued, now, conn.sent)
+    if seen is None:
+        return
+    took, rate, elapsed = seen[0] - queued + conn.sent - seen[2], conn.front.settings.body_min_rate, now - seen[1]
+    if took > 0 and took >= rate * elapsed:
+        conn.last_active = now
+    if pressure and took < rate * PRESSED_READ_FACTOR * elapsed:
+        conn.slow_since = conn.slow_since or seen[1]
+    else:
+        conn.slow_since = 0.0
 
 
 def too_slow(conn: Any, why: str = "") -> None:
@@ -111,19 +130,21 @@ def too_slow(conn: Any, why: str = "") -> None:
 def stalled_streams(front: Any, now: float) -> None:
     """Streams past the operator's timeout (the time between two items) because their
     worker waits for room: the front end holds a whole window of items its client has not
-    read. Not the handler's fault, so not a worker killed (``Dispatcher.expire`` would):
-    the stream is ended (CANCEL: ``GeneratorExit`` at its ``yield``, ``finally`` blocks run,
-    the worker takes other calls) and its client finds ``WorkerTimeout`` (``killed`` false)
-    after the items, should it read them."""
+    read (STREAM_WINDOW items, or STREAM_BYTES of them). Not the handler's fault, so not a
+    worker killed (``Dispatcher.expire`` would): the stream is ended (CANCEL:
+    ``GeneratorExit`` at its ``yield``, ``finally`` blocks run, the worker takes other
+    calls) and its client finds ``WorkerTimeout`` (``killed`` false) after the items,
+    should it read them."""
     d, ended = front.dispatcher, False
     for worker in list(d.workers.values()):
         req = worker.current
         if req is None or not req.stream or req.cancelled or req.deadline is None or now < req.deadline:
             continue
         conn = req.waiter[0]
-        if conn.owed.count(req) < STREAM_WINDOW:
+        if conn.owed.count(req) < STREAM_WINDOW and req.unread < STREAM_BYTES:
             continue  # the handler had room to send: its own slowness, and the timeout's to end
-        msg = f"its client left {STREAM_WINDOW} items unread past the timeout setting ({req.timeout}s); stream ended"
+        window = f"{STREAM_WINDOW} items or {STREAM_BYTES >> 20} MiB"
+        msg = f"its client left a window ({window}) unread past the timeout setting ({req.timeout}s); stream ended"
         front.outcomes.fail(req, WorkerTimeout, msg, timeout=req.timeout, limit="timeout", killed=False, pid=worker.pid)
         req.deadline = None
         d.cancel(req)

@@ -65,6 +65,9 @@ class Refused(Exception):
 
 #: Items a stream may send before its client has taken any (then one more per item taken).
 STREAM_WINDOW = 16
+#: ...and bytes: past this many in items its client has not taken, a stream waits too (an
+#: item larger than this goes alone), so large items cannot multiply the front end's memory.
+STREAM_BYTES = 1 << 20
 
 
 def _describe(seconds: float, kind: str) -> str:
@@ -182,4 +185,4 @@ def run_stream(
                 log.exception("Closing a stream's generator failed")
 
 
-__all__ = ["Refused", "SoftLimit", "STREAM_WINDOW", "call_handler", "client_limit", "run_stream"]
+__all__ = ["Refused", "SoftLimit", "STREAM_BYTES", "STREAM_WINDOW", "call_handler", "client_limit", "run_stream"]

@@ -43,7 +43,16 @@ from collections.abc import Callable
 from time import perf_counter, thread_time
 from typing import Any
 
-from gaspar.process.running import ITEM, STREAM_WINDOW, Refused, SoftLimit, call_handler, client_limit, run_stream
+from gaspar.process.running import (
+    ITEM,
+    STREAM_BYTES,
+    STREAM_WINDOW,
+    Refused,
+    SoftLimit,
+    call_handler,
+    client_limit,
+    run_stream,
+)
 from gaspar.wire.envelope import CALL_AT, CREDITS, ID, STREAM, TIMING, Kind
 
 log = logging.getLogger("gaspar")
@@ -218,6 +227,7 @@ def run_worker(
     reply, ack, skipped = Kind.REPLY.value, Kind.ACK.value, Kind.SKIPPED.value
     credit, item_head = Kind.CREDIT.value[0], Kind.ITEM.value
     streaming: list[Any] = [None, 0, False, b""]  # a running stream: id, credits, cancelled, item head
+    untaken: deque[int] = deque()  # its items' sizes its client has not taken yet, oldest first
     # pyzmq's Cython methods with int flags: its Python layer is a real share of a small
     # request's cost (see producer.py)
     send, recv, get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
@@ -232,7 +242,10 @@ def run_worker(
         frame = recv(sock, 0, False) if head[0] in bodied else None
         if streaming[0] is not None and head[ID] == streaming[0]:
             if head[0] == credit:
-                streaming[1] += CREDITS.unpack_from(head, ID.stop)[0]
+                n = CREDITS.unpack_from(head, ID.stop)[0]
+                streaming[1] += n
+                for _ in range(min(n, len(untaken))):
+                    untaken.popleft()
                 return
             if head[0] == cancel:  # its client left: end the stream
                 streaming[2] = True
@@ -251,14 +264,16 @@ def run_worker(
     def send_item(data: bytes) -> None:
         send(sock, streaming[3], more)
         send(sock, data, 0, len(data) < _LARGE)
+        untaken.append(len(data))
 
     def wait_credit() -> bool:
         """After a stream's item: take what has arrived, and wait while the stream has no
-        credit left (its client has not taken enough items). False: its client left."""
+        credit left: its client has not taken enough items, or enough of their bytes (an
+        item larger than STREAM_BYTES goes alone). False: its client left."""
         streaming[1] -= 1
         while get(sock, events) & pollin:
             receive(0)
-        while streaming[1] <= 0 and not streaming[2]:
+        while (streaming[1] <= 0 or sum(untaken) >= STREAM_BYTES) and not streaming[2]:
             receive(0)
         return not streaming[2]
 
@@ -291,6 +306,7 @@ def run_worker(
                     status, body = call_handler(consumer.handle, frame.bytes, limit=limit, soft=soft)
                 elif call == STREAM:
                     streaming[:] = [head[ID], STREAM_WINDOW, False, item_head + head[ID] + ITEM]
+                    untaken.clear()
                     status, body = run_stream(consumer.stream, frame.buffer, send_item, wait_credit)
                     streaming[0] = None
                 else:
