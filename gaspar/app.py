@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gaspar.core.autoscale import parse_range
-from gaspar.errors import ProtocolError
+from gaspar.errors import ProtocolError, SoftTimeout
 from gaspar.process.running import Refused
 from gaspar.process.worker import Consumer
 from gaspar.wire import calls
@@ -153,26 +153,29 @@ class App(Consumer):
 
     def handler_of(self, body: Any) -> str:
         """In the front end: the handler a call's body names, if this App has it ("": a name
-        it does not know, or a malformed call; its worker says why). Only known names become
+        it does not know, a codec it refuses, or a malformed call: see :meth:`refusal`). Only known names become
         labels of the figures, so a client cannot grow them."""
         try:
-            name = calls.call_name(body)[1]
+            codec, name = calls.call_name(body)
         except ProtocolError:
             return ""
+        if codec == calls.PICKLE and not self.allow_pickle:
+            return ""  # refused (see refusal)
         return name if name in self.handlers else ""
 
     def refusal(self, body: Any) -> tuple[str, str] | None:
         """In the front end: ``(kind, message)`` for a call to a name this App does not
-        have, answered at once instead of queueing for a worker to refuse (under load it
-        would wait, and be shed as Overloaded: "retry" for a call that can never run);
-        None otherwise (a malformed call, or a codec refused, is its worker's to explain)."""
+        have, or in pickle when it does not allow pickle, answered at once instead of
+        queueing for a worker to refuse (under load it would wait, and be shed as
+        Overloaded: "retry" for a call that can never run); None otherwise (a malformed
+        call is its worker's to explain)."""
         try:
             codec, name = calls.call_name(body)
         except ProtocolError:
             return None
-        if name in self.handlers or (codec == calls.PICKLE and not self.allow_pickle):
-            return None
-        return "NoSuchHandler", self._unknown(name)
+        if codec == calls.PICKLE and not self.allow_pickle:
+            return "BadRequest", calls.PICKLE_REFUSED
+        return None if name in self.handlers else ("NoSuchHandler", self._unknown(name))
 
     def _unknown(self, name: str) -> str:
         known = ", ".join(sorted(self.handlers)) or "none"
@@ -205,6 +208,8 @@ class App(Consumer):
     def _prepare(self, message: Any) -> tuple[int, Handler, tuple, dict[str, Any]]:
         try:
             codec, name, args, kwargs = calls.decode_call(message, self.allow_pickle)
+        except SoftTimeout:  # the client's limit passed while it decoded (a large payload)
+            raise
         except Exception as exc:  # ProtocolError, or a pickle's own errors
             raise Refused("BadRequest", str(exc)) from None
         handler = self.handlers.get(name)

@@ -159,6 +159,8 @@ def test_a_call_to_an_unknown_name_is_refused_at_once_even_when_every_worker_is_
         t0 = time.monotonic()
         with pytest.raises(errors.NoSuchHandler, match="no handler named 'nope'"):
             c.call("nope")
+        with pytest.raises(errors.BadRequest, match="does not accept pickle"):  # nor a codec refused
+            c.call("add", 1, codec="pickle")
         assert time.monotonic() - t0 < 0.3
         busy.join(5)
     assert s.producer.stats()["counters"]["submitted"] == 1  # only the pause ever queued
@@ -754,3 +756,52 @@ def test_a_pool_of_zero_to_n_workers_grows_for_its_first_call(serve):
     with Client(s.addr, timeout=10) as c:
         assert isinstance(c.call("work", 0.001), int)
     assert sorted(w["pool"] for w in s.producer.stats()["workers"]) == ["default", "work"]
+
+
+def test_a_client_limit_passing_while_its_arguments_decode_is_a_timeout_not_a_bad_request():
+    """QA: a valid call whose arguments took longer to decode than the client's
+    handler_timeout was answered BadRequest (status 4, "do not retry") when the worker's
+    reply beat the front end's own timeout answer: the decoding wrapped the SoftTimeout as
+    malformed bytes. Here the worker's own answer, with a real SIGALRM limit (msgpack's
+    decoding is C code: the signal lands as soon as it returns, inside the decode's try)."""
+    import gc
+    import signal as signals
+
+    from gaspar.process.running import SoftLimit, call_handler
+
+    before = signals.getsignal(signals.SIGALRM)
+    body = memoryview(calls.encode_call("echo", ([{}] * 3_000_000,), {}))
+    gc.collect()
+    gc.disable()  # a collection's finalizer (of an earlier test's leftovers) would swallow the signal's exception
+    try:
+        status, reply = call_handler(apps_under_test.app.call, body, limit=(0.005, "handler_timeout"), soft=SoftLimit())
+    finally:
+        gc.enable()
+        signals.signal(signals.SIGALRM, before)
+    assert status == bytes([Status.TIMEOUT]), bytes(reply)[:300]
+    assert b"handler_timeout" in bytes(reply)
+
+
+def test_a_stream_past_its_clients_handler_timeout_is_ended_and_its_worker_freed(serve, tmp_path):
+    """QA: a stream's client handler_timeout was answered "the worker interrupts it", but a
+    stream has no soft limit: the generator went on and its worker stayed busy. It is now
+    ended at its next item (GeneratorExit), and the answer says so."""
+    s = serve(apps_under_test.app, processes=1)
+    (pid,) = s.pids()
+    marker = tmp_path / "closed"
+    body = calls.encode_call("forever", (), {"size": 16, "marker": str(marker)})
+    with socket.create_connection(tuple(s.producer.server_addr), timeout=10) as raw:
+        raw.sendall(extended_header(len(body), keepalive=True, stream=True, timeout=0.3) + body)
+        items, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < 10:
+            length, _, status = parse_reply_header(raw.recv(REPLY_HEADER.size, socket.MSG_WAITALL))
+            data = raw.recv(length, socket.MSG_WAITALL) if length else b""
+            if status != Status.ITEM:
+                break
+            items += 1
+        assert status == Status.TIMEOUT and b"ends the stream at its next item" in data, (status, data)
+        assert items > 0
+    assert wait_for(marker.exists, 5, 0.05), "GeneratorExit never reached the handler"
+    with Client(s.addr, timeout=10) as c:
+        assert c.call("whoami") == pid
+    assert s.producer.stats()["restarts"] == 0

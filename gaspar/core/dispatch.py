@@ -240,12 +240,11 @@ class Dispatcher:
         """Running requests past a limit: ``(answered, killed)``. ``answered``: past the
         client's own limit (``soft_timeout`` or its deadline): the caller answers each at
         once (``expired`` says which limit); the request stays its worker's until the worker
-        replies (its handler is interrupted there, softly) and that reply is dropped.
+        replies (its handler interrupted softly; a stream cancelled) and that reply is dropped.
         ``killed``: past the operator's ``timeout``: removed, its worker marked retiring; the
         caller kills ``req.worker`` and answers the request unless it was answered already
         (``cancelled``)."""
-        now = self.clock()
-        answered, killed = [], []
+        now, answered, killed = self.clock(), [], []
         for worker in self.workers.values():
             req = worker.current
             if req is None or req.revoked:
@@ -255,8 +254,7 @@ class Dispatcher:
                 worker.retiring, worker.retire_reason = True, "timeout"
                 self._idle.pop(worker.routing_id, None)
                 self.pending.pop(req.id, None)
-                if not req.cancelled:
-                    self.counters.timeouts += 1
+                self.counters.timeouts += not req.cancelled
                 killed.append(req)
                 if worker.ahead:  # they will never start there: queue them again
                     self._unprefetch(worker)
@@ -266,6 +264,8 @@ class Dispatcher:
                 req.expired = "handler_timeout" if soft else "deadline"
                 self.counters.timeouts += 1
                 answered.append(req)
+                if req.stream:  # no soft limit in a stream: it is ended at its next item instead
+                    self._cancels.append((worker, req))
         return answered, killed
 
     def fail_all(self) -> list[Pending]:

@@ -193,9 +193,10 @@ class Outcomes:
             worker = req.worker
             limit = req.soft_timeout if req.expired == "handler_timeout" else req.client_deadline - req.started
             what = "its handler_timeout" if req.expired == "handler_timeout" else "its deadline"
+            does = "ends the stream at its next item" if req.stream else "interrupts it"
             msg = (
                 f"handler ran past {what} ({limit:.3g}s, the client's); "
-                f"worker {worker.label} (pid {worker.pid}) interrupts it and lives on"
+                f"worker {worker.label} (pid {worker.pid}) {does} and lives on"
             )
             facts = {"timeout": round(limit, 6), "limit": req.expired, "killed": False, "pid": worker.pid}
             self.fail(req, WorkerTimeout, msg, **facts)

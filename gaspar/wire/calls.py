@@ -26,7 +26,7 @@ import pickle
 import struct
 from typing import Any
 
-from gaspar.errors import ProtocolError
+from gaspar.errors import ProtocolError, SoftTimeout
 
 MSGPACK = ord("m")
 PICKLE = ord("p")
@@ -124,6 +124,10 @@ def encode_arguments(args: tuple, kwargs: dict[str, Any]) -> list[Any]:
     return parts
 
 
+#: Why a pickle is refused by an App that does not allow it (its worker, or its front end at once).
+PICKLE_REFUSED = "this server does not accept pickle (App(allow_pickle=True) is for trusted clients)"
+
+
 def decode(codec: int, payload: bytes | memoryview, allow_pickle: bool = False) -> Any:
     """What :func:`encode` made. A pickle is refused unless ``allow_pickle``: it can run code."""
     if codec == MSGPACK:
@@ -131,12 +135,14 @@ def decode(codec: int, payload: bytes | memoryview, allow_pickle: bool = False) 
 
         try:
             return msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        except SoftTimeout:  # the client's limit passed while it decoded: not bad bytes
+            raise
         except Exception as exc:  # msgpack raises several kinds for bad bytes
             raise ProtocolError(f"a malformed msgpack payload ({type(exc).__name__}: {exc})") from None
     if codec != PICKLE:
         raise ProtocolError(f"unknown codec {codec!r}")
     if not allow_pickle:
-        raise ProtocolError("this server does not accept pickle (App(allow_pickle=True) is for trusted clients)")
+        raise ProtocolError(PICKLE_REFUSED)
     view = memoryview(payload).cast("B")
     try:
         (count,) = _COUNT.unpack_from(view, 0)
