@@ -30,7 +30,7 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -274,18 +274,18 @@ class Client:
         body = calls.encode_call(name, args, kwargs, codec)
         wait = self.timeout if timeout is None else timeout
         limit = _Deadline(wait)
-        sock, _ = self._borrow(limit)
+        sock, reused = self._borrow(limit)
         done = False
         try:
             with _translate(self.address, limit):
-                sock.settimeout(limit.left())
-                sock.sendall(extended_header(len(body), keepalive=True, stream=True) + body)
+                payload = extended_header(len(body), keepalive=True, stream=True) + body
+                sock, (_, status, data) = self._exchange(sock, reused, payload, limit, _read_frame)
             while True:
-                limit = _Deadline(wait)  # each item has the whole timeout
-                with _translate(self.address, limit):
-                    _, status, data = _read_frame(sock, limit)
                 if status == Status.ITEM:
                     yield calls.decode_result(codec, data)
+                    limit = _Deadline(wait)  # each item has the whole timeout
+                    with _translate(self.address, limit):
+                        _, status, data = _read_frame(sock, limit)
                     continue
                 done = True
                 if status != Status.OK:
@@ -335,19 +335,8 @@ class Client:
         ok = False
         try:
             with _translate(self.address, deadline):
-                try:
-                    sock.settimeout(deadline.left())
-                    sock.sendall(payload)
-                    replies.update([_read_reply(sock, deadline)])
-                except ConnectionError:
-                    if not reused:
-                        raise
-                    # the server closed an idle pooled connection: nothing ran; go again once
-                    sock.close()
-                    sock, reused = _connect(self.address, deadline), False
-                    sock.settimeout(deadline.left())
-                    sock.sendall(payload)
-                    replies.update([_read_reply(sock, deadline)])
+                sock, first = self._exchange(sock, reused, payload, deadline, _read_reply)
+                replies.update([first])
                 while len(replies) < len(tags):
                     replies.update([_read_reply(sock, deadline)])
             ok = True
@@ -357,6 +346,29 @@ class Client:
             return [replies[t] for t in tags]
         except KeyError:
             raise ProtocolError("a reply's tag matched no request") from None
+
+    def _exchange(
+        self, sock: socket.socket, reused: bool, payload: bytes, deadline: _Deadline, read: Callable[..., Any]
+    ) -> tuple[socket.socket, Any]:
+        """Send ``payload`` and ``read`` the first answer; returns the socket it went on. A
+        pooled connection the server closed while idle (``idle_timeout``, a restart) is
+        replaced once: the server never read the request, so nothing ran."""
+        try:
+            sock.settimeout(deadline.left())
+            sock.sendall(payload)
+            return sock, read(sock, deadline)
+        except ConnectionError:
+            if not reused:
+                raise
+        sock.close()
+        fresh = _connect(self.address, deadline)
+        try:
+            fresh.settimeout(deadline.left())
+            fresh.sendall(payload)
+            return fresh, read(fresh, deadline)
+        except BaseException:
+            fresh.close()
+            raise
 
     def _borrow(self, deadline: _Deadline) -> tuple[socket.socket, bool]:
         with self._lock:

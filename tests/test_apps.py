@@ -805,3 +805,15 @@ def test_a_stream_past_its_clients_handler_timeout_is_ended_and_its_worker_freed
     with Client(s.addr, timeout=10) as c:
         assert c.call("whoami") == pid
     assert s.producer.stats()["restarts"] == 0
+
+
+def test_a_stream_on_a_pooled_connection_the_server_closed_goes_again_on_a_fresh_one(serve):
+    """QA: Client.stream() on a pooled connection the server had closed (idle_timeout, a
+    restart) raised ConnectionLost, where request() and call() reconnect: nothing ran."""
+    s = serve(apps_under_test.app, processes=1, idle_timeout=0.3)
+    with Client(s.addr, timeout=10) as c:
+        assert c.call("add", 1) == 2  # its connection goes back to the pool
+        time.sleep(0.8)  # the server closes it meanwhile
+        assert list(c.stream("count", 3)) == [b"\x00", b"\x01", b"\x02"]
+        time.sleep(0.8)
+        assert c.call("add", 2) == 3
