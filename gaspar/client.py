@@ -150,10 +150,27 @@ def _recv_exact(sock: socket.socket, n: int, deadline: _Deadline) -> bytearray:
     return buf
 
 
+def _recv_body(sock: socket.socket, n: int, deadline: _Deadline) -> bytes:
+    """A reply's body. A large one is read in pieces joined at the end: zeroing a buffer of
+    its size first (hundreds of MB) would stop reading for a second, and a front end short
+    of memory resets a client that leaves its reply unread that long."""
+    if n <= 1 << 20:
+        return bytes(_recv_exact(sock, n, deadline))
+    chunks, got = [], 0
+    while got < n:
+        sock.settimeout(deadline.left())
+        chunk = sock.recv(min(n - got, 1 << 20))
+        if not chunk:
+            raise ConnectionLost(f"reply cut short: {got} of {n} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 def _read_frame(sock: socket.socket, deadline: _Deadline) -> tuple[int, int, bytes]:
     """One framed reply: (tag, status, body)."""
     length, tag, status = parse_reply_header(_recv_exact(sock, REPLY_HEADER.size, deadline))
-    body = bytes(_recv_exact(sock, length, deadline)) if length else b""
+    body = _recv_body(sock, length, deadline) if length else b""
     return tag, status, body
 
 

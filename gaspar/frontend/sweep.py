@@ -66,6 +66,8 @@ def _sweep(conn: Any, now: float, idle_timeout: float | None, pressure: bool) ->
     if conn.clock.too_slow(now, conn.reader.remaining):
         return too_slow(conn)
     if conn.out:
+        if conn.outq is None:  # replies first seen waiting: unread since now, not since the request came
+            conn.last_active = max(conn.last_active, now)
         _reading(conn, now, pressure)
     else:
         conn.outq, conn.slow_since = None, 0.0
