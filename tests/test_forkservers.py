@@ -19,7 +19,7 @@ class Stand:
 
     def __init__(self, name: str, spec: str | None = "app:handler", start_error: Exception | None = None) -> None:
         self.name, self.spec, self.pid = name, spec, hash(name) % 10_000
-        self.children: set[int] = set()
+        self.children: dict[int, int] = {}  # pid -> number
         self.start_error = start_error
         self.settings = SimpleNamespace(timeout=30.0)
         self.asked: list[tuple] = []
@@ -74,7 +74,7 @@ def test_a_reload_whose_workers_cannot_boot_goes_back_to_the_standby():
     forks = ForkServers(first)
     fresh, _ = forks.start_next()
     forks.settle(True, fresh)
-    fresh.children.add(77)  # a new worker still booting
+    fresh.children[77] = 1  # a new worker still booting
     why = forks.rollback("they failed", [77])
     assert why == "they failed; back to the old code"
     assert forks.current is first and forks.standby is None and forks.old == [fresh]
@@ -147,7 +147,7 @@ def test_a_kill_goes_through_the_fork_server_that_forked_the_worker(pid, owner):
     forks = ForkServers(first)
     fresh, _ = forks.start_next()
     forks.settle(True, fresh)
-    first.children, fresh.children = {11}, {22}
+    first.children, fresh.children = {11: 1}, {22: 2}
     forks.kill(pid, signal.SIGKILL)  # 33: nobody's (already reaped): the current one says so
     expected = first if owner == "old" else fresh
     assert expected.asked[-1] == ("kill", pid, signal.SIGKILL)

@@ -147,3 +147,31 @@ def test_an_agent_whose_reload_cannot_boot_goes_back_and_serves_on(serve, agent,
     assert "the new code's workers failed to boot 5 times" in a.log and "back to the old code" in a.log
     assert a.proc.poll() is None and "giving up" not in a.log
     assert [s.request(b"x") for _ in range(3)] == [b"v1:x"] * 3
+
+
+def test_an_agent_whose_fork_server_dies_starts_a_fresh_one_and_serves_on(serve, agent, tmp_path):
+    """The agent shares ForkServers.replace with the front end: its workers died with the
+    fork server, each is reported to the front end (EXITED), and a fresh fork server forks
+    their successors; the agent and its session live on."""
+    from conftest import children_of
+
+    app = tmp_path / "agentfs.py"
+    app.write_text(APP.format(version="v1"))
+    s = front(serve)
+    a = agent(
+        "agentfs:handle", "--connect", s.remote, "--workers", "2", "--name", "a1", *AGENT_FAST, path=(str(tmp_path),)
+    )
+    before = joined(s, "a1", 2)
+    assert before, a.log
+    old = {w["pid"] for w in before["workers"]}
+    (fork_server,) = children_of(a.proc.pid)
+    os.kill(fork_server, signal.SIGKILL)
+    assert wait_for(lambda: "a fresh one" in a.log, 10), a.log[-2000:]
+
+    def fresh():
+        got = joined(s, "a1", 2)
+        return got if got and not {w["pid"] for w in got["workers"]} & old else None
+
+    assert wait_for(fresh, 20), a.log[-2000:]
+    assert a.proc.poll() is None and s.request(b"x") == b"v1:x"
+    assert f"its fork server (pid:{fork_server}) died" in a.log

@@ -105,6 +105,24 @@ class Pending:
         self.answer_by = answer_by
 
 
+class LocalWorker:
+    """A ready worker process of an agent (``gaspar.process.agent``): it said HELLO (booting
+    ones are the pool book's)."""
+
+    __slots__ = ("pid", "number", "generation", "wid", "hello", "announced", "requests", "retiring", "pool")
+
+    def __init__(self, pid: int, number: int, generation: int, wid: bytes, hello: bytes, pool: str) -> None:
+        self.pid, self.number, self.generation, self.pool = pid, number, generation, pool
+        self.retiring = False  # asked to go once idle (a reload, a smaller pool)
+        self.wid, self.hello = wid, hello  # its routing id and HELLO, relayed to the front end
+        self.announced = False  # its HELLO went to the front end in this session
+        self.requests: set[bytes] = set()  # ids of requests it was given and has not answered
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.requests)
+
+
 Assignment = tuple[WorkerSlot, Pending]
 
 
@@ -151,4 +169,4 @@ class WorkerOwner(Protocol):
         """Deliver ``message`` to it (``Consumer.on_broadcast``); False if it cannot be reached."""
 
 
-__all__ = ["Assignment", "Counters", "Pending", "WorkerOwner", "WorkerSlot", "draw_limit"]
+__all__ = ["Assignment", "Counters", "LocalWorker", "Pending", "WorkerOwner", "WorkerSlot", "draw_limit"]

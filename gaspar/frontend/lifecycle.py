@@ -28,6 +28,7 @@ with warnings.catch_warnings():
     import eventlet
 
 from gaspar.errors import ServerUnavailable, WorkerDied
+from gaspar.frontend import upkeep
 from gaspar.frontend.sweep import stalled_streams, sweep
 from gaspar.ops import sdnotify
 from gaspar.ops.humanize import human_mib
@@ -105,9 +106,9 @@ def turn(front: Any, rounds: int) -> None:
         front.gateway.tick()
         front.gateway.scaling.tick(front.gateway.agents.live())  # agents' pools of MIN:MAX workers
     now = time.monotonic()
-    front.supervisor.autoscale()  # pools of MIN:MAX workers
+    upkeep.autoscale(front.supervisor)  # pools of MIN:MAX workers
     if rounds % 10 == 0:  # workers past their memory limit, every second
-        front.supervisor.check_memory()
+        upkeep.check_memory(front.supervisor)
         front.supervisor.check_import()  # a reload's import that hangs
     if rounds % 100 == 0 and front.budget.trim_due(TRIM_EVERY):  # every 10 s, after a burst
         give_back_memory()

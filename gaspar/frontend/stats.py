@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+from gaspar.frontend import upkeep
 from gaspar.ops.procstat import CpuWaits, cpu_wait, proc_usage
 from gaspar.ops.telemetry import WORKER_STATES
 from gaspar.version import __version__
@@ -77,7 +78,7 @@ def snapshot(front: Any) -> dict[str, Any]:
         "connections": len(front.connections),
         "restarts": supervisor.restarts if supervisor is not None else 0,
         "pools": d.snapshot() if d.routes else {},
-        "autoscale": supervisor.scaling() if supervisor is not None else {},
+        "autoscale": upkeep.scaling(supervisor) if supervisor is not None else {},
         "agents": gateway.agents.snapshot() if gateway is not None else [],
         "remote": gateway.snapshot() if gateway is not None else None,
         "front_end": _front_end(usage, wait),

@@ -24,8 +24,13 @@ What each fault costs:
 * a worker that dies before it is ready counts towards flapping: back off, then give up;
 * ``max_requests``, a reload or a scale-down retire a worker only once it is idle, and a
   replacement is forked first, so no request fails;
-* a reload whose code does not import, or hangs importing past its bound (``timeout``, at
-  least 10 s: :func:`gaspar.process.forks.import_bound`), fails; the old workers serve on.
+* a reload whose code does not import, hangs importing past its bound (``timeout``, at
+  least 10 s: :func:`gaspar.process.forks.import_bound`) or whose workers cannot boot,
+  fails; the old workers serve on;
+* a fork server that dies takes its workers along (their requests fail ``WorkerDied``);
+  a fresh one takes its place, as a reload's does (five times a minute at most).
+
+Its upkeep from the main loop (autoscaling, memory limits) is :mod:`gaspar.frontend.upkeep`.
 """
 
 from __future__ import annotations
@@ -49,12 +54,10 @@ import zmq
 from gaspar.app import PoolPlan
 from gaspar.core.autoscale import Autoscaler
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
-from gaspar.core.pools import lane
 from gaspar.core.records import WorkerSlot, draw_limit
 from gaspar.errors import GasparError, WorkerDied
 from gaspar.frontend.hub import watch_fd
 from gaspar.ops import sdnotify
-from gaspar.ops.procstat import resident_bytes
 from gaspar.ops.reloads import Reloads
 from gaspar.ops.telemetry import LogLimiter
 from gaspar.process.forks import ForkServer, ForkServers
@@ -260,38 +263,6 @@ class Supervisor:
         for boot in plan.spawn:
             self.fork_server.spawn(boot.number, boot.generation, boot.token, boot.pool)
 
-    def autoscale(self) -> None:
-        """Pools of ``MIN:MAX`` workers: one step at a time toward what their queue delay
-        asks (every tick of the main loop; ``gaspar.core.autoscale``)."""
-        if not self.autoscalers or self.stopping:
-            return
-        for pool, a in self.autoscalers.items():
-            size = self.book.size(pool)
-            new = a.follow(size, lane(self.dispatcher, pool), self.book.may_fork())
-            if new != size:
-                why = "for its queue delay" if new > size else "its workers idle"
-                log.info("Pool %s: %s -> %s workers (%s, MIN:MAX %s:%s)", pool, size, new, why, a.low, a.high)
-                self.book.resize(pool, new)
-                self.manage()
-
-    def scaling(self) -> dict[str, dict[str, int]]:
-        """Each self-sizing pool's size now and its range, for stats."""
-        return {
-            pool: {"size": self.book.size(pool), "min": a.low, "max": a.high} for pool, a in self.autoscalers.items()
-        }
-
-    def check_memory(self) -> None:
-        """Recycle workers past their memory limit: each is replaced at once and leaves
-        after its request (every second, from the main loop)."""
-        if not (self.book.max_memory or self.book.memory) or self.stopping:
-            return
-        for w, used, limit in self.book.over_memory(self.local_workers(), resident_bytes):
-            facts = (w.label, w.pid, round(used / 2**20), round(limit / 2**20))
-            log.info("Worker %s (pid:%s) holds %s MiB, past %s MiB: replaced; it leaves after its request", *facts)
-            if self.dispatcher.retire(w.routing_id, "memory"):
-                self.tell_exit(w)
-        self.manage()
-
     # -- acting on a worker (the gateway has the same three for remote ones) ---------------
 
     def kill(self, worker: WorkerSlot, sig: int, why: str, dump: bool = False) -> None:
@@ -413,8 +384,7 @@ class Supervisor:
             if fs is not self.fork_server:
                 eventlet.spawn_n(self.on_fork_server_gone, fs)
             elif not self.stopping:
-                log.critical("The fork server died; stopping")
-                self._on_fatal(1, None)
+                self.on_fork_server_lost(fs)
             return
         eventlet.spawn_n(self._handle_events, events, fs)
 
@@ -426,6 +396,16 @@ class Supervisor:
         log.info("Fork server (pid:%s) exited", pid)
         if failed is not None:  # a reload's, before it said whether the import worked
             self.on_reloaded(False, failed, fs)
+
+    def on_fork_server_lost(self, fs: ForkServer) -> None:
+        """The current fork server died, and its workers with it, unreported: each counts
+        as killed (its request WorkerDied), and a fresh fork server forks their successors."""
+        fresh, dead = self.forks.replace(fs, self.book)
+        if fresh is None:
+            return self._on_fatal(1, None)
+        self.watch_fork_server(fresh)
+        for pid, number in dead:
+            self.on_exit(pid, number, signal.SIGKILL)
 
     def _handle_events(self, events: list[dict[str, Any]], fs: ForkServer | None = None) -> None:
         for event in events:
@@ -443,5 +423,5 @@ class Supervisor:
                 self.kill_pid(event["pid"], signal.SIGKILL, why)
         elif kind == "exited":
             self.on_exit(event["pid"], event["number"], event["status"])
-        elif kind == "reloaded":
+        elif kind == "reloaded" and not self.forks.replaced(fs, event["ok"]):
             self.on_reloaded(event["ok"], event["error"], fs)

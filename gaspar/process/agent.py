@@ -56,6 +56,7 @@ import zmq
 from gaspar.app import DEFAULT_POOL, pool_plan
 from gaspar.core.autoscale import parse_range
 from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
+from gaspar.core.records import LocalWorker
 from gaspar.ops import sdnotify
 from gaspar.ops.ipcdir import make_ipc_dir
 from gaspar.ops.procstat import resident_bytes
@@ -71,23 +72,6 @@ log = logging.getLogger("gaspar")
 
 _HELLO, _REQUEST, _AHEAD = Kind.HELLO.value[0], Kind.REQUEST.value[0], Kind.AHEAD.value[0]
 _REPLY, _SKIPPED = Kind.REPLY.value[0], Kind.SKIPPED.value[0]
-
-
-class LocalWorker:
-    """A ready worker process of this agent (it said HELLO; booting ones are the pool book's)."""
-
-    __slots__ = ("pid", "number", "generation", "wid", "hello", "announced", "requests", "retiring", "pool")
-
-    def __init__(self, pid: int, number: int, generation: int, wid: bytes, hello: bytes, pool: str) -> None:
-        self.pid, self.number, self.generation, self.pool = pid, number, generation, pool
-        self.retiring = False  # asked to go once idle (a reload, a smaller pool)
-        self.wid, self.hello = wid, hello  # its routing id and HELLO, relayed to the front end
-        self.announced = False  # its HELLO went to the front end in this session
-        self.requests: set[bytes] = set()  # ids of requests it was given and has not answered
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.requests)
 
 
 class Agent(Uplink):
@@ -310,9 +294,12 @@ class Agent(Uplink):
     def on_fork_server_events(self, fs: ForkServer) -> None:
         events = fs.read_events()
         if events is None:  # it exited
-            if fs is self.forks.current:
-                log.critical("The fork server died; stopping")
-                self.exit_code = 1
+            if fs is self.forks.current:  # its workers died with it: reported, and a fresh one forks theirs
+                fresh, dead = self.forks.replace(fs, self.book)
+                for pid, number in dead:
+                    self.on_exit(pid, number, signal.SIGKILL)
+                if fresh is None:
+                    self.exit_code = 1
             else:
                 failed = self.forks.gone(fs)
                 if failed is not None:
@@ -325,7 +312,7 @@ class Agent(Uplink):
                     self.forks.kill(event["pid"], signal.SIGKILL)
             elif event["ev"] == "exited":
                 self.on_exit(event["pid"], event["number"], event["status"])
-            elif event["ev"] == "reloaded":
+            elif event["ev"] == "reloaded" and not self.forks.replaced(fs, event["ok"]):
                 self.on_reloaded(event["ok"], event["error"], fs)
         self.manage_workers()
 

@@ -90,7 +90,8 @@ class ForkServer:
         self.endpoint = ""  # the front end's 0MQ endpoint, set once it is bound
         self.settings = settings
         self.pid: int | None = None
-        self.children: set[int] = set()  # its workers, as its events told us
+        self.children: dict[int, int] = {}  # its workers' pids and numbers, as its events told us
+        self.replacing = False  # started in place of a current one that died, not yet imported
         self.listener: Any = None  # the front end's watch on events_fd
         self._cmd = -1
         self.events_fd = -1
@@ -197,9 +198,9 @@ class ForkServer:
         events = [json.loads(line) for line in lines if line]
         for event in events:  # its own workers: a kill goes through the one that forked it
             if event["ev"] == "spawned":
-                self.children.add(event["pid"])
+                self.children[event["pid"]] = event["number"]
             elif event["ev"] == "exited":
-                self.children.discard(event["pid"])
+                self.children.pop(event["pid"], None)
         return events
 
     def close(self, timeout: float = 5.0) -> None:
@@ -239,6 +240,7 @@ class ForkServers:
         self.next_due = 0.0  # time.monotonic() by which ``next`` must have said it imported
         self.standby: ForkServer | None = None
         self.old: list[ForkServer] = []
+        self.deaths: list[float] = []  # when current ones died (see replace)
 
     def all(self) -> list[ForkServer]:
         return [fs for fs in (self.current, self.next, self.standby, *self.old) if fs is not None]
@@ -324,6 +326,44 @@ class ForkServers:
         self.old.append(self.current)
         self.current, self.standby = self.standby, None
         return f"{why}; back to the old code"
+
+    def replace(self, dead: ForkServer, book: Any) -> tuple[ForkServer | None, list[tuple[int, int]]]:
+        """The current fork server died (a handler killed its parent; the OOM killer): its
+        workers die with it (``PR_SET_PDEATHSIG``), their exits never reported. Start a fresh
+        one in its place, as a reload does (it imports the application first; forks asked
+        meanwhile wait in its pipe). Returns it, or None (a consumer given as an object
+        cannot be imported afresh; 5 deaths within a minute): the owner stops. And its
+        workers, ``(pid, number)``, each recorded in the pool ``book`` as killed because
+        of it: the owner reports each as an exit (killed by SIGKILL)."""
+        pid, now = dead.pid, time.monotonic()
+        workers = sorted(dead.children.items())
+        for child, _ in workers:
+            book.killing(child, f"its fork server (pid:{pid}) died")
+        dead.close()
+        self.deaths = [t for t in self.deaths if now - t < 60.0] + [now]
+        fresh, why = None, "it died 5 times within a minute"
+        if len(self.deaths) <= 5:
+            try:
+                fresh = dead.successor()
+                fresh.start()
+            except (ValueError, OSError) as exc:
+                fresh, why = None, f"no fresh one can be started: {exc}"
+        if fresh is None:
+            log.critical("The fork server (pid:%s) died; %s; stopping", pid, why)
+            return None, workers
+        fresh.replacing, self.current = True, fresh
+        log.error("The fork server (pid:%s) died, its workers with it; a fresh one (pid:%s) imports", pid, fresh.pid)
+        return fresh, workers
+
+    def replaced(self, fs: ForkServer, ok: bool) -> bool:
+        """``fs`` said whether it imported: True if it is a fork server started by
+        :meth:`replace` (not a reload's), whose news ends there."""
+        if not fs.replacing:
+            return False
+        fs.replacing = False
+        if ok:
+            log.info("The fresh fork server (pid:%s) imported %s; forking its workers", fs.pid, fs.spec)
+        return True
 
     def gone(self, fs: ForkServer) -> str | None:
         """``fs``, not the current one, exited: forgotten and reaped. Returns why the reload
