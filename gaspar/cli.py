@@ -327,9 +327,9 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     try:
         producer.start()
-    except OSError as exc:
-        where = f"bind remote_bind {exc.filename}" if exc.filename else f"listen at {host}:{port}"
-        print(f"gaspar: cannot {where}: {exc.strerror or exc}", file=sys.stderr)
+    except OSError as exc:  # what it was opening: the port, metrics_bind, remote_bind, the access log...
+        where = producer.ports.step or f": cannot listen at {host}:{port}"
+        print(f"gaspar{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except GasparError as exc:
         print(f"gaspar: {exc}", file=sys.stderr)

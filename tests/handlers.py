@@ -4,6 +4,7 @@ PYTHONPATH for CLI servers) and by the in-process tests."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import gaspar
@@ -72,7 +73,7 @@ def faulty(message: bytes) -> bytes:
     """A fault on demand, for the supervision tests; otherwise sleep and reply with the pid.
 
     b'segfault' dereferences NULL (b'segfault-traced' too, its stack logged), b'exit' calls
-    os._exit(7), b'sigkill' kills its own process (what the OOM killer does), b'abort' calls
+    os._exit(7), b'sys.exit' sys.exit(5), b'sigkill' kills its own process (what the OOM killer does), b'abort' calls
     abort(); anything else is seconds to sleep (ASCII), and the reply is ``b'<pid>:<message>'``.
     """
     if message in (b"segfault", b"abort"):
@@ -85,6 +86,8 @@ def faulty(message: bytes) -> bytes:
         ctypes.string_at(0)
     elif message == b"exit":
         os._exit(7)
+    elif message == b"sys.exit":
+        sys.exit(5)
     elif message == b"sigkill":
         os.kill(os.getpid(), 9)
     elif message == b"abort":

@@ -182,6 +182,25 @@ def test_serve_exits_when_the_address_is_taken():
     assert "Booting" not in result.stderr
 
 
+def test_a_start_that_fails_names_what_it_was_opening(tmp_path):
+    """QA: a busy metrics port was reported as the main --bind address, and an access log
+    that cannot be opened as "cannot bind remote_bind <its path>"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        result = gaspar_cmd("serve", "handlers:echo", "--bind", "127.0.0.1:0", "--metrics-bind", f"127.0.0.1:{busy}")
+    assert result.returncode == 1, result
+    assert log_lines(result.stderr) == [
+        f"gaspar: cannot listen at 127.0.0.1:{busy} (metrics_bind): Address already in use"
+    ], result.stderr
+    path = tmp_path / "no" / "access.log"
+    result = gaspar_cmd("serve", "handlers:echo", "--bind", "127.0.0.1:0", "--access-log", str(path))
+    assert result.returncode == 1, result
+    assert log_lines(result.stderr) == [f"gaspar: cannot open the access log {path}: No such file or directory"]
+    assert f"did not start: cannot open the access log {path}: No such file or directory" in result.stderr
+
+
 def test_serve_exits_when_another_gaspar_has_the_address(cli):
     port = free_port()
     first = cli("handlers:echo", "--bind", f"127.0.0.1:{port}", "-w", "1")

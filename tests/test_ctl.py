@@ -226,6 +226,7 @@ def test_parse_accepts(line, parsed):
     "line, error",
     [
         (b"nope", "not JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # QA: a RecursionError's traceback, unlimited
         (b"[1]", "a JSON object"),
         (b'{"cmd": "dance"}', "unknown command"),
         (b'{"cmd": "scale"}', "0 or more"),

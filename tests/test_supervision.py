@@ -170,6 +170,7 @@ DEATHS = [
     ("kill -9", None, None, signal.SIGKILL, "killed by SIGKILL. Perhaps out of memory?"),
     ("segfault", b"segfault", None, signal.SIGSEGV, "killed by SIGSEGV"),
     ("os._exit", b"exit", 7, None, "exited with code 7"),
+    ("sys.exit", b"sys.exit", 5, None, "exited with code 5"),  # QA: it was reported as 1
     ("oom kill", b"sigkill", None, signal.SIGKILL, "Perhaps out of memory?"),
     ("abort", b"abort", None, signal.SIGABRT, "killed by SIGABRT"),
 ]

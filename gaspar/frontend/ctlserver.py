@@ -188,7 +188,7 @@ def answer(line: bytes, commands: Commands, peer: str = "") -> dict[str, Any]:
         (log.debug if cmd == "status" else log.info)("Control: %s%s", describe(cmd, args), peer)
         return {"ok": True, "result": execute(cmd, args, commands)}
     except CtlError as exc:
-        log.warning("Control: refused%s: %s", peer, exc)
+        commands.log_refusal("Control: refused%s: %s", peer, exc)  # rate-limited in a daemon
         return {"ok": False, "error": str(exc)}
     except Exception as exc:  # a command must never take the daemon down
         log.exception("Control: error running a command")

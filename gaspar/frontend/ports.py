@@ -73,19 +73,22 @@ class Ports:
         s = self.settings
         self.step = f": cannot listen at {host}:{port}"
         self.listener = listen(host, port, s.backlog)
-        self.step = ""
         self.server_addr = self.listener.getsockname()[:2]
         if s.metrics_bind:
             from gaspar.ops import metrics
 
             metrics.require_prometheus()
+            self.step = f": cannot listen at {s.metrics_bind} (metrics_bind)"
             self.metrics_listener = listen(*parse_address(s.metrics_bind))
             self.metrics_addr = self.metrics_listener.getsockname()[:2]
+        self.step = ": cannot open the control socket (control_socket)"
         self.control_server = ControlServer.open(s.control_socket, self.server_addr[1])  # None if off
         if s.statsd_host:
             self.statsd_addr = parse_address(s.statsd_host)
         if s.access_log:
+            self.step = f": cannot open the access log {s.access_log}"
             self.access_log = open_access_log(s.access_log)
+        self.step = ""
 
     def announce(self, workers: int, gateway: Any) -> None:
         """The start's log lines: where each port is."""

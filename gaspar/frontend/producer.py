@@ -237,12 +237,11 @@ class Producer:
             if s.remote_bind:
                 from gaspar.frontend.gateway import Gateway
 
-                r = self.router
-                self.gateway = r.gateway = Gateway(
-                    ports.ctx, s, self.dispatcher, self.telemetry, r.send, self.outcomes.fail, r.on_message
-                )
+                r, d, fail = self.router, self.dispatcher, self.outcomes.fail
+                self.gateway = r.gateway = Gateway(ports.ctx, s, d, self.telemetry, r.send, fail, r.on_message)
                 ports.step = f": cannot bind remote_bind {s.remote_bind}"
                 self.gateway.open()
+                ports.step = ""
             ports.open(self.host, self.port)
         except BaseException as exc:
             self._failure = exc

@@ -124,6 +124,8 @@ def parse(line: bytes) -> tuple[str, dict[str, Any]]:
         req = json.loads(line)
     except ValueError as exc:
         raise CtlError(f"not JSON: {exc}") from None
+    except RecursionError:  # thousands of nested brackets
+        raise CtlError("not a request: JSON nested too deeply") from None
     if not isinstance(req, dict):
         raise CtlError('a request is a JSON object, e.g. {"cmd": "status"}')
     cmd = req.get("cmd")

@@ -157,6 +157,8 @@ class Server:
                 worker = Worker(number, generation, token, self.consumer, self.settings.proc_name, pool)
                 s = self.settings
                 code = run_worker(worker, endpoint, s.post_fork, s.worker_exit, s.worker_nice, stack_w)
+            except SystemExit as exc:  # a handler's sys.exit(n): the worker exits with n, as Python would
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
             except BaseException:
                 log.exception("Worker %s (pid:%s) crashed", number, os.getpid())
             finally:
