@@ -184,3 +184,35 @@ def test_a_reload_in_place_is_never_overdue():
     forks = ForkServers(Stand("first", spec=None))
     assert forks.start_next() == (None, None)
     assert forks.overdue(time.monotonic() + 3600) is None
+
+
+class Book:
+    """What ForkServers.replace asks of the pool book: why each worker was killed."""
+
+    def __init__(self) -> None:
+        self.killed: dict[int, str] = {}
+
+    def killing(self, pid: int, why: str) -> None:
+        self.killed[pid] = why
+
+
+def test_a_dead_current_fork_server_is_replaced_and_its_workers_reported_five_times_a_minute():
+    forks = ForkServers(Stand("a"))
+    book = Book()
+    for i in range(5):
+        dead = forks.current
+        dead.children = {100 + i: 1, 200 + i: 2}
+        fresh, workers = forks.replace(dead, book)
+        assert fresh is forks.current and fresh is not dead and fresh.replacing
+        assert ("start",) in fresh.asked and ("close",) in dead.asked
+        assert workers == [(100 + i, 1), (200 + i, 2)]
+        assert book.killed[100 + i] == f"its fork server (pid:{dead.pid}) died"
+        assert forks.replaced(fresh, True) and not fresh.replacing
+        assert not forks.replaced(fresh, True)  # a later "reloaded" is a reload's in place
+    fresh, workers = forks.replace(forks.current, book)  # the sixth within a minute
+    assert fresh is None and workers == []
+
+
+def test_a_dead_fork_server_of_a_consumer_object_cannot_be_replaced():
+    forks = ForkServers(Stand("a", spec=None))
+    assert forks.replace(forks.current, Book()) == (None, [])
