@@ -263,7 +263,9 @@ def test_a_remote_worker_that_dies_costs_one_request_and_is_replaced(serve, agen
     assert err.value.pid == first and err.value.exitcode == 7
     assert wait_for(lambda: (joined(s, "a1", 1) or {}).get("workers", [{}])[0].get("pid") not in (None, first), 10)
     assert reply_pid(s.request(b"fine")) != first
-    assert s.producer.stats()["agents"][0]["session"] == 1  # the agent itself was not lost
+    stats = s.producer.stats()
+    assert stats["agents"][0]["session"] == 1  # the agent itself was not lost
+    assert stats["restarts"] == 1  # QA: the top-level count missed agents' workers
 
 
 def test_a_remote_handler_past_its_timeout_is_killed_and_replaced(serve, agent):

@@ -55,6 +55,7 @@ from gaspar.core.agents import (
     seconds,
     send_failed,
 )
+from gaspar.core.pool import describe_exit
 from gaspar.core.records import Pending, WorkerSlot, draw_limit
 from gaspar.errors import WorkerDied, WorkerLost
 from gaspar.frontend import zmqfast
@@ -99,7 +100,7 @@ class Gateway:
         self.agents = Agents(settings.agent_liveness, clock, max_workers=settings.max_agent_workers)
         self.port = RemotePort(ctx, settings)
         self.sock: zmq.Socket | None = None  # the port's, once open
-        self.lost_requests = 0
+        self.lost_requests = self.restarts = 0  # restarts: agents' workers that ended unexpectedly
         self._next_ping = 0.0
         self._reading = False
         self.malformed = 0
@@ -354,8 +355,6 @@ class Gateway:
             self._control(agent, Link.LEAVE)  # after every request sent to it: it may count now
 
     def _on_exited(self, agent: Agent, event: dict[str, Any]) -> None:
-        from gaspar.core.pool import describe_exit
-
         slot = agent.workers.pop(str(event.get("wid", ""))[:256].encode(), None)
         if slot is None:
             return
@@ -371,6 +370,7 @@ class Gateway:
         if expected:
             log.info("Worker %s (pid:%s on %s) exited", slot.label, slot.pid, agent.host)
         else:
+            self.restarts += 1
             log.error("Worker %s (pid:%s on %s) %s", slot.label, slot.pid, agent.host, text)
         self._send_work(self.dispatcher.dispatch())
 

@@ -76,7 +76,7 @@ def snapshot(front: Any) -> dict[str, Any]:
         "prefetched": d.prefetched,
         "pending": len(d.pending),
         "connections": len(front.connections),
-        "restarts": supervisor.restarts if supervisor is not None else 0,
+        "restarts": (supervisor.restarts if supervisor is not None else 0) + (gateway.restarts if gateway else 0),
         "pools": d.snapshot() if d.routes else {},
         "autoscale": upkeep.scaling(supervisor) if supervisor is not None else {},
         "agents": gateway.agents.snapshot() if gateway is not None else [],
