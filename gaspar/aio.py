@@ -147,6 +147,27 @@ async def request(
     return await _with_retry(go, timeout, _budget, retry)
 
 
+class _Conn:
+    """The shared connection: its writer, the requests waiting on it, and whether it has
+    answered anything since it was last idle (``quiet``: if it then fails, the server
+    closed it while idle, and nothing sent on it ran)."""
+
+    __slots__ = ("writer", "task", "waiting", "quiet")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer, self.task = writer, None
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.quiet = True
+
+
+class _Stale(Exception):
+    """The shared connection was found closed by the server while it was idle."""
+
+    def __init__(self, conn: _Conn) -> None:
+        super().__init__("stale")
+        self.conn = conn
+
+
 class Client:
     """One persistent, pipelined connection shared by every task of the application."""
 
@@ -164,39 +185,41 @@ class Client:
         self.retry = retry
         self._budget = RetryBudget()
         self._tags = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[Any]] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._conn: _Conn | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
 
-    async def _connection(self) -> asyncio.StreamWriter:
+    async def _connection(self) -> tuple[_Conn, bool]:
+        """The shared connection, and whether it was open already (reused)."""
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._closed:
                 raise ClientClosed("this Client is closed; make a new one")
-            if self._writer is None or self._writer.is_closing():
-                reader, self._writer = await _open(self.address)
-                self._reader_task = asyncio.ensure_future(self._read_loop(reader))
-            return self._writer
+            if self._conn is None or self._conn.writer.is_closing():
+                reader, writer = await _open(self.address)
+                conn = self._conn = _Conn(writer)
+                conn.task = asyncio.ensure_future(self._read_loop(reader, conn))
+                return conn, False
+            return self._conn, True
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+    async def _read_loop(self, reader: asyncio.StreamReader, conn: _Conn) -> None:
         try:
             while True:
                 tag, status, body = await _read_reply(reader)
-                future = self._waiting.pop(tag, None)
+                conn.quiet = False
+                future = conn.waiting.pop(tag, None)
                 if future is not None and not future.done():
                     future.set_result((status, body))
         except (GasparError, asyncio.CancelledError) as exc:
             lost = exc if isinstance(exc, GasparError) else ConnectionLost("client closed")
-            waiting, self._waiting = self._waiting, {}
+            waiting, conn.waiting = conn.waiting, {}
             for future in waiting.values():
                 if not future.done():
                     future.set_exception(lost)
-            if self._writer is not None:
-                self._writer.close()
-            self._writer = None
+            conn.writer.close()
+            if self._conn is conn:
+                self._conn = None
 
     async def request(
         self, message: bytes | str, timeout: float | None = None, handler_timeout: float | None = None
@@ -252,37 +275,55 @@ class Client:
         size = sum(map(len, parts))
         timeout = self.timeout if timeout is None else timeout
 
-        async def go(left: float | None) -> bytes:
+        async def once(left: float | None) -> bytes:
             tag = next(self._tags) & 0xFFFFFFFF
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            conn, reused = await self._connection()
+            if not conn.waiting:  # idle until now: nothing answered since
+                conn.quiet = True
+            conn.waiting[tag] = future
             try:
-                writer = await self._connection()
-                self._waiting[tag] = future
                 sent_deadline = left if self.deadline else None
                 head = extended_header(
                     size, tag=tag, keepalive=True, timeout=handler_timeout, deadline=sent_deadline, call=call
                 )
-                writer.writelines((head, *parts))
-                await writer.drain()
-                status, body = await future
+                try:
+                    conn.writer.writelines((head, *parts))
+                    await conn.writer.drain()
+                    status, body = await future
+                except (ConnectionLost, ConnectionError) as exc:
+                    if reused and conn.quiet:  # the server closed it while idle (idle_timeout, a restart): nothing ran
+                        raise _Stale(conn) from exc
+                    if isinstance(exc, GasparError):
+                        raise
+                    raise ConnectionLost(f"connection to {self.address[0]}:{self.address[1]} lost: {exc}") from exc
                 return _result(status, body)
             finally:
-                self._waiting.pop(tag, None)
+                conn.waiting.pop(tag, None)
+
+        async def go(left: float | None) -> bytes:
+            try:
+                return await once(left)
+            except _Stale as stale:  # once more, on a fresh connection
+                stale.conn.writer.close()
+                if self._conn is stale.conn:
+                    self._conn = None
+                return await once(left)
 
         return await _with_retry(go, timeout, self._budget, self.retry)
 
     async def close(self) -> None:
         """Close the connection; a request after this raises :class:`~gaspar.errors.ClientClosed`."""
         self._closed = True
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            try:
-                await self._reader_task
-            except asyncio.CancelledError:
-                pass
-        if self._writer is not None:
-            self._writer.close()
-        self._writer = self._reader_task = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.task is not None:
+                conn.task.cancel()
+                try:
+                    await conn.task
+                except asyncio.CancelledError:
+                    pass
+            conn.writer.close()
 
     async def __aenter__(self) -> Client:
         return self

@@ -163,8 +163,8 @@ class App(Consumer):
             return ""  # refused (see refusal)
         return name if name in self.handlers else ""
 
-    def refusal(self, body: Any) -> tuple[str, str] | None:
-        """In the front end: ``(kind, message)`` for a call to a name this App does not
+    def refusal(self, body: Any) -> tuple[str, str, str] | None:
+        """In the front end: ``(kind, message, handler)`` for a call to a name this App does not
         have, or in pickle when it does not allow pickle, answered at once instead of
         queueing for a worker to refuse (under load it would wait, and be shed as
         Overloaded: "retry" for a call that can never run); None otherwise (a malformed
@@ -173,9 +173,9 @@ class App(Consumer):
             codec, name = calls.call_name(body)
         except ProtocolError:
             return None
-        if codec == calls.PICKLE and not self.allow_pickle:
-            return "BadRequest", calls.PICKLE_REFUSED
-        return None if name in self.handlers else ("NoSuchHandler", self._unknown(name))
+        if codec == calls.PICKLE and not self.allow_pickle:  # its name, for its figures, if it is ours
+            return "BadRequest", calls.PICKLE_REFUSED, name if name in self.handlers else ""
+        return None if name in self.handlers else ("NoSuchHandler", self._unknown(name), "")
 
     def _unknown(self, name: str) -> str:
         known = ", ".join(sorted(self.handlers)) or "none"

@@ -73,7 +73,8 @@ def faulty(message: bytes) -> bytes:
     """A fault on demand, for the supervision tests; otherwise sleep and reply with the pid.
 
     b'segfault' dereferences NULL (b'segfault-traced' too, its stack logged), b'exit' calls
-    os._exit(7), b'sys.exit' sys.exit(5), b'sigkill' kills its own process (what the OOM killer does), b'abort' calls
+    os._exit(7), b'sys.exit' sys.exit(5), b'kbint' raises KeyboardInterrupt,
+    b'sigkill' kills its own process (what the OOM killer does), b'abort' calls
     abort(); anything else is seconds to sleep (ASCII), and the reply is ``b'<pid>:<message>'``.
     """
     if message in (b"segfault", b"abort"):
@@ -88,6 +89,8 @@ def faulty(message: bytes) -> bytes:
         os._exit(7)
     elif message == b"sys.exit":
         sys.exit(5)
+    elif message == b"kbint":
+        raise KeyboardInterrupt("from the handler")
     elif message == b"sigkill":
         os.kill(os.getpid(), 9)
     elif message == b"abort":

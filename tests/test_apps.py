@@ -147,7 +147,7 @@ def test_the_registry_keeps_functions_callable_and_named():
 # -- against a daemon ----------------------------------------------------------------------
 
 
-def test_a_call_to_an_unknown_name_is_refused_at_once_even_when_every_worker_is_busy(serve):
+def test_a_call_to_an_unknown_name_is_refused_at_once_even_when_every_worker_is_busy(serve, caplog):
     """The front end knows the App's names: a call to another is answered NoSuchHandler at
     once, not queued behind busy workers to be shed as Overloaded ("retry") for a call
     that can never run (QA: 20,519 of 22,000 under a closed loop)."""
@@ -163,7 +163,13 @@ def test_a_call_to_an_unknown_name_is_refused_at_once_even_when_every_worker_is_
             c.call("add", 1, codec="pickle")
         assert time.monotonic() - t0 < 0.3
         busy.join(5)
-    assert s.producer.stats()["counters"]["submitted"] == 1  # only the pause ever queued
+    stats = s.producer.stats()
+    assert stats["counters"]["submitted"] == 1  # only the pause ever queued
+    # counted and logged as a worker's refusal would be (QA: neither, once refused up front)
+    assert stats["outcomes"]["bad_request"] == 2 and stats["handlers"]["add"]["outcomes"]["bad_request"] == 1
+    refusals = [r.getMessage() for r in caplog.records if "Refused a call" in r.getMessage()]
+    assert len(refusals) == 2 and "NoSuchHandler: no handler named 'nope'" in refusals[0], refusals
+    assert "BadRequest: this server does not accept pickle" in refusals[1], refusals
 
 
 def test_calls_are_typed_and_their_errors_too(serve):

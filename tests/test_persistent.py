@@ -41,7 +41,7 @@ def test_a_closed_client_says_so_instead_of_reopening(serve):
         await a.close()
         with pytest.raises(gaspar.ClientClosed):
             await a.request(b"again")
-        assert a._writer is None
+        assert a._conn is None
 
     asyncio.run(main())
 
@@ -107,6 +107,22 @@ def test_client_reconnects_when_the_server_closed_an_idle_connection(serve):
         assert c.request(b"b") == b"b"
 
 
+def test_aio_client_reconnects_when_the_server_closed_its_idle_connection(serve):
+    """QA: with the event loop blocked past idle_timeout (what gaspar is for), the next
+    request on the shared connection raised ConnectionLost, or a bare ConnectionResetError;
+    nothing ran, so it goes again on a fresh connection, as the sync client's does."""
+    s = serve(handlers.echo, idle_timeout=0.3)
+
+    async def main():
+        async with aio.Client(s.addr, timeout=10) as c:
+            assert await c.request(b"a") == b"a"
+            for _ in range(3):
+                time.sleep(0.8)  # the loop is blocked; the server closes the idle connection
+                assert await asyncio.gather(*(c.request(b"%d" % i) for i in range(3))) == [b"0", b"1", b"2"]
+
+    asyncio.run(main())
+
+
 def test_aio_request_and_client(serve):
     s = serve(handlers.sleepy, processes=4)
 
@@ -144,7 +160,7 @@ def test_aio_timeouts_and_cancels_are_told_apart(serve):
                 await asyncio.wait_for(c.request(b"1"), 0.2)
             assert not isinstance(info.value, gaspar.RequestTimeout)
             assert await c.request(b"0") == b"0"
-            assert not c._waiting  # nothing left behind by the ones that ended early
+            assert not c._conn.waiting  # nothing left behind by the ones that ended early
 
     asyncio.run(main())
 

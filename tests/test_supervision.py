@@ -291,6 +291,24 @@ def test_queued_requests_survive_a_death(serve):
     assert_no_leaks(server)
 
 
+def test_a_worker_ending_itself_with_work_handed_ahead_keeps_its_exit_code_and_traceback(cli):
+    """QA: a handler raising KeyboardInterrupt with calls queued behind it was reported
+    "killed by SIGKILL because its 0MQ pipe was gone" (15 of 20) and its traceback was lost:
+    the front end found the pipe gone while sending it the next request and killed it at
+    once. Now it is killed only if it has not exited within a second."""
+    server = cli("handlers:faulty", "--bind", "127.0.0.1:0", "-w", "1")
+    server.wait_ready(1)
+    for _ in range(8):
+        doomed = Call(server.addr, b"kbint")
+        behind = [Call(server.addr, b"0") for _ in range(3)]
+        err = doomed.join().error
+        assert isinstance(err, gaspar.WorkerDied) and (err.exitcode, err.signal) == (1, None), repr(err)
+        assert all(c.join().error is None for c in behind), [repr(c.error) for c in behind]
+        server.wait_ready(1)
+    assert wait_for(lambda: server.log.count("KeyboardInterrupt: from the handler") == 8, 5), server.log[-3000:]
+    assert "because its 0MQ pipe was gone" not in server.log
+
+
 def test_a_request_handed_ahead_that_kills_its_worker_takes_only_itself(serve):
     """A worker replies to its request and at once starts the one handed ahead to it, which
     ends the process with os._exit: the reply just sent still reaches its client (the

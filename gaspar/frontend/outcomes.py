@@ -175,6 +175,19 @@ class Outcomes:
         if self.access_log is not None:
             self.log_access((conn, request), "bad_request", 0, None, None, 0.0, None)
 
+    def refused_call(self, conn: Any, request: Request, kind: str, message: str, handler: str) -> None:
+        """A call the front end refuses before it queues (a name the App has not, a codec it
+        refuses): answered BadRequest, counted (by ``handler`` too, when it names one of the
+        App's), logged and in the access log, as a worker's refusal is."""
+        body = error_body(kind, message)
+        self.telemetry.outcome("bad_request")
+        if handler:
+            self.telemetry.call(handler, "", "bad_request")
+        self.log_refusal("Refused a call: %s: %s", kind, message)
+        if self.access_log is not None:
+            self.log_access((conn, request), "bad_request", len(body), None, None, 0.0, None, handler)
+        conn.deliver(request, Status.BAD_REQUEST, body)
+
     def refused(self, conn: Any, request: Request, why: str = "the server is stopping") -> None:
         """A request refused before it queues: read after the stop began, or a call for a
         pool that no worker serves."""

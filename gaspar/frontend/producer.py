@@ -70,7 +70,7 @@ from gaspar.ops.telemetry import Telemetry
 from gaspar.process.forks import ForkServer
 from gaspar.process.worker import Consumer
 from gaspar.version import __version__
-from gaspar.wire.framing import Request, Status, error_body
+from gaspar.wire.framing import Request, Status
 
 log = logging.getLogger("gaspar")
 
@@ -357,8 +357,7 @@ class Producer:
         # the operator's timeout bounds the handler; the client may only ask for less
         pool, handler = DEFAULT_POOL, self.consumer.handler_of(request.body) if request.call else ""
         if request.call and not handler and (refused := self.consumer.refusal(request.body)):
-            self.outcomes.bad_request(conn, request)
-            return conn.deliver(request, Status.BAD_REQUEST, error_body(*refused))
+            return self.outcomes.refused_call(conn, request, *refused)
         if handler and self.dispatcher.routes:  # an App's handler with a pool of its own
             pool = self.dispatcher.handlers.get(handler, DEFAULT_POOL)
             if not self.dispatcher.serves(pool):

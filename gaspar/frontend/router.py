@@ -29,7 +29,6 @@ socket itself must call :meth:`Router.read_soon`.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -213,7 +212,7 @@ class Router:
         why = "its 0MQ pipe is gone: it is dying (%s); its requests go to another worker"
         self.supervisor.log(logging.WARNING, "Worker %s (pid:%s) " + why, worker.number, worker.pid, exc)
         self.dispatcher.retire(worker.routing_id, "died")
-        self.supervisor.kill(worker, signal.SIGKILL, "its 0MQ pipe was gone")
+        self.supervisor.kill_soon(worker, "its 0MQ pipe was gone")
         for req in reversed(reqs):
             self._outbox.extend(self.dispatcher.requeue(req))
 

@@ -268,6 +268,17 @@ class Supervisor:
     def kill(self, worker: WorkerSlot, sig: int, why: str, dump: bool = False) -> None:
         self.kill_pid(worker.pid, sig, why, dump)
 
+    def kill_soon(self, worker: WorkerSlot, why: str, grace: float = 1.0) -> None:
+        """SIGKILL a worker that is dying anyway (its 0MQ pipe is gone) unless it has exited
+        within ``grace``: a handler's ``sys.exit`` or uncaught KeyboardInterrupt then keeps
+        its own exit code and traceback (QA: a kill at once took both, under load)."""
+
+        def still_there() -> None:  # its slot goes at its exit (a recycled pid has another)
+            if self.dispatcher.workers.get(worker.routing_id) is worker:
+                self.kill_pid(worker.pid, signal.SIGKILL, why)
+
+        eventlet.hubs.get_hub().schedule_call_global(grace, still_there)
+
     def kill_pid(self, pid: int, sig: int, why: str, dump: bool = False) -> None:
         """Signal a worker through its fork server, remembering why for its exit's log line
         (a worker we SIGKILLed for a timeout was not out of memory); with ``dump``, its

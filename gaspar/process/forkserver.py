@@ -159,6 +159,8 @@ class Server:
                 code = run_worker(worker, endpoint, s.post_fork, s.worker_exit, s.worker_nice, stack_w)
             except SystemExit as exc:  # a handler's sys.exit(n): the worker exits with n, as Python would
                 code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+                if not isinstance(exc.code, int) and exc.code is not None:  # Python prints it
+                    log.error("Worker %s (pid:%s) called sys.exit(%r)", number, os.getpid(), exc.code)
             except BaseException:
                 log.exception("Worker %s (pid:%s) crashed", number, os.getpid())
             finally:

@@ -101,8 +101,9 @@ class Consumer:
         """In the front end: the handler a call's body names, if this consumer has it."""
         return ""
 
-    def refusal(self, body: Any) -> tuple[str, str] | None:
-        """In the front end: ``(kind, message)`` for a call refused before it queues."""
+    def refusal(self, body: Any) -> tuple[str, str, str] | None:
+        """In the front end: ``(kind, message, handler)`` for a call refused before it
+        queues (``handler``: the App's handler it names, if any)."""
         return None
 
     def call(self, message: Any) -> bytes:
