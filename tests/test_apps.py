@@ -823,3 +823,21 @@ def test_a_stream_on_a_pooled_connection_the_server_closed_goes_again_on_a_fresh
         assert list(c.stream("count", 3)) == [b"\x00", b"\x01", b"\x02"]
         time.sleep(0.8)
         assert c.call("add", 2) == 3
+
+
+def test_a_stream_read_slowly_but_steadily_is_not_ended_as_stalled(serve):
+    """QA: a consumer reading 64 KiB items at 128 KB/s had its stream ended as if it had
+    left ("a window unread past the timeout"): the front end writes in the kernel's steps, so
+    its worker waited longer than the timeout for room. A client that takes some of it
+    within the timeout keeps its stream."""
+    s = serve(apps_under_test.app, processes=1, timeout=2.0)
+    with Client(s.addr, timeout=10) as c:
+        got, t0 = 0, time.monotonic()
+        for item in c.stream("forever", size=65536):
+            got += len(item)
+            time.sleep(0.5)  # 2 items a second
+            if time.monotonic() - t0 > 7:
+                break
+    assert got >= 10 * 65536
+    counters = s.producer.stats()["counters"]
+    assert counters["timeouts"] == 0 and s.producer.stats()["restarts"] == 0, counters

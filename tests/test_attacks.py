@@ -485,6 +485,39 @@ def test_clients_reading_large_replies_at_a_trickle_cannot_hold_the_memory_from_
     assert s.producer.stats()["counters"]["idle_resets"] >= 2
 
 
+def test_readers_seen_reading_keep_their_replies_and_the_largest_holder_goes_after_ten_seconds(serve, caplog):
+    """QA: readers at 100 KB/s with the kernel's default buffers were reset as slow (or as
+    not reading) within 2 s under memory pressure: the kernel tells the front end what they
+    took only in 128 KB steps. A reader seen taking a step is now judged over 4 s windows,
+    and keeps its reply. But replies may not hold the budget for long: after 10 s, the
+    connection holding the most of them is reset, so others' requests can start again."""
+    mib = 1 << 20
+    s = serve(handlers.big, processes=2, max_buffered_bytes=64 * mib, max_message_size=40 * mib)
+    ends: dict[int, float] = {}
+    t0 = time.monotonic()
+
+    def reader(i: int) -> None:
+        sock = socket.create_connection(tuple(s.producer.server_addr), timeout=10)
+        sock.sendall(extended_header(12, tag=1, keepalive=True) + b"big 36000000")
+        try:
+            while time.monotonic() - t0 < 16 and sock.recv(25000):
+                time.sleep(0.25)  # 100 KB/s
+        except OSError:
+            ends[i] = time.monotonic() - t0
+        sock.close()
+
+    readers = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(3)]
+    for t in readers:
+        t.start()
+    assert wait_for(lambda: s.producer.stats()["overload"]["replies_hold_memory"], 10)
+    for t in readers:
+        t.join(25)
+    assert ends and min(ends.values()) > 9.5, ends  # none taken for slow, nor for not reading
+    assert len(ends) < 3, ends  # and once one went, the rest fit: they read on
+    held = [r.getMessage() for r in caplog.records if "holding the most unsent replies" in r.getMessage()]
+    assert held and "they held the budget 10s" in held[0], held
+
+
 def test_a_connection_waiting_for_memory_has_a_bounded_life_and_readyz_says_why(serve):
     """The budget is full of bodies whose handlers hang: a connection waiting for memory
     is ended by idle_timeout, and meanwhile the daemon says it is stalled (not ready) and

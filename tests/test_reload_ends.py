@@ -13,7 +13,9 @@ import signal
 from conftest import alive, wait_for
 from test_ctl_limits import APP, gaspar_ctl
 from test_remote import AGENT_FAST, front, joined
+from test_supervision import Call
 
+import gaspar
 from gaspar import client
 from gaspar.process.forks import IMPORT_BOUND_MIN, IMPORT_BOUND_NEVER, import_bound
 
@@ -175,3 +177,42 @@ def test_an_agent_whose_fork_server_dies_starts_a_fresh_one_and_serves_on(serve,
     assert wait_for(fresh, 20), a.log[-2000:]
     assert a.proc.poll() is None and s.request(b"x") == b"v1:x"
     assert f"its fork server (pid:{fork_server}) died" in a.log
+
+
+SLOW_BOOT = (
+    "import time\n\nimport gaspar\n\n"
+    "def echo(m):\n    time.sleep(float(m or b'0'))\n    return b'{version}:' + m\n\n"
+    "handle = gaspar.App(default=echo)\n\n"
+    "@handle.setup()\n"
+    "def warm():\n    time.sleep(3)  # a slow start: the reload is under way meanwhile\n"
+)
+
+
+def test_the_old_fork_server_dying_during_a_reload_takes_its_workers_and_says_so(cli, tmp_path):
+    """QA: the old fork server (the standby, during a reload) killed with its workers: their
+    deaths went unnoticed, a running request hung to the 30 s timeout, and dead workers
+    stayed in stats as retiring. They are now reported as killed because of it."""
+    from conftest import children_of
+
+    (tmp_path / "app.py").write_text(SLOW_BOOT.format(version="v1").replace("time.sleep(3)", "pass"))
+    path = str(tmp_path / "ctl.sock")
+    server = cli("app:handle", "--bind", "127.0.0.1:0", "--control-socket", path, "-w", "2", cwd=tmp_path)
+    old = set(server.wait_ready(2))
+    (old_fs,) = children_of(server.proc.pid)
+    running = Call(server.addr, b"20")
+    assert wait_for(lambda: server.stats()["running"] == 1, 5)
+    (tmp_path / "app.py").write_text(SLOW_BOOT.format(version="v2"))
+    assert gaspar_ctl(path, "reload", "--no-wait").returncode == 0
+    assert wait_for(lambda: "Reloaded; replacing the workers" in server.log, 10)  # the new one imported
+    os.kill(old_fs, signal.SIGKILL)  # the standby now, its workers booting the new code for 3 s
+    err = running.join(10).error
+    assert isinstance(err, gaspar.WorkerDied) and f"its fork server (pid:{old_fs}) died" in str(err), repr(err)
+    assert running.elapsed < 8, running.elapsed
+
+    def settled():
+        pids = {w["pid"] for w in server.stats()["workers"]}
+        return pids if len(pids) == 2 and not pids & old else None
+
+    assert wait_for(settled, 20), server.stats()["workers"]
+    assert client.request(server.addr, b"0", timeout=5) == b"v2:0"
+    assert f"Fork server (pid:{old_fs}) exited, its workers with it" in server.log

@@ -50,6 +50,8 @@ class ByteBudget:
         self.reserve = limit // 8 if reserve is None else reserve
         self.used = 0
         self.replies = 0  # of ``used``: reply bytes not yet sent
+        self.gate = limit - self.reserve  # unsent replies from this many on: ``over``
+        self.over_since = 0.0  # since when they have been (the sweep's clock; 0: not over)
         #: Unsent replies hold the budget less its reserve: start no more requests until
         #: clients read them, or are reset for not reading (memory pressure). An attribute,
         #: kept by :meth:`reply` and :meth:`release`: the dispatcher reads it per request.
@@ -142,7 +144,7 @@ class ByteBudget:
     def reply(self, n: int) -> None:
         """A reply (or a stream's item) of ``n`` bytes to send: counted, never refused."""
         self.replies += n
-        self.over = self.replies >= self.limit - self.reserve
+        self.over = self.replies >= self.gate
         self.used += n  # add(n), inline: once per reply
         if self.used > self.peak:
             self.peak = self.used
@@ -151,7 +153,7 @@ class ByteBudget:
         """``n`` bytes are no longer held, ``replies`` of them unsent reply bytes."""
         if replies:
             self.replies = max(0, self.replies - replies)
-            self.over = self.replies >= self.limit - self.reserve
+            self.over = self.replies >= self.gate
         self.used = max(0, self.used - n)
         self.freed += n
         return self.ready() if self._room or self._admit else []

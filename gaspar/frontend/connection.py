@@ -68,7 +68,7 @@ class Connection:
     __slots__ = (
         "sock fd front reader inflight out paused closed eof keepalive last_active requests close_after "
         "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty drain holding "
-        "outq sent slow_since"
+        "outq sent pressed"
     ).split()
 
     def __init__(self, sock: _socket.socket, front: FrontEnd) -> None:
@@ -102,9 +102,9 @@ class Connection:
         self.dirty = False  # replies delivered, to write at the end of the round (write_soon)
         self.drain = 0  # a refused request's bytes to read and drop before the close (linger.py)
         self.holding = False  # over MAX_UNSENT: none more of its requests goes to a worker
-        self.outq: tuple[int, float, int] | None = None  # the last sweep's: kernel's unsent bytes, when, sent
+        self.outq: tuple[int, float] | None = None  # the last sweep's: bytes its client had taken, when
         self.sent = 0  # bytes written to the socket, ever
-        self.slow_since = 0.0  # under memory pressure: taking its replies too slowly since (sweep.py)
+        self.pressed: tuple[float, int, bool] | None = None  # under memory pressure: see sweep._reading
         if front.outcomes.access_log is not None:
             try:
                 self.peer = sock.getpeername()[:2]

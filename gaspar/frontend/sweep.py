@@ -16,18 +16,23 @@ state, with the clock passed in.
   would let eight clients hold a 512 MiB budget for hours at 2 KiB/s each, and every
   request over 64 KiB wait that long.
 * **Under memory pressure** (connections wait for the byte budget, or unsent replies hold
-  it and requests wait for them to go: ``ByteBudget.pressed``): a connection whose
-  client has left replies unread for :data:`PRESSURE_GRACE` seconds is reset at once, not
-  after ``idle_timeout``: the operator's memory is for the clients that read, and a client
-  that pipelines requests for large replies and never reads them must not stall everyone
-  else for a minute.
-* **Under memory pressure, replies must be taken fast enough.** A client that reads, but
-  slower than ``body_min_rate`` x :data:`PRESSED_READ_FACTOR` (64 KiB/s by default),
-  for :data:`PRESSURE_GRACE` seconds while holding replies is reset too: one reading large
-  replies at 24 KB/s would otherwise hold the memory, and with it every other client's
-  requests (none starts while replies hold it), for as long as it reads.
+  it and requests wait for them to go: ``ByteBudget.pressed``), a connection holding
+  replies is reset, not after ``idle_timeout``, when its client took none of them for
+  :data:`PRESSURE_GRACE` seconds; or, once it has been seen taking some, when it took them
+  slower than ``body_min_rate`` x :data:`PRESSED_READ_FACTOR` (64 KiB/s by default) over a
+  window of :data:`PRESSURE_WINDOW` seconds. The operator's memory is for the clients that
+  read: a client that pipelines requests for large replies and never reads them, or reads
+  them at 24 KB/s, must not stall everyone else. The kernel tells the front end what a
+  client took only in steps (its receive window's updates, 128 KB or more apart): a reader
+  seen taking a step is judged over the longer window.
+* **Replies may not hold the whole budget for long.** Once unsent replies have held it
+  (``ByteBudget.over``: no request starts) for :data:`REPLIES_HOLD` seconds, the connection
+  holding the most of them is reset, one a sweep, whatever its client's pace: three
+  clients reading 36 MB replies at 100 KB/s would otherwise keep every other client's
+  requests from starting for six minutes.
 * **A stream its client does not read** (:func:`stalled_streams`): ended when its worker has
-  waited for room for the operator's ``timeout``, never its worker killed for it.
+  waited for room for the operator's ``timeout`` and its client took nothing meanwhile,
+  never its worker killed for it. A client that reads slowly keeps its stream.
 """
 
 from __future__ import annotations
@@ -38,15 +43,21 @@ import termios
 from typing import Any
 
 from gaspar.errors import WorkerTimeout
+from gaspar.ops.humanize import human_mib
 from gaspar.process.running import STREAM_BYTES, STREAM_WINDOW
 
-#: Under memory pressure, replies unread this long (seconds) end their connection.
+#: Under memory pressure, replies unread this long (seconds) end their connection...
 PRESSURE_GRACE = 1.0
+#: ...and this long once its client has been seen taking some: then it must take them at
+#: PRESSED_READ_FACTOR times body_min_rate over each such window.
+PRESSURE_WINDOW = 4.0
+#: Unsent replies may hold the whole budget this long (s) before the largest holder is reset.
+REPLIES_HOLD = 10.0
 #: While bodies wait for admission, an admitted one must arrive this many times faster than
 #: ``body_min_rate``.
 ADMITTED_RATE_FACTOR = 256
 #: Under memory pressure, a client holding replies must take them this many times faster
-#: than ``body_min_rate`` (a 512 kbit/s link), or be reset after PRESSURE_GRACE.
+#: than ``body_min_rate`` (a 512 kbit/s link) over each PRESSURE_WINDOW, or be reset.
 PRESSED_READ_FACTOR = 64
 
 
@@ -60,25 +71,31 @@ def sweep(conns: list[Any], now: float, settings: Any, budget: Any) -> None:
     for conn in conns:
         if not conn.closed:
             _sweep(conn, now, idle_timeout, pressure)
+    budget.over_since = (budget.over_since or now) if budget.over else 0.0
+    if budget.over and now - budget.over_since >= REPLIES_HOLD:
+        holder = max((c for c in conns if not c.closed and c.unsent), key=lambda c: c.unsent, default=None)
+        if holder is not None:
+            why = f"Reset the connection holding the most unsent replies (%s): they held the budget {REPLIES_HOLD:.0f}s"
+            _stalled(holder, why, human_mib(holder.unsent))
 
 
 def _sweep(conn: Any, now: float, idle_timeout: float | None, pressure: bool) -> None:
     if conn.clock.too_slow(now, conn.reader.remaining):
         return too_slow(conn)
+    slow = None
     if conn.out:
         if conn.outq is None:  # replies first seen waiting: unread since now, not since the request came
             conn.last_active = max(conn.last_active, now)
-        _reading(conn, now, pressure)
+        slow = _reading(conn, now, pressure)
     else:
-        conn.outq, conn.slow_since = None, 0.0
+        conn.outq = conn.pressed = None
     quiet = now - conn.last_active
     if pressure and conn.out and not conn.starved:
-        if quiet >= PRESSURE_GRACE:
+        if quiet >= (PRESSURE_WINDOW if conn.pressed and conn.pressed[2] else PRESSURE_GRACE):
             return _stalled(conn, "Reset a connection whose replies went unread for %.0fs under memory pressure", quiet)
-        if conn.slow_since and now - conn.slow_since >= PRESSURE_GRACE:
-            rate = conn.front.settings.body_min_rate * PRESSED_READ_FACTOR
-            why = "Reset a connection taking its replies slower than %.0f bytes/s under memory pressure"
-            return _stalled(conn, why, rate)
+        if slow is not None:
+            why = "Reset a connection taking its replies slower than %s under memory pressure"
+            return _stalled(conn, why, slow)
     if not idle_timeout:
         return
     if conn.inflight > 0 and not conn.out and not conn.starved and not conn.reader.in_progress:
@@ -91,33 +108,41 @@ def _sweep(conn: Any, now: float, idle_timeout: float | None, pressure: bool) ->
         conn.close()
 
 
-def _stalled(conn: Any, why: str, arg: float) -> None:
+def _stalled(conn: Any, why: str, arg: Any) -> None:
     """Reset a connection that stalled (``idle_resets``), logged (rate-limited) with ``why``."""
     conn.front.log_refusal(why, arg)
     conn.front.counters.idle_resets += 1
     conn.abort()
 
 
-def _reading(conn: Any, now: float, pressure: bool) -> None:
+def _reading(conn: Any, now: float, pressure: bool) -> str | None:
     """Replies wait to be written: is the client reading? The front end writes again only
     once the kernel's send buffer (up to MBs on loopback) has room for a large chunk, so its
-    own writes say little; what the client took since the last sweep (the buffer shrinking,
-    plus what was written) at ``body_min_rate`` or faster says it reads, and counts as
-    activity. Under memory pressure, slower than ``PRESSED_READ_FACTOR`` times that is slow."""
+    own writes say little; what the client took since the last sweep (what was written, less
+    what the kernel still holds) at ``body_min_rate`` or faster says it reads, and counts as
+    activity. Under memory pressure, what it took over a PRESSURE_WINDOW must come to
+    PRESSED_READ_FACTOR times that: else, how slow it was (the connection is to be reset)."""
     try:
         queued = struct.unpack("i", fcntl.ioctl(conn.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except OSError:
-        return
-    seen, conn.outq = conn.outq, (queued, now, conn.sent)
-    if seen is None:
-        return
-    took, rate, elapsed = seen[0] - queued + conn.sent - seen[2], conn.front.settings.body_min_rate, now - seen[1]
-    if took > 0 and took >= rate * elapsed:
+        return None
+    taken, rate = conn.sent - queued, conn.front.settings.body_min_rate  # taken: by the client, ever
+    seen, conn.outq = conn.outq, (taken, now)
+    if seen is not None and taken > seen[0] and taken - seen[0] >= rate * (now - seen[1]):
         conn.last_active = now
-    if pressure and took < rate * PRESSED_READ_FACTOR * elapsed:
-        conn.slow_since = conn.slow_since or seen[1]
-    else:
-        conn.slow_since = 0.0
+    if not pressure or conn.pressed is None:  # (this window's start, taken then, seen taking since)
+        conn.pressed = (now, taken, False) if pressure else None
+        return None
+    since, before, moved = conn.pressed
+    moved = moved or taken > before
+    if now - since < PRESSURE_WINDOW:
+        conn.pressed = (since, before, moved)
+        return None
+    conn.pressed = (now, taken, moved)
+    need = rate * PRESSED_READ_FACTOR
+    if taken - before >= need * (now - since):
+        return None
+    return f"{need:.0f} bytes/s ({taken - before} bytes in {now - since:.1f}s)"
 
 
 def too_slow(conn: Any, why: str = "") -> None:
@@ -145,6 +170,9 @@ def stalled_streams(front: Any, now: float) -> None:
         conn = req.waiter[0]
         if conn.owed.count(req) < STREAM_WINDOW and req.unread < STREAM_BYTES:
             continue  # the handler had room to send: its own slowness, and the timeout's to end
+        if now - conn.last_active < req.timeout:  # its client reads, slowly (the kernel's steps): no stall
+            req.deadline = conn.last_active + req.timeout
+            continue
         window = f"{STREAM_WINDOW} items or {STREAM_BYTES >> 20} MiB"
         msg = f"its client left a window ({window}) unread past the timeout setting ({req.timeout}s); stream ended"
         front.outcomes.fail(req, WorkerTimeout, msg, timeout=req.timeout, limit="timeout", killed=False, pid=worker.pid)

@@ -300,8 +300,11 @@ class Agent(Uplink):
                     self.on_exit(pid, number, signal.SIGKILL)
                 if fresh is None:
                     self.exit_code = 1
-            else:
+            else:  # a standby's workers die with it too
+                dead = self.forks.orphans(fs, self.book)
                 failed = self.forks.gone(fs)
+                for pid, number in dead:
+                    self.on_exit(pid, number, signal.SIGKILL)
                 if failed is not None:
                     self.on_reloaded(False, failed, fs)
             return

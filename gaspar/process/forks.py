@@ -336,9 +336,7 @@ class ForkServers:
         workers, ``(pid, number)``, each recorded in the pool ``book`` as killed because
         of it: the owner reports each as an exit (killed by SIGKILL)."""
         pid, now = dead.pid, time.monotonic()
-        workers = sorted(dead.children.items())
-        for child, _ in workers:
-            book.killing(child, f"its fork server (pid:{pid}) died")
+        workers = self.orphans(dead, book)
         dead.close()
         self.deaths = [t for t in self.deaths if now - t < 60.0] + [now]
         fresh, why = None, "it died 5 times within a minute"
@@ -354,6 +352,15 @@ class ForkServers:
         fresh.replacing, self.current = True, fresh
         log.error("The fork server (pid:%s) died, its workers with it; a fresh one (pid:%s) imports", pid, fresh.pid)
         return fresh, workers
+
+    def orphans(self, dead: ForkServer, book: Any) -> list[tuple[int, int]]:
+        """The workers of a fork server that died (current, standby or old), ``(pid,
+        number)``: they died with it, unreported; each is recorded in the pool ``book`` as
+        killed because of it, for the owner to report as an exit (killed by SIGKILL)."""
+        workers = sorted(dead.children.items())
+        for child, _ in workers:
+            book.killing(child, f"its fork server (pid:{dead.pid}) died")
+        return workers
 
     def replaced(self, fs: ForkServer, ok: bool) -> bool:
         """``fs`` said whether it imported: True if it is a fork server started by
