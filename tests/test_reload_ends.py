@@ -216,3 +216,23 @@ def test_the_old_fork_server_dying_during_a_reload_takes_its_workers_and_says_so
     assert wait_for(settled, 20), server.stats()["workers"]
     assert client.request(server.addr, b"0", timeout=5) == b"v2:0"
     assert f"Fork server (pid:{old_fs}) exited, its workers with it" in server.log
+
+
+def test_while_a_reload_tries_its_code_workers_that_leave_are_replaced_with_the_old(cli, tmp_path):
+    """QA: during a reload whose workers boot slowly and then fail, old workers that died
+    (or were recycled by max_requests) were not replaced: one worker for 98 s, or none for
+    60 s. Until the new code is seen booting, the old fork server replaces them."""
+    server, path = start(cli, tmp_path, "-w", "2")
+    old = set(server.wait_ready(2))
+    slow_fail = BOOT_FAILS.replace("def connect():\n", "def connect():\n    import time; time.sleep(2.5)\n")
+    (tmp_path / "app.py").write_text(slow_fail.format(version="v2"))
+    assert gaspar_ctl(path, "reload", "--no-wait").returncode == 0
+    assert wait_for(lambda: "Reloaded; replacing the workers" in server.log, 10)
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    replaced = wait_for(lambda: (p := set(server.wait_ready(2, 5))) and not p & old and p, 5)
+    assert replaced and "Reload failed" not in server.log, server.log[-3000:]  # while it still tries
+    assert [client.request(server.addr, b"x", timeout=5) for _ in range(3)] == [b"v1:x"] * 3  # the old code
+    assert wait_for(lambda: "Reload failed" in server.log, 30), server.log[-3000:]
+    assert "failed to boot 5 times" in server.log and server.proc.poll() is None
+    assert client.request(server.addr, b"y", timeout=5) == b"v1:y"

@@ -38,6 +38,9 @@ The rules, each a row of ``tests/test_pool.py``:
   counting as flapping: the book goes back to the proven one, its workers keep serving,
   and the shell goes back to the old fork server and fails the reload
   (:attr:`Exit.rollback`). Giving up the daemon stays for workers that never booted.
+  Meanwhile a worker that leaves (dies, recycled) is replaced with the proven generation
+  (the shell forks it from the old fork server), so the pool stays full while the new
+  code is tried one worker at a time.
 * **Stopping.** Nothing is forked; a worker forked as the stop began is to be killed.
 * **Pools.** An App's handlers may have pools of their own (``gaspar.app``): each pool is
   brought to its own size by the rules above (a reload rolls each pool one worker at a
@@ -329,6 +332,11 @@ class PoolBook:
 
     def _plan_pool(self, pool: str, size: int, live: list[Ready], every: list[Ready], plan: Plan) -> None:
         booting = [b for b in self.booting.values() if b.pool == pool]
+        if 0 < self.proven < self.generation and self.may_fork():  # a reload's code, not yet seen booting:
+            tried = [b for b in booting if b.generation > self.proven]  # its trial may never boot
+            for _ in range(size - len(live) - len(booting) + len(tried)):  # so the old code fills the pool
+                booting.append(self._fork(every, pool, self.proven))
+                plan.spawn.append(booting[-1])
         old = [w for w in live if w.generation < self.generation]
         if old:  # rolling: one new worker at a time, and an old one out for each that is ready
             retire: list[Ready] = []
@@ -347,11 +355,12 @@ class PoolBook:
             live.sort(key=lambda w: w.busy)
             plan.retire += live[:-missing]
 
-    def _fork(self, live: Sequence[Ready], pool: str = DEFAULT_POOL) -> Booting:
+    def _fork(self, live: Sequence[Any], pool: str = DEFAULT_POOL, generation: int = 0) -> Booting:
         used = {w.number for w in live} | {b.number for b in self.booting.values()}
         number = next(n for n in range(1, len(used) + 2) if n not in used)
         self._tokens += 1
-        boot = self.booting[self._tokens] = Booting(self._tokens, number, self.generation, pool=pool)
+        boot = Booting(self._tokens, number, generation or self.generation, pool=pool)
+        self.booting[self._tokens] = boot
         return boot
 
     def over_memory(self, ready: Sequence[Ready], rss: Callable[[int], int | None]) -> list[tuple[Ready, int, int]]:

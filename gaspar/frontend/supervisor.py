@@ -230,7 +230,7 @@ class Supervisor:
                 self.restarts += 1
                 self.log(logging.ERROR, "Worker %s (pid:%s) %s", number, pid, text)
         elif out.boot_failure:
-            why = "its post_fork hook failed" if exitcode == WORKER_BOOT_ERROR else text
+            why = "its post_fork hook or the App's setup failed (above)" if exitcode == WORKER_BOOT_ERROR else text
             log.error("Worker %s (pid:%s) died before it was ready: %s", number, pid, why)
             self.telemetry.restarted(number, "died")
             self.on_boot_failure(out)
@@ -261,7 +261,8 @@ class Supervisor:
             if d.retire(w.routing_id, reason):
                 self.tell_exit(w)
         for boot in plan.spawn:
-            self.fork_server.spawn(boot.number, boot.generation, boot.token, boot.pool)
+            fs = self.forks.forking(boot.generation < self.book.generation)
+            fs.spawn(boot.number, boot.generation, boot.token, boot.pool)
 
     # -- acting on a worker (the gateway has the same three for remote ones) ---------------
 

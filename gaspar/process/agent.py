@@ -409,7 +409,8 @@ class Agent(Uplink):
         for w in plan.retire:
             self.retire(w)
         for boot in plan.spawn:
-            self.forks.current.spawn(boot.number, boot.generation, boot.token, boot.pool)
+            fs = self.forks.forking(boot.generation < self.book.generation)
+            fs.spawn(boot.number, boot.generation, boot.token, boot.pool)
 
     def running(self) -> int:
         return sum(1 for w in self.by_pid.values() if w.requests)

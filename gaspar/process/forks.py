@@ -307,6 +307,11 @@ class ForkServers:
                 fs.retire()
             self.old.append(fs)
 
+    def forking(self, older: bool) -> ForkServer:
+        """The fork server to fork a worker: the standby for one of an ``older`` generation
+        than the current one's (the old code, while a reload's is not yet seen booting)."""
+        return self.standby if older and self.standby is not None else self.current
+
     def proven(self) -> None:
         """A worker of the current fork server's code is ready: the standby retires."""
         if self.standby is not None:
