@@ -699,7 +699,7 @@ def test_a_killed_fork_server_takes_its_workers_and_a_fresh_one_takes_its_place(
         if wait_for(lambda: server.proc.poll() is not None, 1):
             break
     assert server.wait(15) == 1, server.log[-3000:]
-    assert "died; it died 5 times within a minute; stopping" in server.log
+    assert "died; that is 6 deaths within a minute; stopping" in server.log
 
 
 # -- signals to a real daemon, under load ----------------------------------------------------------

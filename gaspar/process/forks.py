@@ -337,14 +337,14 @@ class ForkServers:
         workers die with it (``PR_SET_PDEATHSIG``), their exits never reported. Start a fresh
         one in its place, as a reload does (it imports the application first; forks asked
         meanwhile wait in its pipe). Returns it, or None (a consumer given as an object
-        cannot be imported afresh; 5 deaths within a minute): the owner stops. And its
+        cannot be imported afresh; a sixth death within a minute): the owner stops. And its
         workers, ``(pid, number)``, each recorded in the pool ``book`` as killed because
         of it: the owner reports each as an exit (killed by SIGKILL)."""
         pid, now = dead.pid, time.monotonic()
         workers = self.orphans(dead, book)
         dead.close()
         self.deaths = [t for t in self.deaths if now - t < 60.0] + [now]
-        fresh, why = None, "it died 5 times within a minute"
+        fresh, why = None, "that is 6 deaths within a minute"
         if len(self.deaths) <= 5:
             try:
                 fresh = dead.successor()
