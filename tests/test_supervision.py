@@ -700,6 +700,7 @@ def test_a_killed_fork_server_takes_its_workers_and_a_fresh_one_takes_its_place(
             break
     assert server.wait(15) == 1, server.log[-3000:]
     assert "died; that is 6 deaths within a minute; stopping" in server.log
+    assert "fork server unreachable" not in server.log  # QA: EBADF noise from the closed one
 
 
 # -- signals to a real daemon, under load ----------------------------------------------------------

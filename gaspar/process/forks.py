@@ -150,6 +150,8 @@ class ForkServer:
         self.pid, self._cmd, self.events_fd = self._popen.pid, cmd_w, evt_r
 
     def _send(self, **command: Any) -> None:
+        if self._cmd < 0:  # closed: it died and was reaped (its workers with it)
+            return
         try:
             os.write(self._cmd, json.dumps(command).encode() + b"\n")
         except OSError as exc:  # the fork server is gone; its exit is reported elsewhere
