@@ -151,7 +151,7 @@ def test_an_agent_whose_reload_cannot_boot_goes_back_and_serves_on(serve, agent,
     assert [s.request(b"x") for _ in range(3)] == [b"v1:x"] * 3
 
 
-def test_an_agent_whose_fork_server_dies_starts_a_fresh_one_and_serves_on(serve, agent, tmp_path):
+def test_an_agent_whose_fork_server_dies_starts_a_fresh_one_and_serves_on(serve, agent, tmp_path, caplog):
     """The agent shares ForkServers.replace with the front end: its workers died with the
     fork server, each is reported to the front end (EXITED), and a fresh fork server forks
     their successors; the agent and its session live on."""
@@ -177,6 +177,8 @@ def test_an_agent_whose_fork_server_dies_starts_a_fresh_one_and_serves_on(serve,
     assert wait_for(fresh, 20), a.log[-2000:]
     assert a.proc.poll() is None and s.request(b"x") == b"v1:x"
     assert f"its fork server (pid:{fork_server}) died" in a.log
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Worker a1/")]  # the front end's
+    assert said and all(f"because its fork server (pid:{fork_server}) died" in m for m in said), said  # not "OOM?"
 
 
 SLOW_BOOT = (

@@ -167,6 +167,7 @@ class Exit:
     exitcode: int | None
     signal: int | None
     text: str  # "exited with code 1", "killed by SIGKILL because ..."
+    why: str = ""  # why we signalled it, if we did
     booting: Booting | None = None  # it died before its HELLO: this was its fork
     boot_failure: bool = False  # ...and that counts towards flapping
     flap: str = ""  # then FlapPolicy's verdict: respawn, backoff or give up
@@ -236,8 +237,8 @@ class PoolBook:
         failure (unless the pool is stopping) and the verdict on flapping is applied: the
         next fork waits for :attr:`backoff_until`, forever once given up (later failures
         then have no verdict)."""
-        exitcode, sig, text = describe_exit(status, self._killed.pop(pid, ""))
-        out = Exit(exitcode, sig, text)
+        why = self._killed.pop(pid, "")
+        out = Exit(*describe_exit(status, why), why=why)
         token = self._by_pid.pop(pid, None)
         if token is None:
             return out

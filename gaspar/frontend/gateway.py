@@ -302,14 +302,8 @@ class Gateway:
             max_message_size=s.max_message_size,  # a larger reply would cost the agent its connection
         )
         self._control(agent, Link.PING, t=self.clock())  # its round trip, known at once
-        log.info(
-            "Agent %s joined from %s (%s, pid %s; session %s)",
-            agent.name,
-            peer_address(frame),
-            agent.host,
-            agent.pid,
-            agent.session,
-        )
+        who = (agent.name, peer_address(frame), agent.host, agent.pid, agent.session)
+        log.info("Agent %s joined from %s (%s, pid %s; session %s)", *who)
 
     def _on_hello(self, agent: Agent, wid: bytes, payload: bytes) -> None:
         if agent.state != "joined" or wid in agent.workers:
@@ -358,7 +352,9 @@ class Gateway:
         slot = agent.workers.pop(str(event.get("wid", ""))[:256].encode(), None)
         if slot is None:
             return
-        exitcode, sig, text = describe_exit(count(event.get("status"), 0, 0xFFFF) or 0, slot.kill_reason)
+        # why the agent killed it, if it says (its fork server died...): printable, 200 chars at most
+        why = slot.kill_reason or "".join(c for c in str(event.get("why") or "")[:200] if c.isprintable())
+        exitcode, sig, text = describe_exit(count(event.get("status"), 0, 0xFFFF) or 0, why)
         expected, reason = slot.exit_meaning(exitcode)
         req = self.dispatcher.remove_worker(slot.routing_id)
         if req is not None:

@@ -210,7 +210,7 @@ class Router:
         """A local worker's pipe is gone: it is dying. Its requests just sent go back to the
         head of the queue, in their order."""
         why = "its 0MQ pipe is gone: it is dying (%s); its requests go to another worker"
-        self.supervisor.log(logging.WARNING, "Worker %s (pid:%s) " + why, worker.number, worker.pid, exc)
+        self.supervisor.log(logging.WARNING, "Worker %s (pid:%s): " + why, worker.number, worker.pid, exc)
         self.dispatcher.retire(worker.routing_id, "died")
         self.supervisor.kill_soon(worker, "its 0MQ pipe was gone")
         for req in reversed(reqs):

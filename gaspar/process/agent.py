@@ -380,7 +380,8 @@ class Agent(Uplink):
             self.read_workers()  # its last replies go out before the news of its death
             self.by_wid.pop(w.wid, None)
             if w.announced:
-                self.send_control(Link.EXITED, wid=w.wid.decode(), pid=pid, number=number, status=status)
+                why = {"why": out.why} if out.why else {}  # the front end's log and client say it too
+                self.send_control(Link.EXITED, wid=w.wid.decode(), pid=pid, number=number, status=status, **why)
             if self.stop_mode is not None:
                 return
             if out.exitcode == 0:
