@@ -227,8 +227,8 @@ def run_worker(
     broadcast, exit_, cancel = Kind.BROADCAST.value[0], Kind.EXIT.value[0], Kind.CANCEL.value[0]
     reply, ack, skipped = Kind.REPLY.value, Kind.ACK.value, Kind.SKIPPED.value
     credit, item_head = Kind.CREDIT.value[0], Kind.ITEM.value
-    streaming: list[Any] = [None, 0, False, b""]  # a running stream: id, credits, cancelled, item head
-    untaken: deque[int] = deque()  # its items' sizes its client has not taken yet, oldest first
+    streaming: list[Any] = [None, False, b""]  # a running stream: id, cancelled, item head
+    untaken: deque[int] = deque()  # its items' sizes its client has not taken yet, oldest first (its window)
     # pyzmq's Cython methods with int flags: its Python layer is a real share of a small
     # request's cost (see producer.py)
     send, recv, get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
@@ -243,13 +243,11 @@ def run_worker(
         frame = recv(sock, 0, False) if head[0] in bodied else None
         if streaming[0] is not None and head[ID] == streaming[0]:
             if head[0] == credit:
-                n = CREDITS.unpack_from(head, ID.stop)[0]
-                streaming[1] += n
-                for _ in range(min(n, len(untaken))):
+                for _ in range(min(CREDITS.unpack_from(head, ID.stop)[0], len(untaken))):
                     untaken.popleft()
                 return
             if head[0] == cancel:  # its client left: end the stream
-                streaming[2] = True
+                streaming[1] = True
                 return
         if head[0] == credit:
             return  # for a stream that has ended
@@ -263,20 +261,19 @@ def run_worker(
                 break
 
     def send_item(data: bytes) -> None:
-        send(sock, streaming[3], more)
+        send(sock, streaming[2], more)
         send(sock, data, 0, len(data) < _LARGE)
         untaken.append(len(data))
 
     def wait_credit() -> bool:
-        """After a stream's item: take what has arrived, and wait while the stream has no
-        credit left: its client has not taken enough items, or enough of their bytes (an
-        item larger than STREAM_BYTES goes alone). False: its client left."""
-        streaming[1] -= 1
+        """After a stream's item: take what has arrived, and wait while its window is full:
+        its client has not taken enough items (each credit is one taken), or enough of their
+        bytes (an item larger than STREAM_BYTES goes alone). False: its client left."""
         while get(sock, events) & pollin:
             receive(0)
-        while (streaming[1] <= 0 or sum(untaken) >= STREAM_BYTES) and not streaming[2]:
+        while (len(untaken) >= STREAM_WINDOW or sum(untaken) >= STREAM_BYTES) and not streaming[1]:
             receive(0)
-        return not streaming[2]
+        return not streaming[1]
 
     slow = False  # the last handler ran 1 ms or more: worth measuring its CPU time
     looked = 0.0  # when the socket was last drained, to empty (perf_counter)
@@ -306,7 +303,7 @@ def run_worker(
                 if not call:
                     status, body = call_handler(consumer.handle, frame.bytes, limit=limit, soft=soft)
                 elif call == STREAM:
-                    streaming[:] = [head[ID], STREAM_WINDOW, False, item_head + head[ID] + ITEM]
+                    streaming[:] = [head[ID], False, item_head + head[ID] + ITEM]
                     untaken.clear()
                     status, body = run_stream(consumer.stream, frame.buffer, send_item, wait_credit)
                     streaming[0] = None
