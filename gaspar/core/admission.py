@@ -145,9 +145,7 @@ class ByteBudget:
         """A reply (or a stream's item) of ``n`` bytes to send: counted, never refused."""
         self.replies += n
         self.over = self.replies >= self.gate
-        self.used += n  # add(n), inline: once per reply
-        if self.used > self.peak:
-            self.peak = self.used
+        self.add(n)
 
     def release(self, n: int, replies: int = 0) -> list[Hashable]:
         """``n`` bytes are no longer held, ``replies`` of them unsent reply bytes."""

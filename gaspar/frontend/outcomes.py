@@ -168,24 +168,23 @@ class Outcomes:
                 self.log_access(pending.waiter, "client_gone", 0, waited, None, waited, None, pending.handler)
             self.dispatcher.cancel(pending)
 
-    def bad_request(self, conn: Any, request: Request) -> None:
-        """A request refused before it ran (malformed, too large): counted and logged; the
-        connection answers it."""
+    def bad_request(self, conn: Any, request: Request, bytes_out: int = 0, handler: str = "") -> None:
+        """A request refused before it ran (malformed, too large; a call refused up front,
+        ``handler`` if it names one of the App's): counted and access-logged; the caller
+        answers it (``bytes_out``: its answer's size)."""
         self.telemetry.outcome("bad_request")
+        if handler:
+            self.telemetry.call(handler, "", "bad_request")
         if self.access_log is not None:
-            self.log_access((conn, request), "bad_request", 0, None, None, 0.0, None)
+            self.log_access((conn, request), "bad_request", bytes_out, None, None, 0.0, None, handler)
 
     def refused_call(self, conn: Any, request: Request, kind: str, message: str, handler: str) -> None:
         """A call the front end refuses before it queues (a name the App has not, a codec it
         refuses): answered BadRequest, counted (by ``handler`` too, when it names one of the
         App's), logged and in the access log, as a worker's refusal is."""
         body = error_body(kind, message)
-        self.telemetry.outcome("bad_request")
-        if handler:
-            self.telemetry.call(handler, "", "bad_request")
+        self.bad_request(conn, request, len(body), handler)
         self.log_refusal("Refused a call: %s: %s", kind, message)
-        if self.access_log is not None:
-            self.log_access((conn, request), "bad_request", len(body), None, None, 0.0, None, handler)
         conn.deliver(request, Status.BAD_REQUEST, body)
 
     def refused(self, conn: Any, request: Request, why: str = "the server is stopping") -> None:

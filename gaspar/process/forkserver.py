@@ -158,9 +158,10 @@ class Server:
                 s = self.settings
                 code = run_worker(worker, endpoint, s.post_fork, s.worker_exit, s.worker_nice, stack_w)
             except SystemExit as exc:  # a handler's sys.exit(n): the worker exits with n, as Python would
-                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-                if not isinstance(exc.code, int) and exc.code is not None:  # Python prints it
-                    log.error("Worker %s (pid:%s) called sys.exit(%r)", number, os.getpid(), exc.code)
+                code = 0 if exc.code is None else exc.code
+                if not isinstance(code, int):  # sys.exit("message"): Python prints it, and exits 1
+                    log.error("Worker %s (pid:%s) called sys.exit(%r)", number, os.getpid(), code)
+                    code = 1
             except BaseException:
                 log.exception("Worker %s (pid:%s) crashed", number, os.getpid())
             finally:
