@@ -65,7 +65,7 @@ def test_a_reload_that_imports_hands_over_and_retires_the_old_one_once_the_new_c
     forks.proven()
     assert forks.standby is None and forks.old == [first]
     assert ("retire",) in first.asked and ("retire",) not in fresh.asked
-    assert forks.gone(first) is None  # its last worker gone, it exits
+    assert forks.gone(first, Book()) == (None, [])  # its last worker gone, it exits
     assert forks.all() == [fresh] and ("close",) in first.asked
 
 
@@ -110,14 +110,14 @@ def test_a_reload_that_fails_to_import_keeps_the_current_one():
     forks.settle(False, fresh)
     assert forks.current is first and forks.next is None and forks.old == [fresh]
     assert ("retire",) not in first.asked
-    assert forks.gone(fresh) is None and forks.all() == [first]
+    assert forks.gone(fresh, Book()) == (None, []) and forks.all() == [first]
 
 
 def test_a_fresh_fork_server_that_dies_before_it_reports_is_a_failed_reload():
     first = Stand("a")
     forks = ForkServers(first)
     fresh, _ = forks.start_next()
-    failed = forks.gone(fresh)
+    failed, _ = forks.gone(fresh, Book())
     assert failed is not None and "exited before it was ready" in failed and str(fresh.pid) in failed
     assert forks.next is None and forks.all() == [first] and ("close",) in fresh.asked
     forks.settle(False, fresh)  # the owner's on_reloaded(False, ...) that follows changes nothing

@@ -403,8 +403,8 @@ class Supervisor:
     def on_fork_server_gone(self, fs: ForkServer) -> None:
         """A fork server other than the current one exited: an old one whose workers are
         all gone, or a new one that could not import the application. Reap it."""
-        pid, dead = fs.pid, self.forks.orphans(fs, self.book)  # a standby's workers die with it
-        failed = self.forks.gone(fs)
+        pid = fs.pid
+        failed, dead = self.forks.gone(fs, self.book)  # a standby's workers die with it
         (log.error if dead else log.info)("Fork server (pid:%s) exited%s", pid, ", its workers with it" * bool(dead))
         for child, number in dead:
             self.on_exit(child, number, signal.SIGKILL)

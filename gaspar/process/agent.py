@@ -301,8 +301,7 @@ class Agent(Uplink):
                 if fresh is None:
                     self.exit_code = 1
             else:  # a standby's workers die with it too
-                dead = self.forks.orphans(fs, self.book)
-                failed = self.forks.gone(fs)
+                failed, dead = self.forks.gone(fs, self.book)
                 for pid, number in dead:
                     self.on_exit(pid, number, signal.SIGKILL)
                 if failed is not None:

@@ -379,10 +379,11 @@ class ForkServers:
             log.info("The fresh fork server (pid:%s) imported %s; forking its workers", fs.pid, fs.spec)
         return True
 
-    def gone(self, fs: ForkServer) -> str | None:
+    def gone(self, fs: ForkServer, book: Any) -> tuple[str | None, list[tuple[int, int]]]:
         """``fs``, not the current one, exited: forgotten and reaped. Returns why the reload
-        failed when it was the next one, gone before it said whether it imported."""
-        failed = None
+        failed when it was the next one, gone before it said whether it imported; and its
+        workers, which died with it (a standby's: see :meth:`orphans`), for the owner to report."""
+        failed, workers = None, self.orphans(fs, book)
         if fs is self.next:
             self.next = None
             failed = f"the new fork server (pid:{fs.pid}) exited before it was ready"
@@ -391,7 +392,7 @@ class ForkServers:
         if fs in self.old:
             self.old.remove(fs)
         fs.close()
-        return failed
+        return failed, workers
 
 
 def fresh_options(spec: str, settings: Any) -> dict[str, Any]:
