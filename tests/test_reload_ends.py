@@ -125,8 +125,12 @@ def test_a_reload_whose_workers_cannot_boot_fails_and_the_old_workers_serve_on(c
     assert [client.request(server.addr, b"x", timeout=5) for _ in range(4)] == [b"v1:x"] * 4
     status = gaspar_ctl(path, "status").stdout
     assert ": failed: the new code's workers failed to boot" in status, status
-    os.kill(sorted(pids)[0], signal.SIGKILL)  # a replacement comes from the old code
-    assert wait_for(lambda: len(server.stats()["workers"]) == 2, 10), server.log[-2000:]
+    killed = sorted(pids)[0]
+    os.kill(killed, signal.SIGKILL)  # a replacement comes from the old code
+    # Wait for its death to be seen, not only for two workers: until it is reaped, the dead
+    # one is still counted, and a request handed to it fails WorkerDied (CI saw that race).
+    seen = lambda: [w["pid"] for w in server.stats()["workers"] if w["state"] != "retiring"]  # noqa: E731
+    assert wait_for(lambda: killed not in seen() and len(seen()) == 2, 10), server.log[-2000:]
     assert client.request(server.addr, b"y", timeout=5) == b"v1:y"
 
     (tmp_path / "app.py").write_text(APP.format(version="v3"))  # fixed: the next reload works
