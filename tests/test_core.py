@@ -63,6 +63,17 @@ def test_str_reply_is_utf8_and_other_types_are_handler_errors(serve):
     assert bad.request.__self__.pids()  # the workers are still there
 
 
+def test_two_producers_in_one_process_each_stop_at_once(serve):
+    """The second one's fork server, forked from this process, held the first one's command
+    pipe: stopping the first waited 5 s for its fork server, then killed it."""
+    first, second = serve(handlers.echo), serve(handlers.echo)
+    fork_server, began = first.fork_server, time.monotonic()
+    first.producer.stop(timeout=15)
+    assert first.producer.stopped.is_set() and not alive(fork_server)
+    assert time.monotonic() - began < 2.0
+    assert second.request(b"still here") == b"still here"
+
+
 def test_handler_exception_reaches_the_client_and_the_worker_survives(serve):
     s = serve(handlers.boom, processes=1)
     [pid] = s.pids()

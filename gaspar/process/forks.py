@@ -81,6 +81,13 @@ def import_bound(settings: Any) -> float:
     return max(float(timeout), IMPORT_BOUND_MIN) if timeout else IMPORT_BOUND_NEVER
 
 
+#: The front end's ends of its fork servers' pipes, while open. A fork server forked from
+#: the front end (a Consumer given as an object) closes them all: holding another fork
+#: server's command pipe, it would keep that one from seeing its end (two Producers in one
+#: process: stopping the first waited 5 s and killed its fork server).
+_HELD: set[int] = set()
+
+
 class ForkServer:
     """The front end's handle on the fork server process. No eventlet in here."""
 
@@ -120,8 +127,8 @@ class ForkServer:
         if pid == 0:  # the fork server
             code = 1
             try:
-                os.close(cmd_w)
-                os.close(evt_r)
+                for fd in (cmd_w, evt_r, *_HELD):  # other fork servers' ends too (see _HELD)
+                    os.close(fd)
                 code = Server(self.consumer, self.settings, cmd_r, evt_w, parent).run()
             except BaseException:
                 log.exception("fork server failed")
@@ -130,6 +137,7 @@ class ForkServer:
         os.close(cmd_r)
         os.close(evt_w)
         os.set_blocking(evt_r, False)
+        _HELD.update((cmd_w, evt_r))
         self.pid, self._cmd, self.events_fd = pid, cmd_w, evt_r
 
     def _start_fresh(self) -> None:
@@ -147,6 +155,7 @@ class ForkServer:
             os.close(cmd_r)
             os.close(evt_w)
         os.set_blocking(evt_r, False)
+        _HELD.update((cmd_w, evt_r))
         self.pid, self._cmd, self.events_fd = self._popen.pid, cmd_w, evt_r
 
     def _send(self, **command: Any) -> None:
@@ -210,6 +219,7 @@ class ForkServer:
         if self.pid is None:
             return
         if self._cmd >= 0:
+            _HELD.discard(self._cmd)
             os.close(self._cmd)
             self._cmd = -1
         deadline = time.monotonic() + timeout
@@ -223,6 +233,7 @@ class ForkServer:
             _, status = os.waitpid(self.pid, 0)
         if self._popen is not None:  # reaped here, not by Popen
             self._popen.returncode = os.waitstatus_to_exitcode(status)
+        _HELD.discard(self.events_fd)
         os.close(self.events_fd)
         self.events_fd = -1
         self.pid = None
