@@ -335,8 +335,10 @@ def test_an_fd_limit_below_max_connections_is_said_at_start_and_the_rest_are_res
     assert 16 <= room < 400 - FD_MARGIN
     held, reset = [], 0
     for _ in range(room + 40):
-        sock = _connect(server.addr)
-        held.append(sock)
+        try:
+            held.append(_connect(server.addr))
+        except ConnectionResetError:  # reset before connect() returned (a slow or busy machine)
+            reset += 1
     t0 = time.monotonic()
     for sock in held:
         sock.settimeout(0.05)
