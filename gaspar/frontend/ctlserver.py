@@ -7,7 +7,8 @@ are open, when a request line is too long, or when it is not whole in time
 (:data:`REQUEST_TIMEOUT`: an ``eventlet.Timeout`` over the whole line, so a trickle does not
 extend it). Each refusal is counted (``status``'s ``control``) and logged through
 ``Commands.log_refusal``: in a daemon, the data path's limiter (10 lines a minute, the rest
-summed up by the ticker), so a connect/close loop cannot flood the log.
+summed up by the ticker), so a connect/close loop cannot flood the log. Lines sent back to
+back are served one at a time with the hub's other work between them (:data:`LINE_RATE`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ from gaspar.ops.ctl import (
 )
 
 log = logging.getLogger("gaspar")
+
+#: Bytes a second one control connection's request lines may take of the hub: after each
+#: line, the connection waits as long as the line would take at this rate (16 ms for a line
+#: of 1 MiB, nothing to notice for a command), so the data path is served between lines.
+LINE_RATE = 64 * 1024 * 1024
 
 
 # -- the server, in the front end's hub -----------------------------------------------------
@@ -270,6 +276,9 @@ class ControlServer:
                 if not line.strip():
                     continue  # a blank line: the same deadline
                 conn.sendall(_encode(answer(line, commands, peer)))
+                # The hub's turn: lines sent back to back never make a recv wait, and a big
+                # one (a broadcast's message, or junk) waits as long as 64 MiB/s would take.
+                eventlet.sleep(len(line) / LINE_RATE)
                 if not reader.peek(1):  # silent up to IDLE_TIMEOUT, then the next line's first byte
                     return
                 deadline = time.monotonic() + REQUEST_TIMEOUT
@@ -321,13 +330,15 @@ def _peer(conn: Any) -> str:
 def _refuse(conn: Any, error: str) -> None:
     """Answer ``error`` and close, reading (and dropping) what the peer still sends for up
     to :data:`LINGER` seconds first, so that it reads the answer rather than a reset."""
+    import eventlet
+
     try:
         conn.settimeout(LINGER)
         conn.sendall(_encode({"ok": False, "error": error}))
         conn.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + LINGER
         while time.monotonic() < deadline and conn.recv(65536):
-            pass
+            eventlet.sleep(0)  # a peer that keeps sending would otherwise hold the hub
     except OSError:  # a timeout included
         pass
     finally:
