@@ -115,10 +115,7 @@ def test_lines_sent_back_to_back_leave_the_data_path_its_turns(daemon):
 
 def test_at_most_16_connections_at_once(daemon):
     server, path = daemon(1)
-    held = [connect(path) for _ in range(ctl.MAX_CONNECTIONS)]
-    for s in held:  # each is served (and so counted) before the next one knocks
-        s.sendall(b'{"cmd": "status"}\n')
-        assert json.loads(s.makefile("rb").readline())["ok"] is True
+    held = _hold(path)  # 16, each reading a request line
     with connect(path) as extra:
         extra.sendall(b'{"cmd": "status"}\n')
         f = extra.makefile("rb")
@@ -135,12 +132,39 @@ def test_at_most_16_connections_at_once(daemon):
         s.close()
 
 
+def test_a_new_connection_takes_the_place_of_the_one_idle_longest(daemon):
+    """QA: 16 connections that each got a reply and stayed (a reply allows 300 s of silence),
+    or that sent a status every 4 s, locked gaspar ctl out for minutes, or for good."""
+    server, path = daemon(1)
+    idle = []
+
+    def status(s: socket.socket) -> dict:
+        s.sendall(b'{"cmd": "status"}\n')
+        reply = json.loads(s.makefile("rb").readline())
+        assert reply["ok"] is True, reply
+        return reply["result"]["control"]
+
+    for _ in range(ctl.MAX_CONNECTIONS):
+        idle.append(connect(path))
+        status(idle[-1])
+    for n in (1, 2):  # each stays open, so all 16 are taken again
+        idle.append(connect(path))
+        control = status(idle[-1])  # served, not refused
+        assert control["closed_idle"] == n and control["refused"]["too_many"] == 0, control
+        assert idle[n - 1].makefile("rb").read() == b""  # the one idle longest, closed
+    idle[2].sendall(b'{"cmd": "status"}\n')  # the others are still served
+    assert json.loads(idle[2].makefile("rb").readline())["ok"] is True
+    for s in idle:
+        s.close()
+
+
 def _hold(path: str) -> list[socket.socket]:
-    """All MAX_CONNECTIONS slots, each served once (so counted, and past its first deadline)."""
+    """All MAX_CONNECTIONS slots, each reading a request line (whole within 5 s: these
+    tests take less), so none is idle and none can be closed to make room."""
     held = [connect(path) for _ in range(ctl.MAX_CONNECTIONS)]
     for s in held:
-        s.sendall(b'{"cmd": "status"}\n')
-        assert json.loads(s.makefile("rb").readline())["ok"] is True
+        s.sendall(b'{"cmd": "status"')
+    assert wait_for(lambda: ctl.call(path, {"cmd": "status"}, timeout=2).get("ok") is False, 2)
     return held
 
 
@@ -181,15 +205,10 @@ def _trickle(sock: socket.socket, stop: threading.Event) -> None:
 
 def test_silent_or_trickling_connections_are_closed_after_5_s(daemon):
     """QA: 16 silent connections (or ones sending a byte a second) locked gaspar ctl out for
-    as long as they stayed. Now each must send its line whole within 5 s of connecting; a
-    connection answered once may still wait (IDLE_TIMEOUT) before its next request."""
+    as long as they stayed. Now each must send its line whole within 5 s of connecting."""
     server, path = daemon(1)
-    served = connect(path)
-    served.sendall(b'{"cmd": "status"}\n')
-    served_file = served.makefile("rb")
-    assert json.loads(served_file.readline())["ok"] is True
     started = time.monotonic()
-    silent = [connect(path) for _ in range(11)]
+    silent = [connect(path) for _ in range(12)]
     trickling = [connect(path) for _ in range(4)]
     stop = threading.Event()
     threads = [threading.Thread(target=_trickle, args=(s, stop), daemon=True) for s in trickling]
@@ -214,16 +233,14 @@ def test_silent_or_trickling_connections_are_closed_after_5_s(daemon):
         stop.set()
         for t in threads:
             t.join(5)
-    # the connection answered before is still served, its silence since then allowed
-    served.sendall(b'{"cmd": "status"}\n')
-    control = json.loads(served_file.readline())["result"]["control"]
-    assert control["refused"]["too_slow"] == 15 and control["refused"]["line_too_long"] == 0, control
-    # logged 10 a minute, all refusals together: the busy one, then 9 of the 15 slow ones
+    control = ctl.call(path, {"cmd": "status"})["result"]["control"]
+    assert control["refused"]["too_slow"] == 16 and control["refused"]["line_too_long"] == 0, control
+    # logged 10 a minute, all refusals together: the busy one, then 9 of the 16 slow ones
     assert wait_for(lambda: server.log.count("Control: refused") >= 10, 5), server.log[-2000:]
     time.sleep(0.5)  # anything more would have come by now
     assert server.log.count("Control: refused") == 10, server.log[-2000:]
     assert server.log.count("no whole request line within 5s") == 9
-    for s in [served, *silent, *trickling]:
+    for s in [*silent, *trickling]:
         s.close()
 
 

@@ -2,8 +2,9 @@
 command run in the thread that owns the supervisor's state, with no lock. The protocol, where
 the socket lives and its bounds are :mod:`gaspar.ops.ctl`'s (this module is its server side).
 
-A connection is refused (answered with an error, then closed) when :data:`MAX_CONNECTIONS`
-are open, when a request line is too long, or when it is not whole in time
+A new connection when :data:`MAX_CONNECTIONS` are open closes the one idle longest between
+two requests; it is refused (answered with an error, then closed) when none is idle, when a
+request line is too long, or when it is not whole in time
 (:data:`REQUEST_TIMEOUT`: an ``eventlet.Timeout`` over the whole line, so a trickle does not
 extend it). Each refusal is counted (``status``'s ``control``) and logged through
 ``Commands.log_refusal``: in a daemon, the data path's limiter (10 lines a minute, the rest
@@ -208,12 +209,13 @@ class ControlServer:
         self.sock, self.path = sock, path
         st = os.stat(path)
         self._ident = (st.st_dev, st.st_ino)  # removed at close only if it is still ours
-        self._conns: set[Any] = set()
+        self._conns: dict[Any, float | None] = {}  # green thread -> idle since (after a reply), or None
+        self.closed_idle = 0  # idle connections closed to make room for a new one
         self.refused = {"too_many": 0, "line_too_long": 0, "too_slow": 0}  # connections, by why
 
     def snapshot(self) -> dict[str, Any]:
         """For ``status``: the connections open, and those refused since the start, by why."""
-        return {"connections": len(self._conns), "refused": dict(self.refused)}
+        return {"connections": len(self._conns), "refused": dict(self.refused), "closed_idle": self.closed_idle}
 
     def _refused(self, why: str, commands: Commands, message: str, *args: Any) -> None:
         self.refused[why] += 1
@@ -242,13 +244,26 @@ class ControlServer:
                 log.warning("Control socket: accept failed: %s", exc)
                 eventlet.sleep(0.1)
                 continue
-            if len(self._conns) >= MAX_CONNECTIONS:
+            if len(self._conns) >= MAX_CONNECTIONS and not self._evict_idlest():
                 message = "Control: refused a connection%s: %s are open already"
                 self._refused("too_many", commands, message, _peer(conn), MAX_CONNECTIONS)
                 error = f"too many control connections ({MAX_CONNECTIONS} are open); try again later"
                 eventlet.spawn_n(_refuse, conn, error)
                 continue
-            self._conns.add(eventlet.spawn(self._client, conn, commands, time.monotonic() + REQUEST_TIMEOUT))
+            self._conns[eventlet.spawn(self._client, conn, commands, time.monotonic() + REQUEST_TIMEOUT)] = None
+
+    def _evict_idlest(self) -> bool:
+        """All connections are taken: close the one idle longest between two requests (it
+        is owed nothing), so connections kept open after a reply cannot lock ``gaspar ctl``
+        out; False if every one is reading or running a command."""
+        idle = [(since, g) for g, since in self._conns.items() if since is not None]
+        if not idle:
+            return False
+        _, g = min(idle, key=lambda pair: pair[0])
+        self._conns.pop(g, None)
+        self.closed_idle += 1
+        g.kill()  # its finally closes the connection
+        return True
 
     def _client(self, conn: Any, commands: Commands, deadline: float) -> None:
         """Serve one connection: each request line whole by ``deadline`` (the first: from
@@ -257,8 +272,8 @@ class ControlServer:
 
         conn.settimeout(IDLE_TIMEOUT)
         peer = _peer(conn)
+        reader = conn.makefile("rb")
         try:
-            reader = conn.makefile("rb")
             while True:
                 line = _read_line(reader, deadline)
                 if line is None:
@@ -276,17 +291,21 @@ class ControlServer:
                 if not line.strip():
                     continue  # a blank line: the same deadline
                 conn.sendall(_encode(answer(line, commands, peer)))
+                me = eventlet.getcurrent()
                 # The hub's turn: lines sent back to back never make a recv wait, and a big
                 # one (a broadcast's message, or junk) waits as long as 64 MiB/s would take.
                 eventlet.sleep(len(line) / LINE_RATE)
+                self._conns[me] = time.monotonic()  # idle: the first to go when all are taken
                 if not reader.peek(1):  # silent up to IDLE_TIMEOUT, then the next line's first byte
                     return
+                self._conns[me] = None
                 deadline = time.monotonic() + REQUEST_TIMEOUT
         except (OSError, TimeoutError):
             return
         finally:
+            reader.close()  # else the socket stays open while the file lives (a killed thread's)
             conn.close()
-            self._conns.discard(eventlet.getcurrent())
+            self._conns.pop(eventlet.getcurrent(), None)
 
     def close(self) -> None:
         for g in list(self._conns):
