@@ -114,6 +114,29 @@ def test_metrics_match_what_the_daemon_did(serve):
     assert value(m, "gaspar_queue_length") == 0 and value(m, "gaspar_requests_in_flight") == 0
 
 
+def test_a_reply_cut_by_a_client_reset_is_counted(serve):
+    """QA: ten clients that read 64 KiB of a 20 MB reply and reset were counted ``ok`` with
+    nothing else to tell: the outcome is the handler's, and the cut replies are counted apart."""
+    s = serve(handlers.big, processes=1, metrics_bind="127.0.0.1:0")
+    assert len(s.request(b"big 100000")) == 100000  # written whole: not cut
+    host, port = s.addr.rsplit(":", 1)
+    for tag in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.sendall(extended_header(12, tag=tag) + b"big 20000000")
+            got = 0
+            while got < 65536:
+                got += len(sock.recv(65536))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    counters = lambda: s.producer.stats()["counters"]  # noqa: E731
+    assert wait_for(lambda: counters()["replies_cut"] == 3, 10), counters()
+    assert 3 * 10_000_000 < counters()["reply_bytes_cut"] < 3 * 20_000_000
+    time.sleep(RENDER_EVERY)
+    m = scrape(s.producer.metrics_addr)
+    assert value(m, "gaspar_replies_cut_total") == 3
+    assert value(m, "gaspar_requests_total", outcome="ok") == 4  # the handler's outcome, as documented
+
+
 def _sleeper(s) -> int | None:
     """The pid of the worker running the long request, once it runs."""
     for w in s.producer.stats()["workers"]:

@@ -20,7 +20,7 @@ than the rest of a request). Per connection (:class:`Connection`):
 * **A client that leaves** (a reset, or with ``abort_on_close`` a FIN, seen as EPOLLRDHUP
   while its requests wait) is dropped at once: the connection is reset and its requests
   cancelled, so a queued or handed-ahead one never reaches a handler (a running one
-  finishes; its reply is dropped).
+  finishes; its reply is dropped). Replies it left unwritten are counted (``replies_cut``).
 * **Memory**: bytes as they arrive, bodies in flight and unsent replies count against
   ``max_buffered_bytes`` (:class:`gaspar.core.admission.ByteBudget`: a body past
   ``FIRST_CHUNK`` goes on once the rest of it is admitted); a connection for which nothing
@@ -68,7 +68,7 @@ class Connection:
     __slots__ = (
         "sock fd front reader inflight out paused closed eof keepalive last_active requests close_after "
         "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty drain holding "
-        "outq sent pressed"
+        "outq sent pressed ends"
     ).split()
 
     def __init__(self, sock: _socket.socket, front: FrontEnd) -> None:
@@ -80,6 +80,7 @@ class Connection:
         self.reader = RequestReader(s.max_message_size)
         self.inflight = 0
         self.out: deque[memoryview] = deque()
+        self.ends: deque[int] = deque()  # where each reply (or item) in ``out`` ends, in ``sent`` bytes
         self.paused = False  # not reading: max_pipeline requests in flight, or MAX_UNSENT unsent
         self.closed = False
         self.eof = False  # the client sent its last request (or half-closed)
@@ -327,6 +328,7 @@ class Connection:
         n = len(head) + len(body)
         self.budget.reply(n)
         self.unsent += n
+        self.ends.append(self.sent + self.unsent)
 
     def flush(self) -> None:
         out, sock = self.out, self.sock
@@ -359,6 +361,9 @@ class Connection:
                 self.last_active = time.monotonic()
                 self.unsent -= written
                 self.sent += written
+                ends = self.ends
+                while ends and ends[0] <= self.sent:
+                    ends.popleft()
                 self._free(written, written)
             if (self.paused or self.holding) and self.unsent <= MAX_UNSENT and not self.closed:
                 if self.holding:
@@ -424,6 +429,8 @@ class Connection:
             self._hold(False)  # out of the queue's paused owners
         self.front.settle()  # revoke what was handed ahead to a worker
         held, unsent = self.held, self.unsent
+        if self.ends:  # replies (or items) not written whole: the client reset, or was reset
+            self.front.counters.cut(len(self.ends), unsent)
         self.held_reader = self.held_bodies = self.unsent = 0
         self.admitted = False
         wake = self.budget.forget(self)

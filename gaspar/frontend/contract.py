@@ -24,6 +24,12 @@ class ConnectionCounters:
     refused_connections: int = 0  # past max_connections
     idle_resets: int = 0  # stalled past idle_timeout: a request half sent, replies unread, no memory
     slow_requests: int = 0  # requests arriving slower than body_min_rate
+    replies_cut: int = 0  # replies or stream items not written whole: their connection ended first
+    reply_bytes_cut: int = 0  # their bytes left unwritten
+
+    def cut(self, replies: int, unsent: int) -> None:
+        self.replies_cut += replies
+        self.reply_bytes_cut += unsent
 
 
 class Loop(Protocol):

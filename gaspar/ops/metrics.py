@@ -64,6 +64,11 @@ class GasparCollector:
         for reason in ("queue_delay", "queue_timeout", "queue_full", "deadline"):
             shed.add_metric([reason], st["counters"]["shed_" + reason])
         yield shed
+        yield CounterMetricFamily(
+            "gaspar_replies_cut",
+            "Replies and stream items not written whole: the client reset or closed, or was reset, first.",
+            value=st["counters"].get("replies_cut", 0),
+        )
         hists = st["histograms"]
         yield _histogram("gaspar_queue_wait_seconds", "Seconds requests waited in the queue.", hists)
         yield _histogram("gaspar_handler_duration_seconds", "Seconds handlers ran (wall time).", hists)
