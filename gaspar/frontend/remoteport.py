@@ -36,14 +36,15 @@ _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
 _HANDSHAKE_WHY = {  # an AUTH failure is the ZAP handler's refusal: it logs that itself
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "broke the protocol (no CURVE, or another mechanism)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "broke the protocol (error 0x%x)",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed (a wrong server key, or it left)",
 }
-
-#: High-water marks of the remote socket: far above the requests the front end keeps in
-#: flight to one agent (workers x (1 + prefetch)), so a message never meets the mark; a send
-#: that still cannot go (EAGAIN) means the agent stopped reading: it is lost.
-HWM = 100_000
+#: libzmq's protocol errors that say what the peer got wrong (the event's value).
+_PROTOCOL_WHY = {
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "failed: its CURVE hello does not open with this front end's key "
+    "(is the agent's --curve-server this front end's public key?)",
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "failed: it does not use CURVE, as this front end does",
+}
 
 
 class RemotePort:
@@ -121,7 +122,8 @@ class RemotePort:
                     continue  # the ZAP handler logged this refusal, with its reason
                 allowed, held = self._log_limit.allow()
                 if allowed:
-                    why = _HANDSHAKE_WHY.get(event["event"], "failed")
+                    why = _PROTOCOL_WHY.get(event["value"]) or _HANDSHAKE_WHY.get(event["event"], "failed")
+                    why = why % event["value"] if "%x" in why else why
                     log.warning("A peer's handshake on %s %s (%s not logged)", self.endpoint, why, held)
 
     def reload_keys(self) -> set[str]:

@@ -42,6 +42,8 @@ JOIN_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
 
+_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+
 
 def join_trouble(seen: set[int], curve: bool, endpoint: str) -> str:
     """Why a JOIN got no answer, from the connection's events ``seen`` meanwhile (the most
@@ -69,6 +71,10 @@ class Uplink:
         now = time.monotonic()
         if self.state == "idle" and now >= self.next_join and self.stop_mode is None:
             self.join()
+        elif self.state == "joining" and self.read_monitor() & _FAILED:
+            # at once, and the link closed: else libzmq retries the handshake every second or
+            # so underneath this agent's back-off (QA: a wrong --curve-server, 0.6 a second)
+            self.lose(join_trouble(self.seen, self.curve is not None, self.connect))
         elif self.state in ("joining", "joined", "leaving") and now - self.last_heard > self.liveness:
             silent = f"no word from the front end for {self.liveness}s"
             if self.state == "joining":
