@@ -388,6 +388,21 @@ def test_curve_refuses_unlisted_keys_plain_clients_and_borrowed_names(serve, age
     assert plain.proc.poll() is None  # it keeps trying, without a storm
 
 
+def test_an_agent_with_a_wrong_server_key_knocks_at_its_own_pace_and_says_why_at_once(serve, agent, keys, caplog):
+    """QA: such an agent's libzmq retried the handshake every second or so underneath the
+    agent's back-off (0.6 failed handshakes a second against a cap of 5 s), and the front end
+    said "no CURVE, or another mechanism". The agent now drops the link at the failure."""
+    s = curve_front(serve, keys, processes=1)
+    wrong = [*curve_args(keys, "a2")[:2], "--curve-server", str(keys / "a1.key")]  # not the server's key
+    lost = start_agent(agent, s, "a2", 1, *wrong, "--reconnect-max", "4")
+    assert wait_for(lambda: "joining again in" in lost.log, 2), lost.log  # at once, not after liveness
+    time.sleep(8)
+    failed, knocks = s.producer.stats()["remote"]["handshakes_failed"], lost.log.count("joining again in")
+    assert 3 <= knocks and failed <= knocks + 1, (failed, knocks, lost.log)
+    assert "is --curve-server the front end's public key" in lost.log, lost.log
+    assert "its CURVE hello does not open with this front end's key" in caplog.text, caplog.text[-2000:]
+
+
 def test_a_reload_reads_the_allowed_keys_again(serve, agent, keys):
     """A key added to --curve-allow lets its agent in at the front end's reload, with no
     restart; a removed key's live agent is lost at once and refused from then on; a
@@ -528,6 +543,33 @@ def test_agents_show_in_metrics_top_and_stats(serve, agent):
     assert wait_for(lambda: not s.pids(), 10), s.producer.stats()["workers"]
     remote = {w["pid"] for w in joined(s, "a1", 2)["workers"]}
     assert {reply_pid(s.request(b"z%d" % i)) for i in range(6)} <= remote
+
+
+def test_gaspar_agents_lost_counts_agents_not_back(serve, agent):
+    """QA: gaspar_agents{state="lost"} counted the ended sessions kept (the last 16), so an
+    alert on it never cleared once the host was back. It counts the agents not back."""
+    from test_metrics import scrape, value
+
+    from gaspar.frontend.metrics_http import RENDER_EVERY
+
+    s = front(serve, processes=1, metrics_bind="127.0.0.1:0")
+
+    def states():
+        time.sleep(RENDER_EVERY)  # a fresh render
+        m = scrape(s.producer.metrics_addr)
+        return {state: value(m, "gaspar_agents", state=state) for state in ("joined", "lost")}, m
+
+    for _ in range(2):  # lost twice, back each time
+        a1 = start_agent(agent, s, "a1", 1)
+        assert joined(s, "a1", 1), a1.log
+        a1.proc.kill()
+        assert wait_for(lambda: s.producer.stats()["remote"]["agents_live"] == 0, 10)
+        assert states()[0] == {"joined": 0, "lost": 1}
+    a1 = start_agent(agent, s, "a1", 1)
+    assert joined(s, "a1", 1), a1.log
+    now, m = states()
+    assert now == {"joined": 1, "lost": 0}, now
+    assert value(m, "gaspar_agent_events_total", event="agents_lost") == 2
 
 
 def test_an_agents_config_file_sets_its_hooks(serve, agent, tmp_path):

@@ -207,11 +207,20 @@ def _agent_metrics(st: dict[str, Any]) -> Any:
         return
     from gaspar.core.agents import JOINED, LEAVING, LEFT, LOST, REPLACED
 
-    states = GaugeMetricFamily("gaspar_agents", "Agent sessions by state (ended ones: the last 16).", labels=["state"])
+    states = GaugeMetricFamily(
+        "gaspar_agents",
+        "Live agent sessions by state; agents not back, by how their last session ended (of the last 16).",
+        labels=["state"],
+    )
     count = dict.fromkeys((JOINED, LEAVING, LOST, LEFT, REPLACED), 0)
     live = [a for a in st["agents"] if a["state"] in (JOINED, LEAVING)]
-    for a in st["agents"]:
-        count[a["state"]] = count.get(a["state"], 0) + 1
+    counted = {a["name"] for a in live}
+    for a in live:
+        count[a["state"]] += 1
+    for a in st["agents"]:  # the ended ones, newest first: an agent's last session, if it is not back
+        if a["name"] not in counted:
+            counted.add(a["name"])
+            count[a["state"]] = count.get(a["state"], 0) + 1
     for state, n in count.items():
         states.add_metric([state], n)
     yield states
