@@ -53,6 +53,7 @@ _WRITE = select.EPOLLOUT
 # interest per request, and none at close (closing the fd drops it from the epoll).
 _CONN_EVENTS = _READ | _WRITE | select.EPOLLET
 RECV_SIZE = 64 * 1024  # one read of a small request
+_HEAD = len(reply_header(0, 0, 0))  # an extended reply's head, 9 bytes
 #: A body longer than this is *admitted* once this much of it has arrived: the rest of it is
 #: committed in the budget (ByteBudget.admit). A client that trickles holds what it sent.
 FIRST_CHUNK = 64 * 1024
@@ -68,7 +69,7 @@ class Connection:
     __slots__ = (
         "sock fd front reader inflight out paused closed eof keepalive last_active requests close_after "
         "budget held_reader held_bodies unsent admitted starved clock abort_on_close peer owed dirty drain holding "
-        "outq sent pressed ends"
+        "outq sent pressed"
     ).split()
 
     def __init__(self, sock: _socket.socket, front: FrontEnd) -> None:
@@ -80,7 +81,6 @@ class Connection:
         self.reader = RequestReader(s.max_message_size)
         self.inflight = 0
         self.out: deque[memoryview] = deque()
-        self.ends: deque[int] = deque()  # where each reply (or item) in ``out`` ends, in ``sent`` bytes
         self.paused = False  # not reading: max_pipeline requests in flight, or MAX_UNSENT unsent
         self.closed = False
         self.eof = False  # the client sent its last request (or half-closed)
@@ -322,13 +322,12 @@ class Connection:
         if len(body) < 65536:
             self.out.append(memoryview(head + bytes(body) if head else body))
         else:
-            if head:
-                self.out.append(memoryview(head))
+            if head:  # a bytearray: _replies tells it from a reply of its own
+                self.out.append(memoryview(bytearray(head)))
             self.out.append(memoryview(body))
         n = len(head) + len(body)
         self.budget.reply(n)
         self.unsent += n
-        self.ends.append(self.sent + self.unsent)
 
     def flush(self) -> None:
         out, sock = self.out, self.sock
@@ -361,9 +360,6 @@ class Connection:
                 self.last_active = time.monotonic()
                 self.unsent -= written
                 self.sent += written
-                ends = self.ends
-                while ends and ends[0] <= self.sent:
-                    ends.popleft()
                 self._free(written, written)
             if (self.paused or self.holding) and self.unsent <= MAX_UNSENT and not self.closed:
                 if self.holding:
@@ -429,8 +425,9 @@ class Connection:
             self._hold(False)  # out of the queue's paused owners
         self.front.settle()  # revoke what was handed ahead to a worker
         held, unsent = self.held, self.unsent
-        if self.ends:  # replies (or items) not written whole: the client reset, or was reset
-            self.front.counters.cut(len(self.ends), unsent)
+        if unsent:  # replies (or items) not written whole: the client reset, or was reset
+            self.front.counters.cut(_replies(self.out), unsent)
+            self.out.clear()
         self.held_reader = self.held_bodies = self.unsent = 0
         self.admitted = False
         wake = self.budget.forget(self)
@@ -444,6 +441,10 @@ class Connection:
         if self.closed:
             return
         linger_reset(self.sock)
-        self.out.clear()
         self.drain = 0
         self.close()
+
+
+def _replies(out: deque[memoryview]) -> int:
+    """How many replies (or items) ``out`` holds: a large body's chunk follows its head's (a bytearray's)."""
+    return len(out) - sum(isinstance(chunk.obj, bytearray) and len(chunk.obj) == _HEAD for chunk in out)
