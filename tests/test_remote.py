@@ -545,6 +545,19 @@ def test_agents_show_in_metrics_top_and_stats(serve, agent):
     assert {reply_pid(s.request(b"z%d" % i)) for i in range(6)} <= remote
 
 
+def test_an_agent_ignores_sigttin_and_sigttou_and_says_so(serve, agent):
+    """QA: they did nothing, silently; and their default action stops the process (in a
+    process group that is not orphaned), which would have made a frozen, lost agent."""
+    s = front(serve)
+    a1 = start_agent(agent, s, "a1", 1)
+    assert joined(s, "a1", 1), a1.log
+    for sig in (signal.SIGTTIN, signal.SIGTTOU):
+        a1.proc.send_signal(sig)
+    assert wait_for(lambda: "SIGTTOU ignored: an agent runs --workers" in a1.log, 5), a1.log
+    assert "SIGTTIN ignored" in a1.log
+    assert reply_pid(s.request(b"still")) in {w["pid"] for w in joined(s, "a1", 1)["workers"]}
+
+
 def test_gaspar_agents_lost_counts_agents_not_back(serve, agent):
     """QA: gaspar_agents{state="lost"} counted the ended sessions kept (the last 16), so an
     alert on it never cleared once the host was back. It counts the agents not back."""

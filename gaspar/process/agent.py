@@ -152,6 +152,10 @@ class Agent(Uplink):
             signal.SIGINT: lambda *_: self.request_stop("fast"),
             signal.SIGQUIT: lambda *_: self.request_stop("fast"),
             signal.SIGHUP: lambda *_: setattr(self, "reload_requested", True),
+            # not "one worker more/fewer" here (its size is --workers), and never the default
+            # action, which stops the process: a frozen agent would be lost
+            signal.SIGTTIN: lambda *_: log.warning("SIGTTIN ignored: an agent runs --workers"),
+            signal.SIGTTOU: lambda *_: log.warning("SIGTTOU ignored: an agent runs --workers"),
         }
         old = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
         set_proctitle(f"{self.settings.proc_name}: agent {self.name} for {self.connect}")
