@@ -801,6 +801,36 @@ def test_a_hundred_trickling_metrics_connections_leave_health_and_the_main_port_
     assert end_fds <= base_fds + 2, (base_fds, end_fds)
 
 
+def test_fifty_scrapers_in_a_loop_get_twenty_scrapes_a_second_and_leave_the_main_port_alone(serve):
+    """QA: 50 scrapers in a loop took an echo server from 5,157 to 257 requests a second
+    (3,786 scrapes a second, each a response the hub writes); they now wait their turns."""
+    import threading
+
+    s = serve(handlers.echo, processes=2, metrics_bind="127.0.0.1:0")
+    maddr, base = s.producer.metrics_addr, _baseline(s.addr)
+    stop, scrapes = threading.Event(), [0] * 50
+
+    def scraper(i: int) -> None:
+        while not stop.is_set():
+            status, _ = _http(maddr, "/metrics", timeout=10)
+            assert status == 200
+            scrapes[i] += 1
+
+    threads = [threading.Thread(target=scraper, args=(i,), daemon=True) for i in range(50)]
+    with Probe(s.addr, interval=0.02, timeout=5) as probe:
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        time.sleep(3.0)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        elapsed = time.monotonic() - start
+    assert 40 <= sum(scrapes) <= 20 + 20 * elapsed + 5, (sum(scrapes), elapsed)
+    assert s.producer.metrics_server.paced > 0
+    assert probe.quantile(0.99) < 2 * base + 0.02 and not probe.failures, (base, probe.summary())
+
+
 def test_eight_scrapers_share_one_render_a_second_and_leave_the_main_port_alone(serve):
     import threading
 

@@ -267,6 +267,24 @@ def test_a_request_head_is_get_or_head_of_http_1(head, parsed):
     assert parse_head(head) == parsed
 
 
+def test_scrapes_get_twenty_turns_a_second_a_burst_of_twenty_and_wait_at_most_4_s():
+    from gaspar.frontend.metrics_http import ScrapePace
+
+    now = [100.0]
+    pace = ScrapePace(rate=20, clock=lambda: now[0])
+    assert [pace.take() for _ in range(20)] == [0.0] * 20  # a burst at once
+    assert pace.take() == pytest.approx(0.05)  # then one every 50 ms
+    assert pace.take() == pytest.approx(0.10)
+    waits = [pace.take() for _ in range(100)]
+    given = [w for w in waits if w is not None]  # turns up to 4 s ahead, then none
+    assert 3.9 < given[-1] <= 4.0 and waits[len(given) :] == [None] * (100 - len(given)), waits
+    assert pace.take() is None  # a refused one takes no turn
+    now[0] += 5.0  # the queue drained
+    assert pace.take() == 0.0
+    now[0] += 100.0  # idle: the whole burst again, never more
+    assert [pace.take() for _ in range(21)].count(0.0) == 20
+
+
 def test_metrics_are_rendered_at_most_once_a_second_and_shared():
     from gaspar.frontend.metrics_http import RenderCache
 
