@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gaspar.core.pool import FlapPolicy, PoolBook, describe_exit
+from gaspar.core.pool import BOOT_ERROR_CHARS, FlapPolicy, PoolBook, describe_exit
 
 
 class Clock:
@@ -231,6 +231,33 @@ def fail_boots(book: PoolBook, ready: list[W], n: int, pid0: int) -> list:
         book.spawned(boot.token, pid0 + i)
         outs.append(book.exited(pid0 + i, exit_status(1)))
     return outs
+
+
+def test_a_booting_workers_error_is_in_its_exit_and_in_the_reload_given_up_for_it():
+    """A worker whose setup raised says why before it exits (Kind.FAILED): the book puts it
+    in the exit's text, and so in a reload's verdict, cut to BOOT_ERROR_CHARS. A token or pid
+    of no fork here changes nothing."""
+    book = PoolBook(1, FlapPolicy(2, 10.0, 1.0, 0), Clock())
+    ready = booted(book, [])
+    book.reloaded()
+    texts = []
+    for i, error in enumerate(["its setup raised OSError: no disk", "x" * 1000]):
+        [boot] = book.plan(ready).spawn
+        book.spawned(boot.token, 700 + i)
+        book.boot_error(boot.token + 99, 700 + i, "not this fork's")  # unknown token
+        book.boot_error(boot.token, 9999, "another process's")  # the token, not its pid
+        book.boot_error(boot.token, 700 + i, error)
+        out = book.exited(700 + i, exit_status(3))
+        texts.append(out.text)
+    assert texts[0] == "exited with code 3: its setup raised OSError: no disk"
+    assert texts[1] == "exited with code 3: " + "x" * BOOT_ERROR_CHARS
+    assert out.rollback.startswith("the new code's workers failed to boot 2 times, none was ready (the last exited")
+    book.reloaded()
+    [boot] = book.plan(ready).spawn  # a fork that says nothing, or nothing that parses
+    book.spawned(boot.token, 800)
+    for junk in (b"", b"[]", b"{}", b'{"token": "x", "pid": 800, "error": "e"}', b"\xff"):
+        book.failed_message(junk)
+    assert book.exited(800, exit_status(3)).text == "exited with code 3"
 
 
 def test_a_reload_whose_workers_cannot_boot_goes_back_and_never_gives_up_the_daemon():

@@ -120,11 +120,14 @@ def test_a_reload_whose_workers_cannot_boot_fails_and_the_old_workers_serve_on(c
     assert done.returncode == 1, (done.stdout, done.stderr, server.log[-3000:])
     assert "reload failed, the old workers stay: the new code's workers failed to boot 5 times" in done.stderr
     assert "back to the old code" in done.stderr, done.stderr
+    # the verdict names the error, not only the exit code (each worker said it before exiting)
+    assert "(the last exited with code 3: its setup raised RuntimeError: the database is down)" in done.stderr
+    assert "died before it was ready: exited with code 3: its setup raised RuntimeError" in server.log
     assert server.proc.poll() is None and "giving up" not in server.log
     assert {w["pid"] for w in server.stats()["workers"]} == pids  # the same old workers
     assert [client.request(server.addr, b"x", timeout=5) for _ in range(4)] == [b"v1:x"] * 4
     status = gaspar_ctl(path, "status").stdout
-    assert ": failed: the new code's workers failed to boot" in status, status
+    assert ": failed: the new code's workers failed to boot" in status and "the database is down" in status, status
     killed = sorted(pids)[0]
     os.kill(killed, signal.SIGKILL)  # a replacement comes from the old code
     # Wait for its death to be seen, not only for two workers: until it is reaped, the dead
@@ -151,6 +154,7 @@ def test_an_agent_whose_reload_cannot_boot_goes_back_and_serves_on(serve, agent,
     a.signal(signal.SIGHUP)
     assert wait_for(lambda: "Reload failed" in a.log, 20), a.log[-2000:]
     assert "the new code's workers failed to boot 5 times" in a.log and "back to the old code" in a.log
+    assert "code 3: its setup raised RuntimeError: the database is down)" in a.log  # said to the agent
     assert a.proc.poll() is None and "giving up" not in a.log
     assert [s.request(b"x") for _ in range(3)] == [b"v1:x"] * 3
 

@@ -519,7 +519,9 @@ def test_failing_post_fork_gives_up_with_exit_code_3(tmp_path, caplog):
     assert times[-1] - times[0] >= 0.55
     assert_all_gone(log)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("post_fork hook or the App's setup failed" in m for m in messages)
+    said = "died before it was ready: exited with code 3: its post_fork hook raised RuntimeError: no database"
+    assert any(said in m for m in messages), messages  # the worker said why before it exited
+    assert "no database" in str(error)  # and so does the error a library user gets
     assert any("giving up" in m for m in messages), messages
     assert sum("flapping" in m for m in messages) == 2
 

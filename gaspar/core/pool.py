@@ -50,6 +50,7 @@ The rules, each a row of ``tests/test_pool.py``:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -140,6 +141,10 @@ class Ready(Protocol):
     def busy(self) -> bool: ...
 
 
+#: A worker's boot error (``Kind.FAILED``) is kept to this many characters.
+BOOT_ERROR_CHARS = 300
+
+
 @dataclass
 class Booting:
     """A fork asked of the fork server, until its worker says HELLO or dies."""
@@ -150,6 +155,7 @@ class Booting:
     pid: int | None = None  # once the fork server said "spawned" (or its HELLO came first)
     pool: str = DEFAULT_POOL
     proves: bool = False  # its HELLO was its generation's first: the reload's code boots
+    error: str = ""  # why it cannot boot, as its worker said before it exited (Kind.FAILED)
 
 
 @dataclass
@@ -228,6 +234,22 @@ class PoolBook:
             self.proven, self.unproven_failures = self.generation, 0
         return boot
 
+    def boot_error(self, token: int, pid: int, error: str) -> None:
+        """A booting worker said why it cannot boot (then exits): its exit's text says it too,
+        and so does a reload given up for it. A token or pid of no fork here is ignored."""
+        boot = self.booting.get(token)
+        if boot is not None and boot.pid in (None, pid):
+            boot.error = str(error)[:BOOT_ERROR_CHARS]
+
+    def failed_message(self, payload: bytes) -> None:
+        """A worker's ``FAILED`` message (JSON: pid, token, error): :meth:`boot_error`. One
+        that does not parse is ignored: the exit code still says that the boot failed."""
+        try:
+            said = json.loads(payload)
+            self.boot_error(int(said["token"]), int(said["pid"]), said["error"])
+        except (ValueError, KeyError, TypeError):
+            pass
+
     def killing(self, pid: int, why: str) -> None:
         """We are signalling ``pid``, because ``why``: its exit is described so."""
         self._killed[pid] = why
@@ -246,6 +268,8 @@ class PoolBook:
         if out.booting is None or self.stopping:
             return out
         out.boot_failure = True
+        if out.booting.error:
+            out.text = f"{out.text}: {out.booting.error}"
         if out.booting.generation > self.proven > 0:  # a reload's code, never seen booting
             self.unproven_failures += 1
             if self.unproven_failures >= self.flap.attempts:

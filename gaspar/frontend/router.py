@@ -55,6 +55,7 @@ _REPLY = Kind.REPLY.value
 _CANCEL = Kind.CANCEL.value
 _SKIPPED = Kind.SKIPPED.value
 _HELLO = Kind.HELLO.value
+_FAILED = Kind.FAILED.value
 _ACK = Kind.ACK.value
 _ITEM = Kind.ITEM.value
 _CREDIT = Kind.CREDIT.value
@@ -358,6 +359,8 @@ class Router:
                     self.outcomes.item(req, frames[2])
         elif kind == _HELLO:
             self.supervisor.on_hello(rid, frames[2].bytes)
+        elif kind == _FAILED:  # a booting worker's last words: why it cannot boot
+            self.supervisor.book.failed_message(frames[2].bytes)
         elif kind == _ACK:
             if head[STATUS] != Status.OK:
                 log.error("A worker's on_broadcast failed: %s", frames[2].bytes.decode("utf-8", "replace"))

@@ -207,14 +207,15 @@ class Supervisor:
             self.notify_if_reloaded()
 
     def on_exit(self, pid: int, number: int | None, status: int) -> None:
+        # its last messages first: a reply sent just before it died answers its request (the
+        # request it had started next is the one that dies with it); a booting worker's
+        # FAILED says why it could not boot
+        self._take()
         out = self.book.exited(pid, status)
         exitcode, sig, text = out.exitcode, out.signal, out.text
         slot = next((w for w in self.local_workers() if w.pid == pid), None)
         if slot is not None:
             expected, reason = slot.exit_meaning(exitcode)
-            # its last replies first: a reply sent just before it died answers its request,
-            # and the request it had started next is the one that dies with it
-            self._take()
             req = self.dispatcher.remove_worker(slot.routing_id)
             if req is not None:
                 facts = {"pid": pid, "exitcode": exitcode, "signal": sig}
@@ -230,7 +231,12 @@ class Supervisor:
                 self.restarts += 1
                 self.log(logging.ERROR, "Worker %s (pid:%s) %s", number, pid, text)
         elif out.boot_failure:
-            why = "its post_fork hook or the App's setup failed (above)" if exitcode == WORKER_BOOT_ERROR else text
+            said = out.booting is not None and out.booting.error
+            why = (
+                "its post_fork hook or the App's setup failed (above)"
+                if exitcode == WORKER_BOOT_ERROR and not said
+                else text
+            )
             log.error("Worker %s (pid:%s) died before it was ready: %s", number, pid, why)
             self.telemetry.restarted(number, "died")
             self.on_boot_failure(out)
@@ -242,7 +248,7 @@ class Supervisor:
             self.on_reloaded(False, self.forks.rollback(out.rollback, out.abandoned))
         elif out.flap == FlapPolicy.GIVE_UP:
             log.critical(self.book.flap.gave_up())
-            self._on_fatal(HALT_FLAPPING, GasparError("workers keep failing to boot; gave up (see the log)"))
+            self._on_fatal(HALT_FLAPPING, GasparError(f"workers keep failing to boot; gave up (the last {out.text})"))
         elif out.flap == FlapPolicy.BACKOFF:
             log.warning("Workers are flapping; waiting %ss before the next fork", out.backoff)
             eventlet.hubs.get_hub().schedule_call_global(out.backoff, eventlet.spawn_n, self.manage)

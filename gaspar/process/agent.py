@@ -71,6 +71,7 @@ from gaspar.wire.framing import Status, error_body
 log = logging.getLogger("gaspar")
 
 _HELLO, _REQUEST, _AHEAD = Kind.HELLO.value[0], Kind.REQUEST.value[0], Kind.AHEAD.value[0]
+_FAILED = Kind.FAILED.value[0]
 _REPLY, _SKIPPED = Kind.REPLY.value[0], Kind.SKIPPED.value[0]
 
 
@@ -266,6 +267,9 @@ class Agent(Uplink):
             if kind == _HELLO:
                 self.on_hello(wid, frames[2].bytes)
                 continue
+            if kind == _FAILED:  # why a booting worker cannot boot: for its exit's line
+                self.book.failed_message(frames[2].bytes)
+                continue
             w = self.by_wid.get(wid)
             if w is not None and kind in (_REPLY, _SKIPPED):
                 w.requests.discard(head[ID])
@@ -377,10 +381,10 @@ class Agent(Uplink):
         self.forks.kill(w.pid, sig, dump)
 
     def on_exit(self, pid: int, number: int, status: int) -> None:
+        self.read_workers()  # its last replies go out before the news of its death; or its FAILED
         out = self.book.exited(pid, status)
         w = self.by_pid.pop(pid, None)
         if w is not None:
-            self.read_workers()  # its last replies go out before the news of its death
             self.by_wid.pop(w.wid, None)
             if w.announced:
                 why = {"why": out.why} if out.why else {}  # the front end's log and client say it too

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from time import perf_counter, thread_time
 from typing import Any
 
+from gaspar.core.pool import BOOT_ERROR_CHARS
 from gaspar.process.running import (
     ITEM,
     STREAM_BYTES,
@@ -57,7 +58,7 @@ from gaspar.wire.envelope import CALL_AT, CREDITS, ID, STREAM, TIMING, Kind
 
 log = logging.getLogger("gaspar")
 
-#: A worker that cannot boot (its ``post_fork`` hook raised) exits with this code, as
+#: A worker that cannot boot (its ``post_fork`` hook or its App's setup raised) exits with this code, as
 #: gunicorn's WORKER_BOOT_ERROR; the supervisor counts it towards flapping.
 WORKER_BOOT_ERROR = 3
 
@@ -200,17 +201,15 @@ def run_worker(
         faulthandler.register(DUMP_SIGNAL, file=stack_fd, all_threads=True, chain=False)
         faulthandler.enable(file=stack_fd, all_threads=True)  # a crash's stack, logged at its exit
     soft = SoftLimit()
-    if post_fork is not None:
+    for step, boot in (("post_fork hook", post_fork), ("setup", lambda w: w.consumer.start({w.pool}))):
+        if boot is None:
+            continue
         try:
-            post_fork(worker)
-        except Exception:
-            log.exception("Worker %s (pid:%s) post_fork hook failed", worker.number, worker.pid)
+            boot(worker)
+        except Exception as exc:
+            log.exception("Worker %s (pid:%s) %s failed", worker.number, worker.pid, step)
+            say_boot_failed(endpoint, worker, f"its {step} raised {type(exc).__name__}: {exc}")
             return WORKER_BOOT_ERROR
-    try:
-        worker.consumer.start({worker.pool})
-    except Exception:
-        log.exception("Worker %s (pid:%s) setup failed", worker.number, worker.pid)
-        return WORKER_BOOT_ERROR
     ctx = zmq.Context(1)
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 2000
@@ -332,6 +331,27 @@ def run_worker(
         sock.close()
         ctx.term()
     return 0
+
+
+def say_boot_failed(endpoint: str, worker: Worker, error: str) -> None:
+    """Tell the front end (or agent) why this worker cannot boot, so that a reload's verdict
+    names the error and not only the exit code. At most a second, and best effort: the
+    exit code says that it failed either way."""
+    import zmq
+
+    text = error if len(error) <= BOOT_ERROR_CHARS else error[: BOOT_ERROR_CHARS - 3] + "..."
+    payload = json.dumps({"pid": worker.pid, "token": worker.token, "error": text}).encode()
+    ctx = zmq.Context(1)
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.routing_id = b"%d:%d" % (worker.pid, worker.generation)
+        sock.connect(endpoint)
+        sock.send_multipart([Kind.FAILED.value, payload])
+        sock.close(linger=1000)
+    except zmq.ZMQError:
+        pass
+    finally:
+        ctx.term()
 
 
 def flushing_exit(sock: Any, ctx: Any, real_exit: Callable[[int], Any]) -> Callable[[int], Any]:

@@ -63,6 +63,7 @@ class Kind(bytes, enum.Enum):
     EXIT = b"X"  # front end -> worker: [X] finish what is in hand, then exit
     CANCEL = b"C"  # front end -> worker: [C id] do not start this handed-ahead request
     HELLO = b"H"  # worker -> front end: [H, json {pid, number, generation, token}]
+    FAILED = b"F"  # worker -> front end: [F, json {pid, token, error}] its boot failed; it exits (code 3)
     REPLY = b"R"  # worker -> front end: [R id status, body]
     ACK = b"A"  # worker -> front end: [A id status, body] for a broadcast
     SKIPPED = b"S"  # worker -> front end: [S id] a cancelled request, not run
