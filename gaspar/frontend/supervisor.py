@@ -209,11 +209,12 @@ class Supervisor:
     def on_exit(self, pid: int, number: int | None, status: int) -> None:
         # its last messages first: a reply sent just before it died answers its request (the
         # request it had started next is the one that dies with it); a booting worker's
-        # FAILED says why it could not boot
-        self._take()
+        # FAILED says why it could not boot (not read once stopping: no boot matters then)
+        slot = next((w for w in self.local_workers() if w.pid == pid), None)
+        if slot is not None or not self.stopping:
+            self._take()
         out = self.book.exited(pid, status)
         exitcode, sig, text = out.exitcode, out.signal, out.text
-        slot = next((w for w in self.local_workers() if w.pid == pid), None)
         if slot is not None:
             expected, reason = slot.exit_meaning(exitcode)
             req = self.dispatcher.remove_worker(slot.routing_id)
