@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -841,3 +842,34 @@ def test_a_stream_read_slowly_but_steadily_is_not_ended_as_stalled(serve):
     assert got >= 10 * 65536
     counters = s.producer.stats()["counters"]
     assert counters["timeouts"] == 0 and s.producer.stats()["restarts"] == 0, counters
+
+
+def test_calls_whose_client_left_before_they_ran_are_counted_by_handler_and_logged_once(serve, tmp_path):
+    """QA: 64 calls held or queued on a connection that closed were counted client_gone in
+    all but 2 by their handler's figures, and their access-log lines said queue=-1.565ms (a
+    held call's wait was counted from when it joined the queue, after the moment taken as
+    now). Each is now counted once by its handler, and its wait counts from its arrival."""
+    path = tmp_path / "access.log"
+    s = serve(apps_under_test.app, processes=1, access_log=str(path), prefetch=0)
+
+    async def main():
+        async with aio.Client(s.addr, timeout=10, retry=False) as c:
+            calls = [asyncio.ensure_future(c.call("pause", 0.2)) for _ in range(12)]
+            await asyncio.sleep(0.3)  # one ran, one runs; the others are queued or held
+        for call in calls:  # the connection is closed: the client left
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+
+    asyncio.run(main())
+
+    def settled():
+        outcomes = s.producer.stats()["handlers"]["pause"]["outcomes"]
+        return outcomes if sum(outcomes.values()) == 12 else None
+
+    outcomes = wait_for(settled, 5)
+    assert outcomes, s.producer.stats()["handlers"]["pause"]
+    assert outcomes["client_gone"] + outcomes["ok"] == 12 and outcomes["client_gone"] >= 10, outcomes
+    lines = [line for line in path.read_text().splitlines() if line.endswith("call=pause")]
+    assert len(lines) == 12, lines  # once each
+    assert sum(" client_gone " in line for line in lines) == outcomes["client_gone"]
+    assert not [line for line in lines if re.search(r"=-\d", line)], lines  # no negative durations

@@ -483,13 +483,18 @@ def test_alone_a_pipelining_connection_keeps_every_worker_busy():
     assert done == 20
 
 
-def test_while_newest_first_a_held_request_joins_at_the_head_and_is_shed_first():
-    clock = Clock()
+def controlled(clock: Clock) -> tuple[Dispatcher, QueueControl]:
+    """Two workers, no prefetch, and a queue control with a 2 s queue_timeout."""
     control = QueueControl(queue_timeout=2.0, target=0.005, interval=0.1, workers=2, clock=clock)
     d = Dispatcher(clock, prefetch=0, control=control)
-    w1, w2 = worker(1), worker(2)
-    d.add_worker(w1)
-    d.add_worker(w2)
+    d.add_worker(worker(1))
+    d.add_worker(worker(2))
+    return d, control
+
+
+def test_while_newest_first_a_held_request_joins_at_the_head_and_is_shed_first():
+    clock = Clock()
+    d, control = controlled(clock)
     running = [d.submit(b"r%d" % i, "other")[0] for i in range(2)]
     hog = [d.submit(b"h%d" % i, "hog", owner="conn")[0] for i in range(6)]
     clock.now += 0.05
@@ -523,6 +528,45 @@ def test_a_held_request_can_be_cancelled_failed_or_shed_for_its_deadline():
     failed = d.fail_all()
     assert set(failed) == set(running + [hog[0], hog[1], hog[2], hog[5]])
     assert not d._queue._held and not d._queue._in_queue and d.queued == 0
+
+
+def test_queue_timeout_bounds_a_held_requests_whole_wait():
+    """QA: 200 calls gathered on one aio.Client (one connection) waited 10-20 s, held behind
+    their connection's share, never shed: queue_timeout (2 s) bounds a held one's wait too.
+    Its queue delay still counts from when it joined the queue (``queued_at``); the client's
+    whole wait from ``arrived``."""
+    clock = Clock()
+    d, control = controlled(clock)
+    first = [d.submit(b"a%d" % i, "aio", owner="conn")[0] for i in range(6)]  # 2 run, 2 queue, 2 held
+    clock.now += 1.5
+    late = [d.submit(b"b%d" % i, "aio", owner="conn")[0] for i in range(2)]
+    assert [r.held for r in first + late] == [False] * 4 + [True] * 4
+    _, [(_, joined)] = d.complete(first[0].worker.routing_id, first[0].id)  # a queued one runs, a held joins
+    assert joined is first[2] and first[4].held is False
+    assert first[4].queued_at == clock.now and first[4].arrived == 100.0  # its queue delay counts from now
+    clock.now += 0.4  # 1.9 s: nobody is past 2 s yet
+    d.sweep()
+    assert d.take_shed() == []
+    clock.now += 0.2  # 2.1 s: the held one that arrived first is shed, the queued first[3] too
+    d.sweep()
+    assert d.take_shed() == [(first[5], "queue_timeout"), (first[3], "queue_timeout")]
+    assert first[5].id not in d.pending and d.held == 1 and d.queued == 2  # first[4], and late[0] joined
+    # first[4] arrived 2.1 s ago but joined the queue 0.6 s ago: it is shed when a worker would take it
+    _, more = d.complete(first[1].worker.routing_id, first[1].id)
+    assert more == [(first[1].worker, late[0])] and d.take_shed() == [(first[4], "queue_timeout")]
+    assert d.held == 0 and d.queued == 1  # late[1] joined as first[4] left
+    clock.now += 1.6  # late[1] arrived 2.2 s ago, joined 1.6 s ago: shed when a worker would take it
+    d.sweep()
+    assert d.take_shed() == []
+    _, more = d.complete(first[2].worker.routing_id, first[2].id)
+    assert more == [] and d.take_shed() == [(late[1], "queue_timeout")] and not d.pending.keys() - {late[0].id}
+    # with no worker at all, it is not overload: no_workers (the caller's ServerUnavailable)
+    d2 = Dispatcher(clock, prefetch=0, control=QueueControl(queue_timeout=2.0, workers=1, clock=clock))
+    held = [d2.submit(b"x", "aio", owner="conn2")[0] for _ in range(3)]
+    assert [r.held for r in held] == [False, True, True]
+    clock.now += 2.5
+    d2.sweep()
+    assert sorted(reason for _, reason in d2.take_shed()) == ["no_workers"] * 3
 
 
 class ShareMachine(RuleBasedStateMachine):

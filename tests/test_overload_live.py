@@ -7,6 +7,7 @@ appends the request's tag to a file as it starts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -438,3 +439,39 @@ def test_an_empty_pool_is_unavailable_not_overloaded(serve, caplog):
     assert stats["outcomes"]["unavailable"] == 1 and stats["outcomes"]["shed"] == 0
     assert wait_for(lambda: "no_workers 1" in caplog.text, 3), caplog.text
     assert "Overloaded" not in caplog.text
+
+
+def test_many_callers_on_one_aio_client_hear_overloaded_within_queue_timeout_not_their_timeout(serve):
+    """QA: 200 calls gathered on one shared aio.Client (what README recommends for a web app)
+    waited 10-20 s behind their connection's share, never shed, or hit the client's own
+    timeout. queue_timeout now bounds a held request's wait too: each call is answered, run
+    or Overloaded, and one the front end has read waits at most about queue_timeout for it.
+    (Calls past max_pipeline wait unread in the connection until earlier ones leave.)"""
+    s = serve(handlers.sleepy, processes=2, queue_timeout=0.5, max_pipeline=64)
+    outcomes: list[tuple[str, float]] = []
+
+    async def main():
+        async with aio.Client(s.addr, timeout=30, retry=False) as c:
+
+            async def one():
+                t0 = time.monotonic()
+                try:
+                    await c.request(b"0.1")
+                    outcomes.append(("ok", time.monotonic() - t0))
+                except gaspar.Overloaded as exc:
+                    outcomes.append((exc.reason, exc.queued_ms / 1000))
+                except gaspar.GasparError as exc:
+                    outcomes.append((type(exc).__name__, time.monotonic() - t0))
+
+            await asyncio.gather(*[one() for _ in range(200)])
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    took = time.monotonic() - t0
+    kinds = {k for k, _ in outcomes}
+    assert len(outcomes) == 200 and kinds <= {"ok", "queue_timeout"}, kinds
+    shed = [w for k, w in outcomes if k == "queue_timeout"]
+    assert shed and max(shed) < 0.5 + 0.3, max(shed)  # each read one waited about queue_timeout at most
+    assert took < 8, took  # before: 200 x 0.1 s on 2 workers = 10 s, every call queued
+    served = s.producer.stats()["counters"]
+    assert served["shed"] == len(shed)

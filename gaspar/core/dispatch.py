@@ -50,7 +50,7 @@ from typing import Any
 
 from gaspar.core.admission import ByteBudget
 from gaspar.core.fairqueue import FairQueue
-from gaspar.core.overload import DEADLINE, NO_WORKERS, QUEUE_FULL, QueueControl
+from gaspar.core.overload import DEADLINE, NO_WORKERS, QUEUE_FULL, QUEUE_TIMEOUT, QueueControl
 from gaspar.core.records import Assignment, Counters, Pending, WorkerSlot
 
 
@@ -70,8 +70,7 @@ class Dispatcher:
         self.clock, self.memory = clock, memory or ByteBudget(1 << 62)  # none starts while it is over
         self.prefetch = prefetch
         self.control = control or QueueControl(queue_timeout=None, target=0.0, interval=float("inf"), clock=clock)
-        self.control.oldest_run = self._oldest_run
-        self.max_queued = max_queued  # 0: no cap
+        self.control.oldest_run, self.max_queued = self._oldest_run, max_queued  # max_queued 0: no cap
         self._memory_back = 0.0  # when replies last stopped holding the memory (see _check)
         self.workers: dict[bytes, WorkerSlot] = {}
         self._idle: dict[bytes, WorkerSlot] = {}  # insertion-ordered set
@@ -102,7 +101,7 @@ class Dispatcher:
         ``gaspar.core.pools``). A request may be shed at once (see :meth:`take_shed`): a deadline
         that cannot be met, or a full queue's oldest."""
         now = self.clock()
-        req = Pending(next(self.ids), body, waiter, timeout, queued_at=now)
+        req = Pending(next(self.ids), body, waiter, timeout, queued_at=now, arrived=now)
         if soft_timeout is not None and (timeout is None or soft_timeout < timeout):
             req.soft_timeout = soft_timeout
         if deadline is not None:
@@ -137,18 +136,18 @@ class Dispatcher:
         return cancels
 
     def sweep(self, deadlines: bool = False) -> None:
-        """Shed what waited too long (oldest first, from the queue's head); with
-        ``deadlines``, also every queued request whose client's deadline cannot be met, and
-        revoke handed-ahead ones whose deadline passed. Cheap when nothing is due."""
+        """Shed what waited too long (queued or held); with ``deadlines``, also what cannot
+        meet its client's deadline, and revoke such handed-ahead ones. Cheap when none is due."""
         now = self.clock()
         queue, control = self._queue, self.control
         self._check(now)
         limit, reason = control.limit()
-        if limit is not None and queue and now - queue.oldest.queued_at > limit:
-            if not any(not w.retiring for w in self.workers.values()):
-                reason = NO_WORKERS  # not overload: nothing could run it
-            while queue and now - queue.oldest.queued_at > limit:
-                self._drop(queue.pop(True), reason)
+        no_workers = NO_WORKERS if not any(not w.retiring for w in self.workers.values()) else ""
+        # held, it is not overload, but queue_timeout bounds its wait too: before held ones join the queue
+        for req in queue.take_held(now - control.queue_timeout) if control.queue_timeout else ():
+            self._drop(req, no_workers or QUEUE_TIMEOUT)
+        while limit is not None and queue and now - queue.oldest.queued_at > limit:
+            self._drop(queue.pop(True), no_workers or reason)  # no worker: not overload
         if deadlines:
             hopeless = [r for r in (*queue, *queue.held_requests()) if control.hopeless(now, r.client_deadline)]
             for req in hopeless:
@@ -410,11 +409,13 @@ class Dispatcher:
     def _take(self, lifo: bool, now: float, limit: float | None, why: str, idle: bool) -> Pending | None:
         """The next request to hand out, shedding on the way those past use (to an ``idle``
         worker, a deadline only once passed: it keeps the typical run fed; see overload.rst)."""
-        control, queue = self.control, self._queue
+        control, queue, most = self.control, self._queue, self.control.queue_timeout
         while queue.items:
             req = queue.pop(not lifo)
             if limit is not None and now - req.queued_at > limit:
                 self._drop(req, why)
+            elif most and now - req.arrived > most:  # held, then queued: its whole wait is bounded too
+                self._drop(req, QUEUE_TIMEOUT)
             elif (d := req.client_deadline) is not None and (d <= now if idle else control.hopeless(now, d)):
                 self._drop(req, DEADLINE)
             else:

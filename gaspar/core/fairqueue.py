@@ -9,7 +9,8 @@ at the head, as old as the oldest there (served last, shed first). So a client p
 thousand requests costs everyone else about one handler run, as HTTP/2 servers bound a
 connection's concurrent streams; alone, it still keeps every worker busy. A held request's
 wait in the queue counts from when it joined it: a client queueing behind itself is not
-overload. Requests without an owner (one per connection) are never held.
+overload (its whole wait is still bounded by ``queue_timeout``: :meth:`take_held`).
+Requests without an owner (one per connection) are never held.
 
 **An owner that does not read its replies is paused** (:meth:`pause`): none more of its
 requests joins the queue (those in it stay) until :meth:`resume`, so a client that pipelines
@@ -70,6 +71,19 @@ class FairQueue:
 
     def held_requests(self) -> list[Any]:
         return [req for held in self._held.values() for req in held]
+
+    def take_held(self, cutoff: float) -> list[Any]:
+        """Take out the held requests that arrived before ``cutoff`` (a held request's
+        ``queued_at`` is its arrival until it joins the queue), each owner's oldest first."""
+        old = []
+        for held in self._held.values():
+            for req in held:
+                if req.queued_at >= cutoff:
+                    break
+                old.append(req)
+        for req in old:
+            self.remove(req)
+        return old
 
     def submit(self, req: Queued) -> bool:
         """A new request: into the queue (True), or held behind its owner's share (False)."""

@@ -79,7 +79,8 @@ class Pending:
     deadline: float | None = None  # running: when the operator's limit kills its worker
     cancelled: bool = False  # no answer is owed any more: the client is gone, or was answered
     client_deadline: float | None = None  # absolute; the client gives up then
-    queued_at: float = 0.0
+    queued_at: float = 0.0  # when it joined the queue (again: held, requeued); its queue delay counts from here
+    arrived: float = 0.0  # when it was submitted: the client's whole wait counts from here
     started: float = 0.0  # when its worker started it
     revoked: str | None = None  # handed ahead, then shed for this reason: answer once skipped
     soft_timeout: float | None = None  # the client's handler_timeout, shorter than timeout

@@ -97,21 +97,22 @@ class Outcomes:
         status = head[STATUS]
         ok = status == Status.OK
         outcome = "ok" if ok else _REPLY_OUTCOMES.get(status, "error")
-        queued = req.started - req.queued_at
+        queued = req.started - req.arrived
         self.telemetry.replied(
-            number, ok, wall, cpu, queued, now - req.queued_at, counted=not req.cancelled, outcome=outcome
+            number, ok, wall, cpu, queued, now - req.arrived, counted=not req.cancelled, outcome=outcome
         )
-        if req.handler:
+        told = req.revoked == "cancelled"  # handed ahead when its client left: counted and logged then
+        if req.handler and not told:
             self.telemetry.call(req.handler, req.pool, "client_gone" if req.cancelled else outcome, wall)
         if outcome == "bad_request":  # a call refused in the worker (no such handler, bad arguments)
             self.log_refusal("Refused a call: %s", error_report_text(frame.bytes))
         elif outcome == "error":
             label, pid = (worker.label, worker.pid) if worker is not None else (None, None)
             log_handler_error(self.error_log, label, pid, frame.bytes)  # what the client saw, 10 a minute
-        if self.access_log is not None:
+        if self.access_log is not None and not told:
             if req.cancelled:
                 outcome = "client_gone"
-            self.log_access(req.waiter, outcome, len(frame), queued, wall, now - req.queued_at, number, req.handler)
+            self.log_access(req.waiter, outcome, len(frame), queued, wall, now - req.arrived, number, req.handler)
 
     # -- failed, shed, refused ----------------------------------------------------------------
 
@@ -121,15 +122,15 @@ class Outcomes:
         conn, request = pending.waiter
         conn.requests.discard(pending)
         now = time.monotonic()
-        queued = pending.started - pending.queued_at if pending.started else None
+        queued = pending.started - pending.arrived if pending.started else None
         status = error.status
         outcome = FAILED.get(status, "unavailable")
-        self.telemetry.ended(outcome, queued, now - pending.queued_at)
+        self.telemetry.ended(outcome, queued, now - pending.arrived)
         if pending.handler:
             self.telemetry.call(pending.handler, pending.pool, outcome)
         if self.access_log is not None:
             number = pending.worker.label if pending.worker is not None else None
-            self.log_access(pending.waiter, outcome, 0, queued, None, now - pending.queued_at, number, pending.handler)
+            self.log_access(pending.waiter, outcome, 0, queued, None, now - pending.arrived, number, pending.handler)
         conn.deliver(request, status, error_body(error.__name__, msg, **facts))
 
     def shed(self, req: Pending, reason: str, now: float) -> None:
@@ -137,7 +138,7 @@ class Outcomes:
         or ``ServerUnavailable`` when there was no worker to run it at all."""
         conn, request = req.waiter
         conn.requests.discard(req)
-        waited = now - req.queued_at
+        waited = now - req.arrived
         outcome = "unavailable" if reason == NO_WORKERS else "shed"
         self.telemetry.ended(outcome, waited, waited)
         if req.handler:
@@ -162,10 +163,12 @@ class Outcomes:
         self.telemetry.outcome("client_gone", len(requests))
         now = time.monotonic()
         for pending in requests:
-            running = pending.worker is not None and pending.worker.current is pending
-            if self.access_log is not None and not running:  # running ones: at their reply
-                waited = now - pending.queued_at
-                self.log_access(pending.waiter, "client_gone", 0, waited, None, waited, None, pending.handler)
+            if pending.worker is None or pending.worker.current is not pending:  # running: at its reply
+                if pending.handler:  # queued, held or handed ahead: by its handler too
+                    self.telemetry.call(pending.handler, pending.pool, "client_gone")
+                if self.access_log is not None:
+                    waited = now - pending.arrived
+                    self.log_access(pending.waiter, "client_gone", 0, waited, None, waited, None, pending.handler)
             self.dispatcher.cancel(pending)
 
     def bad_request(self, conn: Any, request: Request, bytes_out: int = 0, handler: str = "") -> None:
