@@ -208,7 +208,10 @@ class Settings:
     flap_attempts: int = _opt(5, "worker boot failures within flap_window that count as flapping")
     flap_window: float = _opt(10.0, "seconds over which boot failures are counted")
     flap_retry_in: float = _opt(1.0, "seconds to wait before spawning again after flapping")
-    flap_max_retry: int = _opt(3, "flapping episodes after which the daemon gives up and exits non-zero")
+    flap_max_retry: int = _opt(
+        3,
+        "flapping episodes after which the daemon gives up and exits non-zero (a pool that has served backs off instead)",
+    )
     proc_name: str = _opt("gaspar", "the name in process titles (when setproctitle is installed)")
     metrics_bind: str | None = _opt(
         None,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gaspar.core.pool import BOOT_ERROR_CHARS, FlapPolicy, PoolBook, describe_exit
+from gaspar.core.pool import BOOT_ERROR_CHARS, FlapPolicy, PoolBook, describe_exit, flapping
 
 
 class Clock:
@@ -343,6 +343,52 @@ def test_the_first_start_still_flaps_and_gives_up():
     book = PoolBook(1, FlapPolicy(2, 10.0, 1.0, 0))
     outs = fail_boots(book, [], 2, 10)
     assert [o.flap for o in outs] == ["respawn", "give up"] and not outs[-1].rollback
+
+
+def test_a_pool_that_has_served_backs_off_alone_and_never_gives_up_the_daemon():
+    """QA: a pool whose replacements could not boot (its model file went away) flapped,
+    gave up, and stopped a serving daemon, its healthy pools with it (exit 3). A pool that
+    has had a ready worker now waits twice as long each episode past flap_max_retry, up to
+    a minute, alone: the other pools fork on. One that never served still gives up."""
+    clock = Clock()
+    book = PoolBook(1, FlapPolicy(2, 10.0, 1.0, 1), clock)
+    book.sizes = {"gpu": 1}
+    ready = booted(book, [])
+    assert book.served == {"default", "gpu"}
+    gpu = next(w for w in ready if w.pool == "gpu")
+    ready.remove(gpu)  # it died; its replacements cannot boot
+    book.exited(gpu.pid, exit_status(1))
+    waits = [0.0]
+    for i in range(14):
+        clock.now += waits[-1] + 0.01  # just past the last wait
+        [boot] = book.plan(ready).spawn
+        assert boot.pool == "gpu"
+        book.spawned(boot.token, 500 + i)
+        out = book.exited(500 + i, exit_status(3))
+        assert out.boot_failure and out.served and out.flap != FlapPolicy.GIVE_UP
+        waits.append(out.backoff if out.flap == FlapPolicy.BACKOFF else 0)
+    assert not book.given_up
+    assert waits[1:7] == [0, 1.0, 0, 2.0, 0, 4.0] and waits[-1] == FlapPolicy.MAX_WAIT  # doubling, capped
+    assert "gpu are flapping (the last exited with code 3)" in flapping(out) and "does not give up" in flapping(out)
+    assert "keep failing to boot (the last exited with code 3); the next fork in 60.0s" in book.why_none()
+    # while gpu waits, the default pool forks a replacement for its worker at once
+    default = next(w for w in ready if w.pool == "default")
+    ready.remove(default)
+    book.exited(default.pid, exit_status(1))
+    assert [b.pool for b in book.plan(ready).spawn] == ["default"]
+    # a pool that never served gives the daemon up, as at a start
+    book = PoolBook(1, FlapPolicy(2, 10.0, 1.0, 0), clock)
+    book.sizes = {"new": 1}
+    ready = []
+    for i, boot in enumerate(book.plan(ready).spawn):
+        book.spawned(boot.token, 900 + i)
+        if boot.pool == "default":
+            book.hello(boot.token, 900 + i)
+    outs = [book.exited(901, exit_status(3))]
+    [boot] = book.plan([W(900, 1)]).spawn
+    book.spawned(boot.token, 902)
+    outs.append(book.exited(902, exit_status(3)))
+    assert [o.flap for o in outs] == ["respawn", "give up"] and book.given_up
 
 
 def test_stopping_forks_nothing_and_a_booting_death_is_no_failure():

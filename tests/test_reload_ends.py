@@ -10,6 +10,7 @@ import os
 import re
 import signal
 
+import pytest
 from conftest import alive, wait_for
 from test_ctl_limits import APP, gaspar_ctl
 from test_remote import AGENT_FAST, front, joined
@@ -246,3 +247,51 @@ def test_while_a_reload_tries_its_code_workers_that_leave_are_replaced_with_the_
     assert wait_for(lambda: "Reload failed" in server.log, 30), server.log[-3000:]
     assert "failed to boot 5 times" in server.log and server.proc.poll() is None
     assert client.request(server.addr, b"y", timeout=5) == b"v1:y"
+
+
+GPU_APP = (
+    "import os\n\nimport gaspar\n\napp = gaspar.App()\n\n"
+    "@app.handler(pool='gpu', workers=1)\ndef infer():\n    return os.getpid()\n\n"
+    "@app.handler(pool='gpu')\ndef crash():\n    os._exit(1)\n\n"
+    "@app.setup('gpu')\ndef load():\n"
+    "    if not os.path.exists({model!r}):\n        raise RuntimeError('the model file is missing')\n\n"
+    "@app.handler\ndef ping():\n    return 'pong'\n"
+)
+
+
+def test_a_pool_whose_replacements_cannot_boot_backs_off_and_the_daemon_serves_on(cli, tmp_path):
+    """QA: a pool's worker died, its model file had gone, its replacements failed setup, and
+    flapping gave up: the serving daemon exited 3 ("did not start"), its healthy pool with
+    it. A pool that has served now backs off and tries again; the others serve on, its
+    calls get ServerUnavailable naming the failure, and it comes back with its file."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"weights")
+    (tmp_path / "gpuapp.py").write_text(GPU_APP.format(model=str(model)))
+    flaps = ("--flap-attempts", "2", "--flap-retry-in", "0.2", "--flap-max-retry", "1", "--queue-timeout", "0.5")
+    server = cli("gpuapp:app", "--bind", "127.0.0.1:0", "-w", "1", *flaps, cwd=tmp_path)
+    server.wait_ready(2)
+    with client.Client(server.addr, timeout=10) as c:
+        first = c.call("infer")
+        model.unlink()
+        with pytest.raises(gaspar.WorkerDied):
+            c.call("crash")
+        # its replacements fail setup, episode after episode, past flap_max_retry (1)
+        assert wait_for(lambda: server.log.count("gpu are flapping") >= 3, 20), server.log[-3000:]
+        assert server.proc.poll() is None, server.log[-3000:]
+        assert "does not give up" in server.log and "giving up" not in server.log
+        assert [c.call("ping") for _ in range(3)] == ["pong"] * 3  # the default pool serves on
+        with pytest.raises(gaspar.ServerUnavailable) as info:
+            c.call("infer")
+        assert "keep failing to boot" in str(info.value) and "the model file is missing" in str(info.value)
+        model.write_bytes(b"weights")  # back: the next try boots (the wait doubles, up to a minute)
+        assert wait_for(lambda: "Worker" in server.log and _calls_ok(c), 20), server.log[-2000:]
+        assert c.call("infer") != first  # a new worker
+    assert server.proc.poll() is None
+
+
+def _calls_ok(c) -> bool:
+    try:
+        c.call("infer")
+        return True
+    except gaspar.ServerUnavailable:
+        return False

@@ -31,16 +31,14 @@ The rules, each a row of ``tests/test_pool.py``:
 * **Scale.** Fork what is missing; past the target, retire the extra, idle ones first.
 * **Flapping.** A worker that dies before its HELLO is a boot failure: ``flap_attempts``
   within ``flap_window`` mean waiting ``flap_retry_in`` before forking again; after
-  ``flap_max_retry`` such episodes, give up (the daemon exits 3). A ready worker resets it.
+  ``flap_max_retry`` such episodes, give up (the daemon exits 3), unless the pool has served:
+  then wait twice as long each episode (at most a minute) and go on. A ready worker resets it.
 * **A reload whose workers cannot boot.** A new generation is *proven* once one of its
-  workers is ready. Until then, ``flap_attempts`` boot failures of its workers (counted
-  without a window: a slow ``setup`` fails slowly) give the generation up instead of
-  counting as flapping: the book goes back to the proven one, its workers keep serving,
-  and the shell goes back to the old fork server and fails the reload
-  (:attr:`Exit.rollback`). Giving up the daemon stays for workers that never booted.
-  Meanwhile a worker that leaves (dies, recycled) is replaced with the proven generation
-  (the shell forks it from the old fork server), so the pool stays full while the new
-  code is tried one worker at a time.
+  workers is ready. Until then, ``flap_attempts`` boot failures of its workers (no window:
+  a slow ``setup`` fails slowly) give it up instead of counting as flapping: back to the
+  proven one, whose workers serve on, and the shell fails the reload (:attr:`Exit.rollback`).
+  Meanwhile a worker that leaves is replaced with the proven generation (from the old fork
+  server), so the pool stays full while the new code is tried one worker at a time.
 * **Stopping.** Nothing is forked; a worker forked as the stop began is to be killed.
 * **Pools.** An App's handlers may have pools of their own (``gaspar.app``): each pool is
   brought to its own size by the rules above (a reload rolls each pool one worker at a
@@ -71,9 +69,14 @@ class FlapPolicy:
     ``retry_in`` seconds before forking again. After ``max_retry`` episodes, give up. A
     worker that boots resets the count. With the defaults (5, 10 s, 1 s, 3) a hopeless
     start costs at most 5 x 4 = 20 forks.
+
+    Giving up stops the daemon: right for a start that cannot work, not for a pool that has
+    ``served`` (its replacements cannot boot: a model file went away), which would take the
+    other pools down with it; past ``max_retry`` it waits twice as long each time, up to MAX_WAIT.
     """
 
     RESPAWN, BACKOFF, GIVE_UP = "respawn", "backoff", "give up"
+    MAX_WAIT = 60.0  # seconds between two episodes of a pool that has served, at most
 
     def __init__(self, attempts: int = 5, window: float = 10.0, retry_in: float = 1.0, max_retry: int = 3) -> None:
         self.attempts, self.window, self.retry_in, self.max_retry = attempts, window, retry_in, max_retry
@@ -85,8 +88,9 @@ class FlapPolicy:
         """The policy a daemon's or an agent's ``flap_*`` settings ask for."""
         return cls(settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry)
 
-    def boot_failed(self, now: float) -> tuple[str, float]:
-        """Record a worker that died before it was ready; say what to do next."""
+    def boot_failed(self, now: float, served: bool = False) -> tuple[str, float]:
+        """Record a worker that died before it was ready (of a pool that has ``served``, or
+        not yet); say what to do next."""
         self.failures.append(now)
         while self.failures and now - self.failures[0] > self.window:
             self.failures.popleft()
@@ -95,6 +99,8 @@ class FlapPolicy:
         self.failures.clear()
         self.episodes += 1
         if self.episodes > self.max_retry:
+            if served:
+                return self.BACKOFF, min(self.MAX_WAIT, max(self.retry_in, 0.5) * 2 ** (self.episodes - self.max_retry))
             return self.GIVE_UP, 0.0
         return self.BACKOFF, self.retry_in
 
@@ -178,8 +184,16 @@ class Exit:
     boot_failure: bool = False  # ...and that counts towards flapping
     flap: str = ""  # then FlapPolicy's verdict: respawn, backoff or give up
     backoff: float = 0.0  # seconds before the next fork (backoff)
+    served: bool = False  # its pool has had a ready worker: flapping backs off, never gives up
     rollback: str = ""  # a reload's new generation is given up: why (see PoolBook.rollback)
     abandoned: list[int] = field(default_factory=list)  # its booting workers' pids, to kill
+
+
+def flapping(out: Exit) -> str:
+    """The log's line for a flapping episode (``backoff``): whose, why, how long until the next fork."""
+    pool = f" of pool {out.booting.pool}" if out.booting and out.booting.pool != DEFAULT_POOL else ""
+    note = "; they have served, so gaspar does not give up" if out.served else ""
+    return f"Workers{pool} are flapping (the last {out.text}); waiting {out.backoff:g}s before the next fork{note}"
 
 
 class PoolBook:
@@ -190,13 +204,15 @@ class PoolBook:
     ) -> None:
         self.target = target  # the default pool's size
         self.sizes: dict[str, int] = {}  # other pools' sizes (an App's)
-        self.max_memory = 0  # resident bytes past which a worker is recycled (0: never)
-        self.memory: dict[str, int] = {}  # a pool's own limit, over max_memory
+        self.max_memory, self.memory = 0, {}  # bytes past which a worker is recycled (0: never); by pool
         self.flap = flap or FlapPolicy()
         self.clock = clock
         self.generation = 1
         self.proven = 0  # the last generation one of whose workers was ready (0: none yet)
         self.unproven_failures = 0  # boot failures of a newer generation than that
+        self.served: set[str] = set()  # the pools that have had a ready worker (FlapPolicy)
+        self.last_failure = ""  # how the last worker that failed to boot ended
+        self.pool_waits: dict[str, float] = {}  # a pool that has served and flaps: no fork of it before
         self.booting: dict[int, Booting] = {}  # token -> its fork
         self.backoff_until = 0.0  # no fork before this (math.inf: given up)
         self.stopping = False
@@ -228,6 +244,7 @@ class PoolBook:
         if boot is None or self.stopping:
             return None
         boot.pid = pid
+        self.served.add(boot.pool)
         self.flap.booted()
         if boot.generation == self.generation and self.proven < self.generation:
             boot.proves = self.proven > 0  # a reload's code boots (the first start's: no news)
@@ -255,10 +272,9 @@ class PoolBook:
         self._killed[pid] = why
 
     def exited(self, pid: int, status: int) -> Exit:
-        """A process of this pool exited with wait ``status``. A booting one is a boot
-        failure (unless the pool is stopping) and the verdict on flapping is applied: the
-        next fork waits for :attr:`backoff_until`, forever once given up (later failures
-        then have no verdict)."""
+        """A process of this pool exited with wait ``status``. A booting one is a boot failure
+        (unless stopping) and the verdict on flapping is applied: the next fork waits for
+        :attr:`backoff_until` (forever once given up), or its pool's :attr:`pool_waits`."""
         why = self._killed.pop(pid, "")
         out = Exit(*describe_exit(status, why), why=why)
         token = self._by_pid.pop(pid, None)
@@ -270,6 +286,7 @@ class PoolBook:
         out.boot_failure = True
         if out.booting.error:
             out.text = f"{out.text}: {out.booting.error}"
+        self.last_failure = out.text
         if out.booting.generation > self.proven > 0:  # a reload's code, never seen booting
             self.unproven_failures += 1
             if self.unproven_failures >= self.flap.attempts:
@@ -277,9 +294,12 @@ class PoolBook:
             return out
         if self.given_up:  # nothing more to decide
             return out
-        out.flap, out.backoff = self.flap.boot_failed(self.clock())
+        out.served = (pool := out.booting.pool) in self.served
+        out.flap, out.backoff = self.flap.boot_failed(self.clock(), out.served)
         if out.flap == FlapPolicy.GIVE_UP:
             self.backoff_until = math.inf
+        elif out.flap == FlapPolicy.BACKOFF and out.served:  # it waits alone: the other pools fork on
+            self.pool_waits[pool] = self.clock() + out.backoff
         elif out.flap == FlapPolicy.BACKOFF:
             self.backoff_until = self.clock() + out.backoff
         return out
@@ -321,8 +341,9 @@ class PoolBook:
     def given_up(self) -> bool:
         return self.backoff_until == math.inf
 
-    def may_fork(self) -> bool:
-        return not self.stopping and self.clock() >= self.backoff_until
+    def may_fork(self, pool: str = "") -> bool:
+        now = self.clock()
+        return not self.stopping and now >= self.backoff_until and now >= self.pool_waits.get(pool, 0.0)
 
     @property
     def total(self) -> int:
@@ -357,7 +378,7 @@ class PoolBook:
 
     def _plan_pool(self, pool: str, size: int, live: list[Ready], every: list[Ready], plan: Plan) -> None:
         booting = [b for b in self.booting.values() if b.pool == pool]
-        if 0 < self.proven < self.generation and self.may_fork():  # a reload's code, not yet seen booting:
+        if 0 < self.proven < self.generation and self.may_fork(pool):  # a reload's code, not yet seen booting:
             tried = [b for b in booting if b.generation > self.proven]  # its trial may never boot
             for _ in range(size - len(live) - len(booting) + len(tried)):  # so the old code fills the pool
                 booting.append(self._fork(every, pool, self.proven))
@@ -369,11 +390,11 @@ class PoolBook:
                 old.sort(key=lambda w: w.busy)  # idle ones first
                 retire = old[: len(live) - size]
                 plan.retire += retire
-            if len(old) > len(retire) and not booting and self.may_fork():
+            if len(old) > len(retire) and not booting and self.may_fork(pool):
                 plan.spawn.append(self._fork([w for w in every if w not in plan.retire], pool))
             return
         missing = size - len(live) - len(booting)
-        if missing > 0 and self.may_fork():
+        if missing > 0 and self.may_fork(pool):
             for _ in range(missing):
                 plan.spawn.append(self._fork(every, pool))
         elif missing < 0:
@@ -407,6 +428,8 @@ class PoolBook:
 
     def why_none(self) -> str:
         """Why the pool has no worker, for a client refused for it and the log."""
+        if (wait := max([self.backoff_until, *self.pool_waits.values()]) - self.clock()) > 0:  # flapping
+            return f"its workers keep failing to boot (the last {self.last_failure}); the next fork in {wait:.1f}s"
         if self.booting:
             return f"{len(self.booting)} worker(s) booting"
         if self.total == 0:

@@ -297,7 +297,8 @@ class Producer:
             exc = self._failure
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
             where = self.ports.step if isinstance(exc, (OSError, zmq.ZMQError)) else ""
-            log.error("Shutting down: gaspar (exit code %s, did not start%s: %s)", self.exit_code, where, why)
+            what = "stopped" if self.supervisor.book.served else "did not start"  # a pool of it had served
+            log.error("Shutting down: gaspar (exit code %s, %s%s: %s)", self.exit_code, what, where, why)
         else:
             log.info("Shutting down: gaspar (exit code %s)", self.exit_code)
         self.stopped.set()

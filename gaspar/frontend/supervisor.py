@@ -53,7 +53,7 @@ import zmq
 
 from gaspar.app import PoolPlan
 from gaspar.core.autoscale import Autoscaler
-from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
+from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook, flapping
 from gaspar.core.records import WorkerSlot, draw_limit
 from gaspar.errors import GasparError, WorkerDied
 from gaspar.frontend.hub import watch_fd
@@ -251,7 +251,7 @@ class Supervisor:
             log.critical(self.book.flap.gave_up())
             self._on_fatal(HALT_FLAPPING, GasparError(f"workers keep failing to boot; gave up (the last {out.text})"))
         elif out.flap == FlapPolicy.BACKOFF:
-            log.warning("Workers are flapping; waiting %ss before the next fork", out.backoff)
+            log.warning("%s", flapping(out))
             eventlet.hubs.get_hub().schedule_call_global(out.backoff, eventlet.spawn_n, self.manage)
 
     def manage(self) -> None:

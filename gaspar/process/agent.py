@@ -55,7 +55,7 @@ import zmq
 
 from gaspar.app import DEFAULT_POOL, pool_plan
 from gaspar.core.autoscale import parse_range
-from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook
+from gaspar.core.pool import HALT_FLAPPING, Exit, FlapPolicy, PoolBook, flapping
 from gaspar.core.records import LocalWorker
 from gaspar.ops import sdnotify
 from gaspar.ops.ipcdir import make_ipc_dir
@@ -406,7 +406,7 @@ class Agent(Uplink):
             log.critical(self.book.flap.gave_up())
             self.exit_code = HALT_FLAPPING
         elif out.flap == FlapPolicy.BACKOFF:
-            log.warning("Workers are flapping; waiting %ss before the next fork", out.backoff)
+            log.warning("%s", flapping(out))
 
     def manage_workers(self) -> None:
         """Bring the pool to its size (the agent's; the front end only uses it), as the pool
