@@ -210,7 +210,7 @@ class Settings:
     flap_retry_in: float = _opt(1.0, "seconds to wait before spawning again after flapping")
     flap_max_retry: int = _opt(
         3,
-        "flapping episodes after which the daemon gives up and exits non-zero (a pool that has served backs off instead)",
+        "flapping episodes after which the daemon gives up and exits non-zero (a pool that has served backs off)",
     )
     proc_name: str = _opt("gaspar", "the name in process titles (when setproctitle is installed)")
     metrics_bind: str | None = _opt(
