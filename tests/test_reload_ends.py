@@ -295,3 +295,33 @@ def _calls_ok(c) -> bool:
         return True
     except gaspar.ServerUnavailable:
         return False
+
+
+POOLS_APP = (
+    "import os\n\nimport gaspar\n\napp = gaspar.App()\n\n"
+    "@app.handler\ndef version():\n    return {version!r}\n\n"
+    "@app.handler(pool='big', workers=1)\ndef big_version():\n    return {version!r}\n"
+)
+BIG_SETUP_FAILS = "\n@app.setup('big')\ndef load():\n    raise RuntimeError('the big model is missing')\n"
+
+
+def test_a_reload_whose_setup_fails_in_one_pool_fails_and_every_pool_goes_back(cli, tmp_path):
+    """QA: the new code booted in the default pool, its setup failed in another: the reload
+    counted as proven, the failures as flapping, and the daemon gave up (exit 3). A reload
+    is now proven once it boots in every pool; until then it may fail, and then every pool
+    goes back to the old code, the new workers that did boot included."""
+    (tmp_path / "pools.py").write_text(POOLS_APP.format(version="v1"))
+    path = str(tmp_path / "ctl.sock")
+    server = cli("pools:app", "--bind", "127.0.0.1:0", "-w", "1", "--control-socket", path, cwd=tmp_path)
+    server.wait_ready(2)
+    (tmp_path / "pools.py").write_text(POOLS_APP.format(version="v2") + BIG_SETUP_FAILS)
+    done = gaspar_ctl(path, "--timeout", "30", "reload", timeout=40)
+    assert done.returncode == 1, (done.stdout, done.stderr, server.log[-3000:])
+    assert "failed to boot 5 times, none was ready in pool big" in done.stderr, done.stderr
+    assert "the big model is missing" in done.stderr and "back to the old code" in done.stderr
+    assert server.proc.poll() is None and "giving up" not in server.log
+    with client.Client(server.addr, timeout=10) as c:
+        assert c.call("big_version") == "v1"
+        # the default pool's new worker, which booted, is replaced with the old code again
+        assert wait_for(lambda: c.call("version") == "v1" and len(server.stats()["workers"]) == 2, 20)
+        assert all(w["generation"] == 1 for w in server.stats()["workers"]), server.stats()["workers"]

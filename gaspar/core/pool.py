@@ -53,66 +53,14 @@ import math
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from gaspar.core.flapping import FlapPolicy
+
 HALT_FLAPPING = 3  # the exit code of a daemon or agent whose workers cannot boot
 DEFAULT_POOL = "default"
-
-
-class FlapPolicy:
-    """gaffer's flapping detection, as a pure rule.
-
-    ``attempts`` boot failures within ``window`` seconds are a flapping episode: wait
-    ``retry_in`` seconds before forking again. After ``max_retry`` episodes, give up. A
-    worker that boots resets the count. With the defaults (5, 10 s, 1 s, 3) a hopeless
-    start costs at most 5 x 4 = 20 forks.
-
-    Giving up stops the daemon: right for a start that cannot work, not for a pool that has
-    ``served`` (its replacements cannot boot: a model file went away), which would take the
-    other pools down with it; past ``max_retry`` it waits twice as long each time, up to MAX_WAIT.
-    """
-
-    RESPAWN, BACKOFF, GIVE_UP = "respawn", "backoff", "give up"
-    MAX_WAIT = 60.0  # seconds between two episodes of a pool that has served, at most
-
-    def __init__(self, attempts: int = 5, window: float = 10.0, retry_in: float = 1.0, max_retry: int = 3) -> None:
-        self.attempts, self.window, self.retry_in, self.max_retry = attempts, window, retry_in, max_retry
-        self.failures: deque[float] = deque()
-        self.episodes = 0
-
-    @classmethod
-    def of(cls, settings: Any) -> FlapPolicy:
-        """The policy a daemon's or an agent's ``flap_*`` settings ask for."""
-        return cls(settings.flap_attempts, settings.flap_window, settings.flap_retry_in, settings.flap_max_retry)
-
-    def boot_failed(self, now: float, served: bool = False) -> tuple[str, float]:
-        """Record a worker that died before it was ready (of a pool that has ``served``, or
-        not yet); say what to do next."""
-        self.failures.append(now)
-        while self.failures and now - self.failures[0] > self.window:
-            self.failures.popleft()
-        if len(self.failures) < self.attempts:
-            return self.RESPAWN, 0.0
-        self.failures.clear()
-        self.episodes += 1
-        if self.episodes > self.max_retry:
-            if served:
-                return self.BACKOFF, min(self.MAX_WAIT, max(self.retry_in, 0.5) * 2 ** (self.episodes - self.max_retry))
-            return self.GIVE_UP, 0.0
-        return self.BACKOFF, self.retry_in
-
-    def gave_up(self) -> str:
-        """The log's line when giving up."""
-        times = f"{self.attempts} times within {self.window}s, {self.max_retry + 1} times over"
-        return f"Workers failed to boot {times}; giving up"
-
-    def booted(self) -> None:
-        """A worker became ready: the start is not hopeless."""
-        self.failures.clear()
-        self.episodes = 0
 
 
 def describe_exit(status: int, killed_because: str = "") -> tuple[int | None, int | None, str]:
@@ -211,6 +159,7 @@ class PoolBook:
         self.proven = 0  # the last generation one of whose workers was ready (0: none yet)
         self.unproven_failures = 0  # boot failures of a newer generation than that
         self.served: set[str] = set()  # the pools that have had a ready worker (FlapPolicy)
+        self._proving: set[str] = set()  # the pools where the current generation has booted
         self.last_failure = ""  # how the last worker that failed to boot ended
         self.pool_waits: dict[str, float] = {}  # a pool that has served and flaps: no fork of it before
         self.booting: dict[int, Booting] = {}  # token -> its fork
@@ -247,8 +196,10 @@ class PoolBook:
         self.served.add(boot.pool)
         self.flap.booted()
         if boot.generation == self.generation and self.proven < self.generation:
-            boot.proves = self.proven > 0  # a reload's code boots (the first start's: no news)
-            self.proven, self.unproven_failures = self.generation, 0
+            self._proving.add(boot.pool)  # proven once it boots in every pool that has workers here
+            if self._proving >= self._pools_here():
+                boot.proves = self.proven > 0  # a reload's code boots (the first start's: no news)
+                self.proven, self.unproven_failures = self.generation, 0
         return boot
 
     def boot_error(self, token: int, pid: int, error: str) -> None:
@@ -307,7 +258,7 @@ class PoolBook:
     def reloaded(self) -> int:
         """The new code imported: a new generation, to replace the workers one by one."""
         self.generation += 1
-        self.unproven_failures = 0
+        self.unproven_failures, self._proving = 0, set()
         return self.generation
 
     def rollback(self, last: str) -> tuple[str, list[int]]:
@@ -326,9 +277,13 @@ class PoolBook:
                     self._by_pid.pop(boot.pid, None)
                     self._killed[boot.pid] = "its reload was given up"
                     pids.append(boot.pid)
-        self.generation = self.proven
-        why = f"the new code's workers failed to boot {failures} times, none was ready (the last {last})"
-        return why, pids
+        self.generation, ready = self.proven, self._proving
+        where = f" in pool {', '.join(sorted(self._pools_here() - ready))}" if ready else ""
+        self._proving = set()
+        return f"the new code's workers failed to boot {failures} times, none was ready{where} (the last {last})", pids
+
+    def _pools_here(self) -> set[str]:
+        return {p for p, n in ((DEFAULT_POOL, self.target), *self.sizes.items()) if n > 0}
 
     def stop(self) -> list[int]:
         """The pool stops: nothing more is forked. The pids of booting workers, to kill."""
@@ -383,7 +338,7 @@ class PoolBook:
             for _ in range(size - len(live) - len(booting) + len(tried)):  # so the old code fills the pool
                 booting.append(self._fork(every, pool, self.proven))
                 plan.spawn.append(booting[-1])
-        old = [w for w in live if w.generation < self.generation]
+        old = [w for w in live if w.generation != self.generation]  # newer: of a reload given up
         if old:  # rolling: one new worker at a time, and an old one out for each that is ready
             retire: list[Ready] = []
             if len(live) > size:
