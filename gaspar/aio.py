@@ -230,6 +230,7 @@ class Client:
     async def call(
         self,
         name: str,
+        /,
         *args: Any,
         timeout: float | None = None,
         handler_timeout: float | None = None,
@@ -242,7 +243,7 @@ class Client:
         return calls.decode_result(codec, reply)
 
     async def stream(
-        self, name: str, *args: Any, timeout: float | None = None, codec: str = "msgpack", **kwargs: Any
+        self, name: str, /, *args: Any, timeout: float | None = None, codec: str = "msgpack", **kwargs: Any
     ) -> AsyncIterator[Any]:
         """Call a generator handler and iterate its items as they arrive (``async for``).
         ``timeout`` bounds the wait for each item. The stream has a connection of its own;

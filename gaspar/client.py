@@ -267,6 +267,7 @@ class Client:
     def call(
         self,
         name: str,
+        /,
         *args: Any,
         timeout: float | None = None,
         handler_timeout: float | None = None,
@@ -282,7 +283,7 @@ class Client:
         return calls.decode_result(codec, reply)
 
     def stream(
-        self, name: str, *args: Any, timeout: float | None = None, codec: str = "msgpack", **kwargs: Any
+        self, name: str, /, *args: Any, timeout: float | None = None, codec: str = "msgpack", **kwargs: Any
     ) -> Iterator[Any]:
         """Call a generator handler and iterate its items as they arrive. ``timeout``
         bounds the wait for each item (not the whole stream). The stream has a connection

@@ -21,6 +21,11 @@ def add(a: int, b: int = 1) -> int:
     return a + b
 
 
+@app.handler
+def greet(name: str, greeting: str = "hello") -> str:
+    return f"{greeting} {name}"
+
+
 @app.handler(name="whoami")
 def pid() -> int:
     return os.getpid()

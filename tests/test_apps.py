@@ -873,3 +873,21 @@ def test_calls_whose_client_left_before_they_ran_are_counted_by_handler_and_logg
     assert len(lines) == 12, lines  # once each
     assert sum(" client_gone " in line for line in lines) == outcomes["client_gone"]
     assert not [line for line in lines if re.search(r"=-\d", line)], lines  # no negative durations
+
+
+def test_a_handler_argument_called_name_is_passed_by_keyword_from_every_client(serve):
+    """QA: ``call("greet", name="bob")`` raised TypeError ("multiple values for argument
+    'name'") in Client, aio.Client and Executor: the handler's name is positional-only now,
+    so only ``timeout``, ``handler_timeout`` and ``codec`` are the client's own keywords."""
+    s = serve(apps_under_test.app, processes=1)
+    with Client(s.addr, timeout=10) as c:
+        assert c.call("greet", name="bob") == "hello bob"
+        assert list(c.stream("count", n=2)) == [b"\x00", b"\x01"]
+
+    async def main():
+        async with aio.Client(s.addr, timeout=10) as c:
+            return await c.call("greet", name="ann", greeting="hi")
+
+    assert asyncio.run(main()) == "hi ann"
+    with gaspar.Executor(s.addr) as pool:
+        assert pool.submit("greet", name="eve").result(10) == "hello eve"
