@@ -300,6 +300,12 @@ def pool_plan(consumer: Any, sizes: dict[str, int | str] | None = None) -> PoolP
     unknown = set(sizes) - set(consumer.pools)
     if unknown:
         raise ValueError(f"no pool named {', '.join(sorted(unknown))} in this App (it has {', '.join(consumer.pools)})")
+    empty = sorted(set(consumer.pools) - {DEFAULT_POOL} - {h.pool for h in consumer.handlers.values()})
+    if empty:  # its workers would run its setup and serve nothing: most likely a misspelt name
+        used = ", ".join(sorted({h.pool for h in consumer.handlers.values()})) or "none"
+        raise ValueError(
+            f"no handler runs in pool {', '.join(empty)} (a setup or app.pool with a typo?); pools: {used}"
+        )
     plan = PoolPlan(memory={name: p.max_memory for name, p in consumer.pools.items() if p.max_memory})
     for name, pool in consumer.pools.items():
         if name != DEFAULT_POOL:

@@ -891,3 +891,17 @@ def test_a_handler_argument_called_name_is_passed_by_keyword_from_every_client(s
     assert asyncio.run(main()) == "hi ann"
     with gaspar.Executor(s.addr) as pool:
         assert pool.submit("greet", name="eve").result(10) == "hello eve"
+
+
+def test_a_pool_no_handler_runs_in_is_refused_at_start(cli, tmp_path):
+    """QA: ``@app.setup("embd")`` (for "embed") made a pool of its own: a worker loaded the
+    model there, serving nothing, and the real pool never ran its setup. A pool that no
+    handler runs in is refused when the daemon starts, as ``--pool embd=3`` is."""
+    (tmp_path / "typo.py").write_text(
+        "import gaspar\n\napp = gaspar.App()\n\n"
+        "@app.handler(pool='embed')\ndef embed(x):\n    return x\n\n"
+        "@app.setup('embd')\ndef load():\n    pass\n"
+    )
+    bad = cli("typo:app", "--bind", "127.0.0.1:0", cwd=tmp_path)
+    assert bad.wait(20) == 2, bad.log
+    assert "no handler runs in pool embd (a setup or app.pool with a typo?); pools: embed" in bad.log
