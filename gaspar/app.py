@@ -318,6 +318,33 @@ def pool_plan(consumer: Any, sizes: dict[str, int | str] | None = None) -> PoolP
     return plan
 
 
+def shape(consumer: Any) -> dict[str, Any] | None:
+    """What a reload cannot change in a running daemon: an App's handlers' names and pools,
+    and its pools' sizes and memory limits (the front end routes and counts by them from
+    the start). None for a bytes handler."""
+    if not isinstance(consumer, App):
+        return None
+    pools = {name: [str(p.workers), p.max_memory] for name, p in consumer.pools.items() if name != DEFAULT_POOL}
+    return {"handlers": {name: h.pool for name, h in consumer.handlers.items()}, "pools": pools}
+
+
+def reshaped(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
+    """Why a reload to code of shape ``new`` cannot be taken by a daemon that started with
+    ``old`` ("" when it can: the same handlers in the same pools)."""
+    if old is None or old == new:
+        return ""
+    if new is None:
+        return "the new code is not an App any more: the App's handlers and pools are fixed at start; restart gaspar"
+    was, now = old["handlers"], new["handlers"]
+    changes = [f"added {', '.join(sorted(set(now) - set(was)))}" if set(now) - set(was) else ""]
+    changes.append(f"removed {', '.join(sorted(set(was) - set(now)))}" if set(was) - set(now) else "")
+    moved = sorted(f"{h} ({was[h]} -> {now[h]})" for h in set(was) & set(now) if was[h] != now[h])
+    changes.append(f"moved {', '.join(moved)}" if moved else "")
+    changes.append("pools resized" if old["pools"] != new["pools"] and not any(changes) else "")
+    what = "; ".join(c for c in changes if c)
+    return f"the new code changes the App's handlers or pools ({what}): they are fixed at start; restart gaspar"
+
+
 class _Encoded:
     """A generator's items, encoded; ``close()`` reaches the generator (``GeneratorExit``)."""
 
@@ -336,4 +363,4 @@ class _Encoded:
             close()
 
 
-__all__ = ["App", "Handler", "Pool", "PoolPlan", "DEFAULT_POOL", "pool_plan"]
+__all__ = ["App", "Handler", "Pool", "PoolPlan", "DEFAULT_POOL", "pool_plan", "reshaped", "shape"]

@@ -905,3 +905,27 @@ def test_a_pool_no_handler_runs_in_is_refused_at_start(cli, tmp_path):
     bad = cli("typo:app", "--bind", "127.0.0.1:0", cwd=tmp_path)
     assert bad.wait(20) == 2, bad.log
     assert "no handler runs in pool embd (a setup or app.pool with a typo?); pools: embed" in bad.log
+
+
+def test_what_a_reload_may_not_change_in_an_app():
+    """``shape``: the handlers' names and pools, the pools' sizes; ``reshaped`` says why a
+    reload to another shape is refused ("" for the same shape, or a bytes handler)."""
+    from gaspar.app import reshaped, shape
+
+    def make(extra: bool = False, pool: str = "p", workers: int = 1) -> gaspar.App:
+        app = gaspar.App()
+        app.pool(pool, workers=workers)
+        app.handler(name="a")(lambda: 1)
+        app.handler(name="b", pool=pool)(lambda: 2)
+        if extra:
+            app.handler(name="c")(lambda: 3)
+        return app
+
+    base = shape(make())
+    assert shape(gaspar.Consumer(handler=bytes)) is None and reshaped(None, base) == ""
+    assert reshaped(base, shape(make())) == ""
+    assert "(added c)" in reshaped(base, shape(make(extra=True)))
+    assert "(removed c)" in reshaped(shape(make(extra=True)), base)
+    assert "moved b (p -> q)" in reshaped(base, shape(make(pool="q")))
+    assert "(pools resized)" in reshaped(base, shape(make(workers=2)))
+    assert "not an App any more" in reshaped(base, None)

@@ -325,3 +325,31 @@ def test_a_reload_whose_setup_fails_in_one_pool_fails_and_every_pool_goes_back(c
         # the default pool's new worker, which booted, is replaced with the old code again
         assert wait_for(lambda: c.call("version") == "v1" and len(server.stats()["workers"]) == 2, 20)
         assert all(w["generation"] == 1 for w in server.stats()["workers"]), server.stats()["workers"]
+
+
+def test_a_reload_that_changes_the_apps_handlers_or_pools_is_refused_and_says_restart(cli, tmp_path):
+    """QA: a reload that added a handler said "every worker runs the new code", yet the new
+    name got NoSuchHandler (the front end routes by the handlers it started with), and a
+    handler moved to a new pool stayed in the old one. Such a reload now fails, saying
+    what changed; one that keeps the handlers and their pools is taken."""
+    (tmp_path / "pools.py").write_text(POOLS_APP.format(version="v1"))
+    path = str(tmp_path / "ctl.sock")
+    server = cli("pools:app", "--bind", "127.0.0.1:0", "-w", "1", "--control-socket", path, cwd=tmp_path)
+    server.wait_ready(2)
+    added = "\n@app.handler(pool='fresh', workers=1)\ndef newone():\n    return 1\n"
+    (tmp_path / "pools.py").write_text(POOLS_APP.format(version="v2") + added)
+    done = gaspar_ctl(path, "--timeout", "30", "reload", timeout=40)
+    assert done.returncode == 1, (done.stdout, done.stderr, server.log[-3000:])
+    assert "changes the App's handlers or pools (added newone)" in done.stderr, done.stderr
+    assert "restart gaspar" in done.stderr
+    moved = POOLS_APP.format(version="v2").replace("pool='big'", "pool='other'")
+    (tmp_path / "pools.py").write_text(moved)
+    done = gaspar_ctl(path, "--timeout", "30", "reload", timeout=40)
+    assert done.returncode == 1 and "moved big_version (big -> other)" in done.stderr, done.stderr
+    with client.Client(server.addr, timeout=10) as c:
+        assert (c.call("version"), c.call("big_version")) == ("v1", "v1")  # the old code serves on
+        (tmp_path / "pools.py").write_text(POOLS_APP.format(version="v3"))  # the same shape
+        done = gaspar_ctl(path, "--timeout", "30", "reload", timeout=40)
+        assert done.returncode == 0, (done.stderr, server.log[-3000:])
+        assert (c.call("version"), c.call("big_version")) == ("v3", "v3")
+    assert server.proc.poll() is None

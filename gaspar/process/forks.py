@@ -41,6 +41,7 @@ import sys
 import time
 from typing import Any
 
+from gaspar.app import shape
 from gaspar.apppath import fresh_interpreter
 from gaspar.process.forkserver import Server, flush_and_exit, fork_alone
 from gaspar.process.worker import Consumer
@@ -105,6 +106,7 @@ class ForkServer:
         self._buf = b""
         self._popen: subprocess.Popen | None = None
         self._fresh: dict[str, Any] = {}
+        self.shape = shape(consumer)  # the App's handlers and pools at start: a reload keeps them
 
     def successor(self) -> ForkServer:
         """A fork server, not started, that will import this one's ``spec`` in a fresh
@@ -113,7 +115,7 @@ class ForkServer:
         if not self.spec:
             raise ValueError("the consumer was given as a Python object, not as module:attr")
         nxt = ForkServer(None, self.settings, self.spec)
-        nxt._fresh = fresh_options(self.spec, self.settings)
+        nxt._fresh, nxt.shape = {**fresh_options(self.spec, self.settings), "shape": self.shape}, self.shape
         nxt.endpoint = self.endpoint
         return nxt
 

@@ -46,6 +46,7 @@ import time
 import warnings
 from typing import Any
 
+from gaspar.app import reshaped, shape
 from gaspar.ops.telemetry import LogLimiter
 from gaspar.process.capture import OutputCapture
 from gaspar.process.worker import DUMP_SIGNAL, Consumer, Worker, die_with_parent, run_worker, set_proctitle
@@ -227,10 +228,14 @@ class Server:
 
     def do_reload(self) -> None:
         try:
-            self.consumer = self.consumer.reloaded()
+            new = self.consumer.reloaded()
         except Exception as exc:
             self.emit(ev="reloaded", ok=False, error=f"{type(exc).__name__}: {exc}")
+            return
+        if why := reshaped(shape(self.consumer), shape(new)):
+            self.emit(ev="reloaded", ok=False, error=why)
         else:
+            self.consumer = new
             self.emit(ev="reloaded", ok=True, error=None)
 
     def do_retire(self) -> None:
@@ -398,6 +403,9 @@ def main(argv: list[str]) -> int:
 
         error = str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
         _emit(evt, ev="reloaded", ok=False, error=error)
+        return 1
+    if why := reshaped(options.get("shape"), shape(consumer)):  # it imports, but cannot be taken
+        _emit(evt, ev="reloaded", ok=False, error=why)
         return 1
     _emit(evt, ev="reloaded", ok=True, error=None)
     return Server(consumer, settings, cmd, evt, parent).run()
