@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,10 @@ MAX_LISTED = 64 << 20
 
 class ReplyTooLarge(Exception):
     """A generator called with ``call`` made more than :data:`MAX_LISTED` bytes of items."""
+
+
+#: The keyword arguments of ``Client.call`` that are the client's, not the handler's.
+CLIENTS_OWN = frozenset(("timeout", "handler_timeout", "codec"))
 
 
 @dataclass
@@ -106,6 +111,10 @@ class App(Consumer):
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             if not callable(fn):
                 raise TypeError(f"a handler must be callable, not {type(fn).__name__}")
+            if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+                raise TypeError(f"{fn.__name__} is async: a handler runs in a worker process, as a plain function")
+            if name is not None and (not isinstance(name, str) or not name):
+                raise TypeError(f"a handler's name is a non-empty str, not {name!r}")
             key = name or getattr(fn, "__name__", "")
             try:
                 calls.encode_call(key, (), {})  # a name the wire can carry
@@ -114,12 +123,17 @@ class App(Consumer):
             if key in self.handlers:
                 raise ValueError(f"a handler named {key!r} is registered already")
             where = pool or (key if workers is not None else DEFAULT_POOL)
+            if workers is not None and self.pools.get(where, Pool(where)).workers not in (None, workers):
+                raise ValueError(f"pool {where!r} has {self.pools[where].workers} workers already, not {workers}")
             self.pool(where, workers=workers)
             try:
                 signature = inspect.signature(fn)
             except (TypeError, ValueError):  # some builtins
                 signature = None
             stream = inspect.isgeneratorfunction(fn)
+            if taken := sorted(CLIENTS_OWN & set(signature.parameters if signature else ())):
+                why = f"{key}: its {', '.join(taken)} cannot be given by keyword through Client.call (the client's own)"
+                warnings.warn(why, stacklevel=3)
             self.handlers[key] = Handler(key, fn, where, stream, signature)
             try:
                 fn.__gaspar_handler__ = key  # Executor.submit(fn) finds its name here

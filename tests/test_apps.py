@@ -929,3 +929,30 @@ def test_what_a_reload_may_not_change_in_an_app():
     assert "moved b (p -> q)" in reshaped(base, shape(make(pool="q")))
     assert "(pools resized)" in reshaped(base, shape(make(workers=2)))
     assert "not an App any more" in reshaped(base, None)
+
+
+def test_registration_refuses_what_could_never_be_called_right():
+    """QA: an async handler was accepted and every call failed ("use codec='pickle'"); a
+    name of "" or 5 gave misleading errors; two sizes for one pool silently took the last;
+    a parameter named like the client's own keywords was accepted without a word."""
+    app = gaspar.App()
+
+    async def co():
+        return 1
+
+    async def agen():
+        yield 1
+
+    for fn in (co, agen):
+        with pytest.raises(TypeError, match="is async: a handler runs in a worker process"):
+            app.handler(fn)
+    for name in ("", 5):
+        with pytest.raises(TypeError, match="a handler's name is a non-empty str"):
+            app.handler(name=name)(lambda: 1)
+    app.pool("k", workers=2)
+    with pytest.raises(ValueError, match="pool 'k' has 2 workers already, not 4"):
+        app.handler(name="x", pool="k", workers=4)(lambda: 1)
+    app.handler(name="y", pool="k", workers=2)(lambda: 1)  # the same size: fine
+    with pytest.warns(UserWarning, match="z: its codec, timeout cannot be given by keyword"):
+        app.handler(name="z")(lambda timeout, codec=None: 1)
+    assert sorted(app.handlers) == ["y", "z"]

@@ -138,7 +138,8 @@ def decode(codec: int, payload: bytes | memoryview, allow_pickle: bool = False) 
         except SoftTimeout:  # the client's limit passed while it decoded: not bad bytes
             raise
         except Exception as exc:  # msgpack raises several kinds for bad bytes
-            raise ProtocolError(f"a malformed msgpack payload ({type(exc).__name__}: {exc})") from None
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # some say nothing more
+            raise ProtocolError(f"a malformed msgpack payload ({why})") from None
     if codec != PICKLE:
         raise ProtocolError(f"unknown codec {codec!r}")
     if not allow_pickle:
