@@ -58,6 +58,14 @@ def fail_after(n: int):
 
 
 @app.handler
+def spin_for(seconds: float) -> str:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return "spun"
+
+
+@app.handler
 def pause(seconds: float) -> str:
     time.sleep(seconds)
     return "done"

@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 import struct
+import threading
 
 import handlers
 import pytest
@@ -237,3 +238,25 @@ def test_an_access_line_says_dash_in_text_and_null_in_json_for_what_did_not_happ
     assert out["message"] == shed.getMessage()
     assert (out["queue_ms"], out["handler_ms"], out["total_ms"], out["worker"]) == (12.3, None, 12.4, None)
     assert json.loads(JsonFormatter().format(bad))["peer"] is None
+
+
+def test_an_overloaded_answer_has_its_size_in_the_access_log_and_a_killed_call_its_run_time(serve, tmp_path):
+    """QA: the access log said out=0B for the Overloaded answers clients read, and a handler
+    killed past the timeout was left out of its run times (a hanging handler looked fast)."""
+    import apps_under_test
+
+    path = tmp_path / "access.log"
+    s = serve(apps_under_test.app, processes=1, access_log=str(path), timeout=0.5, queue_timeout=0.2, prefetch=0)
+    with client.Client(s.addr, timeout=10) as c, client.Client(s.addr, timeout=10, retry=False) as other:
+        done = threading.Thread(target=lambda: pytest.raises(gaspar.WorkerTimeout, c.call, "spin_for", 5.0))
+        done.start()
+        assert wait_for(lambda: s.producer.stats()["running"] == 1, 5)
+        with pytest.raises(gaspar.Overloaded):
+            other.call("add", 1)  # queued behind the spinning one past queue_timeout
+        done.join(10)
+    lines = wait_for(lambda: (lambda t: t if len(t) >= 2 else None)(path.read_text().splitlines()), 5)
+    shed = [line for line in lines if " shed " in line]
+    assert shed and re.search(r" out=[1-9]\d*B ", shed[0]), lines
+    spun = s.producer.stats()["handlers"]["spin_for"]
+    assert spun["outcomes"]["timeout"] == 1 and spun["duration_seconds"]["count"] == 1, spun
+    assert spun["duration_seconds"]["sum"] >= 0.5, spun

@@ -123,15 +123,16 @@ class Outcomes:
         conn.requests.discard(pending)
         now = time.monotonic()
         queued = pending.started - pending.arrived if pending.started else None
-        status = error.status
+        status, body = error.status, error_body(error.__name__, msg, **facts)
         outcome = FAILED.get(status, "unavailable")
         self.telemetry.ended(outcome, queued, now - pending.arrived)
-        if pending.handler:
-            self.telemetry.call(pending.handler, pending.pool, outcome)
+        if pending.handler:  # one killed past the timeout ran that long: its figures say so
+            ran = now - pending.started if facts.get("killed") is True else None
+            self.telemetry.call(pending.handler, pending.pool, outcome, ran)
         if self.access_log is not None:
-            number = pending.worker.label if pending.worker is not None else None
-            self.log_access(pending.waiter, outcome, 0, queued, None, now - pending.arrived, number, pending.handler)
-        conn.deliver(request, status, error_body(error.__name__, msg, **facts))
+            number, out = pending.worker.label if pending.worker is not None else None, _sent(request, body)
+            self.log_access(pending.waiter, outcome, out, queued, None, now - pending.arrived, number, pending.handler)
+        conn.deliver(request, status, body)
 
     def shed(self, req: Pending, reason: str, now: float) -> None:
         """A request the dispatcher shed before it ran: ``Overloaded`` with a retry hint,
@@ -143,19 +144,20 @@ class Outcomes:
         self.telemetry.ended(outcome, waited, waited)
         if req.handler:
             self.telemetry.call(req.handler, req.pool, outcome)
-        if self.access_log is not None:
-            self.log_access(req.waiter, outcome, 0, waited, None, waited, None, req.handler)
         d = self.dispatcher
         queued_ms = round(waited * 1000, 1)
         if reason == NO_WORKERS:  # not an overload: there was nothing to run it
             text = f"no worker was ready to run it within queue_timeout ({queued_ms} ms): {self.why_no_workers()}"
             facts = {"reason": reason, "queued_ms": queued_ms, "started": False}
-            conn.deliver(request, Status.UNAVAILABLE, error_body("ServerUnavailable", text, **facts))
-            return
-        retry_ms = round(d.control.retry_after(d.queued) * 1000, 1)
-        text = SHED_TEXT.get(reason, reason).format(ms=queued_ms, max_queued=d.max_queued)
-        facts = {"reason": reason, "queued_ms": queued_ms, "retry_after_ms": retry_ms, "started": False}
-        conn.deliver(request, Status.UNAVAILABLE, error_body("Overloaded", text, **facts))
+            body = error_body("ServerUnavailable", text, **facts)
+        else:
+            retry_ms = round(d.control.retry_after(d.queued) * 1000, 1)
+            text = SHED_TEXT.get(reason, reason).format(ms=queued_ms, max_queued=d.max_queued)
+            facts = {"reason": reason, "queued_ms": queued_ms, "retry_after_ms": retry_ms, "started": False}
+            body = error_body("Overloaded", text, **facts)
+        if self.access_log is not None:
+            self.log_access(req.waiter, outcome, _sent(request, body), waited, None, waited, None, req.handler)
+        conn.deliver(request, Status.UNAVAILABLE, body)
 
     def abandoned(self, requests: set[Pending]) -> None:
         """A client left with these requests unanswered: cancelled (a queued or handed-ahead
@@ -268,3 +270,9 @@ class Outcomes:
         for level, line in self.shed_report.update(now, counts, control.overloaded, self.dispatcher.queued, target_ms):
             log.log(level, "%s", line)
         log_held_back(self.refusal_log, "refused or reset requests and connections")
+
+
+def _sent(request: Request, body: bytes) -> int:
+    """The bytes an error answer puts on the wire: its body to an extended request, none to
+    a 1.0 one (a reset)."""
+    return len(body) if request.extended else 0
