@@ -123,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SERVE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument(
-        "app", metavar="MODULE:CALLABLE", help="what to serve: a gaspar.App, a function bytes -> bytes, or a Consumer"
-    )
+    serve.add_argument("app", metavar="MODULE:CALLABLE", help="a gaspar.App, a function bytes -> bytes, or a Consumer")
     serve.add_argument("--bind", "-b", default=None, help=f"HOST:PORT to listen at (default {DEFAULT_BIND})")
     add_pool_options(serve)
     add_settings(serve, Settings.cli_fields())

@@ -560,6 +560,14 @@ def test_queue_timeout_bounds_a_held_requests_whole_wait():
     assert d.take_shed() == []
     _, more = d.complete(first[2].worker.routing_id, first[2].id)
     assert more == [] and d.take_shed() == [(late[1], "queue_timeout")] and not d.pending.keys() - {late[0].id}
+    # a connection that does not read its replies (paused) keeps its held ones: answers
+    # would only refresh its life; idle_timeout ends it, and them with it
+    paused = [d.submit(b"p%d" % i, "hog", owner="hog")[0] for i in range(4)]
+    assert d.hold("hog", True) is False and sum(r.held for r in paused) >= 1
+    clock.now += 3.0
+    d.sweep()
+    assert not any(r in [x for x, _ in d.take_shed()] for r in paused if r.held)
+    assert all(r.id in d.pending for r in paused if r.held)
     # with no worker at all, it is not overload: no_workers (the caller's ServerUnavailable)
     d2 = Dispatcher(clock, prefetch=0, control=QueueControl(queue_timeout=2.0, workers=1, clock=clock))
     held = [d2.submit(b"x", "aio", owner="conn2")[0] for _ in range(3)]

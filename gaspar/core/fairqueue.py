@@ -74,9 +74,13 @@ class FairQueue:
 
     def take_held(self, cutoff: float) -> list[Any]:
         """Take out the held requests that arrived before ``cutoff`` (a held request's
-        ``queued_at`` is its arrival until it joins the queue), each owner's oldest first."""
+        ``queued_at`` is its arrival until it joins the queue), each owner's oldest first. Not
+        a paused owner's: it does not read its replies, and answers would only refresh its
+        connection's life (``idle_timeout`` ends it, and its requests with it)."""
         old = []
-        for held in self._held.values():
+        for owner, held in self._held.items():
+            if owner in self._paused:
+                continue
             for req in held:
                 if req.queued_at >= cutoff:
                     break
