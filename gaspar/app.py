@@ -123,8 +123,9 @@ class App(Consumer):
             if key in self.handlers:
                 raise ValueError(f"a handler named {key!r} is registered already")
             where = pool or (key if workers is not None else DEFAULT_POOL)
-            if workers is not None and self.pools.get(where, Pool(where)).workers not in (None, workers):
-                raise ValueError(f"pool {where!r} has {self.pools[where].workers} workers already, not {workers}")
+            known = self.pools.get(where)
+            if workers is not None and known is not None and known.workers not in (None, workers):
+                raise ValueError(f"pool {where!r} has {known.workers} workers already, not {workers}")
             self.pool(where, workers=workers)
             try:
                 signature = inspect.signature(fn)
@@ -350,12 +351,12 @@ def reshaped(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
     if new is None:
         return "the new code is not an App any more: the App's handlers and pools are fixed at start; restart gaspar"
     was, now = old["handlers"], new["handlers"]
-    changes = [f"added {', '.join(sorted(set(now) - set(was)))}" if set(now) - set(was) else ""]
-    changes.append(f"removed {', '.join(sorted(set(was) - set(now)))}" if set(was) - set(now) else "")
-    moved = sorted(f"{h} ({was[h]} -> {now[h]})" for h in set(was) & set(now) if was[h] != now[h])
-    changes.append(f"moved {', '.join(moved)}" if moved else "")
-    changes.append("pools resized" if old["pools"] != new["pools"] and not any(changes) else "")
-    what = "; ".join(c for c in changes if c)
+    changes = {
+        "added": sorted(set(now) - set(was)),
+        "removed": sorted(set(was) - set(now)),
+        "moved": sorted(f"{h} ({was[h]} -> {now[h]})" for h in set(was) & set(now) if was[h] != now[h]),
+    }
+    what = "; ".join(f"{verb} {', '.join(names)}" for verb, names in changes.items() if names) or "pools resized"
     return f"the new code changes the App's handlers or pools ({what}): they are fixed at start; restart gaspar"
 
 

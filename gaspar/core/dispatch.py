@@ -136,18 +136,18 @@ class Dispatcher:
         return cancels
 
     def sweep(self, deadlines: bool = False) -> None:
-        """Shed what waited too long (queued or held); with ``deadlines``, also what cannot
-        meet its client's deadline, and revoke such handed-ahead ones. Cheap when none is due."""
+        """Shed held requests past ``queue_timeout`` (first: then held ones join the queue), then the queue's past
+        its limit; with ``deadlines``, also the hopeless (revoking such handed-ahead ones). Cheap when none is due."""
         now = self.clock()
-        queue, control = self._queue, self.control
         self._check(now)
-        limit, reason = control.limit()
-        no_workers = NO_WORKERS if not any(not w.retiring for w in self.workers.values()) else ""
-        # held, it is not overload, but queue_timeout bounds its wait too: before held ones join the queue
-        for req in queue.take_held(now - control.queue_timeout) if control.queue_timeout else ():
-            self._drop(req, no_workers or QUEUE_TIMEOUT)
-        while limit is not None and queue and now - queue.oldest.queued_at > limit:
-            self._drop(queue.pop(True), no_workers or reason)  # no worker: not overload
+        queue, control, (limit, reason) = self._queue, self.control, self.control.limit()
+        held = queue.take_held(now - control.queue_timeout) if control.queue_timeout else []
+        if held or (limit is not None and queue and now - queue.oldest.queued_at > limit):
+            none = NO_WORKERS if not any(not w.retiring for w in self.workers.values()) else ""  # not overload
+            for req in held:
+                self._drop(req, none or QUEUE_TIMEOUT)
+            while limit is not None and queue and now - queue.oldest.queued_at > limit:
+                self._drop(queue.pop(True), none or reason)
         if deadlines:
             hopeless = [r for r in (*queue, *queue.held_requests()) if control.hopeless(now, r.client_deadline)]
             for req in hopeless:

@@ -152,7 +152,8 @@ class PoolBook:
     ) -> None:
         self.target = target  # the default pool's size
         self.sizes: dict[str, int] = {}  # other pools' sizes (an App's)
-        self.max_memory, self.memory = 0, {}  # bytes past which a worker is recycled (0: never); by pool
+        self.max_memory = 0  # resident bytes past which a worker is recycled (0: never)
+        self.memory: dict[str, int] = {}  # a pool's own limit, over max_memory
         self.flap = flap or FlapPolicy()
         self.clock = clock
         self.generation = 1
